@@ -1,0 +1,682 @@
+//! `kiwi-node`'s configuration: one TOML file, typed, with a default for every key.
+//!
+//! Unknown keys are rejected. [`NodeConfig::validate`] checks the relations between fields and names
+//! every field it complains about. Precedence: defaults < file < command-line flags (the binary applies
+//! the flags). `config/kiwi-node.example.toml` lists every key with its default and is loaded by a test.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use kiwi_storage::{BackendKind, Limits};
+use serde::{Deserialize, Serialize};
+
+/// Default gRPC address: KvService, NodeAdmin, RaftTransport, health and reflection share it.
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:7380";
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "kiwi-data";
+
+/// Errors loading or validating a config.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (syntax, type, or unknown key). The message names the
+    /// key and the line.
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// Values that parse but break a rule; one line per problem.
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<FieldError>),
+}
+
+/// One rule broken by one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, as written in the TOML file.
+    pub field: &'static str,
+    /// What is wrong, with the values involved.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where the node keeps its data: the storage engine's files under `storage/`.
+    pub data_dir: PathBuf,
+    /// gRPC listen address.
+    pub listen_addr: SocketAddr,
+    /// Logging.
+    pub log: LogConfig,
+    /// Request scheduling and worker pools.
+    pub runtime: RuntimeConfig,
+    /// The Raft group.
+    pub raft: RaftConfig,
+    /// The storage backend.
+    pub storage: StorageConfig,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            listen_addr: DEFAULT_LISTEN_ADDR.parse().expect("valid default address"),
+            log: LogConfig::default(),
+            runtime: RuntimeConfig::default(),
+            raft: RaftConfig::default(),
+            storage: StorageConfig::default(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `kiwi_node=debug,info`. `RUST_LOG` overrides it.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// `[runtime.scaling]`
+    pub scaling: ScalingConfig,
+    /// `[runtime.priority]`
+    pub priority: PriorityConfig,
+}
+
+/// `[runtime.scaling]`: how the network and storage worker pools size themselves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScalingConfig {
+    /// Let the pools grow and shrink; when false each pool stays at its minimum.
+    pub enabled: bool,
+    pub min_network_threads: usize,
+    pub max_network_threads: usize,
+    pub min_storage_threads: usize,
+    pub max_storage_threads: usize,
+    /// Grow a pool when its utilisation stays above this percentage (1–100).
+    pub scale_up_threshold: u8,
+    /// Shrink a pool when its utilisation stays below this percentage (1–100, below the up threshold).
+    pub scale_down_threshold: u8,
+    /// Threads added or removed per decision.
+    pub scale_increment: usize,
+    /// How often utilisation is evaluated, in milliseconds.
+    #[serde(rename = "evaluation_interval_ms", with = "millis")]
+    pub evaluation_interval: Duration,
+}
+
+impl Default for ScalingConfig {
+    fn default() -> Self {
+        ScalingConfig {
+            enabled: true,
+            min_network_threads: 2,
+            max_network_threads: 16,
+            min_storage_threads: 4,
+            max_storage_threads: 32,
+            scale_up_threshold: 80,
+            scale_down_threshold: 20,
+            scale_increment: 2,
+            evaluation_interval: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// `[runtime.priority]`: how requests share the workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PriorityConfig {
+    /// Serve by priority; when false all requests share one FIFO queue.
+    pub enabled: bool,
+    /// Share of service for HIGH requests under saturation, relative to the other weights (≥ 1).
+    pub high_priority_weight: u32,
+    pub normal_priority_weight: u32,
+    pub low_priority_weight: u32,
+}
+
+impl Default for PriorityConfig {
+    fn default() -> Self {
+        PriorityConfig {
+            enabled: true,
+            high_priority_weight: 3,
+            normal_priority_weight: 2,
+            low_priority_weight: 1,
+        }
+    }
+}
+
+/// One member of the initial cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    /// The member's Raft id (≥ 1).
+    pub id: u64,
+    /// Its gRPC address, "host:port".
+    pub addr: String,
+}
+
+/// `[raft]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftConfig {
+    /// This node's Raft id (≥ 1). The data directory remembers it; a node started on a data directory
+    /// with another id refuses to start.
+    pub node_id: u64,
+    /// The initial cluster, this node included. Empty means a single-node cluster of `node_id` at
+    /// `listen_addr`.
+    pub peers: Vec<PeerConfig>,
+    /// Length of one Raft tick, in milliseconds.
+    #[serde(rename = "tick_interval_ms", with = "millis")]
+    pub tick_interval: Duration,
+    /// Ticks without a leader's message before a follower campaigns.
+    pub election_ticks: usize,
+    /// Ticks between a leader's heartbeats (< `election_ticks`).
+    pub heartbeat_ticks: usize,
+    /// Applied entries kept in the log before it is compacted behind a snapshot.
+    pub log_compaction_threshold: u64,
+    /// `[raft.metrics]`
+    pub metrics: RaftMetricsConfig,
+    /// `[raft.fault_injection]`
+    pub fault_injection: FaultInjectionConfig,
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            node_id: 1,
+            peers: Vec::new(),
+            tick_interval: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            log_compaction_threshold: 10_000,
+            metrics: RaftMetricsConfig::default(),
+            fault_injection: FaultInjectionConfig::default(),
+        }
+    }
+}
+
+/// `[raft.metrics]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftMetricsConfig {
+    pub enabled: bool,
+    /// How often Raft metrics are sampled, in milliseconds.
+    #[serde(rename = "collection_interval_ms", with = "millis")]
+    pub collection_interval: Duration,
+    /// How long samples and events are kept, in seconds.
+    #[serde(rename = "retention_period_sec", with = "seconds")]
+    pub retention_period: Duration,
+}
+
+impl Default for RaftMetricsConfig {
+    fn default() -> Self {
+        RaftMetricsConfig {
+            enabled: true,
+            collection_interval: Duration::from_millis(100),
+            retention_period: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `[raft.fault_injection]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultInjectionConfig {
+    /// Accept fault injection commands. Only for test clusters.
+    pub enabled: bool,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `rocksdb`, `leveldb` or `memory` (nothing survives a restart; for tests).
+    pub backend: BackendKind,
+    /// Longest key accepted, e.g. `"8 KiB"` or a number of bytes.
+    pub max_key_size: ByteSize,
+    /// Longest value accepted, e.g. `"4 MiB"` or a number of bytes.
+    pub max_value_size: ByteSize,
+}
+
+/// Hard ceiling on `storage.max_key_size`.
+pub const MAX_KEY_SIZE_CEILING: ByteSize = ByteSize::mib(1);
+/// Hard ceiling on `storage.max_value_size`.
+pub const MAX_VALUE_SIZE_CEILING: ByteSize = ByteSize::mib(64);
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            backend: BackendKind::RocksDb,
+            max_key_size: ByteSize::b(kiwi_storage::DEFAULT_MAX_KEY_BYTES as u64),
+            max_value_size: ByteSize::b(kiwi_storage::DEFAULT_MAX_VALUE_BYTES as u64),
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The limits the backend enforces.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_key_bytes: self.max_key_size.as_u64() as usize,
+            max_value_bytes: self.max_value_size.as_u64() as usize,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and parses a TOML file. Does not validate: call [`validate`](Self::validate) after applying
+    /// overrides.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`] (which names the offending key and line).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    /// Parses TOML text; the error is toml's message, which names the key and the line.
+    ///
+    /// # Errors
+    /// The parse error's message.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// The storage directory inside `data_dir`.
+    pub fn storage_dir(&self) -> PathBuf {
+        self.data_dir.join("storage")
+    }
+
+    /// Checks the relations between fields.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] listing every broken rule, each naming its field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        let mut check = |ok: bool, field: &'static str, message: String| {
+            if !ok {
+                errs.push(FieldError { field, message });
+            }
+        };
+
+        let s = &self.runtime.scaling;
+        check(
+            s.min_network_threads >= 1,
+            "runtime.scaling.min_network_threads",
+            format!("must be at least 1, got {}", s.min_network_threads),
+        );
+        check(
+            s.min_network_threads <= s.max_network_threads,
+            "runtime.scaling.min_network_threads",
+            format!(
+                "must not exceed runtime.scaling.max_network_threads ({}), got {}",
+                s.max_network_threads, s.min_network_threads
+            ),
+        );
+        check(
+            s.min_storage_threads >= 1,
+            "runtime.scaling.min_storage_threads",
+            format!("must be at least 1, got {}", s.min_storage_threads),
+        );
+        check(
+            s.min_storage_threads <= s.max_storage_threads,
+            "runtime.scaling.min_storage_threads",
+            format!(
+                "must not exceed runtime.scaling.max_storage_threads ({}), got {}",
+                s.max_storage_threads, s.min_storage_threads
+            ),
+        );
+        check(
+            (1..=100).contains(&s.scale_up_threshold),
+            "runtime.scaling.scale_up_threshold",
+            format!(
+                "must be a percentage from 1 to 100, got {}",
+                s.scale_up_threshold
+            ),
+        );
+        check(
+            (1..=100).contains(&s.scale_down_threshold),
+            "runtime.scaling.scale_down_threshold",
+            format!(
+                "must be a percentage from 1 to 100, got {}",
+                s.scale_down_threshold
+            ),
+        );
+        check(
+            s.scale_down_threshold < s.scale_up_threshold,
+            "runtime.scaling.scale_down_threshold",
+            format!(
+                "must be below runtime.scaling.scale_up_threshold ({}), got {}",
+                s.scale_up_threshold, s.scale_down_threshold
+            ),
+        );
+        check(
+            s.scale_increment >= 1,
+            "runtime.scaling.scale_increment",
+            format!("must be at least 1, got {}", s.scale_increment),
+        );
+        check(
+            s.evaluation_interval >= Duration::from_millis(10),
+            "runtime.scaling.evaluation_interval_ms",
+            format!(
+                "must be at least 10, got {}",
+                s.evaluation_interval.as_millis()
+            ),
+        );
+
+        let p = &self.runtime.priority;
+        for (field, w) in [
+            (
+                "runtime.priority.high_priority_weight",
+                p.high_priority_weight,
+            ),
+            (
+                "runtime.priority.normal_priority_weight",
+                p.normal_priority_weight,
+            ),
+            (
+                "runtime.priority.low_priority_weight",
+                p.low_priority_weight,
+            ),
+        ] {
+            check(w >= 1, field, format!("must be at least 1, got {w}"));
+        }
+
+        let r = &self.raft;
+        check(
+            r.node_id >= 1,
+            "raft.node_id",
+            format!("must be at least 1, got {}", r.node_id),
+        );
+        check(
+            r.tick_interval >= Duration::from_millis(1),
+            "raft.tick_interval_ms",
+            "must be at least 1".to_string(),
+        );
+        check(
+            r.heartbeat_ticks >= 1,
+            "raft.heartbeat_ticks",
+            format!("must be at least 1, got {}", r.heartbeat_ticks),
+        );
+        check(
+            r.election_ticks > r.heartbeat_ticks,
+            "raft.election_ticks",
+            format!(
+                "must be greater than raft.heartbeat_ticks ({}), got {}",
+                r.heartbeat_ticks, r.election_ticks
+            ),
+        );
+        check(
+            r.log_compaction_threshold >= 1,
+            "raft.log_compaction_threshold",
+            "must be at least 1".to_string(),
+        );
+        let mut ids = std::collections::HashSet::new();
+        for peer in &r.peers {
+            check(
+                peer.id >= 1,
+                "raft.peers",
+                format!("peer ids must be at least 1, got {}", peer.id),
+            );
+            check(
+                ids.insert(peer.id),
+                "raft.peers",
+                format!("peer id {} appears more than once", peer.id),
+            );
+            check(
+                !peer.addr.trim().is_empty(),
+                "raft.peers",
+                format!("peer {} has an empty addr", peer.id),
+            );
+        }
+        check(
+            r.peers.is_empty() || ids.contains(&r.node_id),
+            "raft.peers",
+            format!("must include this node (raft.node_id = {})", r.node_id),
+        );
+        let m = &r.metrics;
+        check(
+            m.collection_interval >= Duration::from_millis(1),
+            "raft.metrics.collection_interval_ms",
+            "must be at least 1".to_string(),
+        );
+        check(
+            m.retention_period >= m.collection_interval,
+            "raft.metrics.retention_period_sec",
+            "must be at least one collection interval".to_string(),
+        );
+
+        let st = &self.storage;
+        check(
+            st.max_key_size.as_u64() >= 1 && st.max_key_size <= MAX_KEY_SIZE_CEILING,
+            "storage.max_key_size",
+            format!(
+                "must be from 1 byte to {MAX_KEY_SIZE_CEILING}, got {}",
+                st.max_key_size
+            ),
+        );
+        check(
+            st.max_value_size <= MAX_VALUE_SIZE_CEILING,
+            "storage.max_value_size",
+            format!(
+                "must be at most {MAX_VALUE_SIZE_CEILING}, got {}",
+                st.max_value_size
+            ),
+        );
+
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errs))
+        }
+    }
+}
+
+/// Durations written as whole milliseconds.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// Durations written as whole seconds.
+mod seconds {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid_fields(c: &NodeConfig) -> Vec<&'static str> {
+        match c.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(errs)) => errs.iter().map(|e| e.field).collect(),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn empty_file_means_defaults() {
+        assert_eq!(NodeConfig::from_toml("").unwrap(), NodeConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let err = NodeConfig::from_toml("[runtime.scaling]\nmax_thread = 4\n").unwrap_err();
+        assert!(err.contains("max_thread"), "{err}");
+        let err = NodeConfig::from_toml("[storage]\nbakend = \"rocksdb\"\n").unwrap_err();
+        assert!(err.contains("bakend"), "{err}");
+        let err = NodeConfig::from_toml("[nonsense]\n").unwrap_err();
+        assert!(err.contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_by_name() {
+        let err = NodeConfig::from_toml("[storage]\nbackend = \"sqlite\"\n").unwrap_err();
+        assert!(err.contains("sqlite"), "{err}");
+        let err = NodeConfig::from_toml("listen_addr = \"nowhere\"\n").unwrap_err();
+        assert!(err.contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_durations_are_typed() {
+        let c = NodeConfig::from_toml(
+            "[storage]\nmax_key_size = \"1 KiB\"\nmax_value_size = 1000\n[runtime.scaling]\nevaluation_interval_ms = 250\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.limits().max_key_bytes, 1024);
+        assert_eq!(c.storage.limits().max_value_bytes, 1000);
+        assert_eq!(
+            c.runtime.scaling.evaluation_interval,
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn thread_bounds_must_be_ordered() {
+        let mut c = NodeConfig::default();
+        c.runtime.scaling.min_storage_threads = 40;
+        assert_eq!(invalid_fields(&c), ["runtime.scaling.min_storage_threads"]);
+        let mut c = NodeConfig::default();
+        c.runtime.scaling.min_network_threads = 0;
+        assert_eq!(invalid_fields(&c), ["runtime.scaling.min_network_threads"]);
+    }
+
+    #[test]
+    fn thresholds_are_percentages_and_ordered() {
+        let mut c = NodeConfig::default();
+        c.runtime.scaling.scale_up_threshold = 101;
+        assert_eq!(invalid_fields(&c), ["runtime.scaling.scale_up_threshold"]);
+        let mut c = NodeConfig::default();
+        c.runtime.scaling.scale_down_threshold = 80;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("runtime.scaling.scale_down_threshold: must be below runtime.scaling.scale_up_threshold (80), got 80"),
+            "{err}"
+        );
+        let mut c = NodeConfig::default();
+        c.runtime.scaling.scale_down_threshold = 0;
+        assert_eq!(invalid_fields(&c), ["runtime.scaling.scale_down_threshold"]);
+    }
+
+    #[test]
+    fn weights_must_be_positive() {
+        let mut c = NodeConfig::default();
+        c.runtime.priority.low_priority_weight = 0;
+        assert_eq!(invalid_fields(&c), ["runtime.priority.low_priority_weight"]);
+    }
+
+    #[test]
+    fn raft_rules() {
+        let mut c = NodeConfig::default();
+        c.raft.election_ticks = 2;
+        assert_eq!(invalid_fields(&c), ["raft.election_ticks"]);
+        let mut c = NodeConfig::default();
+        c.raft.node_id = 0;
+        assert_eq!(invalid_fields(&c), ["raft.node_id"]);
+        let mut c = NodeConfig::default();
+        c.raft.peers = vec![
+            PeerConfig {
+                id: 2,
+                addr: "127.0.0.1:1".into(),
+            },
+            PeerConfig {
+                id: 2,
+                addr: "127.0.0.1:2".into(),
+            },
+        ];
+        assert_eq!(invalid_fields(&c), ["raft.peers", "raft.peers"]);
+    }
+
+    #[test]
+    fn storage_limits_are_bounded() {
+        let mut c = NodeConfig::default();
+        c.storage.max_key_size = ByteSize::b(0);
+        c.storage.max_value_size = ByteSize::gib(1);
+        assert_eq!(
+            invalid_fields(&c),
+            ["storage.max_key_size", "storage.max_value_size"]
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let mut c = NodeConfig::default();
+        c.runtime.priority.high_priority_weight = 0;
+        c.raft.heartbeat_ticks = 0;
+        assert_eq!(
+            invalid_fields(&c),
+            [
+                "runtime.priority.high_priority_weight",
+                "raft.heartbeat_ticks"
+            ]
+        );
+    }
+}

@@ -1,0 +1,548 @@
+//! `LevelDBBackend`: LevelDB through the pure-Rust `rusty-leveldb` crate.
+//!
+//! `rusty_leveldb::DB` is `!Send` and its methods take `&mut self`, so one thread owns it and every call
+//! is a message to that thread with a reply channel. Key spaces are a one-byte prefix on every key.
+//!
+//! Durability: `rusty-leveldb`'s own "sync" write only flushes its user-space buffer to the OS, which
+//! survives a process crash but not a power cut. The backend therefore opens files through
+//! [`SyncingEnv`], whose files call `fsync` when flushed, so a sync write is really on disk when it returns.
+//!
+//! Reverse scans: `rusty-leveldb`'s iterator cannot seek to the last key, so a sentinel key above every key
+//! space ([`SENTINEL`]) is kept in the store; seeking to a key space's upper bound always lands on a valid
+//! entry, from which the iterator steps backwards.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusty_leveldb::env::{Env, FileLock, Logger, RandomAccess};
+use rusty_leveldb::{DB, DBIterator, LdbIterator, Options, PosixDiskEnv, Status, StatusCode};
+
+use crate::backend::{
+    BackendKind, KeySpace, KvPair, Limits, Scan, StorageBackend, StorageSnapshot, WriteBatch,
+    WriteOp, WriteOptions,
+};
+use crate::error::{Error, Result};
+
+/// A key above every key space's prefix, always present, so that reverse scans have an entry to seek to.
+const SENTINEL: &[u8] = &[0xFF];
+
+type Reply<T> = mpsc::SyncSender<Result<T>>;
+
+enum Command {
+    Read {
+        space: KeySpace,
+        key: Vec<u8>,
+        snapshot: Option<u64>,
+        reply: Reply<Option<Vec<u8>>>,
+    },
+    Write {
+        batch: WriteBatch,
+        sync: bool,
+        reply: Reply<()>,
+    },
+    Scan {
+        space: KeySpace,
+        scan: Scan,
+        snapshot: Option<u64>,
+        reply: Reply<Vec<KvPair>>,
+    },
+    Snapshot {
+        reply: Reply<u64>,
+    },
+    Release {
+        snapshot: u64,
+    },
+}
+
+/// The LevelDB backend. Dropping it closes the database and waits for its thread.
+pub struct LevelDBBackend {
+    inner: Arc<Handle>,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for LevelDBBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LevelDBBackend").finish_non_exhaustive()
+    }
+}
+
+/// The sending side of the engine thread, shared with snapshots so the database outlives them.
+struct Handle {
+    tx: Mutex<Option<mpsc::Sender<Command>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Handle {
+    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let closed = || Error::Closed {
+            backend: BackendKind::LevelDb,
+        };
+        {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            let tx = tx.as_ref().ok_or_else(closed)?;
+            tx.send(make(reply)).map_err(|_| closed())?;
+        }
+        // A dropped reply sender means the engine thread died (a panic inside the engine).
+        rx.recv().map_err(|_| closed())?
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop; it then closes the database.
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn engine_err(path: &Path, s: Status) -> Error {
+    match s.code {
+        StatusCode::Corruption => Error::Corruption {
+            backend: BackendKind::LevelDb,
+            path: path.to_path_buf(),
+            detail: s.err,
+        },
+        _ => Error::Engine {
+            backend: BackendKind::LevelDb,
+            detail: format!("{:?}: {}", s.code, s.err),
+        },
+    }
+}
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+fn prefixed(space: KeySpace, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(space.prefix());
+    k.extend_from_slice(key);
+    k
+}
+
+impl LevelDBBackend {
+    /// Opens (or creates) the LevelDB store in `engine_dir`, which the caller has prepared, on a new
+    /// thread that owns it.
+    ///
+    /// # Errors
+    /// [`Error::Corruption`] when LevelDB finds its files damaged (or panics reading them);
+    /// [`Error::Engine`] otherwise.
+    pub(crate) fn open(engine_dir: &Path, limits: Limits) -> Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let path = engine_dir.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("kiwi-leveldb".into())
+            .spawn(move || {
+                let mut engine = match Engine::open(path) {
+                    Ok(e) => {
+                        let _ = ready_tx.send(Ok(()));
+                        e
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                engine.run(rx);
+            })
+            .map_err(|source| Error::Io {
+                action: "start LevelDB thread for",
+                path: engine_dir.to_path_buf(),
+                source,
+            })?;
+        let handle = Arc::new(Handle {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        });
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(LevelDBBackend {
+                inner: handle,
+                limits,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Closed {
+                backend: BackendKind::LevelDb,
+            }),
+        }
+    }
+}
+
+impl StorageBackend for LevelDBBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::LevelDb
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn read(&self, space: KeySpace, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.limits.check_key(space, key)?;
+        self.inner.call(|reply| Command::Read {
+            space,
+            key: key.to_vec(),
+            snapshot: None,
+            reply,
+        })
+    }
+
+    fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> Result<()> {
+        self.limits.check_batch(&batch)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.inner.call(|reply| Command::Write {
+            batch,
+            sync: opts.sync,
+            reply,
+        })
+    }
+
+    fn scan(&self, space: KeySpace, scan: &Scan) -> Result<Vec<KvPair>> {
+        scan.check()?;
+        self.inner.call(|reply| Command::Scan {
+            space,
+            scan: scan.clone(),
+            snapshot: None,
+            reply,
+        })
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn StorageSnapshot>> {
+        let id = self.inner.call(|reply| Command::Snapshot { reply })?;
+        Ok(Box::new(LevelSnapshot {
+            id,
+            handle: Arc::clone(&self.inner),
+        }))
+    }
+}
+
+/// A snapshot held by the engine thread under an id; released when dropped.
+struct LevelSnapshot {
+    id: u64,
+    handle: Arc<Handle>,
+}
+
+impl StorageSnapshot for LevelSnapshot {
+    fn read(&self, space: KeySpace, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.handle.call(|reply| Command::Read {
+            space,
+            key: key.to_vec(),
+            snapshot: Some(self.id),
+            reply,
+        })
+    }
+
+    fn scan(&self, space: KeySpace, scan: &Scan) -> Result<Vec<KvPair>> {
+        scan.check()?;
+        self.handle.call(|reply| Command::Scan {
+            space,
+            scan: scan.clone(),
+            snapshot: Some(self.id),
+            reply,
+        })
+    }
+}
+
+impl Drop for LevelSnapshot {
+    fn drop(&mut self) {
+        if let Some(tx) = self
+            .handle
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            let _ = tx.send(Command::Release { snapshot: self.id });
+        }
+    }
+}
+
+/// The engine thread's state.
+struct Engine {
+    db: DB,
+    path: PathBuf,
+    /// Taken snapshots. `rusty-leveldb` does not export its snapshot type; an iterator pins the snapshot
+    /// it was created at, so it stands for one.
+    snapshots: HashMap<u64, DBIterator>,
+    next_snapshot: u64,
+}
+
+impl Engine {
+    fn open(path: PathBuf) -> Result<Self> {
+        let opened = catch_unwind(AssertUnwindSafe(|| {
+            let opts = Options {
+                env: std::rc::Rc::new(Box::new(SyncingEnv(PosixDiskEnv::new()))),
+                create_if_missing: true,
+                paranoid_checks: true,
+                ..Options::default()
+            };
+            let mut db = DB::open(&path, opts)?;
+            let snap = db.get_snapshot();
+            if db.get_at(&snap, SENTINEL)?.is_none() {
+                let mut wb = rusty_leveldb::WriteBatch::default();
+                wb.put(SENTINEL, b"");
+                db.write(wb, true)?;
+            }
+            Ok::<_, Status>(db)
+        }));
+        match opened {
+            Ok(Ok(db)) => Ok(Engine {
+                db,
+                path,
+                snapshots: HashMap::new(),
+                next_snapshot: 1,
+            }),
+            Ok(Err(status)) => Err(engine_err(&path, status)),
+            Err(panic) => Err(Error::Corruption {
+                backend: BackendKind::LevelDb,
+                detail: format!("LevelDB failed while opening: {}", panic_message(panic)),
+                path,
+            }),
+        }
+    }
+
+    fn run(&mut self, rx: mpsc::Receiver<Command>) {
+        while let Ok(cmd) = rx.recv() {
+            // A panic inside the engine leaves its state unknown: stop serving (fail-stop). The caller whose
+            // request panicked sees its reply channel dropped, later callers a closed backend.
+            if catch_unwind(AssertUnwindSafe(|| self.handle(cmd))).is_err() {
+                tracing::error!(path = %self.path.display(), "LevelDB engine panicked; backend closed");
+                break;
+            }
+        }
+        if let Err(e) = self.db.close() {
+            tracing::error!(path = %self.path.display(), error = %e, "closing LevelDB failed");
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Read {
+                space,
+                key,
+                snapshot,
+                reply,
+            } => {
+                let _ = reply.send(self.read(space, &key, snapshot));
+            }
+            Command::Write { batch, sync, reply } => {
+                let mut wb = rusty_leveldb::WriteBatch::default();
+                for op in &batch.ops {
+                    match op {
+                        WriteOp::Put { space, key, value } => wb.put(&prefixed(*space, key), value),
+                        WriteOp::Delete { space, key } => wb.delete(&prefixed(*space, key)),
+                    }
+                }
+                let res = self
+                    .db
+                    .write(wb, sync)
+                    .map_err(|s| engine_err(&self.path, s));
+                let _ = reply.send(res);
+            }
+            Command::Scan {
+                space,
+                scan,
+                snapshot,
+                reply,
+            } => {
+                let _ = reply.send(self.scan(space, &scan, snapshot));
+            }
+            Command::Snapshot { reply } => {
+                let id = self.next_snapshot;
+                self.next_snapshot += 1;
+                let res = self.new_iter().map(|it| {
+                    self.snapshots.insert(id, it);
+                    id
+                });
+                let _ = reply.send(res);
+            }
+            Command::Release { snapshot } => {
+                self.snapshots.remove(&snapshot);
+            }
+        }
+    }
+
+    fn new_iter(&mut self) -> Result<DBIterator> {
+        self.db.new_iter().map_err(|s| engine_err(&self.path, s))
+    }
+
+    fn stored(&mut self, id: u64) -> Result<&mut DBIterator> {
+        self.snapshots.get_mut(&id).ok_or(Error::Engine {
+            backend: BackendKind::LevelDb,
+            detail: format!("snapshot {id} was released"),
+        })
+    }
+
+    fn read(
+        &mut self,
+        space: KeySpace,
+        key: &[u8],
+        snapshot: Option<u64>,
+    ) -> Result<Option<Vec<u8>>> {
+        let key = prefixed(space, key);
+        match snapshot {
+            None => {
+                let snap = self.db.get_snapshot();
+                let value = self
+                    .db
+                    .get_at(&snap, &key)
+                    .map_err(|s| engine_err(&self.path, s))?;
+                Ok(value.map(|v| v.to_vec()))
+            }
+            Some(id) => {
+                let it = self.stored(id)?;
+                it.seek(&key);
+                Ok(match it.current() {
+                    Some((k, v)) if k.as_ref() == key.as_slice() => Some(v.to_vec()),
+                    _ => None,
+                })
+            }
+        }
+    }
+
+    fn scan(&mut self, space: KeySpace, scan: &Scan, snapshot: Option<u64>) -> Result<Vec<KvPair>> {
+        if scan.range.is_empty() {
+            return Ok(Vec::new());
+        }
+        let corrupt = Error::Corruption {
+            backend: BackendKind::LevelDb,
+            path: self.path.clone(),
+            detail: "the sentinel key is missing".into(),
+        };
+        match snapshot {
+            None => {
+                let mut it = self.new_iter()?;
+                scan_iter(&mut it, space, scan).ok_or(corrupt)
+            }
+            Some(id) => scan_iter(self.stored(id)?, space, scan).ok_or(corrupt),
+        }
+    }
+}
+
+/// Scans with `it`, from wherever it is. `None` when the sentinel key is missing.
+fn scan_iter(it: &mut DBIterator, space: KeySpace, scan: &Scan) -> Option<Vec<KvPair>> {
+    let (lower, upper) = scan.range.to_half_open();
+    let lower = prefixed(space, &lower.unwrap_or_default());
+    let upper = match upper {
+        Some(u) => prefixed(space, &u),
+        None => vec![space.prefix() + 1],
+    };
+    let mut out = Vec::with_capacity(scan.limit.min(1024));
+    let in_range = |k: &[u8]| k >= lower.as_slice() && k < upper.as_slice();
+    if scan.reverse {
+        it.seek(&upper);
+        if !it.valid() {
+            return None;
+        }
+        while out.len() < scan.limit && it.prev() {
+            match it.current() {
+                Some((k, v)) if in_range(&k) => out.push((k[1..].to_vec(), v.to_vec())),
+                _ => break,
+            }
+        }
+    } else {
+        it.seek(&lower);
+        let mut valid = it.valid();
+        while valid && out.len() < scan.limit {
+            match it.current() {
+                Some((k, v)) if in_range(&k) => out.push((k[1..].to_vec(), v.to_vec())),
+                _ => break,
+            }
+            valid = it.advance();
+        }
+    }
+    Some(out)
+}
+
+/// The disk environment of `rusty-leveldb` with one change: flushing a file also fsyncs it, so that a
+/// write with `sync` is durable when it returns.
+struct SyncingEnv(PosixDiskEnv);
+
+/// A file that fsyncs its data on `flush`.
+struct SyncOnFlush(File);
+
+impl Write for SyncOnFlush {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+}
+
+impl Env for SyncingEnv {
+    fn open_sequential_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Read>> {
+        self.0.open_sequential_file(p)
+    }
+    fn open_random_access_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn RandomAccess>> {
+        self.0.open_random_access_file(p)
+    }
+    fn open_writable_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Write>> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(p)?;
+        Ok(Box::new(SyncOnFlush(f)))
+    }
+    fn open_appendable_file(&self, p: &Path) -> rusty_leveldb::Result<Box<dyn Write>> {
+        let f = fs::OpenOptions::new().create(true).append(true).open(p)?;
+        Ok(Box::new(SyncOnFlush(f)))
+    }
+    fn exists(&self, p: &Path) -> rusty_leveldb::Result<bool> {
+        self.0.exists(p)
+    }
+    fn children(&self, p: &Path) -> rusty_leveldb::Result<Vec<PathBuf>> {
+        self.0.children(p)
+    }
+    fn size_of(&self, p: &Path) -> rusty_leveldb::Result<usize> {
+        self.0.size_of(p)
+    }
+    fn delete(&self, p: &Path) -> rusty_leveldb::Result<()> {
+        self.0.delete(p)
+    }
+    fn mkdir(&self, p: &Path) -> rusty_leveldb::Result<()> {
+        self.0.mkdir(p)
+    }
+    fn rmdir(&self, p: &Path) -> rusty_leveldb::Result<()> {
+        self.0.rmdir(p)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> rusty_leveldb::Result<()> {
+        self.0.rename(from, to)?;
+        // Make the rename itself durable (LevelDB renames CURRENT into place).
+        if let Some(dir) = to.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+    fn lock(&self, p: &Path) -> rusty_leveldb::Result<FileLock> {
+        self.0.lock(p)
+    }
+    fn unlock(&self, l: FileLock) -> rusty_leveldb::Result<()> {
+        self.0.unlock(l)
+    }
+    fn new_logger(&self, p: &Path) -> rusty_leveldb::Result<Logger> {
+        self.0.new_logger(p)
+    }
+    fn micros(&self) -> u64 {
+        self.0.micros()
+    }
+    fn sleep_for(&self, micros: u32) {
+        self.0.sleep_for(micros)
+    }
+}

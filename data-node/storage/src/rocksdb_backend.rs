@@ -1,0 +1,203 @@
+//! `RocksDBBackend`: RocksDB through the `rocksdb` crate. Each [`KeySpace`] is a column family; a batch
+//! spanning them is one atomic RocksDB write.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamily, DB, DBRawIteratorWithThreadMode, ErrorKind, Options, ReadOptions,
+    SnapshotWithThreadMode,
+};
+
+use crate::backend::{
+    BackendKind, KeySpace, KvPair, Limits, Scan, StorageBackend, StorageSnapshot, WriteBatch,
+    WriteOp, WriteOptions,
+};
+use crate::error::{Error, Result};
+
+/// The RocksDB backend.
+pub struct RocksDBBackend {
+    db: Arc<DB>,
+    path: PathBuf,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for RocksDBBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RocksDBBackend")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn map_err(path: &Path) -> impl Fn(rocksdb::Error) -> Error + '_ {
+    move |e| match e.kind() {
+        ErrorKind::Corruption => Error::Corruption {
+            backend: BackendKind::RocksDb,
+            path: path.to_path_buf(),
+            detail: e.into_string(),
+        },
+        _ => Error::Engine {
+            backend: BackendKind::RocksDb,
+            detail: e.into_string(),
+        },
+    }
+}
+
+impl RocksDBBackend {
+    /// Opens (or creates) the RocksDB store in `engine_dir`, which the caller has prepared.
+    ///
+    /// # Errors
+    /// [`Error::Corruption`] when RocksDB finds its files damaged; [`Error::Engine`] otherwise.
+    pub(crate) fn open(engine_dir: &Path, limits: Limits) -> Result<Self> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_paranoid_checks(true);
+        opts.increase_parallelism(2);
+        let cfs = KeySpace::ALL.map(KeySpace::column_family);
+        let db = DB::open_cf(&opts, engine_dir, cfs).map_err(map_err(engine_dir))?;
+        Ok(RocksDBBackend {
+            db: Arc::new(db),
+            path: engine_dir.to_path_buf(),
+            limits,
+        })
+    }
+
+    fn cf(&self, space: KeySpace) -> &ColumnFamily {
+        cf(&self.db, space)
+    }
+}
+
+fn cf(db: &DB, space: KeySpace) -> &ColumnFamily {
+    db.cf_handle(space.column_family())
+        .expect("every key space's column family is created at open")
+}
+
+/// Read options bounding an iterator to the scan's range. `None` when the range is empty.
+fn bounded_read_options(scan: &Scan) -> Option<ReadOptions> {
+    if scan.range.is_empty() {
+        return None;
+    }
+    let mut ro = ReadOptions::default();
+    let (lower, upper) = scan.range.to_half_open();
+    if let Some(lower) = lower {
+        ro.set_iterate_lower_bound(lower);
+    }
+    if let Some(upper) = upper {
+        ro.set_iterate_upper_bound(upper);
+    }
+    Some(ro)
+}
+
+/// Collects up to `scan.limit` pairs from an iterator already bounded to the range.
+fn collect(
+    mut it: DBRawIteratorWithThreadMode<'_, DB>,
+    scan: &Scan,
+    path: &Path,
+) -> Result<Vec<KvPair>> {
+    let mut out = Vec::with_capacity(scan.limit.min(1024));
+    if scan.reverse {
+        it.seek_to_last();
+    } else {
+        it.seek_to_first();
+    }
+    while out.len() < scan.limit {
+        let Some((k, v)) = it.item() else { break };
+        out.push((k.to_vec(), v.to_vec()));
+        if scan.reverse {
+            it.prev();
+        } else {
+            it.next();
+        }
+    }
+    it.status().map_err(map_err(path))?;
+    Ok(out)
+}
+
+impl StorageBackend for RocksDBBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::RocksDb
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    fn read(&self, space: KeySpace, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.limits.check_key(space, key)?;
+        self.db
+            .get_cf(self.cf(space), key)
+            .map_err(map_err(&self.path))
+    }
+
+    fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> Result<()> {
+        self.limits.check_batch(&batch)?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut wb = rocksdb::WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                WriteOp::Put { space, key, value } => wb.put_cf(self.cf(*space), key, value),
+                WriteOp::Delete { space, key } => wb.delete_cf(self.cf(*space), key),
+            }
+        }
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(opts.sync);
+        self.db.write_opt(wb, &wo).map_err(map_err(&self.path))
+    }
+
+    fn scan(&self, space: KeySpace, scan: &Scan) -> Result<Vec<KvPair>> {
+        scan.check()?;
+        let Some(ro) = bounded_read_options(scan) else {
+            return Ok(Vec::new());
+        };
+        collect(
+            self.db.raw_iterator_cf_opt(self.cf(space), ro),
+            scan,
+            &self.path,
+        )
+    }
+
+    fn snapshot(&self) -> Result<Box<dyn StorageSnapshot>> {
+        let snap = self.db.snapshot();
+        // SAFETY: the snapshot borrows the `DB` inside `self.db`. `RocksSnapshot` keeps a clone of that
+        // `Arc`, so the `DB` lives at least as long as the snapshot, and its fields are declared so that the
+        // snapshot is dropped (released) before the `Arc`. The `'static` lifetime never escapes the struct.
+        let snap: SnapshotWithThreadMode<'static, DB> = unsafe { std::mem::transmute(snap) };
+        Ok(Box::new(RocksSnapshot {
+            snap,
+            db: Arc::clone(&self.db),
+            path: self.path.clone(),
+        }))
+    }
+}
+
+/// A RocksDB snapshot that owns a handle on its database.
+struct RocksSnapshot {
+    // Dropped first: releases the snapshot while the database is still open.
+    snap: SnapshotWithThreadMode<'static, DB>,
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl StorageSnapshot for RocksSnapshot {
+    fn read(&self, space: KeySpace, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.snap
+            .get_cf(cf(&self.db, space), key)
+            .map_err(map_err(&self.path))
+    }
+
+    fn scan(&self, space: KeySpace, scan: &Scan) -> Result<Vec<KvPair>> {
+        scan.check()?;
+        let Some(ro) = bounded_read_options(scan) else {
+            return Ok(Vec::new());
+        };
+        collect(
+            self.snap.raw_iterator_cf_opt(cf(&self.db, space), ro),
+            scan,
+            &self.path,
+        )
+    }
+}

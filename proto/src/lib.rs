@@ -1,0 +1,63 @@
+//! Kiwi's wire protocol, package `kiwi.v1`: the only crate that includes generated code.
+//!
+//! The `.proto` files in `kiwi/v1/` are the contract other languages generate stubs from:
+//! - `kv.proto`: `KvService`, the client API.
+//! - `raft.proto`: `RaftTransport`, node-to-node Raft traffic.
+//! - `admin.proto`: `NodeAdmin`, per-node administration.
+//! - `control.proto`: `ControlService`, the control plane.
+//!
+//! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
+
+/// Generated messages, clients and servers of package `kiwi.v1`.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("kiwi.v1");
+
+    impl Priority {
+        /// The priority a request header asks for: unset and unknown values mean [`Priority::Normal`].
+        pub fn from_wire(value: i32) -> Priority {
+            match Priority::try_from(value) {
+                Ok(Priority::Unspecified) | Err(_) => Priority::Normal,
+                Ok(p) => p,
+            }
+        }
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every Kiwi `.proto` file (with imports), for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/kiwi_descriptor.bin"));
+
+#[cfg(test)]
+mod tests {
+    use super::v1::Priority;
+
+    #[test]
+    fn unset_and_unknown_priorities_mean_normal() {
+        assert_eq!(Priority::from_wire(0), Priority::Normal);
+        assert_eq!(Priority::from_wire(99), Priority::Normal);
+        assert_eq!(Priority::from_wire(Priority::Low as i32), Priority::Low);
+        assert_eq!(
+            Priority::from_wire(Priority::Critical as i32),
+            Priority::Critical
+        );
+    }
+
+    #[test]
+    fn descriptor_set_names_every_service() {
+        let fds =
+            <prost_types::FileDescriptorSet as prost::Message>::decode(super::FILE_DESCRIPTOR_SET)
+                .unwrap();
+        let services: Vec<_> = fds
+            .file
+            .iter()
+            .flat_map(|f| f.service.iter().map(|s| s.name().to_string()))
+            .collect();
+        for s in ["KvService", "RaftTransport", "NodeAdmin", "ControlService"] {
+            assert!(
+                services.iter().any(|n| n == s),
+                "{s} missing from {services:?}"
+            );
+        }
+    }
+}

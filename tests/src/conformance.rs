@@ -1,0 +1,702 @@
+//! The storage conformance suite. Every function takes a [`Fixture`] and checks one property; a failing
+//! assertion names the backend and the property. Engines must pass all of them.
+
+use std::ops::Bound;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kiwi_storage::{
+    BackendKind, Error, KeySpace, Limits, OpenOptions, Scan, ScanRange, StorageBackend, WriteBatch,
+    WriteOptions,
+};
+
+/// Opens one backend kind in a private temporary directory, and reopens it there.
+pub struct Fixture {
+    /// The engine under test.
+    pub kind: BackendKind,
+    /// The limits the backend is opened with.
+    pub limits: Limits,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// A fresh, empty directory for `kind` with default limits.
+    pub fn new(kind: BackendKind) -> Self {
+        Fixture {
+            kind,
+            limits: Limits::default(),
+            dir: tempfile::tempdir().expect("create temporary directory"),
+        }
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Options for this fixture's backend and directory.
+    pub fn options(&self) -> OpenOptions {
+        OpenOptions {
+            limits: self.limits,
+            ..OpenOptions::new(self.kind, self.path())
+        }
+    }
+
+    /// Opens (or reopens) the backend.
+    pub fn open(&self) -> Arc<dyn StorageBackend> {
+        kiwi_storage::open(&self.options())
+            .unwrap_or_else(|e| panic!("{}: open {}: {e}", self.kind, self.path().display()))
+    }
+
+    /// Whether data survives closing and reopening.
+    pub fn persistent(&self) -> bool {
+        self.kind != BackendKind::Memory
+    }
+}
+
+const D: KeySpace = KeySpace::Data;
+const SYNC: WriteOptions = WriteOptions::SYNC;
+
+fn get(s: &dyn StorageBackend, key: &[u8]) -> Option<Vec<u8>> {
+    s.read(D, key)
+        .unwrap_or_else(|e| panic!("{}: read {key:?}: {e}", s.kind()))
+}
+
+fn keys(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<Vec<u8>> {
+    pairs.iter().map(|(k, _)| k.clone()).collect()
+}
+
+fn scan(s: &dyn StorageBackend, range: ScanRange, limit: usize, reverse: bool) -> Vec<Vec<u8>> {
+    let pairs = s
+        .scan(
+            D,
+            &Scan {
+                range,
+                limit,
+                reverse,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{}: scan: {e}", s.kind()));
+    keys(&pairs)
+}
+
+/// A write is visible to the next read.
+pub fn read_your_writes(f: &Fixture) {
+    let s = f.open();
+    assert_eq!(get(&*s, b"k"), None, "{}: fresh store has no key", f.kind);
+    s.write(D, b"k", b"v1", SYNC).unwrap();
+    assert_eq!(get(&*s, b"k"), Some(b"v1".to_vec()), "{}", f.kind);
+    s.write(D, b"k2", b"v2", WriteOptions::BUFFERED).unwrap();
+    assert_eq!(
+        get(&*s, b"k2"),
+        Some(b"v2".to_vec()),
+        "{}: buffered write",
+        f.kind
+    );
+}
+
+/// Delete removes a key; deleting a missing key succeeds.
+pub fn delete(f: &Fixture) {
+    let s = f.open();
+    s.write(D, b"k", b"v", SYNC).unwrap();
+    s.delete(D, b"k", SYNC).unwrap();
+    assert_eq!(get(&*s, b"k"), None, "{}", f.kind);
+    s.delete(D, b"never-written", SYNC).unwrap();
+    assert_eq!(get(&*s, b"never-written"), None, "{}", f.kind);
+}
+
+/// The last write to a key wins, also inside one batch.
+pub fn overwrite(f: &Fixture) {
+    let s = f.open();
+    s.write(D, b"k", b"first", SYNC).unwrap();
+    s.write(D, b"k", b"second", SYNC).unwrap();
+    assert_eq!(get(&*s, b"k"), Some(b"second".to_vec()), "{}", f.kind);
+    let mut b = WriteBatch::new();
+    b.put(D, b"k", b"a").delete(D, b"k").put(D, b"k", b"third");
+    s.batch_write(b, SYNC).unwrap();
+    assert_eq!(get(&*s, b"k"), Some(b"third".to_vec()), "{}", f.kind);
+}
+
+/// A batch with one bad operation writes nothing; a good batch writes everything, across key spaces.
+pub fn batch_atomicity(f: &Fixture) {
+    let s = f.open();
+    s.write(D, b"existing", b"old", SYNC).unwrap();
+    let mut bad = WriteBatch::new();
+    bad.put(D, b"a", b"1").delete(D, b"existing").put(
+        D,
+        vec![b'x'; f.limits.max_key_bytes + 1],
+        b"too long key",
+    );
+    let err = s.batch_write(bad, SYNC).unwrap_err();
+    assert!(
+        matches!(err, Error::KeyTooLarge { .. }),
+        "{}: {err}",
+        f.kind
+    );
+    assert_eq!(
+        get(&*s, b"a"),
+        None,
+        "{}: refused batch wrote a key",
+        f.kind
+    );
+    assert_eq!(
+        get(&*s, b"existing"),
+        Some(b"old".to_vec()),
+        "{}: refused batch deleted a key",
+        f.kind
+    );
+
+    let mut good = WriteBatch::new();
+    good.put(D, b"a", b"1")
+        .put(KeySpace::Raft, b"applied", b"7")
+        .delete(D, b"existing");
+    s.batch_write(good, SYNC).unwrap();
+    assert_eq!(get(&*s, b"a"), Some(b"1".to_vec()), "{}", f.kind);
+    assert_eq!(
+        s.read(KeySpace::Raft, b"applied").unwrap(),
+        Some(b"7".to_vec()),
+        "{}",
+        f.kind
+    );
+    assert_eq!(get(&*s, b"existing"), None, "{}", f.kind);
+    s.batch_write(WriteBatch::new(), SYNC).unwrap();
+}
+
+/// Key spaces do not see each other's keys, in reads or scans.
+pub fn key_spaces_are_separate(f: &Fixture) {
+    let s = f.open();
+    s.write(D, b"same", b"data", SYNC).unwrap();
+    s.write(KeySpace::Raft, b"same", b"raft", SYNC).unwrap();
+    s.write(KeySpace::Raft, b"zzz", b"raft", SYNC).unwrap();
+    assert_eq!(get(&*s, b"same"), Some(b"data".to_vec()), "{}", f.kind);
+    assert_eq!(
+        s.read(KeySpace::Raft, b"same").unwrap(),
+        Some(b"raft".to_vec()),
+        "{}",
+        f.kind
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 100, false),
+        vec![b"same".to_vec()],
+        "{}",
+        f.kind
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 100, true),
+        vec![b"same".to_vec()],
+        "{}",
+        f.kind
+    );
+    let raft = s
+        .scan(KeySpace::Raft, &Scan::forward(ScanRange::all(), 100))
+        .unwrap();
+    assert_eq!(
+        keys(&raft),
+        vec![b"same".to_vec(), b"zzz".to_vec()],
+        "{}",
+        f.kind
+    );
+}
+
+/// Scans honour bounds (inclusive and exclusive), limits and direction.
+pub fn ordered_scans(f: &Fixture) {
+    let s = f.open();
+    let mut b = WriteBatch::new();
+    for k in ["a", "b", "c", "d", "e"] {
+        b.put(D, k, format!("v{k}"));
+    }
+    s.batch_write(b, SYNC).unwrap();
+    let ks = |v: &[&str]| v.iter().map(|k| k.as_bytes().to_vec()).collect::<Vec<_>>();
+    let kind = f.kind;
+
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 10, false),
+        ks(&["a", "b", "c", "d", "e"]),
+        "{kind}: all"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 10, true),
+        ks(&["e", "d", "c", "b", "a"]),
+        "{kind}: all reverse"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(b"b", b"d"), 10, false),
+        ks(&["b", "c"]),
+        "{kind}: [b,d)"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(b"b", b"d"), 10, true),
+        ks(&["c", "b"]),
+        "{kind}: [b,d) rev"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(b"b", b""), 2, false),
+        ks(&["b", "c"]),
+        "{kind}: limit"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(b"", b"d"), 2, true),
+        ks(&["c", "b"]),
+        "{kind}: limit rev"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(b"bb", b"dd"), 10, false),
+        ks(&["c", "d"]),
+        "{kind}: between"
+    );
+    let excl_incl = ScanRange {
+        start: Bound::Excluded(b"b".to_vec()),
+        end: Bound::Included(b"d".to_vec()),
+    };
+    assert_eq!(
+        scan(&*s, excl_incl.clone(), 10, false),
+        ks(&["c", "d"]),
+        "{kind}: (b,d]"
+    );
+    assert_eq!(
+        scan(&*s, excl_incl, 10, true),
+        ks(&["d", "c"]),
+        "{kind}: (b,d] rev"
+    );
+    assert!(
+        scan(&*s, ScanRange::half_open(b"d", b"b"), 10, false).is_empty(),
+        "{kind}: inverted"
+    );
+    assert!(
+        scan(&*s, ScanRange::half_open(b"c", b"c"), 10, true).is_empty(),
+        "{kind}: empty"
+    );
+    assert!(
+        scan(&*s, ScanRange::half_open(b"f", b""), 10, true).is_empty(),
+        "{kind}: past the end"
+    );
+    assert!(matches!(
+        s.scan(D, &Scan::forward(ScanRange::all(), 0)),
+        Err(Error::ZeroScanLimit)
+    ));
+
+    let pairs = s
+        .scan(D, &Scan::forward(ScanRange::half_open(b"a", b"b"), 10))
+        .unwrap();
+    assert_eq!(
+        pairs,
+        vec![(b"a".to_vec(), b"va".to_vec())],
+        "{kind}: values come with keys"
+    );
+}
+
+/// Keys with 0x00 and 0xFF bytes sort bytewise and round-trip, at the edges of scans too.
+pub fn binary_keys(f: &Fixture) {
+    let s = f.open();
+    let all: Vec<Vec<u8>> = vec![
+        vec![0x00],
+        vec![0x00, 0x00],
+        vec![0x00, 0xFF],
+        vec![0x01],
+        vec![0x7F, 0x00, 0x80],
+        vec![0xFF],
+        vec![0xFF, 0x00],
+        vec![0xFF, 0xFF],
+        vec![0xFF, 0xFF, 0xFF],
+    ];
+    let mut b = WriteBatch::new();
+    for (i, k) in all.iter().enumerate().rev() {
+        b.put(D, k.clone(), vec![i as u8, 0x00, 0xFF]);
+    }
+    s.batch_write(b, SYNC).unwrap();
+    for (i, k) in all.iter().enumerate() {
+        assert_eq!(
+            get(&*s, k),
+            Some(vec![i as u8, 0x00, 0xFF]),
+            "{}: key {k:?}",
+            f.kind
+        );
+    }
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 100, false),
+        all,
+        "{}: forward order",
+        f.kind
+    );
+    let mut rev = all.clone();
+    rev.reverse();
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 100, true),
+        rev,
+        "{}: reverse order",
+        f.kind
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(&[0xFF], &[]), 100, true),
+        vec![
+            vec![0xFF, 0xFF, 0xFF],
+            vec![0xFF, 0xFF],
+            vec![0xFF, 0x00],
+            vec![0xFF]
+        ],
+        "{}: reverse from the top",
+        f.kind
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(&[0x00], &[0x01]), 100, false),
+        vec![vec![0x00], vec![0x00, 0x00], vec![0x00, 0xFF]],
+        "{}: zero-byte prefix",
+        f.kind
+    );
+}
+
+/// An empty value is a present key, distinct from a missing one.
+pub fn empty_values(f: &Fixture) {
+    let s = f.open();
+    s.write(D, b"empty", b"", SYNC).unwrap();
+    assert_eq!(get(&*s, b"empty"), Some(Vec::new()), "{}", f.kind);
+    assert_eq!(get(&*s, b"missing"), None, "{}", f.kind);
+    let pairs = s.scan(D, &Scan::forward(ScanRange::all(), 10)).unwrap();
+    assert_eq!(pairs, vec![(b"empty".to_vec(), Vec::new())], "{}", f.kind);
+}
+
+/// Keys and values up to the limits are stored; one byte more is refused, and nothing changes.
+pub fn size_limits(f: &Fixture) {
+    let s = f.open();
+    let max_key = vec![b'k'; f.limits.max_key_bytes];
+    let max_value = vec![0xAB; f.limits.max_value_bytes];
+    s.write(D, &max_key, &max_value, SYNC).unwrap();
+    assert_eq!(
+        get(&*s, &max_key).map(|v| v.len()),
+        Some(max_value.len()),
+        "{}",
+        f.kind
+    );
+
+    let long_key = vec![b'k'; f.limits.max_key_bytes + 1];
+    let err = s.write(D, &long_key, b"v", SYNC).unwrap_err();
+    assert!(
+        matches!(err, Error::KeyTooLarge { len, max } if len == max + 1 && max == f.limits.max_key_bytes),
+        "{}: {err}",
+        f.kind
+    );
+    assert!(err.to_string().contains("over the limit"), "{err}");
+
+    let long_value = vec![0; f.limits.max_value_bytes + 1];
+    let err = s.write(D, b"small", &long_value, SYNC).unwrap_err();
+    assert!(
+        matches!(err, Error::ValueTooLarge { .. }),
+        "{}: {err}",
+        f.kind
+    );
+    assert_eq!(
+        get(&*s, b"small"),
+        None,
+        "{}: refused value was written",
+        f.kind
+    );
+
+    for err in [
+        s.write(D, b"", b"v", SYNC).unwrap_err(),
+        s.read(D, b"").unwrap_err(),
+        s.delete(D, b"", SYNC).unwrap_err(),
+    ] {
+        assert!(matches!(err, Error::EmptyKey { .. }), "{}: {err}", f.kind);
+    }
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 10, false),
+        vec![max_key],
+        "{}: store changed",
+        f.kind
+    );
+}
+
+/// Data written before a clean close is there after reopening; the directory can be reopened repeatedly.
+pub fn reopen_after_close(f: &Fixture) {
+    if !f.persistent() {
+        return;
+    }
+    {
+        let s = f.open();
+        let mut b = WriteBatch::new();
+        for i in 0..1000u32 {
+            b.put(D, i.to_be_bytes(), i.to_le_bytes());
+        }
+        s.batch_write(b, WriteOptions::BUFFERED).unwrap();
+        s.write(KeySpace::Raft, b"hard_state", b"hs", SYNC).unwrap();
+        s.delete(D, &5u32.to_be_bytes(), WriteOptions::BUFFERED)
+            .unwrap();
+    }
+    for round in 0..2 {
+        let s = f.open();
+        assert_eq!(
+            get(&*s, &7u32.to_be_bytes()),
+            Some(7u32.to_le_bytes().to_vec()),
+            "{} round {round}",
+            f.kind
+        );
+        assert_eq!(
+            get(&*s, &5u32.to_be_bytes()),
+            None,
+            "{} round {round}: delete lost",
+            f.kind
+        );
+        assert_eq!(
+            s.read(KeySpace::Raft, b"hard_state").unwrap(),
+            Some(b"hs".to_vec()),
+            "{}",
+            f.kind
+        );
+        assert_eq!(
+            scan(&*s, ScanRange::all(), 2000, false).len(),
+            999,
+            "{} round {round}",
+            f.kind
+        );
+    }
+}
+
+/// Eight threads write and read concurrently; every write lands and reads never see torn values.
+pub fn concurrent_access(f: &Fixture) {
+    let s = f.open();
+    const THREADS: u32 = 8;
+    const PER_THREAD: u32 = 300;
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let s = &s;
+            scope.spawn(move || {
+                for i in 0..PER_THREAD {
+                    let key = format!("t{t}/{i:05}");
+                    let value = format!("{t}:{i}").repeat(8);
+                    if i % 10 == 0 {
+                        let mut b = WriteBatch::new();
+                        b.put(D, key.clone(), value.clone()).put(
+                            D,
+                            format!("{key}/pair"),
+                            value.clone(),
+                        );
+                        s.batch_write(b, WriteOptions::BUFFERED).unwrap();
+                    } else {
+                        s.write(D, key.as_bytes(), value.as_bytes(), WriteOptions::BUFFERED)
+                            .unwrap();
+                    }
+                    let read = s.read(D, key.as_bytes()).unwrap();
+                    assert_eq!(
+                        read.as_deref(),
+                        Some(value.as_bytes()),
+                        "{}: thread {t} key {key}",
+                        s.kind()
+                    );
+                    if i % 50 == 0 {
+                        let other = (t + 1) % THREADS;
+                        let pairs = s
+                            .scan(
+                                D,
+                                &Scan::forward(
+                                    ScanRange::half_open(format!("t{other}/").as_bytes(), b""),
+                                    20,
+                                ),
+                            )
+                            .unwrap();
+                        for (k, v) in pairs {
+                            let k = String::from_utf8(k).unwrap();
+                            let v = String::from_utf8(v).unwrap();
+                            let idx: u32 = k.split('/').nth(1).unwrap().parse().unwrap_or(0);
+                            let t2: u32 = k[1..].split('/').next().unwrap().parse().unwrap();
+                            assert_eq!(
+                                v,
+                                format!("{t2}:{idx}").repeat(8),
+                                "{}: torn value at {k}",
+                                s.kind()
+                            );
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let total = scan(&*s, ScanRange::all(), 100_000, false).len();
+    assert_eq!(
+        total as u32,
+        THREADS * (PER_THREAD + PER_THREAD / 10),
+        "{}",
+        f.kind
+    );
+}
+
+/// A snapshot sees the store as it was, whatever is written after; read in chunks it covers everything.
+pub fn snapshot_is_point_in_time(f: &Fixture) {
+    let s = f.open();
+    let mut b = WriteBatch::new();
+    for i in 0..250u32 {
+        b.put(D, format!("k{i:04}"), format!("v{i}"));
+    }
+    b.put(KeySpace::Raft, b"applied", b"250");
+    s.batch_write(b, SYNC).unwrap();
+
+    let snap = s.snapshot().unwrap();
+    s.write(D, b"k0000", b"changed", SYNC).unwrap();
+    s.write(D, b"k9999", b"new", SYNC).unwrap();
+    s.delete(D, b"k0100", SYNC).unwrap();
+    s.write(KeySpace::Raft, b"applied", b"253", SYNC).unwrap();
+
+    assert_eq!(
+        snap.read(D, b"k0000").unwrap(),
+        Some(b"v0".to_vec()),
+        "{}",
+        f.kind
+    );
+    assert_eq!(
+        snap.read(D, b"k0100").unwrap(),
+        Some(b"v100".to_vec()),
+        "{}",
+        f.kind
+    );
+    assert_eq!(snap.read(D, b"k9999").unwrap(), None, "{}", f.kind);
+    assert_eq!(
+        snap.read(KeySpace::Raft, b"applied").unwrap(),
+        Some(b"250".to_vec()),
+        "{}",
+        f.kind
+    );
+
+    // Iterate in chunks, as a Raft snapshot sender does.
+    let mut seen = Vec::new();
+    let mut start = Bound::Unbounded;
+    loop {
+        let range = ScanRange {
+            start,
+            end: Bound::Unbounded,
+        };
+        let chunk = snap.scan(D, &Scan::forward(range, 64)).unwrap();
+        let Some((last, _)) = chunk.last() else { break };
+        start = Bound::Excluded(last.clone());
+        seen.extend(chunk);
+    }
+    assert_eq!(seen.len(), 250, "{}: chunked iteration", f.kind);
+    assert_eq!(seen[0], (b"k0000".to_vec(), b"v0".to_vec()), "{}", f.kind);
+    let rev = snap.scan(D, &Scan::backward(ScanRange::all(), 1)).unwrap();
+    assert_eq!(
+        keys(&rev),
+        vec![b"k0249".to_vec()],
+        "{}: reverse at snapshot",
+        f.kind
+    );
+    drop(snap);
+    assert_eq!(get(&*s, b"k0000"), Some(b"changed".to_vec()), "{}", f.kind);
+}
+
+/// A directory created by one backend is refused by another, with both names in the message.
+pub fn other_backends_directory_is_refused(f: &Fixture) {
+    if !f.persistent() {
+        return;
+    }
+    drop(f.open());
+    for other in BackendKind::ALL {
+        if other == f.kind || other == BackendKind::Memory {
+            continue;
+        }
+        let err = kiwi_storage::open(&OpenOptions::new(other, f.path()))
+            .err()
+            .expect("opening another backend's directory must fail");
+        assert!(
+            matches!(&err, Error::BackendMismatch { found, expected, .. } if found == f.kind.as_str() && *expected == other),
+            "{err}"
+        );
+    }
+    // The owner still opens it.
+    drop(f.open());
+}
+
+/// Missing, unusable and foreign directories give typed errors naming the path.
+pub fn bad_directories_are_refused(f: &Fixture) {
+    if !f.persistent() {
+        return;
+    }
+    let missing = OpenOptions {
+        create_if_missing: false,
+        ..f.options()
+    };
+    let err = kiwi_storage::open(&missing)
+        .err()
+        .expect("missing directory");
+    assert!(matches!(err, Error::DirectoryNotFound { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&f.path().display().to_string()),
+        "{err}"
+    );
+
+    // A regular file where a directory is expected: unwritable even for root.
+    let file = f.path().with_file_name("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under_file = OpenOptions::new(f.kind, file.join("db"));
+    let err = kiwi_storage::open(&under_file)
+        .err()
+        .expect("directory under a file");
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(err.to_string().contains("a-file"), "{err}");
+    let err = kiwi_storage::open(&OpenOptions::new(f.kind, &file))
+        .err()
+        .expect("file as directory");
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+
+    // A directory with someone else's files.
+    std::fs::create_dir_all(f.path()).unwrap();
+    std::fs::write(f.path().join("important.txt"), b"not ours").unwrap();
+    let err = kiwi_storage::open(&f.options())
+        .err()
+        .expect("foreign directory");
+    assert!(matches!(err, Error::ForeignDirectory { .. }), "{err}");
+    assert_eq!(
+        std::fs::read(f.path().join("important.txt")).unwrap(),
+        b"not ours"
+    );
+}
+
+/// Damaged engine files give a corruption error, never a panic.
+pub fn corrupt_directory_is_reported(f: &Fixture) {
+    if !f.persistent() {
+        return;
+    }
+    {
+        let s = f.open();
+        s.write(D, b"k", b"v", SYNC).unwrap();
+    }
+    let engine_dir = f.path().join(f.kind.as_str());
+    let current = engine_dir.join("CURRENT");
+    assert!(
+        current.exists(),
+        "{}: expected {}",
+        f.kind,
+        current.display()
+    );
+    std::fs::write(&current, b"MANIFEST-999999\n").unwrap();
+    let err = kiwi_storage::open(&f.options())
+        .err()
+        .expect("CURRENT names a missing manifest");
+    assert!(
+        matches!(err, Error::Corruption { .. } | Error::Engine { .. }),
+        "{}: {err}",
+        f.kind
+    );
+
+    // Garbage manifest.
+    for entry in std::fs::read_dir(&engine_dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("MANIFEST-")
+        {
+            std::fs::write(&p, vec![0xA5; 4096]).unwrap();
+            std::fs::write(
+                &current,
+                format!("{}\n", p.file_name().unwrap().to_string_lossy()),
+            )
+            .unwrap();
+        }
+    }
+    let err = kiwi_storage::open(&f.options())
+        .err()
+        .expect("garbage manifest");
+    assert!(
+        matches!(err, Error::Corruption { .. } | Error::Engine { .. }),
+        "{}: {err}",
+        f.kind
+    );
+}
