@@ -17,9 +17,11 @@ use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 fn config(dir: &std::path::Path, backend: BackendKind) -> NodeConfig {
-    let mut c = NodeConfig::default();
-    c.data_dir = dir.to_path_buf();
-    c.listen_addr = "127.0.0.1:0".parse().unwrap();
+    let mut c = NodeConfig {
+        data_dir: dir.to_path_buf(),
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        ..NodeConfig::default()
+    };
     c.storage.backend = backend;
     c
 }
