@@ -4,19 +4,31 @@
 //! Modules, and who may depend on whom:
 //! - [`config`]: the typed TOML configuration and its validation. Depends on nothing else here.
 //! - [`identity`]: the node id stored in the data directory. Depends on `kiwi-storage`.
-//! - this file: opens storage, checks identity, serves gRPC (health and reflection so far; the KV API and
-//!   Raft transport arrive with the replication work).
+//! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
+//! - [`state_machine`]: applies committed commands to user data with the applied index.
+//! - [`driver`]: the Raft driver thread, sole owner of `RawNode`; uses `log_store` and `state_machine`.
+//! - [`transport`]: `RaftTransport` client and server; talks to the driver through its handle.
+//! - [`kv`]: the `KvService` and `NodeAdmin` gRPC services; talk to the driver through its handle.
+//! - this file: wires them together and serves gRPC (plus health and reflection).
 //!
 //! Storage is reached only through `kiwi_storage::StorageBackend`; no module names an engine.
 
 pub mod config;
+pub mod driver;
 pub mod identity;
+pub mod kv;
+pub mod log_store;
+pub mod state_machine;
+pub mod transport;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kiwi_proto::v1::kv_service_server::KvServiceServer;
+use kiwi_proto::v1::node_admin_server::NodeAdminServer;
+use kiwi_proto::v1::raft_transport_server::RaftTransportServer;
 use kiwi_storage::{OpenOptions, StorageBackend};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -26,6 +38,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 pub use config::NodeConfig;
+
+use crate::driver::DriverConfig;
+use crate::kv::{AdminApi, KvApi, KvServer};
+use crate::log_store::LogStore;
+use crate::transport::{Peers, RaftService};
 
 /// What can stop a node from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +79,12 @@ pub enum Error {
     /// Building server reflection failed.
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// raft-rs refused the configuration or the stored Raft state.
+    #[error("Raft: {0}")]
+    Raft(#[from] raft::Error),
+    /// The Raft driver stopped on a storage error.
+    #[error("the Raft driver stopped after a storage error (see the log); the node stopped to protect its data")]
+    Fatal,
     /// A background task panicked.
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -79,6 +102,10 @@ pub struct Node {
     storage: Arc<dyn StorageBackend>,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Stops the peer senders and the driver, after the server.
+    stop: CancellationToken,
+    fatal: CancellationToken,
+    driver: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Node {
@@ -89,9 +116,14 @@ impl Node {
     /// Invalid config, storage errors, [`Error::NodeIdMismatch`], [`Error::Bind`].
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
-        let storage = {
+        let (storage, mut log_store) = {
             let config = config.clone();
-            tokio::task::spawn_blocking(move || open_storage(&config)).await??
+            tokio::task::spawn_blocking(move || -> Result<_> {
+                let storage = open_storage(&config)?;
+                let log_store = LogStore::open(Arc::clone(&storage))?;
+                Ok((storage, log_store))
+            })
+            .await??
         };
 
         let listener = TcpListener::bind(config.listen_addr)
@@ -105,6 +137,56 @@ impl Node {
             source,
         })?;
 
+        let node_id = config.raft.node_id;
+        let members: Vec<(u64, String)> = if config.raft.peers.is_empty() {
+            vec![(node_id, addr.to_string())]
+        } else {
+            config.raft.peers.iter().map(|p| (p.id, p.addr.clone())).collect()
+        };
+        if !log_store.is_initialized() {
+            let voters = members.iter().map(|(id, _)| *id).collect();
+            log_store = tokio::task::spawn_blocking(move || -> Result<_> {
+                log_store.bootstrap(voters)?;
+                Ok(log_store)
+            })
+            .await??;
+        }
+
+        let stop = CancellationToken::new();
+        let fatal = CancellationToken::new();
+        let (unreachable_tx, mut unreachable_rx) = tokio::sync::mpsc::unbounded_channel();
+        let peers = Arc::new(Peers::start(node_id, &members, &stop, unreachable_tx));
+        let driver_config = DriverConfig {
+            node_id,
+            tick_interval: config.raft.tick_interval,
+            election_ticks: config.raft.election_ticks,
+            heartbeat_ticks: config.raft.heartbeat_ticks,
+        };
+        let (driver, driver_thread) = driver::spawn(
+            &driver_config,
+            log_store,
+            Arc::clone(&storage),
+            peers,
+            stop.clone(),
+            fatal.clone(),
+        )?;
+        {
+            let driver = driver.clone();
+            tokio::spawn(async move {
+                while let Some(peer) = unreachable_rx.recv().await {
+                    driver.report_unreachable(peer);
+                }
+            });
+        }
+        let kv = KvServer::new(
+            node_id,
+            driver.clone(),
+            Arc::clone(&storage),
+            config.storage.backend,
+            members.into_iter().collect(),
+        );
+        let max_message = config.storage.limits().max_value_bytes + config.storage.limits().max_key_bytes + 64 * 1024;
+
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
         let reflection = tonic_reflection::server::Builder::configure()
@@ -116,10 +198,16 @@ impl Node {
         let server = Server::builder()
             .add_service(health_service)
             .add_service(reflection)
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener),
-                shutdown.clone().cancelled_owned(),
-            );
+            .add_service(
+                KvServiceServer::new(KvApi(Arc::clone(&kv)))
+                    .max_decoding_message_size(max_message.max(kv::MAX_BATCH_BYTES + 1024 * 1024)),
+            )
+            .add_service(NodeAdminServer::new(AdminApi(kv)))
+            .add_service(
+                RaftTransportServer::new(RaftService::new(node_id, driver))
+                    .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.clone().cancelled_owned());
         let server = tokio::spawn(server);
         tracing::info!(
             node_id = config.raft.node_id,
@@ -133,6 +221,9 @@ impl Node {
             storage,
             shutdown,
             server,
+            stop,
+            fatal,
+            driver: Some(driver_thread),
         })
     }
 
@@ -160,8 +251,20 @@ impl Node {
                 self.server.abort();
             }
         }
+        self.stop.cancel();
+        if let Some(driver) = self.driver.take() {
+            tokio::task::spawn_blocking(move || driver.join()).await?.ok();
+        }
         tracing::info!(addr = %self.addr, "kiwi-node stopped");
+        if self.fatal.is_cancelled() {
+            return Err(Error::Fatal);
+        }
         Ok(())
+    }
+
+    /// Resolves if the node stops by itself (fail-stop after a storage error).
+    pub fn failed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.fatal.clone().cancelled_owned()
     }
 }
 
@@ -186,6 +289,9 @@ pub fn open_storage(config: &NodeConfig) -> Result<Arc<dyn StorageBackend>> {
 /// Anything [`Node::start`] or [`Node::shutdown`] returns.
 pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let node = Node::start(config).await?;
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        () = node.failed() => {}
+    }
     node.shutdown().await
 }

@@ -1,0 +1,485 @@
+//! The gRPC services clients use: `KvService` (the KV API) and `NodeAdmin` (status).
+//!
+//! Request path: validate and tag (request id, deadline) → writes are proposed to the Raft driver and
+//! answered when applied; linearizable reads run a ReadIndex round on the leader and wait until the
+//! applied index reaches it; serializable reads go straight to local storage. Storage calls run on
+//! tokio's blocking pool, never on async worker threads.
+//!
+//! Errors are mapped to `tonic::Status` in exactly one place, [`KvError::into_status`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kiwi_proto::v1::kv_service_server::KvService;
+use kiwi_proto::v1::node_admin_server::NodeAdmin;
+use kiwi_proto::v1::{
+    BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest, CompareAndSwapResponse, Consistency,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, NotLeader, PutRequest, PutResponse,
+    RaftCommand, RaftRole, RequestHeader, ResponseHeader, ScanRequest, ScanResponse, StatusRequest,
+    StatusResponse, WriteBatchCommand, WriteOp, compare_and_swap_request, raft_command, write_op,
+};
+use kiwi_storage::{BackendKind, KeySpace, Limits, Scan, ScanRange, StorageBackend};
+use prost::Message as _;
+use tonic::{Request, Response, Status};
+
+use crate::driver::{DriverHandle, ProposeError, Role};
+use crate::state_machine::ApplyOutcome;
+
+/// Most operations in one BatchWrite.
+pub const MAX_BATCH_OPS: usize = 10_000;
+/// Most bytes (keys plus values) in one BatchWrite.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Largest Scan limit.
+pub const MAX_SCAN_LIMIT: u32 = 10_000;
+/// How long a request may take when neither the header nor the client sets a deadline.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request id accepted.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Metadata key naming the leader's id on a FAILED_PRECONDITION "not leader" status.
+pub const LEADER_ID_METADATA: &str = "kiwi-leader-id";
+/// Metadata key naming the leader's client address on a "not leader" status.
+pub const LEADER_ADDR_METADATA: &str = "kiwi-leader-addr";
+
+/// What a KV request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("node {node} is not the leader")]
+    NotLeader {
+        node: u64,
+        leader: u64,
+        leader_addr: Option<String>,
+    },
+    #[error("no leader is known yet; retry shortly")]
+    NoLeader,
+    #[error("{0}")]
+    Dropped(ProposeError),
+    #[error("node is overloaded; retry shortly")]
+    Overloaded,
+    #[error("node is shutting down or stopped")]
+    Stopped,
+    #[error("deadline exceeded after {0:?}; a write's outcome is unknown")]
+    Timeout(Duration),
+    #[error("storage error: {0}")]
+    Storage(kiwi_storage::Error),
+}
+
+impl KvError {
+    /// The one mapping to gRPC statuses; keeps leader hints (metadata and `NotLeader` details) and
+    /// retryability (the code).
+    pub fn into_status(self) -> Status {
+        let msg = self.to_string();
+        match self {
+            KvError::InvalidArgument(_) => Status::invalid_argument(msg),
+            KvError::NotLeader {
+                leader, leader_addr, ..
+            } => {
+                let hint = NotLeader {
+                    leader_id: leader,
+                    leader_addr: leader_addr.clone().unwrap_or_default(),
+                };
+                let text = match &leader_addr {
+                    Some(a) => format!("{msg}; the leader is node {leader} at {a}"),
+                    None => msg,
+                };
+                let mut status = Status::with_details(
+                    tonic::Code::FailedPrecondition,
+                    text,
+                    hint.encode_to_vec().into(),
+                );
+                let md = status.metadata_mut();
+                if let Ok(v) = leader.to_string().parse() {
+                    md.insert(LEADER_ID_METADATA, v);
+                }
+                if let Some(Ok(v)) = leader_addr.map(|a| a.parse()) {
+                    md.insert(LEADER_ADDR_METADATA, v);
+                }
+                status
+            }
+            KvError::NoLeader | KvError::Dropped(_) | KvError::Stopped => Status::unavailable(msg),
+            KvError::Overloaded => Status::resource_exhausted(msg),
+            KvError::Timeout(_) => Status::deadline_exceeded(msg),
+            KvError::Storage(e) => match e {
+                kiwi_storage::Error::EmptyKey { .. }
+                | kiwi_storage::Error::KeyTooLarge { .. }
+                | kiwi_storage::Error::ValueTooLarge { .. }
+                | kiwi_storage::Error::ZeroScanLimit => Status::invalid_argument(e.to_string()),
+                _ => Status::internal(format!("storage error: {e}")),
+            },
+        }
+    }
+}
+
+/// Shared state of the client-facing services.
+pub struct KvServer {
+    node_id: u64,
+    driver: DriverHandle,
+    storage: Arc<dyn StorageBackend>,
+    limits: Limits,
+    backend: BackendKind,
+    /// Client address of every member, for leader hints.
+    addrs: HashMap<u64, String>,
+    next_request: AtomicU64,
+}
+
+/// A request's tags after validation.
+struct Tagged {
+    request_id: String,
+    timeout: Duration,
+}
+
+impl KvServer {
+    pub fn new(
+        node_id: u64,
+        driver: DriverHandle,
+        storage: Arc<dyn StorageBackend>,
+        backend: BackendKind,
+        addrs: HashMap<u64, String>,
+    ) -> Arc<Self> {
+        Arc::new(KvServer {
+            node_id,
+            driver,
+            limits: storage.limits(),
+            storage,
+            backend,
+            addrs,
+            next_request: AtomicU64::new(1),
+        })
+    }
+
+    fn tag(&self, header: Option<&RequestHeader>) -> Result<Tagged, KvError> {
+        let mut request_id = header.map(|h| h.request_id.clone()).unwrap_or_default();
+        if request_id.len() > MAX_REQUEST_ID {
+            return Err(KvError::InvalidArgument(format!(
+                "request_id is {} bytes, over the limit of {MAX_REQUEST_ID}",
+                request_id.len()
+            )));
+        }
+        if request_id.is_empty() {
+            request_id = format!("n{}-{}", self.node_id, self.next_request.fetch_add(1, Ordering::Relaxed));
+        }
+        let timeout = header
+            .and_then(|h| h.timeout)
+            .and_then(|d| Duration::try_from(d).ok())
+            .filter(|d| !d.is_zero())
+            .map_or(DEFAULT_TIMEOUT, |d| d.min(DEFAULT_TIMEOUT * 6));
+        Ok(Tagged { request_id, timeout })
+    }
+
+    fn header(&self, tagged: &Tagged, applied_index: u64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            node_id: self.node_id,
+            applied_index,
+            request_id: tagged.request_id.clone(),
+            term: self.driver.status().term,
+        })
+    }
+
+    fn not_leader(&self, leader: u64) -> KvError {
+        if leader == 0 {
+            return KvError::NoLeader;
+        }
+        KvError::NotLeader {
+            node: self.node_id,
+            leader,
+            leader_addr: self.addrs.get(&leader).cloned(),
+        }
+    }
+
+    fn map_propose(&self, e: ProposeError) -> KvError {
+        match e {
+            ProposeError::NotLeader { leader_id } => self.not_leader(leader_id),
+            ProposeError::Overloaded => KvError::Overloaded,
+            ProposeError::Stopped => KvError::Stopped,
+            ProposeError::Dropped => KvError::Dropped(e),
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), KvError> {
+        self.limits.check_key(KeySpace::Data, key).map_err(KvError::Storage)
+    }
+
+    async fn propose(&self, tagged: &Tagged, command: raft_command::Command) -> Result<ApplyOutcome, KvError> {
+        let cmd = RaftCommand {
+            request_id: tagged.request_id.clone(),
+            command: Some(command),
+        };
+        match tokio::time::timeout(tagged.timeout, self.driver.propose(cmd.encode_to_vec())).await {
+            Ok(r) => r.map_err(|e| self.map_propose(e)),
+            Err(_) => Err(KvError::Timeout(tagged.timeout)),
+        }
+    }
+
+    /// Waits until local state reflects every write acknowledged before now (leader only).
+    async fn linearize(&self, tagged: &Tagged) -> Result<u64, KvError> {
+        let fut = async {
+            let index = self.driver.read_index().await.map_err(|e| self.map_propose(e))?;
+            self.driver.wait_applied(index).await.map_err(|e| self.map_propose(e))
+        };
+        match tokio::time::timeout(tagged.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(KvError::Timeout(tagged.timeout)),
+        }
+    }
+
+    async fn read_point(&self, consistency: i32, tagged: &Tagged) -> Result<u64, KvError> {
+        match Consistency::try_from(consistency).unwrap_or(Consistency::Unspecified) {
+            Consistency::Serializable => Ok(self.driver.status().applied),
+            _ => self.linearize(tagged).await,
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<T> + Send + 'static,
+    ) -> Result<T, KvError> {
+        let storage = Arc::clone(&self.storage);
+        tokio::task::spawn_blocking(move || f(&*storage))
+            .await
+            .map_err(|_| KvError::Stopped)?
+            .map_err(KvError::Storage)
+    }
+
+    fn check_ops(&self, ops: &[WriteOp]) -> Result<(), KvError> {
+        if ops.is_empty() {
+            return Err(KvError::InvalidArgument("a batch needs at least one operation".into()));
+        }
+        if ops.len() > MAX_BATCH_OPS {
+            return Err(KvError::InvalidArgument(format!(
+                "batch has {} operations, over the limit of {MAX_BATCH_OPS}",
+                ops.len()
+            )));
+        }
+        let mut bytes = 0;
+        for (i, op) in ops.iter().enumerate() {
+            let checked = match &op.op {
+                Some(write_op::Op::Put(p)) => {
+                    bytes += p.key.len() + p.value.len();
+                    self.limits
+                        .check_key(KeySpace::Data, &p.key)
+                        .and_then(|()| self.limits.check_value(KeySpace::Data, &p.value))
+                }
+                Some(write_op::Op::Delete(d)) => {
+                    bytes += d.key.len();
+                    self.limits.check_key(KeySpace::Data, &d.key)
+                }
+                None => return Err(KvError::InvalidArgument(format!("operation {i} is empty"))),
+            };
+            checked.map_err(|e| KvError::InvalidArgument(format!("operation {i}: {e}")))?;
+        }
+        if bytes > MAX_BATCH_BYTES {
+            return Err(KvError::InvalidArgument(format!(
+                "batch holds {bytes} bytes, over the limit of {MAX_BATCH_BYTES}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The `KvService` implementation.
+#[derive(Clone)]
+pub struct KvApi(pub Arc<KvServer>);
+
+#[tonic::async_trait]
+impl KvService for KvApi {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_key(&req.key)?;
+            let applied = s.read_point(req.consistency, &tagged).await?;
+            let key = req.key;
+            let value = s.blocking(move |st| st.read(KeySpace::Data, &key)).await?;
+            Ok(GetResponse {
+                header: s.header(&tagged, applied),
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            let ops = vec![WriteOp {
+                op: Some(write_op::Op::Put(write_op::Put {
+                    key: req.key,
+                    value: req.value,
+                })),
+            }];
+            s.check_ops(&ops).map_err(|e| match e {
+                KvError::InvalidArgument(m) => KvError::InvalidArgument(m.replace("operation 0: ", "")),
+                e => e,
+            })?;
+            let out = s.propose(&tagged, raft_command::Command::Write(WriteBatchCommand { ops })).await?;
+            Ok(PutResponse {
+                header: s.header(&tagged, out.index),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_key(&req.key)?;
+            let ops = vec![WriteOp {
+                op: Some(write_op::Op::Delete(write_op::Delete { key: req.key })),
+            }];
+            let out = s.propose(&tagged, raft_command::Command::Write(WriteBatchCommand { ops })).await?;
+            Ok(DeleteResponse {
+                header: s.header(&tagged, out.index),
+                existed: out.existed,
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn batch_write(&self, request: Request<BatchWriteRequest>) -> Result<Response<BatchWriteResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_ops(&req.ops)?;
+            let out = s
+                .propose(&tagged, raft_command::Command::Write(WriteBatchCommand { ops: req.ops }))
+                .await?;
+            Ok(BatchWriteResponse {
+                header: s.header(&tagged, out.index),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            if req.limit == 0 || req.limit > MAX_SCAN_LIMIT {
+                return Err(KvError::InvalidArgument(format!(
+                    "scan limit must be 1 to {MAX_SCAN_LIMIT}, got {}",
+                    req.limit
+                )));
+            }
+            let applied = s.read_point(req.consistency, &tagged).await?;
+            let scan = Scan {
+                range: ScanRange::half_open(&req.start_key, &req.end_key),
+                limit: req.limit as usize + 1,
+                reverse: req.reverse,
+            };
+            let mut pairs = s.blocking(move |st| st.scan(KeySpace::Data, &scan)).await?;
+            let more = pairs.len() > req.limit as usize;
+            pairs.truncate(req.limit as usize);
+            Ok(ScanResponse {
+                header: s.header(&tagged, applied),
+                kvs: pairs
+                    .into_iter()
+                    .map(|(key, value)| KeyValue {
+                        key,
+                        value: if req.keys_only { Vec::new() } else { value },
+                    })
+                    .collect(),
+                more,
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        request: Request<CompareAndSwapRequest>,
+    ) -> Result<Response<CompareAndSwapResponse>, Status> {
+        let s = &self.0;
+        let mut req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_key(&req.key)?;
+            match &req.expected {
+                Some(compare_and_swap_request::Expected::ExpectedValue(_))
+                | Some(compare_and_swap_request::Expected::ExpectAbsent(true)) => {}
+                _ => {
+                    return Err(KvError::InvalidArgument(
+                        "set exactly one of expected_value or expect_absent = true".into(),
+                    ));
+                }
+            }
+            match &req.new {
+                Some(compare_and_swap_request::New::NewValue(v)) => s
+                    .limits
+                    .check_value(KeySpace::Data, v)
+                    .map_err(KvError::Storage)?,
+                Some(compare_and_swap_request::New::Delete(true)) => {}
+                _ => {
+                    return Err(KvError::InvalidArgument(
+                        "set exactly one of new_value or delete = true".into(),
+                    ));
+                }
+            }
+            req.header = None;
+            let out = s
+                .propose(&tagged, raft_command::Command::CompareAndSwap(req))
+                .await?;
+            Ok(CompareAndSwapResponse {
+                header: s.header(&tagged, out.index),
+                succeeded: out.swapped,
+                previous_found: out.previous.is_some(),
+                previous_value: out.previous.unwrap_or_default(),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+}
+
+/// The `NodeAdmin` implementation.
+#[derive(Clone)]
+pub struct AdminApi(pub Arc<KvServer>);
+
+#[tonic::async_trait]
+impl NodeAdmin for AdminApi {
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = &self.0;
+        let d = s
+            .driver
+            .detailed_status()
+            .await
+            .map_err(|e| s.map_propose(e).into_status())?;
+        let role = match d.status.role {
+            Role::Follower => RaftRole::Follower,
+            Role::Candidate => RaftRole::Candidate,
+            Role::PreCandidate => RaftRole::PreCandidate,
+            Role::Leader => RaftRole::Leader,
+        };
+        Ok(Response::new(StatusResponse {
+            node_id: s.node_id,
+            cluster_id: 0,
+            role: role as i32,
+            term: d.status.term,
+            leader_id: d.status.leader_id,
+            commit_index: d.status.commit,
+            applied_index: d.status.applied,
+            peers: d
+                .peers
+                .into_iter()
+                .map(|p| kiwi_proto::v1::PeerProgress {
+                    node_id: p.id,
+                    addr: s.addrs.get(&p.id).cloned().unwrap_or_default(),
+                    match_index: p.match_index,
+                    recently_active: p.recently_active,
+                    voter: p.voter,
+                })
+                .collect(),
+            storage_backend: s.backend.as_str().to_string(),
+        }))
+    }
+}
