@@ -211,6 +211,10 @@ pub struct RaftConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries kept in the log before it is compacted behind a snapshot.
     pub log_compaction_threshold: u64,
+    /// Start as a new member of a running cluster instead of founding one: the node waits, with no
+    /// membership of its own, until the leader adds it (`NodeAdmin.AddNode`) and sends it a snapshot.
+    /// Only read on the first start of an empty data directory. `peers` lists the running cluster.
+    pub join: bool,
     /// `[raft.metrics]`
     pub metrics: RaftMetricsConfig,
     /// `[raft.fault_injection]`
@@ -226,6 +230,7 @@ impl Default for RaftConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             log_compaction_threshold: 10_000,
+            join: false,
             metrics: RaftMetricsConfig::default(),
             fault_injection: FaultInjectionConfig::default(),
         }
@@ -472,6 +477,11 @@ impl NodeConfig {
                 format!("peer {} has an empty addr", peer.id),
             );
         }
+        check(
+            !r.join || !r.peers.is_empty(),
+            "raft.join",
+            "needs raft.peers to list the cluster to join".to_string(),
+        );
         check(
             r.peers.is_empty() || ids.contains(&r.node_id),
             "raft.peers",

@@ -7,7 +7,8 @@
 //! # The Ready contract
 //!
 //! Each turn of the loop collects every proposal and peer message that arrived while the previous Ready
-//! was handled (group commit), ticks when due, then handles one Ready in this order:
+//! was handled (group commit), starts one ReadIndex round for all the linearizable reads among them, ticks
+//! when due, then handles one Ready in this order:
 //!
 //! 1. Send `messages()` at once (a leader may replicate before its own append is durable).
 //! 2. Apply `committed_entries()` (these were persisted by earlier Readies), writing the applied index in
@@ -18,6 +19,11 @@
 //! 5. `advance()`, then send the light Ready's messages and apply its committed entries as in 2.
 //! 6. Answer ReadIndex requests from `read_states()`; callers wait until the applied index reaches the
 //!    read index before reading.
+//!
+//! Before step 2, a Ready that carries a snapshot (this node fell behind the leader's compacted log)
+//! installs it from the staging area the transport filled (`snapshot::install`). After applying, once
+//! more than `compaction_threshold` entries are applied past the last compaction, the log is compacted up
+//! to the applied index (one fsynced batch, which also makes the buffered applies durable).
 //!
 //! A storage error at any step stops the driver (fail-stop) with an error log line; it never advances
 //! past state it could not persist. The node then shuts down.
@@ -32,13 +38,17 @@ use kiwi_proto::v1::RaftCommand;
 use kiwi_storage::StorageBackend;
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
-use raft::{RawNode, StateRole};
+use raft::eraftpb::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+};
+use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::log_store::LogStore;
+use crate::snapshot;
 use crate::state_machine::{self, ApplyOutcome};
+use crate::transport::PeerEvent;
 
 /// Capacity of the driver's inbox.
 const INBOX: usize = 16 * 1024;
@@ -59,6 +69,12 @@ pub enum ProposeError {
     /// The driver has stopped (shutdown or a storage error).
     #[error("Raft driver stopped")]
     Stopped,
+    /// A membership change is already in progress (Raft allows one at a time).
+    #[error("another membership change is in progress; retry when it completes")]
+    ConfChangePending,
+    /// Raft refused the request.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The driver's public state.
@@ -69,6 +85,8 @@ pub struct RaftStatus {
     pub leader_id: u64,
     pub commit: u64,
     pub applied: u64,
+    /// First index still in the log.
+    pub first_index: u64,
 }
 
 /// A node's Raft role.
@@ -106,6 +124,8 @@ pub struct PeerProgress {
 pub struct DetailedStatus {
     pub status: RaftStatus,
     pub peers: Vec<PeerProgress>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
 }
 
 /// Where the driver sends messages for other nodes. Must never block.
@@ -113,6 +133,9 @@ pub trait MessageSink: Send + Sync + 'static {
     /// Queues `msgs` for their destinations; returns the ids of peers whose queue was full (the driver
     /// reports them unreachable).
     fn send(&self, msgs: Vec<Message>) -> Vec<u64>;
+
+    /// Starts sending to a member added by a membership change, at its client address.
+    fn add_peer(&self, id: u64, addr: String);
 }
 
 enum Inbox {
@@ -123,8 +146,19 @@ enum Inbox {
     ReadIndex {
         reply: oneshot::Sender<Result<u64, ProposeError>>,
     },
+    ConfChange {
+        cc: ConfChangeV2,
+        reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
+    },
+    TransferLeader {
+        to: u64,
+    },
+    InstallSnapshot {
+        msg: Message,
+        reply: oneshot::Sender<Result<(), ProposeError>>,
+    },
     Step(Message),
-    Unreachable(u64),
+    Peer(PeerEvent),
     Status {
         reply: oneshot::Sender<DetailedStatus>,
     },
@@ -137,6 +171,8 @@ pub struct DriverConfig {
     pub tick_interval: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
+    /// Applied entries past the last compaction that trigger the next one.
+    pub compaction_threshold: u64,
 }
 
 /// The cloneable handle every other component uses.
@@ -192,9 +228,45 @@ impl DriverHandle {
         let _ = self.send(Inbox::Step(msg));
     }
 
-    /// Tells Raft that sending to `peer` failed.
-    pub fn report_unreachable(&self, peer: u64) {
-        let _ = self.send(Inbox::Unreachable(peer));
+    /// Passes on what the transport observed (unreachable peers, snapshot outcomes).
+    pub fn peer_event(&self, event: PeerEvent) {
+        let _ = self.send(Inbox::Peer(event));
+    }
+
+    /// Proposes a membership change and waits until it is applied. The change's context carries the
+    /// address of an added node.
+    ///
+    /// # Errors
+    /// [`ProposeError`].
+    pub async fn change_membership(&self, cc: ConfChangeV2) -> Result<ApplyOutcome, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::ConfChange { cc, reply })?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// Asks the leader to hand leadership to `to` (Raft's leader transfer; watch the status for the
+    /// outcome).
+    ///
+    /// # Errors
+    /// [`ProposeError`] when the driver cannot take the request.
+    pub fn transfer_leader(&self, to: u64) -> Result<(), ProposeError> {
+        self.send(Inbox::TransferLeader { to })
+    }
+
+    /// Hands a fully staged snapshot's message to Raft and waits until the driver handled it (installed
+    /// it, or Raft ignored it as stale).
+    ///
+    /// # Errors
+    /// [`ProposeError`].
+    pub async fn install_snapshot(&self, msg: Message) -> Result<(), ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::InstallSnapshot { msg, reply })?;
+        rx.await.map_err(|_| ProposeError::Stopped)?
+    }
+
+    /// A receiver of every published status change.
+    pub fn watch(&self) -> watch::Receiver<RaftStatus> {
+        self.status.clone()
     }
 
     /// The latest published state.
@@ -225,10 +297,16 @@ struct Driver {
     /// Index persisted as applied when the node started: entries up to it are already in the data.
     applied_on_disk: u64,
     proposals: BTreeMap<u64, Pending>,
-    reads: HashMap<u64, oneshot::Sender<Result<u64, ProposeError>>>,
+    /// ReadIndex rounds in flight, by context id, each with the reads it serves.
+    reads: HashMap<u64, Vec<oneshot::Sender<Result<u64, ProposeError>>>>,
+    /// Reads that arrived in this turn; they share the next round.
+    read_batch: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
     next_read: u64,
     status: watch::Sender<RaftStatus>,
     applied: u64,
+    compaction_threshold: u64,
+    /// Snapshot installs to answer after the current Ready.
+    installs: Vec<oneshot::Sender<Result<(), ProposeError>>>,
 }
 
 /// Starts the driver thread.
@@ -273,9 +351,12 @@ pub fn spawn(
         applied_on_disk,
         proposals: BTreeMap::new(),
         reads: HashMap::new(),
+        read_batch: Vec::new(),
         next_read: 1,
         status: status_tx,
         applied: cfg.applied,
+        compaction_threshold: config.compaction_threshold,
+        installs: Vec::new(),
     };
     let tick = config.tick_interval;
     let thread = std::thread::Builder::new()
@@ -299,7 +380,12 @@ pub fn spawn(
 type DriverResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 impl Driver {
-    fn run(&mut self, rx: Receiver<Inbox>, tick: Duration, stop: &CancellationToken) -> DriverResult {
+    fn run(
+        &mut self,
+        rx: Receiver<Inbox>,
+        tick: Duration,
+        stop: &CancellationToken,
+    ) -> DriverResult {
         let mut next_tick = Instant::now() + tick;
         while !stop.is_cancelled() {
             let wait = next_tick.saturating_duration_since(Instant::now());
@@ -314,6 +400,12 @@ impl Driver {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
+            if !self.read_batch.is_empty() {
+                let id = self.next_read;
+                self.next_read += 1;
+                self.reads.insert(id, std::mem::take(&mut self.read_batch));
+                self.raw.read_index(id.to_be_bytes().to_vec());
+            }
             if Instant::now() >= next_tick {
                 self.raw.tick();
                 next_tick += tick;
@@ -322,6 +414,9 @@ impl Driver {
                 }
             }
             self.on_ready()?;
+            for reply in self.installs.drain(..) {
+                let _ = reply.send(Ok(()));
+            }
         }
         Ok(())
     }
@@ -360,15 +455,55 @@ impl Driver {
                     }));
                     return;
                 }
-                let id = self.next_read;
-                self.next_read += 1;
-                self.reads.insert(id, reply);
-                self.raw.read_index(id.to_be_bytes().to_vec());
+                // Batched: one ReadIndex round serves every read that arrived in this turn.
+                self.read_batch.push(reply);
+            }
+            Inbox::ConfChange { cc, reply } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = reply.send(Err(ProposeError::NotLeader {
+                        leader_id: self.raw.raft.leader_id,
+                    }));
+                    return;
+                }
+                if self.raw.raft.has_pending_conf() {
+                    let _ = reply.send(Err(ProposeError::ConfChangePending));
+                    return;
+                }
+                let before = self.raw.raft.raft_log.last_index();
+                if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
+                    let _ = reply.send(Err(ProposeError::Refused(e.to_string())));
+                    return;
+                }
+                let index = self.raw.raft.raft_log.last_index();
+                if index == before {
+                    let _ = reply.send(Err(ProposeError::Dropped));
+                    return;
+                }
+                self.proposals.insert(
+                    index,
+                    Pending {
+                        term: self.raw.raft.term,
+                        reply,
+                    },
+                );
+            }
+            Inbox::TransferLeader { to } => self.raw.transfer_leader(to),
+            Inbox::InstallSnapshot { msg, reply } => {
+                let _ = self.raw.step(msg);
+                self.installs.push(reply);
             }
             Inbox::Step(m) => {
                 let _ = self.raw.step(m);
             }
-            Inbox::Unreachable(peer) => self.raw.report_unreachable(peer),
+            Inbox::Peer(PeerEvent::Unreachable(peer)) => self.raw.report_unreachable(peer),
+            Inbox::Peer(PeerEvent::Snapshot { to, ok }) => self.raw.report_snapshot(
+                to,
+                if ok {
+                    SnapshotStatus::Finish
+                } else {
+                    SnapshotStatus::Failure
+                },
+            ),
             Inbox::Status { reply } => {
                 let _ = reply.send(self.detailed_status());
             }
@@ -390,9 +525,12 @@ impl Driver {
             }
             peers.sort_by_key(|p| p.id);
         }
+        let cs = raft.prs().conf().to_conf_state();
         DetailedStatus {
             status: self.public_status(),
             peers,
+            voters: cs.voters,
+            learners: cs.learners,
         }
     }
 
@@ -404,6 +542,7 @@ impl Driver {
             leader_id: raft.leader_id,
             commit: raft.raft_log.committed,
             applied: self.applied,
+            first_index: self.raw.store().truncated_index() + 1,
         }
     }
 
@@ -411,7 +550,7 @@ impl Driver {
         let now = self.public_status();
         if now.role != Role::Leader && !self.reads.is_empty() {
             let leader_id = now.leader_id;
-            for (_, reply) in self.reads.drain() {
+            for reply in self.reads.drain().flat_map(|(_, r)| r) {
                 let _ = reply.send(Err(ProposeError::NotLeader { leader_id }));
             }
         }
@@ -440,7 +579,13 @@ impl Driver {
         // 1.
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
-            return Err("received a Raft snapshot, which this version cannot install".into());
+            let meta = rd.snapshot().get_metadata().clone();
+            snapshot::install(&*self.backend, self.raw.mut_store(), &meta)?;
+            self.applied = meta.index;
+            self.applied_on_disk = self.applied_on_disk.max(meta.index);
+            for (_, p) in self.proposals.split_off(&0) {
+                let _ = p.reply.send(Err(ProposeError::Dropped));
+            }
         }
         // 2.
         self.apply(rd.take_committed_entries())?;
@@ -452,7 +597,11 @@ impl Driver {
         // 6.
         for rs in rd.take_read_states() {
             let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
-            if let Some(reply) = id.ok().and_then(|id| self.reads.remove(&id)) {
+            for reply in id
+                .ok()
+                .and_then(|id| self.reads.remove(&id))
+                .unwrap_or_default()
+            {
                 let _ = reply.send(Ok(rs.index));
             }
         }
@@ -461,8 +610,43 @@ impl Driver {
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
+        if self.applied > self.raw.store().truncated_index() + self.compaction_threshold {
+            let applied = self.applied;
+            self.raw.mut_store().compact(applied)?;
+            tracing::debug!(up_to = applied, "compacted the Raft log");
+        }
         self.publish();
         Ok(())
+    }
+
+    /// Applies a membership change: Raft's configuration, the durable conf state, and the address of an
+    /// added node (the change's context) for the transport.
+    fn apply_conf_change(
+        &mut self,
+        cc: ConfChangeV2,
+        index: u64,
+    ) -> Result<Option<ApplyOutcome>, Box<dyn std::error::Error + Send + Sync>> {
+        let cs = self.raw.apply_conf_change(&cc)?;
+        self.raw.mut_store().set_conf_state(cs.clone())?;
+        if let Ok(addr) = std::str::from_utf8(&cc.context)
+            && !addr.is_empty()
+        {
+            for change in cc.get_changes() {
+                if matches!(
+                    change.get_change_type(),
+                    ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
+                ) {
+                    self.sink.add_peer(change.node_id, addr.to_string());
+                    state_machine::record_member(&*self.backend, change.node_id, addr)?;
+                }
+            }
+        }
+        state_machine::mark_applied(&*self.backend, index)?;
+        tracing::info!(index, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+        Ok(Some(ApplyOutcome {
+            index,
+            ..ApplyOutcome::default()
+        }))
     }
 
     fn apply(&mut self, entries: Vec<Entry>) -> DriverResult {
@@ -482,18 +666,19 @@ impl Driver {
                         Some(state_machine::apply(&*self.backend, index, &cmd)?)
                     }
                     EntryType::EntryConfChange => {
-                        let cc = ConfChange::parse_from_bytes(&entry.data)?;
-                        let cs = self.raw.apply_conf_change(&cc)?;
-                        self.raw.mut_store().set_conf_state(cs)?;
-                        state_machine::mark_applied(&*self.backend, index)?;
-                        None
+                        // Kiwi proposes only V2 changes; a V1 entry is read as the equivalent V2.
+                        let v1 = ConfChange::parse_from_bytes(&entry.data)?;
+                        let mut single = ConfChangeSingle::default();
+                        single.set_change_type(v1.get_change_type());
+                        single.node_id = v1.node_id;
+                        let mut cc = ConfChangeV2::default();
+                        cc.set_changes(vec![single].into());
+                        cc.context = v1.context;
+                        self.apply_conf_change(cc, index)?
                     }
                     EntryType::EntryConfChangeV2 => {
                         let cc = ConfChangeV2::parse_from_bytes(&entry.data)?;
-                        let cs = self.raw.apply_conf_change(&cc)?;
-                        self.raw.mut_store().set_conf_state(cs)?;
-                        state_machine::mark_applied(&*self.backend, index)?;
-                        None
+                        self.apply_conf_change(cc, index)?
                     }
                 }
             };

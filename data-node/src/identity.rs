@@ -2,6 +2,10 @@
 //!
 //! A node started on a data directory written by another node would replay that node's Raft log under
 //! the wrong id and corrupt the group, so [`check_node_id`] refuses it.
+//!
+//! The directory also remembers the cluster it belongs to ([`cluster_id`]): founding members derive it
+//! from the initial membership (so they agree without talking), a joining node adopts its cluster's id
+//! from the first snapshot it receives. Nodes refuse Raft traffic from another cluster.
 
 use std::path::Path;
 
@@ -49,6 +53,49 @@ pub fn check_node_id(storage: &dyn StorageBackend, node_id: u64, data_dir: &Path
     }
 }
 
+/// Key, in [`KeySpace::Raft`], of the cluster id (8 bytes, big-endian).
+pub const CLUSTER_ID_KEY: &[u8] = b"identity/cluster_id";
+
+/// The recorded cluster id, 0 if none yet (a joining node before its first snapshot).
+///
+/// # Errors
+/// Storage errors.
+pub fn cluster_id(storage: &dyn StorageBackend) -> kiwi_storage::Result<u64> {
+    Ok(storage
+        .read(KeySpace::Raft, CLUSTER_ID_KEY)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// Durably records the cluster id.
+///
+/// # Errors
+/// Storage errors.
+pub fn record_cluster_id(storage: &dyn StorageBackend, id: u64) -> kiwi_storage::Result<()> {
+    storage.write(
+        KeySpace::Raft,
+        CLUSTER_ID_KEY,
+        &id.to_be_bytes(),
+        WriteOptions::SYNC,
+    )
+}
+
+/// The cluster id founding members derive from the initial membership: FNV-1a over the sorted
+/// `id=addr` pairs, never 0.
+pub fn derive_cluster_id(members: &[(u64, String)]) -> u64 {
+    let mut sorted: Vec<_> = members
+        .iter()
+        .map(|(id, addr)| format!("{id}={addr};"))
+        .collect();
+    sorted.sort();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sorted.concat().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use kiwi_storage::{Limits, MemoryBackend};
@@ -84,5 +131,20 @@ mod tests {
             matches!(err, Error::IdentityCorrupt { len: 3, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn cluster_id_is_derived_from_membership_and_recorded() {
+        let a = derive_cluster_id(&[(1, "h:1".into()), (2, "h:2".into())]);
+        let b = derive_cluster_id(&[(2, "h:2".into()), (1, "h:1".into())]);
+        assert_eq!(a, b, "order does not matter");
+        assert_ne!(
+            a,
+            derive_cluster_id(&[(1, "h:1".into()), (3, "h:3".into())])
+        );
+        let s = MemoryBackend::new(Limits::default());
+        assert_eq!(cluster_id(&s).unwrap(), 0);
+        record_cluster_id(&s, a).unwrap();
+        assert_eq!(cluster_id(&s).unwrap(), a);
     }
 }

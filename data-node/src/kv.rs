@@ -7,7 +7,6 @@
 //!
 //! Errors are mapped to `tonic::Status` in exactly one place, [`KvError::into_status`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -15,17 +14,24 @@ use std::time::Duration;
 use kiwi_proto::v1::kv_service_server::KvService;
 use kiwi_proto::v1::node_admin_server::NodeAdmin;
 use kiwi_proto::v1::{
-    BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest, CompareAndSwapResponse, Consistency,
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, NotLeader, PutRequest, PutResponse,
-    RaftCommand, RaftRole, RequestHeader, ResponseHeader, ScanRequest, ScanResponse, StatusRequest,
-    StatusResponse, WriteBatchCommand, WriteOp, compare_and_swap_request, raft_command, write_op,
+    AddNodeRequest, BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest,
+    CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    KeyValue, MembershipResponse, NotLeader, PutRequest, PutResponse, RaftCommand, RaftRole,
+    RemoveNodeRequest, RequestHeader, ResponseHeader, ScanRequest, ScanResponse, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WriteBatchCommand, WriteOp,
+    compare_and_swap_request, raft_command, write_op,
 };
 use kiwi_storage::{BackendKind, KeySpace, Limits, Scan, ScanRange, StorageBackend};
 use prost::Message as _;
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
 
 use crate::driver::{DriverHandle, ProposeError, Role};
 use crate::state_machine::ApplyOutcome;
+use crate::transport::Members;
+
+/// How long AddNode waits for a learner to catch up before giving up (it stays a learner).
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Most operations in one BatchWrite.
 pub const MAX_BATCH_OPS: usize = 10_000;
@@ -66,6 +72,8 @@ pub enum KvError {
     Timeout(Duration),
     #[error("storage error: {0}")]
     Storage(kiwi_storage::Error),
+    #[error("{0}")]
+    Precondition(String),
 }
 
 impl KvError {
@@ -76,7 +84,9 @@ impl KvError {
         match self {
             KvError::InvalidArgument(_) => Status::invalid_argument(msg),
             KvError::NotLeader {
-                leader, leader_addr, ..
+                leader,
+                leader_addr,
+                ..
             } => {
                 let hint = NotLeader {
                     leader_id: leader,
@@ -102,6 +112,7 @@ impl KvError {
             }
             KvError::NoLeader | KvError::Dropped(_) | KvError::Stopped => Status::unavailable(msg),
             KvError::Overloaded => Status::resource_exhausted(msg),
+            KvError::Precondition(_) => Status::failed_precondition(msg),
             KvError::Timeout(_) => Status::deadline_exceeded(msg),
             KvError::Storage(e) => match e {
                 kiwi_storage::Error::EmptyKey { .. }
@@ -122,7 +133,8 @@ pub struct KvServer {
     limits: Limits,
     backend: BackendKind,
     /// Client address of every member, for leader hints.
-    addrs: HashMap<u64, String>,
+    addrs: Arc<Members>,
+    cluster: Arc<AtomicU64>,
     next_request: AtomicU64,
 }
 
@@ -138,7 +150,8 @@ impl KvServer {
         driver: DriverHandle,
         storage: Arc<dyn StorageBackend>,
         backend: BackendKind,
-        addrs: HashMap<u64, String>,
+        addrs: Arc<Members>,
+        cluster: Arc<AtomicU64>,
     ) -> Arc<Self> {
         Arc::new(KvServer {
             node_id,
@@ -147,6 +160,7 @@ impl KvServer {
             storage,
             backend,
             addrs,
+            cluster,
             next_request: AtomicU64::new(1),
         })
     }
@@ -160,14 +174,21 @@ impl KvServer {
             )));
         }
         if request_id.is_empty() {
-            request_id = format!("n{}-{}", self.node_id, self.next_request.fetch_add(1, Ordering::Relaxed));
+            request_id = format!(
+                "n{}-{}",
+                self.node_id,
+                self.next_request.fetch_add(1, Ordering::Relaxed)
+            );
         }
         let timeout = header
             .and_then(|h| h.timeout)
             .and_then(|d| Duration::try_from(d).ok())
             .filter(|d| !d.is_zero())
             .map_or(DEFAULT_TIMEOUT, |d| d.min(DEFAULT_TIMEOUT * 6));
-        Ok(Tagged { request_id, timeout })
+        Ok(Tagged {
+            request_id,
+            timeout,
+        })
     }
 
     fn header(&self, tagged: &Tagged, applied_index: u64) -> Option<ResponseHeader> {
@@ -186,7 +207,7 @@ impl KvServer {
         KvError::NotLeader {
             node: self.node_id,
             leader,
-            leader_addr: self.addrs.get(&leader).cloned(),
+            leader_addr: self.addrs.get(leader),
         }
     }
 
@@ -196,14 +217,22 @@ impl KvServer {
             ProposeError::Overloaded => KvError::Overloaded,
             ProposeError::Stopped => KvError::Stopped,
             ProposeError::Dropped => KvError::Dropped(e),
+            ProposeError::ConfChangePending => KvError::Precondition(e.to_string()),
+            ProposeError::Refused(m) => KvError::Precondition(m),
         }
     }
 
     fn check_key(&self, key: &[u8]) -> Result<(), KvError> {
-        self.limits.check_key(KeySpace::Data, key).map_err(KvError::Storage)
+        self.limits
+            .check_key(KeySpace::Data, key)
+            .map_err(KvError::Storage)
     }
 
-    async fn propose(&self, tagged: &Tagged, command: raft_command::Command) -> Result<ApplyOutcome, KvError> {
+    async fn propose(
+        &self,
+        tagged: &Tagged,
+        command: raft_command::Command,
+    ) -> Result<ApplyOutcome, KvError> {
         let cmd = RaftCommand {
             request_id: tagged.request_id.clone(),
             command: Some(command),
@@ -217,8 +246,15 @@ impl KvServer {
     /// Waits until local state reflects every write acknowledged before now (leader only).
     async fn linearize(&self, tagged: &Tagged) -> Result<u64, KvError> {
         let fut = async {
-            let index = self.driver.read_index().await.map_err(|e| self.map_propose(e))?;
-            self.driver.wait_applied(index).await.map_err(|e| self.map_propose(e))
+            let index = self
+                .driver
+                .read_index()
+                .await
+                .map_err(|e| self.map_propose(e))?;
+            self.driver
+                .wait_applied(index)
+                .await
+                .map_err(|e| self.map_propose(e))
         };
         match tokio::time::timeout(tagged.timeout, fut).await {
             Ok(r) => r,
@@ -246,7 +282,9 @@ impl KvServer {
 
     fn check_ops(&self, ops: &[WriteOp]) -> Result<(), KvError> {
         if ops.is_empty() {
-            return Err(KvError::InvalidArgument("a batch needs at least one operation".into()));
+            return Err(KvError::InvalidArgument(
+                "a batch needs at least one operation".into(),
+            ));
         }
         if ops.len() > MAX_BATCH_OPS {
             return Err(KvError::InvalidArgument(format!(
@@ -316,10 +354,17 @@ impl KvService for KvApi {
                 })),
             }];
             s.check_ops(&ops).map_err(|e| match e {
-                KvError::InvalidArgument(m) => KvError::InvalidArgument(m.replace("operation 0: ", "")),
+                KvError::InvalidArgument(m) => {
+                    KvError::InvalidArgument(m.replace("operation 0: ", ""))
+                }
                 e => e,
             })?;
-            let out = s.propose(&tagged, raft_command::Command::Write(WriteBatchCommand { ops })).await?;
+            let out = s
+                .propose(
+                    &tagged,
+                    raft_command::Command::Write(WriteBatchCommand { ops }),
+                )
+                .await?;
             Ok(PutResponse {
                 header: s.header(&tagged, out.index),
             })
@@ -327,7 +372,10 @@ impl KvService for KvApi {
         run.await.map(Response::new).map_err(KvError::into_status)
     }
 
-    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let s = &self.0;
         let req = request.into_inner();
         let run = async {
@@ -336,7 +384,12 @@ impl KvService for KvApi {
             let ops = vec![WriteOp {
                 op: Some(write_op::Op::Delete(write_op::Delete { key: req.key })),
             }];
-            let out = s.propose(&tagged, raft_command::Command::Write(WriteBatchCommand { ops })).await?;
+            let out = s
+                .propose(
+                    &tagged,
+                    raft_command::Command::Write(WriteBatchCommand { ops }),
+                )
+                .await?;
             Ok(DeleteResponse {
                 header: s.header(&tagged, out.index),
                 existed: out.existed,
@@ -345,14 +398,20 @@ impl KvService for KvApi {
         run.await.map(Response::new).map_err(KvError::into_status)
     }
 
-    async fn batch_write(&self, request: Request<BatchWriteRequest>) -> Result<Response<BatchWriteResponse>, Status> {
+    async fn batch_write(
+        &self,
+        request: Request<BatchWriteRequest>,
+    ) -> Result<Response<BatchWriteResponse>, Status> {
         let s = &self.0;
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
             s.check_ops(&req.ops)?;
             let out = s
-                .propose(&tagged, raft_command::Command::Write(WriteBatchCommand { ops: req.ops }))
+                .propose(
+                    &tagged,
+                    raft_command::Command::Write(WriteBatchCommand { ops: req.ops }),
+                )
                 .await?;
             Ok(BatchWriteResponse {
                 header: s.header(&tagged, out.index),
@@ -447,7 +506,10 @@ pub struct AdminApi(pub Arc<KvServer>);
 
 #[tonic::async_trait]
 impl NodeAdmin for AdminApi {
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let s = &self.0;
         let d = s
             .driver
@@ -462,7 +524,7 @@ impl NodeAdmin for AdminApi {
         };
         Ok(Response::new(StatusResponse {
             node_id: s.node_id,
-            cluster_id: 0,
+            cluster_id: s.cluster.load(Ordering::Relaxed),
             role: role as i32,
             term: d.status.term,
             leader_id: d.status.leader_id,
@@ -473,13 +535,193 @@ impl NodeAdmin for AdminApi {
                 .into_iter()
                 .map(|p| kiwi_proto::v1::PeerProgress {
                     node_id: p.id,
-                    addr: s.addrs.get(&p.id).cloned().unwrap_or_default(),
+                    addr: s.addrs.get(p.id).unwrap_or_default(),
                     match_index: p.match_index,
                     recently_active: p.recently_active,
                     voter: p.voter,
                 })
                 .collect(),
             storage_backend: s.backend.as_str().to_string(),
+            log_first_index: d.status.first_index,
+            voters: d.voters,
+            learners: d.learners,
         }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            if req.node_id == 0 {
+                return Err(KvError::InvalidArgument(
+                    "node_id must be at least 1".into(),
+                ));
+            }
+            if req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':') {
+                return Err(KvError::InvalidArgument(format!(
+                    "addr must be \"host:port\", got {:?}",
+                    req.addr
+                )));
+            }
+            let d = s
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| s.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(s.not_leader(d.status.leader_id));
+            }
+            if d.voters.contains(&req.node_id) {
+                return Err(KvError::Precondition(format!(
+                    "node {} is already a voter",
+                    req.node_id
+                )));
+            }
+            if !d.learners.contains(&req.node_id) {
+                s.membership_change(ConfChangeType::AddLearnerNode, req.node_id, &req.addr)
+                    .await?;
+                tracing::info!(node_id = req.node_id, addr = %req.addr, "added a learner; waiting for it to catch up");
+            }
+            let target = s.driver.status().commit;
+            s.wait_caught_up(req.node_id, target).await?;
+            let out = s
+                .membership_change(ConfChangeType::AddNode, req.node_id, &req.addr)
+                .await?;
+            tracing::info!(node_id = req.node_id, "promoted the learner to voter");
+            s.membership(out.index).await
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let d = s
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| s.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(s.not_leader(d.status.leader_id));
+            }
+            if !d.voters.contains(&req.node_id) && !d.learners.contains(&req.node_id) {
+                return Err(KvError::Precondition(format!(
+                    "node {} is not a member",
+                    req.node_id
+                )));
+            }
+            let out = s
+                .membership_change(ConfChangeType::RemoveNode, req.node_id, "")
+                .await?;
+            s.membership(out.index).await
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let s = &self.0;
+        let to = request.into_inner().node_id;
+        let run = async {
+            let d = s
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| s.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(s.not_leader(d.status.leader_id));
+            }
+            if !d.voters.contains(&to) {
+                return Err(KvError::InvalidArgument(format!(
+                    "node {to} is not a voter"
+                )));
+            }
+            s.driver.transfer_leader(to).map_err(|e| s.map_propose(e))?;
+            let mut watch = s.driver.watch();
+            let wait = watch.wait_for(|st| st.leader_id == to);
+            match tokio::time::timeout(DEFAULT_TIMEOUT, wait).await {
+                Ok(Ok(st)) => Ok(TransferLeaderResponse {
+                    leader_id: st.leader_id,
+                    term: st.term,
+                }),
+                Ok(Err(_)) => Err(KvError::Stopped),
+                Err(_) => Err(KvError::Timeout(DEFAULT_TIMEOUT)),
+            }
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+}
+
+impl KvServer {
+    async fn membership_change(
+        &self,
+        change_type: ConfChangeType,
+        node_id: u64,
+        addr: &str,
+    ) -> Result<ApplyOutcome, KvError> {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = node_id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.context = addr.as_bytes().to_vec().into();
+        let fut = self.driver.change_membership(cc);
+        match tokio::time::timeout(DEFAULT_TIMEOUT, fut).await {
+            Ok(r) => r.map_err(|e| self.map_propose(e)),
+            Err(_) => Err(KvError::Timeout(DEFAULT_TIMEOUT)),
+        }
+    }
+
+    async fn membership(&self, index: u64) -> Result<MembershipResponse, KvError> {
+        let d = self
+            .driver
+            .detailed_status()
+            .await
+            .map_err(|e| self.map_propose(e))?;
+        Ok(MembershipResponse {
+            voters: d.voters,
+            learners: d.learners,
+            index,
+        })
+    }
+
+    /// Waits until the leader sees `node_id`'s log at `target` or beyond.
+    async fn wait_caught_up(&self, node_id: u64, target: u64) -> Result<(), KvError> {
+        let deadline = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
+        loop {
+            let d = self
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| self.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(self.not_leader(d.status.leader_id));
+            }
+            let matched = d
+                .peers
+                .iter()
+                .find(|p| p.id == node_id)
+                .map_or(0, |p| p.match_index);
+            if matched >= target {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(KvError::Precondition(format!(
+                    "node {node_id} is still a learner: its log reached {matched} of {target} within \
+                     {CATCH_UP_TIMEOUT:?}; check that it runs with raft.join = true and can reach the leader, \
+                     then call AddNode again to promote it"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

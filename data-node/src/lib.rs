@@ -6,6 +6,7 @@
 //! - [`identity`]: the node id stored in the data directory. Depends on `kiwi-storage`.
 //! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
 //! - [`state_machine`]: applies committed commands to user data with the applied index.
+//! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.
 //! - [`driver`]: the Raft driver thread, sole owner of `RawNode`; uses `log_store` and `state_machine`.
 //! - [`transport`]: `RaftTransport` client and server; talks to the driver through its handle.
 //! - [`kv`]: the `KvService` and `NodeAdmin` gRPC services; talk to the driver through its handle.
@@ -18,6 +19,7 @@ pub mod driver;
 pub mod identity;
 pub mod kv;
 pub mod log_store;
+pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
 
@@ -41,8 +43,8 @@ pub use config::NodeConfig;
 
 use crate::driver::DriverConfig;
 use crate::kv::{AdminApi, KvApi, KvServer};
-use crate::log_store::LogStore;
-use crate::transport::{Peers, RaftService};
+use crate::log_store::{LogStore, SnapshotRegistry};
+use crate::transport::{Members, Peers, RaftService};
 
 /// What can stop a node from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +85,9 @@ pub enum Error {
     #[error("Raft: {0}")]
     Raft(#[from] raft::Error),
     /// The Raft driver stopped on a storage error.
-    #[error("the Raft driver stopped after a storage error (see the log); the node stopped to protect its data")]
+    #[error(
+        "the Raft driver stopped after a storage error (see the log); the node stopped to protect its data"
+    )]
     Fatal,
     /// A background task panicked.
     #[error("internal task failed: {0}")]
@@ -116,12 +120,17 @@ impl Node {
     /// Invalid config, storage errors, [`Error::NodeIdMismatch`], [`Error::Bind`].
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
-        let (storage, mut log_store) = {
+        let snapshots = Arc::new(SnapshotRegistry::default());
+        let (storage, mut log_store, recorded) = {
             let config = config.clone();
+            let snapshots = Arc::clone(&snapshots);
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let storage = open_storage(&config)?;
-                let log_store = LogStore::open(Arc::clone(&storage))?;
-                Ok((storage, log_store))
+                let mut log_store = LogStore::open(Arc::clone(&storage), snapshots)?;
+                snapshot::resume_install(&*storage, &mut log_store)
+                    .map_err(|e| Error::Raft(raft::Error::Store(raft::StorageError::Other(e))))?;
+                let recorded = state_machine::recorded_members(&*storage)?;
+                Ok((storage, log_store, recorded))
             })
             .await??
         };
@@ -141,26 +150,49 @@ impl Node {
         let members: Vec<(u64, String)> = if config.raft.peers.is_empty() {
             vec![(node_id, addr.to_string())]
         } else {
-            config.raft.peers.iter().map(|p| (p.id, p.addr.clone())).collect()
+            config
+                .raft
+                .peers
+                .iter()
+                .map(|p| (p.id, p.addr.clone()))
+                .collect()
         };
-        if !log_store.is_initialized() {
+        if !log_store.is_initialized() && !config.raft.join {
             let voters = members.iter().map(|(id, _)| *id).collect();
+            let cluster_id = identity::derive_cluster_id(&members);
+            let storage = Arc::clone(&storage);
             log_store = tokio::task::spawn_blocking(move || -> Result<_> {
+                identity::record_cluster_id(&*storage, cluster_id)?;
                 log_store.bootstrap(voters)?;
                 Ok(log_store)
             })
             .await??;
         }
+        let cluster_id = {
+            let storage = Arc::clone(&storage);
+            tokio::task::spawn_blocking(move || identity::cluster_id(&*storage)).await??
+        };
+        let cluster = Arc::new(std::sync::atomic::AtomicU64::new(cluster_id));
 
         let stop = CancellationToken::new();
         let fatal = CancellationToken::new();
-        let (unreachable_tx, mut unreachable_rx) = tokio::sync::mpsc::unbounded_channel();
-        let peers = Arc::new(Peers::start(node_id, &members, &stop, unreachable_tx));
+        // Members added at runtime (recorded when their change was applied) join the configured ones.
+        let members = Arc::new(Members::new(members.into_iter().chain(recorded)));
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let peers = Arc::new(Peers::start(
+            node_id,
+            Arc::clone(&cluster),
+            Arc::clone(&members),
+            Arc::clone(&snapshots),
+            &stop,
+            events_tx,
+        ));
         let driver_config = DriverConfig {
             node_id,
             tick_interval: config.raft.tick_interval,
             election_ticks: config.raft.election_ticks,
             heartbeat_ticks: config.raft.heartbeat_ticks,
+            compaction_threshold: config.raft.log_compaction_threshold,
         };
         let (driver, driver_thread) = driver::spawn(
             &driver_config,
@@ -173,8 +205,8 @@ impl Node {
         {
             let driver = driver.clone();
             tokio::spawn(async move {
-                while let Some(peer) = unreachable_rx.recv().await {
-                    driver.report_unreachable(peer);
+                while let Some(event) = events_rx.recv().await {
+                    driver.peer_event(event);
                 }
             });
         }
@@ -183,9 +215,12 @@ impl Node {
             driver.clone(),
             Arc::clone(&storage),
             config.storage.backend,
-            members.into_iter().collect(),
+            members,
+            Arc::clone(&cluster),
         );
-        let max_message = config.storage.limits().max_value_bytes + config.storage.limits().max_key_bytes + 64 * 1024;
+        let max_message = config.storage.limits().max_value_bytes
+            + config.storage.limits().max_key_bytes
+            + 64 * 1024;
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
@@ -204,10 +239,18 @@ impl Node {
             )
             .add_service(NodeAdminServer::new(AdminApi(kv)))
             .add_service(
-                RaftTransportServer::new(RaftService::new(node_id, driver))
-                    .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
+                RaftTransportServer::new(RaftService::new(
+                    node_id,
+                    Arc::clone(&cluster),
+                    driver,
+                    Arc::clone(&storage),
+                ))
+                .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
             )
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener),
+                shutdown.clone().cancelled_owned(),
+            );
         let server = tokio::spawn(server);
         tracing::info!(
             node_id = config.raft.node_id,
@@ -253,7 +296,9 @@ impl Node {
         }
         self.stop.cancel();
         if let Some(driver) = self.driver.take() {
-            tokio::task::spawn_blocking(move || driver.join()).await?.ok();
+            tokio::task::spawn_blocking(move || driver.join())
+                .await?
+                .ok();
         }
         tracing::info!(addr = %self.addr, "kiwi-node stopped");
         if self.fatal.is_cancelled() {

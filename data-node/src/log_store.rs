@@ -5,20 +5,35 @@
 //! - `log/<index: u64 BE>`: one `eraftpb::Entry`, encoded by raft-rs.
 //! - `state/hard`: the `HardState` (term, vote, commit).
 //! - `state/conf`: the `ConfState` (voters, learners).
+//! - `state/truncated`: index and term (u64 BE each) of the last entry removed by compaction or covered by
+//!   an installed snapshot. The log holds `truncated + 1 ..= last`.
 //!
-//! [`LogStore::persist`] writes a Ready's entries and hard state in **one** durable batch. The log is not
-//! compacted yet, so the first index is always 1 and no snapshot is ever needed.
+//! [`LogStore::persist`] writes a Ready's entries and hard state in **one** durable batch.
+//! [`LogStore::compact`] drops applied entries; a follower that then needs them gets a snapshot instead:
+//! [`Storage::snapshot`] pins a point-in-time view of the backend in the [`SnapshotRegistry`], which the
+//! transport streams to the follower in chunks (see `snapshot.rs`).
+//!
+//! A new group is bootstrapped with its log truncated at index 1, term 1 (an empty state every founding
+//! member shares), so a node added later always starts from a snapshot that carries the membership.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
-use kiwi_storage::{KeySpace, Scan, ScanRange, StorageBackend, WriteBatch, WriteOptions};
+use kiwi_storage::{
+    KeySpace, Scan, ScanRange, StorageBackend, StorageSnapshot, WriteBatch, WriteOptions,
+};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
 const LOG_PREFIX: &[u8] = b"log/";
 const HARD_STATE_KEY: &[u8] = b"state/hard";
 const CONF_STATE_KEY: &[u8] = b"state/conf";
+const TRUNCATED_KEY: &[u8] = b"state/truncated";
+/// Index and term a new group's log starts truncated at.
+pub const BOOTSTRAP_INDEX: u64 = 1;
+/// Snapshots pinned at once; the oldest is released first.
+const MAX_PINNED_SNAPSHOTS: usize = 4;
 
 fn log_key(index: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(LOG_PREFIX.len() + 8);
@@ -31,13 +46,63 @@ fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
 }
 
+/// Point-in-time views of the state machine that Raft has promised to followers, by snapshot id (the
+/// id travels as the raft-rs snapshot's `data`). The transport takes a view out when it streams it.
+#[derive(Default)]
+pub struct SnapshotRegistry {
+    inner: Mutex<BTreeMap<u64, Box<dyn StorageSnapshot>>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl SnapshotRegistry {
+    fn pin(&self, view: Box<dyn StorageSnapshot>) -> u64 {
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut map = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(id, view);
+        while map.len() > MAX_PINNED_SNAPSHOTS {
+            map.pop_first();
+        }
+        id
+    }
+
+    /// Takes the view for snapshot `id`, if it is still pinned.
+    pub fn take(&self, id: u64) -> Option<Box<dyn StorageSnapshot>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id)
+    }
+}
+
+/// The snapshot id carried in a raft-rs snapshot's `data`.
+pub fn snapshot_id(snap: &Snapshot) -> Option<u64> {
+    <[u8; 8]>::try_from(snap.data.as_ref())
+        .ok()
+        .map(u64::from_be_bytes)
+}
+
 /// The persistent half of raft-rs's state, owned by the Raft driver (inside its `RawNode`).
 pub struct LogStore {
     backend: Arc<dyn StorageBackend>,
     hard_state: HardState,
     conf_state: ConfState,
+    truncated_index: u64,
+    truncated_term: u64,
     last_index: u64,
     last_term: u64,
+    snapshots: Arc<SnapshotRegistry>,
+}
+
+fn encode_pair(a: u64, b: u64) -> Vec<u8> {
+    let mut v = a.to_be_bytes().to_vec();
+    v.extend_from_slice(&b.to_be_bytes());
+    v
 }
 
 impl LogStore {
@@ -45,18 +110,27 @@ impl LogStore {
     ///
     /// # Errors
     /// Storage errors and undecodable records.
-    pub fn open(backend: Arc<dyn StorageBackend>) -> raft::Result<Self> {
+    pub fn open(
+        backend: Arc<dyn StorageBackend>,
+        snapshots: Arc<SnapshotRegistry>,
+    ) -> raft::Result<Self> {
         let decode_err = |what: &str, e: protobuf::ProtobufError| {
             store_err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("damaged Raft {what}: {e}"),
             ))
         };
-        let hard_state = match backend.read(KeySpace::Raft, HARD_STATE_KEY).map_err(store_err)? {
+        let hard_state = match backend
+            .read(KeySpace::Raft, HARD_STATE_KEY)
+            .map_err(store_err)?
+        {
             Some(b) => HardState::parse_from_bytes(&b).map_err(|e| decode_err("hard state", e))?,
             None => HardState::default(),
         };
-        let conf_state = match backend.read(KeySpace::Raft, CONF_STATE_KEY).map_err(store_err)? {
+        let conf_state = match backend
+            .read(KeySpace::Raft, CONF_STATE_KEY)
+            .map_err(store_err)?
+        {
             Some(b) => ConfState::parse_from_bytes(&b).map_err(|e| decode_err("conf state", e))?,
             None => ConfState::default(),
         };
@@ -66,19 +140,41 @@ impl LogStore {
                 &Scan::backward(ScanRange::half_open(LOG_PREFIX, b"log0"), 1),
             )
             .map_err(store_err)?;
+        let (truncated_index, truncated_term) = match backend
+            .read(KeySpace::Raft, TRUNCATED_KEY)
+            .map_err(store_err)?
+        {
+            Some(b) if b.len() == 16 => (
+                u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+                u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+            ),
+            Some(b) => {
+                return Err(store_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!(
+                        "damaged Raft truncation record ({} bytes, expected 16)",
+                        b.len()
+                    ),
+                )));
+            }
+            None => (0, 0),
+        };
         let (last_index, last_term) = match last.first() {
             Some((_, v)) => {
                 let e = Entry::parse_from_bytes(v).map_err(|e| decode_err("log entry", e))?;
                 (e.index, e.term)
             }
-            None => (0, 0),
+            None => (truncated_index, truncated_term),
         };
         Ok(LogStore {
             backend,
             hard_state,
             conf_state,
+            truncated_index,
+            truncated_term,
             last_index,
             last_term,
+            snapshots,
         })
     }
 
@@ -87,25 +183,135 @@ impl LogStore {
         self.conf_state != ConfState::default()
     }
 
-    /// Sets the initial membership of a new group. Every founding member bootstraps with the same voters,
-    /// so their logs start identical (empty, at term 1).
+    /// Sets the initial membership of a new group. Every founding member bootstraps with the same voters
+    /// and the same empty state, truncated at [`BOOTSTRAP_INDEX`] (applied and committed there), so their
+    /// logs start identical.
     ///
     /// # Errors
     /// Storage errors.
     pub fn bootstrap(&mut self, voters: Vec<u64>) -> raft::Result<()> {
-        let mut cs = ConfState::default();
-        cs.voters = voters;
-        let mut hs = HardState::default();
-        hs.term = 1;
+        let cs = ConfState {
+            voters,
+            ..ConfState::default()
+        };
+        let hs = HardState {
+            term: BOOTSTRAP_INDEX,
+            commit: BOOTSTRAP_INDEX,
+            ..HardState::default()
+        };
         let mut batch = WriteBatch::new();
-        batch.put(KeySpace::Raft, CONF_STATE_KEY, cs.write_to_bytes().map_err(store_err)?);
-        batch.put(KeySpace::Raft, HARD_STATE_KEY, hs.write_to_bytes().map_err(store_err)?);
+        batch.put(
+            KeySpace::Raft,
+            CONF_STATE_KEY,
+            cs.write_to_bytes().map_err(store_err)?,
+        );
+        batch.put(
+            KeySpace::Raft,
+            HARD_STATE_KEY,
+            hs.write_to_bytes().map_err(store_err)?,
+        );
+        batch.put(
+            KeySpace::Raft,
+            TRUNCATED_KEY,
+            encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_INDEX),
+        );
+        batch.put(
+            KeySpace::Raft,
+            crate::state_machine::APPLIED_KEY,
+            BOOTSTRAP_INDEX.to_be_bytes(),
+        );
         self.backend
             .batch_write(batch, WriteOptions::SYNC)
             .map_err(store_err)?;
         self.conf_state = cs;
         self.hard_state = hs;
+        self.truncated_index = BOOTSTRAP_INDEX;
+        self.truncated_term = BOOTSTRAP_INDEX;
+        self.last_index = BOOTSTRAP_INDEX;
+        self.last_term = BOOTSTRAP_INDEX;
         Ok(())
+    }
+
+    /// Index of the last entry compacted away (or covered by a snapshot).
+    pub fn truncated_index(&self) -> u64 {
+        self.truncated_index
+    }
+
+    /// Removes entries up to and including `index` (which must be applied) in one fsynced batch. The
+    /// fsync also makes every earlier buffered apply durable, so the compacted entries are never needed
+    /// again by this node.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn compact(&mut self, index: u64) -> raft::Result<()> {
+        if index <= self.truncated_index {
+            return Ok(());
+        }
+        let index = index.min(self.last_index);
+        let term = self.term(index)?;
+        let mut batch = WriteBatch::new();
+        for i in self.truncated_index + 1..=index {
+            batch.delete(KeySpace::Raft, log_key(i));
+        }
+        batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_pair(index, term));
+        self.backend
+            .batch_write(batch, WriteOptions::SYNC)
+            .map_err(store_err)?;
+        self.truncated_index = index;
+        self.truncated_term = term;
+        Ok(())
+    }
+
+    /// Adds to `batch` what installing a snapshot at `meta` changes in the Raft key space: the whole log
+    /// is dropped, truncation moves to the snapshot, the membership becomes the snapshot's and the hard
+    /// state's commit reaches its index. Call [`snapshot_installed`](Self::snapshot_installed) once the
+    /// batch is durable.
+    ///
+    /// # Errors
+    /// Encoding errors.
+    pub fn snapshot_batch(
+        &self,
+        meta: &SnapshotMetadata,
+        batch: &mut WriteBatch,
+    ) -> raft::Result<()> {
+        for i in self.truncated_index + 1..=self.last_index {
+            batch.delete(KeySpace::Raft, log_key(i));
+        }
+        batch.put(
+            KeySpace::Raft,
+            TRUNCATED_KEY,
+            encode_pair(meta.index, meta.term),
+        );
+        batch.put(
+            KeySpace::Raft,
+            CONF_STATE_KEY,
+            meta.get_conf_state().write_to_bytes().map_err(store_err)?,
+        );
+        batch.put(
+            KeySpace::Raft,
+            HARD_STATE_KEY,
+            self.hard_state_after(meta)
+                .write_to_bytes()
+                .map_err(store_err)?,
+        );
+        Ok(())
+    }
+
+    fn hard_state_after(&self, meta: &SnapshotMetadata) -> HardState {
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        hs
+    }
+
+    /// Updates the in-memory state after [`snapshot_batch`](Self::snapshot_batch) is durable.
+    pub fn snapshot_installed(&mut self, meta: &SnapshotMetadata) {
+        self.hard_state = self.hard_state_after(meta);
+        self.conf_state = meta.get_conf_state().clone();
+        self.truncated_index = meta.index;
+        self.truncated_term = meta.term;
+        self.last_index = meta.index;
+        self.last_term = meta.term;
     }
 
     /// Durably writes new log entries (replacing any conflicting suffix) and the hard state, in one fsynced
@@ -113,13 +319,21 @@ impl LogStore {
     ///
     /// # Errors
     /// Storage errors; the caller must then stop (fail-stop), never advance.
-    pub fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> raft::Result<()> {
+    pub fn persist(
+        &mut self,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+    ) -> raft::Result<()> {
         if entries.is_empty() && hard_state.is_none() {
             return Ok(());
         }
         let mut batch = WriteBatch::new();
         for e in entries {
-            batch.put(KeySpace::Raft, log_key(e.index), e.write_to_bytes().map_err(store_err)?);
+            batch.put(
+                KeySpace::Raft,
+                log_key(e.index),
+                e.write_to_bytes().map_err(store_err)?,
+            );
         }
         if let Some(last) = entries.last() {
             for stale in last.index + 1..=self.last_index {
@@ -127,7 +341,11 @@ impl LogStore {
             }
         }
         if let Some(hs) = hard_state {
-            batch.put(KeySpace::Raft, HARD_STATE_KEY, hs.write_to_bytes().map_err(store_err)?);
+            batch.put(
+                KeySpace::Raft,
+                HARD_STATE_KEY,
+                hs.write_to_bytes().map_err(store_err)?,
+            );
         }
         self.backend
             .batch_write(batch, WriteOptions::SYNC)
@@ -167,7 +385,10 @@ impl LogStore {
 
 impl Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+        Ok(RaftState::new(
+            self.hard_state.clone(),
+            self.conf_state.clone(),
+        ))
     }
 
     fn entries(
@@ -177,7 +398,7 @@ impl Storage for LogStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        if low < 1 {
+        if low <= self.truncated_index {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
         if high > self.last_index + 1 || low > high {
@@ -212,8 +433,11 @@ impl Storage for LogStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        if idx == 0 {
-            return Ok(0);
+        if idx == self.truncated_index {
+            return Ok(self.truncated_term);
+        }
+        if idx < self.truncated_index {
+            return Err(raft::Error::Store(StorageError::Compacted));
         }
         if idx == self.last_index {
             return Ok(self.last_term);
@@ -221,23 +445,50 @@ impl Storage for LogStore {
         if idx > self.last_index {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        match self.backend.read(KeySpace::Raft, &log_key(idx)).map_err(store_err)? {
+        match self
+            .backend
+            .read(KeySpace::Raft, &log_key(idx))
+            .map_err(store_err)?
+        {
             Some(v) => Ok(Entry::parse_from_bytes(&v).map_err(store_err)?.term),
             None => Err(raft::Error::Store(StorageError::Unavailable)),
         }
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(1)
+        Ok(self.truncated_index + 1)
     }
 
     fn last_index(&self) -> raft::Result<u64> {
         Ok(self.last_index)
     }
 
+    /// Pins a view of the state machine as applied right now and describes it. Called on the driver
+    /// thread, which is also the only thread that applies, so the view, the applied index read here and the
+    /// membership all describe the same point of the log.
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // The log is never compacted, so raft-rs never needs one.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        let view = self.backend.snapshot().map_err(store_err)?;
+        let applied = view
+            .read(KeySpace::Raft, crate::state_machine::APPLIED_KEY)
+            .map_err(store_err)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        if applied < self.truncated_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
+        let term = self.term(applied)?;
+        let id = self.snapshots.pin(view);
+        let mut snap = Snapshot {
+            data: id.to_be_bytes().to_vec().into(),
+            ..Snapshot::default()
+        };
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state.clone());
+        Ok(snap)
     }
 }
 
@@ -248,39 +499,105 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("{index}@{term}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("{index}@{term}").into_bytes().into(),
+            ..Entry::default()
+        }
     }
 
     #[test]
     fn persists_reloads_and_truncates_conflicts() {
         let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
-        let mut s = LogStore::open(backend.clone()).unwrap();
+        let mut s = LogStore::open(backend.clone(), Arc::default()).unwrap();
         assert!(!s.is_initialized());
         s.bootstrap(vec![1, 2, 3]).unwrap();
-        let mut hs = HardState::default();
-        hs.term = 2;
-        hs.commit = 1;
-        s.persist(&[entry(1, 1), entry(2, 1), entry(3, 2)], Some(&hs)).unwrap();
-        // A new leader overwrites index 2 onwards.
-        s.persist(&[entry(2, 3)], None).unwrap();
+        assert_eq!(s.first_index().unwrap(), 2);
+        assert_eq!(s.last_index().unwrap(), 1);
+        let hs = HardState {
+            term: 2,
+            commit: 2,
+            ..HardState::default()
+        };
+        s.persist(&[entry(2, 1), entry(3, 1), entry(4, 2)], Some(&hs))
+            .unwrap();
+        // A new leader overwrites index 3 onwards.
+        s.persist(&[entry(3, 3)], None).unwrap();
 
-        let s = LogStore::open(backend).unwrap();
+        let s = LogStore::open(backend, Arc::default()).unwrap();
         assert!(s.is_initialized());
         assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
         assert_eq!(s.initial_state().unwrap().hard_state.term, 2);
-        assert_eq!(s.last_index().unwrap(), 2);
-        assert_eq!(s.term(2).unwrap(), 3);
-        assert_eq!(s.term(1).unwrap(), 1);
-        assert_eq!(s.term(0).unwrap(), 0);
-        assert!(s.term(3).is_err());
-        let got = s.entries(1, 3, None, GetEntriesContext::empty(false)).unwrap();
-        assert_eq!(got, vec![entry(1, 1), entry(2, 3)]);
-        let limited = s.entries(1, 3, Some(1), GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(s.first_index().unwrap(), 2);
+        assert_eq!(s.last_index().unwrap(), 3);
+        assert_eq!(s.term(3).unwrap(), 3);
+        assert_eq!(s.term(2).unwrap(), 1);
+        assert_eq!(s.term(1).unwrap(), 1, "the bootstrap truncation point");
+        assert!(s.term(4).is_err());
+        let got = s
+            .entries(2, 4, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(got, vec![entry(2, 1), entry(3, 3)]);
+        let limited = s
+            .entries(2, 4, Some(1), GetEntriesContext::empty(false))
+            .unwrap();
         assert_eq!(limited.len(), 1, "max_size still returns one entry");
-        assert!(s.entries(1, 4, None, GetEntriesContext::empty(false)).is_err());
+        assert!(
+            s.entries(2, 5, None, GetEntriesContext::empty(false))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn compaction_and_snapshots_move_the_first_index() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        let registry = Arc::new(SnapshotRegistry::default());
+        let mut s = LogStore::open(backend.clone(), registry.clone()).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
+        s.persist(&entries, None).unwrap();
+        crate::state_machine::mark_applied(&*backend, 8).unwrap();
+        s.compact(8).unwrap();
+        let s2 = LogStore::open(backend.clone(), Arc::default()).unwrap();
+        for st in [&s, &s2] {
+            assert_eq!(st.first_index().unwrap(), 9);
+            assert_eq!(st.last_index().unwrap(), 10);
+            assert_eq!(st.term(8).unwrap(), 2);
+            assert_eq!(st.term(7), Err(raft::Error::Store(StorageError::Compacted)));
+            assert_eq!(
+                st.entries(8, 10, None, GetEntriesContext::empty(false)),
+                Err(raft::Error::Store(StorageError::Compacted))
+            );
+        }
+
+        // A snapshot describes the applied state and pins a view of it.
+        let snap = Storage::snapshot(&s, 0, 2).unwrap();
+        assert_eq!(snap.get_metadata().index, 8);
+        assert_eq!(snap.get_metadata().term, 2);
+        assert_eq!(snap.get_metadata().get_conf_state().voters, vec![1]);
+        let id = snapshot_id(&snap).unwrap();
+        assert!(registry.take(id).is_some());
+        assert!(registry.take(id).is_none(), "a view is streamed once");
+
+        // Installing a snapshot replaces the whole log.
+        let mut meta = SnapshotMetadata {
+            index: 20,
+            term: 4,
+            ..SnapshotMetadata::default()
+        };
+        meta.mut_conf_state().voters = vec![1, 2];
+        let mut batch = WriteBatch::new();
+        s.snapshot_batch(&meta, &mut batch).unwrap();
+        backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+        s.snapshot_installed(&meta);
+        let s2 = LogStore::open(backend, Arc::default()).unwrap();
+        for st in [&s, &s2] {
+            assert_eq!(st.first_index().unwrap(), 21);
+            assert_eq!(st.last_index().unwrap(), 20);
+            assert_eq!(st.term(20).unwrap(), 4);
+            assert_eq!(st.conf_state().voters, vec![1, 2]);
+            assert_eq!(st.initial_state().unwrap().hard_state.commit, 20);
+        }
     }
 }

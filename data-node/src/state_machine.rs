@@ -5,11 +5,57 @@
 //! the recorded applied index and reaches the same state. Apply batches are buffered (not fsynced): the
 //! log they come from is already durable.
 
-use kiwi_proto::v1::{CompareAndSwapRequest, RaftCommand, compare_and_swap_request, raft_command, write_op};
+use kiwi_proto::v1::{
+    CompareAndSwapRequest, RaftCommand, compare_and_swap_request, raft_command, write_op,
+};
 use kiwi_storage::{KeySpace, StorageBackend, WriteBatch, WriteOptions};
 
 /// Key, in [`KeySpace::Raft`], of the last applied index (u64 BE).
 pub const APPLIED_KEY: &[u8] = b"state/applied";
+
+/// Prefix, in [`KeySpace::Raft`], of the client addresses of members added by membership changes
+/// (`member/<id: u64 BE>` → "host:port").
+const MEMBER_PREFIX: &[u8] = b"member/";
+
+/// Records the address of a member added by a membership change.
+///
+/// # Errors
+/// Storage errors.
+pub fn record_member(
+    backend: &dyn StorageBackend,
+    id: u64,
+    addr: &str,
+) -> kiwi_storage::Result<()> {
+    let mut key = MEMBER_PREFIX.to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    backend.write(
+        KeySpace::Raft,
+        &key,
+        addr.as_bytes(),
+        WriteOptions::BUFFERED,
+    )
+}
+
+/// Every recorded member address.
+///
+/// # Errors
+/// Storage errors.
+pub fn recorded_members(backend: &dyn StorageBackend) -> kiwi_storage::Result<Vec<(u64, String)>> {
+    let scan = kiwi_storage::Scan::forward(
+        kiwi_storage::ScanRange::half_open(MEMBER_PREFIX, b"member0"),
+        10_000,
+    );
+    Ok(backend
+        .scan(KeySpace::Raft, &scan)?
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let id = <[u8; 8]>::try_from(&k[MEMBER_PREFIX.len()..])
+                .ok()
+                .map(u64::from_be_bytes)?;
+            Some((id, String::from_utf8(v).ok()?))
+        })
+        .collect())
+}
 
 /// What applying one command did, for the proposer's reply.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -40,14 +86,23 @@ pub fn applied_index(backend: &dyn StorageBackend) -> kiwi_storage::Result<u64> 
 /// # Errors
 /// Storage errors.
 pub fn mark_applied(backend: &dyn StorageBackend, index: u64) -> kiwi_storage::Result<()> {
-    backend.write(KeySpace::Raft, APPLIED_KEY, &index.to_be_bytes(), WriteOptions::BUFFERED)
+    backend.write(
+        KeySpace::Raft,
+        APPLIED_KEY,
+        &index.to_be_bytes(),
+        WriteOptions::BUFFERED,
+    )
 }
 
 /// Applies `cmd` at `index`.
 ///
 /// # Errors
 /// Storage errors (the caller stops the node).
-pub fn apply(backend: &dyn StorageBackend, index: u64, cmd: &RaftCommand) -> kiwi_storage::Result<ApplyOutcome> {
+pub fn apply(
+    backend: &dyn StorageBackend,
+    index: u64,
+    cmd: &RaftCommand,
+) -> kiwi_storage::Result<ApplyOutcome> {
     let mut out = ApplyOutcome {
         index,
         ..ApplyOutcome::default()
@@ -127,15 +182,17 @@ mod tests {
     fn cas(k: &[u8], expected: Option<&[u8]>, new: &[u8]) -> RaftCommand {
         RaftCommand {
             request_id: String::new(),
-            command: Some(raft_command::Command::CompareAndSwap(CompareAndSwapRequest {
-                header: None,
-                key: k.to_vec(),
-                expected: Some(match expected {
-                    Some(v) => compare_and_swap_request::Expected::ExpectedValue(v.to_vec()),
-                    None => compare_and_swap_request::Expected::ExpectAbsent(true),
-                }),
-                new: Some(compare_and_swap_request::New::NewValue(new.to_vec())),
-            })),
+            command: Some(raft_command::Command::CompareAndSwap(
+                CompareAndSwapRequest {
+                    header: None,
+                    key: k.to_vec(),
+                    expected: Some(match expected {
+                        Some(v) => compare_and_swap_request::Expected::ExpectedValue(v.to_vec()),
+                        None => compare_and_swap_request::Expected::ExpectAbsent(true),
+                    }),
+                    new: Some(compare_and_swap_request::New::NewValue(new.to_vec())),
+                },
+            )),
         }
     }
 
@@ -152,7 +209,10 @@ mod tests {
         assert!(out.swapped);
         assert!(!apply(&s, 4, &cas(b"k", None, b"3")).unwrap().swapped);
         assert!(apply(&s, 5, &cas(b"new", None, b"x")).unwrap().swapped);
-        assert_eq!(s.read(KeySpace::Data, b"k").unwrap().as_deref(), Some(&b"2"[..]));
+        assert_eq!(
+            s.read(KeySpace::Data, b"k").unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
         assert_eq!(applied_index(&s).unwrap(), 5);
     }
 }

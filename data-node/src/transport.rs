@@ -4,21 +4,78 @@
 //! Sending never blocks the driver: each peer has a bounded queue; when it is full the message is dropped
 //! and the peer reported unreachable (Raft retries). A per-peer task connects, streams batches, and
 //! reconnects with backoff when the stream breaks.
+//!
+//! Snapshots travel on their own `SendSnapshot` stream, one task per snapshot, so a large snapshot never
+//! delays heartbeats: the task reads the pinned view chunk by chunk (see `snapshot.rs`) and reports the
+//! outcome to Raft. The receiver stages chunks as they arrive and hands the snapshot message to the
+//! driver only when the last one is staged.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use kiwi_proto::v1::raft_transport_client::RaftTransportClient;
 use kiwi_proto::v1::raft_transport_server::RaftTransport;
 use kiwi_proto::v1::{RaftMessageBatch, SendMessagesResponse, SendSnapshotResponse, SnapshotChunk};
+use kiwi_storage::{StorageBackend, StorageSnapshot};
 use protobuf::Message as _;
-use raft::eraftpb::Message;
+use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{DriverHandle, MessageSink};
+use crate::log_store::{SnapshotRegistry, snapshot_id};
+use crate::snapshot;
+
+/// Client address of every member, shared by the transport, leader hints and status. Updated when a
+/// membership change is applied.
+#[derive(Debug, Default)]
+pub struct Members(RwLock<HashMap<u64, String>>);
+
+impl Members {
+    pub fn new(initial: impl IntoIterator<Item = (u64, String)>) -> Self {
+        Members(RwLock::new(initial.into_iter().collect()))
+    }
+
+    pub fn get(&self, id: u64) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .cloned()
+    }
+
+    pub fn insert(&self, id: u64, addr: String) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, addr);
+    }
+
+    pub fn all(&self) -> Vec<(u64, String)> {
+        let mut v: Vec<_> = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// What the transport tells the driver.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerEvent {
+    /// Sending to the peer failed.
+    Unreachable(u64),
+    /// A snapshot stream to the peer finished (`ok`) or failed.
+    Snapshot { to: u64, ok: bool },
+}
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
@@ -27,47 +84,122 @@ const MAX_BATCH: usize = 256;
 /// Largest gRPC message between nodes.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
-/// The sending side: one queue and one task per peer.
+/// The sending side: one queue and one task per peer, plus one task per snapshot being sent.
 pub struct Peers {
-    queues: HashMap<u64, mpsc::Sender<Message>>,
+    self_id: u64,
+    /// This node's cluster id (0 until a joining node adopts one), stamped on everything sent.
+    cluster: Arc<AtomicU64>,
+    queues: RwLock<HashMap<u64, mpsc::Sender<Message>>>,
+    members: Arc<Members>,
+    snapshots: Arc<SnapshotRegistry>,
+    shutdown: CancellationToken,
+    events: mpsc::UnboundedSender<PeerEvent>,
+    runtime: tokio::runtime::Handle,
 }
 
 impl Peers {
-    /// Starts a sender task for every peer but `self_id`. The tasks stop when `shutdown` is cancelled.
-    /// Peers that cannot be reached are reported on `unreachable` (the node forwards them to the driver,
-    /// which is created after this sink).
+    /// Starts a sender task for every member but `self_id`. The tasks stop when `shutdown` is cancelled.
+    /// Failures and snapshot outcomes are reported on `events` (the node forwards them to the driver,
+    /// which is created after this sink). Must be called inside a tokio runtime.
     pub fn start(
         self_id: u64,
-        peers: &[(u64, String)],
+        cluster: Arc<AtomicU64>,
+        members: Arc<Members>,
+        snapshots: Arc<SnapshotRegistry>,
         shutdown: &CancellationToken,
-        unreachable: mpsc::UnboundedSender<u64>,
+        events: mpsc::UnboundedSender<PeerEvent>,
     ) -> Self {
-        let mut queues = HashMap::new();
-        for (id, addr) in peers {
-            if *id == self_id {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            queues.insert(*id, tx);
-            tokio::spawn(peer_task(
-                self_id,
-                *id,
-                addr.clone(),
-                rx,
-                shutdown.clone(),
-                unreachable.clone(),
-            ));
+        let peers = Peers {
+            self_id,
+            cluster,
+            queues: RwLock::new(HashMap::new()),
+            members: Arc::clone(&members),
+            snapshots,
+            shutdown: shutdown.clone(),
+            events,
+            runtime: tokio::runtime::Handle::current(),
+        };
+        for (id, addr) in members.all() {
+            peers.connect(id, addr);
         }
-        Peers { queues }
+        peers
+    }
+
+    fn connect(&self, id: u64, addr: String) {
+        if id == self.self_id {
+            return;
+        }
+        let mut queues = self
+            .queues
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if queues.get(&id).is_some_and(|q| !q.is_closed()) {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        queues.insert(id, tx);
+        self.runtime.spawn(peer_task(
+            self.self_id,
+            Arc::clone(&self.cluster),
+            id,
+            addr,
+            rx,
+            self.shutdown.clone(),
+            self.events.clone(),
+        ));
+    }
+
+    fn send_snapshot(&self, msg: Message) {
+        let to = msg.to;
+        let view = snapshot_id(msg.get_snapshot()).and_then(|id| self.snapshots.take(id));
+        let (Some(view), Some(addr)) = (view, self.members.get(to)) else {
+            tracing::warn!(
+                to,
+                "snapshot for a peer with no pinned view or no address; reporting failure"
+            );
+            let _ = self.events.send(PeerEvent::Snapshot { to, ok: false });
+            return;
+        };
+        let events = self.events.clone();
+        let self_id = self.self_id;
+        let cluster = self.cluster.load(Ordering::Relaxed);
+        let shutdown = self.shutdown.clone();
+        self.runtime.spawn(async move {
+            let index = msg.get_snapshot().get_metadata().index;
+            tracing::info!(to, index, "sending a Raft snapshot");
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = stream_snapshot(self_id, cluster, to, addr, msg, view) => r,
+            };
+            match result {
+                Ok(pairs) => {
+                    tracing::info!(to, index, pairs, "snapshot sent");
+                    let _ = events.send(PeerEvent::Snapshot { to, ok: true });
+                }
+                Err(e) => {
+                    tracing::warn!(to, index, error = %e, "sending a snapshot failed");
+                    let _ = events.send(PeerEvent::Snapshot { to, ok: false });
+                    let _ = events.send(PeerEvent::Unreachable(to));
+                }
+            }
+        });
     }
 }
 
 impl MessageSink for Peers {
     fn send(&self, msgs: Vec<Message>) -> Vec<u64> {
         let mut full = Vec::new();
+        let queues = self
+            .queues
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for m in msgs {
             let to = m.to;
-            match self.queues.get(&to) {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.send_snapshot(m);
+                continue;
+            }
+            match queues.get(&to) {
                 Some(q) => {
                     if q.try_send(m).is_err() && !full.contains(&to) {
                         full.push(to);
@@ -78,15 +210,73 @@ impl MessageSink for Peers {
         }
         full
     }
+
+    fn add_peer(&self, id: u64, addr: String) {
+        self.members.insert(id, addr.clone());
+        self.connect(id, addr);
+    }
+}
+
+/// Streams one snapshot: the first chunk carries the Raft message, every chunk up to [`snapshot::CHUNK_KEYS`]
+/// pairs read from the pinned view on a blocking thread, two chunks in flight at most.
+async fn stream_snapshot(
+    self_id: u64,
+    cluster_id: u64,
+    to: u64,
+    addr: String,
+    msg: Message,
+    view: Box<dyn StorageSnapshot>,
+) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client =
+        RaftTransportClient::new(channel).max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
+    let message = msg.write_to_bytes()?;
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(2);
+    let reader = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let mut after: Option<Vec<u8>> = None;
+        let mut first = Some(message);
+        let mut pairs = 0u64;
+        loop {
+            let kvs = snapshot::read_chunk(&*view, after.as_deref()).map_err(|e| e.to_string())?;
+            let last = kvs.is_empty();
+            if let Some(kv) = kvs.last() {
+                after = Some(kv.key.clone());
+            }
+            pairs += kvs.len() as u64;
+            let chunk = SnapshotChunk {
+                cluster_id,
+                from_node: self_id,
+                to_node: to,
+                message: first.take().unwrap_or_default(),
+                kvs,
+                last,
+            };
+            if tx.blocking_send(chunk).is_err() {
+                return Err("the snapshot stream closed early".into());
+            }
+            if last {
+                return Ok(pairs);
+            }
+        }
+    });
+    let sent = client.send_snapshot(ReceiverStream::new(rx)).await;
+    let pairs = reader.await?;
+    sent?;
+    Ok(pairs?)
 }
 
 async fn peer_task(
     self_id: u64,
+    cluster: Arc<AtomicU64>,
     peer: u64,
     addr: String,
     mut rx: mpsc::Receiver<Message>,
     shutdown: CancellationToken,
-    unreachable: mpsc::UnboundedSender<u64>,
+    unreachable: mpsc::UnboundedSender<PeerEvent>,
 ) {
     let mut backoff = Duration::from_millis(50);
     'connect: loop {
@@ -105,7 +295,7 @@ async fn peer_task(
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(peer, %addr, error = %e, "cannot reach peer");
-                let _ = unreachable.send(peer);
+                let _ = unreachable.send(PeerEvent::Unreachable(peer));
                 // Drop what queued up meanwhile: Raft resends what matters.
                 while rx.try_recv().is_ok() {}
                 tokio::select! {
@@ -121,28 +311,31 @@ async fn peer_task(
             .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES);
         let (stream_tx, stream_rx) = mpsc::channel::<RaftMessageBatch>(16);
-        let call = tokio::spawn(async move { client.send_messages(ReceiverStream::new(stream_rx)).await });
+        let call =
+            tokio::spawn(async move { client.send_messages(ReceiverStream::new(stream_rx)).await });
         loop {
             let first = tokio::select! {
                 _ = shutdown.cancelled() => { call.abort(); return; }
                 m = rx.recv() => match m { Some(m) => m, None => { call.abort(); return; } },
             };
             let mut messages = Vec::with_capacity(8);
-            for m in std::iter::once(first).chain(std::iter::from_fn(|| rx.try_recv().ok()).take(MAX_BATCH - 1)) {
+            for m in std::iter::once(first)
+                .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(MAX_BATCH - 1))
+            {
                 match m.write_to_bytes() {
                     Ok(b) => messages.push(b),
                     Err(e) => tracing::error!(error = %e, "cannot encode a Raft message"),
                 }
             }
             let batch = RaftMessageBatch {
-                cluster_id: 0,
+                cluster_id: cluster.load(Ordering::Relaxed),
                 from_node: self_id,
                 to_node: peer,
                 messages,
             };
             if stream_tx.send(batch).await.is_err() || call.is_finished() {
                 tracing::debug!(peer, "stream to peer broke; reconnecting");
-                let _ = unreachable.send(peer);
+                let _ = unreachable.send(PeerEvent::Unreachable(peer));
                 call.abort();
                 continue 'connect;
             }
@@ -150,15 +343,54 @@ async fn peer_task(
     }
 }
 
-/// The receiving side: hands every message to the local driver.
+/// The receiving side: hands every message to the local driver and stages incoming snapshots.
 pub struct RaftService {
     node_id: u64,
+    cluster: Arc<AtomicU64>,
     driver: DriverHandle,
+    backend: Arc<dyn StorageBackend>,
+    /// One snapshot is received and installed at a time: the staging area is shared.
+    staging: tokio::sync::Mutex<()>,
 }
 
 impl RaftService {
-    pub fn new(node_id: u64, driver: DriverHandle) -> Self {
-        RaftService { node_id, driver }
+    pub fn new(
+        node_id: u64,
+        cluster: Arc<AtomicU64>,
+        driver: DriverHandle,
+        backend: Arc<dyn StorageBackend>,
+    ) -> Self {
+        RaftService {
+            node_id,
+            cluster,
+            driver,
+            backend,
+            staging: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Refuses traffic from another cluster (a node whose cluster id is still 0 accepts any).
+    fn check_cluster(&self, theirs: u64, from: u64) -> Result<(), Status> {
+        let mine = self.cluster.load(Ordering::Relaxed);
+        if mine != 0 && theirs != 0 && theirs != mine {
+            return Err(Status::failed_precondition(format!(
+                "node {from} belongs to cluster {theirs:016x}, but node {} belongs to cluster {mine:016x}: \
+                 check raft.peers (a data directory cannot move between clusters)",
+                self.node_id
+            )));
+        }
+        Ok(())
+    }
+
+    async fn blocking(
+        &self,
+        f: impl FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<()> + Send + 'static,
+    ) -> Result<(), Status> {
+        let backend = Arc::clone(&self.backend);
+        tokio::task::spawn_blocking(move || f(&*backend))
+            .await
+            .map_err(|e| Status::internal(format!("staging task failed: {e}")))?
+            .map_err(|e| Status::internal(format!("cannot stage the snapshot: {e}")))
     }
 }
 
@@ -170,6 +402,7 @@ impl RaftTransport for RaftService {
     ) -> Result<Response<SendMessagesResponse>, Status> {
         let mut stream = request.into_inner();
         while let Some(batch) = stream.message().await? {
+            self.check_cluster(batch.cluster_id, batch.from_node)?;
             if batch.to_node != self.node_id {
                 return Err(Status::failed_precondition(format!(
                     "Raft messages for node {} sent to node {}: check raft.peers",
@@ -179,7 +412,9 @@ impl RaftTransport for RaftService {
             for bytes in batch.messages {
                 match Message::parse_from_bytes(&bytes) {
                     Ok(m) => self.driver.step(m),
-                    Err(e) => tracing::warn!(from = batch.from_node, error = %e, "undecodable Raft message dropped"),
+                    Err(e) => {
+                        tracing::warn!(from = batch.from_node, error = %e, "undecodable Raft message dropped")
+                    }
                 }
             }
         }
@@ -188,8 +423,52 @@ impl RaftTransport for RaftService {
 
     async fn send_snapshot(
         &self,
-        _request: Request<Streaming<SnapshotChunk>>,
+        request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SendSnapshotResponse>, Status> {
-        Err(Status::unimplemented("this version never compacts its log, so it sends no snapshots"))
+        let mut stream = request.into_inner();
+        let Some(first) = stream.message().await? else {
+            return Err(Status::invalid_argument("empty snapshot stream"));
+        };
+        if first.to_node != self.node_id {
+            return Err(Status::failed_precondition(format!(
+                "snapshot for node {} sent to node {}: check raft.peers",
+                first.to_node, self.node_id
+            )));
+        }
+        let msg = Message::parse_from_bytes(&first.message)
+            .map_err(|e| Status::invalid_argument(format!("undecodable snapshot message: {e}")))?;
+        if msg.get_msg_type() != MessageType::MsgSnapshot {
+            return Err(Status::invalid_argument(
+                "the first snapshot chunk must carry a MsgSnapshot",
+            ));
+        }
+        self.check_cluster(first.cluster_id, first.from_node)?;
+        let _guard = self.staging.lock().await;
+        if self.cluster.load(Ordering::Relaxed) == 0 && first.cluster_id != 0 {
+            // A joining node's first snapshot tells it which cluster it joined.
+            let id = first.cluster_id;
+            self.blocking(move |b| crate::identity::record_cluster_id(b, id))
+                .await?;
+            self.cluster.store(id, Ordering::Relaxed);
+            tracing::info!(cluster_id = format!("{id:016x}"), "joined cluster");
+        }
+        self.blocking(snapshot::clear_staging).await?;
+        let mut chunk = first;
+        loop {
+            let last = chunk.last;
+            let kvs = std::mem::take(&mut chunk.kvs);
+            self.blocking(move |b| snapshot::stage(b, kvs)).await?;
+            if last {
+                break;
+            }
+            chunk = stream.message().await?.ok_or_else(|| {
+                Status::invalid_argument("snapshot stream ended before its last chunk")
+            })?;
+        }
+        self.driver
+            .install_snapshot(msg)
+            .await
+            .map_err(|e| Status::unavailable(format!("snapshot not installed: {e}")))?;
+        Ok(Response::new(SendSnapshotResponse {}))
     }
 }

@@ -1,9 +1,12 @@
 //! Kiwi's shared test code. Test helpers are ordinary code, so scenarios read like their description.
 //!
 //! Modules:
+//! - [`cluster`]: a cluster of real `kiwi-node` processes (start, SIGTERM, SIGKILL, restart, find the
+//!   leader, `must_put`, `must_get_local`) for the replication scenarios in `tests/cluster.rs`.
 //! - [`conformance`]: the storage conformance suite, one function per property, run against every
 //!   backend by `tests/storage_conformance.rs` (and by any new backend's tests).
 //! - `src/bin/kiwi-crash-writer.rs`: a child process that writes acknowledged batches until it is killed,
 //!   for the SIGKILL durability and atomicity tests in `tests/storage_crash.rs`.
 
+pub mod cluster;
 pub mod conformance;

@@ -1,0 +1,313 @@
+//! Raft snapshots of the state machine: reading one in chunks from a pinned view, staging the chunks a
+//! follower receives, and installing a staged snapshot atomically.
+//!
+//! Neither side holds the data in memory: the sender reads the pinned view [`CHUNK_KEYS`] pairs (at most
+//! about [`CHUNK_BYTES`]) at a time, the receiver writes each chunk to a staging area in the Raft key space
+//! (`snap/<key>`) as it arrives.
+//!
+//! Installing (on the driver thread, when Raft hands over the snapshot):
+//! 1. durably mark `state/installing` with the snapshot's metadata;
+//! 2. clear the user data and copy the staged pairs into it, in bounded batches;
+//! 3. in one fsynced batch: the applied index, the Raft log reset to the snapshot (see
+//!    `LogStore::snapshot_batch`) and the removal of the mark;
+//! 4. clear the staging area.
+//!
+//! A crash during 2 or 3 leaves the mark: the next start runs 2-4 again from the still staged pairs
+//! ([`resume_install`]) before anything reads the data, so a node never serves a half-installed snapshot.
+
+use kiwi_proto::v1::KeyValue;
+use kiwi_storage::{
+    KeySpace, KvPair, Scan, ScanRange, StorageBackend, StorageSnapshot, WriteBatch, WriteOptions,
+};
+use protobuf::Message as _;
+use raft::eraftpb::SnapshotMetadata;
+use std::ops::Bound;
+
+use crate::log_store::LogStore;
+use crate::state_machine::APPLIED_KEY;
+
+/// Prefix of staged snapshot pairs in the Raft key space.
+const STAGING_PREFIX: &[u8] = b"snap/";
+/// End of the staging range (`/` + 1).
+const STAGING_END: &[u8] = b"snap0";
+/// Present while an install is under way: the snapshot's metadata.
+const INSTALLING_KEY: &[u8] = b"state/installing";
+/// Pairs per chunk (and per batch when clearing or copying).
+pub const CHUNK_KEYS: usize = 1024;
+/// Bytes per chunk, roughly: a chunk ends after the pair that crosses it.
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Reads a view's user data in chunks: each call returns the pairs after `after` (from the start when
+/// `None`); an empty vector means the end.
+///
+/// # Errors
+/// Storage errors.
+pub fn read_chunk(
+    view: &dyn StorageSnapshot,
+    after: Option<&[u8]>,
+) -> kiwi_storage::Result<Vec<KeyValue>> {
+    let range = ScanRange {
+        start: after.map_or(Bound::Unbounded, |k| Bound::Excluded(k.to_vec())),
+        end: Bound::Unbounded,
+    };
+    let mut out = Vec::new();
+    let mut bytes = 0;
+    for (key, value) in view.scan(KeySpace::Data, &Scan::forward(range, CHUNK_KEYS))? {
+        bytes += key.len() + value.len();
+        out.push(KeyValue { key, value });
+        if bytes >= CHUNK_BYTES {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn staging_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(STAGING_PREFIX.len() + key.len());
+    k.extend_from_slice(STAGING_PREFIX);
+    k.extend_from_slice(key);
+    k
+}
+
+/// Removes every staged pair.
+///
+/// # Errors
+/// Storage errors.
+pub fn clear_staging(backend: &dyn StorageBackend) -> kiwi_storage::Result<()> {
+    delete_range(
+        backend,
+        KeySpace::Raft,
+        ScanRange::half_open(STAGING_PREFIX, STAGING_END),
+    )
+}
+
+/// Stages one received chunk (buffered; the install's first step makes it durable).
+///
+/// # Errors
+/// Storage errors.
+pub fn stage(backend: &dyn StorageBackend, kvs: Vec<KeyValue>) -> kiwi_storage::Result<()> {
+    if kvs.is_empty() {
+        return Ok(());
+    }
+    let mut batch = WriteBatch::new();
+    for kv in kvs {
+        batch.put(KeySpace::Raft, staging_key(&kv.key), kv.value);
+    }
+    backend.batch_write(batch, WriteOptions::BUFFERED)
+}
+
+fn delete_range(
+    backend: &dyn StorageBackend,
+    space: KeySpace,
+    range: ScanRange,
+) -> kiwi_storage::Result<()> {
+    let mut start = range.start.clone();
+    loop {
+        let scan = Scan::forward(
+            ScanRange {
+                start: start.clone(),
+                end: range.end.clone(),
+            },
+            CHUNK_KEYS,
+        );
+        let pairs = backend.scan(space, &scan)?;
+        let Some((last, _)) = pairs.last() else {
+            return Ok(());
+        };
+        start = Bound::Excluded(last.clone());
+        let mut batch = WriteBatch::new();
+        for (k, _) in &pairs {
+            batch.delete(space, k.clone());
+        }
+        backend.batch_write(batch, WriteOptions::BUFFERED)?;
+    }
+}
+
+fn copy_staged_to_data(backend: &dyn StorageBackend) -> kiwi_storage::Result<u64> {
+    let mut start = Bound::Included(STAGING_PREFIX.to_vec());
+    let mut copied = 0;
+    loop {
+        let scan = Scan::forward(
+            ScanRange {
+                start: start.clone(),
+                end: Bound::Excluded(STAGING_END.to_vec()),
+            },
+            CHUNK_KEYS,
+        );
+        let pairs: Vec<KvPair> = backend.scan(KeySpace::Raft, &scan)?;
+        let Some((last, _)) = pairs.last() else {
+            return Ok(copied);
+        };
+        start = Bound::Excluded(last.clone());
+        let mut batch = WriteBatch::new();
+        for (k, v) in pairs {
+            batch.put(KeySpace::Data, k[STAGING_PREFIX.len()..].to_vec(), v);
+            copied += 1;
+        }
+        backend.batch_write(batch, WriteOptions::BUFFERED)?;
+    }
+}
+
+/// Installs the staged snapshot described by `meta` (steps 1-4 of the module doc). Returns the number of
+/// pairs installed.
+///
+/// # Errors
+/// Storage errors: the caller must stop; the mark makes the next start finish the install.
+pub fn install(
+    backend: &dyn StorageBackend,
+    store: &mut LogStore,
+    meta: &SnapshotMetadata,
+) -> Result<u64> {
+    backend.write(
+        KeySpace::Raft,
+        INSTALLING_KEY,
+        &meta.write_to_bytes()?,
+        WriteOptions::SYNC,
+    )?;
+    delete_range(backend, KeySpace::Data, ScanRange::all())?;
+    let pairs = copy_staged_to_data(backend)?;
+    let mut batch = WriteBatch::new();
+    store.snapshot_batch(meta, &mut batch)?;
+    batch.put(KeySpace::Raft, APPLIED_KEY, meta.index.to_be_bytes());
+    batch.delete(KeySpace::Raft, INSTALLING_KEY);
+    backend.batch_write(batch, WriteOptions::SYNC)?;
+    store.snapshot_installed(meta);
+    clear_staging(backend)?;
+    tracing::info!(
+        index = meta.index,
+        term = meta.term,
+        pairs,
+        "installed a Raft snapshot"
+    );
+    Ok(pairs)
+}
+
+/// Finishes an install a crash interrupted, if any (call before the Raft driver starts). Returns the
+/// snapshot index it installed.
+///
+/// # Errors
+/// Storage errors and an undecodable mark.
+pub fn resume_install(backend: &dyn StorageBackend, store: &mut LogStore) -> Result<Option<u64>> {
+    let Some(bytes) = backend.read(KeySpace::Raft, INSTALLING_KEY)? else {
+        return Ok(None);
+    };
+    let meta = SnapshotMetadata::parse_from_bytes(&bytes)?;
+    tracing::warn!(
+        index = meta.index,
+        "finishing a snapshot install interrupted by a crash"
+    );
+    install(backend, store, &meta)?;
+    Ok(Some(meta.index))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kiwi_storage::{Limits, MemoryBackend};
+
+    use super::*;
+
+    fn fill(backend: &dyn StorageBackend, n: usize, tag: &str) {
+        let mut batch = WriteBatch::new();
+        for i in 0..n {
+            batch.put(KeySpace::Data, format!("k{i:05}"), format!("{tag}{i}"));
+        }
+        backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+    }
+
+    fn all_data(backend: &dyn StorageBackend) -> Vec<KvPair> {
+        backend
+            .scan(KeySpace::Data, &Scan::forward(ScanRange::all(), 1_000_000))
+            .unwrap()
+    }
+
+    #[test]
+    fn streams_stages_and_installs_a_snapshot_in_chunks() {
+        let leader: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        fill(&*leader, 3000, "new");
+        let view = leader.snapshot().unwrap();
+
+        let follower: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        fill(&*follower, 5000, "old");
+        let mut store = LogStore::open(follower.clone(), Arc::default()).unwrap();
+        store.bootstrap(vec![1, 2]).unwrap();
+
+        clear_staging(&*follower).unwrap();
+        let mut after: Option<Vec<u8>> = None;
+        let mut chunks = 0;
+        loop {
+            let chunk = read_chunk(&*view, after.as_deref()).unwrap();
+            let Some(last) = chunk.last() else { break };
+            assert!(chunk.len() <= CHUNK_KEYS);
+            after = Some(last.key.clone());
+            stage(&*follower, chunk).unwrap();
+            chunks += 1;
+        }
+        assert_eq!(chunks, 3);
+        // The follower still serves its old data until the install.
+        assert_eq!(all_data(&*follower).len(), 5000);
+
+        let mut meta = SnapshotMetadata {
+            index: 42,
+            term: 3,
+            ..SnapshotMetadata::default()
+        };
+        meta.mut_conf_state().voters = vec![1, 2];
+        assert_eq!(install(&*follower, &mut store, &meta).unwrap(), 3000);
+        assert_eq!(all_data(&*follower), all_data(&*leader));
+        assert_eq!(crate::state_machine::applied_index(&*follower).unwrap(), 42);
+        assert!(
+            resume_install(&*follower, &mut store).unwrap().is_none(),
+            "the mark is gone"
+        );
+        let staged = follower
+            .scan(
+                KeySpace::Raft,
+                &Scan::forward(ScanRange::half_open(STAGING_PREFIX, STAGING_END), 10),
+            )
+            .unwrap();
+        assert!(staged.is_empty(), "staging is cleared");
+    }
+
+    #[test]
+    fn an_interrupted_install_is_finished_on_restart() {
+        let follower: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        fill(&*follower, 10, "old");
+        let mut store = LogStore::open(follower.clone(), Arc::default()).unwrap();
+        store.bootstrap(vec![1]).unwrap();
+        stage(
+            &*follower,
+            vec![KeyValue {
+                key: b"fresh".to_vec(),
+                value: b"1".to_vec(),
+            }],
+        )
+        .unwrap();
+        let mut meta = SnapshotMetadata {
+            index: 7,
+            term: 2,
+            ..SnapshotMetadata::default()
+        };
+        meta.mut_conf_state().voters = vec![1];
+        // Crash right after step 1.
+        follower
+            .write(
+                KeySpace::Raft,
+                INSTALLING_KEY,
+                &meta.write_to_bytes().unwrap(),
+                WriteOptions::SYNC,
+            )
+            .unwrap();
+        let mut store = LogStore::open(follower.clone(), Arc::default()).unwrap();
+        assert_eq!(resume_install(&*follower, &mut store).unwrap(), Some(7));
+        assert_eq!(
+            all_data(&*follower),
+            vec![(b"fresh".to_vec(), b"1".to_vec())]
+        );
+        assert_eq!(crate::state_machine::applied_index(&*follower).unwrap(), 7);
+        assert_eq!(raft::Storage::first_index(&store).unwrap(), 8);
+    }
+}
