@@ -5,7 +5,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: run test deps bench-storage
+.PHONY: run test deps bench-storage bench-snapshot
 
 ## Build and start one kiwi-node with the default configuration (Ctrl-C stops it).
 run: deps
@@ -18,6 +18,10 @@ test: deps
 ## Print the storage benchmark table (release build, a few minutes).
 bench-storage: deps
 	$(CARGO) bench -j$(JOBS) -p kiwi-storage --bench storage
+
+## Stream a 300 MiB snapshot between two RocksDB stores; print time and peak memory.
+bench-snapshot: deps
+	$(CARGO) bench -j$(JOBS) --workspace --bench snapshot
 
 ## Install the system packages the build needs, if missing.
 deps:

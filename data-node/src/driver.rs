@@ -554,6 +554,10 @@ impl Driver {
                 let _ = reply.send(Err(ProposeError::NotLeader { leader_id }));
             }
         }
+        let before = *self.status.borrow();
+        if (before.role, before.leader_id, before.term) != (now.role, now.leader_id, now.term) {
+            tracing::info!(role = ?now.role, term = now.term, leader = now.leader_id, "Raft state changed");
+        }
         self.status.send_if_modified(|s| {
             let changed = *s != now;
             *s = now;
@@ -700,5 +704,134 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use kiwi_proto::v1::{WriteBatchCommand, WriteOp, raft_command, write_op};
+    use kiwi_storage::{
+        BackendKind, KeySpace, KvPair, Limits, MemoryBackend, Scan, StorageSnapshot, WriteBatch,
+        WriteOptions,
+    };
+
+    use super::*;
+
+    /// A memory backend whose writes start failing on demand (a dying disk).
+    struct FailingBackend {
+        inner: MemoryBackend,
+        fail: AtomicBool,
+    }
+
+    impl StorageBackend for FailingBackend {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Memory
+        }
+        fn limits(&self) -> Limits {
+            self.inner.limits()
+        }
+        fn read(&self, space: KeySpace, key: &[u8]) -> kiwi_storage::Result<Option<Vec<u8>>> {
+            self.inner.read(space, key)
+        }
+        fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> kiwi_storage::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(kiwi_storage::Error::Engine {
+                    backend: BackendKind::Memory,
+                    detail: "injected I/O error".into(),
+                });
+            }
+            self.inner.batch_write(batch, opts)
+        }
+        fn scan(&self, space: KeySpace, scan: &Scan) -> kiwi_storage::Result<Vec<KvPair>> {
+            self.inner.scan(space, scan)
+        }
+        fn snapshot(&self) -> kiwi_storage::Result<Box<dyn StorageSnapshot>> {
+            self.inner.snapshot()
+        }
+    }
+
+    struct NoPeers;
+    impl MessageSink for NoPeers {
+        fn send(&self, _msgs: Vec<Message>) -> Vec<u64> {
+            Vec::new()
+        }
+        fn add_peer(&self, _id: u64, _addr: String) {}
+    }
+
+    fn put(key: &str) -> Vec<u8> {
+        RaftCommand {
+            request_id: String::new(),
+            command: Some(raft_command::Command::Write(WriteBatchCommand {
+                ops: vec![WriteOp {
+                    op: Some(write_op::Op::Put(write_op::Put {
+                        key: key.as_bytes().to_vec(),
+                        value: b"v".to_vec(),
+                    })),
+                }],
+            })),
+        }
+        .encode_to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_storage_error_stops_the_driver_without_acknowledging() {
+        let backend = Arc::new(FailingBackend {
+            inner: MemoryBackend::new(Limits::default()),
+            fail: AtomicBool::new(false),
+        });
+        let dyn_backend: Arc<dyn StorageBackend> = backend.clone();
+        let mut store = LogStore::open(Arc::clone(&dyn_backend), Arc::default()).unwrap();
+        store.bootstrap(vec![1]).unwrap();
+        let config = DriverConfig {
+            node_id: 1,
+            tick_interval: Duration::from_millis(5),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compaction_threshold: 1000,
+        };
+        let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
+        let (handle, thread) = spawn(
+            &config,
+            store,
+            Arc::clone(&dyn_backend),
+            Arc::new(NoPeers),
+            stop.clone(),
+            fatal.clone(),
+        )
+        .unwrap();
+        let mut watch = handle.watch();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watch.wait_for(|s| s.role == Role::Leader),
+        )
+        .await
+        .expect("single node elects itself")
+        .unwrap();
+        let ok = handle.propose(put("a")).await.unwrap();
+        let applied_before = state_machine::applied_index(&*dyn_backend).unwrap();
+        assert_eq!(applied_before, ok.index);
+
+        backend.fail.store(true, Ordering::SeqCst);
+        let res = tokio::time::timeout(Duration::from_secs(10), handle.propose(put("b")))
+            .await
+            .expect("the caller is answered, not left waiting");
+        assert_eq!(res, Err(ProposeError::Stopped));
+        tokio::time::timeout(Duration::from_secs(10), fatal.cancelled())
+            .await
+            .expect("the driver reports the failure");
+        thread.join().unwrap();
+        backend.fail.store(false, Ordering::SeqCst);
+        assert_eq!(
+            state_machine::applied_index(&*dyn_backend).unwrap(),
+            applied_before
+        );
+        assert_eq!(
+            backend.read(KeySpace::Data, b"b").unwrap(),
+            None,
+            "nothing past the failure"
+        );
+        assert_eq!(handle.propose(put("c")).await, Err(ProposeError::Stopped));
     }
 }
