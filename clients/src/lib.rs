@@ -1,5 +1,554 @@
-//! `kiwi-client`, the Rust client library for Kiwi, and (as binaries of this folder) the `kiwi` CLI and the
-//! benchmark tool.
+//! `kiwi-client`: the Rust client library for Kiwi, and (as binaries of this crate) the `kiwi` CLI with
+//! its `playground` and `bench` commands.
 //!
-//! Nothing is implemented yet: the client needs the replicated KV API, which arrives with the data-node
-//! issue. Until then, any gRPC stack can talk to a node with stubs generated from `proto/kiwi/v1/*.proto`.
+//! A [`Client`] talks to a list of endpoints. It finds the leader and caches it, follows a node's leader
+//! hint in one hop, and retries what is safe to retry, with backoff, until the call's deadline:
+//! - reads (they change nothing) on any retryable error;
+//! - writes only when the node guarantees the request did nothing (the `kiwi-retry-safe` status
+//!   metadata: not the leader, no leader, dropped by Raft, overloaded) or the connection could not be
+//!   opened at all.
+//!
+//! A write that may or may not have been applied (the connection broke, the deadline passed) is never
+//! retried blindly: it fails with [`Error::UnknownOutcome`], which names the request id so the caller can
+//! check and decide.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kiwi_client::Error> {
+//! use kiwi_client::{CallOptions, Client, ClientOptions, Priority};
+//!
+//! let client = Client::connect(&["127.0.0.1:7381", "127.0.0.1:7382"], ClientOptions::default())?;
+//! client.put(b"greeting", b"hello", &CallOptions::default()).await?;
+//! let value = client.get(b"greeting", &CallOptions::default()).await?;
+//! assert_eq!(value.as_deref(), Some(&b"hello"[..]));
+//!
+//! // Per call: priority, deadline, request id, read consistency.
+//! let urgent = CallOptions {
+//!     priority: Some(Priority::Critical),
+//!     timeout: Some(std::time::Duration::from_millis(200)),
+//!     ..CallOptions::default()
+//! };
+//! client.put(b"alarm", b"on", &urgent).await?;
+//! # Ok(()) }
+//! ```
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use kiwi_proto::v1::kv_service_client::KvServiceClient;
+use kiwi_proto::v1::node_admin_client::NodeAdminClient;
+use kiwi_proto::v1::{
+    CompareAndSwapRequest, Consistency, DeleteRequest, GetRequest, KeyValue, PutRequest,
+    RequestHeader, ScanRequest, StatusRequest, StatusResponse, compare_and_swap_request,
+};
+pub use kiwi_proto::v1::{Consistency as ReadConsistency, Priority};
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Metadata naming the leader's client address on a "not leader" status.
+const LEADER_ADDR: &str = "kiwi-leader-addr";
+/// Metadata set on statuses that guarantee the request did nothing.
+const RETRY_SAFE: &str = "kiwi-retry-safe";
+
+/// What a call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is invalid (over a limit, malformed); retrying will not help.
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    /// A write may or may not have been applied; it was not retried. Check, then decide.
+    #[error("outcome unknown for request {request_id}: {reason}")]
+    UnknownOutcome { request_id: String, reason: String },
+    /// The deadline passed before any node could serve the call; nothing was written.
+    #[error("deadline of {timeout:?} exceeded for request {request_id}; last error: {last}")]
+    DeadlineExceeded {
+        request_id: String,
+        timeout: Duration,
+        last: String,
+    },
+    /// An endpoint is malformed.
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    Endpoint { endpoint: String, reason: String },
+    /// Any other error a node answered with.
+    #[error("{}: {}", .0.code(), .0.message())]
+    Rpc(Status),
+}
+
+/// Settings for a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of a call when [`CallOptions::timeout`] is not set.
+    pub timeout: Duration,
+    /// Priority of a call when [`CallOptions::priority`] is not set.
+    pub priority: Priority,
+    /// gRPC channels (HTTP/2 connections) per endpoint; calls are spread over them round robin.
+    pub connections_per_endpoint: usize,
+    /// Time allowed to open a connection.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_secs(5),
+            priority: Priority::Normal,
+            connections_per_endpoint: 2,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Per-call settings; unset fields take the client's defaults.
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    pub priority: Option<Priority>,
+    pub timeout: Option<Duration>,
+    /// Correlation id for logs and traces; generated when not set.
+    pub request_id: Option<String>,
+    /// For reads: linearizable (default) or serializable.
+    pub consistency: Option<Consistency>,
+}
+
+/// The result of a compare-and-swap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasOutcome {
+    pub succeeded: bool,
+    /// The value before the call (`None`: the key was absent).
+    pub previous: Option<Vec<u8>>,
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    pub kvs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// More pairs match beyond the limit.
+    pub more: bool,
+}
+
+struct Node {
+    addr: String,
+    channels: Vec<Channel>,
+    next: AtomicUsize,
+}
+
+impl Node {
+    fn channel(&self) -> Channel {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        self.channels[i].clone()
+    }
+}
+
+/// A Kiwi client; cheap to share (`Arc` it or clone the handle).
+pub struct Client {
+    nodes: Mutex<Vec<std::sync::Arc<Node>>>,
+    /// Index in `nodes` of the node believed to lead.
+    leader: AtomicUsize,
+    options: ClientOptions,
+    next_id: AtomicUsize,
+    id_prefix: String,
+}
+
+fn normalize(endpoint: &str) -> String {
+    endpoint
+        .trim()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+impl Client {
+    /// A client for the cluster reachable at `endpoints` ("host:port"). Connections open lazily, so this
+    /// succeeds while nodes are down.
+    ///
+    /// # Errors
+    /// [`Error::Endpoint`] for an empty list or a malformed endpoint.
+    pub fn connect<S: AsRef<str>>(
+        endpoints: &[S],
+        options: ClientOptions,
+    ) -> Result<Client, Error> {
+        if endpoints.is_empty() {
+            return Err(Error::Endpoint {
+                endpoint: String::new(),
+                reason: "no endpoints given".into(),
+            });
+        }
+        let mut nodes = Vec::new();
+        for e in endpoints {
+            nodes.push(std::sync::Arc::new(Self::node(e.as_ref(), &options)?));
+        }
+        Ok(Client {
+            nodes: Mutex::new(nodes),
+            leader: AtomicUsize::new(0),
+            options,
+            next_id: AtomicUsize::new(1),
+            id_prefix: format!("c{:08x}", rand::random::<u32>()),
+        })
+    }
+
+    fn node(endpoint: &str, options: &ClientOptions) -> Result<Node, Error> {
+        let addr = normalize(endpoint);
+        let bad = |reason: String| Error::Endpoint {
+            endpoint: endpoint.to_string(),
+            reason,
+        };
+        if !addr.contains(':') {
+            return Err(bad("expected host:port".into()));
+        }
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true);
+        let channels = (0..options.connections_per_endpoint.max(1))
+            .map(|_| ep.connect_lazy())
+            .collect();
+        Ok(Node {
+            addr,
+            channels,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// The endpoints this client knows (the given ones plus leaders it was redirected to).
+    pub fn endpoints(&self) -> Vec<String> {
+        self.lock().iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// The endpoint currently believed to lead.
+    pub fn leader_hint(&self) -> String {
+        let nodes = self.lock();
+        nodes[self.leader.load(Ordering::Relaxed) % nodes.len()]
+            .addr
+            .clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<std::sync::Arc<Node>>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Index of `addr` among the nodes, adding it if new.
+    fn index_of(&self, addr: &str) -> Option<usize> {
+        let addr = normalize(addr);
+        let mut nodes = self.lock();
+        if let Some(i) = nodes.iter().position(|n| n.addr == addr) {
+            return Some(i);
+        }
+        let node = Self::node(&addr, &self.options).ok()?;
+        nodes.push(std::sync::Arc::new(node));
+        Some(nodes.len() - 1)
+    }
+
+    fn pick(&self, i: usize) -> (usize, std::sync::Arc<Node>) {
+        let nodes = self.lock();
+        let i = i % nodes.len();
+        (i, std::sync::Arc::clone(&nodes[i]))
+    }
+
+    fn node_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Runs one call with leader redirects and retries (see the crate doc).
+    async fn call<T, F, Fut>(&self, opts: &CallOptions, write: bool, mut f: F) -> Result<T, Error>
+    where
+        F: FnMut(KvServiceClient<Channel>, RequestHeader) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let timeout = opts.timeout.unwrap_or(self.options.timeout);
+        let deadline = Instant::now() + timeout;
+        let request_id = opts.request_id.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                self.id_prefix,
+                self.next_id.fetch_add(1, Ordering::Relaxed)
+            )
+        });
+        let priority = opts.priority.unwrap_or(self.options.priority);
+        let mut target = self.leader.load(Ordering::Relaxed);
+        let mut backoff = Duration::from_millis(20);
+        let mut last = String::from("no attempt");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::DeadlineExceeded {
+                    request_id,
+                    timeout,
+                    last,
+                });
+            }
+            let (index, node) = self.pick(target);
+            let header = RequestHeader {
+                priority: priority as i32,
+                request_id: request_id.clone(),
+                timeout: prost_types::Duration::try_from(remaining).ok(),
+            };
+            let attempt = f(KvServiceClient::new(node.channel()), header);
+            let status = match tokio::time::timeout(remaining, attempt).await {
+                Ok(Ok(v)) => {
+                    self.leader.store(index, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Ok(Err(status)) => status,
+                Err(_) if write => {
+                    return Err(Error::UnknownOutcome {
+                        request_id,
+                        reason: format!(
+                            "no answer from {} within the deadline of {timeout:?}",
+                            node.addr
+                        ),
+                    });
+                }
+                Err(_) => Status::deadline_exceeded(format!(
+                    "no answer from {} within the deadline",
+                    node.addr
+                )),
+            };
+            last = format!("{} from {}: {}", status.code(), node.addr, status.message());
+            match classify(&status) {
+                Verdict::Fail => {
+                    return Err(match status.code() {
+                        Code::InvalidArgument => {
+                            Error::InvalidArgument(status.message().to_string())
+                        }
+                        _ => Error::Rpc(status),
+                    });
+                }
+                Verdict::Redirect(addr) => {
+                    if let Some(i) = self.index_of(&addr) {
+                        self.leader.store(i, Ordering::Relaxed);
+                        target = i;
+                        continue;
+                    }
+                    target = index + 1;
+                }
+                Verdict::Safe => {
+                    target = if status.code() == Code::ResourceExhausted {
+                        index
+                    } else {
+                        index + 1
+                    }
+                }
+                Verdict::Unknown if write => {
+                    return Err(Error::UnknownOutcome {
+                        request_id,
+                        reason: last,
+                    });
+                }
+                Verdict::Unknown => target = index + 1,
+            }
+            if self.node_count() > 0 {
+                let sleep = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                tokio::time::sleep(sleep).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
+
+    /// Reads a key: `None` if it is absent.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn get(&self, key: &[u8], opts: &CallOptions) -> Result<Option<Vec<u8>>, Error> {
+        let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
+        self.call(opts, false, |mut c, header| async move {
+            let r = c
+                .get(GetRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    consistency,
+                })
+                .await?
+                .into_inner();
+            Ok(r.found.then_some(r.value))
+        })
+        .await
+    }
+
+    /// Writes a key. Returns the log index it was applied at.
+    ///
+    /// # Errors
+    /// [`Error`]; [`Error::UnknownOutcome`] when it may or may not have been applied.
+    pub async fn put(&self, key: &[u8], value: &[u8], opts: &CallOptions) -> Result<u64, Error> {
+        self.call(opts, true, |mut c, header| async move {
+            let r = c
+                .put(PutRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                })
+                .await?
+                .into_inner();
+            Ok(r.header.map_or(0, |h| h.applied_index))
+        })
+        .await
+    }
+
+    /// Removes a key; returns whether it existed.
+    ///
+    /// # Errors
+    /// As for [`put`](Self::put).
+    pub async fn delete(&self, key: &[u8], opts: &CallOptions) -> Result<bool, Error> {
+        self.call(opts, true, |mut c, header| async move {
+            Ok(c.delete(DeleteRequest {
+                header: Some(header),
+                key: key.to_vec(),
+            })
+            .await?
+            .into_inner()
+            .existed)
+        })
+        .await
+    }
+
+    /// Scans `[start, end)` (an empty bound is open), up to `limit` pairs.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: u32,
+        opts: &CallOptions,
+    ) -> Result<ScanPage, Error> {
+        let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
+        self.call(opts, false, |mut c, header| async move {
+            let r = c
+                .scan(ScanRequest {
+                    header: Some(header),
+                    start_key: start.to_vec(),
+                    end_key: end.to_vec(),
+                    limit,
+                    consistency,
+                    ..ScanRequest::default()
+                })
+                .await?
+                .into_inner();
+            Ok(ScanPage {
+                kvs: r
+                    .kvs
+                    .into_iter()
+                    .map(|KeyValue { key, value }| (key, value))
+                    .collect(),
+                more: r.more,
+            })
+        })
+        .await
+    }
+
+    /// Sets `key` to `new` if its current value is `expected` (`None`: if it is absent).
+    ///
+    /// # Errors
+    /// As for [`put`](Self::put).
+    pub async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+        opts: &CallOptions,
+    ) -> Result<CasOutcome, Error> {
+        self.call(opts, true, |mut c, header| async move {
+            let r = c
+                .compare_and_swap(CompareAndSwapRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    expected: Some(match expected {
+                        Some(v) => compare_and_swap_request::Expected::ExpectedValue(v.to_vec()),
+                        None => compare_and_swap_request::Expected::ExpectAbsent(true),
+                    }),
+                    new: Some(compare_and_swap_request::New::NewValue(new.to_vec())),
+                })
+                .await?
+                .into_inner();
+            Ok(CasOutcome {
+                succeeded: r.succeeded,
+                previous: r.previous_found.then_some(r.previous_value),
+            })
+        })
+        .await
+    }
+
+    /// Every known endpoint's `NodeAdmin.Status`, or the error it answered with, in endpoint order.
+    pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Status>)> {
+        let nodes: Vec<_> = self.lock().clone();
+        let mut tasks = Vec::new();
+        for n in &nodes {
+            let mut admin = NodeAdminClient::new(n.channel());
+            let timeout = self.options.timeout;
+            tasks.push(tokio::spawn(async move {
+                match tokio::time::timeout(timeout, admin.status(StatusRequest {})).await {
+                    Ok(r) => r.map(tonic::Response::into_inner),
+                    Err(_) => Err(Status::deadline_exceeded("no answer")),
+                }
+            }));
+        }
+        let mut out = Vec::new();
+        for (n, t) in nodes.iter().zip(tasks) {
+            let r = t
+                .await
+                .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
+            out.push((n.addr.clone(), r));
+        }
+        out
+    }
+}
+
+enum Verdict {
+    /// Not retryable.
+    Fail,
+    /// Another node leads: go there.
+    Redirect(String),
+    /// Nothing happened; retry.
+    Safe,
+    /// Might have happened.
+    Unknown,
+}
+
+fn classify(status: &Status) -> Verdict {
+    let md = status.metadata();
+    if let Some(addr) = md
+        .get(LEADER_ADDR)
+        .and_then(|v| v.to_str().ok())
+        .filter(|a| !a.is_empty())
+    {
+        return Verdict::Redirect(addr.to_string());
+    }
+    if md.get(RETRY_SAFE).is_some_and(|v| v == "true") || connect_failed(status) {
+        return Verdict::Safe;
+    }
+    match status.code() {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::Unauthenticated
+        | Code::Unimplemented
+        | Code::OutOfRange
+        | Code::Internal => Verdict::Fail,
+        Code::FailedPrecondition => Verdict::Fail,
+        _ => Verdict::Unknown,
+    }
+}
+
+/// Whether the call failed because no connection could be opened (so nothing was sent).
+fn connect_failed(status: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        let text = e.to_string();
+        if text.contains("tcp connect error") || text.contains("Connection refused") {
+            return true;
+        }
+        source = e.source();
+    }
+    status.message().contains("tcp connect error")
+}

@@ -63,6 +63,11 @@ pub enum ProposeError {
     /// Nothing was written: retrying is safe.
     #[error("proposal dropped by Raft before it committed; nothing was written")]
     Dropped,
+    /// The proposal's entry was superseded by a snapshot: it may or may not have been applied.
+    #[error(
+        "the proposal's outcome is unknown: this node installed a snapshot covering its log position"
+    )]
+    OutcomeUnknown,
     /// The driver's inbox is full.
     #[error("Raft driver overloaded")]
     Overloaded,
@@ -587,8 +592,9 @@ impl Driver {
             snapshot::install(&*self.backend, self.raw.mut_store(), &meta)?;
             self.applied = meta.index;
             self.applied_on_disk = self.applied_on_disk.max(meta.index);
+            // A deposed leader's pending proposals may or may not be inside the snapshot.
             for (_, p) in self.proposals.split_off(&0) {
-                let _ = p.reply.send(Err(ProposeError::Dropped));
+                let _ = p.reply.send(Err(ProposeError::OutcomeUnknown));
             }
         }
         // 2.

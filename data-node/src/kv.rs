@@ -46,6 +46,8 @@ const MAX_REQUEST_ID: usize = 128;
 
 /// Metadata key naming the leader's id on a FAILED_PRECONDITION "not leader" status.
 pub const LEADER_ID_METADATA: &str = "kiwi-leader-id";
+/// Metadata key set to "true" on every status that guarantees the request did nothing.
+pub const RETRY_SAFE_METADATA: &str = "kiwi-retry-safe";
 /// Metadata key naming the leader's client address on a "not leader" status.
 pub const LEADER_ADDR_METADATA: &str = "kiwi-leader-addr";
 
@@ -74,12 +76,32 @@ pub enum KvError {
     Storage(kiwi_storage::Error),
     #[error("{0}")]
     Precondition(String),
+    #[error("{0}")]
+    Unknown(String),
 }
 
 impl KvError {
     /// The one mapping to gRPC statuses; keeps leader hints (metadata and `NotLeader` details) and
     /// retryability (the code).
     pub fn into_status(self) -> Status {
+        let retry_safe = matches!(
+            self,
+            KvError::NotLeader { .. }
+                | KvError::NoLeader
+                | KvError::Dropped(_)
+                | KvError::Overloaded
+        );
+        let mut status = self.status();
+        if retry_safe {
+            status.metadata_mut().insert(
+                RETRY_SAFE_METADATA,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+        }
+        status
+    }
+
+    fn status(self) -> Status {
         let msg = self.to_string();
         match self {
             KvError::InvalidArgument(_) => Status::invalid_argument(msg),
@@ -110,7 +132,9 @@ impl KvError {
                 }
                 status
             }
-            KvError::NoLeader | KvError::Dropped(_) | KvError::Stopped => Status::unavailable(msg),
+            KvError::NoLeader | KvError::Dropped(_) | KvError::Stopped | KvError::Unknown(_) => {
+                Status::unavailable(msg)
+            }
             KvError::Overloaded => Status::resource_exhausted(msg),
             KvError::Precondition(_) => Status::failed_precondition(msg),
             KvError::Timeout(_) => Status::deadline_exceeded(msg),
@@ -217,6 +241,7 @@ impl KvServer {
             ProposeError::Overloaded => KvError::Overloaded,
             ProposeError::Stopped => KvError::Stopped,
             ProposeError::Dropped => KvError::Dropped(e),
+            ProposeError::OutcomeUnknown => KvError::Unknown(e.to_string()),
             ProposeError::ConfChangePending => KvError::Precondition(e.to_string()),
             ProposeError::Refused(m) => KvError::Precondition(m),
         }

@@ -244,6 +244,7 @@ impl Node {
                     Arc::clone(&cluster),
                     driver,
                     Arc::clone(&storage),
+                    shutdown.clone(),
                 ))
                 .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
             )

@@ -347,6 +347,9 @@ async fn peer_task(
 pub struct RaftService {
     node_id: u64,
     cluster: Arc<AtomicU64>,
+    /// Ends the incoming streams when the node shuts down, so peers' long-lived streams do not hold up
+    /// the graceful shutdown.
+    shutdown: CancellationToken,
     driver: DriverHandle,
     backend: Arc<dyn StorageBackend>,
     /// One snapshot is received and installed at a time: the staging area is shared.
@@ -359,10 +362,12 @@ impl RaftService {
         cluster: Arc<AtomicU64>,
         driver: DriverHandle,
         backend: Arc<dyn StorageBackend>,
+        shutdown: CancellationToken,
     ) -> Self {
         RaftService {
             node_id,
             cluster,
+            shutdown,
             driver,
             backend,
             staging: tokio::sync::Mutex::new(()),
@@ -401,7 +406,14 @@ impl RaftTransport for RaftService {
         request: Request<Streaming<RaftMessageBatch>>,
     ) -> Result<Response<SendMessagesResponse>, Status> {
         let mut stream = request.into_inner();
-        while let Some(batch) = stream.message().await? {
+        loop {
+            let batch = tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                m = stream.message() => match m? {
+                    Some(b) => b,
+                    None => break,
+                },
+            };
             self.check_cluster(batch.cluster_id, batch.from_node)?;
             if batch.to_node != self.node_id {
                 return Err(Status::failed_precondition(format!(

@@ -1,0 +1,410 @@
+//! `kiwi`: the command-line client for Kiwi, for users and operators.
+//!
+//! Data commands (`put`, `get`, `del`, `scan`, `cas`) and `status` go through `kiwi-client`, so they find
+//! the leader and follow redirects by themselves. `playground` starts a local cluster; `bench` measures one
+//! (or an etcd cluster, with the same load).
+
+mod bench;
+mod playground;
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kiwi_client::{CallOptions, Client, ClientOptions, Priority, ReadConsistency};
+use kiwi_proto::v1::RaftRole;
+use serde_json::json;
+
+/// Kiwi command-line client.
+///
+/// Exit status: 0 success; 1 key not found or compare-and-swap failed; 2 any error (printed on one line).
+#[derive(Debug, Parser)]
+#[command(name = "kiwi", version, propagate_version = true)]
+struct Cli {
+    /// Comma-separated node addresses (host:port); any member works, the leader is found automatically.
+    #[arg(
+        long,
+        global = true,
+        env = "KIWI_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7380"
+    )]
+    endpoints: Vec<String>,
+    /// Request priority.
+    #[arg(long, global = true, value_enum, default_value_t = PriorityArg::Normal)]
+    priority: PriorityArg,
+    /// Read consistency for get and scan.
+    #[arg(long, global = true, value_enum, default_value_t = ConsistencyArg::Linearizable)]
+    consistency: ConsistencyArg,
+    /// Deadline for each command, retries included (e.g. 500ms, 5s).
+    #[arg(long, global = true, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Print machine-readable JSON instead of human output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PriorityArg {
+    Critical,
+    High,
+    Normal,
+    Low,
+}
+
+impl From<PriorityArg> for Priority {
+    fn from(p: PriorityArg) -> Self {
+        match p {
+            PriorityArg::Critical => Priority::Critical,
+            PriorityArg::High => Priority::High,
+            PriorityArg::Normal => Priority::Normal,
+            PriorityArg::Low => Priority::Low,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConsistencyArg {
+    /// Reflects every write acknowledged before the read (served by the leader).
+    Linearizable,
+    /// The answering node's local state; may lag.
+    Serializable,
+}
+
+impl From<ConsistencyArg> for ReadConsistency {
+    fn from(c: ConsistencyArg) -> Self {
+        match c {
+            ConsistencyArg::Linearizable => ReadConsistency::Linearizable,
+            ConsistencyArg::Serializable => ReadConsistency::Serializable,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Write KEY = VALUE (VALUE "-" reads it from stdin).
+    Put { key: String, value: String },
+    /// Print the value of KEY (exit 1 if absent).
+    Get { key: String },
+    /// Delete KEY (exit 1 if it did not exist).
+    Del { key: String },
+    /// List keys in [START, END) in order; an omitted bound is open.
+    Scan {
+        start: Option<String>,
+        end: Option<String>,
+        /// At most this many pairs (1-10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Print keys only.
+        #[arg(long)]
+        keys_only: bool,
+    },
+    /// Set KEY to NEW only if its value is OLD (--expect OLD) or it is absent (--absent); exit 1 if not.
+    Cas(CasArgs),
+    /// Members, leader, term, commit/applied index and per-peer replication progress.
+    Status,
+    /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
+    Playground(playground::PlaygroundArgs),
+    /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+#[group(skip)]
+#[command(group(clap::ArgGroup::new("expectation").required(true).multiple(false).args(["expect", "absent"])))]
+struct CasArgs {
+    key: String,
+    /// The value the key must have now.
+    #[arg(long)]
+    expect: Option<String>,
+    /// The key must not exist now.
+    #[arg(long)]
+    absent: bool,
+    /// The new value ("-" reads it from stdin).
+    new: String,
+}
+
+/// A command's result: exit status 0 or 1.
+enum Outcome {
+    Ok,
+    Miss,
+}
+
+fn value_arg(v: &str) -> anyhow::Result<Vec<u8>> {
+    if v == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(buf)
+    } else {
+        Ok(v.as_bytes().to_vec())
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn role_name(role: i32) -> &'static str {
+    match RaftRole::try_from(role).unwrap_or(RaftRole::Unspecified) {
+        RaftRole::Leader => "leader",
+        RaftRole::Follower => "follower",
+        RaftRole::Candidate => "candidate",
+        RaftRole::PreCandidate => "pre-candidate",
+        RaftRole::Learner => "learner",
+        RaftRole::Unspecified => "unknown",
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Miss) => ExitCode::from(1),
+        Err(e) => {
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                msg.push_str(&format!(": {cause}"));
+            }
+            eprintln!("error: {}", msg.replace('\n', " "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let options = ClientOptions {
+        timeout: cli.timeout,
+        priority: cli.priority.into(),
+        ..ClientOptions::default()
+    };
+    let call = CallOptions {
+        consistency: Some(cli.consistency.into()),
+        ..CallOptions::default()
+    };
+    let json = cli.json;
+    let connect = || Client::connect(&cli.endpoints, options.clone());
+    match cli.command {
+        Command::Put { key, value } => {
+            let value = value_arg(&value)?;
+            let index = connect()?.put(key.as_bytes(), &value, &call).await?;
+            if json {
+                println!("{}", json!({"ok": true, "index": index}));
+            } else {
+                println!("OK");
+            }
+            Ok(Outcome::Ok)
+        }
+        Command::Get { key } => match connect()?.get(key.as_bytes(), &call).await? {
+            Some(v) => {
+                if json {
+                    println!("{}", json!({"key": key, "found": true, "value": text(&v)}));
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&v)?;
+                    out.write_all(b"\n")?;
+                }
+                Ok(Outcome::Ok)
+            }
+            None => {
+                if json {
+                    println!("{}", json!({"key": key, "found": false}));
+                } else {
+                    eprintln!("key not found: {key}");
+                }
+                Ok(Outcome::Miss)
+            }
+        },
+        Command::Del { key } => {
+            let existed = connect()?.delete(key.as_bytes(), &call).await?;
+            if json {
+                println!("{}", json!({"key": key, "existed": existed}));
+            } else if existed {
+                println!("deleted");
+            } else {
+                eprintln!("key not found: {key}");
+            }
+            Ok(if existed { Outcome::Ok } else { Outcome::Miss })
+        }
+        Command::Scan {
+            start,
+            end,
+            limit,
+            keys_only,
+        } => {
+            let start = start.unwrap_or_default();
+            let end = end.unwrap_or_default();
+            let page = connect()?
+                .scan(start.as_bytes(), end.as_bytes(), limit, &call)
+                .await?;
+            if json {
+                let kvs: Vec<_> = page
+                    .kvs
+                    .iter()
+                    .map(|(k, v)| json!({"key": text(k), "value": text(v)}))
+                    .collect();
+                println!("{}", json!({"kvs": kvs, "more": page.more}));
+            } else {
+                for (k, v) in &page.kvs {
+                    if keys_only {
+                        println!("{}", text(k));
+                    } else {
+                        println!("{}\t{}", text(k), text(v));
+                    }
+                }
+                if page.more {
+                    eprintln!("(more keys follow; raise --limit or scan from after the last key)");
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        Command::Cas(args) => {
+            let new = value_arg(&args.new)?;
+            let expected = args.expect.as_ref().map(|e| e.as_bytes());
+            let out = connect()?
+                .compare_and_swap(args.key.as_bytes(), expected, &new, &call)
+                .await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"succeeded": out.succeeded, "previous": out.previous.as_deref().map(text)})
+                );
+            } else if out.succeeded {
+                println!("OK");
+            } else {
+                match &out.previous {
+                    Some(v) => eprintln!(
+                        "compare-and-swap failed: the current value is {:?}",
+                        text(v)
+                    ),
+                    None => eprintln!("compare-and-swap failed: the key is absent"),
+                }
+            }
+            Ok(if out.succeeded {
+                Outcome::Ok
+            } else {
+                Outcome::Miss
+            })
+        }
+        Command::Status => status(&connect()?, json).await,
+        Command::Playground(args) => playground::run(args).await.map(|()| Outcome::Ok),
+        Command::Bench(args) => {
+            bench::run(args, &cli.endpoints, cli.consistency, cli.priority.into())
+                .await
+                .map(|()| Outcome::Ok)
+        }
+    }
+}
+
+async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let all = client.status_all().await;
+    let mut members = Vec::new();
+    let mut leader = 0;
+    let mut progress = Vec::new();
+    let mut errors = Vec::new();
+    for (addr, r) in &all {
+        match r {
+            Ok(s) => {
+                if s.role == RaftRole::Leader as i32 {
+                    leader = s.node_id;
+                    progress = s.peers.clone();
+                } else if leader == 0 {
+                    leader = s.leader_id;
+                }
+                members.push((addr.clone(), s.clone()));
+            }
+            Err(e) => errors.push((addr.clone(), e.message().to_string())),
+        }
+    }
+    if members.is_empty() {
+        anyhow::bail!(
+            "no endpoint answered: {}",
+            errors
+                .iter()
+                .map(|(a, e)| format!("{a}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    if json {
+        let m: Vec<_> = members
+            .iter()
+            .map(|(addr, s)| {
+                json!({"id": s.node_id, "addr": addr, "role": role_name(s.role), "term": s.term,
+                       "commit_index": s.commit_index, "applied_index": s.applied_index,
+                       "log_first_index": s.log_first_index, "backend": s.storage_backend})
+            })
+            .collect();
+        let p: Vec<_> = progress
+            .iter()
+            .map(|p| {
+                json!({"id": p.node_id, "addr": p.addr, "match_index": p.match_index,
+                       "recently_active": p.recently_active, "voter": p.voter})
+            })
+            .collect();
+        let e: Vec<_> = errors
+            .iter()
+            .map(|(a, e)| json!({"addr": a, "error": e}))
+            .collect();
+        println!(
+            "{}",
+            json!({"leader": leader, "cluster_id": format!("{:016x}", members[0].1.cluster_id),
+                   "members": m, "progress": p, "unreachable": e})
+        );
+    } else {
+        println!(
+            "cluster {:016x}, leader: node {leader}",
+            members[0].1.cluster_id
+        );
+        println!(
+            "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:>10}  BACKEND",
+            "ID", "ADDR", "ROLE", "TERM", "COMMIT", "APPLIED", "LOG FROM"
+        );
+        for (addr, s) in &members {
+            println!(
+                "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:>10}  {}",
+                s.node_id,
+                addr,
+                role_name(s.role),
+                s.term,
+                s.commit_index,
+                s.applied_index,
+                s.log_first_index,
+                s.storage_backend
+            );
+        }
+        for (addr, e) in &errors {
+            println!("   ?  {addr:<22} unreachable: {e}");
+        }
+        if !progress.is_empty() {
+            println!("replication (as the leader sees it):");
+            for p in &progress {
+                println!(
+                    "  node {:>3} {:<22} match {:>10}  {}{}",
+                    p.node_id,
+                    p.addr,
+                    p.match_index,
+                    if p.recently_active {
+                        "active"
+                    } else {
+                        "INACTIVE"
+                    },
+                    if p.voter { "" } else { " (learner)" }
+                );
+            }
+        }
+    }
+    Ok(Outcome::Ok)
+}

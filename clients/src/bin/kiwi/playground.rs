@@ -1,0 +1,247 @@
+//! `kiwi playground`: a local cluster of real `kiwi-node` processes, like `tiup playground`.
+//!
+//! It picks free loopback ports (or `--base-port`), writes one config per node under the data directory,
+//! starts the nodes with their logs in `<data-dir>/node-<id>/node.log`, waits until they elect a leader,
+//! prints the endpoints and example commands, and stays in the foreground. SIGINT or SIGTERM stops every
+//! node with SIGTERM (SIGKILL after 10 s), and the playground exits once all are gone. If a node dies on
+//! its own, the playground says so, prints its log tail and stops the rest.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kiwi_client::{Client, ClientOptions};
+use kiwi_proto::v1::RaftRole;
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Debug, Args)]
+pub struct PlaygroundArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    nodes: u64,
+    /// Storage backend of every node.
+    #[arg(long, default_value = "rocksdb", value_parser = ["rocksdb", "leveldb", "memory"])]
+    backend: String,
+    /// Where the nodes keep their data (default: a fresh directory under the system temp dir). An existing
+    /// playground directory restarts that cluster with its data.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// First port; node N listens on base-port + N - 1 (default: free ports chosen by the OS).
+    #[arg(long)]
+    base_port: Option<u16>,
+    /// The kiwi-node binary (default: next to this kiwi binary, else on PATH).
+    #[arg(long, env = "KIWI_NODE_BIN")]
+    node_bin: Option<PathBuf>,
+}
+
+fn node_binary(arg: Option<PathBuf>) -> PathBuf {
+    if let Some(p) = arg {
+        return p;
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        let sibling = dir.join("kiwi-node");
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("kiwi-node")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+struct Proc {
+    id: u64,
+    addr: String,
+    log: PathBuf,
+    child: Child,
+}
+
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            std::env::temp_dir().join(format!("kiwi-playground-{stamp}-{}", std::process::id()))
+        }
+    };
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize()?;
+    let bin = node_binary(args.node_bin);
+
+    let mut addrs = Vec::new();
+    for id in 1..=args.nodes {
+        let port = match args.base_port {
+            Some(b) => b
+                .checked_add(u16::try_from(id - 1)?)
+                .context("--base-port too high for this many nodes")?,
+            None => free_port()?,
+        };
+        addrs.push((id, format!("127.0.0.1:{port}")));
+    }
+    let mut procs = Vec::new();
+    for (id, addr) in &addrs {
+        let dir = data_dir.join(format!("node-{id}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut config = format!(
+            "data_dir = {:?}\nlisten_addr = \"{addr}\"\n\n[raft]\nnode_id = {id}\n",
+            dir.join("data").display().to_string()
+        );
+        for (pid, paddr) in &addrs {
+            config.push_str(&format!(
+                "\n[[raft.peers]]\nid = {pid}\naddr = \"{paddr}\"\n"
+            ));
+        }
+        config.push_str(&format!("\n[storage]\nbackend = \"{}\"\n", args.backend));
+        let config_path = dir.join("kiwi-node.toml");
+        std::fs::write(&config_path, config)?;
+        let log = dir.join("node.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(&bin)
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (set --node-bin or KIWI_NODE_BIN)",
+                    bin.display()
+                )
+            })?;
+        procs.push(Proc {
+            id: *id,
+            addr: addr.clone(),
+            log,
+            child,
+        });
+    }
+
+    let result = serve(&mut procs, &data_dir, &args.backend).await;
+    stop_all(&mut procs).await;
+    result
+}
+
+async fn serve(procs: &mut [Proc], data_dir: &Path, backend: &str) -> anyhow::Result<()> {
+    let endpoints: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
+    let client = Client::connect(
+        &endpoints,
+        ClientOptions {
+            timeout: Duration::from_secs(1),
+            ..ClientOptions::default()
+        },
+    )?;
+    eprintln!(
+        "starting {} kiwi-node processes ({backend}) in {} ...",
+        procs.len(),
+        data_dir.display()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        check_alive(procs)?;
+        let statuses = client.status_all().await;
+        if let Some(s) = statuses
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .find(|s| s.role == RaftRole::Leader as i32)
+        {
+            break s.node_id;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no leader elected within 60 s; node logs are in {}",
+                data_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let list = endpoints.join(",");
+    println!(
+        "Kiwi playground is up: {} nodes ({backend}), leader is node {leader}",
+        procs.len()
+    );
+    for p in procs.iter() {
+        println!("  node {}  {}  log: {}", p.id, p.addr, p.log.display());
+    }
+    println!("data dir: {}", data_dir.display());
+    println!();
+    println!("Try, in another terminal:");
+    println!("  export KIWI_ENDPOINTS={list}");
+    println!("  kiwi put hello world");
+    println!("  kiwi get hello");
+    println!("  kiwi status");
+    println!();
+    println!("Ctrl-C stops every node.");
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            () = tokio::time::sleep(Duration::from_millis(500)) => check_alive(procs)?,
+        }
+    }
+    eprintln!("stopping every node ...");
+    Ok(())
+}
+
+fn check_alive(procs: &mut [Proc]) -> anyhow::Result<()> {
+    for p in procs.iter_mut() {
+        if let Some(status) = p.child.try_wait()? {
+            bail!(
+                "node {} exited on its own ({status}); last lines of {}:\n{}",
+                p.id,
+                p.log.display(),
+                log_tail(&p.log, 15)
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        if let Some(pid) = p.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    for p in procs.iter_mut() {
+        match tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!(
+                    "node {} did not stop within 10 s of SIGTERM; killing it",
+                    p.id
+                );
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+    eprintln!("all nodes stopped");
+}

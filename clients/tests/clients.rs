@@ -1,0 +1,280 @@
+//! The client library, the `kiwi` CLI, `kiwi playground` and `kiwi bench` against real clusters.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kiwi_client::{CallOptions, Client, ClientOptions, Error};
+use kiwi_tests::cluster::{Cluster, ClusterOptions, node_binary};
+
+fn endpoints(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.addr(id).to_string())
+        .collect()
+}
+
+fn kiwi(cluster: &Cluster, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args(args)
+        .env("KIWI_ENDPOINTS", endpoints(cluster).join(","))
+        .output()
+        .expect("run kiwi")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_follows_the_leader_and_reports_unknown_outcomes() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let leader = cluster.wait_leader().await;
+    // Start from a follower: the first call is redirected in one hop.
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
+    let mut eps = vec![cluster.addr(follower).to_string()];
+    eps.extend(endpoints(&cluster));
+    let client = Client::connect(
+        &eps,
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    let opts = CallOptions::default();
+    client.put(b"k", b"1", &opts).await.unwrap();
+    assert_eq!(client.leader_hint(), cluster.addr(leader).to_string());
+    assert_eq!(client.get(b"k", &opts).await.unwrap(), Some(b"1".to_vec()));
+
+    // Leader change: the client retries within its deadline and finds the new leader.
+    cluster.kill(leader);
+    client
+        .put(b"k", b"2", &opts)
+        .await
+        .expect("put after the leader died");
+    let new = cluster.wait_leader().await;
+    assert_eq!(client.leader_hint(), cluster.addr(new).to_string());
+    assert_eq!(client.get(b"k", &opts).await.unwrap(), Some(b"2".to_vec()));
+
+    // A frozen leader: a write's outcome is unknown (not retried), a read just times out.
+    cluster.pause(new);
+    let only_leader =
+        Client::connect(&[cluster.addr(new).to_string()], ClientOptions::default()).unwrap();
+    let short = CallOptions {
+        timeout: Some(Duration::from_millis(800)),
+        request_id: Some("req-unknown-1".into()),
+        ..CallOptions::default()
+    };
+    match only_leader.put(b"k", b"3", &short).await {
+        Err(Error::UnknownOutcome { request_id, .. }) => assert_eq!(request_id, "req-unknown-1"),
+        other => panic!("expected UnknownOutcome, got {other:?}"),
+    }
+    match only_leader.get(b"k", &short).await {
+        Err(Error::DeadlineExceeded { .. }) => {}
+        other => panic!("expected DeadlineExceeded, got {other:?}"),
+    }
+    cluster.resume(new);
+
+    // Nothing listens: the deadline expires with an error naming the cause; nothing was sent.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let nobody = Client::connect(&[port.to_string()], ClientOptions::default()).unwrap();
+    match nobody.put(b"k", b"4", &short).await {
+        Err(Error::DeadlineExceeded { last, .. }) => assert!(last.contains("connect"), "{last}"),
+        other => panic!("expected DeadlineExceeded, got {other:?}"),
+    }
+    // Bad input is refused at once with the limit named.
+    match client.put(b"", b"v", &opts).await {
+        Err(Error::InvalidArgument(m)) => assert!(m.contains("empty"), "{m}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_exit_codes_and_json() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let o = kiwi(&cluster, &["put", "greeting", "hello"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = kiwi(&cluster, &["get", "greeting"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), "hello\n");
+    let o = kiwi(&cluster, &["get", "missing"]);
+    assert_eq!(o.status.code(), Some(1), "not found is exit 1");
+    let o = kiwi(&cluster, &["--json", "get", "greeting"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["value"], "hello");
+    assert_eq!(v["found"], true);
+
+    let o = kiwi(&cluster, &["cas", "greeting", "--expect", "nope", "bye"]);
+    assert_eq!(o.status.code(), Some(1), "failed CAS is exit 1: {o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("hello"),
+        "names the current value"
+    );
+    let o = kiwi(&cluster, &["cas", "greeting", "--expect", "hello", "bye"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let o = kiwi(&cluster, &["cas", "fresh", "--absent", "1"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+
+    // Values from stdin.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args(["put", "piped", "-"])
+        .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"from stdin").unwrap();
+    assert!(child.wait().unwrap().success());
+
+    let o = kiwi(&cluster, &["--json", "scan", "--limit", "2"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["kvs"][0]["key"], "fresh");
+    assert_eq!(v["kvs"][1]["key"], "greeting");
+    assert_eq!(v["kvs"][1]["value"], "bye");
+    assert_eq!(v["more"], true);
+    let o = kiwi(&cluster, &["scan", "p", "q"]);
+    assert_eq!(stdout(&o), "piped\tfrom stdin\n");
+
+    let o = kiwi(&cluster, &["del", "fresh"]);
+    assert_eq!(o.status.code(), Some(0));
+    let o = kiwi(&cluster, &["del", "fresh"]);
+    assert_eq!(o.status.code(), Some(1));
+
+    let o = kiwi(&cluster, &["--json", "status"]);
+    assert_eq!(o.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let leader = cluster.wait_leader().await;
+    assert_eq!(v["leader"], leader);
+    let members = v["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for m in members {
+        for field in [
+            "id",
+            "addr",
+            "role",
+            "term",
+            "commit_index",
+            "applied_index",
+        ] {
+            assert!(!m[field].is_null(), "{field} missing in {m}");
+        }
+    }
+    assert_eq!(members.iter().filter(|m| m["role"] == "leader").count(), 1);
+
+    // Errors: one line, exit 2.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args([
+            "--endpoints",
+            "127.0.0.1:1",
+            "--timeout",
+            "300ms",
+            "get",
+            "k",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    let o = kiwi(&cluster, &["put", "", "v"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("empty"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_reports_a_json_line_with_ops_and_no_errors() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let o = kiwi(
+        &cluster,
+        &[
+            "bench",
+            "--workload",
+            "mixed",
+            "--workers",
+            "8",
+            "--connections",
+            "2",
+            "--keys",
+            "200",
+            "--duration",
+            "2s",
+            "--quiet",
+            "--json-out",
+            out.path().to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let text = std::fs::read_to_string(out.path()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert!(v["ops"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    assert_eq!(v["target"], "kiwi");
+    assert!(v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap());
+}
+
+#[test]
+fn playground_serves_and_leaves_no_process_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pg");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args(["playground", "--nodes", "3", "--data-dir"])
+        .arg(&data)
+        .arg("--node-bin")
+        .arg(node_binary())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut endpoints = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(e) = line.trim().strip_prefix("export KIWI_ENDPOINTS=") {
+            endpoints = Some(e.to_string());
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "playground did not come up");
+    }
+    let endpoints = endpoints.expect("the playground printed its endpoints");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiwi"))
+            .args(args)
+            .env("KIWI_ENDPOINTS", &endpoints)
+            .output()
+            .unwrap()
+    };
+    assert!(run(&["put", "hello", "world"]).status.success());
+    assert_eq!(stdout(&run(&["get", "hello"])), "world\n");
+
+    let pgrep = |pattern: &str| {
+        let o = Command::new("pgrep")
+            .arg("-f")
+            .arg(pattern)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let pattern = format!("{}/node-", data.display());
+    assert_eq!(
+        pgrep(&pattern).lines().count(),
+        3,
+        "three nodes run from the data dir"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "playground exit status {status}");
+    assert_eq!(pgrep(&pattern), "", "no kiwi-node left behind");
+}
