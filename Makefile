@@ -5,11 +5,22 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
 JOBS ?= 2
 
-.PHONY: run test deps bench-storage bench-snapshot
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+# Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
+ARGS ?= --base-port 7381
 
-## Build and start one kiwi-node with the default configuration (Ctrl-C stops it).
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd
+
+## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
+## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
 run: deps
-	$(CARGO) run --release -j$(JOBS) -p kiwi-node -- --config data-node/config/kiwi-node.example.toml
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	$(TARGET_DIR)/release/kiwi playground $(ARGS)
+
+## Build and start one kiwi-node with the example configuration (Ctrl-C stops it).
+node: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	$(TARGET_DIR)/release/kiwi-node --config data-node/config/kiwi-node.example.toml
 
 ## Run the whole test suite.
 test: deps
@@ -22,6 +33,11 @@ bench-storage: deps
 ## Stream a 300 MiB snapshot between two RocksDB stores; print time and peak memory.
 bench-snapshot: deps
 	$(CARGO) bench -j$(JOBS) --workspace --bench snapshot
+
+## Kiwi vs etcd (3 nodes each, fsync on) with the same load generator; prints a side-by-side table.
+bench-vs-etcd: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-vs-etcd.sh
 
 ## Install the system packages the build needs, if missing.
 deps:

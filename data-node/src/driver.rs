@@ -659,7 +659,15 @@ impl Driver {
         }))
     }
 
+    /// Applies committed entries: data writes of the whole run go in as few batches as possible (see
+    /// [`state_machine::Applier`]), and proposers are answered only once their write is in storage.
     fn apply(&mut self, entries: Vec<Entry>) -> DriverResult {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let backend = Arc::clone(&self.backend);
+        let mut applier = state_machine::Applier::new(&*backend);
+        let mut answers = Vec::new();
         for entry in entries {
             let (index, term) = (entry.index, entry.term);
             let outcome = if index <= self.applied_on_disk {
@@ -668,14 +676,15 @@ impl Driver {
             } else {
                 match entry.get_entry_type() {
                     EntryType::EntryNormal if entry.data.is_empty() => {
-                        state_machine::mark_applied(&*self.backend, index)?;
+                        applier.skip(index);
                         None
                     }
                     EntryType::EntryNormal => {
                         let cmd = RaftCommand::decode(entry.data.as_ref())?;
-                        Some(state_machine::apply(&*self.backend, index, &cmd)?)
+                        Some(applier.apply(index, &cmd)?)
                     }
                     EntryType::EntryConfChange => {
+                        applier.flush()?;
                         // Kiwi proposes only V2 changes; a V1 entry is read as the equivalent V2.
                         let v1 = ConfChange::parse_from_bytes(&entry.data)?;
                         let mut single = ConfChangeSingle::default();
@@ -687,27 +696,32 @@ impl Driver {
                         self.apply_conf_change(cc, index)?
                     }
                     EntryType::EntryConfChangeV2 => {
+                        applier.flush()?;
                         let cc = ConfChangeV2::parse_from_bytes(&entry.data)?;
                         self.apply_conf_change(cc, index)?
                     }
                 }
             };
-            self.applied = index;
             // Proposals at lower indexes can no longer be answered by their own entry.
             while let Some((&i, _)) = self.proposals.first_key_value() {
                 if i >= index {
                     break;
                 }
                 let (_, p) = self.proposals.pop_first().expect("non-empty");
-                let _ = p.reply.send(Err(ProposeError::Dropped));
+                answers.push((p.reply, Err(ProposeError::Dropped)));
             }
             if let Some(p) = self.proposals.remove(&index) {
                 let result = match outcome {
                     Some(o) if p.term == term => Ok(o),
                     _ => Err(ProposeError::Dropped),
                 };
-                let _ = p.reply.send(result);
+                answers.push((p.reply, result));
             }
+            self.applied = index;
+        }
+        applier.flush()?;
+        for (reply, result) in answers {
+            let _ = reply.send(result);
         }
         Ok(())
     }

@@ -249,7 +249,7 @@ impl Node {
                 .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener),
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
                 shutdown.clone().cancelled_owned(),
             );
         let server = tokio::spawn(server);

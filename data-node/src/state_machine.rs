@@ -94,7 +94,7 @@ pub fn mark_applied(backend: &dyn StorageBackend, index: u64) -> kiwi_storage::R
     )
 }
 
-/// Applies `cmd` at `index`.
+/// Applies `cmd` at `index` in its own batch.
 ///
 /// # Errors
 /// Storage errors (the caller stops the node).
@@ -103,51 +103,101 @@ pub fn apply(
     index: u64,
     cmd: &RaftCommand,
 ) -> kiwi_storage::Result<ApplyOutcome> {
-    let mut out = ApplyOutcome {
-        index,
-        ..ApplyOutcome::default()
-    };
-    let mut batch = WriteBatch::new();
-    match &cmd.command {
-        Some(raft_command::Command::Write(w)) => {
-            if let [op] = w.ops.as_slice()
-                && let Some(write_op::Op::Delete(d)) = &op.op
-            {
-                out.existed = backend.read(KeySpace::Data, &d.key)?.is_some();
-            }
-            for op in &w.ops {
-                match &op.op {
-                    Some(write_op::Op::Put(p)) => {
-                        batch.put(KeySpace::Data, p.key.clone(), p.value.clone());
-                    }
-                    Some(write_op::Op::Delete(d)) => {
-                        batch.delete(KeySpace::Data, d.key.clone());
-                    }
-                    None => {}
-                }
-            }
-        }
-        Some(raft_command::Command::CompareAndSwap(cas)) => {
-            let current = backend.read(KeySpace::Data, &cas.key)?;
-            out.swapped = cas_holds(cas, current.as_deref());
-            if out.swapped {
-                match &cas.new {
-                    Some(compare_and_swap_request::New::NewValue(v)) => {
-                        batch.put(KeySpace::Data, cas.key.clone(), v.clone());
-                    }
-                    Some(compare_and_swap_request::New::Delete(true)) => {
-                        batch.delete(KeySpace::Data, cas.key.clone());
-                    }
-                    _ => {}
-                }
-            }
-            out.previous = current;
-        }
-        None => {}
-    }
-    batch.put(KeySpace::Raft, APPLIED_KEY, index.to_be_bytes());
-    backend.batch_write(batch, WriteOptions::BUFFERED)?;
+    let mut applier = Applier::new(backend);
+    let out = applier.apply(index, cmd)?;
+    applier.flush()?;
     Ok(out)
+}
+
+/// Applies a run of committed entries with as few storage writes as possible: blind writes accumulate in
+/// one batch; a command that must read the current state (a compare-and-swap, a single delete reporting
+/// whether the key existed) first flushes what is pending, so it reads exactly the state before it.
+/// [`flush`](Self::flush) writes the batch with the last applied index; until then nothing is visible.
+pub struct Applier<'a> {
+    backend: &'a dyn StorageBackend,
+    batch: WriteBatch,
+    last: Option<u64>,
+}
+
+impl<'a> Applier<'a> {
+    pub fn new(backend: &'a dyn StorageBackend) -> Self {
+        Applier {
+            backend,
+            batch: WriteBatch::new(),
+            last: None,
+        }
+    }
+
+    /// Records `index` as applied without changing data (empty and membership entries).
+    pub fn skip(&mut self, index: u64) {
+        self.last = Some(index);
+    }
+
+    /// Writes everything pending, with the applied index, in one atomic batch.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn flush(&mut self) -> kiwi_storage::Result<()> {
+        let Some(index) = self.last.take() else {
+            return Ok(());
+        };
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.put(KeySpace::Raft, APPLIED_KEY, index.to_be_bytes());
+        self.backend.batch_write(batch, WriteOptions::BUFFERED)
+    }
+
+    /// Applies `cmd` at `index`.
+    ///
+    /// # Errors
+    /// Storage errors (the caller stops the node).
+    pub fn apply(&mut self, index: u64, cmd: &RaftCommand) -> kiwi_storage::Result<ApplyOutcome> {
+        let mut out = ApplyOutcome {
+            index,
+            ..ApplyOutcome::default()
+        };
+        match &cmd.command {
+            Some(raft_command::Command::Write(w)) => {
+                if let [op] = w.ops.as_slice()
+                    && let Some(write_op::Op::Delete(d)) = &op.op
+                {
+                    self.flush()?;
+                    out.existed = self.backend.read(KeySpace::Data, &d.key)?.is_some();
+                }
+                for op in &w.ops {
+                    match &op.op {
+                        Some(write_op::Op::Put(p)) => {
+                            self.batch
+                                .put(KeySpace::Data, p.key.clone(), p.value.clone());
+                        }
+                        Some(write_op::Op::Delete(d)) => {
+                            self.batch.delete(KeySpace::Data, d.key.clone());
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Some(raft_command::Command::CompareAndSwap(cas)) => {
+                self.flush()?;
+                let current = self.backend.read(KeySpace::Data, &cas.key)?;
+                out.swapped = cas_holds(cas, current.as_deref());
+                if out.swapped {
+                    match &cas.new {
+                        Some(compare_and_swap_request::New::NewValue(v)) => {
+                            self.batch.put(KeySpace::Data, cas.key.clone(), v.clone());
+                        }
+                        Some(compare_and_swap_request::New::Delete(true)) => {
+                            self.batch.delete(KeySpace::Data, cas.key.clone());
+                        }
+                        _ => {}
+                    }
+                }
+                out.previous = current;
+            }
+            None => {}
+        }
+        self.last = Some(index);
+        Ok(out)
+    }
 }
 
 fn cas_holds(cas: &CompareAndSwapRequest, current: Option<&[u8]>) -> bool {
@@ -212,6 +262,33 @@ mod tests {
         assert_eq!(
             s.read(KeySpace::Data, b"k").unwrap().as_deref(),
             Some(&b"2"[..])
+        );
+        assert_eq!(applied_index(&s).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_batched_run_sees_its_own_writes_before_a_cas() {
+        let s = MemoryBackend::new(Limits::default());
+        let mut a = Applier::new(&s);
+        a.apply(1, &put(b"k", b"1")).unwrap();
+        a.apply(2, &put(b"k", b"2")).unwrap();
+        assert_eq!(
+            applied_index(&s).unwrap(),
+            0,
+            "nothing visible before a flush"
+        );
+        let out = a.apply(3, &cas(b"k", Some(b"2"), b"3")).unwrap();
+        assert!(out.swapped, "the CAS saw index 2's write");
+        a.apply(4, &put(b"other", b"x")).unwrap();
+        a.skip(5);
+        a.flush().unwrap();
+        assert_eq!(
+            s.read(KeySpace::Data, b"k").unwrap().as_deref(),
+            Some(&b"3"[..])
+        );
+        assert_eq!(
+            s.read(KeySpace::Data, b"other").unwrap().as_deref(),
+            Some(&b"x"[..])
         );
         assert_eq!(applied_index(&s).unwrap(), 5);
     }
