@@ -1,5 +1,5 @@
-# The two commands of the README. Both first install what the build needs when it is missing:
-# libclang-dev (bindgen for RocksDB) and a C++ compiler. Everything else comes from crates.io.
+# The README's commands. Each first installs what the build and tests need when it is missing:
+# libclang-dev (bindgen for RocksDB), a C++ compiler and procps. Everything else comes from crates.io.
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
@@ -40,6 +40,7 @@ bench-vs-etcd: deps
 	scripts/bench-vs-etcd.sh
 
 ## Install the system packages the build needs, if missing.
+## (procps: pgrep/kill, used by the process tests.)
 deps:
-	@dpkg -s libclang-dev >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 || \
-		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++; }
+	@dpkg -s libclang-dev >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && command -v pgrep >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++ procps; }
