@@ -38,8 +38,9 @@ use std::time::Duration;
 use kiwi_proto::v1::kv_service_client::KvServiceClient;
 use kiwi_proto::v1::node_admin_client::NodeAdminClient;
 use kiwi_proto::v1::{
-    CompareAndSwapRequest, Consistency, DeleteRequest, GetRequest, KeyValue, PutRequest,
-    RequestHeader, ScanRequest, StatusRequest, StatusResponse, compare_and_swap_request,
+    CompareAndSwapRequest, Consistency, DeleteRequest, GetRequest, GetRuntimePolicyRequest,
+    KeyValue, PutRequest, RequestHeader, RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse,
+    ScanRequest, StatusRequest, StatusResponse, compare_and_swap_request,
 };
 pub use kiwi_proto::v1::{Consistency as ReadConsistency, Priority};
 use tokio::time::Instant;
@@ -468,6 +469,37 @@ impl Client {
             })
         })
         .await
+    }
+
+    /// Every known endpoint's runtime policy and runtime stats (pool, queues, scale events), in endpoint
+    /// order.
+    pub async fn runtime_all(
+        &self,
+    ) -> Vec<(
+        String,
+        Result<(RuntimePolicy, RuntimeStatsResponse), Status>,
+    )> {
+        let nodes: Vec<_> = self.lock().clone();
+        let mut out = Vec::new();
+        for n in &nodes {
+            let mut admin = NodeAdminClient::new(n.channel());
+            let timeout = self.options.timeout;
+            let r = tokio::time::timeout(timeout, async {
+                let policy = admin
+                    .get_runtime_policy(GetRuntimePolicyRequest {})
+                    .await?
+                    .into_inner();
+                let stats = admin
+                    .runtime_stats(RuntimeStatsRequest {})
+                    .await?
+                    .into_inner();
+                Ok((policy, stats))
+            })
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer")));
+            out.push((n.addr.clone(), r));
+        }
+        out
     }
 
     /// Every known endpoint's `NodeAdmin.Status`, or the error it answered with, in endpoint order.

@@ -50,6 +50,28 @@ async fn client_follows_the_leader_and_reports_unknown_outcomes() {
 
     // Leader change: the client retries within its deadline and finds the new leader.
     cluster.kill(leader);
+    // A write sent over the connection to the dying leader may or may not have landed: either it succeeds
+    // (the client noticed the dead connection and retried elsewhere) or it says the outcome is unknown.
+    match client.put(b"k", b"1b", &opts).await {
+        Ok(_) | Err(Error::UnknownOutcome { .. }) => {}
+        Err(e) => panic!("expected success or UnknownOutcome, got {e:?}"),
+    }
+    // A client whose first endpoint is the dead node: connection refused (nothing sent) → next node →
+    // redirect once a new leader is elected, all within the call's deadline.
+    let mut eps = vec![cluster.addr(leader).to_string()];
+    eps.extend(
+        endpoints(&cluster)
+            .into_iter()
+            .filter(|e| *e != cluster.addr(leader).to_string()),
+    );
+    let client = Client::connect(
+        &eps,
+        ClientOptions {
+            timeout: Duration::from_secs(10),
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
     client
         .put(b"k", b"2", &opts)
         .await

@@ -205,6 +205,20 @@ impl DriverHandle {
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
+    /// Hands an encoded [`RaftCommand`] to Raft without waiting; the receiver answers once it is applied
+    /// (or can no longer be).
+    ///
+    /// # Errors
+    /// [`ProposeError::Overloaded`] or [`ProposeError::Stopped`] when the driver cannot take it.
+    pub fn submit(
+        &self,
+        data: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<ApplyOutcome, ProposeError>>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::Propose { data, reply })?;
+        Ok(rx)
+    }
+
     /// Runs a ReadIndex round and returns the index a linearizable read must wait for.
     ///
     /// # Errors

@@ -16,8 +16,10 @@ use kiwi_proto::v1::node_admin_server::NodeAdmin;
 use kiwi_proto::v1::{
     AddNodeRequest, BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest,
     CompareAndSwapResponse, Consistency, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
-    KeyValue, MembershipResponse, NotLeader, PutRequest, PutResponse, RaftCommand, RaftRole,
-    RemoveNodeRequest, RequestHeader, ResponseHeader, ScanRequest, ScanResponse, StatusRequest,
+    GetRuntimePolicyRequest, KeyValue, MembershipResponse, NotLeader, PoolStats,
+    PriorityClassStats, PriorityPolicy, PutRequest, PutResponse, RaftCommand, RaftRole,
+    RemoveNodeRequest, RequestHeader, ResponseHeader, RuntimePolicy, RuntimeStatsRequest,
+    RuntimeStatsResponse, ScaleEvent, ScalingPolicy, ScanRequest, ScanResponse, StatusRequest,
     StatusResponse, TransferLeaderRequest, TransferLeaderResponse, WriteBatchCommand, WriteOp,
     compare_and_swap_request, raft_command, write_op,
 };
@@ -26,9 +28,30 @@ use prost::Message as _;
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
 
+use crate::config::{NodeConfig, RuntimeConfig};
 use crate::driver::{DriverHandle, ProposeError, Role};
+use crate::priority_channel::{ChannelPolicy, Class, PriorityMessageChannel, Refused};
 use crate::state_machine::ApplyOutcome;
 use crate::transport::Members;
+use crate::worker_pool::{Job, WorkerPool};
+
+/// A closure run by the storage stage, answering its caller on a oneshot.
+struct StagedJob<R> {
+    f: Box<dyn FnOnce() -> Result<R, KvError> + Send>,
+    tx: tokio::sync::oneshot::Sender<Result<R, KvError>>,
+    timeout: Duration,
+}
+
+impl<R: Send> Job for StagedJob<R> {
+    fn run(self: Box<Self>) {
+        let r = (self.f)();
+        let _ = self.tx.send(r);
+    }
+
+    fn expire(self: Box<Self>) {
+        let _ = self.tx.send(Err(KvError::Expired(self.timeout)));
+    }
+}
 
 /// How long AddNode waits for a learner to catch up before giving up (it stays a learner).
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -46,6 +69,8 @@ const MAX_REQUEST_ID: usize = 128;
 
 /// Metadata key naming the leader's id on a FAILED_PRECONDITION "not leader" status.
 pub const LEADER_ID_METADATA: &str = "kiwi-leader-id";
+/// Metadata key with the milliseconds after which a shed request may be retried.
+pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
 /// Metadata key set to "true" on every status that guarantees the request did nothing.
 pub const RETRY_SAFE_METADATA: &str = "kiwi-retry-safe";
 /// Metadata key naming the leader's client address on a "not leader" status.
@@ -78,6 +103,12 @@ pub enum KvError {
     Precondition(String),
     #[error("{0}")]
     Unknown(String),
+    /// Refused by admission control; did nothing.
+    #[error("{0}")]
+    Shed(Refused),
+    /// The deadline passed while the request waited in the queue; it never ran.
+    #[error("deadline of {0:?} exceeded while queued; the request never ran")]
+    Expired(Duration),
 }
 
 impl KvError {
@@ -90,13 +121,24 @@ impl KvError {
                 | KvError::NoLeader
                 | KvError::Dropped(_)
                 | KvError::Overloaded
+                | KvError::Shed(_)
+                | KvError::Expired(_)
         );
+        let retry_after = match &self {
+            KvError::Shed(r) => r.retry_after(),
+            _ => None,
+        };
         let mut status = self.status();
         if retry_safe {
             status.metadata_mut().insert(
                 RETRY_SAFE_METADATA,
                 tonic::metadata::MetadataValue::from_static("true"),
             );
+        }
+        if let Some(after) = retry_after
+            && let Ok(v) = after.as_millis().max(1).to_string().parse()
+        {
+            status.metadata_mut().insert(RETRY_AFTER_METADATA, v);
         }
         status
     }
@@ -135,7 +177,8 @@ impl KvError {
             KvError::NoLeader | KvError::Dropped(_) | KvError::Stopped | KvError::Unknown(_) => {
                 Status::unavailable(msg)
             }
-            KvError::Overloaded => Status::resource_exhausted(msg),
+            KvError::Overloaded | KvError::Shed(_) => Status::resource_exhausted(msg),
+            KvError::Expired(_) => Status::deadline_exceeded(msg),
             KvError::Precondition(_) => Status::failed_precondition(msg),
             KvError::Timeout(_) => Status::deadline_exceeded(msg),
             KvError::Storage(e) => match e {
@@ -159,32 +202,60 @@ pub struct KvServer {
     /// Client address of every member, for leader hints.
     addrs: Arc<Members>,
     cluster: Arc<AtomicU64>,
+    /// The storage stage's queue.
+    channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
+    /// The storage stage's threads.
+    pool: Arc<WorkerPool>,
+    /// The node's configuration, with the runtime policy in force (changed by SetRuntimePolicy).
+    config: std::sync::Mutex<NodeConfig>,
     next_request: AtomicU64,
+}
+
+/// What [`KvServer::new`] is built from.
+pub struct KvServerParts {
+    pub node_id: u64,
+    pub driver: DriverHandle,
+    pub storage: Arc<dyn StorageBackend>,
+    /// Client address of every member, for leader hints.
+    pub addrs: Arc<Members>,
+    pub cluster: Arc<AtomicU64>,
+    pub channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
+    pub pool: Arc<WorkerPool>,
+    pub config: NodeConfig,
 }
 
 /// A request's tags after validation.
 struct Tagged {
     request_id: String,
     timeout: Duration,
+    /// When the request must be answered by.
+    deadline: std::time::Instant,
+    class: Class,
 }
 
 impl KvServer {
-    pub fn new(
-        node_id: u64,
-        driver: DriverHandle,
-        storage: Arc<dyn StorageBackend>,
-        backend: BackendKind,
-        addrs: Arc<Members>,
-        cluster: Arc<AtomicU64>,
-    ) -> Arc<Self> {
+    pub fn new(parts: KvServerParts) -> Arc<Self> {
+        let KvServerParts {
+            node_id,
+            driver,
+            storage,
+            addrs,
+            cluster,
+            channel,
+            pool,
+            config,
+        } = parts;
         Arc::new(KvServer {
             node_id,
             driver,
             limits: storage.limits(),
             storage,
-            backend,
+            backend: config.storage.backend,
             addrs,
             cluster,
+            channel,
+            pool,
+            config: std::sync::Mutex::new(config),
             next_request: AtomicU64::new(1),
         })
     }
@@ -212,6 +283,8 @@ impl KvServer {
         Ok(Tagged {
             request_id,
             timeout,
+            deadline: std::time::Instant::now() + timeout,
+            class: Class::from_wire(header.map_or(0, |h| h.priority)),
         })
     }
 
@@ -262,8 +335,19 @@ impl KvServer {
             request_id: tagged.request_id.clone(),
             command: Some(command),
         };
-        match tokio::time::timeout(tagged.timeout, self.driver.propose(cmd.encode_to_vec())).await {
-            Ok(r) => r.map_err(|e| self.map_propose(e)),
+        // The storage stage encodes and hands the proposal to Raft; the wait for the commit is not work,
+        // so it happens here, off the pool.
+        let driver = self.driver.clone();
+        let submitted = self
+            .staged(tagged, move || Ok(driver.submit(cmd.encode_to_vec())))
+            .await?;
+        let rx = submitted.map_err(|e| self.map_propose(e))?;
+        let left = tagged
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(left, rx).await {
+            Ok(Ok(r)) => r.map_err(|e| self.map_propose(e)),
+            Ok(Err(_)) => Err(KvError::Stopped),
             Err(_) => Err(KvError::Timeout(tagged.timeout)),
         }
     }
@@ -294,15 +378,37 @@ impl KvServer {
         }
     }
 
+    /// Runs `f` in the storage stage: through the priority channel (which may refuse it at once) on a
+    /// pool thread.
+    async fn staged<R: Send + 'static>(
+        &self,
+        tagged: &Tagged,
+        f: impl FnOnce() -> Result<R, KvError> + Send + 'static,
+    ) -> Result<R, KvError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Box<dyn Job> = Box::new(StagedJob {
+            f: Box::new(f),
+            tx,
+            timeout: tagged.timeout,
+        });
+        self.channel
+            .try_send(tagged.class, tagged.deadline, job)
+            .map_err(|e| match e {
+                Refused::Closed => KvError::Stopped,
+                e => KvError::Shed(e),
+            })?;
+        rx.await.map_err(|_| KvError::Stopped)?
+    }
+
+    /// A storage call in the storage stage.
     async fn blocking<T: Send + 'static>(
         &self,
+        tagged: &Tagged,
         f: impl FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<T> + Send + 'static,
     ) -> Result<T, KvError> {
         let storage = Arc::clone(&self.storage);
-        tokio::task::spawn_blocking(move || f(&*storage))
+        self.staged(tagged, move || f(&*storage).map_err(KvError::Storage))
             .await
-            .map_err(|_| KvError::Stopped)?
-            .map_err(KvError::Storage)
     }
 
     fn check_ops(&self, ops: &[WriteOp]) -> Result<(), KvError> {
@@ -357,7 +463,9 @@ impl KvService for KvApi {
             s.check_key(&req.key)?;
             let applied = s.read_point(req.consistency, &tagged).await?;
             let key = req.key;
-            let value = s.blocking(move |st| st.read(KeySpace::Data, &key)).await?;
+            let value = s
+                .blocking(&tagged, move |st| st.read(KeySpace::Data, &key))
+                .await?;
             Ok(GetResponse {
                 header: s.header(&tagged, applied),
                 found: value.is_some(),
@@ -462,7 +570,9 @@ impl KvService for KvApi {
                 limit: req.limit as usize + 1,
                 reverse: req.reverse,
             };
-            let mut pairs = s.blocking(move |st| st.scan(KeySpace::Data, &scan)).await?;
+            let mut pairs = s
+                .blocking(&tagged, move |st| st.scan(KeySpace::Data, &scan))
+                .await?;
             let more = pairs.len() > req.limit as usize;
             pairs.truncate(req.limit as usize);
             Ok(ScanResponse {
@@ -650,6 +760,30 @@ impl NodeAdmin for AdminApi {
         run.await.map(Response::new).map_err(KvError::into_status)
     }
 
+    async fn get_runtime_policy(
+        &self,
+        _request: Request<GetRuntimePolicyRequest>,
+    ) -> Result<Response<RuntimePolicy>, Status> {
+        Ok(Response::new(self.0.runtime_policy()))
+    }
+
+    async fn set_runtime_policy(
+        &self,
+        request: Request<RuntimePolicy>,
+    ) -> Result<Response<RuntimePolicy>, Status> {
+        self.0
+            .set_runtime_policy(request.into_inner())
+            .map(Response::new)
+            .map_err(KvError::into_status)
+    }
+
+    async fn runtime_stats(
+        &self,
+        _request: Request<RuntimeStatsRequest>,
+    ) -> Result<Response<RuntimeStatsResponse>, Status> {
+        Ok(Response::new(self.0.runtime_stats()))
+    }
+
     async fn transfer_leader(
         &self,
         request: Request<TransferLeaderRequest>,
@@ -747,6 +881,126 @@ impl KvServer {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn policy_of(rt: &RuntimeConfig) -> RuntimePolicy {
+    let (s, p) = (&rt.scaling, &rt.priority);
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    RuntimePolicy {
+        scaling: Some(ScalingPolicy {
+            enabled: s.enabled,
+            min_storage_threads: n(s.min_storage_threads),
+            max_storage_threads: n(s.max_storage_threads),
+            scale_up_threshold: u32::from(s.scale_up_threshold),
+            scale_down_threshold: u32::from(s.scale_down_threshold),
+            scale_increment: n(s.scale_increment),
+            evaluation_interval_ms: u32::try_from(s.evaluation_interval.as_millis())
+                .unwrap_or(u32::MAX),
+        }),
+        priority: Some(PriorityPolicy {
+            enabled: p.enabled,
+            high_priority_weight: p.high_priority_weight,
+            normal_priority_weight: p.normal_priority_weight,
+            low_priority_weight: p.low_priority_weight,
+        }),
+    }
+}
+
+impl KvServer {
+    fn runtime_policy(&self) -> RuntimePolicy {
+        policy_of(
+            &self
+                .config
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .runtime,
+        )
+    }
+
+    /// Validates `policy` like the config file (unset parts stay as they are) and puts it in force.
+    fn set_runtime_policy(&self, policy: RuntimePolicy) -> Result<RuntimePolicy, KvError> {
+        let mut config = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = config.clone();
+        let pct = |v: u32, field: &str| {
+            u8::try_from(v)
+                .map_err(|_| KvError::InvalidArgument(format!("{field}: must be 1-100, got {v}")))
+        };
+        if let Some(s) = policy.scaling {
+            let sc = &mut next.runtime.scaling;
+            sc.enabled = s.enabled;
+            sc.min_storage_threads = s.min_storage_threads as usize;
+            sc.max_storage_threads = s.max_storage_threads as usize;
+            sc.scale_up_threshold =
+                pct(s.scale_up_threshold, "runtime.scaling.scale_up_threshold")?;
+            sc.scale_down_threshold = pct(
+                s.scale_down_threshold,
+                "runtime.scaling.scale_down_threshold",
+            )?;
+            sc.scale_increment = s.scale_increment as usize;
+            sc.evaluation_interval = Duration::from_millis(u64::from(s.evaluation_interval_ms));
+        }
+        if let Some(p) = policy.priority {
+            let pr = &mut next.runtime.priority;
+            pr.enabled = p.enabled;
+            pr.high_priority_weight = p.high_priority_weight;
+            pr.normal_priority_weight = p.normal_priority_weight;
+            pr.low_priority_weight = p.low_priority_weight;
+        }
+        next.validate().map_err(|e| {
+            KvError::InvalidArgument(format!("policy refused, the old one stays: {e}"))
+        })?;
+        self.pool.set_policy((&next.runtime.scaling).into());
+        self.channel.set_policy(ChannelPolicy::from_config(
+            &next.runtime.priority,
+            crate::QUEUE_CAPACITY,
+        ));
+        tracing::info!(policy = ?next.runtime, "runtime policy changed");
+        *config = next;
+        Ok(policy_of(&config.runtime))
+    }
+
+    fn runtime_stats(&self) -> RuntimeStatsResponse {
+        let m = self.pool.metrics();
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let stats = self.channel.stats();
+        RuntimeStatsResponse {
+            storage_pool: Some(PoolStats {
+                current_threads: n(m.current),
+                target_threads: n(m.target),
+                utilisation_percent: m.utilisation,
+                queue_len: n(m.queue_len),
+                events: m
+                    .events
+                    .into_iter()
+                    .map(|e| ScaleEvent {
+                        at_unix_ms: e
+                            .at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                        from_threads: n(e.from),
+                        to_threads: n(e.to),
+                        reason: e.reason,
+                    })
+                    .collect(),
+            }),
+            classes: Class::ALL
+                .iter()
+                .zip(stats.classes)
+                .map(|(c, st)| PriorityClassStats {
+                    class: c.name().to_string(),
+                    enqueued: st.enqueued,
+                    served: st.served,
+                    shed: st.shed,
+                    expired: st.expired,
+                    depth: n(st.depth),
+                    wait_histogram: st.wait_buckets.to_vec(),
+                })
+                .collect(),
         }
     }
 }

@@ -9,7 +9,10 @@
 //! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.
 //! - [`driver`]: the Raft driver thread, sole owner of `RawNode`; uses `log_store` and `state_machine`.
 //! - [`transport`]: `RaftTransport` client and server; talks to the driver through its handle.
-//! - [`kv`]: the `KvService` and `NodeAdmin` gRPC services; talk to the driver through its handle.
+//! - [`priority_channel`]: the priority queue between the gRPC handlers and the storage stage.
+//! - [`worker_pool`]: the storage stage's threads and the `ThreadPoolScaler` that sizes them.
+//! - [`kv`]: the `KvService` and `NodeAdmin` gRPC services; storage work goes through the priority channel
+//!   to the worker pool, Raft work through the driver's handle.
 //! - this file: wires them together and serves gRPC (plus health and reflection).
 //!
 //! Storage is reached only through `kiwi_storage::StorageBackend`; no module names an engine.
@@ -19,9 +22,11 @@ pub mod driver;
 pub mod identity;
 pub mod kv;
 pub mod log_store;
+pub mod priority_channel;
 pub mod snapshot;
 pub mod state_machine;
 pub mod transport;
+pub mod worker_pool;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -42,8 +47,13 @@ use tonic_health::ServingStatus;
 pub use config::NodeConfig;
 
 use crate::driver::DriverConfig;
-use crate::kv::{AdminApi, KvApi, KvServer};
+use crate::kv::{AdminApi, KvApi, KvServer, KvServerParts};
 use crate::log_store::{LogStore, SnapshotRegistry};
+use crate::priority_channel::{ChannelPolicy, PriorityMessageChannel, SystemClock};
+use crate::worker_pool::WorkerPool;
+
+/// Requests queued per priority class before the class is refused.
+pub const QUEUE_CAPACITY: usize = 4096;
 use crate::transport::{Members, Peers, RaftService};
 
 /// What can stop a node from starting or running.
@@ -110,6 +120,7 @@ pub struct Node {
     stop: CancellationToken,
     fatal: CancellationToken,
     driver: Option<std::thread::JoinHandle<()>>,
+    pool: Arc<WorkerPool>,
 }
 
 impl Node {
@@ -210,14 +221,22 @@ impl Node {
                 }
             });
         }
-        let kv = KvServer::new(
+        let channel = Arc::new(PriorityMessageChannel::new(
+            ChannelPolicy::from_config(&config.runtime.priority, QUEUE_CAPACITY),
+            config.runtime.scaling.min_storage_threads,
+            Box::new(SystemClock),
+        ));
+        let pool = WorkerPool::start(Arc::clone(&channel), (&config.runtime.scaling).into());
+        let kv = KvServer::new(KvServerParts {
             node_id,
-            driver.clone(),
-            Arc::clone(&storage),
-            config.storage.backend,
-            members,
-            Arc::clone(&cluster),
-        );
+            driver: driver.clone(),
+            storage: Arc::clone(&storage),
+            addrs: members,
+            cluster: Arc::clone(&cluster),
+            channel,
+            pool: Arc::clone(&pool),
+            config: config.clone(),
+        });
         let max_message = config.storage.limits().max_value_bytes
             + config.storage.limits().max_key_bytes
             + 64 * 1024;
@@ -268,6 +287,7 @@ impl Node {
             stop,
             fatal,
             driver: Some(driver_thread),
+            pool,
         })
     }
 
@@ -295,6 +315,7 @@ impl Node {
                 self.server.abort();
             }
         }
+        self.pool.stop();
         self.stop.cancel();
         if let Some(driver) = self.driver.take() {
             tokio::task::spawn_blocking(move || driver.join())

@@ -39,6 +39,8 @@ pub struct ClusterOptions {
     /// `raft.log_compaction_threshold`.
     pub compaction_threshold: u64,
     pub tick_interval_ms: u64,
+    /// Extra TOML appended to every node's config (e.g. a `[runtime.scaling]` table).
+    pub extra_config: String,
 }
 
 impl Default for ClusterOptions {
@@ -48,6 +50,7 @@ impl Default for ClusterOptions {
             backend: "rocksdb".into(),
             compaction_threshold: 100_000,
             tick_interval_ms: 50,
+            extra_config: String::new(),
         }
     }
 }
@@ -180,6 +183,7 @@ impl Cluster {
             "\n[storage]\nbackend = \"{}\"\n",
             self.opts.backend
         ));
+        s.push_str(&self.opts.extra_config);
         s
     }
 

@@ -106,6 +106,9 @@ enum Command {
     Cas(CasArgs),
     /// Members, leader, term, commit/applied index and per-peer replication progress.
     Status,
+    /// Each node's storage pool (threads, target, utilisation, recent scale events), priority queues and
+    /// runtime policy.
+    Runtime,
     /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
     Playground(playground::PlaygroundArgs),
     /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
@@ -299,6 +302,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             })
         }
         Command::Status => status(&connect()?, json).await,
+        Command::Runtime => runtime(&connect()?, json).await,
         Command::Playground(args) => playground::run(args).await.map(|()| Outcome::Ok),
         Command::Bench(args) => {
             bench::run(args, &cli.endpoints, cli.consistency, cli.priority.into())
@@ -306,6 +310,88 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 .map(|()| Outcome::Ok)
         }
     }
+}
+
+async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let all = client.runtime_all().await;
+    if all.iter().all(|(_, r)| r.is_err()) {
+        anyhow::bail!(
+            "no endpoint answered: {}",
+            all.iter()
+                .filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {}", e.message())))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    if json {
+        let nodes: Vec<_> = all
+            .iter()
+            .map(|(addr, r)| match r {
+                Ok((policy, stats)) => {
+                    let pool = stats.storage_pool.clone().unwrap_or_default();
+                    json!({
+                        "addr": addr,
+                        "pool": {"current": pool.current_threads, "target": pool.target_threads,
+                                 "utilisation_percent": pool.utilisation_percent, "queue_len": pool.queue_len,
+                                 "events": pool.events.iter().map(|e| json!({"at_unix_ms": e.at_unix_ms,
+                                     "from": e.from_threads, "to": e.to_threads, "reason": e.reason})).collect::<Vec<_>>()},
+                        "classes": stats.classes.iter().map(|c| json!({"class": c.class, "enqueued": c.enqueued,
+                            "served": c.served, "shed": c.shed, "expired": c.expired, "depth": c.depth,
+                            "wait_histogram": c.wait_histogram})).collect::<Vec<_>>(),
+                        "priority_enabled": policy.priority.as_ref().is_some_and(|p| p.enabled),
+                        "scaling_enabled": policy.scaling.as_ref().is_some_and(|s| s.enabled),
+                    })
+                }
+                Err(e) => json!({"addr": addr, "error": e.message()}),
+            })
+            .collect();
+        println!("{}", json!({ "nodes": nodes }));
+        return Ok(Outcome::Ok);
+    }
+    for (addr, r) in &all {
+        match r {
+            Err(e) => println!("{addr}: unreachable: {}", e.message()),
+            Ok((policy, stats)) => {
+                let pool = stats.storage_pool.clone().unwrap_or_default();
+                let sc = policy.scaling.unwrap_or_default();
+                let pr = policy.priority.unwrap_or_default();
+                println!(
+                    "{addr}: storage pool {} threads (target {}, {}-{}, scaling {}), utilisation {:.0}%, {} queued",
+                    pool.current_threads,
+                    pool.target_threads,
+                    sc.min_storage_threads,
+                    sc.max_storage_threads,
+                    if sc.enabled { "on" } else { "off" },
+                    pool.utilisation_percent,
+                    pool.queue_len
+                );
+                println!(
+                    "  priority {} (weights high {} / normal {} / low {})",
+                    if pr.enabled { "on" } else { "off (FIFO)" },
+                    pr.high_priority_weight,
+                    pr.normal_priority_weight,
+                    pr.low_priority_weight
+                );
+                println!(
+                    "  {:<9} {:>10} {:>10} {:>8} {:>8} {:>6}",
+                    "CLASS", "ENQUEUED", "SERVED", "SHED", "EXPIRED", "DEPTH"
+                );
+                for c in &stats.classes {
+                    println!(
+                        "  {:<9} {:>10} {:>10} {:>8} {:>8} {:>6}",
+                        c.class, c.enqueued, c.served, c.shed, c.expired, c.depth
+                    );
+                }
+                for e in &pool.events {
+                    println!(
+                        "  scaled {} -> {} at {} ms: {}",
+                        e.from_threads, e.to_threads, e.at_unix_ms, e.reason
+                    );
+                }
+            }
+        }
+    }
+    Ok(Outcome::Ok)
 }
 
 async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {

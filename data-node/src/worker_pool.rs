@@ -1,0 +1,418 @@
+//! The storage stage: a pool of OS threads that takes client requests from the
+//! [`PriorityMessageChannel`](crate::priority_channel::PriorityMessageChannel) and runs them (storage reads,
+//! validation and encoding of writes, handing proposals to Raft), sized by a [`ThreadPoolScaler`].
+//!
+//! The pool's thread count really changes: growing spawns threads, shrinking lowers the target and the
+//! threads above it exit after finishing their current request. Every `evaluation_interval` the scaler
+//! reads utilisation (time spent running requests ÷ threads × interval) and the queue length; above
+//! `scale_up_threshold` percent (or with requests waiting while every thread is busy) it wants to grow by
+//! `scale_increment`, below `scale_down_threshold` with an empty queue it wants to shrink. Hysteresis: a
+//! decision must hold for two consecutive intervals, and after a change the scaler waits two intervals
+//! before the next, so a steady load at a threshold does not make it oscillate.
+//!
+//! The network stage stays tokio's fixed runtime: tokio cannot resize a running runtime, and handlers only
+//! parse, enqueue and await, so the request work whose concurrency matters is all in this pool.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::priority_channel::{PriorityMessageChannel, Taken};
+
+/// One request's work, run by a pool thread (or answered as expired without running).
+pub trait Job: Send {
+    fn run(self: Box<Self>);
+    fn expire(self: Box<Self>);
+}
+
+/// What the scaler is told to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScalingPolicy {
+    pub enabled: bool,
+    pub min_threads: usize,
+    pub max_threads: usize,
+    pub scale_up_threshold: u8,
+    pub scale_down_threshold: u8,
+    pub scale_increment: usize,
+    pub evaluation_interval: Duration,
+}
+
+impl From<&crate::config::ScalingConfig> for ScalingPolicy {
+    fn from(c: &crate::config::ScalingConfig) -> Self {
+        ScalingPolicy {
+            enabled: c.enabled,
+            min_threads: c.min_storage_threads,
+            max_threads: c.max_storage_threads,
+            scale_up_threshold: c.scale_up_threshold,
+            scale_down_threshold: c.scale_down_threshold,
+            scale_increment: c.scale_increment,
+            evaluation_interval: c.evaluation_interval,
+        }
+    }
+}
+
+/// One change of the pool size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScaleEvent {
+    pub at: SystemTime,
+    pub from: usize,
+    pub to: usize,
+    pub reason: String,
+}
+
+/// `ScalingMetrics`: the pool as the scaler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScalingMetrics {
+    pub current: usize,
+    pub target: usize,
+    /// Utilisation over the last interval, percent.
+    pub utilisation: f64,
+    pub queue_len: usize,
+    /// The most recent scale events, oldest first.
+    pub events: Vec<ScaleEvent>,
+}
+
+/// Scale events kept.
+const EVENTS_KEPT: usize = 32;
+
+/// The pure decision logic of the scaler (no threads, no clock), so it can be tested step by step.
+#[derive(Debug)]
+pub struct ThreadPoolScaler {
+    policy: ScalingPolicy,
+    /// Direction wanted at the previous evaluation (+1 grow, -1 shrink, 0 hold).
+    pending: i8,
+    /// Evaluations left before another change is allowed.
+    cooldown: u32,
+}
+
+impl ThreadPoolScaler {
+    pub fn new(policy: ScalingPolicy) -> Self {
+        ThreadPoolScaler {
+            policy,
+            pending: 0,
+            cooldown: 0,
+        }
+    }
+
+    pub fn policy(&self) -> &ScalingPolicy {
+        &self.policy
+    }
+
+    pub fn set_policy(&mut self, policy: ScalingPolicy) {
+        self.policy = policy;
+        self.pending = 0;
+    }
+
+    /// One evaluation: returns the new target size and the reason, or `None` to hold.
+    pub fn evaluate(
+        &mut self,
+        current: usize,
+        utilisation_pct: f64,
+        queue_len: usize,
+    ) -> Option<(usize, String)> {
+        let p = &self.policy;
+        let clamped = current.clamp(p.min_threads, p.max_threads);
+        if !p.enabled {
+            return (clamped != current)
+                .then(|| (clamped, "scaling disabled: back within bounds".into()));
+        }
+        if clamped != current {
+            return Some((clamped, "outside the configured bounds".into()));
+        }
+        if self.cooldown > 0 {
+            self.cooldown -= 1;
+            return None;
+        }
+        let want: i8 = if utilisation_pct > f64::from(p.scale_up_threshold) || queue_len > current {
+            if current < p.max_threads { 1 } else { 0 }
+        } else if utilisation_pct < f64::from(p.scale_down_threshold) && queue_len == 0 {
+            if current > p.min_threads { -1 } else { 0 }
+        } else {
+            0
+        };
+        let confirmed = want != 0 && want == self.pending;
+        self.pending = want;
+        if !confirmed {
+            return None;
+        }
+        self.pending = 0;
+        self.cooldown = 2;
+        let (to, reason) = if want > 0 {
+            (
+                (current + p.scale_increment).min(p.max_threads),
+                format!(
+                    "utilisation {utilisation_pct:.0}% > {}% or {queue_len} queued",
+                    p.scale_up_threshold
+                ),
+            )
+        } else {
+            (
+                current.saturating_sub(p.scale_increment).max(p.min_threads),
+                format!(
+                    "utilisation {utilisation_pct:.0}% < {}% and nothing queued",
+                    p.scale_down_threshold
+                ),
+            )
+        };
+        Some((to, reason))
+    }
+}
+
+struct Shared {
+    channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
+    target: AtomicUsize,
+    live: AtomicUsize,
+    busy_ns: AtomicU64,
+    stop: AtomicBool,
+    scaler: Mutex<ThreadPoolScaler>,
+    events: Mutex<VecDeque<ScaleEvent>>,
+    utilisation: Mutex<f64>,
+}
+
+/// The storage worker pool and its scaler thread.
+pub struct WorkerPool {
+    shared: Arc<Shared>,
+}
+
+impl WorkerPool {
+    /// Starts `policy.min_threads` workers and the scaler.
+    pub fn start(
+        channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
+        policy: ScalingPolicy,
+    ) -> Arc<WorkerPool> {
+        let start = policy.min_threads.max(1);
+        let shared = Arc::new(Shared {
+            channel,
+            target: AtomicUsize::new(start),
+            live: AtomicUsize::new(0),
+            busy_ns: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            scaler: Mutex::new(ThreadPoolScaler::new(policy)),
+            events: Mutex::new(VecDeque::new()),
+            utilisation: Mutex::new(0.0),
+        });
+        shared.channel.set_workers(start);
+        for _ in 0..start {
+            spawn_worker(&shared);
+        }
+        let s = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("kiwi-scaler".into())
+            .spawn(move || scaler_loop(&s))
+            .expect("spawn the scaler thread");
+        Arc::new(WorkerPool { shared })
+    }
+
+    /// The current scaling policy.
+    pub fn policy(&self) -> ScalingPolicy {
+        self.shared
+            .scaler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .policy()
+            .clone()
+    }
+
+    /// Replaces the scaling policy (already validated); the next evaluation applies it.
+    pub fn set_policy(&self, policy: ScalingPolicy) {
+        self.shared
+            .scaler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_policy(policy);
+    }
+
+    /// Current size, target, utilisation and recent scale events.
+    pub fn metrics(&self) -> ScalingMetrics {
+        ScalingMetrics {
+            current: self.shared.live.load(Ordering::SeqCst),
+            target: self.shared.target.load(Ordering::SeqCst),
+            utilisation: *self
+                .shared
+                .utilisation
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            queue_len: self.shared.channel.len(),
+            events: self
+                .shared
+                .events
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// Stops every thread once the queue is drained.
+    pub fn stop(&self) {
+        self.shared.channel.close();
+        self.shared.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn spawn_worker(shared: &Arc<Shared>) {
+    shared.live.fetch_add(1, Ordering::SeqCst);
+    let s = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("kiwi-storage".into())
+        .spawn(move || worker_loop(&s));
+    if let Err(e) = spawned {
+        shared.live.fetch_sub(1, Ordering::SeqCst);
+        tracing::error!(error = %e, "cannot spawn a storage worker thread");
+    }
+}
+
+fn worker_loop(s: &Shared) {
+    loop {
+        // Threads above the target leave (after their last request).
+        let live = s.live.load(Ordering::SeqCst);
+        if live > s.target.load(Ordering::SeqCst)
+            && s.live
+                .compare_exchange(live, live - 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            return;
+        }
+        match s.channel.recv_timeout(Duration::from_millis(100)) {
+            Some(Taken::Run(job)) => {
+                let t = Instant::now();
+                job.run();
+                let took = t.elapsed();
+                s.busy_ns.fetch_add(
+                    u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                s.channel.record_service(took);
+            }
+            Some(Taken::Expired(job)) => job.expire(),
+            None if s.stop.load(Ordering::SeqCst) && s.channel.is_empty() => {
+                s.live.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
+            None => {}
+        }
+    }
+}
+
+fn scaler_loop(s: &Arc<Shared>) {
+    let mut last = Instant::now();
+    let mut last_busy = s.busy_ns.load(Ordering::Relaxed);
+    while !s.stop.load(Ordering::SeqCst) {
+        let interval = s
+            .scaler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .policy()
+            .evaluation_interval;
+        std::thread::sleep(interval);
+        let now = Instant::now();
+        let busy = s.busy_ns.load(Ordering::Relaxed);
+        let live = s.live.load(Ordering::SeqCst).max(1);
+        let capacity = now.duration_since(last).as_nanos() as f64 * live as f64;
+        let util = if capacity > 0.0 {
+            (busy - last_busy) as f64 / capacity * 100.0
+        } else {
+            0.0
+        };
+        (last, last_busy) = (now, busy);
+        *s.utilisation.lock().unwrap_or_else(PoisonError::into_inner) = util;
+        let target = s.target.load(Ordering::SeqCst);
+        let decision = s
+            .scaler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .evaluate(target, util, s.channel.len());
+        if let Some((to, reason)) = decision {
+            tracing::info!(from = target, to, %reason, "storage pool resized");
+            s.target.store(to, Ordering::SeqCst);
+            s.channel.set_workers(to);
+            for _ in s.live.load(Ordering::SeqCst)..to {
+                spawn_worker(s);
+            }
+            let mut events = s.events.lock().unwrap_or_else(PoisonError::into_inner);
+            events.push_back(ScaleEvent {
+                at: SystemTime::now(),
+                from: target,
+                to,
+                reason,
+            });
+            while events.len() > EVENTS_KEPT {
+                events.pop_front();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> ScalingPolicy {
+        ScalingPolicy {
+            enabled: true,
+            min_threads: 2,
+            max_threads: 8,
+            scale_up_threshold: 80,
+            scale_down_threshold: 20,
+            scale_increment: 2,
+            evaluation_interval: Duration::from_millis(100),
+        }
+    }
+
+    #[test]
+    fn grows_on_sustained_load_and_respects_max() {
+        let mut s = ThreadPoolScaler::new(policy());
+        let mut size = 2;
+        let mut steps = Vec::new();
+        for _ in 0..20 {
+            if let Some((to, _)) = s.evaluate(size, 95.0, 50) {
+                size = to;
+                steps.push(to);
+            }
+        }
+        assert_eq!(steps, vec![4, 6, 8], "grows by the increment up to max");
+        // One busy interval alone is not enough.
+        let mut s = ThreadPoolScaler::new(policy());
+        assert_eq!(s.evaluate(2, 95.0, 0), None);
+        assert_eq!(s.evaluate(2, 50.0, 0), None);
+        assert_eq!(s.evaluate(2, 95.0, 0), None);
+    }
+
+    #[test]
+    fn shrinks_on_idle_and_respects_min() {
+        let mut s = ThreadPoolScaler::new(policy());
+        let mut size = 8;
+        for _ in 0..30 {
+            if let Some((to, _)) = s.evaluate(size, 1.0, 0) {
+                size = to;
+            }
+        }
+        assert_eq!(size, 2);
+    }
+
+    #[test]
+    fn a_steady_load_at_the_threshold_does_not_oscillate() {
+        let mut s = ThreadPoolScaler::new(policy());
+        let mut changes = 0;
+        for i in 0..100 {
+            // Utilisation wobbling around the up threshold, queue empty.
+            let util = if i % 2 == 0 { 81.0 } else { 79.0 };
+            if s.evaluate(4, util, 0).is_some() {
+                changes += 1;
+            }
+        }
+        assert_eq!(changes, 0);
+    }
+
+    #[test]
+    fn disabled_scaling_holds_the_size_within_bounds() {
+        let mut s = ThreadPoolScaler::new(ScalingPolicy {
+            enabled: false,
+            ..policy()
+        });
+        assert_eq!(s.evaluate(4, 100.0, 100), None);
+        assert_eq!(s.evaluate(1, 100.0, 100).map(|d| d.0), Some(2));
+    }
+}

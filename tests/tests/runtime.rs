@@ -1,0 +1,245 @@
+//! The prioritized, self-scaling request pipeline on a real node: runtime policy through `NodeAdmin`, the
+//! storage pool growing under load and shrinking after it, and LOW shed before HIGH on a saturated node.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kiwi_proto::v1::{
+    BatchWriteRequest, Consistency, GetRuntimePolicyRequest, Priority, RequestHeader,
+    RuntimeStatsRequest, ScanRequest, WriteOp, write_op,
+};
+use kiwi_tests::cluster::{Cluster, ClusterOptions, DEADLINE, header};
+use tonic::Code;
+
+fn one_node(extra: &str) -> ClusterOptions {
+    ClusterOptions {
+        nodes: 1,
+        extra_config: extra.to_string(),
+        ..ClusterOptions::default()
+    }
+}
+
+/// 20,000 keys of 200 bytes, so a full scan is real storage work.
+async fn preload(cluster: &Cluster) {
+    let mut kv = cluster.kv(1);
+    for chunk in 0..10 {
+        let ops = (0..2000)
+            .map(|i| WriteOp {
+                op: Some(write_op::Op::Put(write_op::Put {
+                    key: format!("k{:06}", chunk * 2000 + i).into_bytes(),
+                    value: vec![b'v'; 200],
+                })),
+            })
+            .collect();
+        kv.batch_write(BatchWriteRequest {
+            header: Some(header()),
+            ops,
+        })
+        .await
+        .unwrap();
+    }
+}
+
+fn scan(priority: Priority, timeout: Duration) -> ScanRequest {
+    ScanRequest {
+        header: Some(RequestHeader {
+            priority: priority as i32,
+            timeout: prost_types::Duration::try_from(timeout).ok(),
+            ..RequestHeader::default()
+        }),
+        limit: 10_000,
+        consistency: Consistency::Serializable as i32,
+        // Small answers: the work is the storage scan, in the pool, not encoding.
+        keys_only: true,
+        ..ScanRequest::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_runtime_policy_is_refused_and_the_old_one_stays() {
+    let cluster = Cluster::start(one_node("")).await;
+    let mut admin = cluster.admin(1);
+    let before = admin
+        .get_runtime_policy(GetRuntimePolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        before.scaling.as_ref().unwrap().min_storage_threads,
+        4,
+        "the config's defaults"
+    );
+    let mut bad = before;
+    let sc = bad.scaling.as_mut().unwrap();
+    sc.min_storage_threads = 40;
+    sc.max_storage_threads = 8;
+    let err = admin.set_runtime_policy(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("runtime.scaling.min_storage_threads"),
+        "{err}"
+    );
+    let after = admin
+        .get_runtime_policy(GetRuntimePolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after, before, "the old policy stays");
+
+    let mut good = before;
+    good.priority.as_mut().unwrap().enabled = false;
+    good.scaling.as_mut().unwrap().max_storage_threads = 12;
+    let now = admin.set_runtime_policy(good).await.unwrap().into_inner();
+    assert_eq!(now, good);
+    assert_eq!(
+        admin
+            .get_runtime_policy(GetRuntimePolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner(),
+        good
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_storage_pool_grows_under_a_burst_and_shrinks_after_it() {
+    let cluster = Cluster::start(one_node(
+        "\n[runtime.scaling]\nmin_storage_threads = 1\nmax_storage_threads = 6\nscale_increment = 1\n\
+         scale_up_threshold = 50\nscale_down_threshold = 10\nevaluation_interval_ms = 100\n",
+    ))
+    .await;
+    preload(&cluster).await;
+    let mut admin = cluster.admin(1);
+    let stats = |s: kiwi_proto::v1::RuntimeStatsResponse| s.storage_pool.unwrap();
+    assert_eq!(
+        stats(
+            admin
+                .runtime_stats(RuntimeStatsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        )
+        .current_threads,
+        1
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let mut kv = cluster.kv(1);
+        let stop = Arc::clone(&stop);
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = kv
+                    .scan(scan(Priority::Normal, Duration::from_secs(10)))
+                    .await;
+            }
+        }));
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let peak = loop {
+        let pool = stats(
+            admin
+                .runtime_stats(RuntimeStatsRequest {})
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        if pool.current_threads >= 3 {
+            break pool.current_threads;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not grow under load: {pool:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let deadline = Instant::now() + DEADLINE;
+    let pool = loop {
+        let pool = stats(
+            admin
+                .runtime_stats(RuntimeStatsRequest {})
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+        if pool.current_threads == 1 {
+            break pool;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool did not shrink back after the burst: {pool:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(peak <= 6, "never above max");
+    assert!(
+        pool.events.iter().any(|e| e.to_threads > e.from_threads),
+        "{:?}",
+        pool.events
+    );
+    assert!(
+        pool.events.iter().any(|e| e.to_threads < e.from_threads),
+        "{:?}",
+        pool.events
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_saturated_node_low_is_shed_and_high_keeps_completing() {
+    // One fixed storage thread, so a few dozen full scans saturate it.
+    let cluster = Cluster::start(one_node(
+        "\n[runtime.scaling]\nenabled = false\nmin_storage_threads = 1\nmax_storage_threads = 1\n",
+    ))
+    .await;
+    preload(&cluster).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new([
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    ]);
+    let mut tasks = Vec::new();
+    for i in 0..36 {
+        let (priority, slot) = if i < 32 {
+            (Priority::Low, 0)
+        } else {
+            (Priority::High, 2)
+        };
+        let mut kv = cluster.kv(1);
+        let stop = Arc::clone(&stop);
+        let counts = Arc::clone(&counts);
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match kv.scan(scan(priority, Duration::from_secs(1))).await {
+                    Ok(_) => counts[slot].fetch_add(1, Ordering::Relaxed),
+                    Err(e) if e.code() == Code::ResourceExhausted => {
+                        assert!(e.metadata().get("retry-after-ms").is_some(), "{e:?}");
+                        counts[slot + 1].fetch_add(1, Ordering::Relaxed)
+                    }
+                    Err(e) => panic!("unexpected error for {priority:?}: {e}"),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let [low_ok, low_shed, high_ok, high_shed] =
+        [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed));
+    println!("LOW served {low_ok} shed {low_shed}; HIGH served {high_ok} shed {high_shed}");
+    assert!(low_shed > 0, "LOW is shed on a saturated node");
+    assert_eq!(high_shed, 0, "HIGH is not shed while LOW still is");
+    assert!(high_ok > 0, "HIGH keeps completing");
+    // 4 HIGH clients against 32 LOW ones still get more than their head count's share.
+    assert!(high_ok * 8 > low_ok, "HIGH {high_ok} vs LOW {low_ok}");
+}
