@@ -326,9 +326,10 @@ impl Cluster {
                             key: key.clone().into_bytes(),
                             value: key.clone().into_bytes(),
                         };
+                        let sent = Instant::now();
                         match clients.get(target).put(req).await {
                             Ok(_) => {
-                                acked.push((key, Instant::now()));
+                                acked.push((key, sent, Instant::now()));
                                 count.fetch_add(1, Ordering::Relaxed);
                                 n += 1;
                             }
@@ -544,7 +545,7 @@ impl Clients {
 pub struct Load {
     stop: Arc<AtomicBool>,
     count: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<(String, Instant)>>>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(String, Instant, Instant)>>>,
 }
 
 impl Load {
@@ -570,8 +571,9 @@ impl Load {
         }
     }
 
-    /// Stops the writers and returns every acknowledged key with the time it was acknowledged.
-    pub async fn finish(self) -> Vec<(String, Instant)> {
+    /// Stops the writers and returns every acknowledged key with the time its (successful) attempt was sent
+    /// and the time it was acknowledged.
+    pub async fn finish(self) -> Vec<(String, Instant, Instant)> {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = Vec::new();
         for t in self.tasks {
