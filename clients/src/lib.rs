@@ -403,7 +403,8 @@ impl Client {
         .await
     }
 
-    /// Scans `[start, end)` (an empty bound is open), up to `limit` pairs.
+    /// Scans `[start, end)` (an empty bound is open), up to `limit` pairs; with `keys_only` the values come
+    /// back empty.
     ///
     /// # Errors
     /// [`Error`].
@@ -412,6 +413,7 @@ impl Client {
         start: &[u8],
         end: &[u8],
         limit: u32,
+        keys_only: bool,
         opts: &CallOptions,
     ) -> Result<ScanPage, Error> {
         let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
@@ -423,6 +425,7 @@ impl Client {
                     end_key: end.to_vec(),
                     limit,
                     consistency,
+                    keys_only,
                     ..ScanRequest::default()
                 })
                 .await?
@@ -497,6 +500,32 @@ impl Client {
             })
             .await
             .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer")));
+            out.push((n.addr.clone(), r));
+        }
+        out
+    }
+
+    /// Reads every known endpoint's runtime policy, changes it with `change` and sets it (the node
+    /// validates it and keeps its old policy on a refusal). Returns each node's policy in force, or its error.
+    pub async fn update_runtime_policy(
+        &self,
+        change: impl Fn(&mut RuntimePolicy),
+    ) -> Vec<(String, Result<RuntimePolicy, Status>)> {
+        let nodes: Vec<_> = self.lock().clone();
+        let mut out = Vec::new();
+        for n in &nodes {
+            let mut admin = NodeAdminClient::new(n.channel());
+            let r = async {
+                let mut policy = admin
+                    .get_runtime_policy(GetRuntimePolicyRequest {})
+                    .await?
+                    .into_inner();
+                change(&mut policy);
+                Ok(admin.set_runtime_policy(policy).await?.into_inner())
+            };
+            let r = tokio::time::timeout(self.options.timeout, r)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer")));
             out.push((n.addr.clone(), r));
         }
         out

@@ -46,6 +46,8 @@ pub enum Workload {
     Put,
     Get,
     Mixed,
+    /// Keys-only scans of `--scan-limit` keys from a random start: storage-heavy reads.
+    Scan,
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +73,9 @@ pub struct BenchArgs {
     /// How long to measure (D), e.g. 15s.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     duration: Duration,
+    /// For --workload scan: keys per scan.
+    #[arg(long, default_value_t = 1000)]
+    scan_limit: u32,
     /// For --workload mixed: fraction of operations that are reads.
     #[arg(long, default_value_t = 0.5)]
     read_ratio: f64,
@@ -109,6 +114,30 @@ impl Driver {
                     key,
                     value,
                     ..etcd::PutRequest::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}", s.code()))
+            }
+        }
+    }
+
+    async fn scan(&self, worker: usize, start: Vec<u8>, limit: u32) -> Result<(), String> {
+        match self {
+            Driver::Kiwi(c, opts) => c
+                .scan(&start, b"", limit, true, opts)
+                .await
+                .map(|_| ())
+                .map_err(|e| kind(&e)),
+            Driver::Etcd(clients, serializable) => {
+                let mut c = clients[worker % clients.len()].clone();
+                c.range(etcd::RangeRequest {
+                    key: start,
+                    range_end: vec![0],
+                    limit: i64::from(limit),
+                    serializable: *serializable,
+                    keys_only: true,
+                    ..etcd::RangeRequest::default()
                 })
                 .await
                 .map(|_| ())
@@ -225,7 +254,8 @@ pub async fn run(
         let driver = driver.clone();
         let value = value.clone();
         let done = Arc::clone(&done);
-        let (workload, keys, read_ratio) = (args.workload, args.keys, args.read_ratio);
+        let (workload, keys, read_ratio, scan_limit) =
+            (args.workload, args.keys, args.read_ratio, args.scan_limit);
         tasks.push(tokio::spawn(async move {
             let mut hist =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -235,11 +265,13 @@ pub async fn run(
                 let k = key(rng.random_range(0..keys));
                 let read = match workload {
                     Workload::Put => false,
-                    Workload::Get => true,
+                    Workload::Get | Workload::Scan => true,
                     Workload::Mixed => rng.random_bool(read_ratio),
                 };
                 let t = Instant::now();
-                let r = if read {
+                let r = if workload == Workload::Scan {
+                    driver.scan(w, k, scan_limit).await
+                } else if read {
                     driver.get(w, k).await.and_then(|found| {
                         if found {
                             Ok(())
@@ -302,6 +334,7 @@ pub async fn run(
             }
         ),
         Workload::Mixed => format!("mixed-{:.2}", args.read_ratio),
+        Workload::Scan => format!("scan-{}", args.scan_limit),
     };
     let pct = |q: f64| hist.value_at_quantile(q);
     eprintln!(

@@ -108,7 +108,11 @@ enum Command {
     Status,
     /// Each node's storage pool (threads, target, utilisation, recent scale events), priority queues and
     /// runtime policy.
-    Runtime,
+    Runtime {
+        /// Turn priority scheduling on or off on every endpoint (off: one FIFO), then show the result.
+        #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+        set_priority: Option<String>,
+    },
     /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
     Playground(playground::PlaygroundArgs),
     /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
@@ -250,7 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             let start = start.unwrap_or_default();
             let end = end.unwrap_or_default();
             let page = connect()?
-                .scan(start.as_bytes(), end.as_bytes(), limit, &call)
+                .scan(start.as_bytes(), end.as_bytes(), limit, keys_only, &call)
                 .await?;
             if json {
                 let kvs: Vec<_> = page
@@ -302,7 +306,25 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             })
         }
         Command::Status => status(&connect()?, json).await,
-        Command::Runtime => runtime(&connect()?, json).await,
+        Command::Runtime { set_priority } => {
+            let client = connect()?;
+            if let Some(v) = set_priority {
+                let enabled = v == "on";
+                for (addr, r) in client
+                    .update_runtime_policy(|p| {
+                        if let Some(pr) = p.priority.as_mut() {
+                            pr.enabled = enabled;
+                        }
+                    })
+                    .await
+                {
+                    if let Err(e) = r {
+                        anyhow::bail!("{addr} refused the policy: {}", e.message());
+                    }
+                }
+            }
+            runtime(&client, json).await
+        }
         Command::Playground(args) => playground::run(args).await.map(|()| Outcome::Ok),
         Command::Bench(args) => {
             bench::run(args, &cli.endpoints, cli.consistency, cli.priority.into())
