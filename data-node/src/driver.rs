@@ -440,50 +440,61 @@ impl Driver {
         Ok(())
     }
 
+    /// Hands `reply` back if this node leads; otherwise answers it with the leader hint.
+    fn leader_only<T>(
+        &self,
+        reply: oneshot::Sender<Result<T, ProposeError>>,
+    ) -> Option<oneshot::Sender<Result<T, ProposeError>>> {
+        if self.raw.raft.state == StateRole::Leader {
+            return Some(reply);
+        }
+        let _ = reply.send(Err(ProposeError::NotLeader {
+            leader_id: self.raw.raft.leader_id,
+        }));
+        None
+    }
+
+    /// Matches a just-proposed entry to its caller by (index, term); a proposal Raft did not append is
+    /// answered as dropped at once.
+    fn track(&mut self, before: u64, reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>) {
+        let index = self.raw.raft.raft_log.last_index();
+        if index == before {
+            let _ = reply.send(Err(ProposeError::Dropped));
+            return;
+        }
+        self.proposals.insert(
+            index,
+            Pending {
+                term: self.raw.raft.term,
+                reply,
+            },
+        );
+    }
+
     fn handle(&mut self, msg: Inbox) {
         match msg {
             Inbox::Propose { data, reply } => {
-                if self.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(ProposeError::NotLeader {
-                        leader_id: self.raw.raft.leader_id,
-                    }));
+                let Some(reply) = self.leader_only(reply) else {
                     return;
-                }
+                };
                 let before = self.raw.raft.raft_log.last_index();
                 if self.raw.propose(Vec::new(), data).is_err() {
                     let _ = reply.send(Err(ProposeError::Dropped));
                     return;
                 }
-                let index = self.raw.raft.raft_log.last_index();
-                if index == before {
-                    let _ = reply.send(Err(ProposeError::Dropped));
-                    return;
-                }
-                self.proposals.insert(
-                    index,
-                    Pending {
-                        term: self.raw.raft.term,
-                        reply,
-                    },
-                );
+                self.track(before, reply);
             }
             Inbox::ReadIndex { reply } => {
-                if self.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(ProposeError::NotLeader {
-                        leader_id: self.raw.raft.leader_id,
-                    }));
+                let Some(reply) = self.leader_only(reply) else {
                     return;
-                }
+                };
                 // Batched: one ReadIndex round serves every read that arrived in this turn.
                 self.read_batch.push(reply);
             }
             Inbox::ConfChange { cc, reply } => {
-                if self.raw.raft.state != StateRole::Leader {
-                    let _ = reply.send(Err(ProposeError::NotLeader {
-                        leader_id: self.raw.raft.leader_id,
-                    }));
+                let Some(reply) = self.leader_only(reply) else {
                     return;
-                }
+                };
                 if self.raw.raft.has_pending_conf() {
                     let _ = reply.send(Err(ProposeError::ConfChangePending));
                     return;
@@ -493,18 +504,7 @@ impl Driver {
                     let _ = reply.send(Err(ProposeError::Refused(e.to_string())));
                     return;
                 }
-                let index = self.raw.raft.raft_log.last_index();
-                if index == before {
-                    let _ = reply.send(Err(ProposeError::Dropped));
-                    return;
-                }
-                self.proposals.insert(
-                    index,
-                    Pending {
-                        term: self.raw.raft.term,
-                        reply,
-                    },
-                );
+                self.track(before, reply);
             }
             Inbox::TransferLeader { to } => self.raw.transfer_leader(to),
             Inbox::InstallSnapshot { msg, reply } => {

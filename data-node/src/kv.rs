@@ -326,6 +326,19 @@ impl KvServer {
             .map_err(KvError::Storage)
     }
 
+    /// Proposes puts and deletes applied atomically (Put, Delete and BatchWrite).
+    async fn propose_write(
+        &self,
+        tagged: &Tagged,
+        ops: Vec<WriteOp>,
+    ) -> Result<ApplyOutcome, KvError> {
+        self.propose(
+            tagged,
+            raft_command::Command::Write(WriteBatchCommand { ops }),
+        )
+        .await
+    }
+
     async fn propose(
         &self,
         tagged: &Tagged,
@@ -492,12 +505,7 @@ impl KvService for KvApi {
                 }
                 e => e,
             })?;
-            let out = s
-                .propose(
-                    &tagged,
-                    raft_command::Command::Write(WriteBatchCommand { ops }),
-                )
-                .await?;
+            let out = s.propose_write(&tagged, ops).await?;
             Ok(PutResponse {
                 header: s.header(&tagged, out.index),
             })
@@ -517,12 +525,7 @@ impl KvService for KvApi {
             let ops = vec![WriteOp {
                 op: Some(write_op::Op::Delete(write_op::Delete { key: req.key })),
             }];
-            let out = s
-                .propose(
-                    &tagged,
-                    raft_command::Command::Write(WriteBatchCommand { ops }),
-                )
-                .await?;
+            let out = s.propose_write(&tagged, ops).await?;
             Ok(DeleteResponse {
                 header: s.header(&tagged, out.index),
                 existed: out.existed,
@@ -540,12 +543,7 @@ impl KvService for KvApi {
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
             s.check_ops(&req.ops)?;
-            let out = s
-                .propose(
-                    &tagged,
-                    raft_command::Command::Write(WriteBatchCommand { ops: req.ops }),
-                )
-                .await?;
+            let out = s.propose_write(&tagged, req.ops).await?;
             Ok(BatchWriteResponse {
                 header: s.header(&tagged, out.index),
             })

@@ -132,7 +132,7 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
         let snapshots = Arc::new(SnapshotRegistry::default());
-        let (storage, mut log_store, recorded) = {
+        let (storage, mut log_store, recorded, stored_cluster_id) = {
             let config = config.clone();
             let snapshots = Arc::clone(&snapshots);
             tokio::task::spawn_blocking(move || -> Result<_> {
@@ -141,7 +141,8 @@ impl Node {
                 snapshot::resume_install(&*storage, &mut log_store)
                     .map_err(|e| Error::Raft(raft::Error::Store(raft::StorageError::Other(e))))?;
                 let recorded = state_machine::recorded_members(&*storage)?;
-                Ok((storage, log_store, recorded))
+                let cluster_id = identity::cluster_id(&*storage)?;
+                Ok((storage, log_store, recorded, cluster_id))
             })
             .await??
         };
@@ -168,9 +169,10 @@ impl Node {
                 .map(|p| (p.id, p.addr.clone()))
                 .collect()
         };
+        let mut cluster_id = stored_cluster_id;
         if !log_store.is_initialized() && !config.raft.join {
             let voters = members.iter().map(|(id, _)| *id).collect();
-            let cluster_id = identity::derive_cluster_id(&members);
+            cluster_id = identity::derive_cluster_id(&members);
             let storage = Arc::clone(&storage);
             log_store = tokio::task::spawn_blocking(move || -> Result<_> {
                 identity::record_cluster_id(&*storage, cluster_id)?;
@@ -179,10 +181,6 @@ impl Node {
             })
             .await??;
         }
-        let cluster_id = {
-            let storage = Arc::clone(&storage);
-            tokio::task::spawn_blocking(move || identity::cluster_id(&*storage)).await??
-        };
         let cluster = Arc::new(std::sync::atomic::AtomicU64::new(cluster_id));
 
         let stop = CancellationToken::new();

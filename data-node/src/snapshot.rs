@@ -98,12 +98,15 @@ pub fn stage(backend: &dyn StorageBackend, kvs: Vec<KeyValue>) -> kiwi_storage::
     backend.batch_write(batch, WriteOptions::BUFFERED)
 }
 
-fn delete_range(
+/// Calls `f` with every page (up to [`CHUNK_KEYS`] pairs) of `range` in `space`, in key order. Each page is
+/// read after `f` handled the previous one, so `f` may delete or write what it was given.
+fn for_each_page(
     backend: &dyn StorageBackend,
     space: KeySpace,
     range: ScanRange,
+    mut f: impl FnMut(Vec<KvPair>) -> kiwi_storage::Result<()>,
 ) -> kiwi_storage::Result<()> {
-    let mut start = range.start.clone();
+    let mut start = range.start;
     loop {
         let scan = Scan::forward(
             ScanRange {
@@ -117,37 +120,36 @@ fn delete_range(
             return Ok(());
         };
         start = Bound::Excluded(last.clone());
-        let mut batch = WriteBatch::new();
-        for (k, _) in &pairs {
-            batch.delete(space, k.clone());
-        }
-        backend.batch_write(batch, WriteOptions::BUFFERED)?;
+        f(pairs)?;
     }
 }
 
+fn delete_range(
+    backend: &dyn StorageBackend,
+    space: KeySpace,
+    range: ScanRange,
+) -> kiwi_storage::Result<()> {
+    for_each_page(backend, space, range, |pairs| {
+        let mut batch = WriteBatch::new();
+        for (k, _) in pairs {
+            batch.delete(space, k);
+        }
+        backend.batch_write(batch, WriteOptions::BUFFERED)
+    })
+}
+
 fn copy_staged_to_data(backend: &dyn StorageBackend) -> kiwi_storage::Result<u64> {
-    let mut start = Bound::Included(STAGING_PREFIX.to_vec());
     let mut copied = 0;
-    loop {
-        let scan = Scan::forward(
-            ScanRange {
-                start: start.clone(),
-                end: Bound::Excluded(STAGING_END.to_vec()),
-            },
-            CHUNK_KEYS,
-        );
-        let pairs: Vec<KvPair> = backend.scan(KeySpace::Raft, &scan)?;
-        let Some((last, _)) = pairs.last() else {
-            return Ok(copied);
-        };
-        start = Bound::Excluded(last.clone());
+    let staged = ScanRange::half_open(STAGING_PREFIX, STAGING_END);
+    for_each_page(backend, KeySpace::Raft, staged, |pairs| {
         let mut batch = WriteBatch::new();
         for (k, v) in pairs {
             batch.put(KeySpace::Data, k[STAGING_PREFIX.len()..].to_vec(), v);
             copied += 1;
         }
-        backend.batch_write(batch, WriteOptions::BUFFERED)?;
-    }
+        backend.batch_write(batch, WriteOptions::BUFFERED)
+    })?;
+    Ok(copied)
 }
 
 /// Installs the staged snapshot described by `meta` (steps 1-4 of the module doc). Returns the number of

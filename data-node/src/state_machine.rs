@@ -94,21 +94,6 @@ pub fn mark_applied(backend: &dyn StorageBackend, index: u64) -> kiwi_storage::R
     )
 }
 
-/// Applies `cmd` at `index` in its own batch.
-///
-/// # Errors
-/// Storage errors (the caller stops the node).
-pub fn apply(
-    backend: &dyn StorageBackend,
-    index: u64,
-    cmd: &RaftCommand,
-) -> kiwi_storage::Result<ApplyOutcome> {
-    let mut applier = Applier::new(backend);
-    let out = applier.apply(index, cmd)?;
-    applier.flush()?;
-    Ok(out)
-}
-
 /// Applies a run of committed entries with as few storage writes as possible: blind writes accumulate in
 /// one batch; a command that must read the current state (a compare-and-swap, a single delete reporting
 /// whether the key existed) first flushes what is pending, so it reads exactly the state before it.
@@ -214,6 +199,18 @@ mod tests {
     use kiwi_storage::{Limits, MemoryBackend};
 
     use super::*;
+
+    /// One command in its own batch.
+    fn apply(
+        backend: &dyn StorageBackend,
+        index: u64,
+        cmd: &RaftCommand,
+    ) -> kiwi_storage::Result<ApplyOutcome> {
+        let mut applier = Applier::new(backend);
+        let out = applier.apply(index, cmd)?;
+        applier.flush()?;
+        Ok(out)
+    }
 
     fn put(k: &[u8], v: &[u8]) -> RaftCommand {
         RaftCommand {
