@@ -116,20 +116,21 @@ impl Default for LogConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
+    /// Threads of the network stage (gRPC I/O, HTTP/2, protobuf); 0 = one per CPU core. Fixed for the
+    /// life of the process: see `worker_pool` for why this stage does not scale.
+    pub network_threads: usize,
     /// `[runtime.scaling]`
     pub scaling: ScalingConfig,
     /// `[runtime.priority]`
     pub priority: PriorityConfig,
 }
 
-/// `[runtime.scaling]`: how the network and storage worker pools size themselves.
+/// `[runtime.scaling]`: how the storage worker pool sizes itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScalingConfig {
-    /// Let the pools grow and shrink; when false each pool stays at its minimum.
+    /// Let the pool grow and shrink; when false it stays at its minimum.
     pub enabled: bool,
-    pub min_network_threads: usize,
-    pub max_network_threads: usize,
     pub min_storage_threads: usize,
     pub max_storage_threads: usize,
     /// Grow a pool when its utilisation stays above this percentage (1–100).
@@ -147,8 +148,6 @@ impl Default for ScalingConfig {
     fn default() -> Self {
         ScalingConfig {
             enabled: true,
-            min_network_threads: 2,
-            max_network_threads: 16,
             min_storage_threads: 4,
             max_storage_threads: 32,
             scale_up_threshold: 80,
@@ -281,6 +280,9 @@ pub struct StorageConfig {
 }
 
 /// Hard ceiling on `storage.max_key_size`.
+/// Most threads `runtime.network_threads` may ask for.
+pub const MAX_NETWORK_THREADS: usize = 256;
+
 pub const MAX_KEY_SIZE_CEILING: ByteSize = ByteSize::mib(1);
 /// Hard ceiling on `storage.max_value_size`.
 pub const MAX_VALUE_SIZE_CEILING: ByteSize = ByteSize::mib(64);
@@ -349,16 +351,11 @@ impl NodeConfig {
 
         let s = &self.runtime.scaling;
         check(
-            s.min_network_threads >= 1,
-            "runtime.scaling.min_network_threads",
-            format!("must be at least 1, got {}", s.min_network_threads),
-        );
-        check(
-            s.min_network_threads <= s.max_network_threads,
-            "runtime.scaling.min_network_threads",
+            self.runtime.network_threads <= MAX_NETWORK_THREADS,
+            "runtime.network_threads",
             format!(
-                "must not exceed runtime.scaling.max_network_threads ({}), got {}",
-                s.max_network_threads, s.min_network_threads
+                "must be at most {MAX_NETWORK_THREADS} (0 = one per CPU core), got {}",
+                self.runtime.network_threads
             ),
         );
         check(
@@ -615,8 +612,8 @@ mod tests {
         c.runtime.scaling.min_storage_threads = 40;
         assert_eq!(invalid_fields(&c), ["runtime.scaling.min_storage_threads"]);
         let mut c = NodeConfig::default();
-        c.runtime.scaling.min_network_threads = 0;
-        assert_eq!(invalid_fields(&c), ["runtime.scaling.min_network_threads"]);
+        c.runtime.network_threads = 5000;
+        assert_eq!(invalid_fields(&c), ["runtime.network_threads"]);
     }
 
     #[test]

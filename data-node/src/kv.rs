@@ -999,6 +999,8 @@ impl KvServer {
                     wait_histogram: st.wait_buckets.to_vec(),
                 })
                 .collect(),
+            network_threads: n(tokio::runtime::Handle::current().metrics().num_workers()),
+            low_runs_at_lower_os_priority: self.pool.os_priority(),
         }
     }
 }

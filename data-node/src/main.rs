@@ -121,7 +121,15 @@ fn real_main(cli: &Cli) -> anyhow::Result<()> {
         return Ok(());
     }
     init_logging(&config)?;
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime.network_threads > 0 {
+        builder.worker_threads(config.runtime.network_threads);
+    }
+    let runtime = builder
+        .thread_name("kiwi-network")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(kiwi_node::run(config, shutdown_signal()))?;
     Ok(())
 }

@@ -9,8 +9,9 @@
 //! the channel is one FIFO (arrival order across classes).
 //!
 //! Admission control (the priority-based circuit breaker): a request is refused at once, having done
-//! nothing, when its class queue is full, or when the estimated wait (requests queued × recent service time
-//! ÷ workers) exceeds a share of its own remaining deadline: LOW ¼, NORMAL ½, HIGH all of it, so LOW is shed
+//! nothing, when its class queue is full, or when the estimated wait (the sum over classes of requests queued
+//! × that class's recent service time, ÷ workers; per class because LOW runs at a lower OS priority and
+//! takes longer on a busy machine) exceeds a share of its own remaining deadline: LOW ¼, NORMAL ½, HIGH all of it, so LOW is shed
 //! first, then NORMAL, then HIGH. CRITICAL is never shed. The refusal carries a retry-after hint. A request
 //! whose deadline passes while queued is handed back as expired and never runs.
 //!
@@ -144,8 +145,9 @@ impl Refused {
 /// What a worker takes from the channel.
 #[derive(Debug)]
 pub enum Taken<T> {
-    /// Run it.
-    Run(T),
+    /// Run it. The class is the one it was scheduled as: its own with priority on, NORMAL for every
+    /// request when priority is off (one FIFO).
+    Run(T, Class),
     /// Its deadline passed while it waited: answer DEADLINE_EXCEEDED without running it.
     Expired(T),
 }
@@ -184,7 +186,8 @@ struct State<T> {
     seq: u64,
     stats: [ClassStats; 4],
     /// Exponentially weighted mean time a job takes to run, in nanoseconds.
-    service_ns: f64,
+    /// Recent service time per class (EWMA), nanoseconds.
+    service_ns: [f64; 4],
     policy: ChannelPolicy,
     workers: usize,
     closed: bool,
@@ -218,7 +221,7 @@ impl<T> PriorityMessageChannel<T> {
                 vtime: 0,
                 seq: 0,
                 stats: Default::default(),
-                service_ns: 100_000.0,
+                service_ns: [100_000.0; 4],
                 policy,
                 workers: workers.max(1),
                 closed: false,
@@ -253,10 +256,13 @@ impl<T> PriorityMessageChannel<T> {
             return Err(Refused::Closed);
         }
         let c = class as usize;
-        let service = Duration::from_nanos(s.service_ns as u64);
-        let queued: usize = s.queues.iter().map(VecDeque::len).sum();
+        let queued_ns: f64 = (0..4)
+            .map(|i| s.queues[i].len() as f64 * s.service_ns[i])
+            .sum();
+        let estimated = Duration::from_nanos((queued_ns / s.workers as f64) as u64);
         let retry_after =
-            (service * (queued as u32 + 1) / s.workers as u32).max(Duration::from_millis(1));
+            Duration::from_nanos(((queued_ns + s.service_ns[c]) / s.workers as f64) as u64)
+                .max(Duration::from_millis(1));
         if class != Class::Critical && s.queues[c].len() >= s.policy.queue_capacity {
             s.stats[c].shed += 1;
             return Err(Refused::QueueFull {
@@ -268,7 +274,6 @@ impl<T> PriorityMessageChannel<T> {
         if s.policy.enabled
             && let Some(share) = class.wait_share()
         {
-            let estimated = service * queued as u32 / s.workers as u32;
             let budget = deadline.saturating_duration_since(now).mul_f64(share);
             if estimated > budget {
                 s.stats[c].shed += 1;
@@ -332,7 +337,12 @@ impl<T> PriorityMessageChannel<T> {
             return Some(Taken::Expired(item.job));
         }
         s.stats[c].served += 1;
-        Some(Taken::Run(item.job))
+        let scheduled_as = if s.policy.enabled {
+            Class::ALL[c]
+        } else {
+            Class::Normal
+        };
+        Some(Taken::Run(item.job, scheduled_as))
     }
 
     /// Takes the next request, waiting up to `timeout` for one. `None` on timeout or once closed and empty.
@@ -359,10 +369,11 @@ impl<T> PriorityMessageChannel<T> {
         }
     }
 
-    /// Feeds a job's run time into the service-time estimate.
-    pub fn record_service(&self, took: Duration) {
+    /// Feeds the run time of a job taken as `class` into that class's service-time estimate.
+    pub fn record_service(&self, class: Class, took: Duration) {
         let mut s = self.lock();
-        s.service_ns = 0.9 * s.service_ns + 0.1 * took.as_nanos() as f64;
+        let e = &mut s.service_ns[class as usize];
+        *e = 0.9 * *e + 0.1 * took.as_nanos() as f64;
     }
 
     /// Refuses new requests; queued ones can still be taken.
@@ -447,7 +458,7 @@ mod tests {
 
     fn run(t: Option<Taken<(Class, u64)>>) -> (Class, u64) {
         match t {
-            Some(Taken::Run(j)) => j,
+            Some(Taken::Run(j, _)) => j,
             other => panic!("expected a runnable job, got {other:?}"),
         }
     }
@@ -542,7 +553,9 @@ mod tests {
         let (ch, clock) = channel(true);
         // Service time 10 ms per job, 4 workers.
         for _ in 0..100 {
-            ch.record_service(Duration::from_millis(10));
+            for c in Class::ALL {
+                ch.record_service(c, Duration::from_millis(10));
+            }
         }
         let deadline = clock.now() + Duration::from_millis(1000);
         let mut shed_at = std::collections::BTreeMap::new();

@@ -10,15 +10,69 @@
 //! decision must hold for two consecutive intervals, and after a change the scaler waits two intervals
 //! before the next, so a steady load at a threshold does not make it oscillate.
 //!
-//! The network stage stays tokio's fixed runtime: tokio cannot resize a running runtime, and handlers only
-//! parse, enqueue and await, so the request work whose concurrency matters is all in this pool.
+//! Priority does not stop at the queue: once more threads are runnable than there are cores, the kernel
+//! shares the CPU between them equally, so a HIGH request taken first would still share the CPU with
+//! every LOW scan already running. A worker therefore runs each LOW request at OS nice [`LOW_NICE`] (a
+//! tenth of a normal thread's CPU weight when they compete, nothing lost when the CPU is otherwise idle)
+//! and every other class at nice 0. Going back from 10 to 0 needs `CAP_SYS_NICE` (or `RLIMIT_NICE`); the
+//! pool checks this at start and, where it is not allowed, runs every class at the process's priority and
+//! says so in the log.
+//!
+//! The network stage (gRPC I/O, HTTP/2 and protobuf, threads named `kiwi-network`) is tokio's runtime with
+//! `runtime.network_threads` threads, fixed at start, and deliberately not scaled. Tokio cannot resize a
+//! running runtime; instead the stage was designed so it does no request work of its own: handlers parse,
+//! enqueue and await, while every storage call, every write's encoding and hand-off to Raft runs in this
+//! pool, which is what scales. What is left in the network stage is CPU-bound, so more threads than cores
+//! would not add capacity there, only contention (with LOW scans flooding a node pinned to one core, the
+//! CPU time-sharing between runnable threads was what delayed HIGH requests, see `LOW_NICE` above).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::priority_channel::{PriorityMessageChannel, Taken};
+use crate::priority_channel::{Class, PriorityMessageChannel, Taken};
+
+/// The OS nice value LOW requests run at (CFS weight 110 against 1024 at nice 0).
+pub const LOW_NICE: i32 = 10;
+
+/// Sets the calling thread's nice value (Linux: nice is per thread).
+#[cfg(target_os = "linux")]
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: plain syscalls on the calling thread; no memory is passed.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
+    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+/// The calling thread's nice value.
+#[cfg(all(target_os = "linux", test))]
+fn thread_nice() -> i32 {
+    // SAFETY: plain syscalls on the calling thread.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    }
+}
+
+/// Whether a thread may lower its priority for a LOW request and raise it back afterwards (checked on a
+/// short-lived thread of its own).
+fn os_priority_allowed() -> bool {
+    std::thread::spawn(|| set_thread_nice(LOW_NICE).is_ok() && set_thread_nice(0).is_ok())
+        .join()
+        .unwrap_or(false)
+}
 
 /// One request's work, run by a pool thread (or answered as expired without running).
 pub trait Job: Send {
@@ -168,6 +222,8 @@ struct Shared {
     scaler: Mutex<ThreadPoolScaler>,
     events: Mutex<VecDeque<ScaleEvent>>,
     utilisation: Mutex<f64>,
+    /// LOW requests run at [`LOW_NICE`].
+    os_priority: bool,
 }
 
 /// The storage worker pool and its scaler thread.
@@ -191,7 +247,16 @@ impl WorkerPool {
             scaler: Mutex::new(ThreadPoolScaler::new(policy)),
             events: Mutex::new(VecDeque::new()),
             utilisation: Mutex::new(0.0),
+            os_priority: os_priority_allowed(),
         });
+        if shared.os_priority {
+            tracing::info!(nice = LOW_NICE, "LOW requests run at a lower OS priority");
+        } else {
+            tracing::warn!(
+                "cannot raise a thread's priority back after a LOW request (needs CAP_SYS_NICE or \
+                 RLIMIT_NICE): every class runs at the same OS priority"
+            );
+        }
         shared.channel.set_workers(start);
         for _ in 0..start {
             spawn_worker(&shared);
@@ -245,6 +310,11 @@ impl WorkerPool {
         }
     }
 
+    /// Whether LOW requests run at [`LOW_NICE`].
+    pub fn os_priority(&self) -> bool {
+        self.shared.os_priority
+    }
+
     /// Stops every thread once the queue is drained.
     pub fn stop(&self) {
         self.shared.channel.close();
@@ -265,6 +335,7 @@ fn spawn_worker(shared: &Arc<Shared>) {
 }
 
 fn worker_loop(s: &Shared) {
+    let mut nice = 0;
     loop {
         // Threads above the target leave (after their last request).
         let live = s.live.load(Ordering::SeqCst);
@@ -276,7 +347,20 @@ fn worker_loop(s: &Shared) {
             return;
         }
         match s.channel.recv_timeout(Duration::from_millis(100)) {
-            Some(Taken::Run(job)) => {
+            Some(Taken::Run(job, class)) => {
+                let want = if s.os_priority && class == Class::Low {
+                    LOW_NICE
+                } else {
+                    0
+                };
+                if want != nice {
+                    match set_thread_nice(want) {
+                        Ok(()) => nice = want,
+                        Err(e) => {
+                            tracing::warn!(error = %e, want, "cannot set a worker's OS priority")
+                        }
+                    }
+                }
                 let t = Instant::now();
                 job.run();
                 let took = t.elapsed();
@@ -284,7 +368,7 @@ fn worker_loop(s: &Shared) {
                     u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
                     Ordering::Relaxed,
                 );
-                s.channel.record_service(took);
+                s.channel.record_service(class, took);
             }
             Some(Taken::Expired(job)) => job.expire(),
             None if s.stop.load(Ordering::SeqCst) && s.channel.is_empty() => {
@@ -404,6 +488,70 @@ mod tests {
             }
         }
         assert_eq!(changes, 0);
+    }
+
+    /// A job that reports the nice value of the thread that runs it.
+    struct ReportNice(std::sync::mpsc::Sender<i32>);
+
+    impl Job for ReportNice {
+        fn run(self: Box<Self>) {
+            self.0.send(thread_nice()).expect("test receiver alive");
+        }
+        fn expire(self: Box<Self>) {
+            panic!("nothing expires in this test");
+        }
+    }
+
+    #[test]
+    fn low_requests_run_at_a_lower_os_priority_and_others_do_not() {
+        use crate::priority_channel::{ChannelPolicy, SystemClock};
+        let channel = Arc::new(PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 16,
+            },
+            1,
+            Box::new(SystemClock),
+        ));
+        let pool = WorkerPool::start(
+            Arc::clone(&channel),
+            ScalingPolicy {
+                min_threads: 1,
+                max_threads: 1,
+                ..policy()
+            },
+        );
+        let allowed = os_priority_allowed();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        for class in [
+            Class::Low,
+            Class::High,
+            Class::Low,
+            Class::Normal,
+            Class::Critical,
+        ] {
+            let job: Box<dyn Job> = Box::new(ReportNice(tx.clone()));
+            assert!(channel.try_send(class, deadline, job).is_ok());
+            seen.push(
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("the job ran"),
+            );
+        }
+        let low = if allowed { LOW_NICE } else { 0 };
+        assert_eq!(seen, [low, 0, low, 0, 0], "OS priority allowed: {allowed}");
+        // With priority off every request is one FIFO and runs at the normal priority.
+        channel.set_policy(ChannelPolicy {
+            enabled: false,
+            weights: [3, 2, 1],
+            queue_capacity: 16,
+        });
+        let job: Box<dyn Job> = Box::new(ReportNice(tx));
+        assert!(channel.try_send(Class::Low, deadline, job).is_ok());
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
+        pool.stop();
     }
 
     #[test]

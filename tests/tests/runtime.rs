@@ -58,8 +58,17 @@ fn scan(priority: Priority, timeout: Duration) -> ScanRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_runtime_policy_is_refused_and_the_old_one_stays() {
-    let cluster = Cluster::start(one_node("")).await;
+    let cluster = Cluster::start(one_node("\n[runtime]\nnetwork_threads = 3\n")).await;
     let mut admin = cluster.admin(1);
+    let stats = admin
+        .runtime_stats(RuntimeStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stats.network_threads, 3,
+        "runtime.network_threads is what runs"
+    );
     let before = admin
         .get_runtime_policy(GetRuntimePolicyRequest {})
         .await

@@ -360,6 +360,8 @@ async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                         "classes": stats.classes.iter().map(|c| json!({"class": c.class, "enqueued": c.enqueued,
                             "served": c.served, "shed": c.shed, "expired": c.expired, "depth": c.depth,
                             "wait_histogram": c.wait_histogram})).collect::<Vec<_>>(),
+                        "network_threads": stats.network_threads,
+                        "low_runs_at_lower_os_priority": stats.low_runs_at_lower_os_priority,
                         "priority_enabled": policy.priority.as_ref().is_some_and(|p| p.enabled),
                         "scaling_enabled": policy.scaling.as_ref().is_some_and(|s| s.enabled),
                     })
@@ -388,11 +390,17 @@ async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                     pool.queue_len
                 );
                 println!(
-                    "  priority {} (weights high {} / normal {} / low {})",
+                    "  priority {} (weights high {} / normal {} / low {}), LOW at {} OS priority; network stage {} threads (fixed)",
                     if pr.enabled { "on" } else { "off (FIFO)" },
                     pr.high_priority_weight,
                     pr.normal_priority_weight,
-                    pr.low_priority_weight
+                    pr.low_priority_weight,
+                    if stats.low_runs_at_lower_os_priority {
+                        "a lower"
+                    } else {
+                        "the same"
+                    },
+                    stats.network_threads
                 );
                 println!(
                     "  {:<9} {:>10} {:>10} {:>8} {:>8} {:>6}",
@@ -405,9 +413,13 @@ async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                     );
                 }
                 for e in &pool.events {
+                    let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_unix_ms);
                     println!(
-                        "  scaled {} -> {} at {} ms: {}",
-                        e.from_threads, e.to_threads, e.at_unix_ms, e.reason
+                        "  {} scaled {} -> {}: {}",
+                        humantime::format_rfc3339_millis(at),
+                        e.from_threads,
+                        e.to_threads,
+                        e.reason
                     );
                 }
             }
