@@ -239,6 +239,68 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
     assert_eq!(v["errors"], serde_json::json!({}), "{v}");
     assert_eq!(v["target"], "kiwi");
     assert!(v["p99_us"].as_u64().unwrap() >= v["p50_us"].as_u64().unwrap());
+
+    // `kiwi runtime` changes the pool's policy on every node; a bad one is refused, naming the field.
+    let o = kiwi(&cluster, &["runtime", "--set-storage-threads", "8-2"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("runtime.scaling.min_storage_threads"),
+        "{o:?}"
+    );
+    let o = kiwi(
+        &cluster,
+        &[
+            "--json",
+            "runtime",
+            "--set-scaling",
+            "off",
+            "--set-storage-threads",
+            "2-3",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    for n in v["nodes"].as_array().unwrap() {
+        assert_eq!(n["scaling_enabled"], false, "{n}");
+        assert_eq!(n["scaling"]["min_storage_threads"], 2, "{n}");
+        assert_eq!(n["scaling"]["max_storage_threads"], 3, "{n}");
+    }
+
+    // A load ramp: per-phase throughput and a per-second timeline of every node's pool size.
+    let o = kiwi(
+        &cluster,
+        &[
+            "bench",
+            "--workload",
+            "put",
+            "--ramp",
+            "1:1s,6:2s",
+            "--connections",
+            "2",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let phases = v["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 2, "{v}");
+    assert_eq!(phases[1]["workers"], 6, "{v}");
+    assert!(phases.iter().all(|p| p["ops"].as_u64().unwrap() > 0), "{v}");
+    let timeline = v["timeline"].as_array().unwrap();
+    assert!(timeline.len() >= 2, "{v}");
+    assert!(
+        timeline
+            .iter()
+            .all(|t| t["pool_threads"].as_array().unwrap().len() == 3),
+        "{v}"
+    );
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    let o = kiwi(&cluster, &["bench", "--ramp", "4:1s,0:1s"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("at least one worker"),
+        "{o:?}"
+    );
 }
 
 #[test]

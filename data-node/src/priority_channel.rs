@@ -185,12 +185,28 @@ struct State<T> {
     vtime: u64,
     seq: u64,
     stats: [ClassStats; 4],
-    /// Exponentially weighted mean time a job takes to run, in nanoseconds.
     /// Recent service time per class (EWMA), nanoseconds.
     service_ns: [f64; 4],
     policy: ChannelPolicy,
     workers: usize,
     closed: bool,
+    /// Integral of the queue length over time (requests × ns) since `area_since`, up to `area_at`.
+    queued_area: f64,
+    area_since: Instant,
+    area_at: Instant,
+}
+
+impl<T> State<T> {
+    fn queued(&self) -> usize {
+        self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    /// Adds the time since the last change at the current queue length to the integral.
+    fn account(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.area_at).as_nanos() as f64;
+        self.queued_area += self.queued() as f64 * dt;
+        self.area_at = self.area_at.max(now);
+    }
 }
 
 const STRIDE: u64 = 1 << 20;
@@ -214,6 +230,7 @@ fn wait_bucket(d: Duration) -> usize {
 
 impl<T> PriorityMessageChannel<T> {
     pub fn new(policy: ChannelPolicy, workers: usize, clock: Box<dyn Clock>) -> Self {
+        let now = clock.now();
         PriorityMessageChannel {
             state: Mutex::new(State {
                 queues: Default::default(),
@@ -225,6 +242,9 @@ impl<T> PriorityMessageChannel<T> {
                 policy,
                 workers: workers.max(1),
                 closed: false,
+                queued_area: 0.0,
+                area_since: now,
+                area_at: now,
             }),
             ready: Condvar::new(),
             clock,
@@ -291,6 +311,7 @@ impl<T> PriorityMessageChannel<T> {
         }
         s.seq += 1;
         let seq = s.seq;
+        s.account(now);
         s.queues[c].push_back(Item {
             job,
             enqueued: now,
@@ -329,6 +350,7 @@ impl<T> PriorityMessageChannel<T> {
 
     fn take(s: &mut State<T>, now: Instant) -> Option<Taken<T>> {
         let c = Self::pick(s)?;
+        s.account(now);
         let item = s.queues[c].pop_front().expect("picked a non-empty queue");
         let waited = now.saturating_duration_since(item.enqueued);
         s.stats[c].wait_buckets[wait_bucket(waited)] += 1;
@@ -367,6 +389,23 @@ impl<T> PriorityMessageChannel<T> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// The mean number of requests queued since the previous call (time-weighted), for the scaler: an
+    /// instant sample of a bursty queue says little.
+    pub fn mean_queue_len(&self) -> f64 {
+        let now = self.clock.now();
+        let mut s = self.lock();
+        s.account(now);
+        let span = now.saturating_duration_since(s.area_since).as_nanos() as f64;
+        let mean = if span > 0.0 {
+            s.queued_area / span
+        } else {
+            s.queued() as f64
+        };
+        s.queued_area = 0.0;
+        s.area_since = now;
+        mean
     }
 
     /// Feeds the run time of a job taken as `class` into that class's service-time estimate.
@@ -546,6 +585,25 @@ mod tests {
         }
         let got: Vec<u64> = (0..5).map(|_| run(ch.try_recv()).1).collect();
         assert_eq!(got, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn mean_queue_length_is_weighted_by_time() {
+        let (ch, clock) = channel(true);
+        let _ = ch.mean_queue_len();
+        // 10 queued for 1 s, then 0 for 1 s: a mean of 5.
+        for i in 0..10 {
+            ch.try_send(Class::Normal, far(&clock), (Class::Normal, i))
+                .unwrap();
+        }
+        clock.advance(Duration::from_secs(1));
+        while ch.try_recv().is_some() {}
+        clock.advance(Duration::from_secs(1));
+        let mean = ch.mean_queue_len();
+        assert!((mean - 5.0).abs() < 1e-6, "{mean}");
+        // The next call covers only what happened since.
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(ch.mean_queue_len(), 0.0);
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //!
 //! The pool's thread count really changes: growing spawns threads, shrinking lowers the target and the
 //! threads above it exit after finishing their current request. Every `evaluation_interval` the scaler
-//! reads utilisation (time spent running requests ÷ threads × interval) and the queue length; above
-//! `scale_up_threshold` percent (or with requests waiting while every thread is busy) it wants to grow by
-//! `scale_increment`, below `scale_down_threshold` with an empty queue it wants to shrink. Hysteresis: a
+//! reads utilisation (time spent running requests ÷ threads × interval) and the queue length averaged
+//! over the interval (time-weighted; an instant sample of a bursty queue says little); above
+//! `scale_up_threshold` percent, or with more requests waiting on average than there are threads, it wants
+//! to grow by `scale_increment`; below `scale_down_threshold` with less than one request waiting on
+//! average it wants to shrink. Hysteresis: a
 //! decision must hold for two consecutive intervals, and after a change the scaler waits two intervals
 //! before the next, so a steady load at a threshold does not make it oscillate.
 //!
@@ -163,7 +165,7 @@ impl ThreadPoolScaler {
         &mut self,
         current: usize,
         utilisation_pct: f64,
-        queue_len: usize,
+        mean_queue: f64,
     ) -> Option<(usize, String)> {
         let p = &self.policy;
         let clamped = current.clamp(p.min_threads, p.max_threads);
@@ -178,13 +180,14 @@ impl ThreadPoolScaler {
             self.cooldown -= 1;
             return None;
         }
-        let want: i8 = if utilisation_pct > f64::from(p.scale_up_threshold) || queue_len > current {
-            if current < p.max_threads { 1 } else { 0 }
-        } else if utilisation_pct < f64::from(p.scale_down_threshold) && queue_len == 0 {
-            if current > p.min_threads { -1 } else { 0 }
-        } else {
-            0
-        };
+        let want: i8 =
+            if utilisation_pct > f64::from(p.scale_up_threshold) || mean_queue > current as f64 {
+                if current < p.max_threads { 1 } else { 0 }
+            } else if utilisation_pct < f64::from(p.scale_down_threshold) && mean_queue < 1.0 {
+                if current > p.min_threads { -1 } else { 0 }
+            } else {
+                0
+            };
         let confirmed = want != 0 && want == self.pending;
         self.pending = want;
         if !confirmed {
@@ -196,7 +199,7 @@ impl ThreadPoolScaler {
             (
                 (current + p.scale_increment).min(p.max_threads),
                 format!(
-                    "utilisation {utilisation_pct:.0}% > {}% or {queue_len} queued",
+                    "utilisation {utilisation_pct:.0}% > {}% or {mean_queue:.1} queued on average",
                     p.scale_up_threshold
                 ),
             )
@@ -204,7 +207,7 @@ impl ThreadPoolScaler {
             (
                 current.saturating_sub(p.scale_increment).max(p.min_threads),
                 format!(
-                    "utilisation {utilisation_pct:.0}% < {}% and nothing queued",
+                    "utilisation {utilisation_pct:.0}% < {}% and {mean_queue:.1} queued on average",
                     p.scale_down_threshold
                 ),
             )
@@ -407,7 +410,7 @@ fn scaler_loop(s: &Arc<Shared>) {
             .scaler
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .evaluate(target, util, s.channel.len());
+            .evaluate(target, util, s.channel.mean_queue_len());
         if let Some((to, reason)) = decision {
             tracing::info!(from = target, to, %reason, "storage pool resized");
             s.target.store(to, Ordering::SeqCst);
@@ -451,7 +454,7 @@ mod tests {
         let mut size = 2;
         let mut steps = Vec::new();
         for _ in 0..20 {
-            if let Some((to, _)) = s.evaluate(size, 95.0, 50) {
+            if let Some((to, _)) = s.evaluate(size, 95.0, 50.0) {
                 size = to;
                 steps.push(to);
             }
@@ -459,9 +462,9 @@ mod tests {
         assert_eq!(steps, vec![4, 6, 8], "grows by the increment up to max");
         // One busy interval alone is not enough.
         let mut s = ThreadPoolScaler::new(policy());
-        assert_eq!(s.evaluate(2, 95.0, 0), None);
-        assert_eq!(s.evaluate(2, 50.0, 0), None);
-        assert_eq!(s.evaluate(2, 95.0, 0), None);
+        assert_eq!(s.evaluate(2, 95.0, 0.0), None);
+        assert_eq!(s.evaluate(2, 50.0, 0.0), None);
+        assert_eq!(s.evaluate(2, 95.0, 0.0), None);
     }
 
     #[test]
@@ -469,7 +472,7 @@ mod tests {
         let mut s = ThreadPoolScaler::new(policy());
         let mut size = 8;
         for _ in 0..30 {
-            if let Some((to, _)) = s.evaluate(size, 1.0, 0) {
+            if let Some((to, _)) = s.evaluate(size, 1.0, 0.0) {
                 size = to;
             }
         }
@@ -483,7 +486,7 @@ mod tests {
         for i in 0..100 {
             // Utilisation wobbling around the up threshold, queue empty.
             let util = if i % 2 == 0 { 81.0 } else { 79.0 };
-            if s.evaluate(4, util, 0).is_some() {
+            if s.evaluate(4, util, 0.0).is_some() {
                 changes += 1;
             }
         }
@@ -560,7 +563,7 @@ mod tests {
             enabled: false,
             ..policy()
         });
-        assert_eq!(s.evaluate(4, 100.0, 100), None);
-        assert_eq!(s.evaluate(1, 100.0, 100).map(|d| d.0), Some(2));
+        assert_eq!(s.evaluate(4, 100.0, 100.0), None);
+        assert_eq!(s.evaluate(1, 100.0, 100.0).map(|d| d.0), Some(2));
     }
 }

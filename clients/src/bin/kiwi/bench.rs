@@ -10,6 +10,11 @@
 //! Against Kiwi requests go to the leader (the client follows the leader hint); against etcd they are
 //! spread over the endpoints, as etcd clients do (members forward proposals to their leader).
 //!
+//! `--ramp 1:5s,64:20s,1:60s` replaces the fixed worker count with phases (a load ramp or burst): the
+//! workers above the current phase's count wait. A timeline is printed each second (active workers, ops/s
+//! and, against Kiwi, every node's storage pool size), then the storage pools' scale events during the run
+//! and ops/s per phase; the JSON line gains `phases`, `timeline` and `scale_events`.
+//!
 //! Output: a progress bar on stderr while running, then ops/s, latency percentiles (HdrHistogram, in
 //! microseconds) and errors by kind, and the same as one JSON line on stdout (`--json-out FILE` appends it).
 
@@ -91,6 +96,69 @@ pub struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// A load ramp instead of --workers/--duration: comma-separated WORKERS:DURATION phases, e.g.
+    /// 1:5s,64:20s,1:60s for a burst from 1 to 64 workers and back.
+    #[arg(long, value_parser = parse_ramp, conflicts_with_all = ["workers", "duration"])]
+    ramp: Option<Ramp>,
+}
+
+/// Load phases: (workers, how long).
+#[derive(Debug, Clone)]
+pub struct Ramp(Vec<(usize, Duration)>);
+
+fn parse_ramp(s: &str) -> Result<Ramp, String> {
+    let phases = s
+        .split(',')
+        .map(|p| {
+            let (w, d) = p
+                .split_once(':')
+                .ok_or_else(|| format!("phase {p:?} is not WORKERS:DURATION (e.g. 64:20s)"))?;
+            let w: usize = w
+                .trim()
+                .parse()
+                .map_err(|e| format!("phase {p:?}: {w:?} is not a worker count: {e}"))?;
+            let d = humantime::parse_duration(d.trim())
+                .map_err(|e| format!("phase {p:?}: {d:?} is not a duration: {e}"))?;
+            if w == 0 || d.is_zero() {
+                return Err(format!(
+                    "phase {p:?}: needs at least one worker and a non-zero duration"
+                ));
+            }
+            Ok((w, d))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Ramp(phases))
+}
+
+impl Ramp {
+    /// Workers wanted `at` into the run (0 once it is over).
+    fn workers_at(&self, at: Duration) -> usize {
+        let mut end = Duration::ZERO;
+        for &(w, d) in &self.0 {
+            end += d;
+            if at < end {
+                return w;
+            }
+        }
+        0
+    }
+
+    fn total(&self) -> Duration {
+        self.0.iter().map(|p| p.1).sum()
+    }
+
+    /// The phase running `at` into the run.
+    fn phase_at(&self, at: Duration) -> Option<usize> {
+        let mut end = Duration::ZERO;
+        self.0.iter().position(|&(_, d)| {
+            end += d;
+            at < end
+        })
+    }
+
+    fn max_workers(&self) -> usize {
+        self.0.iter().map(|p| p.0).max().unwrap_or(1)
+    }
 }
 
 /// One system's operations, behind one interface.
@@ -233,10 +301,15 @@ pub async fn run(
         preload(&driver, &args, &value).await?;
     }
 
+    let ramp = args
+        .ramp
+        .clone()
+        .unwrap_or_else(|| Ramp(vec![(args.workers, args.duration)]));
+    let duration = ramp.total();
     let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
-        let b = ProgressBar::new(args.duration.as_secs().max(1));
+        let b = ProgressBar::new(duration.as_secs().max(1));
         b.set_style(
             ProgressStyle::with_template(
                 "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} s  {msg}",
@@ -248,9 +321,12 @@ pub async fn run(
     };
     let done = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
-    let end = start + args.duration;
+    let start_unix_ms = unix_ms(std::time::SystemTime::now());
+    let end = start + duration;
+    let (active_tx, active_rx) = tokio::sync::watch::channel(ramp.workers_at(Duration::ZERO));
     let mut tasks = Vec::new();
-    for w in 0..args.workers {
+    for w in 0..ramp.max_workers() {
+        let mut active = active_rx.clone();
         let driver = driver.clone();
         let value = value.clone();
         let done = Arc::clone(&done);
@@ -262,6 +338,14 @@ pub async fn run(
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
             let mut rng = rand::rngs::StdRng::from_os_rng();
             while Instant::now() < end {
+                if w >= *active.borrow_and_update() {
+                    // Not in this phase: wait for the next one (or the end).
+                    tokio::select! {
+                        changed = active.changed() => if changed.is_err() { break },
+                        () = tokio::time::sleep_until(end.into()) => break,
+                    }
+                    continue;
+                }
                 let k = key(rng.random_range(0..keys));
                 let read = match workload {
                     Workload::Put => false,
@@ -296,15 +380,64 @@ pub async fn run(
             (hist, errors)
         }));
     }
-    while Instant::now() < end {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let secs = start.elapsed().as_secs_f64();
-        bar.set_position(secs as u64);
-        bar.set_message(format!(
-            "{:.0} ops/s",
-            done.load(Ordering::Relaxed) as f64 / secs
+    let kiwi = match &driver {
+        Driver::Kiwi(c, _) => Some(Arc::clone(c)),
+        Driver::Etcd(..) => None,
+    };
+    let mut timeline = Vec::new();
+    let mut phase_ops = vec![0u64; ramp.0.len()];
+    let (mut last_sample, mut last_done, mut last_tick_done) = (start, 0u64, 0u64);
+    // The timeline goes above the progress bar, or straight to stderr without one.
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    if args.ramp.is_some() {
+        say(format!(
+            "{:>6} {:>8} {:>9}  storage pool threads per node",
+            "t s", "workers", "ops/s"
         ));
     }
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let elapsed = start.elapsed();
+        let workers = ramp.workers_at(elapsed);
+        active_tx.send_if_modified(|a| std::mem::replace(a, workers) != workers);
+        let now_done = done.load(Ordering::Relaxed);
+        // Ops are counted to the phase running at each 250 ms tick.
+        if let Some(phase) = ramp.phase_at(elapsed) {
+            phase_ops[phase] += now_done - last_tick_done;
+        }
+        last_tick_done = now_done;
+        let secs = elapsed.as_secs_f64();
+        bar.set_position(secs as u64);
+        bar.set_message(format!(
+            "{workers} workers, {:.0} ops/s",
+            now_done as f64 / secs
+        ));
+        if args.ramp.is_some() && last_sample.elapsed() >= Duration::from_secs(1) {
+            let dt = last_sample.elapsed().as_secs_f64();
+            let rate = (now_done - last_done) as f64 / dt;
+            (last_sample, last_done) = (Instant::now(), now_done);
+            let pools = match &kiwi {
+                Some(c) => pool_sizes(c).await,
+                None => Vec::new(),
+            };
+            say(format!(
+                "{secs:>6.1} {workers:>8} {rate:>9.0}  {}",
+                pools
+                    .iter()
+                    .map(|p| p.map_or("-".to_string(), |n| n.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            ));
+            timeline.push(json!({"t_s": secs, "workers": workers, "ops_per_sec": rate, "pool_threads": pools}));
+        }
+    }
+    drop(active_tx);
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for t in tasks {
@@ -352,13 +485,53 @@ pub async fn run(
         }
     );
     let line = json!({
-        "label": args.label, "target": target, "workload": workload, "workers": args.workers,
+        "label": args.label, "target": target, "workload": workload, "workers": ramp.max_workers(),
         "connections": args.connections, "keys": args.keys, "value_size": args.value_size,
         "duration_s": elapsed, "ops": ops, "ops_per_sec": ops_per_sec,
         "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": hist.max(),
         "errors": errors,
-    })
-    .to_string();
+    });
+    let mut line = line;
+    if let Some(r) = &args.ramp {
+        let events = match &kiwi {
+            Some(c) => scale_events(c, start_unix_ms).await,
+            None => Vec::new(),
+        };
+        if !events.is_empty() {
+            eprintln!("storage pool scale events (t from the start of the run):");
+        }
+        for e in &events {
+            eprintln!(
+                "  t={:>6.1}s {} {} -> {}: {}",
+                e["t_s"].as_f64().unwrap_or_default(),
+                e["node"].as_str().unwrap_or_default(),
+                e["from"],
+                e["to"],
+                e["reason"].as_str().unwrap_or_default()
+            );
+        }
+        let phases: Vec<_> = r
+            .0
+            .iter()
+            .zip(&phase_ops)
+            .map(|(&(w, d), &n)| {
+                json!({"workers": w, "duration_s": d.as_secs_f64(), "ops": n, "ops_per_sec": n as f64 / d.as_secs_f64()})
+            })
+            .collect();
+        for p in &phases {
+            eprintln!(
+                "phase {:>3} workers for {:>5.1} s: {:.0} ops/s",
+                p["workers"],
+                p["duration_s"].as_f64().unwrap_or_default(),
+                p["ops_per_sec"].as_f64().unwrap_or_default()
+            );
+        }
+        line["start_unix_ms"] = json!(start_unix_ms);
+        line["phases"] = json!(phases);
+        line["timeline"] = json!(timeline);
+        line["scale_events"] = json!(events);
+    }
+    let line = line.to_string();
     println!("{line}");
     if let Some(path) = &args.json_out {
         let mut f = std::fs::OpenOptions::new()
@@ -369,6 +542,43 @@ pub async fn run(
         writeln!(f, "{line}")?;
     }
     Ok(())
+}
+
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Every endpoint's storage pool size (`None` where it did not answer).
+async fn pool_sizes(client: &Client) -> Vec<Option<u32>> {
+    client
+        .runtime_all()
+        .await
+        .into_iter()
+        .map(|(_, r)| {
+            r.ok()
+                .and_then(|(_, s)| s.storage_pool.map(|p| p.current_threads))
+        })
+        .collect()
+}
+
+/// Scale events since `since_unix_ms` on every endpoint, oldest first.
+async fn scale_events(client: &Client, since_unix_ms: u64) -> Vec<serde_json::Value> {
+    let mut events: Vec<(u64, serde_json::Value)> = Vec::new();
+    for (addr, r) in client.runtime_all().await {
+        let Ok((_, stats)) = r else { continue };
+        for e in stats.storage_pool.map(|p| p.events).unwrap_or_default() {
+            if e.at_unix_ms >= since_unix_ms {
+                let t = (e.at_unix_ms - since_unix_ms) as f64 / 1000.0;
+                events.push((
+                    e.at_unix_ms,
+                    json!({"t_s": t, "node": addr, "from": e.from_threads, "to": e.to_threads, "reason": e.reason}),
+                ));
+            }
+        }
+    }
+    events.sort_by_key(|e| e.0);
+    events.into_iter().map(|e| e.1).collect()
 }
 
 async fn preload(driver: &Driver, args: &BenchArgs, value: &[u8]) -> anyhow::Result<()> {

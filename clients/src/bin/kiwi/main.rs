@@ -112,6 +112,12 @@ enum Command {
         /// Turn priority scheduling on or off on every endpoint (off: one FIFO), then show the result.
         #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
         set_priority: Option<String>,
+        /// Turn storage pool scaling on or off on every endpoint (off: the pool stays at its minimum).
+        #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+        set_scaling: Option<String>,
+        /// Set the storage pool's bounds on every endpoint, e.g. 4-32 (or 32-32 for a pool fixed at 32).
+        #[arg(long, value_name = "MIN-MAX", value_parser = parse_bounds)]
+        set_storage_threads: Option<(u32, u32)>,
     },
     /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
     Playground(playground::PlaygroundArgs),
@@ -306,14 +312,26 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             })
         }
         Command::Status => status(&connect()?, json).await,
-        Command::Runtime { set_priority } => {
+        Command::Runtime {
+            set_priority,
+            set_scaling,
+            set_storage_threads,
+        } => {
             let client = connect()?;
-            if let Some(v) = set_priority {
-                let enabled = v == "on";
+            if set_priority.is_some() || set_scaling.is_some() || set_storage_threads.is_some() {
                 for (addr, r) in client
                     .update_runtime_policy(|p| {
-                        if let Some(pr) = p.priority.as_mut() {
-                            pr.enabled = enabled;
+                        if let (Some(v), Some(pr)) = (&set_priority, p.priority.as_mut()) {
+                            pr.enabled = v == "on";
+                        }
+                        if let Some(sc) = p.scaling.as_mut() {
+                            if let Some(v) = &set_scaling {
+                                sc.enabled = v == "on";
+                            }
+                            if let Some((min, max)) = set_storage_threads {
+                                sc.min_storage_threads = min;
+                                sc.max_storage_threads = max;
+                            }
                         }
                     })
                     .await
@@ -332,6 +350,19 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 .map(|()| Outcome::Ok)
         }
     }
+}
+
+/// `MIN-MAX` thread bounds.
+fn parse_bounds(s: &str) -> Result<(u32, u32), String> {
+    let (min, max) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected MIN-MAX such as 4-32, got {s:?}"))?;
+    let n = |v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|e| format!("{v:?} is not a thread count: {e}"))
+    };
+    Ok((n(min)?, n(max)?))
 }
 
 async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
@@ -364,6 +395,10 @@ async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                         "low_runs_at_lower_os_priority": stats.low_runs_at_lower_os_priority,
                         "priority_enabled": policy.priority.as_ref().is_some_and(|p| p.enabled),
                         "scaling_enabled": policy.scaling.as_ref().is_some_and(|s| s.enabled),
+                        "scaling": policy.scaling.as_ref().map(|s| json!({"min_storage_threads": s.min_storage_threads,
+                            "max_storage_threads": s.max_storage_threads, "scale_up_threshold": s.scale_up_threshold,
+                            "scale_down_threshold": s.scale_down_threshold, "scale_increment": s.scale_increment,
+                            "evaluation_interval_ms": s.evaluation_interval_ms})),
                     })
                 }
                 Err(e) => json!({"addr": addr, "error": e.message()}),

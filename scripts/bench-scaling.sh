@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Storage pool scaling under a burst, in one run on one local 3-node cluster (`kiwi playground`).
+#
+# The same load ramp twice: keys-only scans of SCAN_LIMIT keys (serializable, so the storage work is on the
+# node the client talks to), 1 worker for 5 s, a burst of 64 workers for BURST, then 1 worker for 60 s.
+#   1. scaling on (the default policy: 4-32 threads, evaluated every second);
+#   2. the pool fixed at its maximum (scaling off, 32-32), the baseline the burst's throughput is compared to
+#      (its last phase is cut to 5 s: nothing to wait for).
+# Prints each run's per-second timeline (active workers, ops/s, each node's pool size) and scale events, then
+# the verdicts: how long after the burst began the pool reached its peak size (in evaluation intervals),
+# burst throughput against the fixed pool, and how long after the burst it was back at its minimum.
+#
+# Environment: BURST (default 20s), SCAN_LIMIT (default 1000), WORK_DIR (default a fresh directory under
+# /var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BURST=${BURST:-20s}
+SCAN_LIMIT=${SCAN_LIMIT:-1000}
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+KIWI=$TARGET_DIR/release/kiwi
+NODE=$TARGET_DIR/release/kiwi-node
+if [ ! -x "$KIWI" ] || [ ! -x "$NODE" ]; then
+    cargo build --release -j2 --workspace --bins
+fi
+WORK_DIR=${WORK_DIR:-$(mktemp -d /var/tmp/kiwi-scaling.XXXXXX)}
+mkdir -p "$WORK_DIR"
+RESULTS=$WORK_DIR/results.jsonl
+: > "$RESULTS"
+
+"$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/kiwi" --base-port 17591 --node-bin "$NODE" \
+    >"$WORK_DIR/playground.log" 2>&1 &
+PG=$!
+trap 'kill -INT $PG 2>/dev/null || true; wait $PG 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/playground.log" && break; sleep 0.5; done
+grep -q "is up" "$WORK_DIR/playground.log" || { echo "cluster did not come up; see $WORK_DIR" >&2; exit 1; }
+export KIWI_ENDPOINTS=127.0.0.1:17591,127.0.0.1:17592,127.0.0.1:17593
+
+echo "preloading ..." >&2
+"$KIWI" bench --workload get --workers 32 --duration 1s --quiet >/dev/null
+"$KIWI" runtime --json >"$WORK_DIR/policy.json"
+
+ramp() { # label ramp
+    echo "== $1: ramp $2" >&2
+    "$KIWI" --consistency serializable bench --workload scan --scan-limit "$SCAN_LIMIT" --connections 16 \
+        --ramp "$2" --no-preload --quiet --label "$1" --json-out "$RESULTS" >/dev/null
+}
+
+ramp scaling "1:5s,64:$BURST,1:60s"
+"$KIWI" runtime --set-scaling off --set-storage-threads 32-32 >/dev/null
+ramp fixed-max "1:5s,64:$BURST,1:5s"
+MIN=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["scaling"]["min_storage_threads"])' "$WORK_DIR/policy.json")
+"$KIWI" runtime --set-scaling on --set-storage-threads "$MIN-32" >/dev/null
+
+python3 - "$RESULTS" "$WORK_DIR/policy.json" <<'PY'
+import json, sys
+runs = {j["label"]: j for j in map(json.loads, open(sys.argv[1]))}
+policy = json.load(open(sys.argv[2]))["nodes"][0]["scaling"]
+interval = policy["evaluation_interval_ms"] / 1000
+lo = policy["min_storage_threads"]
+s, f = runs["scaling"], runs["fixed-max"]
+burst_start = s["phases"][0]["duration_s"]
+burst_end = burst_start + s["phases"][1]["duration_s"]
+# The node doing the work is the one whose pool moved.
+events = s["scale_events"]
+nodes = sorted({e["node"] for e in events})
+print(f"\npolicy: {lo}-{policy['max_storage_threads']} threads, up > {policy['scale_up_threshold']}%, "
+      f"down < {policy['scale_down_threshold']}%, +/-{policy['scale_increment']}, every {interval:.1f} s")
+for node in nodes or ["(no scale events)"]:
+    ev = [e for e in events if e["node"] == node]
+    during = [e for e in ev if burst_start <= e["t_s"] <= burst_end]
+    peak = max([lo] + [e["to"] for e in during])
+    reached = next((e["t_s"] for e in during if e["to"] == peak), None)
+    back = next((e["t_s"] for e in ev if e["t_s"] > burst_end and e["to"] == lo), None)
+    print(f"{node}:")
+    if during:
+        first = during[0]
+        print(f"  first growth ({first['from']} -> {first['to']}) {first['t_s'] - burst_start:.1f} s after the burst "
+              f"began ({(first['t_s'] - burst_start) / interval:.1f} evaluation intervals)")
+    if reached is not None:
+        print(f"  peak {peak} threads reached {reached - burst_start:.1f} s after the burst began "
+              f"({(reached - burst_start) / interval:.1f} evaluation intervals)")
+    else:
+        print(f"  the pool did not grow during the burst")
+    if back is not None:
+        print(f"  back at {lo} threads {back - burst_end:.1f} s after the burst ended")
+    elif peak > lo:
+        print(f"  NOT back at {lo} threads within {s['phases'][2]['duration_s']:.0f} s after the burst")
+b_s, b_f = s["phases"][1]["ops_per_sec"], f["phases"][1]["ops_per_sec"]
+print(f"burst throughput: scaling {b_s:.0f} ops/s, fixed at max {b_f:.0f} ops/s = {b_s / b_f:.2f} of the fixed pool")
+print(f"errors: scaling {s['errors']}, fixed {f['errors']}")
+PY
