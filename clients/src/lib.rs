@@ -2,7 +2,8 @@
 //! its `playground` and `bench` commands.
 //!
 //! A [`Client`] talks to a list of endpoints. It finds the leader and caches it, follows a node's leader
-//! hint in one hop, and retries what is safe to retry, with backoff, until the call's deadline:
+//! hint in one hop, and retries what is safe to retry, with backoff (at least the node's `retry-after-ms`
+//! hint when it sheds a request), until the call's deadline:
 //! - reads (they change nothing) on any retryable error;
 //! - writes only when the node guarantees the request did nothing (the `kiwi-retry-safe` status
 //!   metadata: not the leader, no leader, dropped by Raft, overloaded) or the connection could not be
@@ -270,6 +271,8 @@ impl Client {
         let mut target = self.leader.load(Ordering::Relaxed);
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt");
+        // The node's `retry-after-ms` hint (admission control), honoured when longer than the backoff.
+        let mut hinted = Duration::ZERO;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -307,6 +310,12 @@ impl Client {
                 )),
             };
             last = format!("{} from {}: {}", status.code(), node.addr, status.message());
+            hinted = status
+                .metadata()
+                .get("retry-after-ms")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .map_or(Duration::ZERO, Duration::from_millis);
             match classify(&status) {
                 Verdict::Fail => {
                     return Err(match status.code() {
@@ -340,7 +349,9 @@ impl Client {
                 Verdict::Unknown => target = index + 1,
             }
             if self.node_count() > 0 {
-                let sleep = backoff.min(deadline.saturating_duration_since(Instant::now()));
+                let sleep = backoff
+                    .max(hinted)
+                    .min(deadline.saturating_duration_since(Instant::now()));
                 tokio::time::sleep(sleep).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
