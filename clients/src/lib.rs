@@ -271,8 +271,6 @@ impl Client {
         let mut target = self.leader.load(Ordering::Relaxed);
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt");
-        // The node's `retry-after-ms` hint (admission control), honoured when longer than the backoff.
-        let mut hinted = Duration::ZERO;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -310,7 +308,8 @@ impl Client {
                 )),
             };
             last = format!("{} from {}: {}", status.code(), node.addr, status.message());
-            hinted = status
+            // The node's `retry-after-ms` hint (admission control), honoured when longer than the backoff.
+            let hinted = status
                 .metadata()
                 .get("retry-after-ms")
                 .and_then(|v| v.to_str().ok())
