@@ -70,6 +70,10 @@ async fn elect_and_replicate(backend: &str) {
         .filter(|r| **r == RaftRole::Leader as i32)
         .count();
     assert_eq!(leaders, 1, "exactly one leader: {roles:?}");
+    // Logs written to a file are plain text (no terminal colour codes).
+    let log = cluster.log_tail(leader, 100_000);
+    assert!(log.contains("INFO"), "{log}");
+    assert!(!log.contains('\x1b'), "colour codes in a log file: {log:?}");
 
     let mut last = 0;
     for i in 0..50 {
