@@ -9,7 +9,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -39,10 +39,16 @@ bench-vs-etcd: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-vs-etcd.sh
 
-## Priority isolation (HIGH next to a LOW flood, priority on vs FIFO) and overhead; prints a table.
+## Priority isolation (HIGH next to a LOW flood: priority on, FIFO, no OS priority) and overhead; one table.
 bench-priority: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-priority.sh
+
+## The storage pool under a burst of 1 -> 64 -> 1 workers: time to grow, throughput against a pool fixed at
+## its maximum, time back at the minimum, and the scale-event timeline.
+bench-scaling: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-scaling.sh
 
 ## Install the system packages the build needs, if missing.
 ## (procps: pgrep/kill, used by the process tests.)
