@@ -410,6 +410,9 @@ impl KvServer {
                 Refused::Closed => KvError::Stopped,
                 e => KvError::Shed(e),
             })?;
+        if matches!(tagged.class, Class::Critical | Class::High) {
+            self.pool.urgent_queued();
+        }
         rx.await.map_err(|_| KvError::Stopped)?
     }
 

@@ -2,18 +2,22 @@
 //! (worker threads) for every client request.
 //!
 //! Four classes, from the request header. CRITICAL is always served first. HIGH, NORMAL and LOW share the
-//! workers by weight with stride scheduling: each class has a "pass"; the non-empty class with the smallest
-//! pass is served and its pass grows by `STRIDE / weight`, so under saturation each class gets its weight's
-//! share and a class with work is always served within a bounded number of turns (no starvation). A class
-//! that was idle re-enters at the current virtual time (the pass last served), so idleness earns no burst. With priority disabled
-//! the channel is one FIFO (arrival order across classes).
+//! workers by weight with stride scheduling: each class has a "pass"; the non-empty class with the
+//! smallest pass is served and its pass grows by `STRIDE / weight`, so under saturation each class gets its
+//! weight's share and a class with work is always served within a bounded number of turns (no
+//! starvation). A class that was idle re-enters at the current virtual time (the pass last served), so
+//! idleness earns no burst. With priority disabled the channel is one FIFO (arrival order across classes).
 //!
 //! Admission control (the priority-based circuit breaker): a request is refused at once, having done
-//! nothing, when its class queue is full, or when the estimated wait (the sum over classes of requests queued
-//! × that class's recent service time, ÷ workers; per class because LOW runs at a lower OS priority and
-//! takes longer on a busy machine) exceeds a share of its own remaining deadline: LOW ¼, NORMAL ½, HIGH all of it, so LOW is shed
-//! first, then NORMAL, then HIGH. CRITICAL is never shed. The refusal carries a retry-after hint. A request
-//! whose deadline passes while queued is handed back as expired and never runs.
+//! nothing, when its class queue is full, or when its estimated wait exceeds a share of its own remaining
+//! deadline: LOW ¼, NORMAL ½, HIGH all of it, so LOW is shed first, then NORMAL, then HIGH. CRITICAL is
+//! never shed. The estimate is an upper bound of what stride scheduling guarantees: everything CRITICAL
+//! queued, plus the requests of the class queued ahead, served at the class's guaranteed share of the
+//! workers (its weight over the sum of all three weights, whatever is queued now: a class idle at
+//! admission may flood later), each taking that class's recent service time (tracked per class: LOW runs
+//! at a lower OS priority and takes longer on a busy machine), and at least as long as the class's oldest
+//! queued request has already waited. The refusal carries a retry-after hint. A
+//! request whose deadline passes while queued is handed back as expired and never runs.
 //!
 //! Raft's own traffic never enters this channel: it goes straight from the transport to the Raft driver.
 //!
@@ -187,6 +191,7 @@ struct State<T> {
     stats: [ClassStats; 4],
     /// Recent service time per class (EWMA), nanoseconds.
     service_ns: [f64; 4],
+    service_samples: [u64; 4],
     policy: ChannelPolicy,
     workers: usize,
     closed: bool,
@@ -239,6 +244,7 @@ impl<T> PriorityMessageChannel<T> {
                 seq: 0,
                 stats: Default::default(),
                 service_ns: [100_000.0; 4],
+                service_samples: [0; 4],
                 policy,
                 workers: workers.max(1),
                 closed: false,
@@ -276,12 +282,25 @@ impl<T> PriorityMessageChannel<T> {
             return Err(Refused::Closed);
         }
         let c = class as usize;
-        let queued_ns: f64 = (0..4)
-            .map(|i| s.queues[i].len() as f64 * s.service_ns[i])
-            .sum();
-        let estimated = Duration::from_nanos((queued_ns / s.workers as f64) as u64);
+        let share = if c == 0 || !s.policy.enabled {
+            1.0
+        } else {
+            f64::from(s.policy.weights[c - 1]) / f64::from(s.policy.weights.iter().sum::<u32>())
+        };
+        let critical_ns = if c == 0 {
+            0.0
+        } else {
+            s.queues[0].len() as f64 * s.service_ns[0]
+        };
+        let ahead_ns = critical_ns + s.queues[c].len() as f64 * s.service_ns[c] / share;
+        // The oldest request of the class has waited this long and has not started: a new one waits at
+        // least as long as the queue takes to move (the model alone trusts service times learnt before).
+        let head_age = s.queues[c].front().map_or(Duration::ZERO, |i| {
+            now.saturating_duration_since(i.enqueued)
+        });
+        let estimated = Duration::from_nanos((ahead_ns / s.workers as f64) as u64).max(head_age);
         let retry_after =
-            Duration::from_nanos(((queued_ns + s.service_ns[c]) / s.workers as f64) as u64)
+            Duration::from_nanos(((ahead_ns + s.service_ns[c]) / s.workers as f64) as u64)
                 .max(Duration::from_millis(1));
         if class != Class::Critical && s.queues[c].len() >= s.policy.queue_capacity {
             s.stats[c].shed += 1;
@@ -411,8 +430,15 @@ impl<T> PriorityMessageChannel<T> {
     /// Feeds the run time of a job taken as `class` into that class's service-time estimate.
     pub fn record_service(&self, class: Class, took: Duration) {
         let mut s = self.lock();
-        let e = &mut s.service_ns[class as usize];
-        *e = 0.9 * *e + 0.1 * took.as_nanos() as f64;
+        let c = class as usize;
+        let took = took.as_nanos() as f64;
+        // The first sample replaces the starting guess outright.
+        s.service_ns[c] = if s.service_samples[c] == 0 {
+            took
+        } else {
+            0.9 * s.service_ns[c] + 0.1 * took
+        };
+        s.service_samples[c] += 1;
     }
 
     /// Refuses new requests; queued ones can still be taken.
@@ -604,6 +630,25 @@ mod tests {
         // The next call covers only what happened since.
         clock.advance(Duration::from_secs(1));
         assert_eq!(ch.mean_queue_len(), 0.0);
+    }
+
+    #[test]
+    fn a_queue_that_does_not_move_sheds_even_with_fast_service_times_learnt() {
+        let (ch, clock) = channel(true);
+        for c in Class::ALL {
+            ch.record_service(c, Duration::from_micros(10));
+        }
+        ch.try_send(Class::Low, far(&clock), (Class::Low, 0))
+            .unwrap();
+        // Nothing is taken for 300 ms: a new LOW request with 1 s left (budget 250 ms) is refused.
+        clock.advance(Duration::from_millis(300));
+        let deadline = clock.now() + Duration::from_secs(1);
+        assert!(matches!(
+            ch.try_send(Class::Low, deadline, (Class::Low, 1)),
+            Err(Refused::Overloaded { .. })
+        ));
+        // HIGH (budget: all of its deadline) still gets in.
+        assert!(ch.try_send(Class::High, deadline, (Class::High, 2)).is_ok());
     }
 
     #[test]

@@ -38,14 +38,24 @@ use crate::priority_channel::{Class, PriorityMessageChannel, Taken};
 /// The OS nice value LOW requests run at (CFS weight 110 against 1024 at nice 0).
 pub const LOW_NICE: i32 = 10;
 
-/// Sets the calling thread's nice value (Linux: nice is per thread).
+/// The calling thread's kernel id.
 #[cfg(target_os = "linux")]
-fn set_thread_nice(nice: i32) -> std::io::Result<()> {
-    // SAFETY: plain syscalls on the calling thread; no memory is passed.
-    let rc = unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
-    };
+fn current_tid() -> i64 {
+    // SAFETY: a plain syscall without arguments.
+    unsafe { libc::syscall(libc::SYS_gettid) }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn current_tid() -> i64 {
+    0
+}
+
+/// Sets a thread's nice value (Linux: nice is per thread).
+#[cfg(target_os = "linux")]
+fn set_nice_of(tid: i64, nice: i32) -> std::io::Result<()> {
+    let tid = libc::id_t::try_from(tid).map_err(std::io::Error::other)?;
+    // SAFETY: a plain syscall; no memory is passed.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) };
     if rc == 0 {
         Ok(())
     } else {
@@ -54,8 +64,12 @@ fn set_thread_nice(nice: i32) -> std::io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
+fn set_nice_of(_tid: i64, _nice: i32) -> std::io::Result<()> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+}
+
+fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    set_nice_of(current_tid(), nice)
 }
 
 /// The calling thread's nice value.
@@ -227,6 +241,8 @@ struct Shared {
     utilisation: Mutex<f64>,
     /// LOW requests run at [`LOW_NICE`].
     os_priority: bool,
+    /// Threads running a LOW request at [`LOW_NICE`] right now (kernel thread ids).
+    low_running: Mutex<Vec<i64>>,
 }
 
 /// The storage worker pool and its scaler thread.
@@ -251,6 +267,7 @@ impl WorkerPool {
             events: Mutex::new(VecDeque::new()),
             utilisation: Mutex::new(0.0),
             os_priority: os_priority_allowed(),
+            low_running: Mutex::new(Vec::new()),
         });
         if shared.os_priority {
             tracing::info!(nice = LOW_NICE, "LOW requests run at a lower OS priority");
@@ -318,6 +335,25 @@ impl WorkerPool {
         self.shared.os_priority
     }
 
+    /// Priority inheritance, called after a HIGH or CRITICAL request was queued: if it is still waiting
+    /// (every thread busy), the threads running LOW requests at [`LOW_NICE`] go back to nice 0, so the
+    /// thread it waits for is not the one the CPU serves last.
+    pub fn urgent_queued(&self) {
+        if !self.shared.os_priority || self.shared.channel.is_empty() {
+            return;
+        }
+        let mut running = self
+            .shared
+            .low_running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for tid in running.drain(..) {
+            if let Err(e) = set_nice_of(tid, 0) {
+                tracing::warn!(error = %e, tid, "cannot lift a worker's OS priority");
+            }
+        }
+    }
+
     /// Stops every thread once the queue is drained.
     pub fn stop(&self) {
         self.shared.channel.close();
@@ -338,7 +374,16 @@ fn spawn_worker(shared: &Arc<Shared>) {
 }
 
 fn worker_loop(s: &Shared) {
+    let tid = current_tid();
     let mut nice = 0;
+    let set_nice = |nice: &mut i32, want: i32| {
+        if *nice != want {
+            match set_nice_of(tid, want) {
+                Ok(()) => *nice = want,
+                Err(e) => tracing::warn!(error = %e, want, "cannot set a worker's OS priority"),
+            }
+        }
+    };
     loop {
         // Threads above the target leave (after their last request).
         let live = s.live.load(Ordering::SeqCst);
@@ -351,22 +396,37 @@ fn worker_loop(s: &Shared) {
         }
         match s.channel.recv_timeout(Duration::from_millis(100)) {
             Some(Taken::Run(job, class)) => {
-                let want = if s.os_priority && class == Class::Low {
-                    LOW_NICE
-                } else {
-                    0
-                };
-                if want != nice {
-                    match set_thread_nice(want) {
-                        Ok(()) => nice = want,
-                        Err(e) => {
-                            tracing::warn!(error = %e, want, "cannot set a worker's OS priority")
-                        }
+                let low = s.os_priority && class == Class::Low;
+                if low {
+                    // Under the lock, so `urgent_queued` lifts either before (and the job is not
+                    // registered) or after (and it is).
+                    let mut running = s.low_running.lock().unwrap_or_else(PoisonError::into_inner);
+                    set_nice(&mut nice, LOW_NICE);
+                    if nice == LOW_NICE {
+                        running.push(tid);
                     }
+                } else {
+                    set_nice(&mut nice, 0);
                 }
                 let t = Instant::now();
                 job.run();
                 let took = t.elapsed();
+                if low {
+                    let mut running = s.low_running.lock().unwrap_or_else(PoisonError::into_inner);
+                    match running.iter().position(|&t| t == tid) {
+                        Some(i) => {
+                            running.swap_remove(i);
+                        }
+                        // Lifted while it ran.
+                        None => nice = 0,
+                    }
+                    drop(running);
+                    // Wait for the next request at the normal priority: a HIGH one arriving at an idle
+                    // pool should not wake a nice thread.
+                    if s.channel.is_empty() {
+                        set_nice(&mut nice, 0);
+                    }
+                }
                 s.busy_ns.fetch_add(
                     u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
                     Ordering::Relaxed,
@@ -554,6 +614,73 @@ mod tests {
         let job: Box<dyn Job> = Box::new(ReportNice(tx));
         assert!(channel.try_send(Class::Low, deadline, job).is_ok());
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(0));
+        pool.stop();
+    }
+
+    /// A LOW job that reports its thread's nice value, waits for a signal, and reports it again.
+    struct SlowLow {
+        report: std::sync::mpsc::Sender<i32>,
+        go: std::sync::mpsc::Receiver<()>,
+    }
+
+    impl Job for SlowLow {
+        fn run(self: Box<Self>) {
+            self.report
+                .send(thread_nice())
+                .expect("test receiver alive");
+            self.go.recv().expect("test sender alive");
+            self.report
+                .send(thread_nice())
+                .expect("test receiver alive");
+        }
+        fn expire(self: Box<Self>) {
+            panic!("nothing expires in this test");
+        }
+    }
+
+    #[test]
+    fn a_waiting_high_request_lifts_the_low_request_its_thread_runs() {
+        use crate::priority_channel::{ChannelPolicy, SystemClock};
+        let channel = Arc::new(PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 16,
+            },
+            1,
+            Box::new(SystemClock),
+        ));
+        let pool = WorkerPool::start(
+            Arc::clone(&channel),
+            ScalingPolicy {
+                min_threads: 1,
+                max_threads: 1,
+                ..policy()
+            },
+        );
+        let allowed = os_priority_allowed();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (report, reports) = std::sync::mpsc::channel();
+        let (go, go_rx) = std::sync::mpsc::channel();
+        let low: Box<dyn Job> = Box::new(SlowLow {
+            report: report.clone(),
+            go: go_rx,
+        });
+        assert!(channel.try_send(Class::Low, deadline, low).is_ok());
+        let first = reports.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(first, if allowed { LOW_NICE } else { 0 });
+        // A HIGH request queues behind the only thread, busy with the LOW one.
+        let high: Box<dyn Job> = Box::new(ReportNice(report));
+        assert!(channel.try_send(Class::High, deadline, high).is_ok());
+        pool.urgent_queued();
+        go.send(()).unwrap();
+        let second = reports.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(second, 0, "the LOW request finishes at the normal priority");
+        assert_eq!(
+            reports.recv_timeout(Duration::from_secs(10)),
+            Ok(0),
+            "then HIGH runs"
+        );
         pool.stop();
     }
 

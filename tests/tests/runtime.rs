@@ -209,7 +209,10 @@ async fn on_a_saturated_node_low_is_shed_and_high_keeps_completing() {
     .await;
     preload(&cluster).await;
     let stop = Arc::new(AtomicBool::new(false));
+    // Per class: served, shed at admission, expired in the queue (never ran).
     let counts = Arc::new([
+        AtomicU64::new(0),
+        AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
         AtomicU64::new(0),
@@ -220,7 +223,7 @@ async fn on_a_saturated_node_low_is_shed_and_high_keeps_completing() {
         let (priority, slot) = if i < 32 {
             (Priority::Low, 0)
         } else {
-            (Priority::High, 2)
+            (Priority::High, 3)
         };
         let mut kv = cluster.kv(1);
         let stop = Arc::clone(&stop);
@@ -233,6 +236,14 @@ async fn on_a_saturated_node_low_is_shed_and_high_keeps_completing() {
                         assert!(e.metadata().get("retry-after-ms").is_some(), "{e:?}");
                         counts[slot + 1].fetch_add(1, Ordering::Relaxed)
                     }
+                    // Admitted before the node had learnt how long these scans take: answered without
+                    // running, which is allowed (it did nothing); counted.
+                    Err(e)
+                        if e.code() == Code::DeadlineExceeded
+                            && e.message().contains("never ran") =>
+                    {
+                        counts[slot + 2].fetch_add(1, Ordering::Relaxed)
+                    }
                     Err(e) => panic!("unexpected error for {priority:?}: {e}"),
                 };
             }
@@ -243,11 +254,25 @@ async fn on_a_saturated_node_low_is_shed_and_high_keeps_completing() {
     for t in tasks {
         t.await.unwrap();
     }
-    let [low_ok, low_shed, high_ok, high_shed] =
-        [0, 1, 2, 3].map(|i| counts[i].load(Ordering::Relaxed));
-    println!("LOW served {low_ok} shed {low_shed}; HIGH served {high_ok} shed {high_shed}");
+    let [
+        low_ok,
+        low_shed,
+        low_expired,
+        high_ok,
+        high_shed,
+        high_expired,
+    ] = [0, 1, 2, 3, 4, 5].map(|i| counts[i].load(Ordering::Relaxed));
+    println!(
+        "LOW served {low_ok} shed {low_shed} expired {low_expired}; \
+         HIGH served {high_ok} shed {high_shed} expired {high_expired}"
+    );
     assert!(low_shed > 0, "LOW is shed on a saturated node");
     assert_eq!(high_shed, 0, "HIGH is not shed while LOW still is");
+    assert_eq!(high_expired, 0, "HIGH never waits out its deadline");
+    assert!(
+        low_expired * 10 < low_shed,
+        "LOW is refused at admission, not left to expire: {low_expired} expired, {low_shed} shed"
+    );
     assert!(high_ok > 0, "HIGH keeps completing");
     // 4 HIGH clients against 32 LOW ones still get more than their head count's share.
     assert!(high_ok * 8 > low_ok, "HIGH {high_ok} vs LOW {low_ok}");
