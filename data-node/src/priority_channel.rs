@@ -192,6 +192,8 @@ struct State<T> {
     /// Recent service time per class (EWMA), nanoseconds.
     service_ns: [f64; 4],
     service_samples: [u64; 4],
+    /// LOW requests taken to run and not yet reported finished.
+    running_low: usize,
     policy: ChannelPolicy,
     workers: usize,
     closed: bool,
@@ -245,6 +247,7 @@ impl<T> PriorityMessageChannel<T> {
                 stats: Default::default(),
                 service_ns: [100_000.0; 4],
                 service_samples: [0; 4],
+                running_low: 0,
                 policy,
                 workers: workers.max(1),
                 closed: false,
@@ -343,7 +346,7 @@ impl<T> PriorityMessageChannel<T> {
         Ok(())
     }
 
-    fn pick(s: &mut State<T>) -> Option<usize> {
+    fn pick(s: &mut State<T>, allow_low: bool) -> Option<usize> {
         if !s.policy.enabled {
             return (0..4)
                 .filter(|&c| !s.queues[c].is_empty())
@@ -353,7 +356,7 @@ impl<T> PriorityMessageChannel<T> {
             return Some(0);
         }
         let c = (1..4)
-            .filter(|&c| !s.queues[c].is_empty())
+            .filter(|&c| !s.queues[c].is_empty() && (allow_low || c != Class::Low as usize))
             .min_by_key(|&c| (s.pass[c - 1], c))?;
         s.vtime = s.pass[c - 1];
         s.pass[c - 1] += STRIDE / u64::from(s.policy.weights[c - 1].max(1));
@@ -364,11 +367,11 @@ impl<T> PriorityMessageChannel<T> {
     pub fn try_recv(&self) -> Option<Taken<T>> {
         let now = self.clock.now();
         let mut s = self.lock();
-        Self::take(&mut s, now)
+        Self::take(&mut s, now, true)
     }
 
-    fn take(s: &mut State<T>, now: Instant) -> Option<Taken<T>> {
-        let c = Self::pick(s)?;
+    fn take(s: &mut State<T>, now: Instant, allow_low: bool) -> Option<Taken<T>> {
+        let c = Self::pick(s, allow_low)?;
         s.account(now);
         let item = s.queues[c].pop_front().expect("picked a non-empty queue");
         let waited = now.saturating_duration_since(item.enqueued);
@@ -383,16 +386,31 @@ impl<T> PriorityMessageChannel<T> {
         } else {
             Class::Normal
         };
+        if scheduled_as == Class::Low {
+            s.running_low += 1;
+        }
         Some(Taken::Run(item.job, scheduled_as))
     }
 
     /// Takes the next request, waiting up to `timeout` for one. `None` on timeout or once closed and empty.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Taken<T>> {
+        self.recv_timeout_limiting_low(timeout, usize::MAX)
+    }
+
+    /// [`Self::recv_timeout`], but with priority on a LOW request is only taken while fewer than
+    /// `low_limit` taken LOW requests are still running (their end is reported by
+    /// [`Self::record_service`], which wakes a worker held back).
+    pub fn recv_timeout_limiting_low(
+        &self,
+        timeout: Duration,
+        low_limit: usize,
+    ) -> Option<Taken<T>> {
         let mut s = self.lock();
         let until = Instant::now() + timeout;
         loop {
             let now = self.clock.now();
-            if let Some(t) = Self::take(&mut s, now) {
+            let allow_low = s.running_low < low_limit;
+            if let Some(t) = Self::take(&mut s, now, allow_low) {
                 return Some(t);
             }
             if s.closed {
@@ -408,6 +426,11 @@ impl<T> PriorityMessageChannel<T> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// LOW requests taken and not yet reported finished.
+    pub fn running_low(&self) -> usize {
+        self.lock().running_low
     }
 
     /// The mean number of requests queued since the previous call (time-weighted), for the scaler: an
@@ -439,6 +462,13 @@ impl<T> PriorityMessageChannel<T> {
             0.9 * s.service_ns[c] + 0.1 * took
         };
         s.service_samples[c] += 1;
+        if class == Class::Low {
+            s.running_low = s.running_low.saturating_sub(1);
+            if !s.queues[c].is_empty() {
+                // A worker held back from LOW work may take some now.
+                self.ready.notify_one();
+            }
+        }
     }
 
     /// Refuses new requests; queued ones can still be taken.
@@ -649,6 +679,26 @@ mod tests {
         ));
         // HIGH (budget: all of its deadline) still gets in.
         assert!(ch.try_send(Class::High, deadline, (Class::High, 2)).is_ok());
+    }
+
+    #[test]
+    fn low_can_be_held_back_while_other_classes_are_served() {
+        let (ch, clock) = channel(true);
+        ch.try_send(Class::Low, far(&clock), (Class::Low, 0))
+            .unwrap();
+        ch.try_send(Class::Low, far(&clock), (Class::Low, 1))
+            .unwrap();
+        // One LOW may run at a time: the first is taken, the second waits until it ends.
+        let limited = || ch.recv_timeout_limiting_low(Duration::from_millis(1), 1);
+        assert!(matches!(limited(), Some(Taken::Run((Class::Low, 0), _))));
+        assert!(limited().is_none());
+        assert_eq!(ch.running_low(), 1);
+        // Other classes are served meanwhile.
+        ch.try_send(Class::Normal, far(&clock), (Class::Normal, 2))
+            .unwrap();
+        assert!(matches!(limited(), Some(Taken::Run((Class::Normal, 2), _))));
+        ch.record_service(Class::Low, Duration::from_millis(1));
+        assert!(matches!(limited(), Some(Taken::Run((Class::Low, 1), _))));
     }
 
     #[test]

@@ -20,6 +20,13 @@
 //! pool checks this at start and, where it is not allowed, runs every class at the process's priority and
 //! says so in the log.
 //!
+//! Two more rules keep a LOW flood from holding the threads themselves: with two threads or more, one is
+//! always kept free of LOW work (LOW requests wait in the queue rather than take the last thread), so a
+//! HIGH or CRITICAL request finds a thread at once; in a pool of one thread, a HIGH or CRITICAL request
+//! that has to wait lifts the LOW request running on it back to nice 0 (priority inheritance), so it is
+//! not stuck behind a thread the CPU serves last. Lifting in larger pools was measured and dropped: with
+//! HIGH requests arriving every few milliseconds it put the whole flood back at nice 0.
+//!
 //! The network stage (gRPC I/O, HTTP/2 and protobuf, threads named `kiwi-network`) is tokio's runtime with
 //! `runtime.network_threads` threads, fixed at start, and deliberately not scaled. Tokio cannot resize a
 //! running runtime; instead the stage was designed so it does no request work of its own: handlers parse,
@@ -336,10 +343,16 @@ impl WorkerPool {
     }
 
     /// Priority inheritance, called after a HIGH or CRITICAL request was queued: if it is still waiting
-    /// (every thread busy), the threads running LOW requests at [`LOW_NICE`] go back to nice 0, so the
-    /// thread it waits for is not the one the CPU serves last.
+    /// and every thread is running a LOW request at [`LOW_NICE`] (only possible in a pool of one thread:
+    /// larger pools keep one thread free of LOW work), those go back to nice 0, so the thread it waits for
+    /// is not the one the CPU serves last.
     pub fn urgent_queued(&self) {
         if !self.shared.os_priority || self.shared.channel.is_empty() {
+            return;
+        }
+        // Only when no thread is free of LOW work (a pool of one): otherwise the request gets the thread
+        // kept for other classes, and lifting would hand the CPU back to the LOW flood.
+        if self.shared.channel.running_low() < self.shared.live.load(Ordering::SeqCst) {
             return;
         }
         let mut running = self
@@ -394,7 +407,14 @@ fn worker_loop(s: &Shared) {
         {
             return;
         }
-        match s.channel.recv_timeout(Duration::from_millis(100)) {
+        // With two threads or more, one is always kept free of LOW work, so a HIGH or CRITICAL request
+        // arriving during a LOW flood finds a thread instead of waiting behind LOW requests.
+        let live = s.live.load(Ordering::SeqCst);
+        let low_limit = if live <= 1 { usize::MAX } else { live - 1 };
+        match s
+            .channel
+            .recv_timeout_limiting_low(Duration::from_millis(100), low_limit)
+        {
             Some(Taken::Run(job, class)) => {
                 let low = s.os_priority && class == Class::Low;
                 if low {
@@ -681,6 +701,62 @@ mod tests {
             Ok(0),
             "then HIGH runs"
         );
+        pool.stop();
+    }
+
+    #[test]
+    fn one_thread_is_kept_free_of_low_work_for_other_classes() {
+        use crate::priority_channel::{ChannelPolicy, SystemClock};
+        let channel = Arc::new(PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 16,
+            },
+            2,
+            Box::new(SystemClock),
+        ));
+        let pool = WorkerPool::start(
+            Arc::clone(&channel),
+            ScalingPolicy {
+                enabled: false,
+                min_threads: 2,
+                max_threads: 2,
+                ..policy()
+            },
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let wait = Duration::from_secs(10);
+        let (ra_tx, ra) = std::sync::mpsc::channel();
+        let (go_a, go_a_rx) = std::sync::mpsc::channel();
+        let (rb_tx, rb) = std::sync::mpsc::channel();
+        let (go_b, go_b_rx) = std::sync::mpsc::channel();
+        let (rh_tx, rh) = std::sync::mpsc::channel();
+        let low_a: Box<dyn Job> = Box::new(SlowLow {
+            report: ra_tx,
+            go: go_a_rx,
+        });
+        assert!(channel.try_send(Class::Low, deadline, low_a).is_ok());
+        ra.recv_timeout(wait).expect("the first LOW request starts");
+        let low_b: Box<dyn Job> = Box::new(SlowLow {
+            report: rb_tx,
+            go: go_b_rx,
+        });
+        assert!(channel.try_send(Class::Low, deadline, low_b).is_ok());
+        let high: Box<dyn Job> = Box::new(ReportNice(rh_tx));
+        assert!(channel.try_send(Class::High, deadline, high).is_ok());
+        rh.recv_timeout(wait)
+            .expect("HIGH runs on the thread kept free");
+        assert!(
+            rb.try_recv().is_err(),
+            "the second LOW request waits while the first runs"
+        );
+        go_a.send(()).unwrap();
+        ra.recv_timeout(wait).unwrap();
+        rb.recv_timeout(wait)
+            .expect("the second LOW request starts once the first ended");
+        go_b.send(()).unwrap();
+        rb.recv_timeout(wait).unwrap();
         pool.stop();
     }
 
