@@ -571,20 +571,27 @@ impl KvService for KvApi {
                 limit: req.limit as usize + 1,
                 reverse: req.reverse,
             };
-            let mut pairs = s
-                .blocking(&tagged, move |st| st.scan(KeySpace::Data, &scan))
+            let (limit, keys_only) = (req.limit as usize, req.keys_only);
+            // The answer is built in the storage stage too (at the request's OS priority), not on a
+            // network thread.
+            let (kvs, more) = s
+                .blocking(&tagged, move |st| {
+                    let mut pairs = st.scan(KeySpace::Data, &scan)?;
+                    let more = pairs.len() > limit;
+                    pairs.truncate(limit);
+                    let kvs: Vec<KeyValue> = pairs
+                        .into_iter()
+                        .map(|(key, value)| KeyValue {
+                            key,
+                            value: if keys_only { Vec::new() } else { value },
+                        })
+                        .collect();
+                    Ok((kvs, more))
+                })
                 .await?;
-            let more = pairs.len() > req.limit as usize;
-            pairs.truncate(req.limit as usize);
             Ok(ScanResponse {
                 header: s.header(&tagged, applied),
-                kvs: pairs
-                    .into_iter()
-                    .map(|(key, value)| KeyValue {
-                        key,
-                        value: if req.keys_only { Vec::new() } else { value },
-                    })
-                    .collect(),
+                kvs,
                 more,
             })
         };
