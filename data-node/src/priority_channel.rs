@@ -10,7 +10,9 @@
 //!
 //! Admission control (the priority-based circuit breaker): a request is refused at once, having done
 //! nothing, when its class queue is full, or when its estimated wait exceeds a share of its own remaining
-//! deadline: LOW ¼, NORMAL ½, HIGH all of it, so LOW is shed first, then NORMAL, then HIGH. CRITICAL is
+//! deadline: LOW ¼, NORMAL ½, HIGH all of it, so LOW is shed first, then NORMAL, then HIGH. With priority
+//! on, LOW's queue is also bounded by the pool: at most [`LOW_PER_WORKER`] LOW requests per worker in the
+//! node (queued and running), the rest refused at once (LOW is the class that waits outside). CRITICAL is
 //! never shed. The estimate is an upper bound of what stride scheduling guarantees: everything CRITICAL
 //! queued, plus the requests of the class queued ahead, served at the class's guaranteed share of the
 //! workers (its weight over the sum of all three weights, whatever is queued now: a class idle at
@@ -94,7 +96,17 @@ pub struct ChannelPolicy {
     pub weights: [u32; 3],
     /// Requests queued per class before new ones of that class are refused.
     pub queue_capacity: usize,
+    /// With priority on, LOW requests in the node (queued and running) are limited to this many per
+    /// worker; more are refused at once. `None`: only `queue_capacity`.
+    pub low_per_worker: Option<usize>,
 }
+
+/// LOW requests allowed in the node per storage worker (queued and running), with priority on: the
+/// threads LOW may use stay busy, and no more LOW work waits. Measured (`scripts/bench-priority.sh`):
+/// HIGH's tail latency under a LOW flood grows with the number of LOW requests in flight (their network
+/// work competes with HIGH's on the network threads), not with LOW's throughput, which one per thread
+/// already reaches; with 2 per thread HIGH p99 was 2.7x its idle p99, with 1 about 1.5-1.9x.
+pub const LOW_PER_WORKER: usize = 1;
 
 impl ChannelPolicy {
     /// The policy `[runtime.priority]` describes, with `queue_capacity` per class.
@@ -107,6 +119,7 @@ impl ChannelPolicy {
                 c.low_priority_weight,
             ],
             queue_capacity,
+            low_per_worker: Some(LOW_PER_WORKER),
         }
     }
 }
@@ -305,11 +318,17 @@ impl<T> PriorityMessageChannel<T> {
         let retry_after =
             Duration::from_nanos(((ahead_ns + s.service_ns[c]) / s.workers as f64) as u64)
                 .max(Duration::from_millis(1));
-        if class != Class::Critical && s.queues[c].len() >= s.policy.queue_capacity {
+        let capacity = match (class, s.policy.low_per_worker) {
+            (Class::Low, Some(per)) if s.policy.enabled => (per * s.workers)
+                .saturating_sub(s.running_low)
+                .min(s.policy.queue_capacity),
+            _ => s.policy.queue_capacity,
+        };
+        if class != Class::Critical && s.queues[c].len() >= capacity {
             s.stats[c].shed += 1;
             return Err(Refused::QueueFull {
                 class,
-                capacity: s.policy.queue_capacity,
+                capacity,
                 retry_after,
             });
         }
@@ -540,6 +559,7 @@ mod tests {
                 enabled,
                 weights: [3, 2, 1],
                 queue_capacity: 100_000,
+                low_per_worker: None,
             },
             4,
             Box::new(clock.clone()),
@@ -702,6 +722,55 @@ mod tests {
     }
 
     #[test]
+    fn low_in_the_node_is_bounded_by_the_workers() {
+        let clock = TestClock::new();
+        let ch = PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 100,
+                low_per_worker: Some(1),
+            },
+            4,
+            Box::new(clock.clone()),
+        );
+        for i in 0..4 {
+            ch.try_send(Class::Low, far(&clock), (Class::Low, i))
+                .unwrap();
+        }
+        assert!(matches!(
+            ch.try_send(Class::Low, far(&clock), (Class::Low, 4)),
+            Err(Refused::QueueFull { capacity: 4, .. })
+        ));
+        // Taken but still running counts too.
+        assert!(matches!(ch.try_recv(), Some(Taken::Run(_, Class::Low))));
+        assert!(
+            ch.try_send(Class::Low, far(&clock), (Class::Low, 5))
+                .is_err()
+        );
+        ch.record_service(Class::Low, Duration::from_millis(1));
+        assert!(
+            ch.try_send(Class::Low, far(&clock), (Class::Low, 6))
+                .is_ok()
+        );
+        // Other classes are not bounded by it, and with priority off neither is LOW.
+        for i in 0..20 {
+            ch.try_send(Class::Normal, far(&clock), (Class::Normal, i))
+                .unwrap();
+        }
+        ch.set_policy(ChannelPolicy {
+            enabled: false,
+            weights: [3, 2, 1],
+            queue_capacity: 100,
+            low_per_worker: Some(1),
+        });
+        assert!(
+            ch.try_send(Class::Low, far(&clock), (Class::Low, 7))
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn overload_sheds_low_then_normal_then_high_never_critical() {
         let (ch, clock) = channel(true);
         // Service time 10 ms per job, 4 workers.
@@ -749,6 +818,7 @@ mod tests {
                 enabled: true,
                 weights: [3, 2, 1],
                 queue_capacity: 2,
+                low_per_worker: None,
             },
             1,
             Box::new(clock.clone()),

@@ -593,6 +593,7 @@ mod tests {
                 enabled: true,
                 weights: [3, 2, 1],
                 queue_capacity: 16,
+                low_per_worker: None,
             },
             1,
             Box::new(SystemClock),
@@ -630,6 +631,7 @@ mod tests {
             enabled: false,
             weights: [3, 2, 1],
             queue_capacity: 16,
+            low_per_worker: None,
         });
         let job: Box<dyn Job> = Box::new(ReportNice(tx));
         assert!(channel.try_send(Class::Low, deadline, job).is_ok());
@@ -666,6 +668,7 @@ mod tests {
                 enabled: true,
                 weights: [3, 2, 1],
                 queue_capacity: 16,
+                low_per_worker: None,
             },
             1,
             Box::new(SystemClock),
@@ -712,6 +715,7 @@ mod tests {
                 enabled: true,
                 weights: [3, 2, 1],
                 queue_capacity: 16,
+                low_per_worker: None,
             },
             2,
             Box::new(SystemClock),
