@@ -9,7 +9,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -49,6 +49,18 @@ bench-priority: deps
 bench-scaling: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-scaling.sh
+
+## Priority channel overhead per request, priority on vs off: ns per request, then (with valgrind)
+## instructions per request, which do not depend on how busy the machine is.
+bench-channel: deps
+	$(CARGO) bench -j$(JOBS) -p kiwi-node --bench channel
+	@if command -v valgrind >/dev/null; then \
+		bin=$$(ls -t $(TARGET_DIR)/release/deps/channel-* | grep -v '\.d$$' | head -1); \
+		for m in on off; do \
+			n=$$(KIWI_BENCH_MODE=$$m KIWI_BENCH_REQUESTS=200000 valgrind --tool=callgrind --callgrind-out-file=/dev/null $$bin 2>&1 | sed -n 's/.*Collected : //p'); \
+			echo "priority $$m: $$((n / 400000)) instructions per request (callgrind, whole process / 400,000 requests)"; \
+		done; \
+	fi
 
 ## Install the system packages the build needs, if missing.
 ## (procps: pgrep/kill, used by the process tests.)
