@@ -127,7 +127,7 @@ impl ChannelPolicy {
 /// Why a request was refused at admission; it did nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
-    #[error("{class} queue is full ({capacity} requests waiting); retry after {retry_after:?}", class = .class.name())]
+    #[error("{class} queue is full (at most {capacity} may wait now); retry after {retry_after:?}", class = .class.name())]
     QueueFull {
         class: Class,
         capacity: usize,
