@@ -301,7 +301,8 @@ impl<T> PriorityMessageChannel<T> {
         let share = if c == 0 || !s.policy.enabled {
             1.0
         } else {
-            f64::from(s.policy.weights[c - 1]) / f64::from(s.policy.weights.iter().sum::<u32>())
+            f64::from(s.policy.weights[c - 1])
+                / s.policy.weights.iter().map(|&w| f64::from(w)).sum::<f64>()
         };
         let critical_ns = if c == 0 {
             0.0
@@ -445,6 +446,12 @@ impl<T> PriorityMessageChannel<T> {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+    }
+
+    /// CRITICAL and HIGH requests queued.
+    pub fn urgent_len(&self) -> usize {
+        let s = self.lock();
+        s.queues[Class::Critical as usize].len() + s.queues[Class::High as usize].len()
     }
 
     /// LOW requests taken and not yet reported finished.

@@ -80,7 +80,7 @@ fn set_thread_nice(nice: i32) -> std::io::Result<()> {
 }
 
 /// The calling thread's nice value.
-#[cfg(all(target_os = "linux", test))]
+#[cfg(target_os = "linux")]
 fn thread_nice() -> i32 {
     // SAFETY: plain syscalls on the calling thread.
     unsafe {
@@ -89,12 +89,24 @@ fn thread_nice() -> i32 {
     }
 }
 
+#[cfg(not(target_os = "linux"))]
+fn thread_nice() -> i32 {
+    0
+}
+
 /// Whether a thread may lower its priority for a LOW request and raise it back afterwards (checked on a
 /// short-lived thread of its own).
-fn os_priority_allowed() -> bool {
-    std::thread::spawn(|| set_thread_nice(LOW_NICE).is_ok() && set_thread_nice(0).is_ok())
-        .join()
-        .unwrap_or(false)
+fn os_priority_allowed(base: i32) -> bool {
+    std::thread::spawn(move || {
+        set_thread_nice(low_nice(base)).is_ok() && set_thread_nice(base).is_ok()
+    })
+    .join()
+    .unwrap_or(false)
+}
+
+/// The nice value LOW requests run at, for threads whose normal nice value is `base`.
+fn low_nice(base: i32) -> i32 {
+    (base + LOW_NICE).min(19)
 }
 
 /// One request's work, run by a pool thread (or answered as expired without running).
@@ -250,6 +262,8 @@ struct Shared {
     os_priority: bool,
     /// Threads running a LOW request at [`LOW_NICE`] right now (kernel thread ids).
     low_running: Mutex<Vec<i64>>,
+    /// The nice value the pool was started with: what every class but LOW runs at.
+    base_nice: i32,
 }
 
 /// The storage worker pool and its scaler thread.
@@ -264,6 +278,7 @@ impl WorkerPool {
         policy: ScalingPolicy,
     ) -> Arc<WorkerPool> {
         let start = policy.min_threads.max(1);
+        let base_nice = thread_nice();
         let shared = Arc::new(Shared {
             channel,
             target: AtomicUsize::new(start),
@@ -273,8 +288,9 @@ impl WorkerPool {
             scaler: Mutex::new(ThreadPoolScaler::new(policy)),
             events: Mutex::new(VecDeque::new()),
             utilisation: Mutex::new(0.0),
-            os_priority: os_priority_allowed(),
+            os_priority: os_priority_allowed(base_nice),
             low_running: Mutex::new(Vec::new()),
+            base_nice,
         });
         if shared.os_priority {
             tracing::info!(nice = LOW_NICE, "LOW requests run at a lower OS priority");
@@ -360,11 +376,14 @@ impl WorkerPool {
             .low_running
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for tid in running.drain(..) {
-            if let Err(e) = set_nice_of(tid, 0) {
+        // A thread that could not be lifted stays listed, so it still knows it runs at LOW's priority.
+        running.retain(|&tid| match set_nice_of(tid, self.shared.base_nice) {
+            Ok(()) => false,
+            Err(e) => {
                 tracing::warn!(error = %e, tid, "cannot lift a worker's OS priority");
+                true
             }
-        }
+        });
     }
 
     /// Stops every thread once the queue is drained.
@@ -388,7 +407,8 @@ fn spawn_worker(shared: &Arc<Shared>) {
 
 fn worker_loop(s: &Shared) {
     let tid = current_tid();
-    let mut nice = 0;
+    let (base, low) = (s.base_nice, low_nice(s.base_nice));
+    let mut nice = thread_nice();
     let set_nice = |nice: &mut i32, want: i32| {
         if *nice != want {
             match set_nice_of(tid, want) {
@@ -416,35 +436,49 @@ fn worker_loop(s: &Shared) {
             .recv_timeout_limiting_low(Duration::from_millis(100), low_limit)
         {
             Some(Taken::Run(job, class)) => {
-                let low = s.os_priority && class == Class::Low;
-                if low {
-                    // Under the lock, so `urgent_queued` lifts either before (and the job is not
-                    // registered) or after (and it is).
+                let mut low_registered = false;
+                if s.os_priority && class == Class::Low {
+                    // Under the lock, so `urgent_queued` lifts either before (and this sees the waiting
+                    // request) or after (and the job is registered). In a pool of one, a LOW request taken
+                    // while a HIGH or CRITICAL one waits runs at the normal priority.
                     let mut running = s.low_running.lock().unwrap_or_else(PoisonError::into_inner);
-                    set_nice(&mut nice, LOW_NICE);
-                    if nice == LOW_NICE {
-                        running.push(tid);
+                    let urgent_waiting =
+                        s.live.load(Ordering::SeqCst) <= 1 && s.channel.urgent_len() > 0;
+                    if urgent_waiting {
+                        set_nice(&mut nice, base);
+                    } else {
+                        set_nice(&mut nice, low);
+                        if nice == low {
+                            running.push(tid);
+                            low_registered = true;
+                        }
                     }
                 } else {
-                    set_nice(&mut nice, 0);
+                    set_nice(&mut nice, base);
                 }
                 let t = Instant::now();
-                job.run();
+                // A panicking request must not take the thread (and its place in the counts) with it.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())).is_err() {
+                    tracing::error!(
+                        class = class.name(),
+                        "a request panicked in the storage stage"
+                    );
+                }
                 let took = t.elapsed();
-                if low {
+                if low_registered {
                     let mut running = s.low_running.lock().unwrap_or_else(PoisonError::into_inner);
                     match running.iter().position(|&t| t == tid) {
                         Some(i) => {
                             running.swap_remove(i);
                         }
                         // Lifted while it ran.
-                        None => nice = 0,
+                        None => nice = base,
                     }
                     drop(running);
                     // Wait for the next request at the normal priority: a HIGH one arriving at an idle
                     // pool should not wake a nice thread.
                     if s.channel.is_empty() {
-                        set_nice(&mut nice, 0);
+                        set_nice(&mut nice, base);
                     }
                 }
                 s.busy_ns.fetch_add(
@@ -606,7 +640,7 @@ mod tests {
                 ..policy()
             },
         );
-        let allowed = os_priority_allowed();
+        let allowed = os_priority_allowed(thread_nice());
         let (tx, rx) = std::sync::mpsc::channel();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
@@ -681,7 +715,7 @@ mod tests {
                 ..policy()
             },
         );
-        let allowed = os_priority_allowed();
+        let allowed = os_priority_allowed(thread_nice());
         let deadline = Instant::now() + Duration::from_secs(30);
         let (report, reports) = std::sync::mpsc::channel();
         let (go, go_rx) = std::sync::mpsc::channel();
@@ -761,6 +795,59 @@ mod tests {
             .expect("the second LOW request starts once the first ended");
         go_b.send(()).unwrap();
         rb.recv_timeout(wait).unwrap();
+        pool.stop();
+    }
+
+    struct Panics;
+
+    impl Job for Panics {
+        fn run(self: Box<Self>) {
+            panic!("a request that panics (expected in this test)");
+        }
+        fn expire(self: Box<Self>) {}
+    }
+
+    #[test]
+    fn a_panicking_request_does_not_take_the_thread_or_the_low_count_with_it() {
+        use crate::priority_channel::{ChannelPolicy, SystemClock};
+        let channel = Arc::new(PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 16,
+                low_per_worker: Some(1),
+            },
+            1,
+            Box::new(SystemClock),
+        ));
+        let pool = WorkerPool::start(
+            Arc::clone(&channel),
+            ScalingPolicy {
+                min_threads: 1,
+                max_threads: 1,
+                ..policy()
+            },
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let boom: Box<dyn Job> = Box::new(Panics);
+        assert!(channel.try_send(Class::Low, deadline, boom).is_ok());
+        // The next LOW request is admitted once the panicked one no longer counts as running, and the
+        // same thread serves it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let job: Box<dyn Job> = Box::new(ReportNice(tx.clone()));
+            match channel.try_send(Class::Low, deadline, job) {
+                Ok(()) => break,
+                Err(e) => {
+                    assert!(Instant::now() < until, "the LOW bound never came back: {e}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        assert_eq!(pool.metrics().current, 1, "the thread survived");
+        assert_eq!(channel.running_low(), 0);
         pool.stop();
     }
 
