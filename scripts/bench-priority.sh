@@ -19,19 +19,12 @@
 # directory under /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/common.sh
 
 DURATION=${DURATION:-10s}
 SCAN_LIMIT=${SCAN_LIMIT:-1000}
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-KIWI=$TARGET_DIR/release/kiwi
-NODE=$TARGET_DIR/release/kiwi-node
-if [ ! -x "$KIWI" ] || [ ! -x "$NODE" ]; then
-    cargo build --release -j2 --workspace --bins
-fi
-WORK_DIR=${WORK_DIR:-$(mktemp -d /var/tmp/kiwi-priority.XXXXXX)}
-mkdir -p "$WORK_DIR"
-RESULTS=$WORK_DIR/results.jsonl
-: > "$RESULTS"
+build_kiwi
+init_work_dir kiwi-priority
 
 CPUS=$(nproc)
 NODE_CPU=()
@@ -41,26 +34,14 @@ if [ "$CPUS" -ge 2 ]; then
     CLIENT_CPU=(taskset -c "0-$((CPUS - 2))")
 fi
 
-PG=""
 start_cluster() { # name [prefix command...]
     local name=$1
     shift
-    "$@" "${NODE_CPU[@]}" "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port 17491 \
-        --node-bin "$NODE" >"$WORK_DIR/$name.log" 2>&1 &
-    PG=$!
-    for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/$name.log" && break; sleep 0.5; done
-    grep -q "is up" "$WORK_DIR/$name.log" || { echo "cluster did not come up; see $WORK_DIR" >&2; exit 1; }
+    start_playground "$name" 17491 "$@" "${NODE_CPU[@]}"
     echo "preloading ..." >&2
     "$KIWI" bench --workload get --workers 32 --duration 1s --quiet >/dev/null
 }
-stop_cluster() {
-    [ -n "$PG" ] || return 0
-    kill -INT "$PG" 2>/dev/null || true
-    wait "$PG" 2>/dev/null || true
-    PG=""
-}
-trap stop_cluster EXIT
-export KIWI_ENDPOINTS=127.0.0.1:17491,127.0.0.1:17492,127.0.0.1:17493
+trap stop_playground EXIT
 
 bench() { # label priority workers workload [args]
     local label=$1 prio=$2 workers=$3 workload=$4
@@ -95,13 +76,13 @@ for round in 1 2 3; do
 done
 "$KIWI" runtime --set-priority on >/dev/null
 "$KIWI" runtime >"$WORK_DIR/runtime.txt"
-stop_cluster
+stop_playground
 
 if command -v setpriv >/dev/null && [ "$(id -u)" = 0 ]; then
     start_cluster no-os-priority setpriv --inh-caps=-sys_nice --bounding-set=-sys_nice
     "$KIWI" runtime | grep -q "LOW at the same OS priority" || { echo "the cluster still has CAP_SYS_NICE" >&2; exit 1; }
     flood_with_high queue-only
-    stop_cluster
+    stop_playground
 fi
 
 python3 - "$RESULTS" <<'PY'

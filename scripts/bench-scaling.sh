@@ -15,27 +15,14 @@
 # /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/common.sh
 
 BURST=${BURST:-20s}
 SCAN_LIMIT=${SCAN_LIMIT:-1000}
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-KIWI=$TARGET_DIR/release/kiwi
-NODE=$TARGET_DIR/release/kiwi-node
-if [ ! -x "$KIWI" ] || [ ! -x "$NODE" ]; then
-    cargo build --release -j2 --workspace --bins
-fi
-WORK_DIR=${WORK_DIR:-$(mktemp -d /var/tmp/kiwi-scaling.XXXXXX)}
-mkdir -p "$WORK_DIR"
-RESULTS=$WORK_DIR/results.jsonl
-: > "$RESULTS"
-
-"$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/kiwi" --base-port 17591 --node-bin "$NODE" \
-    >"$WORK_DIR/playground.log" 2>&1 &
-PG=$!
-trap 'kill -INT $PG 2>/dev/null || true; wait $PG 2>/dev/null || true' EXIT
-for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/playground.log" && break; sleep 0.5; done
-grep -q "is up" "$WORK_DIR/playground.log" || { echo "cluster did not come up; see $WORK_DIR" >&2; exit 1; }
-export KIWI_ENDPOINTS=127.0.0.1:17591,127.0.0.1:17592,127.0.0.1:17593
+build_kiwi
+init_work_dir kiwi-scaling
+trap stop_playground EXIT
+start_playground kiwi 17591
 
 echo "preloading ..." >&2
 "$KIWI" bench --workload get --workers 32 --duration 1s --quiet >/dev/null

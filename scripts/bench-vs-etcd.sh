@@ -10,13 +10,11 @@
 # WORK_DIR (default a fresh directory under /var/tmp; data and logs are kept there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/common.sh
 
 DURATION=${DURATION:-10s}
 WORKERS=${WORKERS:-"1 16 64"}
 KEYS=${KEYS:-20000}
-TARGET_DIR=${CARGO_TARGET_DIR:-target}
-KIWI=$TARGET_DIR/release/kiwi
-NODE=$TARGET_DIR/release/kiwi-node
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
 
 if ! command -v etcd >/dev/null; then
@@ -27,15 +25,8 @@ fi
 if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
     $SUDO systemctl stop etcd || true
 fi
-if [ ! -x "$KIWI" ] || [ ! -x "$NODE" ]; then
-    echo "building Kiwi (release) ..." >&2
-    cargo build --release -j2 --workspace --bins
-fi
-
-WORK_DIR=${WORK_DIR:-$(mktemp -d /var/tmp/kiwi-vs-etcd.XXXXXX)}
-mkdir -p "$WORK_DIR"
-RESULTS=$WORK_DIR/results.jsonl
-: > "$RESULTS"
+build_kiwi
+init_work_dir kiwi-vs-etcd
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done

@@ -363,12 +363,14 @@ impl WorkerPool {
     /// larger pools keep one thread free of LOW work), those go back to nice 0, so the thread it waits for
     /// is not the one the CPU serves last.
     pub fn urgent_queued(&self) {
-        if !self.shared.os_priority || self.shared.channel.is_empty() {
-            return;
-        }
-        // Only when no thread is free of LOW work (a pool of one): otherwise the request gets the thread
-        // kept for other classes, and lifting would hand the CPU back to the LOW flood.
-        if self.shared.channel.running_low() < self.shared.live.load(Ordering::SeqCst) {
+        // Only in a pool of one (checked first: this runs for every HIGH request). Larger pools keep a
+        // thread free of LOW work for the request, and lifting would hand the CPU back to a LOW flood.
+        let live = self.shared.live.load(Ordering::SeqCst);
+        if !self.shared.os_priority
+            || live > 1
+            || self.shared.channel.is_empty()
+            || self.shared.channel.running_low() < live
+        {
             return;
         }
         let mut running = self
@@ -549,6 +551,7 @@ fn scaler_loop(s: &Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::priority_channel::{ChannelPolicy, SystemClock};
 
     fn policy() -> ScalingPolicy {
         ScalingPolicy {
@@ -607,6 +610,33 @@ mod tests {
         assert_eq!(changes, 0);
     }
 
+    /// A priority channel (priority on, weights 3/2/1) drained by a pool fixed at `threads`.
+    fn fixed_pool(
+        threads: usize,
+        low_per_worker: Option<usize>,
+    ) -> (Arc<PriorityMessageChannel<Box<dyn Job>>>, Arc<WorkerPool>) {
+        let channel = Arc::new(PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 16,
+                low_per_worker,
+            },
+            threads,
+            Box::new(SystemClock),
+        ));
+        let pool = WorkerPool::start(
+            Arc::clone(&channel),
+            ScalingPolicy {
+                enabled: false,
+                min_threads: threads,
+                max_threads: threads,
+                ..policy()
+            },
+        );
+        (channel, pool)
+    }
+
     /// A job that reports the nice value of the thread that runs it.
     struct ReportNice(std::sync::mpsc::Sender<i32>);
 
@@ -621,25 +651,7 @@ mod tests {
 
     #[test]
     fn low_requests_run_at_a_lower_os_priority_and_others_do_not() {
-        use crate::priority_channel::{ChannelPolicy, SystemClock};
-        let channel = Arc::new(PriorityMessageChannel::new(
-            ChannelPolicy {
-                enabled: true,
-                weights: [3, 2, 1],
-                queue_capacity: 16,
-                low_per_worker: None,
-            },
-            1,
-            Box::new(SystemClock),
-        ));
-        let pool = WorkerPool::start(
-            Arc::clone(&channel),
-            ScalingPolicy {
-                min_threads: 1,
-                max_threads: 1,
-                ..policy()
-            },
-        );
+        let (channel, pool) = fixed_pool(1, None);
         let allowed = os_priority_allowed(thread_nice());
         let (tx, rx) = std::sync::mpsc::channel();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -696,25 +708,7 @@ mod tests {
 
     #[test]
     fn a_waiting_high_request_lifts_the_low_request_its_thread_runs() {
-        use crate::priority_channel::{ChannelPolicy, SystemClock};
-        let channel = Arc::new(PriorityMessageChannel::new(
-            ChannelPolicy {
-                enabled: true,
-                weights: [3, 2, 1],
-                queue_capacity: 16,
-                low_per_worker: None,
-            },
-            1,
-            Box::new(SystemClock),
-        ));
-        let pool = WorkerPool::start(
-            Arc::clone(&channel),
-            ScalingPolicy {
-                min_threads: 1,
-                max_threads: 1,
-                ..policy()
-            },
-        );
+        let (channel, pool) = fixed_pool(1, None);
         let allowed = os_priority_allowed(thread_nice());
         let deadline = Instant::now() + Duration::from_secs(30);
         let (report, reports) = std::sync::mpsc::channel();
@@ -743,26 +737,7 @@ mod tests {
 
     #[test]
     fn one_thread_is_kept_free_of_low_work_for_other_classes() {
-        use crate::priority_channel::{ChannelPolicy, SystemClock};
-        let channel = Arc::new(PriorityMessageChannel::new(
-            ChannelPolicy {
-                enabled: true,
-                weights: [3, 2, 1],
-                queue_capacity: 16,
-                low_per_worker: None,
-            },
-            2,
-            Box::new(SystemClock),
-        ));
-        let pool = WorkerPool::start(
-            Arc::clone(&channel),
-            ScalingPolicy {
-                enabled: false,
-                min_threads: 2,
-                max_threads: 2,
-                ..policy()
-            },
-        );
+        let (channel, pool) = fixed_pool(2, None);
         let deadline = Instant::now() + Duration::from_secs(30);
         let wait = Duration::from_secs(10);
         let (ra_tx, ra) = std::sync::mpsc::channel();
@@ -809,25 +784,7 @@ mod tests {
 
     #[test]
     fn a_panicking_request_does_not_take_the_thread_or_the_low_count_with_it() {
-        use crate::priority_channel::{ChannelPolicy, SystemClock};
-        let channel = Arc::new(PriorityMessageChannel::new(
-            ChannelPolicy {
-                enabled: true,
-                weights: [3, 2, 1],
-                queue_capacity: 16,
-                low_per_worker: Some(1),
-            },
-            1,
-            Box::new(SystemClock),
-        ));
-        let pool = WorkerPool::start(
-            Arc::clone(&channel),
-            ScalingPolicy {
-                min_threads: 1,
-                max_threads: 1,
-                ..policy()
-            },
-        );
+        let (channel, pool) = fixed_pool(1, Some(1));
         let deadline = Instant::now() + Duration::from_secs(30);
         let boom: Box<dyn Job> = Box::new(Panics);
         assert!(channel.try_send(Class::Low, deadline, boom).is_ok());

@@ -133,14 +133,7 @@ fn parse_ramp(s: &str) -> Result<Ramp, String> {
 impl Ramp {
     /// Workers wanted `at` into the run (0 once it is over).
     fn workers_at(&self, at: Duration) -> usize {
-        let mut end = Duration::ZERO;
-        for &(w, d) in &self.0 {
-            end += d;
-            if at < end {
-                return w;
-            }
-        }
-        0
+        self.phase_at(at).map_or(0, |i| self.0[i].0)
     }
 
     fn total(&self) -> Duration {
@@ -484,14 +477,13 @@ pub async fn run(
             format!("{errors:?}")
         }
     );
-    let line = json!({
+    let mut line = json!({
         "label": args.label, "target": target, "workload": workload, "workers": ramp.max_workers(),
         "connections": args.connections, "keys": args.keys, "value_size": args.value_size,
         "duration_s": elapsed, "ops": ops, "ops_per_sec": ops_per_sec,
         "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": hist.max(),
         "errors": errors,
     });
-    let mut line = line;
     if let Some(r) = &args.ramp {
         let events = match &kiwi {
             Some(c) => scale_events(c, start_unix_ms).await,
