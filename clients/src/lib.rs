@@ -53,6 +53,15 @@ const LEADER_ADDR: &str = "kiwi-leader-addr";
 /// Metadata set on statuses that guarantee the request did nothing.
 const RETRY_SAFE: &str = "kiwi-retry-safe";
 
+/// Largest gRPC message the client sends or accepts (tonic's default receive limit is 4 MiB).
+///
+/// A `Get` response carries a whole value, and a node can be configured to hold values up to the
+/// `storage.max_value_size` ceiling of 64 MiB with keys up to the `storage.max_key_size` ceiling of
+/// 1 MiB; with the default 4 MiB limit, reading a value near even the *default* 4 MiB maximum would fail
+/// with `OUT_OF_RANGE`. 80 MiB covers the largest key plus the largest value plus protobuf and header
+/// overhead, with room to spare; the node enforces its own (smaller) request limit.
+const MAX_MESSAGE_BYTES: usize = 80 * 1024 * 1024;
+
 /// What a call can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -138,6 +147,20 @@ impl Node {
     fn channel(&self) -> Channel {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         self.channels[i].clone()
+    }
+
+    /// A `KvService` client on the next channel, with [`MAX_MESSAGE_BYTES`] limits.
+    fn kv(&self) -> KvServiceClient<Channel> {
+        KvServiceClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// A `NodeAdmin` client on the next channel, with [`MAX_MESSAGE_BYTES`] limits.
+    fn admin(&self) -> NodeAdminClient<Channel> {
+        NodeAdminClient::new(self.channel())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 }
 
@@ -286,7 +309,7 @@ impl Client {
                 request_id: request_id.clone(),
                 timeout: prost_types::Duration::try_from(remaining).ok(),
             };
-            let attempt = f(KvServiceClient::new(node.channel()), header);
+            let attempt = f(node.kv(), header);
             let status = match tokio::time::timeout(remaining, attempt).await {
                 Ok(Ok(v)) => {
                     self.leader.store(index, Ordering::Relaxed);
@@ -495,7 +518,7 @@ impl Client {
         let nodes: Vec<_> = self.lock().clone();
         let mut out = Vec::new();
         for n in &nodes {
-            let mut admin = NodeAdminClient::new(n.channel());
+            let mut admin = n.admin();
             let timeout = self.options.timeout;
             let r = tokio::time::timeout(timeout, async {
                 let policy = admin
@@ -524,7 +547,7 @@ impl Client {
         let nodes: Vec<_> = self.lock().clone();
         let mut out = Vec::new();
         for n in &nodes {
-            let mut admin = NodeAdminClient::new(n.channel());
+            let mut admin = n.admin();
             let r = async {
                 let mut policy = admin
                     .get_runtime_policy(GetRuntimePolicyRequest {})
@@ -546,7 +569,7 @@ impl Client {
         let nodes: Vec<_> = self.lock().clone();
         let mut tasks = Vec::new();
         for n in &nodes {
-            let mut admin = NodeAdminClient::new(n.channel());
+            let mut admin = n.admin();
             let timeout = self.options.timeout;
             tasks.push(tokio::spawn(async move {
                 match tokio::time::timeout(timeout, admin.status(StatusRequest {})).await {

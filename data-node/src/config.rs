@@ -210,6 +210,10 @@ pub struct RaftConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries kept in the log before it is compacted behind a snapshot.
     pub log_compaction_threshold: u64,
+    /// Entries a compaction leaves in the log behind the applied index (and, on the leader, behind the
+    /// slowest healthy follower), so that a follower lagging a little catches up from the log instead of
+    /// needing a whole snapshot (etcd keeps 5,000).
+    pub log_compaction_slack: u64,
     /// Start as a new member of a running cluster instead of founding one: the node waits, with no
     /// membership of its own, until the leader adds it (`NodeAdmin.AddNode`) and sends it a snapshot.
     /// Only read on the first start of an empty data directory. `peers` lists the running cluster.
@@ -229,6 +233,7 @@ impl Default for RaftConfig {
             election_ticks: 10,
             heartbeat_ticks: 2,
             log_compaction_threshold: 10_000,
+            log_compaction_slack: 5_000,
             join: false,
             metrics: RaftMetricsConfig::default(),
             fault_injection: FaultInjectionConfig::default(),
@@ -279,13 +284,57 @@ pub struct StorageConfig {
     pub max_value_size: ByteSize,
 }
 
-/// Hard ceiling on `storage.max_key_size`.
 /// Most threads `runtime.network_threads` may ask for.
 pub const MAX_NETWORK_THREADS: usize = 256;
+/// Most storage threads `runtime.scaling.max_storage_threads` (and `SetRuntimePolicy`) may ask for.
+pub const MAX_STORAGE_THREADS: usize = 256;
+/// Longest `runtime.scaling.evaluation_interval_ms`.
+pub const MAX_EVALUATION_INTERVAL: Duration = Duration::from_secs(60);
+/// Longest `raft.tick_interval_ms`.
+pub const MAX_TICK_INTERVAL: Duration = Duration::from_secs(10);
+/// Most `raft.election_ticks`.
+pub const MAX_ELECTION_TICKS: usize = 1000;
+/// Longest election timeout (`raft.tick_interval_ms` × `raft.election_ticks`).
+pub const MAX_ELECTION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most `raft.log_compaction_threshold` and `raft.log_compaction_slack`.
+pub const MAX_COMPACTION_ENTRIES: u64 = 100_000_000;
+/// Longest `raft.metrics.collection_interval_ms`.
+pub const MAX_COLLECTION_INTERVAL: Duration = Duration::from_secs(60);
+/// Longest `raft.metrics.retention_period_sec`.
+pub const MAX_RETENTION_PERIOD: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Hard ceiling on `storage.max_key_size` (shared by every node: see [`Limits::CEILING`]).
+pub const MAX_KEY_SIZE_CEILING: ByteSize = ByteSize::b(kiwi_storage::MAX_KEY_BYTES_CEILING as u64);
+/// Hard ceiling on `storage.max_value_size` (shared by every node: see [`Limits::CEILING`]).
+pub const MAX_VALUE_SIZE_CEILING: ByteSize =
+    ByteSize::b(kiwi_storage::MAX_VALUE_BYTES_CEILING as u64);
 
-pub const MAX_KEY_SIZE_CEILING: ByteSize = ByteSize::mib(1);
-/// Hard ceiling on `storage.max_value_size`.
-pub const MAX_VALUE_SIZE_CEILING: ByteSize = ByteSize::mib(64);
+/// Checks a member address: `host:port` with a non-empty host and a port from 1 to 65535.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_member_addr(addr: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{addr:?} is not \"host:port\": {why}"));
+    if addr.parse::<SocketAddr>().is_ok() {
+        return if addr.ends_with(":0") {
+            bad("port 0 is not a port peers can dial")
+        } else {
+            Ok(())
+        };
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if host.is_empty() {
+        return bad("empty host");
+    }
+    if host.contains(':') || host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return bad("invalid host (an IPv6 address needs brackets, e.g. [::1]:7380)");
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => bad("the port must be a number from 1 to 65535"),
+    }
+}
 
 impl Default for StorageConfig {
     fn default() -> Self {
@@ -364,6 +413,14 @@ impl NodeConfig {
             format!("must be at least 1, got {}", s.min_storage_threads),
         );
         check(
+            s.max_storage_threads <= MAX_STORAGE_THREADS,
+            "runtime.scaling.max_storage_threads",
+            format!(
+                "must be at most {MAX_STORAGE_THREADS}, got {}",
+                s.max_storage_threads
+            ),
+        );
+        check(
             s.min_storage_threads <= s.max_storage_threads,
             "runtime.scaling.min_storage_threads",
             format!(
@@ -396,15 +453,20 @@ impl NodeConfig {
             ),
         );
         check(
-            s.scale_increment >= 1,
+            (1..=MAX_STORAGE_THREADS).contains(&s.scale_increment),
             "runtime.scaling.scale_increment",
-            format!("must be at least 1, got {}", s.scale_increment),
+            format!(
+                "must be from 1 to {MAX_STORAGE_THREADS}, got {}",
+                s.scale_increment
+            ),
         );
         check(
-            s.evaluation_interval >= Duration::from_millis(10),
+            s.evaluation_interval >= Duration::from_millis(10)
+                && s.evaluation_interval <= MAX_EVALUATION_INTERVAL,
             "runtime.scaling.evaluation_interval_ms",
             format!(
-                "must be at least 10, got {}",
+                "must be from 10 to {}, got {}",
+                MAX_EVALUATION_INTERVAL.as_millis(),
                 s.evaluation_interval.as_millis()
             ),
         );
@@ -424,7 +486,11 @@ impl NodeConfig {
                 p.low_priority_weight,
             ),
         ] {
-            check(w >= 1, field, format!("must be at least 1, got {w}"));
+            check(
+                (1..=1000).contains(&w),
+                field,
+                format!("must be from 1 to 1000, got {w}"),
+            );
         }
 
         let r = &self.raft;
@@ -434,9 +500,13 @@ impl NodeConfig {
             format!("must be at least 1, got {}", r.node_id),
         );
         check(
-            r.tick_interval >= Duration::from_millis(1),
+            r.tick_interval >= Duration::from_millis(1) && r.tick_interval <= MAX_TICK_INTERVAL,
             "raft.tick_interval_ms",
-            "must be at least 1".to_string(),
+            format!(
+                "must be from 1 to {}, got {}",
+                MAX_TICK_INTERVAL.as_millis(),
+                r.tick_interval.as_millis()
+            ),
         );
         check(
             r.heartbeat_ticks >= 1,
@@ -452,9 +522,37 @@ impl NodeConfig {
             ),
         );
         check(
-            r.log_compaction_threshold >= 1,
+            r.election_ticks <= MAX_ELECTION_TICKS,
+            "raft.election_ticks",
+            format!("must be at most {MAX_ELECTION_TICKS}, got {}", r.election_ticks),
+        );
+        if r.election_ticks <= MAX_ELECTION_TICKS && r.tick_interval <= MAX_TICK_INTERVAL {
+            let timeout = r.tick_interval * r.election_ticks as u32;
+            check(
+                timeout <= MAX_ELECTION_TIMEOUT,
+                "raft.election_ticks",
+                format!(
+                    "raft.tick_interval_ms × raft.election_ticks must be at most {} s, got {} ms",
+                    MAX_ELECTION_TIMEOUT.as_secs(),
+                    timeout.as_millis()
+                ),
+            );
+        }
+        check(
+            (1..=MAX_COMPACTION_ENTRIES).contains(&r.log_compaction_threshold),
             "raft.log_compaction_threshold",
-            "must be at least 1".to_string(),
+            format!(
+                "must be from 1 to {MAX_COMPACTION_ENTRIES}, got {}",
+                r.log_compaction_threshold
+            ),
+        );
+        check(
+            r.log_compaction_slack <= MAX_COMPACTION_ENTRIES,
+            "raft.log_compaction_slack",
+            format!(
+                "must be at most {MAX_COMPACTION_ENTRIES}, got {}",
+                r.log_compaction_slack
+            ),
         );
         let mut ids = std::collections::HashSet::new();
         for peer in &r.peers {
@@ -468,11 +566,9 @@ impl NodeConfig {
                 "raft.peers",
                 format!("peer id {} appears more than once", peer.id),
             );
-            check(
-                !peer.addr.trim().is_empty(),
-                "raft.peers",
-                format!("peer {} has an empty addr", peer.id),
-            );
+            if let Err(e) = check_member_addr(&peer.addr) {
+                check(false, "raft.peers", format!("peer {}: {e}", peer.id));
+            }
         }
         check(
             !r.join || !r.peers.is_empty(),
@@ -486,15 +582,34 @@ impl NodeConfig {
         );
         let m = &r.metrics;
         check(
-            m.collection_interval >= Duration::from_millis(1),
+            m.collection_interval >= Duration::from_millis(1)
+                && m.collection_interval <= MAX_COLLECTION_INTERVAL,
             "raft.metrics.collection_interval_ms",
-            "must be at least 1".to_string(),
+            format!(
+                "must be from 1 to {}, got {}",
+                MAX_COLLECTION_INTERVAL.as_millis(),
+                m.collection_interval.as_millis()
+            ),
         );
         check(
-            m.retention_period >= m.collection_interval,
+            m.retention_period >= m.collection_interval && m.retention_period <= MAX_RETENTION_PERIOD,
             "raft.metrics.retention_period_sec",
-            "must be at least one collection interval".to_string(),
+            format!(
+                "must be from one collection interval to {} (7 days), got {}",
+                MAX_RETENTION_PERIOD.as_secs(),
+                m.retention_period.as_secs()
+            ),
         );
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            check(
+                false,
+                "log.level",
+                format!(
+                    "{:?} is not a log filter such as \"info\" or \"kiwi_node=debug,info\": {e}",
+                    self.log.level
+                ),
+            );
+        }
 
         let st = &self.storage;
         check(
@@ -671,6 +786,65 @@ mod tests {
             invalid_fields(&c),
             ["storage.max_key_size", "storage.max_value_size"]
         );
+    }
+
+    #[test]
+    fn every_number_has_a_ceiling() {
+        let mut c = NodeConfig::default();
+        c.runtime.scaling.min_storage_threads = u32::MAX as usize;
+        c.runtime.scaling.max_storage_threads = u32::MAX as usize;
+        assert_eq!(invalid_fields(&c), ["runtime.scaling.max_storage_threads"]);
+        let mut c = NodeConfig::default();
+        c.raft.tick_interval = Duration::from_millis(u64::MAX);
+        assert_eq!(invalid_fields(&c), ["raft.tick_interval_ms"]);
+        let mut c = NodeConfig::default();
+        c.runtime.scaling.evaluation_interval = Duration::from_millis(u64::from(u32::MAX));
+        assert_eq!(invalid_fields(&c), ["runtime.scaling.evaluation_interval_ms"]);
+        let mut c = NodeConfig::default();
+        c.raft.election_ticks = 100_000;
+        assert!(invalid_fields(&c).contains(&"raft.election_ticks"));
+        let mut c = NodeConfig::default();
+        c.raft.tick_interval = Duration::from_secs(10);
+        c.raft.election_ticks = 100;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("raft.election_ticks") && err.contains("120 s"), "{err}");
+        let mut c = NodeConfig::default();
+        c.raft.log_compaction_slack = u64::MAX;
+        c.runtime.scaling.scale_increment = 1000;
+        c.runtime.priority.high_priority_weight = u32::MAX;
+        assert_eq!(
+            invalid_fields(&c),
+            [
+                "runtime.scaling.scale_increment",
+                "runtime.priority.high_priority_weight",
+                "raft.log_compaction_slack"
+            ]
+        );
+    }
+
+    #[test]
+    fn log_level_is_checked_with_the_rest() {
+        let mut c = NodeConfig::default();
+        c.log.level = "kiwi_node=loud".into();
+        assert_eq!(invalid_fields(&c), ["log.level"]);
+        c.log.level = "kiwi_node=debug,info".into();
+        assert_eq!(invalid_fields(&c), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn member_addresses_are_host_and_port() {
+        for ok in ["127.0.0.1:7380", "node-1.example:7380", "[::1]:7380", "localhost:1"] {
+            assert_eq!(check_member_addr(ok), Ok(()), "{ok}");
+        }
+        for bad in [":", "", "host", ":7380", "host:", "host:0", "host:99999", "a b:1", "::1:80"] {
+            assert!(check_member_addr(bad).is_err(), "{bad:?} accepted");
+        }
+        let mut c = NodeConfig::default();
+        c.raft.peers = vec![PeerConfig {
+            id: 1,
+            addr: ":".into(),
+        }];
+        assert_eq!(invalid_fields(&c), ["raft.peers"]);
     }
 
     #[test]

@@ -21,12 +21,30 @@
 //!    read index before reading.
 //!
 //! Before step 2, a Ready that carries a snapshot (this node fell behind the leader's compacted log)
-//! installs it from the staging area the transport filled (`snapshot::install`). After applying, once
-//! more than `compaction_threshold` entries are applied past the last compaction, the log is compacted up
-//! to the applied index (one fsynced batch, which also makes the buffered applies durable).
+//! installs it from the staging area the transport filled (`snapshot::install`), with the member
+//! addresses it carries. After step 5, the light Ready's commit index (with a single voter every commit
+//! advances there) is recorded for the next hard state written. Once the compaction point (the applied
+//! index less `compaction_slack`, and on the leader no further than the slowest healthy follower's match
+//! less the slack) is more than `compaction_threshold` entries past the last compaction, the log is
+//! compacted up to it (one fsynced batch, which also makes the buffered applies durable and raises the
+//! stored commit index to at least that point).
 //!
+//! # Applying is total
+//! Applying a committed entry never fails because of what the entry says: an entry that does not
+//! decode, or that breaks a rule every node shares (`state_machine::validate`), is applied as a no-op
+//! (the applied index moves past it), its proposer is answered [`ProposeError::Rejected`], and it is
+//! counted and logged. Every node decides the same for the same entry. A membership change raft-rs
+//! refuses is handled the same way.
+//!
+//! # Reads
+//! Linearizable reads that arrive in one turn share one ReadIndex round. A new leader holds them until it
+//! has committed an entry of its own term (raft-rs drops read requests before that); a round that gets no
+//! answer within an election timeout is started again, and its callers that gave up are forgotten.
+//!
+//! # Failure
 //! A storage error at any step stops the driver (fail-stop) with an error log line; it never advances
-//! past state it could not persist. The node then shuts down.
+//! past state it could not persist. A panic on the driver thread (raft-rs asserts on impossible state)
+//! does the same: the node then shuts down rather than serving as a zombie.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -40,13 +58,14 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, EntryType, Message,
+    MessageType,
 };
 use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::log_store::LogStore;
-use crate::snapshot;
+use crate::log_store::{LogStore, SnapshotData};
+use crate::snapshot::{self, InstallGate};
 use crate::state_machine::{self, ApplyOutcome};
 use crate::transport::PeerEvent;
 
@@ -80,6 +99,13 @@ pub enum ProposeError {
     /// Raft refused the request.
     #[error("{0}")]
     Refused(String),
+    /// The command was committed but breaks a rule every node applies (it was applied as a no-op, on
+    /// every node): nothing was written, and retrying the same command fails the same way.
+    #[error("the command was committed but not applied: {0}")]
+    Rejected(String),
+    /// This node has been removed from the cluster.
+    #[error("this node was removed from the cluster and no longer serves")]
+    Removed,
 }
 
 /// The driver's public state.
@@ -92,6 +118,10 @@ pub struct RaftStatus {
     pub applied: u64,
     /// First index still in the log.
     pub first_index: u64,
+    /// This node is no longer a member (a membership change removed it).
+    pub removed: bool,
+    /// Committed entries applied as no-ops because they were invalid (since the process started).
+    pub rejected_entries: u64,
 }
 
 /// A node's Raft role.
@@ -178,13 +208,20 @@ pub struct DriverConfig {
     pub heartbeat_ticks: usize,
     /// Applied entries past the last compaction that trigger the next one.
     pub compaction_threshold: u64,
+    /// Entries a compaction keeps behind the applied index and the slowest healthy follower.
+    pub compaction_slack: u64,
 }
 
 /// The cloneable handle every other component uses.
 #[derive(Clone)]
 pub struct DriverHandle {
     tx: SyncSender<Inbox>,
+    /// Transport events: unbounded (one per peer event, never many), so none is lost to a full inbox.
+    events: std::sync::mpsc::Sender<PeerEvent>,
     status: watch::Receiver<RaftStatus>,
+    /// Ids of the current members (voters and learners), sorted; empty before a joining node's first
+    /// snapshot.
+    membership: watch::Receiver<Vec<u64>>,
 }
 
 impl DriverHandle {
@@ -247,9 +284,10 @@ impl DriverHandle {
         let _ = self.send(Inbox::Step(msg));
     }
 
-    /// Passes on what the transport observed (unreachable peers, snapshot outcomes).
+    /// Passes on what the transport observed (unreachable peers, snapshot outcomes). Never dropped: a
+    /// lost "snapshot failed" would leave that follower waiting for a snapshot that never comes.
     pub fn peer_event(&self, event: PeerEvent) {
-        let _ = self.send(Inbox::Peer(event));
+        let _ = self.events.send(event);
     }
 
     /// Proposes a membership change and waits until it is applied. The change's context carries the
@@ -283,6 +321,12 @@ impl DriverHandle {
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
+    /// Ids of the current members (voters and learners), sorted; empty while this node has no
+    /// membership yet (a joining node before its first snapshot).
+    pub fn membership(&self) -> Vec<u64> {
+        self.membership.borrow().clone()
+    }
+
     /// A receiver of every published status change.
     pub fn watch(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
@@ -309,6 +353,12 @@ struct Pending {
     reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
 }
 
+/// One ReadIndex round in flight.
+struct ReadRound {
+    started: Instant,
+    replies: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
+}
+
 struct Driver {
     raw: RawNode<LogStore>,
     backend: Arc<dyn StorageBackend>,
@@ -317,15 +367,28 @@ struct Driver {
     applied_on_disk: u64,
     proposals: BTreeMap<u64, Pending>,
     /// ReadIndex rounds in flight, by context id, each with the reads it serves.
-    reads: HashMap<u64, Vec<oneshot::Sender<Result<u64, ProposeError>>>>,
+    reads: HashMap<u64, ReadRound>,
+    /// How long a ReadIndex round may go unanswered before it is started again.
+    read_retry: Duration,
     /// Reads that arrived in this turn; they share the next round.
     read_batch: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
     next_read: u64,
     status: watch::Sender<RaftStatus>,
     applied: u64,
     compaction_threshold: u64,
+    compaction_slack: u64,
     /// Snapshot installs to answer after the current Ready.
     installs: Vec<oneshot::Sender<Result<(), ProposeError>>>,
+    /// This node is not in the current membership (as its own log says).
+    removed: bool,
+    /// Peers that refused this node's messages as a non-member since it last heard from a leader: a
+    /// removed node often never receives the entry that removed it (the leader stops sending to it).
+    refused_by: std::collections::BTreeSet<u64>,
+    membership: watch::Sender<Vec<u64>>,
+    /// Tells the storage stage when user data is being replaced by a snapshot.
+    gate: Arc<InstallGate>,
+    /// Committed entries applied as no-ops because they were invalid.
+    rejected_entries: u64,
 }
 
 /// Starts the driver thread.
@@ -337,6 +400,7 @@ pub fn spawn(
     store: LogStore,
     backend: Arc<dyn StorageBackend>,
     sink: Arc<dyn MessageSink>,
+    gate: Arc<InstallGate>,
     stop: CancellationToken,
     fatal: CancellationToken,
 ) -> Result<(DriverHandle, JoinHandle<()>), raft::Error> {
@@ -358,11 +422,13 @@ pub fn spawn(
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let raw = RawNode::new(&cfg, store, &logger)?;
     let (tx, rx) = sync_channel(INBOX);
+    let (events_tx, events_rx) = std::sync::mpsc::channel();
     let initial = RaftStatus {
         applied: cfg.applied,
         ..RaftStatus::default()
     };
     let (status_tx, status_rx) = watch::channel(initial);
+    let (membership_tx, membership_rx) = watch::channel(Vec::new());
     let mut driver = Driver {
         raw,
         backend,
@@ -370,27 +436,53 @@ pub fn spawn(
         applied_on_disk,
         proposals: BTreeMap::new(),
         reads: HashMap::new(),
+        read_retry: config.tick_interval * config.election_ticks as u32,
         read_batch: Vec::new(),
         next_read: 1,
         status: status_tx,
         applied: cfg.applied,
         compaction_threshold: config.compaction_threshold,
+        compaction_slack: config.compaction_slack,
         installs: Vec::new(),
+        removed: false,
+        refused_by: std::collections::BTreeSet::new(),
+        membership: membership_tx,
+        gate,
+        rejected_entries: 0,
     };
+    driver.removed = driver.compute_removed();
+    driver.publish_membership();
     let tick = config.tick_interval;
     let thread = std::thread::Builder::new()
         .name("kiwi-raft".into())
         .spawn(move || {
-            if let Err(e) = driver.run(rx, tick, &stop) {
-                tracing::error!(error = %e, "storage error in the Raft driver: stopping the node (fail-stop)");
-                fatal.cancel();
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                driver.run(rx, &events_rx, tick, &stop)
+            }));
+            match run {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "storage error in the Raft driver: stopping the node (fail-stop)");
+                    fatal.cancel();
+                }
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)");
+                    tracing::error!(panic = what, "the Raft driver panicked: stopping the node (fail-stop)");
+                    fatal.cancel();
+                }
             }
         })
         .map_err(|e| raft::Error::Store(raft::StorageError::Other(Box::new(e))))?;
     Ok((
         DriverHandle {
             tx,
+            events: events_tx,
             status: status_rx,
+            membership: membership_rx,
         },
         thread,
     ))
@@ -402,6 +494,7 @@ impl Driver {
     fn run(
         &mut self,
         rx: Receiver<Inbox>,
+        events: &Receiver<PeerEvent>,
         tick: Duration,
         stop: &CancellationToken,
     ) -> DriverResult {
@@ -419,12 +512,10 @@ impl Driver {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
-            if !self.read_batch.is_empty() {
-                let id = self.next_read;
-                self.next_read += 1;
-                self.reads.insert(id, std::mem::take(&mut self.read_batch));
-                self.raw.read_index(id.to_be_bytes().to_vec());
+            while let Ok(event) = events.try_recv() {
+                self.handle(Inbox::Peer(event));
             }
+            self.start_reads();
             if Instant::now() >= next_tick {
                 self.raw.tick();
                 next_tick += tick;
@@ -433,6 +524,15 @@ impl Driver {
                 }
             }
             self.on_ready()?;
+            if !self.read_batch.is_empty()
+                && self.raw.raft.state == StateRole::Leader
+                && self.raw.raft.commit_to_current_term()
+            {
+                // Reads held for this leader's first commit, which this Ready made: start them now
+                // rather than a tick later.
+                self.start_reads();
+                self.on_ready()?;
+            }
             for reply in self.installs.drain(..) {
                 let _ = reply.send(Ok(()));
             }
@@ -440,11 +540,59 @@ impl Driver {
         Ok(())
     }
 
+    /// Starts one ReadIndex round for the reads that arrived in this turn, once this leader has committed
+    /// an entry of its own term (raft-rs drops a read request before that); restarts rounds that got no
+    /// answer within `read_retry`, forgetting callers that gave up.
+    fn start_reads(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| now.duration_since(r.started) >= self.read_retry)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(round) = self.reads.remove(&id) {
+                self.read_batch
+                    .extend(round.replies.into_iter().filter(|r| !r.is_closed()));
+            }
+        }
+        if self.read_batch.is_empty() {
+            return;
+        }
+        if self.raw.raft.state != StateRole::Leader {
+            let leader_id = self.raw.raft.leader_id;
+            for reply in self.read_batch.drain(..) {
+                let _ = reply.send(Err(ProposeError::NotLeader { leader_id }));
+            }
+            return;
+        }
+        if !self.raw.raft.commit_to_current_term() {
+            // Held until the leader's first entry of its term commits (it was proposed on election).
+            self.read_batch.retain(|r| !r.is_closed());
+            return;
+        }
+        let id = self.next_read;
+        self.next_read += 1;
+        self.reads.insert(
+            id,
+            ReadRound {
+                started: now,
+                replies: std::mem::take(&mut self.read_batch),
+            },
+        );
+        self.raw.read_index(id.to_be_bytes().to_vec());
+    }
+
     /// Hands `reply` back if this node leads; otherwise answers it with the leader hint.
     fn leader_only<T>(
         &self,
         reply: oneshot::Sender<Result<T, ProposeError>>,
     ) -> Option<oneshot::Sender<Result<T, ProposeError>>> {
+        if self.is_removed() {
+            let _ = reply.send(Err(ProposeError::Removed));
+            return None;
+        }
         if self.raw.raft.state == StateRole::Leader {
             return Some(reply);
         }
@@ -462,13 +610,17 @@ impl Driver {
             let _ = reply.send(Err(ProposeError::Dropped));
             return;
         }
-        self.proposals.insert(
+        let replaced = self.proposals.insert(
             index,
             Pending {
                 term: self.raw.raft.term,
                 reply,
             },
         );
+        if let Some(old) = replaced {
+            // An earlier proposal at this index was overwritten by a later leader's log: it never commits.
+            let _ = old.reply.send(Err(ProposeError::Dropped));
+        }
     }
 
     fn handle(&mut self, msg: Inbox) {
@@ -499,6 +651,17 @@ impl Driver {
                     let _ = reply.send(Err(ProposeError::ConfChangePending));
                     return;
                 }
+                let me = self.raw.raft.id;
+                if cc.get_changes().iter().any(|c| {
+                    c.node_id == me && c.get_change_type() == ConfChangeType::RemoveNode
+                }) {
+                    // raft-rs 0.7 keeps a removed leader leading; its heartbeats would stop the others
+                    // from electing and every write would fail.
+                    let _ = reply.send(Err(ProposeError::Refused(format!(
+                        "node {me} is the leader and cannot remove itself: transfer leadership first"
+                    ))));
+                    return;
+                }
                 let before = self.raw.raft.raft_log.last_index();
                 if let Err(e) = self.raw.propose_conf_change(Vec::new(), cc) {
                     let _ = reply.send(Err(ProposeError::Refused(e.to_string())));
@@ -512,7 +675,28 @@ impl Driver {
                 self.installs.push(reply);
             }
             Inbox::Step(m) => {
+                if !self.refused_by.is_empty()
+                    && matches!(
+                        m.get_msg_type(),
+                        MessageType::MsgAppend | MessageType::MsgHeartbeat
+                    )
+                    && m.term >= self.raw.raft.term
+                {
+                    // A leader still talks to this node: it is a member.
+                    self.refused_by.clear();
+                }
                 let _ = self.raw.step(m);
+            }
+            Inbox::Peer(PeerEvent::NotMember(peer)) => {
+                let was = self.is_removed();
+                self.refused_by.insert(peer);
+                if self.is_removed() && !was {
+                    tracing::warn!(
+                        refused_by = ?self.refused_by,
+                        "a majority of the other members refuse this node's messages: it was removed \
+                         from the cluster and no longer serves requests"
+                    );
+                }
             }
             Inbox::Peer(PeerEvent::Unreachable(peer)) => self.raw.report_unreachable(peer),
             Inbox::Peer(PeerEvent::Snapshot { to, ok }) => self.raw.report_snapshot(
@@ -562,14 +746,66 @@ impl Driver {
             commit: raft.raft_log.committed,
             applied: self.applied,
             first_index: self.raw.store().truncated_index() + 1,
+            removed: self.is_removed(),
+            rejected_entries: self.rejected_entries,
         }
+    }
+
+    /// Whether this node no longer belongs to the cluster: its own log says so, or a majority of the
+    /// other voters refused its messages as a non-member since it last heard from a leader.
+    fn is_removed(&self) -> bool {
+        if self.removed {
+            return true;
+        }
+        let me = self.raw.raft.id;
+        let others = self
+            .raw
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .filter(|id| *id != me)
+            .count();
+        others > 0 && self.refused_by.len() * 2 > others
+    }
+
+    fn publish_membership(&self) {
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        let mut ids: Vec<u64> = cs
+            .voters
+            .iter()
+            .chain(&cs.learners)
+            .chain(&cs.voters_outgoing)
+            .chain(&cs.learners_next)
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        self.membership.send_if_modified(|m| {
+            let changed = *m != ids;
+            *m = ids;
+            changed
+        });
+    }
+
+    /// Whether the current membership leaves this node out (a node that has not joined yet has no
+    /// membership at all, and is not removed).
+    fn compute_removed(&self) -> bool {
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        let me = self.raw.raft.id;
+        !cs.voters.is_empty()
+            && ![&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next]
+                .iter()
+                .any(|ids| ids.contains(&me))
     }
 
     fn publish(&mut self) {
         let now = self.public_status();
         if now.role != Role::Leader && !self.reads.is_empty() {
             let leader_id = now.leader_id;
-            for reply in self.reads.drain().flat_map(|(_, r)| r) {
+            for reply in self.reads.drain().flat_map(|(_, r)| r.replies) {
                 let _ = reply.send(Err(ProposeError::NotLeader { leader_id }));
             }
         }
@@ -603,7 +839,21 @@ impl Driver {
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
             let meta = rd.snapshot().get_metadata().clone();
-            snapshot::install(&*self.backend, self.raw.mut_store(), &meta)?;
+            let members = SnapshotData::decode(&rd.snapshot().data)
+                .map(|d| d.members)
+                .unwrap_or_default();
+            snapshot::install(
+                &*self.backend,
+                self.raw.mut_store(),
+                &meta,
+                &members,
+                &self.gate,
+            )?;
+            for (id, addr) in members {
+                self.sink.add_peer(id, addr);
+            }
+            self.removed = self.compute_removed();
+            self.publish_membership();
             self.applied = meta.index;
             self.applied_on_disk = self.applied_on_disk.max(meta.index);
             // A deposed leader's pending proposals may or may not be inside the snapshot.
@@ -624,6 +874,7 @@ impl Driver {
             for reply in id
                 .ok()
                 .and_then(|id| self.reads.remove(&id))
+                .map(|r| r.replies)
                 .unwrap_or_default()
             {
                 let _ = reply.send(Ok(rs.index));
@@ -631,46 +882,103 @@ impl Driver {
         }
         // 5.
         let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
+        }
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.raw.advance_apply();
-        if self.applied > self.raw.store().truncated_index() + self.compaction_threshold {
-            let applied = self.applied;
-            self.raw.mut_store().compact(applied)?;
-            tracing::debug!(up_to = applied, "compacted the Raft log");
+        let target = self.compaction_target();
+        if target > self.raw.store().truncated_index() + self.compaction_threshold {
+            self.raw.mut_store().compact(target)?;
+            tracing::debug!(up_to = target, "compacted the Raft log");
         }
         self.publish();
         Ok(())
     }
 
-    /// Applies a membership change: Raft's configuration, the durable conf state, and the address of an
-    /// added node (the change's context) for the transport.
-    fn apply_conf_change(
-        &mut self,
-        cc: ConfChangeV2,
-        index: u64,
-    ) -> Result<Option<ApplyOutcome>, Box<dyn std::error::Error + Send + Sync>> {
-        let cs = self.raw.apply_conf_change(&cc)?;
-        self.raw.mut_store().set_conf_state(cs.clone())?;
-        if let Ok(addr) = std::str::from_utf8(&cc.context)
-            && !addr.is_empty()
-        {
-            for change in cc.get_changes() {
-                if matches!(
-                    change.get_change_type(),
-                    ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
-                ) {
-                    self.sink.add_peer(change.node_id, addr.to_string());
-                    state_machine::record_member(&*self.backend, change.node_id, addr)?;
+    /// Where the log may be compacted up to: `compaction_slack` entries behind the applied index and, on
+    /// the leader, behind the slowest healthy follower (recently active and within a threshold of the
+    /// applied index: one that far behind needs a snapshot anyway, and must not keep the log growing).
+    fn compaction_target(&self) -> u64 {
+        let mut target = self.applied.saturating_sub(self.compaction_slack);
+        let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader {
+            let horizon = self
+                .applied
+                .saturating_sub(self.compaction_slack + self.compaction_threshold);
+            for (id, pr) in raft.prs().iter() {
+                if *id != raft.id && pr.recent_active && pr.matched >= horizon {
+                    target = target.min(pr.matched.saturating_sub(self.compaction_slack));
                 }
             }
         }
-        state_machine::mark_applied(&*self.backend, index)?;
+        target
+    }
+
+    /// Applies a membership change: Raft's configuration, then, in one durable batch with the applied
+    /// index and whatever `applier` still holds, the conf state and the address of an added node (the
+    /// change's context). A change raft-rs refuses is applied as a no-op (`Err` carries why).
+    fn apply_conf_change(
+        &mut self,
+        applier: &mut state_machine::Applier<'_>,
+        cc: &ConfChangeV2,
+        index: u64,
+    ) -> Result<Result<ApplyOutcome, String>, Box<dyn std::error::Error + Send + Sync>> {
+        let cs = match self.raw.apply_conf_change(cc) {
+            Ok(cs) => cs,
+            Err(e) => {
+                applier.skip(index);
+                return Ok(Err(format!("Raft refused the membership change: {e}")));
+            }
+        };
+        let mut batch = kiwi_storage::WriteBatch::new();
+        LogStore::conf_state_batch(&cs, &mut batch)?;
+        let addr = std::str::from_utf8(&cc.context)
+            .ok()
+            .filter(|a| !a.is_empty());
+        let mut added = Vec::new();
+        for change in cc.get_changes() {
+            if let Some(addr) = addr
+                && matches!(
+                    change.get_change_type(),
+                    ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
+                )
+            {
+                state_machine::record_member(&mut batch, change.node_id, addr);
+                added.push((change.node_id, addr.to_string()));
+            }
+        }
+        applier.commit_with(index, batch)?;
+        self.raw.mut_store().conf_state_written(cs.clone());
+        for (id, addr) in added {
+            self.sink.add_peer(id, addr);
+        }
+        let was_removed = self.removed;
+        self.removed = self.compute_removed();
+        self.publish_membership();
+        if self.removed && !was_removed {
+            tracing::warn!(
+                index,
+                "this node was removed from the cluster: it no longer serves requests"
+            );
+        }
         tracing::info!(index, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-        Ok(Some(ApplyOutcome {
+        Ok(Ok(ApplyOutcome {
             index,
             ..ApplyOutcome::default()
         }))
+    }
+
+    /// Counts and logs a committed entry applied as a no-op.
+    fn reject(&mut self, index: u64, why: &str) {
+        self.rejected_entries += 1;
+        tracing::warn!(
+            index,
+            reason = why,
+            total = self.rejected_entries,
+            "committed entry is invalid: applied as a no-op"
+        );
     }
 
     /// Applies committed entries: data writes of the whole run go in as few batches as possible (see
@@ -684,7 +992,7 @@ impl Driver {
         let mut answers = Vec::new();
         for entry in entries {
             let (index, term) = (entry.index, entry.term);
-            let outcome = if index <= self.applied_on_disk {
+            let outcome: Option<Result<ApplyOutcome, String>> = if index <= self.applied_on_disk {
                 // Already in the data before this process started.
                 None
             } else {
@@ -694,28 +1002,49 @@ impl Driver {
                         None
                     }
                     EntryType::EntryNormal => {
-                        let cmd = RaftCommand::decode(entry.data.as_ref())?;
-                        Some(applier.apply(index, &cmd)?)
+                        let cmd = RaftCommand::decode(entry.data.as_ref())
+                            .map_err(|e| format!("the command does not decode: {e}"))
+                            .and_then(|cmd| state_machine::validate(&cmd).map(|()| cmd));
+                        match cmd {
+                            Ok(cmd) => Some(Ok(applier.apply(index, &cmd)?)),
+                            Err(why) => {
+                                applier.skip(index);
+                                Some(Err(why))
+                            }
+                        }
                     }
                     EntryType::EntryConfChange => {
-                        applier.flush()?;
                         // Kiwi proposes only V2 changes; a V1 entry is read as the equivalent V2.
-                        let v1 = ConfChange::parse_from_bytes(&entry.data)?;
-                        let mut single = ConfChangeSingle::default();
-                        single.set_change_type(v1.get_change_type());
-                        single.node_id = v1.node_id;
-                        let mut cc = ConfChangeV2::default();
-                        cc.set_changes(vec![single].into());
-                        cc.context = v1.context;
-                        self.apply_conf_change(cc, index)?
+                        match ConfChange::parse_from_bytes(&entry.data) {
+                            Ok(v1) => {
+                                let mut single = ConfChangeSingle::default();
+                                single.set_change_type(v1.get_change_type());
+                                single.node_id = v1.node_id;
+                                let mut cc = ConfChangeV2::default();
+                                cc.set_changes(vec![single].into());
+                                cc.context = v1.context;
+                                Some(self.apply_conf_change(&mut applier, &cc, index)?)
+                            }
+                            Err(e) => {
+                                applier.skip(index);
+                                Some(Err(format!("the membership change does not decode: {e}")))
+                            }
+                        }
                     }
                     EntryType::EntryConfChangeV2 => {
-                        applier.flush()?;
-                        let cc = ConfChangeV2::parse_from_bytes(&entry.data)?;
-                        self.apply_conf_change(cc, index)?
+                        match ConfChangeV2::parse_from_bytes(&entry.data) {
+                            Ok(cc) => Some(self.apply_conf_change(&mut applier, &cc, index)?),
+                            Err(e) => {
+                                applier.skip(index);
+                                Some(Err(format!("the membership change does not decode: {e}")))
+                            }
+                        }
                     }
                 }
             };
+            if let Some(Err(why)) = &outcome {
+                self.reject(index, why);
+            }
             // Proposals at lower indexes can no longer be answered by their own entry.
             while let Some((&i, _)) = self.proposals.first_key_value() {
                 if i >= index {
@@ -726,7 +1055,8 @@ impl Driver {
             }
             if let Some(p) = self.proposals.remove(&index) {
                 let result = match outcome {
-                    Some(o) if p.term == term => Ok(o),
+                    Some(Ok(o)) if p.term == term => Ok(o),
+                    Some(Err(why)) if p.term == term => Err(ProposeError::Rejected(why)),
                     _ => Err(ProposeError::Dropped),
                 };
                 answers.push((p.reply, result));
@@ -753,10 +1083,183 @@ mod tests {
 
     use super::*;
 
-    /// A memory backend whose writes start failing on demand (a dying disk).
+    /// A memory backend whose writes start failing (or panicking) on demand (a dying disk).
     struct FailingBackend {
         inner: MemoryBackend,
         fail: AtomicBool,
+        panic: AtomicBool,
+    }
+
+    impl FailingBackend {
+        fn new() -> Arc<Self> {
+            Arc::new(FailingBackend {
+                inner: MemoryBackend::new(Limits::CEILING),
+                fail: AtomicBool::new(false),
+                panic: AtomicBool::new(false),
+            })
+        }
+    }
+
+    fn test_config(threshold: u64, slack: u64) -> DriverConfig {
+        DriverConfig {
+            node_id: 1,
+            tick_interval: Duration::from_millis(5),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compaction_threshold: threshold,
+            compaction_slack: slack,
+        }
+    }
+
+    /// A driver over `backend` (bootstrapped as a single voter the first time), elected leader.
+    async fn start_single(
+        backend: &Arc<dyn StorageBackend>,
+        config: &DriverConfig,
+        learners: &[u64],
+    ) -> (DriverHandle, JoinHandle<()>, CancellationToken, CancellationToken) {
+        let mut store = LogStore::open(Arc::clone(backend), Arc::default()).unwrap();
+        if !store.is_initialized() {
+            store.bootstrap(vec![1]).unwrap();
+            if !learners.is_empty() {
+                let cs = raft::eraftpb::ConfState {
+                    voters: vec![1],
+                    learners: learners.to_vec(),
+                    ..Default::default()
+                };
+                let mut batch = WriteBatch::new();
+                LogStore::conf_state_batch(&cs, &mut batch).unwrap();
+                backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+                store = LogStore::open(Arc::clone(backend), Arc::default()).unwrap();
+            }
+        }
+        let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
+        let (handle, thread) = spawn(
+            config,
+            store,
+            Arc::clone(backend),
+            Arc::new(NoPeers),
+            Arc::default(),
+            stop.clone(),
+            fatal.clone(),
+        )
+        .unwrap();
+        let mut watch = handle.watch();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watch.wait_for(|s| s.role == Role::Leader),
+        )
+        .await
+        .expect("single node elects itself")
+        .unwrap();
+        (handle, thread, stop, fatal)
+    }
+
+    #[tokio::test]
+    async fn single_voter_restarts_after_log_compaction() {
+        // With one voter every commit advances in the light Ready; the stored commit index must still
+        // never fall behind the compacted log start (raft-rs panics on restart otherwise). The same
+        // with a learner beside the voter.
+        for learners in [vec![], vec![2]] {
+            let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
+            let config = test_config(100, 0);
+            let (handle, thread, stop, _) = start_single(&backend, &config, &learners).await;
+            for i in 0..150 {
+                handle.propose(put(&format!("k{i}"))).await.unwrap();
+            }
+            assert!(
+                handle.status().first_index > 100,
+                "the log was compacted: {:?}",
+                handle.status()
+            );
+            stop.cancel();
+            thread.join().unwrap();
+
+            let store = LogStore::open(Arc::clone(&backend), Arc::default()).unwrap();
+            let hs = raft::Storage::initial_state(&store).unwrap().hard_state;
+            assert!(
+                hs.commit >= store.truncated_index(),
+                "stored commit {} behind the log start {} (learners {learners:?})",
+                hs.commit,
+                store.truncated_index()
+            );
+            let (handle, thread, stop, fatal) = start_single(&backend, &config, &learners).await;
+            handle.propose(put("after-restart")).await.unwrap();
+            assert!(!fatal.is_cancelled());
+            stop.cancel();
+            thread.join().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_committed_entries_are_applied_as_no_ops() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
+        let (handle, thread, stop, fatal) =
+            start_single(&backend, &test_config(1000, 0), &[]).await;
+        let garbage = handle.propose(vec![0xff, 0xff, 0xff, 0x01]).await;
+        assert!(
+            matches!(&garbage, Err(ProposeError::Rejected(why)) if why.contains("decode")),
+            "{garbage:?}"
+        );
+        let huge_key = "k".repeat(kiwi_storage::MAX_KEY_BYTES_CEILING + 1);
+        let huge = handle.propose(put(&huge_key)).await;
+        assert!(
+            matches!(&huge, Err(ProposeError::Rejected(why)) if why.contains("ceiling")),
+            "{huge:?}"
+        );
+        let empty_cmd = RaftCommand {
+            request_id: "no-command".into(),
+            command: None,
+        }
+        .encode_to_vec();
+        let empty = handle.propose(empty_cmd).await;
+        assert!(matches!(empty, Err(ProposeError::Rejected(_))), "{empty:?}");
+        // The node goes on: the next command applies, after the rejected ones.
+        let ok = handle.propose(put("fine")).await.unwrap();
+        assert_eq!(state_machine::applied_index(&*backend).unwrap(), ok.index);
+        assert_eq!(handle.status().rejected_entries, 3);
+        assert_eq!(
+            backend.read(KeySpace::Data, b"fine").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        assert!(!fatal.is_cancelled(), "an invalid entry is never fatal");
+        stop.cancel();
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_slack_behind_the_applied_index() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
+        let (handle, thread, stop, _) = start_single(&backend, &test_config(10, 50), &[]).await;
+        for i in 0..200 {
+            handle.propose(put(&format!("k{i}"))).await.unwrap();
+        }
+        let st = handle.status();
+        assert!(st.first_index > 1, "compacted at all: {st:?}");
+        assert!(
+            st.applied - (st.first_index - 1) >= 50,
+            "at least the slack of 50 applied entries stays in the log: {st:?}"
+        );
+        stop.cancel();
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_driver_stops_the_node() {
+        let backend = FailingBackend::new();
+        let dyn_backend: Arc<dyn StorageBackend> = backend.clone();
+        let (handle, thread, _stop, fatal) =
+            start_single(&dyn_backend, &test_config(1000, 0), &[]).await;
+        handle.propose(put("a")).await.unwrap();
+        backend.panic.store(true, Ordering::SeqCst);
+        let res = tokio::time::timeout(Duration::from_secs(10), handle.propose(put("b")))
+            .await
+            .expect("the caller is answered, not left waiting");
+        assert_eq!(res, Err(ProposeError::Stopped));
+        tokio::time::timeout(Duration::from_secs(10), fatal.cancelled())
+            .await
+            .expect("a panic on the driver thread is reported as a failure (no zombie)");
+        thread.join().unwrap();
+        assert_eq!(handle.propose(put("c")).await, Err(ProposeError::Stopped));
     }
 
     impl StorageBackend for FailingBackend {
@@ -770,6 +1273,10 @@ mod tests {
             self.inner.read(space, key)
         }
         fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> kiwi_storage::Result<()> {
+            assert!(
+                !self.panic.load(Ordering::SeqCst),
+                "injected panic in the storage engine"
+            );
             if self.fail.load(Ordering::SeqCst) {
                 return Err(kiwi_storage::Error::Engine {
                     backend: BackendKind::Memory,
@@ -811,10 +1318,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_storage_error_stops_the_driver_without_acknowledging() {
-        let backend = Arc::new(FailingBackend {
-            inner: MemoryBackend::new(Limits::default()),
-            fail: AtomicBool::new(false),
-        });
+        let backend = FailingBackend::new();
         let dyn_backend: Arc<dyn StorageBackend> = backend.clone();
         let mut store = LogStore::open(Arc::clone(&dyn_backend), Arc::default()).unwrap();
         store.bootstrap(vec![1]).unwrap();
@@ -824,6 +1328,7 @@ mod tests {
             election_ticks: 10,
             heartbeat_ticks: 2,
             compaction_threshold: 1000,
+            compaction_slack: 0,
         };
         let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
         let (handle, thread) = spawn(
@@ -831,6 +1336,7 @@ mod tests {
             store,
             Arc::clone(&dyn_backend),
             Arc::new(NoPeers),
+            Arc::default(),
             stop.clone(),
             fatal.clone(),
         )

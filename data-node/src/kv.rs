@@ -29,6 +29,7 @@ use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
 
 use crate::config::{NodeConfig, RuntimeConfig};
+use crate::snapshot::InstallGate;
 use crate::driver::{DriverHandle, ProposeError, Role};
 use crate::priority_channel::{ChannelPolicy, Class, PriorityMessageChannel, Refused};
 use crate::state_machine::ApplyOutcome;
@@ -58,10 +59,27 @@ pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Most operations in one BatchWrite.
 pub const MAX_BATCH_OPS: usize = 10_000;
-/// Most bytes (keys plus values) in one BatchWrite.
+/// Most bytes (keys plus values) in one BatchWrite, unless one key plus one value at the node's limits is
+/// larger: then that is the limit, so that any value the node accepts can be written.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Largest Scan limit.
 pub const MAX_SCAN_LIMIT: u32 = 10_000;
+/// Most key and value bytes in one Scan answer (it then ends early with `more = true`); an answer always
+/// holds at least one pair, whatever its size.
+pub const MAX_SCAN_BYTES: usize = 4 * 1024 * 1024;
+/// Longest request timeout a header may ask for; longer ones are cut to it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The batch byte limit for a node with these limits.
+pub fn batch_bytes_limit(limits: Limits) -> usize {
+    MAX_BATCH_BYTES.max(limits.max_key_bytes + limits.max_value_bytes)
+}
+
+/// Largest request message a node with these limits decodes: a batch at its limit plus room for the
+/// per-operation framing and the header.
+pub fn max_request_bytes(limits: Limits) -> usize {
+    batch_bytes_limit(limits) + MAX_BATCH_OPS * 16 + 1024 * 1024
+}
 /// How long a request may take when neither the header nor the client sets a deadline.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest request id accepted.
@@ -93,8 +111,15 @@ pub enum KvError {
     Dropped(ProposeError),
     #[error("node is overloaded; retry shortly")]
     Overloaded,
+    /// The request never reached Raft (or was a read): nothing was written.
     #[error("node is shutting down or stopped")]
     Stopped,
+    /// A snapshot install replaced the data while the read ran; nothing was read.
+    #[error("this node is installing a Raft snapshot; retry the read (or read from the leader)")]
+    Installing,
+    /// This node is no longer a member of the cluster.
+    #[error("node {0} was removed from the cluster and no longer serves requests")]
+    Removed(u64),
     #[error("deadline exceeded after {0:?}; a write's outcome is unknown")]
     Timeout(Duration),
     #[error("storage error: {0}")]
@@ -123,6 +148,9 @@ impl KvError {
                 | KvError::Overloaded
                 | KvError::Shed(_)
                 | KvError::Expired(_)
+                | KvError::Stopped
+                | KvError::Installing
+                | KvError::Removed(_)
         );
         let retry_after = match &self {
             KvError::Shed(r) => r.retry_after(),
@@ -174,9 +202,12 @@ impl KvError {
                 }
                 status
             }
-            KvError::NoLeader | KvError::Dropped(_) | KvError::Stopped | KvError::Unknown(_) => {
-                Status::unavailable(msg)
-            }
+            KvError::NoLeader
+            | KvError::Dropped(_)
+            | KvError::Stopped
+            | KvError::Unknown(_)
+            | KvError::Installing => Status::unavailable(msg),
+            KvError::Removed(_) => Status::failed_precondition(msg),
             KvError::Overloaded | KvError::Shed(_) => Status::resource_exhausted(msg),
             KvError::Expired(_) => Status::deadline_exceeded(msg),
             KvError::Precondition(_) => Status::failed_precondition(msg),
@@ -197,6 +228,9 @@ pub struct KvServer {
     node_id: u64,
     driver: DriverHandle,
     storage: Arc<dyn StorageBackend>,
+    /// Refuses reads that overlap a snapshot install.
+    gate: Arc<InstallGate>,
+    /// The configured limits: admission rules for requests (storage enforces only the shared ceilings).
     limits: Limits,
     backend: BackendKind,
     /// Client address of every member, for leader hints.
@@ -216,6 +250,7 @@ pub struct KvServerParts {
     pub node_id: u64,
     pub driver: DriverHandle,
     pub storage: Arc<dyn StorageBackend>,
+    pub gate: Arc<InstallGate>,
     /// Client address of every member, for leader hints.
     pub addrs: Arc<Members>,
     pub cluster: Arc<AtomicU64>,
@@ -239,6 +274,7 @@ impl KvServer {
             node_id,
             driver,
             storage,
+            gate,
             addrs,
             cluster,
             channel,
@@ -248,8 +284,9 @@ impl KvServer {
         Arc::new(KvServer {
             node_id,
             driver,
-            limits: storage.limits(),
+            limits: config.storage.limits(),
             storage,
+            gate,
             backend: config.storage.backend,
             addrs,
             cluster,
@@ -275,11 +312,24 @@ impl KvServer {
                 self.next_request.fetch_add(1, Ordering::Relaxed)
             );
         }
-        let timeout = header
-            .and_then(|h| h.timeout)
-            .and_then(|d| Duration::try_from(d).ok())
-            .filter(|d| !d.is_zero())
-            .map_or(DEFAULT_TIMEOUT, |d| d.min(DEFAULT_TIMEOUT * 6));
+        let timeout = match header.and_then(|h| h.timeout) {
+            None => DEFAULT_TIMEOUT,
+            Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
+                return Err(KvError::InvalidArgument(format!(
+                    "header.timeout must be a non-negative duration (seconds >= 0, nanos 0 to \
+                     999999999), got {}s {}ns",
+                    d.seconds, d.nanos
+                )));
+            }
+            Some(d) if d.seconds == 0 && d.nanos == 0 => DEFAULT_TIMEOUT,
+            Some(d) => Duration::new(
+                u64::try_from(d.seconds)
+                    .unwrap_or(u64::MAX)
+                    .min(MAX_TIMEOUT.as_secs()),
+                u32::try_from(d.nanos).unwrap_or(0),
+            )
+            .min(MAX_TIMEOUT),
+        };
         Ok(Tagged {
             request_id,
             timeout,
@@ -317,6 +367,8 @@ impl KvServer {
             ProposeError::OutcomeUnknown => KvError::Unknown(e.to_string()),
             ProposeError::ConfChangePending => KvError::Precondition(e.to_string()),
             ProposeError::Refused(m) => KvError::Precondition(m),
+            ProposeError::Rejected(_) => KvError::InvalidArgument(e.to_string()),
+            ProposeError::Removed => KvError::Removed(self.node_id),
         }
     }
 
@@ -360,7 +412,9 @@ impl KvServer {
             .saturating_duration_since(std::time::Instant::now());
         match tokio::time::timeout(left, rx).await {
             Ok(Ok(r)) => r.map_err(|e| self.map_propose(e)),
-            Ok(Err(_)) => Err(KvError::Stopped),
+            Ok(Err(_)) => Err(KvError::Unknown(
+                "the Raft driver stopped after the write was handed to it; its outcome is unknown".into(),
+            )),
             Err(_) => Err(KvError::Timeout(tagged.timeout)),
         }
     }
@@ -385,6 +439,9 @@ impl KvServer {
     }
 
     async fn read_point(&self, consistency: i32, tagged: &Tagged) -> Result<u64, KvError> {
+        if self.driver.status().removed {
+            return Err(KvError::Removed(self.node_id));
+        }
         match Consistency::try_from(consistency).unwrap_or(Consistency::Unspecified) {
             Consistency::Serializable => Ok(self.driver.status().applied),
             _ => self.linearize(tagged).await,
@@ -416,15 +473,20 @@ impl KvServer {
         rx.await.map_err(|_| KvError::Stopped)?
     }
 
-    /// A storage call in the storage stage.
-    async fn blocking<T: Send + 'static>(
+    /// A read of user data in the storage stage, refused if a snapshot install overlapped it.
+    async fn read_data<T: Send + 'static>(
         &self,
         tagged: &Tagged,
         f: impl FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<T> + Send + 'static,
     ) -> Result<T, KvError> {
         let storage = Arc::clone(&self.storage);
-        self.staged(tagged, move || f(&*storage).map_err(KvError::Storage))
-            .await
+        let gate = Arc::clone(&self.gate);
+        self.staged(tagged, move || {
+            gate.read(|| f(&*storage))
+                .ok_or(KvError::Installing)?
+                .map_err(KvError::Storage)
+        })
+        .await
     }
 
     fn check_ops(&self, ops: &[WriteOp]) -> Result<(), KvError> {
@@ -456,9 +518,10 @@ impl KvServer {
             };
             checked.map_err(|e| KvError::InvalidArgument(format!("operation {i}: {e}")))?;
         }
-        if bytes > MAX_BATCH_BYTES {
+        let max = batch_bytes_limit(self.limits);
+        if bytes > max {
             return Err(KvError::InvalidArgument(format!(
-                "batch holds {bytes} bytes, over the limit of {MAX_BATCH_BYTES}"
+                "batch holds {bytes} bytes, over the limit of {max}"
             )));
         }
         Ok(())
@@ -480,7 +543,7 @@ impl KvService for KvApi {
             let applied = s.read_point(req.consistency, &tagged).await?;
             let key = req.key;
             let value = s
-                .blocking(&tagged, move |st| st.read(KeySpace::Data, &key))
+                .read_data(&tagged, move |st| st.read(KeySpace::Data, &key))
                 .await?;
             Ok(GetResponse {
                 header: s.header(&tagged, applied),
@@ -575,17 +638,20 @@ impl KvService for KvApi {
             // The answer is built in the storage stage too (at the request's OS priority), not on a
             // network thread.
             let (kvs, more) = s
-                .blocking(&tagged, move |st| {
-                    let mut pairs = st.scan(KeySpace::Data, &scan)?;
-                    let more = pairs.len() > limit;
-                    pairs.truncate(limit);
-                    let kvs: Vec<KeyValue> = pairs
-                        .into_iter()
-                        .map(|(key, value)| KeyValue {
-                            key,
-                            value: if keys_only { Vec::new() } else { value },
-                        })
-                        .collect();
+                .read_data(&tagged, move |st| {
+                    let pairs = st.scan(KeySpace::Data, &scan)?;
+                    let mut more = pairs.len() > limit;
+                    let mut kvs: Vec<KeyValue> = Vec::with_capacity(pairs.len().min(limit));
+                    let mut bytes = 0;
+                    for (key, value) in pairs.into_iter().take(limit) {
+                        let value = if keys_only { Vec::new() } else { value };
+                        bytes += key.len() + value.len();
+                        if !kvs.is_empty() && bytes > MAX_SCAN_BYTES {
+                            more = true;
+                            break;
+                        }
+                        kvs.push(KeyValue { key, value });
+                    }
                     Ok((kvs, more))
                 })
                 .await?;
@@ -608,8 +674,11 @@ impl KvService for KvApi {
             let tagged = s.tag(req.header.as_ref())?;
             s.check_key(&req.key)?;
             match &req.expected {
-                Some(compare_and_swap_request::Expected::ExpectedValue(_))
-                | Some(compare_and_swap_request::Expected::ExpectAbsent(true)) => {}
+                Some(compare_and_swap_request::Expected::ExpectedValue(v)) => s
+                    .limits
+                    .check_value(KeySpace::Data, v)
+                    .map_err(|e| KvError::InvalidArgument(format!("expected_value: {e}")))?,
+                Some(compare_and_swap_request::Expected::ExpectAbsent(true)) => {}
                 _ => {
                     return Err(KvError::InvalidArgument(
                         "set exactly one of expected_value or expect_absent = true".into(),
@@ -703,12 +772,8 @@ impl NodeAdmin for AdminApi {
                     "node_id must be at least 1".into(),
                 ));
             }
-            if req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':') {
-                return Err(KvError::InvalidArgument(format!(
-                    "addr must be \"host:port\", got {:?}",
-                    req.addr
-                )));
-            }
+            crate::config::check_member_addr(&req.addr)
+                .map_err(|e| KvError::InvalidArgument(format!("addr: {e}")))?;
             let d = s
                 .driver
                 .detailed_status()
@@ -759,6 +824,25 @@ impl NodeAdmin for AdminApi {
                     "node {} is not a member",
                     req.node_id
                 )));
+            }
+            if req.node_id == s.node_id {
+                // Removing the leader itself: hand leadership to the most up-to-date other voter
+                // first, then send the caller there (raft-rs keeps a removed leader leading).
+                let to = d
+                    .peers
+                    .iter()
+                    .filter(|p| p.voter && p.id != s.node_id)
+                    .max_by_key(|p| (p.recently_active, p.match_index))
+                    .map(|p| p.id)
+                    .ok_or_else(|| {
+                        KvError::Precondition(format!(
+                            "node {} is the only voter and cannot be removed",
+                            s.node_id
+                        ))
+                    })?;
+                tracing::info!(to, "RemoveNode of the leader: transferring leadership first");
+                let leader = s.transfer_and_wait(to).await?;
+                return Err(s.not_leader(leader.leader_id));
             }
             let out = s
                 .membership_change(ConfChangeType::RemoveNode, req.node_id, "")
@@ -812,23 +896,31 @@ impl NodeAdmin for AdminApi {
                     "node {to} is not a voter"
                 )));
             }
-            s.driver.transfer_leader(to).map_err(|e| s.map_propose(e))?;
-            let mut watch = s.driver.watch();
-            let wait = watch.wait_for(|st| st.leader_id == to);
-            match tokio::time::timeout(DEFAULT_TIMEOUT, wait).await {
-                Ok(Ok(st)) => Ok(TransferLeaderResponse {
-                    leader_id: st.leader_id,
-                    term: st.term,
-                }),
-                Ok(Err(_)) => Err(KvError::Stopped),
-                Err(_) => Err(KvError::Timeout(DEFAULT_TIMEOUT)),
-            }
+            let st = s.transfer_and_wait(to).await?;
+            Ok(TransferLeaderResponse {
+                leader_id: st.leader_id,
+                term: st.term,
+            })
         };
         run.await.map(Response::new).map_err(KvError::into_status)
     }
 }
 
 impl KvServer {
+    /// Asks Raft to hand leadership to `to` and waits until it has.
+    async fn transfer_and_wait(&self, to: u64) -> Result<crate::driver::RaftStatus, KvError> {
+        self.driver
+            .transfer_leader(to)
+            .map_err(|e| self.map_propose(e))?;
+        let mut watch = self.driver.watch();
+        let wait = watch.wait_for(|st| st.leader_id == to);
+        match tokio::time::timeout(DEFAULT_TIMEOUT, wait).await {
+            Ok(Ok(st)) => Ok(*st),
+            Ok(Err(_)) => Err(KvError::Stopped),
+            Err(_) => Err(KvError::Timeout(DEFAULT_TIMEOUT)),
+        }
+    }
+
     async fn membership_change(
         &self,
         change_type: ConfChangeType,

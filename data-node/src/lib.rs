@@ -75,6 +75,33 @@ pub enum Error {
         stored: u64,
         configured: u64,
     },
+    /// The data directory belongs to another cluster than the configured one.
+    #[error(
+        "data directory {data_dir} belongs to cluster {stored:016x}, but raft.peers describe cluster \
+         {configured:016x} ({members}): this directory was created by another cluster (or with other \
+         raft.peers); give this node an empty data directory and add it with AddNode and raft.join = true, \
+         or start it with the raft.peers its cluster was founded with"
+    )]
+    ClusterMismatch {
+        data_dir: PathBuf,
+        stored: u64,
+        configured: u64,
+        members: String,
+    },
+    /// The data directory is empty but the cluster has already replicated to this node: its data was lost.
+    #[error(
+        "data directory {data_dir} is empty, but node {leader} leads this node's cluster and has already \
+         replicated up to index {match_index} to node {node_id}: this node's data was lost, and founding \
+         the cluster again would vote again in terms it already voted in. Remove node {node_id} \
+         (NodeAdmin.RemoveNode on the leader), then start it on an empty data directory with \
+         raft.join = true and add it back with AddNode"
+    )]
+    AlreadyBootstrapped {
+        data_dir: PathBuf,
+        node_id: u64,
+        leader: u64,
+        match_index: u64,
+    },
     /// The data directory's identity record is unreadable.
     #[error("data directory {data_dir} has a damaged node id record ({len} bytes, expected 8)")]
     IdentityCorrupt { data_dir: PathBuf, len: usize },
@@ -132,16 +159,19 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
         let snapshots = Arc::new(SnapshotRegistry::default());
+        let configured = configured_members(&config);
         let (storage, mut log_store, recorded, stored_cluster_id) = {
             let config = config.clone();
             let snapshots = Arc::clone(&snapshots);
+            let configured = configured.clone();
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let storage = open_storage(&config)?;
+                let cluster_id = identity::cluster_id(&*storage)?;
+                check_cluster_id(&config, &configured, cluster_id)?;
                 let mut log_store = LogStore::open(Arc::clone(&storage), snapshots)?;
                 snapshot::resume_install(&*storage, &mut log_store)
                     .map_err(|e| Error::Raft(raft::Error::Store(raft::StorageError::Other(e))))?;
                 let recorded = state_machine::recorded_members(&*storage)?;
-                let cluster_id = identity::cluster_id(&*storage)?;
                 Ok((storage, log_store, recorded, cluster_id))
             })
             .await??
@@ -159,25 +189,31 @@ impl Node {
         })?;
 
         let node_id = config.raft.node_id;
+        // A single node without peers is reached at the address it bound (the configured port may be 0).
         let members: Vec<(u64, String)> = if config.raft.peers.is_empty() {
             vec![(node_id, addr.to_string())]
         } else {
-            config
-                .raft
-                .peers
-                .iter()
-                .map(|p| (p.id, p.addr.clone()))
-                .collect()
+            configured.clone()
         };
         let mut cluster_id = stored_cluster_id;
         if !log_store.is_initialized() && !config.raft.join {
             let voters = members.iter().map(|(id, _)| *id).collect();
-            cluster_id = identity::derive_cluster_id(&members);
+            cluster_id = identity::derive_cluster_id(&configured);
+            check_not_founded_before(&config, cluster_id).await?;
             let storage = Arc::clone(&storage);
             log_store = tokio::task::spawn_blocking(move || -> Result<_> {
                 identity::record_cluster_id(&*storage, cluster_id)?;
                 log_store.bootstrap(voters)?;
                 Ok(log_store)
+            })
+            .await??;
+        }
+        if log_store.is_initialized() && !config.raft.peers.is_empty() {
+            // Founding members' addresses are recorded like added ones, so that snapshots carry them.
+            let storage = Arc::clone(&storage);
+            let founders = configured.clone();
+            tokio::task::spawn_blocking(move || {
+                state_machine::record_missing_members(&*storage, &founders)
             })
             .await??;
         }
@@ -202,12 +238,15 @@ impl Node {
             election_ticks: config.raft.election_ticks,
             heartbeat_ticks: config.raft.heartbeat_ticks,
             compaction_threshold: config.raft.log_compaction_threshold,
+            compaction_slack: config.raft.log_compaction_slack,
         };
+        let gate = Arc::new(snapshot::InstallGate::default());
         let (driver, driver_thread) = driver::spawn(
             &driver_config,
             log_store,
             Arc::clone(&storage),
             peers,
+            Arc::clone(&gate),
             stop.clone(),
             fatal.clone(),
         )?;
@@ -229,18 +268,33 @@ impl Node {
             node_id,
             driver: driver.clone(),
             storage: Arc::clone(&storage),
+            gate,
             addrs: members,
             cluster: Arc::clone(&cluster),
             channel,
             pool: Arc::clone(&pool),
             config: config.clone(),
         });
-        let max_message = config.storage.limits().max_value_bytes
-            + config.storage.limits().max_key_bytes
-            + 64 * 1024;
+        let max_message = kv::max_request_bytes(config.storage.limits());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
+        {
+            // Out of health at once when the node fails (storage error or a panic in the driver) or is
+            // removed from the cluster: load balancers and clients stop sending to it.
+            let fatal = fatal.clone();
+            let mut status = driver.watch();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let reason = tokio::select! {
+                    () = fatal.cancelled() => "failed",
+                    r = status.wait_for(|s| s.removed) => if r.is_ok() { "removed from the cluster" } else { return },
+                    () = stop.cancelled() => return,
+                };
+                tracing::warn!(reason, "health set to NOT_SERVING");
+                health.set_service_status("", ServingStatus::NotServing).await;
+            });
+        }
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(kiwi_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -252,7 +306,8 @@ impl Node {
             .add_service(reflection)
             .add_service(
                 KvServiceServer::new(KvApi(Arc::clone(&kv)))
-                    .max_decoding_message_size(max_message.max(kv::MAX_BATCH_BYTES + 1024 * 1024)),
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
             )
             .add_service(NodeAdminServer::new(AdminApi(kv)))
             .add_service(
@@ -337,15 +392,115 @@ impl Node {
 ///
 /// # Errors
 /// Storage errors and [`Error::NodeIdMismatch`].
+///
+/// The backend enforces only the ceilings every node shares ([`kiwi_storage::Limits::CEILING`]): the
+/// configured `storage.max_*_size` limits are admission rules, checked when a request is accepted, so that
+/// a node with lower limits (during a rolling config change) still applies every committed entry.
 pub fn open_storage(config: &NodeConfig) -> Result<Arc<dyn StorageBackend>> {
     let storage = kiwi_storage::open(&OpenOptions {
         kind: config.storage.backend,
         path: config.storage_dir(),
-        limits: config.storage.limits(),
+        limits: kiwi_storage::Limits::CEILING,
         create_if_missing: true,
     })?;
     identity::check_node_id(storage.as_ref(), config.raft.node_id, &config.data_dir)?;
     Ok(storage)
+}
+
+/// The initial membership the configuration describes: `raft.peers`, or this node alone at
+/// `listen_addr`. The cluster id of a founded cluster is derived from it.
+pub fn configured_members(config: &NodeConfig) -> Vec<(u64, String)> {
+    if config.raft.peers.is_empty() {
+        vec![(config.raft.node_id, config.listen_addr.to_string())]
+    } else {
+        config
+            .raft
+            .peers
+            .iter()
+            .map(|p| (p.id, p.addr.clone()))
+            .collect()
+    }
+}
+
+/// Refuses a data directory that belongs to another cluster than the one the configuration founds (a
+/// silent split brain otherwise: the node would lead its own group at a member's address). A joining node
+/// (`raft.join`) adopts its cluster's id from its first snapshot, so only founding members are checked.
+///
+/// # Errors
+/// [`Error::ClusterMismatch`].
+pub fn check_cluster_id(
+    config: &NodeConfig,
+    configured: &[(u64, String)],
+    stored: u64,
+) -> Result<()> {
+    if stored == 0 || config.raft.join {
+        return Ok(());
+    }
+    let expected = identity::derive_cluster_id(configured);
+    if stored != expected {
+        return Err(Error::ClusterMismatch {
+            data_dir: config.data_dir.clone(),
+            stored,
+            configured: expected,
+            members: configured
+                .iter()
+                .map(|(id, addr)| format!("{id}={addr}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// Before founding a cluster on an empty data directory, asks the other configured members whether their
+/// leader has already replicated to this node (the etcd "member already bootstrapped" check): if so this
+/// node's data directory was wiped, and founding again would lose its vote. Members that do not answer
+/// within a second are skipped (a new cluster's members start in any order).
+///
+/// # Errors
+/// [`Error::AlreadyBootstrapped`].
+async fn check_not_founded_before(config: &NodeConfig, cluster_id: u64) -> Result<()> {
+    use kiwi_proto::v1::node_admin_client::NodeAdminClient;
+    use kiwi_proto::v1::{RaftRole, StatusRequest};
+    let node_id = config.raft.node_id;
+    for peer in config.raft.peers.iter().filter(|p| p.id != node_id) {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{}", peer.addr))
+        else {
+            continue;
+        };
+        let probe = async {
+            let channel = endpoint
+                .connect_timeout(std::time::Duration::from_secs(1))
+                .connect()
+                .await
+                .ok()?;
+            NodeAdminClient::new(channel)
+                .status(StatusRequest {})
+                .await
+                .ok()
+                .map(tonic::Response::into_inner)
+        };
+        let Ok(Some(status)) = tokio::time::timeout(std::time::Duration::from_secs(2), probe).await
+        else {
+            continue;
+        };
+        if status.cluster_id != cluster_id || status.role != RaftRole::Leader as i32 {
+            continue;
+        }
+        if let Some(p) = status
+            .peers
+            .iter()
+            .find(|p| p.node_id == node_id && p.match_index > log_store::BOOTSTRAP_INDEX)
+        {
+            return Err(Error::AlreadyBootstrapped {
+                data_dir: config.data_dir.clone(),
+                node_id,
+                leader: peer.id,
+                match_index: p.match_index,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Runs a node until `shutdown` resolves, then stops it gracefully.

@@ -32,6 +32,8 @@ const CONF_STATE_KEY: &[u8] = b"state/conf";
 const TRUNCATED_KEY: &[u8] = b"state/truncated";
 /// Index and term a new group's log starts truncated at.
 pub const BOOTSTRAP_INDEX: u64 = 1;
+/// Log entries read per storage scan when raft-rs asks for a range.
+const ENTRIES_PAGE: u64 = 64;
 /// Snapshots pinned at once; the oldest is released first.
 const MAX_PINNED_SNAPSHOTS: usize = 4;
 
@@ -80,11 +82,55 @@ impl SnapshotRegistry {
     }
 }
 
-/// The snapshot id carried in a raft-rs snapshot's `data`.
+/// What a raft-rs snapshot's `data` carries: the id of the pinned view the transport streams, and the
+/// address of every member as of the snapshot (the id -> address map is replicated state: a node that
+/// catches up by snapshot must be able to reach members added while it was behind).
+///
+/// Encoding: the view id (u64 BE), then per member its id (u64 BE), the address length (u32 BE) and the
+/// address (UTF-8).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SnapshotData {
+    pub view_id: u64,
+    pub members: Vec<(u64, String)>,
+}
+
+impl SnapshotData {
+    /// Encodes for `Snapshot::data`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.view_id.to_be_bytes().to_vec();
+        for (id, addr) in &self.members {
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(&(addr.len() as u32).to_be_bytes());
+            out.extend_from_slice(addr.as_bytes());
+        }
+        out
+    }
+
+    /// Decodes `Snapshot::data`; `None` when it is not in this format.
+    pub fn decode(data: &[u8]) -> Option<SnapshotData> {
+        let (id, mut rest) = data.split_first_chunk::<8>()?;
+        let mut members = Vec::new();
+        while !rest.is_empty() {
+            let (id, r) = rest.split_first_chunk::<8>()?;
+            let (len, r) = r.split_first_chunk::<4>()?;
+            let len = u32::from_be_bytes(*len) as usize;
+            if r.len() < len {
+                return None;
+            }
+            let addr = String::from_utf8(r[..len].to_vec()).ok()?;
+            members.push((u64::from_be_bytes(*id), addr));
+            rest = &r[len..];
+        }
+        Some(SnapshotData {
+            view_id: u64::from_be_bytes(*id),
+            members,
+        })
+    }
+}
+
+/// The pinned view id carried in a raft-rs snapshot's `data`.
 pub fn snapshot_id(snap: &Snapshot) -> Option<u64> {
-    <[u8; 8]>::try_from(snap.data.as_ref())
-        .ok()
-        .map(u64::from_be_bytes)
+    SnapshotData::decode(&snap.data).map(|d| d.view_id)
 }
 
 /// The persistent half of raft-rs's state, owned by the Raft driver (inside its `RawNode`).
@@ -243,6 +289,9 @@ impl LogStore {
     ///
     /// # Errors
     /// Storage errors.
+    /// The stored hard state's commit index never falls behind the compaction point (raft-rs refuses to
+    /// start from a commit index below the log's first index): the batch also writes the hard state with
+    /// the commit index raised to at least `index`.
     pub fn compact(&mut self, index: u64) -> raft::Result<()> {
         if index <= self.truncated_index {
             return Ok(());
@@ -254,12 +303,28 @@ impl LogStore {
             batch.delete(KeySpace::Raft, log_key(i));
         }
         batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_pair(index, term));
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(index);
+        batch.put(
+            KeySpace::Raft,
+            HARD_STATE_KEY,
+            hs.write_to_bytes().map_err(store_err)?,
+        );
         self.backend
             .batch_write(batch, WriteOptions::SYNC)
             .map_err(store_err)?;
         self.truncated_index = index;
         self.truncated_term = term;
+        self.hard_state = hs;
         Ok(())
+    }
+
+    /// Records a commit index Raft advanced without a new hard state (a light Ready: with a single
+    /// voter every commit advances there). It is written with the next persisted hard state or
+    /// compaction; a stored commit index that lags is safe, one behind the log start is not (see
+    /// [`compact`](Self::compact)).
+    pub fn set_commit(&mut self, commit: u64) {
+        self.hard_state.commit = self.hard_state.commit.max(commit);
     }
 
     /// Adds to `batch` what installing a snapshot at `meta` changes in the Raft key space: the whole log
@@ -340,7 +405,12 @@ impl LogStore {
                 batch.delete(KeySpace::Raft, log_key(stale));
             }
         }
-        if let Some(hs) = hard_state {
+        let hs = hard_state.map(|hs| {
+            let mut hs = hs.clone();
+            hs.commit = hs.commit.max(self.hard_state.commit);
+            hs
+        });
+        if let Some(hs) = &hs {
             batch.put(
                 KeySpace::Raft,
                 HARD_STATE_KEY,
@@ -354,27 +424,29 @@ impl LogStore {
             self.last_index = last.index;
             self.last_term = last.term;
         }
-        if let Some(hs) = hard_state {
-            self.hard_state = hs.clone();
+        if let Some(hs) = hs {
+            self.hard_state = hs;
         }
         Ok(())
     }
 
-    /// Durably records a new membership.
+    /// Adds a new membership to `batch` (written by the caller with the records that go with it); call
+    /// [`conf_state_written`](Self::conf_state_written) once the batch is durable.
     ///
     /// # Errors
-    /// Storage errors.
-    pub fn set_conf_state(&mut self, cs: ConfState) -> raft::Result<()> {
-        self.backend
-            .write(
-                KeySpace::Raft,
-                CONF_STATE_KEY,
-                &cs.write_to_bytes().map_err(store_err)?,
-                WriteOptions::SYNC,
-            )
-            .map_err(store_err)?;
-        self.conf_state = cs;
+    /// Encoding errors.
+    pub fn conf_state_batch(cs: &ConfState, batch: &mut WriteBatch) -> raft::Result<()> {
+        batch.put(
+            KeySpace::Raft,
+            CONF_STATE_KEY,
+            cs.write_to_bytes().map_err(store_err)?,
+        );
         Ok(())
+    }
+
+    /// Updates the in-memory membership after [`conf_state_batch`](Self::conf_state_batch) is durable.
+    pub fn conf_state_written(&mut self, cs: ConfState) {
+        self.conf_state = cs;
     }
 
     /// The current membership.
@@ -407,28 +479,41 @@ impl Storage for LogStore {
         if low == high {
             return Ok(Vec::new());
         }
-        let pairs = self
-            .backend
-            .scan(
-                KeySpace::Raft,
-                &Scan::forward(
-                    ScanRange::half_open(&log_key(low), &log_key(high)),
-                    (high - low) as usize,
-                ),
-            )
-            .map_err(store_err)?;
-        let mut entries = Vec::with_capacity(pairs.len());
-        for (i, (_, v)) in pairs.iter().enumerate() {
-            let e = Entry::parse_from_bytes(v).map_err(store_err)?;
-            if e.index != low + i as u64 {
+        // Read page by page and stop once `max_size` is reached (raft-rs asks for whole ranges, then keeps
+        // only what fits a message): a follower far behind must not make the driver read its whole lag.
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        let mut entries = Vec::new();
+        let mut size = 0u64;
+        let mut next = low;
+        while next < high {
+            let page = (high - next).min(ENTRIES_PAGE);
+            let pairs = self
+                .backend
+                .scan(
+                    KeySpace::Raft,
+                    &Scan::forward(
+                        ScanRange::half_open(&log_key(next), &log_key(high)),
+                        page as usize,
+                    ),
+                )
+                .map_err(store_err)?;
+            if pairs.len() as u64 != page {
                 return Err(raft::Error::Store(StorageError::Unavailable));
             }
-            entries.push(e);
+            for (_, v) in &pairs {
+                let e = Entry::parse_from_bytes(v).map_err(store_err)?;
+                if e.index != next {
+                    return Err(raft::Error::Store(StorageError::Unavailable));
+                }
+                size += u64::from(protobuf::Message::compute_size(&e));
+                // raft-rs's rule: always at least one entry, then only while the total fits.
+                if !entries.is_empty() && size > max_size {
+                    return Ok(entries);
+                }
+                entries.push(e);
+                next += 1;
+            }
         }
-        if entries.len() as u64 != high - low {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        raft::util::limit_size(&mut entries, max_size.into());
         Ok(entries)
     }
 
@@ -479,9 +564,10 @@ impl Storage for LogStore {
             ));
         }
         let term = self.term(applied)?;
-        let id = self.snapshots.pin(view);
+        let members = crate::state_machine::recorded_members_in(&*view).map_err(store_err)?;
+        let view_id = self.snapshots.pin(view);
         let mut snap = Snapshot {
-            data: id.to_be_bytes().to_vec().into(),
+            data: SnapshotData { view_id, members }.encode().into(),
             ..Snapshot::default()
         };
         let meta = snap.mut_metadata();
@@ -494,7 +580,7 @@ impl Storage for LogStore {
 
 #[cfg(test)]
 mod tests {
-    use kiwi_storage::{Limits, MemoryBackend};
+    use kiwi_storage::{Limits, MemoryBackend, StorageSnapshot};
 
     use super::*;
 
@@ -547,6 +633,108 @@ mod tests {
             s.entries(2, 5, None, GetEntriesContext::empty(false))
                 .is_err()
         );
+    }
+
+    /// A memory backend that counts the pairs its scans return.
+    struct CountingBackend {
+        inner: MemoryBackend,
+        scanned: std::sync::atomic::AtomicUsize,
+    }
+
+    impl StorageBackend for CountingBackend {
+        fn kind(&self) -> kiwi_storage::BackendKind {
+            self.inner.kind()
+        }
+        fn limits(&self) -> Limits {
+            self.inner.limits()
+        }
+        fn read(&self, space: KeySpace, key: &[u8]) -> kiwi_storage::Result<Option<Vec<u8>>> {
+            self.inner.read(space, key)
+        }
+        fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> kiwi_storage::Result<()> {
+            self.inner.batch_write(batch, opts)
+        }
+        fn scan(&self, space: KeySpace, scan: &Scan) -> kiwi_storage::Result<Vec<kiwi_storage::KvPair>> {
+            let out = self.inner.scan(space, scan)?;
+            self.scanned
+                .fetch_add(out.len(), std::sync::atomic::Ordering::SeqCst);
+            Ok(out)
+        }
+        fn snapshot(&self) -> kiwi_storage::Result<Box<dyn StorageSnapshot>> {
+            self.inner.snapshot()
+        }
+    }
+
+    #[test]
+    fn entries_stop_reading_at_the_size_limit() {
+        let counting = Arc::new(CountingBackend {
+            inner: MemoryBackend::new(Limits::default()),
+            scanned: Default::default(),
+        });
+        let backend: Arc<dyn StorageBackend> = counting.clone();
+        let mut s = LogStore::open(backend, Arc::default()).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        let big: Vec<Entry> = (2..=5001)
+            .map(|i| Entry {
+                index: i,
+                term: 1,
+                data: vec![7; 1024].into(),
+                ..Entry::default()
+            })
+            .collect();
+        s.persist(&big, None).unwrap();
+        counting
+            .scanned
+            .store(0, std::sync::atomic::Ordering::SeqCst);
+        let got = s
+            .entries(2, 5002, Some(10 * 1024), GetEntriesContext::empty(false))
+            .unwrap();
+        assert!((8..=10).contains(&got.len()), "{} entries", got.len());
+        assert!(
+            counting.scanned.load(std::sync::atomic::Ordering::SeqCst) <= 2 * ENTRIES_PAGE as usize,
+            "read only what fits, not the whole range of 5000"
+        );
+        let all = s
+            .entries(2, 5002, None, GetEntriesContext::empty(false))
+            .unwrap();
+        assert_eq!(all.len(), 5000);
+        assert_eq!(all.last().unwrap().index, 5001);
+    }
+
+    #[test]
+    fn compaction_raises_the_stored_commit_index() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        let mut s = LogStore::open(backend.clone(), Arc::default()).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
+        // A single voter's commits advance in light Readies: the persisted hard state keeps commit 1.
+        s.persist(&entries, None).unwrap();
+        s.set_commit(10);
+        s.compact(8).unwrap();
+        let s2 = LogStore::open(backend, Arc::default()).unwrap();
+        let hs = s2.initial_state().unwrap().hard_state;
+        assert!(hs.commit >= 8, "commit {} behind the log start 9", hs.commit);
+    }
+
+    #[test]
+    fn snapshot_data_round_trips() {
+        let d = SnapshotData {
+            view_id: 42,
+            members: vec![(1, "127.0.0.1:7380".into()), (4, "host-4:1".into())],
+        };
+        assert_eq!(SnapshotData::decode(&d.encode()).as_ref(), Some(&d));
+        let bare = 7u64.to_be_bytes();
+        assert_eq!(
+            SnapshotData::decode(&bare),
+            Some(SnapshotData {
+                view_id: 7,
+                members: vec![]
+            })
+        );
+        assert_eq!(SnapshotData::decode(&[1, 2, 3]), None);
+        let mut truncated = d.encode();
+        truncated.pop();
+        assert_eq!(SnapshotData::decode(&truncated), None);
     }
 
     #[test]

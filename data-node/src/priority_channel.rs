@@ -325,7 +325,9 @@ impl<T> PriorityMessageChannel<T> {
                 .min(s.policy.queue_capacity),
             _ => s.policy.queue_capacity,
         };
-        if class != Class::Critical && s.queues[c].len() >= capacity {
+        // Every class is bounded, CRITICAL included: it is never shed by the admission estimate, but an
+        // unbounded queue would let one client exhaust the node's memory.
+        if s.queues[c].len() >= capacity {
             s.stats[c].shed += 1;
             return Err(Refused::QueueFull {
                 class,
@@ -815,6 +817,33 @@ mod tests {
             "CRITICAL is never shed"
         );
         assert_eq!(ch.stats().classes[Class::Low as usize].shed, 1);
+    }
+
+    #[test]
+    fn critical_is_bounded_too() {
+        let clock = TestClock::new();
+        let ch = PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 3,
+                low_per_worker: None,
+            },
+            1,
+            Box::new(clock.clone()),
+        );
+        for i in 0..3 {
+            ch.try_send(Class::Critical, far(&clock), (Class::Critical, i))
+                .unwrap();
+        }
+        assert!(matches!(
+            ch.try_send(Class::Critical, far(&clock), (Class::Critical, 3)),
+            Err(Refused::QueueFull {
+                class: Class::Critical,
+                capacity: 3,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -13,7 +13,16 @@
 //! 4. clear the staging area.
 //!
 //! A crash during 2 or 3 leaves the mark: the next start runs 2-4 again from the still staged pairs
-//! ([`resume_install`]) before anything reads the data, so a node never serves a half-installed snapshot.
+//! ([`resume_install`]) before anything reads the data.
+//!
+//! While the node runs, the storage workers keep serving reads during steps 2-3, which see user data
+//! half replaced. Every read of user data therefore goes through the [`InstallGate`]: a read that
+//! overlapped an install in any way is refused (with a retry-safe status) instead of answered, so no
+//! client ever sees a state that never existed.
+//!
+//! The snapshot also carries the members' addresses (see `log_store::SnapshotData`); they are recorded
+//! in step 3, in the same batch as the applied index, so a node that caught up by snapshot can reach
+//! members added while it was behind, across restarts.
 
 use kiwi_proto::v1::KeyValue;
 use kiwi_storage::{
@@ -22,9 +31,10 @@ use kiwi_storage::{
 use protobuf::Message as _;
 use raft::eraftpb::SnapshotMetadata;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::log_store::LogStore;
-use crate::state_machine::APPLIED_KEY;
+use crate::log_store::{LogStore, SnapshotData};
+use crate::state_machine::{self, APPLIED_KEY};
 
 /// Prefix of staged snapshot pairs in the Raft key space.
 const STAGING_PREFIX: &[u8] = b"snap/";
@@ -32,6 +42,34 @@ const STAGING_PREFIX: &[u8] = b"snap/";
 const STAGING_END: &[u8] = b"snap0";
 /// Present while an install is under way: the snapshot's metadata.
 const INSTALLING_KEY: &[u8] = b"state/installing";
+/// Present while an install is under way: the members' addresses the snapshot carries (see
+/// `log_store::SnapshotData`, whose encoding it uses with a view id of 0).
+const INSTALLING_MEMBERS_KEY: &[u8] = b"state/installing-members";
+
+/// Whether a snapshot install is replacing the user data: an odd count means one is under way.
+#[derive(Debug, Default)]
+pub struct InstallGate(AtomicU64);
+
+impl InstallGate {
+    fn begin(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Runs `read` (a read of user data) and returns its result, or `None` when a snapshot install was
+    /// under way at any moment of it (its result may mix the old and the new state).
+    pub fn read<T>(&self, read: impl FnOnce() -> T) -> Option<T> {
+        let before = self.0.load(Ordering::SeqCst);
+        if before % 2 == 1 {
+            return None;
+        }
+        let out = read();
+        (self.0.load(Ordering::SeqCst) == before).then_some(out)
+    }
+}
 /// Pairs per chunk (and per batch when clearing or copying).
 pub const CHUNK_KEYS: usize = 1024;
 /// Bytes per chunk, roughly: a chunk ends after the pair that crosses it.
@@ -152,8 +190,8 @@ fn copy_staged_to_data(backend: &dyn StorageBackend) -> kiwi_storage::Result<u64
     Ok(copied)
 }
 
-/// Installs the staged snapshot described by `meta` (steps 1-4 of the module doc). Returns the number of
-/// pairs installed.
+/// Installs the staged snapshot described by `meta`, with the member addresses it carries (steps 1-4 of
+/// the module doc). Returns the number of pairs installed.
 ///
 /// # Errors
 /// Storage errors: the caller must stop; the mark makes the next start finish the install.
@@ -161,26 +199,41 @@ pub fn install(
     backend: &dyn StorageBackend,
     store: &mut LogStore,
     meta: &SnapshotMetadata,
+    members: &[(u64, String)],
+    gate: &InstallGate,
 ) -> Result<u64> {
-    backend.write(
+    let mut mark = WriteBatch::new();
+    mark.put(KeySpace::Raft, INSTALLING_KEY, meta.write_to_bytes()?);
+    let members_record = SnapshotData {
+        view_id: 0,
+        members: members.to_vec(),
+    };
+    mark.put(
         KeySpace::Raft,
-        INSTALLING_KEY,
-        &meta.write_to_bytes()?,
-        WriteOptions::SYNC,
-    )?;
+        INSTALLING_MEMBERS_KEY,
+        members_record.encode(),
+    );
+    backend.batch_write(mark, WriteOptions::SYNC)?;
+    gate.begin();
     delete_range(backend, KeySpace::Data, ScanRange::all())?;
     let pairs = copy_staged_to_data(backend)?;
     let mut batch = WriteBatch::new();
     store.snapshot_batch(meta, &mut batch)?;
+    for (id, addr) in members {
+        state_machine::record_member(&mut batch, *id, addr);
+    }
     batch.put(KeySpace::Raft, APPLIED_KEY, meta.index.to_be_bytes());
     batch.delete(KeySpace::Raft, INSTALLING_KEY);
+    batch.delete(KeySpace::Raft, INSTALLING_MEMBERS_KEY);
     backend.batch_write(batch, WriteOptions::SYNC)?;
     store.snapshot_installed(meta);
+    gate.end();
     clear_staging(backend)?;
     tracing::info!(
         index = meta.index,
         term = meta.term,
         pairs,
+        members = members.len(),
         "installed a Raft snapshot"
     );
     Ok(pairs)
@@ -196,11 +249,16 @@ pub fn resume_install(backend: &dyn StorageBackend, store: &mut LogStore) -> Res
         return Ok(None);
     };
     let meta = SnapshotMetadata::parse_from_bytes(&bytes)?;
+    let members = backend
+        .read(KeySpace::Raft, INSTALLING_MEMBERS_KEY)?
+        .and_then(|b| SnapshotData::decode(&b))
+        .map(|d| d.members)
+        .unwrap_or_default();
     tracing::warn!(
         index = meta.index,
         "finishing a snapshot install interrupted by a crash"
     );
-    install(backend, store, &meta)?;
+    install(backend, store, &meta, &members, &InstallGate::default())?;
     Ok(Some(meta.index))
 }
 
@@ -258,7 +316,16 @@ mod tests {
             ..SnapshotMetadata::default()
         };
         meta.mut_conf_state().voters = vec![1, 2];
-        assert_eq!(install(&*follower, &mut store, &meta).unwrap(), 3000);
+        let members = vec![(1, "127.0.0.1:1".to_string()), (2, "127.0.0.1:2".to_string())];
+        assert_eq!(
+            install(&*follower, &mut store, &meta, &members, &InstallGate::default()).unwrap(),
+            3000
+        );
+        assert_eq!(
+            crate::state_machine::recorded_members(&*follower).unwrap(),
+            members,
+            "the members' addresses come with the snapshot"
+        );
         assert_eq!(all_data(&*follower), all_data(&*leader));
         assert_eq!(crate::state_machine::applied_index(&*follower).unwrap(), 42);
         assert!(
@@ -272,6 +339,32 @@ mod tests {
             )
             .unwrap();
         assert!(staged.is_empty(), "staging is cleared");
+    }
+
+    #[test]
+    fn a_read_overlapping_an_install_is_refused() {
+        let gate = InstallGate::default();
+        assert_eq!(gate.read(|| 1), Some(1), "no install: answered");
+        assert_eq!(
+            gate.read(|| {
+                gate.begin();
+                2
+            }),
+            None,
+            "an install started during the read"
+        );
+        assert_eq!(gate.read(|| 3), None, "an install is under way");
+        gate.end();
+        assert_eq!(
+            gate.read(|| {
+                gate.begin();
+                gate.end();
+                4
+            }),
+            None,
+            "a whole install ran during the read"
+        );
+        assert_eq!(gate.read(|| 5), Some(5), "after the install: answered");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use kiwi_proto::v1::{
     CompareAndSwapRequest, RaftCommand, compare_and_swap_request, raft_command, write_op,
 };
-use kiwi_storage::{KeySpace, StorageBackend, WriteBatch, WriteOptions};
+use kiwi_storage::{KeySpace, Limits, StorageBackend, WriteBatch, WriteOptions};
 
 /// Key, in [`KeySpace::Raft`], of the last applied index (u64 BE).
 pub const APPLIED_KEY: &[u8] = b"state/applied";
@@ -17,23 +17,34 @@ pub const APPLIED_KEY: &[u8] = b"state/applied";
 /// (`member/<id: u64 BE>` → "host:port").
 const MEMBER_PREFIX: &[u8] = b"member/";
 
-/// Records the address of a member added by a membership change.
+fn member_key(id: u64) -> Vec<u8> {
+    let mut key = MEMBER_PREFIX.to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// Adds the address of member `id` to `batch`.
+pub fn record_member(batch: &mut WriteBatch, id: u64, addr: &str) {
+    batch.put(KeySpace::Raft, member_key(id), addr.as_bytes().to_vec());
+}
+
+/// Records the addresses of members the store does not know yet (the founding members from the
+/// configuration), durably. Recorded addresses win over configured ones: they came through the log.
 ///
 /// # Errors
 /// Storage errors.
-pub fn record_member(
+pub fn record_missing_members(
     backend: &dyn StorageBackend,
-    id: u64,
-    addr: &str,
+    members: &[(u64, String)],
 ) -> kiwi_storage::Result<()> {
-    let mut key = MEMBER_PREFIX.to_vec();
-    key.extend_from_slice(&id.to_be_bytes());
-    backend.write(
-        KeySpace::Raft,
-        &key,
-        addr.as_bytes(),
-        WriteOptions::BUFFERED,
-    )
+    let known = recorded_members(backend)?;
+    let mut batch = WriteBatch::new();
+    for (id, addr) in members {
+        if !known.iter().any(|(k, _)| k == id) {
+            record_member(&mut batch, *id, addr);
+        }
+    }
+    backend.batch_write(batch, WriteOptions::SYNC)
 }
 
 /// Every recorded member address.
@@ -41,12 +52,28 @@ pub fn record_member(
 /// # Errors
 /// Storage errors.
 pub fn recorded_members(backend: &dyn StorageBackend) -> kiwi_storage::Result<Vec<(u64, String)>> {
-    let scan = kiwi_storage::Scan::forward(
+    members_in(backend.scan(KeySpace::Raft, &members_scan())?)
+}
+
+/// Every member address recorded in a point-in-time view (for snapshots).
+///
+/// # Errors
+/// Storage errors.
+pub fn recorded_members_in(
+    view: &dyn kiwi_storage::StorageSnapshot,
+) -> kiwi_storage::Result<Vec<(u64, String)>> {
+    members_in(view.scan(KeySpace::Raft, &members_scan())?)
+}
+
+fn members_scan() -> kiwi_storage::Scan {
+    kiwi_storage::Scan::forward(
         kiwi_storage::ScanRange::half_open(MEMBER_PREFIX, b"member0"),
         10_000,
-    );
-    Ok(backend
-        .scan(KeySpace::Raft, &scan)?
+    )
+}
+
+fn members_in(pairs: Vec<kiwi_storage::KvPair>) -> kiwi_storage::Result<Vec<(u64, String)>> {
+    Ok(pairs
         .into_iter()
         .filter_map(|(k, v)| {
             let id = <[u8; 8]>::try_from(&k[MEMBER_PREFIX.len()..])
@@ -55,6 +82,72 @@ pub fn recorded_members(backend: &dyn StorageBackend) -> kiwi_storage::Result<Ve
             Some((id, String::from_utf8(v).ok()?))
         })
         .collect())
+}
+
+/// Checks a committed command against rules every node shares (the storage ceilings, never this
+/// node's configured limits), so that every node decides the same for the same entry. A command that
+/// breaks one is applied as a no-op and its proposer is told why.
+///
+/// # Errors
+/// Why the command cannot be applied.
+pub fn validate(cmd: &RaftCommand) -> Result<(), String> {
+    let key = |k: &[u8], what: &str| -> Result<(), String> {
+        if k.is_empty() {
+            return Err(format!("{what} is empty"));
+        }
+        if k.len() > Limits::CEILING.max_key_bytes {
+            return Err(format!(
+                "{what} is {} bytes, over the ceiling of {}",
+                k.len(),
+                Limits::CEILING.max_key_bytes
+            ));
+        }
+        Ok(())
+    };
+    let value = |v: &[u8], what: &str| -> Result<(), String> {
+        if v.len() > Limits::CEILING.max_value_bytes {
+            return Err(format!(
+                "{what} is {} bytes, over the ceiling of {}",
+                v.len(),
+                Limits::CEILING.max_value_bytes
+            ));
+        }
+        Ok(())
+    };
+    match &cmd.command {
+        None => Err("the command is empty".into()),
+        Some(raft_command::Command::Write(w)) => {
+            if w.ops.is_empty() {
+                return Err("the write has no operations".into());
+            }
+            for (i, op) in w.ops.iter().enumerate() {
+                match &op.op {
+                    Some(write_op::Op::Put(p)) => {
+                        key(&p.key, &format!("operation {i}'s key"))?;
+                        value(&p.value, &format!("operation {i}'s value"))?;
+                    }
+                    Some(write_op::Op::Delete(d)) => key(&d.key, &format!("operation {i}'s key"))?,
+                    None => return Err(format!("operation {i} is empty")),
+                }
+            }
+            Ok(())
+        }
+        Some(raft_command::Command::CompareAndSwap(cas)) => {
+            key(&cas.key, "the key")?;
+            match &cas.expected {
+                Some(compare_and_swap_request::Expected::ExpectedValue(v)) => {
+                    value(v, "expected_value")?;
+                }
+                Some(compare_and_swap_request::Expected::ExpectAbsent(true)) => {}
+                _ => return Err("neither expected_value nor expect_absent is set".into()),
+            }
+            match &cas.new {
+                Some(compare_and_swap_request::New::NewValue(v)) => value(v, "new_value"),
+                Some(compare_and_swap_request::New::Delete(true)) => Ok(()),
+                _ => Err("neither new_value nor delete is set".into()),
+            }
+        }
+    }
 }
 
 /// What applying one command did, for the proposer's reply.
@@ -81,10 +174,11 @@ pub fn applied_index(backend: &dyn StorageBackend) -> kiwi_storage::Result<u64> 
         .map_or(0, u64::from_be_bytes))
 }
 
-/// Records `index` as applied without changing data (empty and membership entries).
+/// Records `index` as applied without changing data.
 ///
 /// # Errors
 /// Storage errors.
+#[cfg(test)]
 pub fn mark_applied(backend: &dyn StorageBackend, index: u64) -> kiwi_storage::Result<()> {
     backend.write(
         KeySpace::Raft,
@@ -113,9 +207,23 @@ impl<'a> Applier<'a> {
         }
     }
 
-    /// Records `index` as applied without changing data (empty and membership entries).
+    /// Records `index` as applied without changing data (empty and invalid entries).
     pub fn skip(&mut self, index: u64) {
         self.last = Some(index);
+    }
+
+    /// Writes what is pending, then `extra` (a membership change's records) with `index` as applied, in
+    /// one durable batch.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn commit_with(&mut self, index: u64, mut extra: WriteBatch) -> kiwi_storage::Result<()> {
+        let pending = std::mem::take(&mut self.batch);
+        self.last = None;
+        let mut batch = pending;
+        batch.ops.append(&mut extra.ops);
+        batch.put(KeySpace::Raft, APPLIED_KEY, index.to_be_bytes());
+        self.backend.batch_write(batch, WriteOptions::SYNC)
     }
 
     /// Writes everything pending, with the applied index, in one atomic batch.

@@ -75,12 +75,19 @@ pub enum PeerEvent {
     Unreachable(u64),
     /// A snapshot stream to the peer finished (`ok`) or failed.
     Snapshot { to: u64, ok: bool },
+    /// The peer refused this node's messages because this node is not in its membership.
+    NotMember(u64),
 }
+
+/// Metadata key set on the status a node answers a non-member's Raft stream with.
+pub const NOT_MEMBER_METADATA: &str = "kiwi-not-member";
 
 /// Messages queued per peer before new ones are dropped.
 const PEER_QUEUE: usize = 4096;
 /// Messages per batch on the wire.
 const MAX_BATCH: usize = 256;
+/// Bytes after which a batch of messages is sent without waiting for more.
+const MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// Largest gRPC message between nodes.
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
 
@@ -319,12 +326,21 @@ async fn peer_task(
                 m = rx.recv() => match m { Some(m) => m, None => { call.abort(); return; } },
             };
             let mut messages = Vec::with_capacity(8);
-            for m in std::iter::once(first)
-                .chain(std::iter::from_fn(|| rx.try_recv().ok()).take(MAX_BATCH - 1))
-            {
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(m) = next.take() {
                 match m.write_to_bytes() {
-                    Ok(b) => messages.push(b),
+                    Ok(b) => {
+                        bytes += b.len();
+                        messages.push(b);
+                    }
                     Err(e) => tracing::error!(error = %e, "cannot encode a Raft message"),
+                }
+                // A batch stops at MAX_BATCH messages or MAX_BATCH_BYTES: with one more message (at most
+                // one entry over raft's per-message size, so under the value ceiling) it stays far below
+                // the gRPC limit of MAX_RAFT_MESSAGE_BYTES.
+                if messages.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+                    next = rx.try_recv().ok();
                 }
             }
             let batch = RaftMessageBatch {
@@ -336,7 +352,16 @@ async fn peer_task(
             if stream_tx.send(batch).await.is_err() || call.is_finished() {
                 tracing::debug!(peer, "stream to peer broke; reconnecting");
                 let _ = unreachable.send(PeerEvent::Unreachable(peer));
-                call.abort();
+                if call.is_finished() {
+                    if let Ok(Err(status)) = call.await
+                        && status.metadata().get(NOT_MEMBER_METADATA).is_some()
+                    {
+                        tracing::warn!(peer, "peer says this node is not a member: {}", status.message());
+                        let _ = unreachable.send(PeerEvent::NotMember(peer));
+                    }
+                } else {
+                    call.abort();
+                }
                 continue 'connect;
             }
         }
@@ -415,6 +440,18 @@ impl RaftTransport for RaftService {
                 },
             };
             self.check_cluster(batch.cluster_id, batch.from_node)?;
+            let members = self.driver.membership();
+            if !members.is_empty() && !members.contains(&batch.from_node) {
+                let mut status = Status::failed_precondition(format!(
+                    "node {} is not a member of node {}'s cluster (members: {members:?}); it was removed",
+                    batch.from_node, self.node_id
+                ));
+                status.metadata_mut().insert(
+                    NOT_MEMBER_METADATA,
+                    tonic::metadata::MetadataValue::from_static("true"),
+                );
+                return Err(status);
+            }
             if batch.to_node != self.node_id {
                 return Err(Status::failed_precondition(format!(
                     "Raft messages for node {} sent to node {}: check raft.peers",

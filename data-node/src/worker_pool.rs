@@ -499,17 +499,31 @@ fn worker_loop(s: &Shared) {
     }
 }
 
+/// Longest sleep of the scaler between checks of its policy and of the stop flag.
+const SCALER_SLICE: Duration = Duration::from_millis(50);
+
 fn scaler_loop(s: &Arc<Shared>) {
     let mut last = Instant::now();
     let mut last_busy = s.busy_ns.load(Ordering::Relaxed);
     while !s.stop.load(Ordering::SeqCst) {
-        let interval = s
-            .scaler
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .policy()
-            .evaluation_interval;
-        std::thread::sleep(interval);
+        // Sleep in short slices, re-reading the interval: a new policy (or a stop) takes effect within
+        // one slice, not after a long interval set earlier has run out.
+        loop {
+            let interval = s
+                .scaler
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .policy()
+                .evaluation_interval;
+            let left = interval.saturating_sub(last.elapsed());
+            if left.is_zero() || s.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(left.min(SCALER_SLICE));
+        }
+        if s.stop.load(Ordering::SeqCst) {
+            return;
+        }
         let now = Instant::now();
         let busy = s.busy_ns.load(Ordering::Relaxed);
         let live = s.live.load(Ordering::SeqCst).max(1);
@@ -635,6 +649,45 @@ mod tests {
             },
         );
         (channel, pool)
+    }
+
+    #[test]
+    fn a_new_policy_replaces_a_long_evaluation_interval_at_once() {
+        let channel = Arc::new(PriorityMessageChannel::new(
+            ChannelPolicy {
+                enabled: true,
+                weights: [3, 2, 1],
+                queue_capacity: 16,
+                low_per_worker: None,
+            },
+            1,
+            Box::new(SystemClock),
+        ));
+        let pool = WorkerPool::start(
+            Arc::clone(&channel),
+            ScalingPolicy {
+                min_threads: 1,
+                max_threads: 4,
+                evaluation_interval: Duration::from_secs(3600),
+                ..policy()
+            },
+        );
+        // The defaults come back (minimum 3): the pool reaches them without waiting out the hour.
+        pool.set_policy(ScalingPolicy {
+            min_threads: 3,
+            max_threads: 4,
+            ..policy()
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pool.metrics().target < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "the pool still runs the old interval: {:?}",
+                pool.metrics().target
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pool.stop();
     }
 
     /// A job that reports the nice value of the thread that runs it.
@@ -804,7 +857,11 @@ mod tests {
         }
         assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
         assert_eq!(pool.metrics().current, 1, "the thread survived");
-        assert_eq!(channel.running_low(), 0);
+        // The job reported before it returned: its LOW count is released just after.
+        while channel.running_low() != 0 {
+            assert!(Instant::now() < until, "the LOW count stays taken");
+            std::thread::sleep(Duration::from_millis(1));
+        }
         pool.stop();
     }
 

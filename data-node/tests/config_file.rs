@@ -106,6 +106,34 @@ fn config_check_rejects_broken_relations_by_field() {
 }
 
 #[test]
+fn config_check_runs_every_check_the_start_runs() {
+    // Each of these used to pass --config-check and then abort, freeze or fail the node at start.
+    for (text, field) in [
+        (
+            "[runtime.scaling]\nmin_storage_threads = 4294967295\nmax_storage_threads = 4294967295\n",
+            "runtime.scaling.max_storage_threads",
+        ),
+        (
+            "[raft]\ntick_interval_ms = 18446744073709551615\n",
+            "raft.tick_interval_ms",
+        ),
+        ("[log]\nlevel = \"kiwi_node=loud\"\n", "log.level"),
+        (
+            "[runtime.scaling]\nevaluation_interval_ms = 4294967295\n",
+            "runtime.scaling.evaluation_interval_ms",
+        ),
+        (
+            "[[raft.peers]]\nid = 1\naddr = \":\"\n",
+            "raft.peers",
+        ),
+    ] {
+        let (ok, stderr) = check_file(text);
+        assert!(!ok, "{text} passed the check");
+        assert!(stderr.contains(field), "{text}: {stderr}");
+    }
+}
+
+#[test]
 fn config_check_rejects_malformed_toml() {
     let (ok, stderr) = check_file("[storage\nbackend = ");
     assert!(!ok);

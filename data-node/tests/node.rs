@@ -116,6 +116,34 @@ async fn refuses_a_data_dir_of_another_node() {
 }
 
 #[tokio::test]
+async fn refuses_a_data_dir_of_another_cluster() {
+    // Node 2 founds a one-node cluster of its own in this directory...
+    let dir = tempfile::tempdir().unwrap();
+    let mut lone = config(dir.path(), BackendKind::RocksDb);
+    lone.raft.node_id = 2;
+    let node = Node::start(lone.clone()).await.unwrap();
+    node.shutdown().await.unwrap();
+    // ... then is started as member 2 of a three-node cluster on it: refused, naming both clusters.
+    let mut member = lone;
+    member.raft.peers = (1..=3)
+        .map(|id| kiwi_node::config::PeerConfig {
+            id,
+            addr: format!("127.0.0.1:{}", 17_380 + id),
+        })
+        .collect();
+    let err = Node::start(member)
+        .await
+        .err()
+        .expect("a data directory of another cluster must be refused");
+    assert!(
+        matches!(err, kiwi_node::Error::ClusterMismatch { stored, configured, .. } if stored != configured),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("belongs to cluster") && msg.contains("2=127.0.0.1:17382"), "{msg}");
+}
+
+#[tokio::test]
 async fn refuses_a_data_dir_of_another_backend() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(config(dir.path(), BackendKind::RocksDb))

@@ -7,6 +7,12 @@
 //! - `control.proto`: `ControlService`, the control plane.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
+//!
+//! Generated servers decode requests with [`codec::ServerCodec`], which answers a request that is not a
+//! valid protobuf message with `INVALID_ARGUMENT` (tonic's default says `INTERNAL`); generated clients
+//! use tonic's `ProstCodec` unchanged.
+
+pub mod codec;
 
 /// Generated messages, clients and servers of package `kiwi.v1`.
 pub mod v1 {

@@ -38,6 +38,9 @@ pub struct ClusterOptions {
     pub backend: String,
     /// `raft.log_compaction_threshold`.
     pub compaction_threshold: u64,
+    /// `raft.log_compaction_slack` (0 here, unlike the node's default, so that small thresholds give
+    /// snapshots quickly).
+    pub compaction_slack: u64,
     pub tick_interval_ms: u64,
     /// Extra TOML appended to every node's config (e.g. a `[runtime.scaling]` table).
     pub extra_config: String,
@@ -49,6 +52,7 @@ impl Default for ClusterOptions {
             nodes: 3,
             backend: "rocksdb".into(),
             compaction_threshold: 100_000,
+            compaction_slack: 0,
             tick_interval_ms: 50,
             extra_config: String::new(),
         }
@@ -59,8 +63,10 @@ struct NodeProc {
     addr: SocketAddr,
     dir: PathBuf,
     child: Option<Child>,
-    /// Extra config lines (e.g. `join = true` under `[raft]`).
+    /// Started with `raft.join = true` (not a founding member).
     join: bool,
+    /// Extra lines for this node's `[storage]` table (e.g. a lower `max_value_size`).
+    storage_extra: String,
 }
 
 /// A running test cluster. Dropping it kills every node.
@@ -121,6 +127,7 @@ impl Cluster {
                     dir,
                     child: None,
                     join: false,
+                    storage_extra: String::new(),
                 },
             );
         }
@@ -166,22 +173,28 @@ impl Cluster {
         let node = &self.nodes[&id];
         let mut s = format!(
             "data_dir = {:?}\nlisten_addr = \"{}\"\n\n[log]\nlevel = \"info,kiwi_node=debug\"\n\n[raft]\nnode_id = {id}\n\
-             tick_interval_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\nlog_compaction_threshold = {}\njoin = {}\n",
+             tick_interval_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\nlog_compaction_threshold = {}\n\
+             log_compaction_slack = {}\njoin = {}\n",
             node.dir.join("data").display().to_string(),
             node.addr,
             self.opts.tick_interval_ms,
             self.opts.compaction_threshold,
+            self.opts.compaction_slack,
             node.join,
         );
+        // The founding members, as every founder's config lists them (the cluster id derives from them);
+        // a joining node lists them and itself.
         for (pid, p) in &self.nodes {
-            s.push_str(&format!(
-                "\n[[raft.peers]]\nid = {pid}\naddr = \"{}\"\n",
-                p.addr
-            ));
+            if !p.join || *pid == id {
+                s.push_str(&format!(
+                    "\n[[raft.peers]]\nid = {pid}\naddr = \"{}\"\n",
+                    p.addr
+                ));
+            }
         }
         s.push_str(&format!(
-            "\n[storage]\nbackend = \"{}\"\n",
-            self.opts.backend
+            "\n[storage]\nbackend = \"{}\"\n{}",
+            self.opts.backend, node.storage_extra
         ));
         s.push_str(&self.opts.extra_config);
         s
@@ -223,10 +236,42 @@ impl Cluster {
                 dir,
                 child: None,
                 join: true,
+                storage_extra: String::new(),
             },
         );
         self.spawn(id);
         id
+    }
+
+    /// Sets extra lines for node `id`'s `[storage]` table, used from its next (re)start.
+    pub fn set_storage_extra(&mut self, id: u64, lines: &str) {
+        self.nodes.get_mut(&id).expect("known node").storage_extra = lines.to_string();
+    }
+
+    /// A node's data directory (as its config names it).
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.nodes[&id].dir.join("data")
+    }
+
+    /// Waits until a node's process exits by itself and returns its exit status.
+    ///
+    /// # Panics
+    /// If it is still running after [`DEADLINE`].
+    pub async fn wait_exit(&mut self, id: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let node = self.nodes.get_mut(&id).expect("known node");
+            let child = node.child.as_mut().expect("node was started");
+            if let Some(status) = child.try_wait().expect("wait") {
+                node.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still runs {DEADLINE:?} later"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Kills a node with SIGKILL and reaps it.

@@ -1,13 +1,14 @@
 //! The storage conformance suite. Every function takes a [`Fixture`] and checks one property; a failing
 //! assertion names the backend and the property. Engines must pass all of them.
 
+use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use kiwi_storage::{
-    BackendKind, Error, KeySpace, Limits, OpenOptions, Scan, ScanRange, StorageBackend, WriteBatch,
-    WriteOptions,
+    BackendKind, Error, KeySpace, KvPair, Limits, OpenOptions, Scan, ScanRange, StorageBackend,
+    StorageSnapshot, WriteBatch, WriteOptions,
 };
 
 /// Opens one backend kind in a private temporary directory, and reopens it there.
@@ -699,4 +700,431 @@ pub fn corrupt_directory_is_reported(f: &Fixture) {
         "{}: {err}",
         f.kind
     );
+}
+
+/// The expected contents of the [`D`] key space, kept next to a backend by the reverse-scan cases.
+#[derive(Clone, Default)]
+struct Model(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl Model {
+    fn put(&mut self, s: &dyn StorageBackend, key: &str, value: &str) {
+        s.write(D, key.as_bytes(), value.as_bytes(), SYNC)
+            .unwrap_or_else(|e| panic!("{}: put {key}: {e}", s.kind()));
+        self.0
+            .insert(key.as_bytes().to_vec(), value.as_bytes().to_vec());
+    }
+
+    fn delete(&mut self, s: &dyn StorageBackend, key: &str) {
+        s.delete(D, key.as_bytes(), SYNC)
+            .unwrap_or_else(|e| panic!("{}: delete {key}: {e}", s.kind()));
+        self.0.remove(key.as_bytes());
+    }
+
+    /// What a scan must return.
+    fn scan(&self, scan: &Scan) -> Vec<KvPair> {
+        let range = (scan.range.start.clone(), scan.range.end.clone());
+        let it = self
+            .0
+            .range::<Vec<u8>, _>(range)
+            .map(|(k, v)| (k.clone(), v.clone()));
+        if scan.reverse {
+            it.rev().take(scan.limit).collect()
+        } else {
+            it.take(scan.limit).collect()
+        }
+    }
+}
+
+/// Checks that scans through `run` agree with `model`: the whole key space and every range between two of
+/// `probes` (inclusive, exclusive and open bounds), both directions, several limits, and the whole key space
+/// read backwards in chunks, as the Raft log is.
+fn assert_scans_match(
+    what: &str,
+    run: &dyn Fn(&Scan) -> Vec<KvPair>,
+    model: &Model,
+    probes: &[&str],
+) {
+    let mut ranges = vec![ScanRange::all()];
+    for (i, lo) in probes.iter().enumerate() {
+        ranges.push(ScanRange::half_open(lo.as_bytes(), b""));
+        ranges.push(ScanRange::half_open(b"", lo.as_bytes()));
+        ranges.push(ScanRange {
+            start: Bound::Unbounded,
+            end: Bound::Included(lo.as_bytes().to_vec()),
+        });
+        for hi in &probes[i + 1..] {
+            assert!(lo < hi, "probes must ascend");
+            ranges.push(ScanRange::half_open(lo.as_bytes(), hi.as_bytes()));
+            ranges.push(ScanRange {
+                start: Bound::Excluded(lo.as_bytes().to_vec()),
+                end: Bound::Included(hi.as_bytes().to_vec()),
+            });
+        }
+    }
+    for range in ranges {
+        for limit in [1, 2, 1000] {
+            for reverse in [false, true] {
+                let scan = Scan {
+                    range: range.clone(),
+                    limit,
+                    reverse,
+                };
+                assert_eq!(run(&scan), model.scan(&scan), "{what}: {scan:?}");
+            }
+        }
+    }
+    let mut seen = Vec::new();
+    let mut end = Bound::Unbounded;
+    loop {
+        let range = ScanRange {
+            start: Bound::Unbounded,
+            end,
+        };
+        let chunk = run(&Scan::backward(range, 2));
+        let Some((last, _)) = chunk.last() else { break };
+        end = Bound::Excluded(last.clone());
+        seen.extend(chunk);
+    }
+    let all = model.scan(&Scan::backward(ScanRange::all(), usize::MAX));
+    assert_eq!(seen, all, "{what}: read backwards in chunks");
+}
+
+/// Live scans of `s` agree with `model` (see [`assert_scans_match`]).
+fn assert_store_matches(what: &str, s: &dyn StorageBackend, model: &Model, probes: &[&str]) {
+    let run = |scan: &Scan| {
+        s.scan(D, scan)
+            .unwrap_or_else(|e| panic!("{what}: {scan:?}: {e}"))
+    };
+    assert_scans_match(&format!("{}: {what}", s.kind()), &run, model, probes);
+}
+
+/// Scans of the snapshot `snap` agree with `model` (see [`assert_scans_match`]).
+fn assert_snapshot_matches(
+    what: &str,
+    kind: BackendKind,
+    snap: &dyn StorageSnapshot,
+    model: &Model,
+    probes: &[&str],
+) {
+    let run = |scan: &Scan| {
+        snap.scan(D, scan)
+            .unwrap_or_else(|e| panic!("{kind}: {what}: {scan:?}: {e}"))
+    };
+    assert_scans_match(&format!("{kind}: {what}"), &run, model, probes);
+}
+
+/// Writes 5 MiB to the Raft key space, above every key of [`D`], in one batch, so that an engine with a
+/// small write buffer moves what it holds in memory to files at its next write (LevelDB's buffer is 4 MiB
+/// and is checked before each write). After that write, the memory holds only that write and what follows,
+/// all below the files' last keys. The engines keep deletions as tombstones, in memory or in files; reverse
+/// scans must skip them either way.
+fn fill_write_buffer(s: &dyn StorageBackend, round: u32) {
+    let value = vec![0x5A; 64 * 1024];
+    let mut b = WriteBatch::new();
+    for i in 0..80u32 {
+        b.put(
+            KeySpace::Raft,
+            format!("~filler/{round:02}/{i:02}"),
+            value.clone(),
+        );
+    }
+    s.batch_write(b, WriteOptions::BUFFERED)
+        .unwrap_or_else(|e| panic!("{}: filler: {e}", s.kind()));
+}
+
+/// Deleted keys stay deleted in reverse scans: put a, b, c, delete c and b, and both directions give [a].
+pub fn reverse_scan_after_delete(f: &Fixture) {
+    let s = f.open();
+    let kind = f.kind;
+    let mut m = Model::default();
+    for k in ["a", "b", "c"] {
+        m.put(&*s, k, &format!("v{k}"));
+    }
+    m.delete(&*s, "c");
+    m.delete(&*s, "b");
+    let only_a = vec![(b"a".to_vec(), b"va".to_vec())];
+    let all = ScanRange::all();
+    assert_eq!(
+        s.scan(D, &Scan::forward(all.clone(), 10)).unwrap(),
+        only_a,
+        "{kind}: forward after deleting c and b"
+    );
+    assert_eq!(
+        s.scan(D, &Scan::backward(all.clone(), 10)).unwrap(),
+        only_a,
+        "{kind}: reverse after deleting c and b"
+    );
+    assert_eq!(
+        s.scan(D, &Scan::backward(all.clone(), 1)).unwrap(),
+        only_a,
+        "{kind}: last key after deleting c and b"
+    );
+    assert!(
+        scan(&*s, ScanRange::half_open(b"b", b""), 10, true).is_empty(),
+        "{kind}: reverse over deleted keys only"
+    );
+    let probes = ["a", "b", "c", "d"];
+    assert_store_matches("after deleting c and b", &*s, &m, &probes);
+
+    m.delete(&*s, "a");
+    assert!(
+        scan(&*s, ScanRange::all(), 10, true).is_empty(),
+        "{kind}: reverse after deleting everything"
+    );
+    m.put(&*s, "b", "again");
+    assert_eq!(
+        s.scan(D, &Scan::backward(all, 10)).unwrap(),
+        vec![(b"b".to_vec(), b"again".to_vec())],
+        "{kind}: reverse after writing a deleted key again"
+    );
+    assert_store_matches("after writing b again", &*s, &m, &probes);
+}
+
+/// A reverse scan returns each key's newest value, after overwrites and after delete-then-write.
+pub fn reverse_scan_returns_newest_value(f: &Fixture) {
+    let s = f.open();
+    let kind = f.kind;
+    let mut m = Model::default();
+    m.put(&*s, "k", "first");
+    m.put(&*s, "k", "second");
+    m.put(&*s, "j", "old");
+    m.delete(&*s, "j");
+    m.put(&*s, "j", "new");
+    m.put(&*s, "l", "kept");
+    assert_eq!(
+        s.scan(D, &Scan::backward(ScanRange::all(), 10)).unwrap(),
+        vec![
+            (b"l".to_vec(), b"kept".to_vec()),
+            (b"k".to_vec(), b"second".to_vec()),
+            (b"j".to_vec(), b"new".to_vec()),
+        ],
+        "{kind}: newest values in reverse"
+    );
+    let mut b = WriteBatch::new();
+    b.put(D, b"k", b"a").delete(D, b"k").put(D, b"k", b"third");
+    s.batch_write(b, SYNC).unwrap();
+    m.0.insert(b"k".to_vec(), b"third".to_vec());
+    assert_eq!(
+        s.scan(D, &Scan::backward(ScanRange::half_open(b"k", b"l"), 10))
+            .unwrap(),
+        vec![(b"k".to_vec(), b"third".to_vec())],
+        "{kind}: newest value of a batch in reverse"
+    );
+    assert_store_matches("after overwrites", &*s, &m, &["j", "k", "l", "m"]);
+}
+
+/// Deletes in the middle and at the top of a range: reverse scans with a limit skip them and still return
+/// `limit` pairs.
+pub fn reverse_scan_with_limit_after_delete(f: &Fixture) {
+    let s = f.open();
+    let kind = f.kind;
+    let mut m = Model::default();
+    for i in 0..20 {
+        m.put(&*s, &format!("k{i:02}"), &format!("v{i}"));
+    }
+    for i in [0, 10, 11, 12, 13, 14, 19] {
+        m.delete(&*s, &format!("k{i:02}"));
+    }
+    let ks = |v: &[&str]| v.iter().map(|k| k.as_bytes().to_vec()).collect::<Vec<_>>();
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(b"k05", b"k17"), 4, true),
+        ks(&["k16", "k15", "k09", "k08"]),
+        "{kind}: limit across deleted keys"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::half_open(b"k10", b"k15"), 10, true),
+        Vec::<Vec<u8>>::new(),
+        "{kind}: range of deleted keys only"
+    );
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 1, true),
+        ks(&["k18"]),
+        "{kind}: last key below a deleted top"
+    );
+    assert_store_matches(
+        "deletes in the middle",
+        &*s,
+        &m,
+        &["k00", "k05", "k10", "k12", "k15", "k19", "k2"],
+    );
+}
+
+/// The last entry of a log kept as `log` + big-endian index in the Raft key space, found with a backward
+/// scan of limit 1 (as `LogStore::open` does), after a conflicting suffix was deleted.
+pub fn reverse_scan_finds_last_log_entry(f: &Fixture) {
+    let s = f.open();
+    let key = |i: u64| {
+        let mut k = b"log".to_vec();
+        k.extend_from_slice(&i.to_be_bytes());
+        k
+    };
+    let mut b = WriteBatch::new();
+    for i in 1..=10u64 {
+        b.put(KeySpace::Raft, key(i), format!("entry {i}"));
+    }
+    b.put(KeySpace::Raft, b"hard_state", b"hs");
+    s.batch_write(b, SYNC).unwrap();
+    let last = |s: &dyn StorageBackend| {
+        s.scan(
+            KeySpace::Raft,
+            &Scan::backward(ScanRange::half_open(b"log", b"log0"), 1),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        last(&*s),
+        vec![(key(10), b"entry 10".to_vec())],
+        "{}",
+        f.kind
+    );
+    let mut b = WriteBatch::new();
+    for i in 8..=10u64 {
+        b.delete(KeySpace::Raft, key(i));
+    }
+    s.batch_write(b, SYNC).unwrap();
+    assert_eq!(
+        last(&*s),
+        vec![(key(7), b"entry 7".to_vec())],
+        "{}: after deleting the suffix",
+        f.kind
+    );
+    s.write(KeySpace::Raft, &key(8), b"entry 8, term 2", SYNC)
+        .unwrap();
+    assert_eq!(
+        last(&*s),
+        vec![(key(8), b"entry 8, term 2".to_vec())],
+        "{}: after appending again",
+        f.kind
+    );
+    if f.persistent() {
+        drop(s);
+        let s = f.open();
+        assert_eq!(
+            last(&*s),
+            vec![(key(8), b"entry 8, term 2".to_vec())],
+            "{}: after reopening",
+            f.kind
+        );
+    }
+}
+
+/// Reverse scans of a snapshot taken after deletes skip the deleted keys, whatever is written after the
+/// snapshot, also when the snapshot is scanned repeatedly in both directions.
+pub fn reverse_scan_of_snapshot_after_delete(f: &Fixture) {
+    let s = f.open();
+    let kind = f.kind;
+    let mut m = Model::default();
+    for k in ["a", "b", "c", "d", "e"] {
+        m.put(&*s, k, &format!("v{k}"));
+    }
+    let before = s.snapshot().unwrap();
+    let at_before = m.clone();
+    m.delete(&*s, "d");
+    m.delete(&*s, "b");
+    m.delete(&*s, "e");
+    let snap = s.snapshot().unwrap();
+    let at_snap = m.clone();
+
+    m.put(&*s, "b", "vb2");
+    m.delete(&*s, "a");
+    m.put(&*s, "f", "vf");
+    m.put(&*s, "e", "ve2");
+
+    let expect = |v: &[(&str, &str)]| {
+        v.iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        snap.scan(D, &Scan::backward(ScanRange::all(), 10)).unwrap(),
+        expect(&[("c", "vc"), ("a", "va")]),
+        "{kind}: snapshot reverse"
+    );
+    assert_eq!(
+        snap.scan(D, &Scan::backward(ScanRange::all(), 1)).unwrap(),
+        expect(&[("c", "vc")]),
+        "{kind}: snapshot last key"
+    );
+    assert_eq!(
+        s.scan(D, &Scan::backward(ScanRange::all(), 10)).unwrap(),
+        expect(&[("f", "vf"), ("e", "ve2"), ("c", "vc"), ("b", "vb2")]),
+        "{kind}: live reverse"
+    );
+    let probes = ["a", "b", "c", "d", "e", "f"];
+    // Twice: a snapshot is scanned repeatedly, and the engine may keep state between scans.
+    for round in 0..2 {
+        assert_snapshot_matches(
+            &format!("snapshot after deletes, round {round}"),
+            kind,
+            &*snap,
+            &at_snap,
+            &probes,
+        );
+        assert_snapshot_matches(
+            &format!("snapshot before deletes, round {round}"),
+            kind,
+            &*before,
+            &at_before,
+            &probes,
+        );
+    }
+    assert_store_matches("live after the snapshots", &*s, &m, &probes);
+}
+
+/// Reverse scans are right whether the deleted and overwritten versions are still in the engine's memory
+/// or already in its files: writes enough to make LevelDB move its buffer to disk between the steps, and
+/// reopens.
+pub fn reverse_scan_after_flush(f: &Fixture) {
+    let probes = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let mut m = Model::default();
+    let s = f.open();
+    for k in ["a", "b", "c", "d", "e", "f"] {
+        m.put(&*s, k, &format!("{k}1"));
+    }
+    fill_write_buffer(&*s, 0);
+    // Puts on disk; deletes, overwrites and new keys in memory.
+    m.delete(&*s, "b");
+    m.put(&*s, "c", "c2");
+    m.put(&*s, "g", "g1");
+    m.delete(&*s, "f");
+    assert_eq!(
+        scan(&*s, ScanRange::all(), 10, true),
+        vec![
+            b"g".to_vec(),
+            b"e".to_vec(),
+            b"d".to_vec(),
+            b"c".to_vec(),
+            b"a".to_vec()
+        ],
+        "{}: reverse with deletes in memory over puts on disk",
+        f.kind
+    );
+    assert_store_matches("deletes in memory, puts on disk", &*s, &m, &probes);
+    let snap = s.snapshot().unwrap();
+    let at_snap = m.clone();
+
+    fill_write_buffer(&*s, 1);
+    // Deletes and overwrites on disk too; more of each in memory.
+    m.delete(&*s, "a");
+    m.put(&*s, "b", "b3");
+    m.put(&*s, "h", "h1");
+    m.delete(&*s, "g");
+    assert_store_matches("deletes on disk and in memory", &*s, &m, &probes);
+    assert_snapshot_matches(
+        "snapshot from before the second flush",
+        f.kind,
+        &*snap,
+        &at_snap,
+        &probes,
+    );
+    drop(snap);
+
+    if f.persistent() {
+        drop(s);
+        let s = f.open();
+        assert_store_matches("after reopening", &*s, &m, &probes);
+        m.delete(&*s, "h");
+        m.put(&*s, "a", "a4");
+        assert_store_matches("written after reopening", &*s, &m, &probes);
+    }
 }

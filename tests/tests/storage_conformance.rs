@@ -29,6 +29,12 @@ macro_rules! suite {
             case!(reopen_after_close);
             case!(concurrent_access);
             case!(snapshot_is_point_in_time);
+            case!(reverse_scan_after_delete);
+            case!(reverse_scan_returns_newest_value);
+            case!(reverse_scan_with_limit_after_delete);
+            case!(reverse_scan_finds_last_log_entry);
+            case!(reverse_scan_of_snapshot_after_delete);
+            case!(reverse_scan_after_flush);
             case!(other_backends_directory_is_refused);
             case!(bad_directories_are_refused);
             case!(corrupt_directory_is_reported);

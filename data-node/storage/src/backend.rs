@@ -107,6 +107,21 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 8 * 1024;
 /// Default longest value: 4 MiB.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The largest key any node may be configured to accept (`storage.max_key_size` ceiling): 1 MiB.
+pub const MAX_KEY_BYTES_CEILING: usize = 1024 * 1024;
+/// The largest value any node may be configured to accept (`storage.max_value_size` ceiling): 64 MiB.
+pub const MAX_VALUE_BYTES_CEILING: usize = 64 * 1024 * 1024;
+
+impl Limits {
+    /// The ceilings every node shares, whatever its configuration. A node's storage enforces only these:
+    /// its configured (lower) limits are admission rules checked when a request is accepted, so that a
+    /// committed entry, valid under the proposer's limits, is applied identically on every node.
+    pub const CEILING: Limits = Limits {
+        max_key_bytes: MAX_KEY_BYTES_CEILING,
+        max_value_bytes: MAX_VALUE_BYTES_CEILING,
+    };
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {

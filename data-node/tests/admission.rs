@@ -1,0 +1,220 @@
+//! What a node accepts and what it refuses, at the edges: hostile headers, oversized fields, malformed
+//! addresses, answers bounded in bytes, and values at a raised limit. One in-process single-node cluster
+//! per test, over real gRPC on loopback.
+
+use std::time::{Duration, Instant};
+
+use kiwi_node::{Node, NodeConfig};
+use kiwi_proto::v1::kv_service_client::KvServiceClient;
+use kiwi_proto::v1::node_admin_client::NodeAdminClient;
+use kiwi_proto::v1::{
+    AddNodeRequest, CompareAndSwapRequest, GetRequest, PutRequest, RequestHeader, ScanRequest,
+    compare_and_swap_request,
+};
+use kiwi_storage::BackendKind;
+use tonic::Code;
+use tonic::transport::Channel;
+
+/// Client-side message limit for these tests: above any value a node can be configured to hold.
+const CLIENT_LIMIT: usize = 128 * 1024 * 1024;
+
+async fn start(dir: &std::path::Path, tweak: impl FnOnce(&mut NodeConfig)) -> (Node, Channel) {
+    let mut c = NodeConfig {
+        data_dir: dir.to_path_buf(),
+        listen_addr: "127.0.0.1:0".parse().unwrap(),
+        ..NodeConfig::default()
+    };
+    c.storage.backend = BackendKind::RocksDb;
+    c.raft.tick_interval = Duration::from_millis(20);
+    tweak(&mut c);
+    let node = Node::start(c).await.unwrap();
+    let channel = Channel::from_shared(format!("http://{}", node.local_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Wait until the node leads (a put goes through).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match kv(&channel).put(put(b"ready", b"1")).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "node never led: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (node, channel)
+}
+
+fn kv(channel: &Channel) -> KvServiceClient<Channel> {
+    KvServiceClient::new(channel.clone())
+        .max_decoding_message_size(CLIENT_LIMIT)
+        .max_encoding_message_size(CLIENT_LIMIT)
+}
+
+fn put(key: &[u8], value: &[u8]) -> PutRequest {
+    PutRequest {
+        header: None,
+        key: key.to_vec(),
+        value: value.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_timeouts_are_invalid_argument_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, ch) = start(dir.path(), |_| {}).await;
+    for (seconds, nanos) in [(i64::MIN, 0), (-1, 0), (0, -1), (1, 1_000_000_000), (i64::MIN, i32::MIN)] {
+        let mut req = put(b"k", b"v");
+        req.header = Some(RequestHeader {
+            timeout: Some(prost_types::Duration { seconds, nanos }),
+            ..RequestHeader::default()
+        });
+        let e = kv(&ch).put(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{seconds}s {nanos}ns: {e}");
+        assert!(e.message().contains("header.timeout"), "{e}");
+    }
+    // A huge timeout is cut to the maximum, not refused.
+    let mut req = put(b"k", b"v");
+    req.header = Some(RequestHeader {
+        timeout: Some(prost_types::Duration {
+            seconds: i64::MAX,
+            nanos: 999_999_999,
+        }),
+        ..RequestHeader::default()
+    });
+    kv(&ch).put(req).await.unwrap();
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_field_that_carries_bytes_has_a_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, ch) = start(dir.path(), |_| {}).await;
+    let e = kv(&ch)
+        .compare_and_swap(CompareAndSwapRequest {
+            header: None,
+            key: b"k".to_vec(),
+            expected: Some(compare_and_swap_request::Expected::ExpectedValue(vec![
+                0;
+                12 * 1024 * 1024
+            ])),
+            new: Some(compare_and_swap_request::New::NewValue(b"v".to_vec())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("expected_value"), "{e}");
+    let e = kv(&ch)
+        .put(PutRequest {
+            header: Some(RequestHeader {
+                request_id: "r".repeat(10_000),
+                ..RequestHeader::default()
+            }),
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn add_node_refuses_malformed_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, ch) = start(dir.path(), |_| {}).await;
+    let mut admin = NodeAdminClient::new(ch.clone());
+    for addr in [":", "", "host", "host:0", ":7380", "host:70000"] {
+        let e = admin
+            .add_node(AddNodeRequest {
+                node_id: 2,
+                addr: addr.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{addr:?}: {e}");
+        assert!(e.message().contains("addr"), "{e}");
+    }
+    let s = admin
+        .status(kiwi_proto::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        s.learners.is_empty() && s.voters == [1],
+        "nothing was added: {s:?}"
+    );
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_answers_are_bounded_in_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, ch) = start(dir.path(), |_| {}).await;
+    let value = vec![b'v'; 1536 * 1024];
+    for i in 0..6 {
+        kv(&ch)
+            .put(put(format!("big{i}").as_bytes(), &value))
+            .await
+            .unwrap();
+    }
+    let mut start = b"big".to_vec();
+    let mut pages = Vec::new();
+    loop {
+        let r = kv(&ch)
+            .scan(ScanRequest {
+                start_key: start.clone(),
+                end_key: b"big9".to_vec(),
+                limit: 100,
+                ..ScanRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let bytes: usize = r.kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
+        assert!(
+            bytes <= kiwi_node::kv::MAX_SCAN_BYTES,
+            "an answer of {bytes} bytes"
+        );
+        pages.push(r.kvs.len());
+        let Some(last) = r.kvs.last() else { break };
+        start = last.key.clone();
+        start.push(0);
+        if !r.more {
+            break;
+        }
+    }
+    assert_eq!(pages.iter().sum::<usize>(), 6, "pages {pages:?}");
+    assert!(pages.len() >= 3, "split by bytes: {pages:?}");
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_at_a_raised_limit_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, ch) = start(dir.path(), |c| {
+        c.storage.max_value_size = bytesize::ByteSize::mib(32);
+    })
+    .await;
+    // Over the 16 MiB batch cap and tonic's default 4 MiB message limit.
+    let value: Vec<u8> = (0..24 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    kv(&ch).put(put(b"huge", &value)).await.unwrap();
+    let r = kv(&ch)
+        .get(GetRequest {
+            header: None,
+            key: b"huge".to_vec(),
+            consistency: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.found);
+    assert!(r.value == value, "the value came back intact");
+    let e = kv(&ch)
+        .put(put(b"too-big", &vec![0; 32 * 1024 * 1024 + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("33554432"), "names the limit: {e}");
+    node.shutdown().await.unwrap();
+}
