@@ -362,3 +362,20 @@ fn playground_serves_and_leaves_no_process_behind() {
     assert!(status.success(), "playground exit status {status}");
     assert_eq!(pgrep(&pattern), "", "no kiwi-node left behind");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reads_back_a_value_at_the_default_limit() {
+    // 4 MiB is the node's default value limit and also tonic's default message limit: a Get of such a
+    // value used to fail in the client.
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let opts = CallOptions::default();
+    let value: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    client.put(b"big", &value, &opts).await.unwrap();
+    let got = client.get(b"big", &opts).await.unwrap();
+    assert!(got == Some(value), "the 4 MiB value came back intact");
+}

@@ -92,7 +92,14 @@ fn main() {
         term: 2,
         ..SnapshotMetadata::default()
     };
-    let installed = snapshot::install(&*follower, &mut store, &meta).expect("install");
+    let installed = snapshot::install(
+        &*follower,
+        &mut store,
+        &meta,
+        &[],
+        &snapshot::InstallGate::default(),
+    )
+    .expect("install");
     let total = start.elapsed();
     assert_eq!(installed, keys, "every pair arrived");
     assert_eq!(pairs, keys);

@@ -524,7 +524,10 @@ impl NodeConfig {
         check(
             r.election_ticks <= MAX_ELECTION_TICKS,
             "raft.election_ticks",
-            format!("must be at most {MAX_ELECTION_TICKS}, got {}", r.election_ticks),
+            format!(
+                "must be at most {MAX_ELECTION_TICKS}, got {}",
+                r.election_ticks
+            ),
         );
         if r.election_ticks <= MAX_ELECTION_TICKS && r.tick_interval <= MAX_TICK_INTERVAL {
             let timeout = r.tick_interval * r.election_ticks as u32;
@@ -592,7 +595,8 @@ impl NodeConfig {
             ),
         );
         check(
-            m.retention_period >= m.collection_interval && m.retention_period <= MAX_RETENTION_PERIOD,
+            m.retention_period >= m.collection_interval
+                && m.retention_period <= MAX_RETENTION_PERIOD,
             "raft.metrics.retention_period_sec",
             format!(
                 "must be from one collection interval to {} (7 days), got {}",
@@ -799,7 +803,10 @@ mod tests {
         assert_eq!(invalid_fields(&c), ["raft.tick_interval_ms"]);
         let mut c = NodeConfig::default();
         c.runtime.scaling.evaluation_interval = Duration::from_millis(u64::from(u32::MAX));
-        assert_eq!(invalid_fields(&c), ["runtime.scaling.evaluation_interval_ms"]);
+        assert_eq!(
+            invalid_fields(&c),
+            ["runtime.scaling.evaluation_interval_ms"]
+        );
         let mut c = NodeConfig::default();
         c.raft.election_ticks = 100_000;
         assert!(invalid_fields(&c).contains(&"raft.election_ticks"));
@@ -807,7 +814,10 @@ mod tests {
         c.raft.tick_interval = Duration::from_secs(10);
         c.raft.election_ticks = 100;
         let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("raft.election_ticks") && err.contains("120 s"), "{err}");
+        assert!(
+            err.contains("raft.election_ticks") && err.contains("120 s"),
+            "{err}"
+        );
         let mut c = NodeConfig::default();
         c.raft.log_compaction_slack = u64::MAX;
         c.runtime.scaling.scale_increment = 1000;
@@ -833,10 +843,25 @@ mod tests {
 
     #[test]
     fn member_addresses_are_host_and_port() {
-        for ok in ["127.0.0.1:7380", "node-1.example:7380", "[::1]:7380", "localhost:1"] {
+        for ok in [
+            "127.0.0.1:7380",
+            "node-1.example:7380",
+            "[::1]:7380",
+            "localhost:1",
+        ] {
             assert_eq!(check_member_addr(ok), Ok(()), "{ok}");
         }
-        for bad in [":", "", "host", ":7380", "host:", "host:0", "host:99999", "a b:1", "::1:80"] {
+        for bad in [
+            ":",
+            "",
+            "host",
+            ":7380",
+            "host:",
+            "host:0",
+            "host:99999",
+            "a b:1",
+            "::1:80",
+        ] {
             assert!(check_member_addr(bad).is_err(), "{bad:?} accepted");
         }
         let mut c = NodeConfig::default();

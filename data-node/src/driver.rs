@@ -652,9 +652,11 @@ impl Driver {
                     return;
                 }
                 let me = self.raw.raft.id;
-                if cc.get_changes().iter().any(|c| {
-                    c.node_id == me && c.get_change_type() == ConfChangeType::RemoveNode
-                }) {
+                if cc
+                    .get_changes()
+                    .iter()
+                    .any(|c| c.node_id == me && c.get_change_type() == ConfChangeType::RemoveNode)
+                {
                     // raft-rs 0.7 keeps a removed leader leading; its heartbeats would stop the others
                     // from electing and every write would fail.
                     let _ = reply.send(Err(ProposeError::Refused(format!(
@@ -796,9 +798,14 @@ impl Driver {
         let cs = self.raw.raft.prs().conf().to_conf_state();
         let me = self.raw.raft.id;
         !cs.voters.is_empty()
-            && ![&cs.voters, &cs.learners, &cs.voters_outgoing, &cs.learners_next]
-                .iter()
-                .any(|ids| ids.contains(&me))
+            && ![
+                &cs.voters,
+                &cs.learners,
+                &cs.voters_outgoing,
+                &cs.learners_next,
+            ]
+            .iter()
+            .any(|ids| ids.contains(&me))
     }
 
     fn publish(&mut self) {
@@ -1116,7 +1123,12 @@ mod tests {
         backend: &Arc<dyn StorageBackend>,
         config: &DriverConfig,
         learners: &[u64],
-    ) -> (DriverHandle, JoinHandle<()>, CancellationToken, CancellationToken) {
+    ) -> (
+        DriverHandle,
+        JoinHandle<()>,
+        CancellationToken,
+        CancellationToken,
+    ) {
         let mut store = LogStore::open(Arc::clone(backend), Arc::default()).unwrap();
         if !store.is_initialized() {
             store.bootstrap(vec![1]).unwrap();

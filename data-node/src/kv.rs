@@ -29,9 +29,9 @@ use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
 
 use crate::config::{NodeConfig, RuntimeConfig};
-use crate::snapshot::InstallGate;
 use crate::driver::{DriverHandle, ProposeError, Role};
 use crate::priority_channel::{ChannelPolicy, Class, PriorityMessageChannel, Refused};
+use crate::snapshot::InstallGate;
 use crate::state_machine::ApplyOutcome;
 use crate::transport::Members;
 use crate::worker_pool::{Job, WorkerPool};
@@ -413,7 +413,8 @@ impl KvServer {
         match tokio::time::timeout(left, rx).await {
             Ok(Ok(r)) => r.map_err(|e| self.map_propose(e)),
             Ok(Err(_)) => Err(KvError::Unknown(
-                "the Raft driver stopped after the write was handed to it; its outcome is unknown".into(),
+                "the Raft driver stopped after the write was handed to it; its outcome is unknown"
+                    .into(),
             )),
             Err(_) => Err(KvError::Timeout(tagged.timeout)),
         }
@@ -840,7 +841,10 @@ impl NodeAdmin for AdminApi {
                             s.node_id
                         ))
                     })?;
-                tracing::info!(to, "RemoveNode of the leader: transferring leadership first");
+                tracing::info!(
+                    to,
+                    "RemoveNode of the leader: transferring leadership first"
+                );
                 let leader = s.transfer_and_wait(to).await?;
                 return Err(s.not_leader(leader.leader_id));
             }

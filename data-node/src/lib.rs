@@ -292,7 +292,9 @@ impl Node {
                     () = stop.cancelled() => return,
                 };
                 tracing::warn!(reason, "health set to NOT_SERVING");
-                health.set_service_status("", ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
             });
         }
         let reflection = tonic_reflection::server::Builder::configure()

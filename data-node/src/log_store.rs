@@ -654,7 +654,11 @@ mod tests {
         fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> kiwi_storage::Result<()> {
             self.inner.batch_write(batch, opts)
         }
-        fn scan(&self, space: KeySpace, scan: &Scan) -> kiwi_storage::Result<Vec<kiwi_storage::KvPair>> {
+        fn scan(
+            &self,
+            space: KeySpace,
+            scan: &Scan,
+        ) -> kiwi_storage::Result<Vec<kiwi_storage::KvPair>> {
             let out = self.inner.scan(space, scan)?;
             self.scanned
                 .fetch_add(out.len(), std::sync::atomic::Ordering::SeqCst);
@@ -713,7 +717,11 @@ mod tests {
         s.compact(8).unwrap();
         let s2 = LogStore::open(backend, Arc::default()).unwrap();
         let hs = s2.initial_state().unwrap().hard_state;
-        assert!(hs.commit >= 8, "commit {} behind the log start 9", hs.commit);
+        assert!(
+            hs.commit >= 8,
+            "commit {} behind the log start 9",
+            hs.commit
+        );
     }
 
     #[test]

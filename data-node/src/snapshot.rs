@@ -316,9 +316,19 @@ mod tests {
             ..SnapshotMetadata::default()
         };
         meta.mut_conf_state().voters = vec![1, 2];
-        let members = vec![(1, "127.0.0.1:1".to_string()), (2, "127.0.0.1:2".to_string())];
+        let members = vec![
+            (1, "127.0.0.1:1".to_string()),
+            (2, "127.0.0.1:2".to_string()),
+        ];
         assert_eq!(
-            install(&*follower, &mut store, &meta, &members, &InstallGate::default()).unwrap(),
+            install(
+                &*follower,
+                &mut store,
+                &meta,
+                &members,
+                &InstallGate::default()
+            )
+            .unwrap(),
             3000
         );
         assert_eq!(

@@ -356,7 +356,11 @@ async fn peer_task(
                     if let Ok(Err(status)) = call.await
                         && status.metadata().get(NOT_MEMBER_METADATA).is_some()
                     {
-                        tracing::warn!(peer, "peer says this node is not a member: {}", status.message());
+                        tracing::warn!(
+                            peer,
+                            "peer says this node is not a member: {}",
+                            status.message()
+                        );
                         let _ = unreachable.send(PeerEvent::NotMember(peer));
                     }
                 } else {

@@ -63,7 +63,13 @@ fn put(key: &[u8], value: &[u8]) -> PutRequest {
 async fn out_of_range_timeouts_are_invalid_argument_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let (node, ch) = start(dir.path(), |_| {}).await;
-    for (seconds, nanos) in [(i64::MIN, 0), (-1, 0), (0, -1), (1, 1_000_000_000), (i64::MIN, i32::MIN)] {
+    for (seconds, nanos) in [
+        (i64::MIN, 0),
+        (-1, 0),
+        (0, -1),
+        (1, 1_000_000_000),
+        (i64::MIN, i32::MIN),
+    ] {
         let mut req = put(b"k", b"v");
         req.header = Some(RequestHeader {
             timeout: Some(prost_types::Duration { seconds, nanos }),

@@ -122,10 +122,7 @@ fn config_check_runs_every_check_the_start_runs() {
             "[runtime.scaling]\nevaluation_interval_ms = 4294967295\n",
             "runtime.scaling.evaluation_interval_ms",
         ),
-        (
-            "[[raft.peers]]\nid = 1\naddr = \":\"\n",
-            "raft.peers",
-        ),
+        ("[[raft.peers]]\nid = 1\naddr = \":\"\n", "raft.peers"),
     ] {
         let (ok, stderr) = check_file(text);
         assert!(!ok, "{text} passed the check");

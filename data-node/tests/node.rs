@@ -140,7 +140,10 @@ async fn refuses_a_data_dir_of_another_cluster() {
         "{err}"
     );
     let msg = err.to_string();
-    assert!(msg.contains("belongs to cluster") && msg.contains("2=127.0.0.1:17382"), "{msg}");
+    assert!(
+        msg.contains("belongs to cluster") && msg.contains("2=127.0.0.1:17382"),
+        "{msg}"
+    );
 }
 
 #[tokio::test]

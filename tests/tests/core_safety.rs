@@ -236,8 +236,8 @@ async fn a_snapshot_carries_member_addresses() {
     let behind = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     cluster.kill(behind);
     // Node 4 joins while `behind` is down, and the log compacts past the change that added it.
-    let new = cluster.spawn_joining_node();
     let leader = cluster.wait_leader().await;
+    let new = cluster.spawn_joining_node();
     cluster
         .admin(leader)
         .add_node(AddNodeRequest {
@@ -253,13 +253,20 @@ async fn a_snapshot_carries_member_addresses() {
     cluster.kill(behind);
     cluster.restart(behind);
     cluster.wait_applied(behind, last).await;
-    let leader = cluster.wait_leader().await;
-    if leader != behind {
-        cluster
+    // Hand it leadership (a transfer right after a restart may lose its votes to peers still
+    // reconnecting: Raft then elects someone else, so ask again).
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let leader = cluster.wait_leader().await;
+        if leader == behind {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node {behind} never took over");
+        let _ = cluster
             .admin(leader)
             .transfer_leader(TransferLeaderRequest { node_id: behind })
-            .await
-            .unwrap_or_else(|e| panic!("TransferLeader to {behind} failed: {e}"));
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let idx = cluster.must_put(b"from-behind", b"1").await;
     assert_eq!(
@@ -411,7 +418,10 @@ async fn reads_never_see_a_half_installed_snapshot() {
     let before = answered.load(Ordering::Relaxed);
     let deadline = Instant::now() + DEADLINE;
     while answered.load(Ordering::Relaxed) < before + 3 {
-        assert!(Instant::now() < deadline, "the follower answers scans again");
+        assert!(
+            Instant::now() < deadline,
+            "the follower answers scans again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -422,7 +432,10 @@ async fn reads_never_see_a_half_installed_snapshot() {
         &bad[..bad.len().min(5)]
     );
     let s = cluster.status(follower).await.unwrap();
-    assert!(s.log_first_index > first, "the follower installed a snapshot");
+    assert!(
+        s.log_first_index > first,
+        "the follower installed a snapshot"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
