@@ -1202,6 +1202,121 @@ mod tests {
         }
     }
 
+    /// An in-process network between drivers: messages go straight to their destination's handle, except
+    /// those the current filter drops.
+    #[derive(Default)]
+    struct Net {
+        handles: std::sync::Mutex<HashMap<u64, DriverHandle>>,
+        drop_append_responses: AtomicBool,
+    }
+
+    struct NetSink(Arc<Net>);
+
+    impl MessageSink for NetSink {
+        fn send(&self, msgs: Vec<Message>) -> Vec<u64> {
+            let handles = self.0.handles.lock().unwrap();
+            for m in msgs {
+                if self.0.drop_append_responses.load(Ordering::SeqCst)
+                    && m.get_msg_type() == MessageType::MsgAppendResponse
+                {
+                    continue;
+                }
+                if let Some(h) = handles.get(&m.to) {
+                    h.step(m);
+                }
+            }
+            Vec::new()
+        }
+        fn add_peer(&self, _id: u64, _addr: String) {}
+    }
+
+    #[tokio::test]
+    async fn a_read_on_a_new_leader_waits_for_its_first_commit_instead_of_being_lost() {
+        let net = Arc::new(Net::default());
+        let mut nodes = Vec::new();
+        for id in 1..=3 {
+            let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
+            let mut store = LogStore::open(Arc::clone(&backend), Arc::default()).unwrap();
+            store.bootstrap(vec![1, 2, 3]).unwrap();
+            let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
+            let config = DriverConfig {
+                node_id: id,
+                ..test_config(1000, 0)
+            };
+            let (handle, thread) = spawn(
+                &config,
+                store,
+                backend,
+                Arc::new(NetSink(Arc::clone(&net))),
+                Arc::default(),
+                stop.clone(),
+                fatal,
+            )
+            .unwrap();
+            net.handles.lock().unwrap().insert(id, handle.clone());
+            nodes.push((handle, thread, stop));
+        }
+        let leader = async {
+            loop {
+                if let Some((h, ..)) = nodes.iter().find(|(h, ..)| h.status().role == Role::Leader)
+                {
+                    return h.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let old = tokio::time::timeout(Duration::from_secs(10), leader)
+            .await
+            .expect("a leader");
+        old.propose(put("k")).await.unwrap();
+        // A new leader is elected, but no append response reaches it: its first entry stays
+        // uncommitted (raft-rs drops read requests until that entry commits).
+        let old_id = nodes
+            .iter()
+            .position(|(h, ..)| h.status().role == Role::Leader)
+            .unwrap() as u64
+            + 1;
+        let new_id = if old_id == 1 { 2 } else { 1 };
+        let new = nodes[new_id as usize - 1].0.clone();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while old.detailed_status().await.unwrap().peers.iter().any(|p| {
+                p.id == new_id && p.match_index < old.status().commit
+            }) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the follower caught up");
+        net.drop_append_responses.store(true, Ordering::SeqCst);
+        old.transfer_leader(new_id).unwrap();
+        let mut watch = new.watch();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watch.wait_for(|s| s.role == Role::Leader),
+        )
+        .await
+        .expect("the transfer elects the new leader")
+        .unwrap();
+        let read = {
+            let new = new.clone();
+            tokio::spawn(async move { new.read_index().await })
+        };
+        // The status request is handled after the read: the read has reached the new leader.
+        new.detailed_status().await.unwrap();
+        assert!(!read.is_finished(), "nothing can commit yet");
+        net.drop_append_responses.store(false, Ordering::SeqCst);
+        let index = tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("the read is answered once the new leader commits, not lost")
+            .unwrap()
+            .unwrap();
+        assert!(index >= old.status().commit, "read index {index}");
+        for (_, thread, stop) in nodes {
+            stop.cancel();
+            thread.join().unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn invalid_committed_entries_are_applied_as_no_ops() {
         let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
