@@ -1279,9 +1279,14 @@ mod tests {
         let new_id = if old_id == 1 { 2 } else { 1 };
         let new = nodes[new_id as usize - 1].0.clone();
         tokio::time::timeout(Duration::from_secs(10), async {
-            while old.detailed_status().await.unwrap().peers.iter().any(|p| {
-                p.id == new_id && p.match_index < old.status().commit
-            }) {
+            while old
+                .detailed_status()
+                .await
+                .unwrap()
+                .peers
+                .iter()
+                .any(|p| p.id == new_id && p.match_index < old.status().commit)
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })

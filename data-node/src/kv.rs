@@ -758,6 +758,8 @@ impl NodeAdmin for AdminApi {
             log_first_index: d.status.first_index,
             voters: d.voters,
             learners: d.learners,
+            rejected_entries: d.status.rejected_entries,
+            removed: d.status.removed,
         }))
     }
 

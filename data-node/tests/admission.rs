@@ -224,3 +224,47 @@ async fn a_value_at_a_raised_limit_round_trips() {
     assert!(e.message().contains("33554432"), "names the limit: {e}");
     node.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_policy_has_the_config_ceilings() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, ch) = start(dir.path(), |_| {}).await;
+    let mut admin = NodeAdminClient::new(ch.clone());
+    let before = admin
+        .get_runtime_policy(kiwi_proto::v1::GetRuntimePolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for (field, tweak) in [
+        (
+            "runtime.scaling.max_storage_threads",
+            Box::new(|s: &mut kiwi_proto::v1::ScalingPolicy| {
+                s.min_storage_threads = 1500;
+                s.max_storage_threads = 1500;
+            }) as Box<dyn Fn(&mut kiwi_proto::v1::ScalingPolicy)>,
+        ),
+        (
+            "runtime.scaling.evaluation_interval_ms",
+            Box::new(|s: &mut kiwi_proto::v1::ScalingPolicy| s.evaluation_interval_ms = u32::MAX),
+        ),
+    ] {
+        let mut policy = before.clone();
+        tweak(policy.scaling.as_mut().unwrap());
+        let e = admin.set_runtime_policy(policy).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert!(e.message().contains(field), "{e}");
+    }
+    let after = admin
+        .get_runtime_policy(kiwi_proto::v1::GetRuntimePolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after, before, "the old policy stays");
+    let stats = admin
+        .runtime_stats(kiwi_proto::v1::RuntimeStatsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stats.storage_pool.unwrap().current_threads <= 32);
+    node.shutdown().await.unwrap();
+}

@@ -223,6 +223,8 @@ async fn removing_the_leader_keeps_the_cluster_writing() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let s = cluster.status(old).await.unwrap();
+    assert!(s.removed, "its status says it was removed: {s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -499,7 +499,8 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
             .map(|(addr, s)| {
                 json!({"id": s.node_id, "addr": addr, "role": role_name(s.role), "term": s.term,
                        "commit_index": s.commit_index, "applied_index": s.applied_index,
-                       "log_first_index": s.log_first_index, "backend": s.storage_backend})
+                       "log_first_index": s.log_first_index, "backend": s.storage_backend,
+                       "rejected_entries": s.rejected_entries, "removed": s.removed})
             })
             .collect();
         let p: Vec<_> = progress
@@ -542,6 +543,20 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         }
         for (addr, e) in &errors {
             println!("   ?  {addr:<22} unreachable: {e}");
+        }
+        for (addr, s) in &members {
+            if s.removed {
+                println!(
+                    "  !  node {} ({addr}) was removed from the cluster and serves nothing",
+                    s.node_id
+                );
+            }
+            if s.rejected_entries > 0 {
+                println!(
+                    "  !  node {} ({addr}) applied {} invalid committed entries as no-ops (see its log)",
+                    s.node_id, s.rejected_entries
+                );
+            }
         }
         if !progress.is_empty() {
             println!("replication (as the leader sees it):");
