@@ -90,9 +90,12 @@ pub enum ProposeError {
     /// The driver's inbox is full.
     #[error("Raft driver overloaded")]
     Overloaded,
-    /// The driver has stopped (shutdown or a storage error).
+    /// The driver has stopped (shutdown or a storage error) before it took the request: nothing happened.
     #[error("Raft driver stopped")]
     Stopped,
+    /// The driver stopped after it took the request: it may or may not have been committed.
+    #[error("the Raft driver stopped after it took the request; its outcome is unknown")]
+    StoppedAfterSubmit,
     /// A membership change is already in progress (Raft allows one at a time).
     #[error("another membership change is in progress; retry when it completes")]
     ConfChangePending,
@@ -219,9 +222,8 @@ pub struct DriverHandle {
     /// Transport events: unbounded (one per peer event, never many), so none is lost to a full inbox.
     events: std::sync::mpsc::Sender<PeerEvent>,
     status: watch::Receiver<RaftStatus>,
-    /// Ids of the current members (voters and learners), sorted; empty before a joining node's first
-    /// snapshot.
-    membership: watch::Receiver<Vec<u64>>,
+    /// Ids this cluster removed (see `state_machine::record_removed`), sorted.
+    removed_ids: watch::Receiver<Vec<u64>>,
 }
 
 impl DriverHandle {
@@ -239,7 +241,7 @@ impl DriverHandle {
     pub async fn propose(&self, data: Vec<u8>) -> Result<ApplyOutcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.send(Inbox::Propose { data, reply })?;
-        rx.await.map_err(|_| ProposeError::Stopped)?
+        rx.await.map_err(|_| ProposeError::StoppedAfterSubmit)?
     }
 
     /// Hands an encoded [`RaftCommand`] to Raft without waiting; the receiver answers once it is applied
@@ -298,7 +300,7 @@ impl DriverHandle {
     pub async fn change_membership(&self, cc: ConfChangeV2) -> Result<ApplyOutcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
         self.send(Inbox::ConfChange { cc, reply })?;
-        rx.await.map_err(|_| ProposeError::Stopped)?
+        rx.await.map_err(|_| ProposeError::StoppedAfterSubmit)?
     }
 
     /// Asks the leader to hand leadership to `to` (Raft's leader transfer; watch the status for the
@@ -321,10 +323,10 @@ impl DriverHandle {
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
-    /// Ids of the current members (voters and learners), sorted; empty while this node has no
-    /// membership yet (a joining node before its first snapshot).
-    pub fn membership(&self) -> Vec<u64> {
-        self.membership.borrow().clone()
+    /// Whether a membership change this node applied removed `id` (and none added it back). A node
+    /// whose log is behind may not know of a removal yet: it then answers `false`.
+    pub fn was_removed(&self, id: u64) -> bool {
+        self.removed_ids.borrow().binary_search(&id).is_ok()
     }
 
     /// A receiver of every published status change.
@@ -384,7 +386,8 @@ struct Driver {
     /// Peers that refused this node's messages as a non-member since it last heard from a leader: a
     /// removed node often never receives the entry that removed it (the leader stops sending to it).
     refused_by: std::collections::BTreeSet<u64>,
-    membership: watch::Sender<Vec<u64>>,
+    /// Ids removed by membership changes this node applied, sorted.
+    removed_ids: watch::Sender<Vec<u64>>,
     /// Tells the storage stage when user data is being replaced by a snapshot.
     gate: Arc<InstallGate>,
     /// Committed entries applied as no-ops because they were invalid.
@@ -428,7 +431,10 @@ pub fn spawn(
         ..RaftStatus::default()
     };
     let (status_tx, status_rx) = watch::channel(initial);
-    let (membership_tx, membership_rx) = watch::channel(Vec::new());
+    let mut removed_ids = state_machine::removed_members(&*backend)
+        .map_err(|e| raft::Error::Store(raft::StorageError::Other(Box::new(e))))?;
+    removed_ids.sort_unstable();
+    let (removed_tx, removed_rx) = watch::channel(removed_ids);
     let mut driver = Driver {
         raw,
         backend,
@@ -446,12 +452,11 @@ pub fn spawn(
         installs: Vec::new(),
         removed: false,
         refused_by: std::collections::BTreeSet::new(),
-        membership: membership_tx,
+        removed_ids: removed_tx,
         gate,
         rejected_entries: 0,
     };
     driver.removed = driver.compute_removed();
-    driver.publish_membership();
     let tick = config.tick_interval;
     let thread = std::thread::Builder::new()
         .name("kiwi-raft".into())
@@ -482,7 +487,7 @@ pub fn spawn(
             tx,
             events: events_tx,
             status: status_rx,
-            membership: membership_rx,
+            removed_ids: removed_rx,
         },
         thread,
     ))
@@ -760,36 +765,13 @@ impl Driver {
             return true;
         }
         let me = self.raw.raft.id;
-        let others = self
-            .raw
-            .raft
-            .prs()
-            .conf()
-            .voters()
-            .ids()
+        let voters = self.raw.raft.prs().conf().voters().ids();
+        let others = voters.iter().filter(|id| *id != me).count();
+        let refusing = voters
             .iter()
-            .filter(|id| *id != me)
+            .filter(|id| self.refused_by.contains(id))
             .count();
-        others > 0 && self.refused_by.len() * 2 > others
-    }
-
-    fn publish_membership(&self) {
-        let cs = self.raw.raft.prs().conf().to_conf_state();
-        let mut ids: Vec<u64> = cs
-            .voters
-            .iter()
-            .chain(&cs.learners)
-            .chain(&cs.voters_outgoing)
-            .chain(&cs.learners_next)
-            .copied()
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        self.membership.send_if_modified(|m| {
-            let changed = *m != ids;
-            *m = ids;
-            changed
-        });
+        others > 0 && refusing * 2 > others
     }
 
     /// Whether the current membership leaves this node out (a node that has not joined yet has no
@@ -860,7 +842,6 @@ impl Driver {
                 self.sink.add_peer(id, addr);
             }
             self.removed = self.compute_removed();
-            self.publish_membership();
             self.applied = meta.index;
             self.applied_on_disk = self.applied_on_disk.max(meta.index);
             // A deposed leader's pending proposals may or may not be inside the snapshot.
@@ -945,30 +926,56 @@ impl Driver {
             .ok()
             .filter(|a| !a.is_empty());
         let mut added = Vec::new();
+        let mut removed_ids = self.removed_ids.borrow().clone();
         for change in cc.get_changes() {
-            if let Some(addr) = addr
-                && matches!(
-                    change.get_change_type(),
-                    ConfChangeType::AddNode | ConfChangeType::AddLearnerNode
-                )
-            {
-                state_machine::record_member(&mut batch, change.node_id, addr);
-                added.push((change.node_id, addr.to_string()));
+            let id = change.node_id;
+            match change.get_change_type() {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    state_machine::clear_removed(&mut batch, id);
+                    removed_ids.retain(|r| *r != id);
+                    if let Some(addr) = addr {
+                        state_machine::record_member(&mut batch, id, addr);
+                        added.push((id, addr.to_string()));
+                    }
+                }
+                ConfChangeType::RemoveNode => {
+                    state_machine::record_removed(&mut batch, id);
+                    if let Err(at) = removed_ids.binary_search(&id) {
+                        removed_ids.insert(at, id);
+                    }
+                }
             }
         }
         applier.commit_with(index, batch)?;
         self.raw.mut_store().conf_state_written(cs.clone());
+        self.removed_ids.send_replace(removed_ids);
         for (id, addr) in added {
             self.sink.add_peer(id, addr);
         }
         let was_removed = self.removed;
         self.removed = self.compute_removed();
-        self.publish_membership();
         if self.removed && !was_removed {
             tracing::warn!(
                 index,
                 "this node was removed from the cluster: it no longer serves requests"
             );
+            if self.raw.raft.state == StateRole::Leader {
+                // Leadership moved to this node after another proposed its removal: raft-rs would keep
+                // it leading a group it is not in. Hand over to the most up-to-date voter.
+                let me = self.raw.raft.id;
+                let to = self
+                    .raw
+                    .raft
+                    .prs()
+                    .iter()
+                    .filter(|(id, _)| **id != me && cs.voters.contains(id))
+                    .max_by_key(|(_, pr)| pr.matched)
+                    .map(|(id, _)| *id);
+                if let Some(to) = to {
+                    tracing::warn!(to, "removed while leading: transferring leadership");
+                    self.raw.transfer_leader(to);
+                }
+            }
         }
         tracing::info!(index, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
         Ok(Ok(ApplyOutcome {
@@ -1386,7 +1393,7 @@ mod tests {
         let res = tokio::time::timeout(Duration::from_secs(10), handle.propose(put("b")))
             .await
             .expect("the caller is answered, not left waiting");
-        assert_eq!(res, Err(ProposeError::Stopped));
+        assert_eq!(res, Err(ProposeError::StoppedAfterSubmit));
         tokio::time::timeout(Duration::from_secs(10), fatal.cancelled())
             .await
             .expect("a panic on the driver thread is reported as a failure (no zombie)");
@@ -1489,7 +1496,7 @@ mod tests {
         let res = tokio::time::timeout(Duration::from_secs(10), handle.propose(put("b")))
             .await
             .expect("the caller is answered, not left waiting");
-        assert_eq!(res, Err(ProposeError::Stopped));
+        assert_eq!(res, Err(ProposeError::StoppedAfterSubmit));
         tokio::time::timeout(Duration::from_secs(10), fatal.cancelled())
             .await
             .expect("the driver reports the failure");

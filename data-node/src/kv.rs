@@ -363,6 +363,7 @@ impl KvServer {
             ProposeError::NotLeader { leader_id } => self.not_leader(leader_id),
             ProposeError::Overloaded => KvError::Overloaded,
             ProposeError::Stopped => KvError::Stopped,
+            ProposeError::StoppedAfterSubmit => KvError::Unknown(e.to_string()),
             ProposeError::Dropped => KvError::Dropped(e),
             ProposeError::OutcomeUnknown => KvError::Unknown(e.to_string()),
             ProposeError::ConfChangePending => KvError::Precondition(e.to_string()),
@@ -529,6 +530,65 @@ impl KvServer {
     }
 }
 
+/// Pairs read by the first page of a Scan, before the pair sizes are known.
+const FIRST_SCAN_PAGE: usize = 16;
+
+/// Reads up to `limit` pairs of `range` and at most [`MAX_SCAN_BYTES`] (at least one pair), page by page
+/// so that memory follows the answer's size, not `limit` times the largest value. Pages after the first
+/// read one point-in-time view, so the answer is one state of the data. Returns the pairs and whether
+/// more remain.
+fn scan_bounded(
+    st: &dyn StorageBackend,
+    mut range: ScanRange,
+    limit: usize,
+    reverse: bool,
+    keys_only: bool,
+) -> kiwi_storage::Result<(Vec<KeyValue>, bool)> {
+    // One page is enough for small limits; otherwise every page reads the same view.
+    let view = if limit + 1 > FIRST_SCAN_PAGE {
+        Some(st.snapshot()?)
+    } else {
+        None
+    };
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    let mut bytes = 0;
+    let mut page = FIRST_SCAN_PAGE;
+    loop {
+        // One more than the answer needs, to learn whether more remain.
+        let want = (limit + 1 - kvs.len()).min(page);
+        let scan = Scan {
+            range: range.clone(),
+            limit: want,
+            reverse,
+        };
+        let pairs = match &view {
+            Some(v) => v.scan(KeySpace::Data, &scan)?,
+            None => st.scan(KeySpace::Data, &scan)?,
+        };
+        let got = pairs.len();
+        for (key, value) in pairs {
+            let value = if keys_only { Vec::new() } else { value };
+            let size = key.len() + value.len();
+            if kvs.len() == limit || (!kvs.is_empty() && bytes + size > MAX_SCAN_BYTES) {
+                return Ok((kvs, true));
+            }
+            bytes += size;
+            let bound = std::ops::Bound::Excluded(key.clone());
+            if reverse {
+                range.end = bound;
+            } else {
+                range.start = bound;
+            }
+            kvs.push(KeyValue { key, value });
+        }
+        if got < want {
+            return Ok((kvs, false));
+        }
+        let avg = (bytes / kvs.len().max(1)).max(1);
+        page = (MAX_SCAN_BYTES.saturating_sub(bytes) / avg).clamp(1, 1024);
+    }
+}
+
 /// The `KvService` implementation.
 #[derive(Clone)]
 pub struct KvApi(pub Arc<KvServer>);
@@ -630,30 +690,13 @@ impl KvService for KvApi {
                 )));
             }
             let applied = s.read_point(req.consistency, &tagged).await?;
-            let scan = Scan {
-                range: ScanRange::half_open(&req.start_key, &req.end_key),
-                limit: req.limit as usize + 1,
-                reverse: req.reverse,
-            };
-            let (limit, keys_only) = (req.limit as usize, req.keys_only);
+            let range = ScanRange::half_open(&req.start_key, &req.end_key);
+            let (limit, keys_only, reverse) = (req.limit as usize, req.keys_only, req.reverse);
             // The answer is built in the storage stage too (at the request's OS priority), not on a
             // network thread.
             let (kvs, more) = s
                 .read_data(&tagged, move |st| {
-                    let pairs = st.scan(KeySpace::Data, &scan)?;
-                    let mut more = pairs.len() > limit;
-                    let mut kvs: Vec<KeyValue> = Vec::with_capacity(pairs.len().min(limit));
-                    let mut bytes = 0;
-                    for (key, value) in pairs.into_iter().take(limit) {
-                        let value = if keys_only { Vec::new() } else { value };
-                        bytes += key.len() + value.len();
-                        if !kvs.is_empty() && bytes > MAX_SCAN_BYTES {
-                            more = true;
-                            break;
-                        }
-                        kvs.push(KeyValue { key, value });
-                    }
-                    Ok((kvs, more))
+                    scan_bounded(st, range, limit, reverse, keys_only)
                 })
                 .await?;
             Ok(ScanResponse {

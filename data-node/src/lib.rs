@@ -167,8 +167,8 @@ impl Node {
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let storage = open_storage(&config)?;
                 let cluster_id = identity::cluster_id(&*storage)?;
-                check_cluster_id(&config, &configured, cluster_id)?;
                 let mut log_store = LogStore::open(Arc::clone(&storage), snapshots)?;
+                check_cluster_id(&config, &configured, cluster_id, log_store.conf_state())?;
                 snapshot::resume_install(&*storage, &mut log_store)
                     .map_err(|e| Error::Raft(raft::Error::Store(raft::StorageError::Other(e))))?;
                 let recorded = state_machine::recorded_members(&*storage)?;
@@ -286,15 +286,29 @@ impl Node {
             let mut status = driver.watch();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let reason = tokio::select! {
-                    () = fatal.cancelled() => "failed",
-                    r = status.wait_for(|s| s.removed) => if r.is_ok() { "removed from the cluster" } else { return },
-                    () = stop.cancelled() => return,
-                };
-                tracing::warn!(reason, "health set to NOT_SERVING");
-                health
-                    .set_service_status("", ServingStatus::NotServing)
-                    .await;
+                let mut removed = false;
+                loop {
+                    tokio::select! {
+                        () = fatal.cancelled() => {
+                            tracing::warn!("node failed: health set to NOT_SERVING");
+                            health.set_service_status("", ServingStatus::NotServing).await;
+                            return;
+                        }
+                        r = status.changed() => if r.is_err() { return },
+                        () = stop.cancelled() => return,
+                    }
+                    let now = status.borrow_and_update().removed;
+                    if now != removed {
+                        removed = now;
+                        let serving = if removed {
+                            tracing::warn!("removed from the cluster: health set to NOT_SERVING");
+                            ServingStatus::NotServing
+                        } else {
+                            ServingStatus::Serving
+                        };
+                        health.set_service_status("", serving).await;
+                    }
+                }
             });
         }
         let reflection = tonic_reflection::server::Builder::configure()
@@ -428,18 +442,34 @@ pub fn configured_members(config: &NodeConfig) -> Vec<(u64, String)> {
 /// silent split brain otherwise: the node would lead its own group at a member's address). A joining node
 /// (`raft.join`) adopts its cluster's id from its first snapshot, so only founding members are checked.
 ///
+/// The directory is refused when its cluster id is not the one `raft.peers` derive **and** its membership
+/// (voters and learners) is not the set of ids `raft.peers` lists: so `raft.peers` may be updated to the
+/// current membership after membership changes, or a member's address respelled, without refusing the
+/// restart; a directory whose group has other members is always refused.
+///
 /// # Errors
 /// [`Error::ClusterMismatch`].
 pub fn check_cluster_id(
     config: &NodeConfig,
     configured: &[(u64, String)],
     stored: u64,
+    membership: &raft::eraftpb::ConfState,
 ) -> Result<()> {
     if stored == 0 || config.raft.join {
         return Ok(());
     }
     let expected = identity::derive_cluster_id(configured);
-    if stored != expected {
+    let mut members: Vec<u64> = membership
+        .voters
+        .iter()
+        .chain(&membership.learners)
+        .copied()
+        .collect();
+    members.sort_unstable();
+    members.dedup();
+    let mut listed: Vec<u64> = configured.iter().map(|(id, _)| *id).collect();
+    listed.sort_unstable();
+    if stored != expected && members != listed {
         return Err(Error::ClusterMismatch {
             data_dir: config.data_dir.clone(),
             stored,

@@ -28,6 +28,47 @@ pub fn record_member(batch: &mut WriteBatch, id: u64, addr: &str) {
     batch.put(KeySpace::Raft, member_key(id), addr.as_bytes().to_vec());
 }
 
+/// Prefix, in [`KeySpace::Raft`], of the ids a membership change removed (`removed/<id: u64 BE>`), until
+/// the same id is added again. Peers refuse Raft traffic from these ids, which tells a removed node that
+/// missed the entry removing it.
+const REMOVED_PREFIX: &[u8] = b"removed/";
+
+fn removed_key(id: u64) -> Vec<u8> {
+    let mut key = REMOVED_PREFIX.to_vec();
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
+
+/// Adds a tombstone for removed member `id` to `batch`.
+pub fn record_removed(batch: &mut WriteBatch, id: u64) {
+    batch.put(KeySpace::Raft, removed_key(id), Vec::new());
+}
+
+/// Adds the removal of `id`'s tombstone (it is added again) to `batch`.
+pub fn clear_removed(batch: &mut WriteBatch, id: u64) {
+    batch.delete(KeySpace::Raft, removed_key(id));
+}
+
+/// The ids a membership change removed (and that were not added again).
+///
+/// # Errors
+/// Storage errors.
+pub fn removed_members(backend: &dyn StorageBackend) -> kiwi_storage::Result<Vec<u64>> {
+    let scan = kiwi_storage::Scan::forward(
+        kiwi_storage::ScanRange::half_open(REMOVED_PREFIX, b"removed0"),
+        100_000,
+    );
+    Ok(backend
+        .scan(KeySpace::Raft, &scan)?
+        .into_iter()
+        .filter_map(|(k, _)| {
+            <[u8; 8]>::try_from(&k[REMOVED_PREFIX.len()..])
+                .ok()
+                .map(u64::from_be_bytes)
+        })
+        .collect())
+}
+
 /// Records the addresses of members the store does not know yet (the founding members from the
 /// configuration), durably. Recorded addresses win over configured ones: they came through the log.
 ///

@@ -444,10 +444,9 @@ impl RaftTransport for RaftService {
                 },
             };
             self.check_cluster(batch.cluster_id, batch.from_node)?;
-            let members = self.driver.membership();
-            if !members.is_empty() && !members.contains(&batch.from_node) {
+            if self.driver.was_removed(batch.from_node) {
                 let mut status = Status::failed_precondition(format!(
-                    "node {} is not a member of node {}'s cluster (members: {members:?}); it was removed",
+                    "node {} was removed from node {}'s cluster; it is not a member any more",
                     batch.from_node, self.node_id
                 ));
                 status.metadata_mut().insert(

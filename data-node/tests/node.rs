@@ -147,6 +147,23 @@ async fn refuses_a_data_dir_of_another_cluster() {
 }
 
 #[tokio::test]
+async fn accepts_raft_peers_respelled_or_updated_to_the_same_members() {
+    let dir = tempfile::tempdir().unwrap();
+    let lone = config(dir.path(), BackendKind::RocksDb);
+    let node = Node::start(lone.clone()).await.unwrap();
+    node.shutdown().await.unwrap();
+    // The same member, now listed explicitly at another spelling of its address: another derived
+    // cluster id, but the same membership, so the restart is accepted.
+    let mut listed = lone;
+    listed.raft.peers = vec![kiwi_node::config::PeerConfig {
+        id: 1,
+        addr: "localhost:17391".into(),
+    }];
+    let node = Node::start(listed).await.unwrap();
+    node.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn refuses_a_data_dir_of_another_backend() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(config(dir.path(), BackendKind::RocksDb))

@@ -35,6 +35,7 @@ macro_rules! suite {
             case!(reverse_scan_finds_last_log_entry);
             case!(reverse_scan_of_snapshot_after_delete);
             case!(reverse_scan_after_flush);
+            case!(snapshot_survives_compaction);
             case!(other_backends_directory_is_refused);
             case!(bad_directories_are_refused);
             case!(corrupt_directory_is_reported);
