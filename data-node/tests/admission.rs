@@ -248,7 +248,7 @@ async fn runtime_policy_has_the_config_ceilings() {
             Box::new(|s: &mut kiwi_proto::v1::ScalingPolicy| s.evaluation_interval_ms = u32::MAX),
         ),
     ] {
-        let mut policy = before.clone();
+        let mut policy = before;
         tweak(policy.scaling.as_mut().unwrap());
         let e = admin.set_runtime_policy(policy).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{e}");
