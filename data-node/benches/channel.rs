@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use kiwi_node::priority_channel::{
+use kiwi_node::runtime::priority_channel::{
     ChannelPolicy, Class, LOW_PER_WORKER, PriorityMessageChannel, SystemClock, Taken,
 };
 

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiwi_node::log_store::LogStore;
-use kiwi_node::snapshot;
+use kiwi_node::raft::log_store::LogStore;
+use kiwi_node::raft::snapshot;
 use kiwi_storage::{
     BackendKind, KeySpace, Limits, OpenOptions, StorageBackend, WriteBatch, WriteOptions,
 };

@@ -1,32 +1,36 @@
 //! `kiwi-node`, Kiwi's data node, as a library: the binary in `main.rs` only parses flags, loads the
 //! config and calls [`run`]; tests start nodes through [`Node::start`].
 //!
-//! Modules, and who may depend on whom:
-//! - [`config`]: the typed TOML configuration and its validation. Depends on nothing else here.
-//! - [`identity`]: the node id stored in the data directory. Depends on `kiwi-storage`.
-//! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
-//! - [`state_machine`]: applies committed commands to user data with the applied index.
-//! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.
-//! - [`driver`]: the Raft driver thread, sole owner of `RawNode`; uses `log_store` and `state_machine`.
-//! - [`transport`]: `RaftTransport` client and server; talks to the driver through its handle.
-//! - [`priority_channel`]: the priority queue between the gRPC handlers and the storage stage.
-//! - [`worker_pool`]: the storage stage's threads and the `ThreadPoolScaler` that sizes them.
-//! - [`kv`]: the `KvService` and `NodeAdmin` gRPC services; storage work goes through the priority channel
-//!   to the worker pool, Raft work through the driver's handle.
+//! Modules, one folder per layer; arrows point down (a module uses only those below it, never the other
+//! way round):
+//!
+//! ```text
+//! lib.rs (wiring, gRPC server)
+//!   └─ service/   KvService and NodeAdmin handlers
+//!        ├─ runtime/  priority channel → storage worker pool + ThreadPoolScaler
+//!        └─ raft/     transport → driver → log_store, state_machine, snapshot
+//!              └─ kiwi-storage (StorageBackend)
+//! config, identity: read by all; depend on nothing here
+//! ```
+//!
+//! - [`config`]: the typed TOML configuration and its validation.
+//! - [`identity`]: the node and cluster ids stored in the data directory.
+//! - [`raft`]: the replicated core: the Raft driver (sole owner of `RawNode`), the Raft log in the
+//!   backend, the state machine, snapshots, and the `RaftTransport` between nodes. The transport uses the
+//!   driver's handle and the types it owns (`MessageSink`, `PeerEvent`); the driver knows no transport.
+//! - [`runtime`]: the priority channel between the gRPC handlers and the storage stage, and the storage
+//!   worker pool with its `ThreadPoolScaler`.
+//! - [`service`]: the `KvService` and `NodeAdmin` gRPC services; storage work goes through the priority
+//!   channel to the worker pool, Raft work through the driver's handle.
 //! - this file: wires them together and serves gRPC (plus health and reflection).
 //!
 //! Storage is reached only through `kiwi_storage::StorageBackend`; no module names an engine.
 
 pub mod config;
-pub mod driver;
 pub mod identity;
-pub mod kv;
-pub mod log_store;
-pub mod priority_channel;
-pub mod snapshot;
-pub mod state_machine;
-pub mod transport;
-pub mod worker_pool;
+pub mod raft;
+pub mod runtime;
+pub mod service;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -46,15 +50,16 @@ use tonic_health::ServingStatus;
 
 pub use config::NodeConfig;
 
-use crate::driver::DriverConfig;
-use crate::kv::{AdminApi, KvApi, KvServer, KvServerParts};
-use crate::log_store::{LogStore, SnapshotRegistry};
-use crate::priority_channel::{ChannelPolicy, PriorityMessageChannel, SystemClock};
-use crate::worker_pool::WorkerPool;
+use crate::raft::driver::DriverConfig;
+use crate::raft::log_store::{LogStore, SnapshotRegistry};
+use crate::raft::{driver, log_store, snapshot, state_machine, transport};
+use crate::runtime::priority_channel::{ChannelPolicy, PriorityMessageChannel, SystemClock};
+use crate::runtime::worker_pool::WorkerPool;
+use crate::service::{AdminApi, KvApi, KvServer, KvServerParts};
 
 /// Requests queued per priority class before the class is refused.
 pub const QUEUE_CAPACITY: usize = 4096;
-use crate::transport::{Members, Peers, RaftService};
+use crate::raft::transport::{Members, Peers, RaftService};
 
 /// What can stop a node from starting or running.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +125,7 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     /// raft-rs refused the configuration or the stored Raft state.
     #[error("Raft: {0}")]
-    Raft(#[from] raft::Error),
+    Raft(#[from] ::raft::Error),
     /// The Raft driver stopped on a storage error.
     #[error(
         "the Raft driver stopped after a storage error (see the log); the node stopped to protect its data"
@@ -169,8 +174,9 @@ impl Node {
                 let cluster_id = identity::cluster_id(&*storage)?;
                 let mut log_store = LogStore::open(Arc::clone(&storage), snapshots)?;
                 check_cluster_id(&config, &configured, cluster_id, log_store.conf_state())?;
-                snapshot::resume_install(&*storage, &mut log_store)
-                    .map_err(|e| Error::Raft(raft::Error::Store(raft::StorageError::Other(e))))?;
+                snapshot::resume_install(&*storage, &mut log_store).map_err(|e| {
+                    Error::Raft(::raft::Error::Store(::raft::StorageError::Other(e)))
+                })?;
                 let recorded = state_machine::recorded_members(&*storage)?;
                 Ok((storage, log_store, recorded, cluster_id))
             })
@@ -275,7 +281,7 @@ impl Node {
             pool: Arc::clone(&pool),
             config: config.clone(),
         });
-        let max_message = kv::max_request_bytes(config.storage.limits());
+        let max_message = service::max_request_bytes(config.storage.limits());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
@@ -453,7 +459,7 @@ pub fn check_cluster_id(
     config: &NodeConfig,
     configured: &[(u64, String)],
     stored: u64,
-    membership: &raft::eraftpb::ConfState,
+    membership: &::raft::eraftpb::ConfState,
 ) -> Result<()> {
     if stored == 0 || config.raft.join {
         return Ok(());

@@ -179,7 +179,7 @@ async fn scan_answers_are_bounded_in_bytes() {
             .into_inner();
         let bytes: usize = r.kvs.iter().map(|kv| kv.key.len() + kv.value.len()).sum();
         assert!(
-            bytes <= kiwi_node::kv::MAX_SCAN_BYTES,
+            bytes <= kiwi_node::service::MAX_SCAN_BYTES,
             "an answer of {bytes} bytes"
         );
         pages.push(r.kvs.len());

@@ -26,9 +26,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::driver::{DriverHandle, MessageSink};
-use crate::log_store::{SnapshotRegistry, snapshot_id};
-use crate::snapshot;
+use crate::raft::driver::{DriverHandle, MessageSink, PeerEvent};
+use crate::raft::log_store::{SnapshotRegistry, snapshot_id};
+use crate::raft::snapshot;
 
 /// Client address of every member, shared by the transport, leader hints and status. Updated when a
 /// membership change is applied.
@@ -66,17 +66,6 @@ impl Members {
         v.sort();
         v
     }
-}
-
-/// What the transport tells the driver.
-#[derive(Debug, Clone, Copy)]
-pub enum PeerEvent {
-    /// Sending to the peer failed.
-    Unreachable(u64),
-    /// A snapshot stream to the peer finished (`ok`) or failed.
-    Snapshot { to: u64, ok: bool },
-    /// The peer refused this node's messages because this node is not in its membership.
-    NotMember(u64),
 }
 
 /// Metadata key set on the status a node answers a non-member's Raft stream with.

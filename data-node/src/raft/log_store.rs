@@ -263,7 +263,7 @@ impl LogStore {
         );
         batch.put(
             KeySpace::Raft,
-            crate::state_machine::APPLIED_KEY,
+            crate::raft::state_machine::APPLIED_KEY,
             BOOTSTRAP_INDEX.to_be_bytes(),
         );
         self.backend
@@ -554,7 +554,7 @@ impl Storage for LogStore {
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let view = self.backend.snapshot().map_err(store_err)?;
         let applied = view
-            .read(KeySpace::Raft, crate::state_machine::APPLIED_KEY)
+            .read(KeySpace::Raft, crate::raft::state_machine::APPLIED_KEY)
             .map_err(store_err)?
             .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
             .map_or(0, u64::from_be_bytes);
@@ -564,7 +564,7 @@ impl Storage for LogStore {
             ));
         }
         let term = self.term(applied)?;
-        let members = crate::state_machine::recorded_members_in(&*view).map_err(store_err)?;
+        let members = crate::raft::state_machine::recorded_members_in(&*view).map_err(store_err)?;
         let view_id = self.snapshots.pin(view);
         let mut snap = Snapshot {
             data: SnapshotData { view_id, members }.encode().into(),
@@ -753,7 +753,7 @@ mod tests {
         s.bootstrap(vec![1]).unwrap();
         let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
         s.persist(&entries, None).unwrap();
-        crate::state_machine::mark_applied(&*backend, 8).unwrap();
+        crate::raft::state_machine::mark_applied(&*backend, 8).unwrap();
         s.compact(8).unwrap();
         let s2 = LogStore::open(backend.clone(), Arc::default()).unwrap();
         for st in [&s, &s2] {

@@ -1,5 +1,5 @@
 //! The storage stage: a pool of OS threads that takes client requests from the
-//! [`PriorityMessageChannel`](crate::priority_channel::PriorityMessageChannel) and runs them (storage reads,
+//! [`PriorityMessageChannel`](crate::runtime::priority_channel::PriorityMessageChannel) and runs them (storage reads,
 //! validation and encoding of writes, handing proposals to Raft), sized by a [`ThreadPoolScaler`].
 //!
 //! The pool's thread count really changes: growing spawns threads, shrinking lowers the target and the
@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::priority_channel::{Class, PriorityMessageChannel, Taken};
+use crate::runtime::priority_channel::{Class, PriorityMessageChannel, Taken};
 
 /// The OS nice value LOW requests run at (CFS weight 110 against 1024 at nice 0).
 pub const LOW_NICE: i32 = 10;
@@ -565,7 +565,7 @@ fn scaler_loop(s: &Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::priority_channel::{ChannelPolicy, SystemClock};
+    use crate::runtime::priority_channel::{ChannelPolicy, SystemClock};
 
     fn policy() -> ScalingPolicy {
         ScalingPolicy {

@@ -33,8 +33,8 @@ use raft::eraftpb::SnapshotMetadata;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::log_store::{LogStore, SnapshotData};
-use crate::state_machine::{self, APPLIED_KEY};
+use crate::raft::log_store::{LogStore, SnapshotData};
+use crate::raft::state_machine::{self, APPLIED_KEY};
 
 /// Prefix of staged snapshot pairs in the Raft key space.
 const STAGING_PREFIX: &[u8] = b"snap/";
@@ -332,12 +332,15 @@ mod tests {
             3000
         );
         assert_eq!(
-            crate::state_machine::recorded_members(&*follower).unwrap(),
+            crate::raft::state_machine::recorded_members(&*follower).unwrap(),
             members,
             "the members' addresses come with the snapshot"
         );
         assert_eq!(all_data(&*follower), all_data(&*leader));
-        assert_eq!(crate::state_machine::applied_index(&*follower).unwrap(), 42);
+        assert_eq!(
+            crate::raft::state_machine::applied_index(&*follower).unwrap(),
+            42
+        );
         assert!(
             resume_install(&*follower, &mut store).unwrap().is_none(),
             "the mark is gone"
@@ -412,7 +415,10 @@ mod tests {
             all_data(&*follower),
             vec![(b"fresh".to_vec(), b"1".to_vec())]
         );
-        assert_eq!(crate::state_machine::applied_index(&*follower).unwrap(), 7);
+        assert_eq!(
+            crate::raft::state_machine::applied_index(&*follower).unwrap(),
+            7
+        );
         assert_eq!(raft::Storage::first_index(&store).unwrap(), 8);
     }
 }

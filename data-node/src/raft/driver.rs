@@ -64,10 +64,9 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::log_store::{LogStore, SnapshotData};
-use crate::snapshot::{self, InstallGate};
-use crate::state_machine::{self, ApplyOutcome};
-use crate::transport::PeerEvent;
+use crate::raft::log_store::{LogStore, SnapshotData};
+use crate::raft::snapshot::{self, InstallGate};
+use crate::raft::state_machine::{self, ApplyOutcome};
 
 /// Capacity of the driver's inbox.
 const INBOX: usize = 16 * 1024;
@@ -164,6 +163,17 @@ pub struct DetailedStatus {
     pub peers: Vec<PeerProgress>,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
+}
+
+/// What the transport tells the driver.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerEvent {
+    /// Sending to the peer failed.
+    Unreachable(u64),
+    /// A snapshot stream to the peer finished (`ok`) or failed.
+    Snapshot { to: u64, ok: bool },
+    /// The peer refused this node's messages: it applied a membership change that removed this node.
+    NotMember(u64),
 }
 
 /// Where the driver sends messages for other nodes. Must never block.

@@ -1,0 +1,421 @@
+//! The `NodeAdmin` handlers: status, membership changes, leadership transfer, runtime policy and stats.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kiwi_proto::v1::node_admin_server::NodeAdmin;
+use kiwi_proto::v1::{
+    AddNodeRequest, GetRuntimePolicyRequest, MembershipResponse, PoolStats, PriorityClassStats,
+    PriorityPolicy, RaftRole, RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest,
+    RuntimeStatsResponse, ScaleEvent, ScalingPolicy, StatusRequest, StatusResponse,
+    TransferLeaderRequest, TransferLeaderResponse,
+};
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
+use tonic::{Request, Response, Status};
+
+use super::*;
+use crate::config::RuntimeConfig;
+use crate::raft::driver::Role;
+use crate::raft::state_machine::ApplyOutcome;
+use crate::runtime::priority_channel::{ChannelPolicy, Class};
+
+/// The `NodeAdmin` implementation.
+#[derive(Clone)]
+pub struct AdminApi(pub Arc<KvServer>);
+
+#[tonic::async_trait]
+impl NodeAdmin for AdminApi {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let s = &self.0;
+        let d = s
+            .driver
+            .detailed_status()
+            .await
+            .map_err(|e| s.map_propose(e).into_status())?;
+        let role = match d.status.role {
+            Role::Follower => RaftRole::Follower,
+            Role::Candidate => RaftRole::Candidate,
+            Role::PreCandidate => RaftRole::PreCandidate,
+            Role::Leader => RaftRole::Leader,
+        };
+        Ok(Response::new(StatusResponse {
+            node_id: s.node_id,
+            cluster_id: s.cluster.load(Ordering::Relaxed),
+            role: role as i32,
+            term: d.status.term,
+            leader_id: d.status.leader_id,
+            commit_index: d.status.commit,
+            applied_index: d.status.applied,
+            peers: d
+                .peers
+                .into_iter()
+                .map(|p| kiwi_proto::v1::PeerProgress {
+                    node_id: p.id,
+                    addr: s.addrs.get(p.id).unwrap_or_default(),
+                    match_index: p.match_index,
+                    recently_active: p.recently_active,
+                    voter: p.voter,
+                })
+                .collect(),
+            storage_backend: s.backend.as_str().to_string(),
+            log_first_index: d.status.first_index,
+            voters: d.voters,
+            learners: d.learners,
+            rejected_entries: d.status.rejected_entries,
+            removed: d.status.removed,
+        }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            if req.node_id == 0 {
+                return Err(KvError::InvalidArgument(
+                    "node_id must be at least 1".into(),
+                ));
+            }
+            crate::config::check_member_addr(&req.addr)
+                .map_err(|e| KvError::InvalidArgument(format!("addr: {e}")))?;
+            let d = s
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| s.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(s.not_leader(d.status.leader_id));
+            }
+            if d.voters.contains(&req.node_id) {
+                return Err(KvError::Precondition(format!(
+                    "node {} is already a voter",
+                    req.node_id
+                )));
+            }
+            if !d.learners.contains(&req.node_id) {
+                s.membership_change(ConfChangeType::AddLearnerNode, req.node_id, &req.addr)
+                    .await?;
+                tracing::info!(node_id = req.node_id, addr = %req.addr, "added a learner; waiting for it to catch up");
+            }
+            let target = s.driver.status().commit;
+            s.wait_caught_up(req.node_id, target).await?;
+            let out = s
+                .membership_change(ConfChangeType::AddNode, req.node_id, &req.addr)
+                .await?;
+            tracing::info!(node_id = req.node_id, "promoted the learner to voter");
+            s.membership(out.index).await
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<MembershipResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let d = s
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| s.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(s.not_leader(d.status.leader_id));
+            }
+            if !d.voters.contains(&req.node_id) && !d.learners.contains(&req.node_id) {
+                return Err(KvError::Precondition(format!(
+                    "node {} is not a member",
+                    req.node_id
+                )));
+            }
+            if req.node_id == s.node_id {
+                // Removing the leader itself: hand leadership to the most up-to-date other voter
+                // first, then send the caller there (raft-rs keeps a removed leader leading).
+                let to = d
+                    .peers
+                    .iter()
+                    .filter(|p| p.voter && p.id != s.node_id)
+                    .max_by_key(|p| (p.recently_active, p.match_index))
+                    .map(|p| p.id)
+                    .ok_or_else(|| {
+                        KvError::Precondition(format!(
+                            "node {} is the only voter and cannot be removed",
+                            s.node_id
+                        ))
+                    })?;
+                tracing::info!(
+                    to,
+                    "RemoveNode of the leader: transferring leadership first"
+                );
+                let leader = s.transfer_and_wait(to).await?;
+                return Err(s.not_leader(leader.leader_id));
+            }
+            let out = s
+                .membership_change(ConfChangeType::RemoveNode, req.node_id, "")
+                .await?;
+            s.membership(out.index).await
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn get_runtime_policy(
+        &self,
+        _request: Request<GetRuntimePolicyRequest>,
+    ) -> Result<Response<RuntimePolicy>, Status> {
+        Ok(Response::new(self.0.runtime_policy()))
+    }
+
+    async fn set_runtime_policy(
+        &self,
+        request: Request<RuntimePolicy>,
+    ) -> Result<Response<RuntimePolicy>, Status> {
+        self.0
+            .set_runtime_policy(request.into_inner())
+            .map(Response::new)
+            .map_err(KvError::into_status)
+    }
+
+    async fn runtime_stats(
+        &self,
+        _request: Request<RuntimeStatsRequest>,
+    ) -> Result<Response<RuntimeStatsResponse>, Status> {
+        Ok(Response::new(self.0.runtime_stats()))
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let s = &self.0;
+        let to = request.into_inner().node_id;
+        let run = async {
+            let d = s
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| s.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(s.not_leader(d.status.leader_id));
+            }
+            if !d.voters.contains(&to) {
+                return Err(KvError::InvalidArgument(format!(
+                    "node {to} is not a voter"
+                )));
+            }
+            let st = s.transfer_and_wait(to).await?;
+            Ok(TransferLeaderResponse {
+                leader_id: st.leader_id,
+                term: st.term,
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+}
+
+impl KvServer {
+    /// Asks Raft to hand leadership to `to` and waits until it has.
+    async fn transfer_and_wait(&self, to: u64) -> Result<crate::raft::driver::RaftStatus, KvError> {
+        self.driver
+            .transfer_leader(to)
+            .map_err(|e| self.map_propose(e))?;
+        let mut watch = self.driver.watch();
+        let wait = watch.wait_for(|st| st.leader_id == to);
+        match tokio::time::timeout(DEFAULT_TIMEOUT, wait).await {
+            Ok(Ok(st)) => Ok(*st),
+            Ok(Err(_)) => Err(KvError::Stopped),
+            Err(_) => Err(KvError::Timeout(DEFAULT_TIMEOUT)),
+        }
+    }
+
+    async fn membership_change(
+        &self,
+        change_type: ConfChangeType,
+        node_id: u64,
+        addr: &str,
+    ) -> Result<ApplyOutcome, KvError> {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.node_id = node_id;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.context = addr.as_bytes().to_vec().into();
+        let fut = self.driver.change_membership(cc);
+        match tokio::time::timeout(DEFAULT_TIMEOUT, fut).await {
+            Ok(r) => r.map_err(|e| self.map_propose(e)),
+            Err(_) => Err(KvError::Timeout(DEFAULT_TIMEOUT)),
+        }
+    }
+
+    async fn membership(&self, index: u64) -> Result<MembershipResponse, KvError> {
+        let d = self
+            .driver
+            .detailed_status()
+            .await
+            .map_err(|e| self.map_propose(e))?;
+        Ok(MembershipResponse {
+            voters: d.voters,
+            learners: d.learners,
+            index,
+        })
+    }
+
+    /// Waits until the leader sees `node_id`'s log at `target` or beyond.
+    async fn wait_caught_up(&self, node_id: u64, target: u64) -> Result<(), KvError> {
+        let deadline = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
+        loop {
+            let d = self
+                .driver
+                .detailed_status()
+                .await
+                .map_err(|e| self.map_propose(e))?;
+            if d.status.role != Role::Leader {
+                return Err(self.not_leader(d.status.leader_id));
+            }
+            let matched = d
+                .peers
+                .iter()
+                .find(|p| p.id == node_id)
+                .map_or(0, |p| p.match_index);
+            if matched >= target {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(KvError::Precondition(format!(
+                    "node {node_id} is still a learner: its log reached {matched} of {target} within \
+                     {CATCH_UP_TIMEOUT:?}; check that it runs with raft.join = true and can reach the leader, \
+                     then call AddNode again to promote it"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn policy_of(rt: &RuntimeConfig) -> RuntimePolicy {
+    let (s, p) = (&rt.scaling, &rt.priority);
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    RuntimePolicy {
+        scaling: Some(ScalingPolicy {
+            enabled: s.enabled,
+            min_storage_threads: n(s.min_storage_threads),
+            max_storage_threads: n(s.max_storage_threads),
+            scale_up_threshold: u32::from(s.scale_up_threshold),
+            scale_down_threshold: u32::from(s.scale_down_threshold),
+            scale_increment: n(s.scale_increment),
+            evaluation_interval_ms: u32::try_from(s.evaluation_interval.as_millis())
+                .unwrap_or(u32::MAX),
+        }),
+        priority: Some(PriorityPolicy {
+            enabled: p.enabled,
+            high_priority_weight: p.high_priority_weight,
+            normal_priority_weight: p.normal_priority_weight,
+            low_priority_weight: p.low_priority_weight,
+        }),
+    }
+}
+
+impl KvServer {
+    fn runtime_policy(&self) -> RuntimePolicy {
+        policy_of(
+            &self
+                .config
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .runtime,
+        )
+    }
+
+    /// Validates `policy` like the config file (unset parts stay as they are) and puts it in force.
+    fn set_runtime_policy(&self, policy: RuntimePolicy) -> Result<RuntimePolicy, KvError> {
+        let mut config = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = config.clone();
+        let pct = |v: u32, field: &str| {
+            u8::try_from(v)
+                .map_err(|_| KvError::InvalidArgument(format!("{field}: must be 1-100, got {v}")))
+        };
+        if let Some(s) = policy.scaling {
+            let sc = &mut next.runtime.scaling;
+            sc.enabled = s.enabled;
+            sc.min_storage_threads = s.min_storage_threads as usize;
+            sc.max_storage_threads = s.max_storage_threads as usize;
+            sc.scale_up_threshold =
+                pct(s.scale_up_threshold, "runtime.scaling.scale_up_threshold")?;
+            sc.scale_down_threshold = pct(
+                s.scale_down_threshold,
+                "runtime.scaling.scale_down_threshold",
+            )?;
+            sc.scale_increment = s.scale_increment as usize;
+            sc.evaluation_interval = Duration::from_millis(u64::from(s.evaluation_interval_ms));
+        }
+        if let Some(p) = policy.priority {
+            let pr = &mut next.runtime.priority;
+            pr.enabled = p.enabled;
+            pr.high_priority_weight = p.high_priority_weight;
+            pr.normal_priority_weight = p.normal_priority_weight;
+            pr.low_priority_weight = p.low_priority_weight;
+        }
+        next.validate().map_err(|e| {
+            KvError::InvalidArgument(format!("policy refused, the old one stays: {e}"))
+        })?;
+        self.pool.set_policy((&next.runtime.scaling).into());
+        self.channel.set_policy(ChannelPolicy::from_config(
+            &next.runtime.priority,
+            crate::QUEUE_CAPACITY,
+        ));
+        tracing::info!(policy = ?next.runtime, "runtime policy changed");
+        *config = next;
+        Ok(policy_of(&config.runtime))
+    }
+
+    fn runtime_stats(&self) -> RuntimeStatsResponse {
+        let m = self.pool.metrics();
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let stats = self.channel.stats();
+        RuntimeStatsResponse {
+            storage_pool: Some(PoolStats {
+                current_threads: n(m.current),
+                target_threads: n(m.target),
+                utilisation_percent: m.utilisation,
+                queue_len: n(m.queue_len),
+                events: m
+                    .events
+                    .into_iter()
+                    .map(|e| ScaleEvent {
+                        at_unix_ms: e
+                            .at
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                        from_threads: n(e.from),
+                        to_threads: n(e.to),
+                        reason: e.reason,
+                    })
+                    .collect(),
+            }),
+            classes: Class::ALL
+                .iter()
+                .zip(stats.classes)
+                .map(|(c, st)| PriorityClassStats {
+                    class: c.name().to_string(),
+                    enqueued: st.enqueued,
+                    served: st.served,
+                    shed: st.shed,
+                    expired: st.expired,
+                    depth: n(st.depth),
+                    wait_histogram: st.wait_buckets.to_vec(),
+                })
+                .collect(),
+            network_threads: n(tokio::runtime::Handle::current().metrics().num_workers()),
+            low_runs_at_lower_os_priority: self.pool.os_priority(),
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! The `KvService` handlers: validate and tag, then propose (writes) or read through the storage stage.
+
+use std::sync::Arc;
+
+use kiwi_proto::v1::kv_service_server::KvService;
+use kiwi_proto::v1::{
+    BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest, CompareAndSwapResponse,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse,
+    ScanRequest, ScanResponse, WriteOp, compare_and_swap_request, raft_command, write_op,
+};
+use kiwi_storage::{KeySpace, Scan, ScanRange, StorageBackend};
+use tonic::{Request, Response, Status};
+
+use super::*;
+
+/// Pairs read by the first page of a Scan, before the pair sizes are known.
+const FIRST_SCAN_PAGE: usize = 16;
+
+/// Reads up to `limit` pairs of `range` and at most [`MAX_SCAN_BYTES`] (at least one pair), page by page
+/// so that memory follows the answer's size, not `limit` times the largest value. Pages after the first
+/// read one point-in-time view, so the answer is one state of the data. Returns the pairs and whether
+/// more remain.
+fn scan_bounded(
+    st: &dyn StorageBackend,
+    mut range: ScanRange,
+    limit: usize,
+    reverse: bool,
+    keys_only: bool,
+) -> kiwi_storage::Result<(Vec<KeyValue>, bool)> {
+    // One page is enough for small limits; otherwise every page reads the same view.
+    let view = if limit + 1 > FIRST_SCAN_PAGE {
+        Some(st.snapshot()?)
+    } else {
+        None
+    };
+    let mut kvs: Vec<KeyValue> = Vec::new();
+    let mut bytes = 0;
+    let mut page = FIRST_SCAN_PAGE;
+    loop {
+        // One more than the answer needs, to learn whether more remain.
+        let want = (limit + 1 - kvs.len()).min(page);
+        let scan = Scan {
+            range: range.clone(),
+            limit: want,
+            reverse,
+        };
+        let pairs = match &view {
+            Some(v) => v.scan(KeySpace::Data, &scan)?,
+            None => st.scan(KeySpace::Data, &scan)?,
+        };
+        let got = pairs.len();
+        for (key, value) in pairs {
+            let value = if keys_only { Vec::new() } else { value };
+            let size = key.len() + value.len();
+            if kvs.len() == limit || (!kvs.is_empty() && bytes + size > MAX_SCAN_BYTES) {
+                return Ok((kvs, true));
+            }
+            bytes += size;
+            let bound = std::ops::Bound::Excluded(key.clone());
+            if reverse {
+                range.end = bound;
+            } else {
+                range.start = bound;
+            }
+            kvs.push(KeyValue { key, value });
+        }
+        if got < want {
+            return Ok((kvs, false));
+        }
+        let avg = (bytes / kvs.len().max(1)).max(1);
+        page = (MAX_SCAN_BYTES.saturating_sub(bytes) / avg).clamp(1, 1024);
+    }
+}
+
+/// The `KvService` implementation.
+#[derive(Clone)]
+pub struct KvApi(pub Arc<KvServer>);
+
+#[tonic::async_trait]
+impl KvService for KvApi {
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_key(&req.key)?;
+            let applied = s.read_point(req.consistency, &tagged).await?;
+            let key = req.key;
+            let value = s
+                .read_data(&tagged, move |st| st.read(KeySpace::Data, &key))
+                .await?;
+            Ok(GetResponse {
+                header: s.header(&tagged, applied),
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            let ops = vec![WriteOp {
+                op: Some(write_op::Op::Put(write_op::Put {
+                    key: req.key,
+                    value: req.value,
+                })),
+            }];
+            s.check_ops(&ops).map_err(|e| match e {
+                KvError::InvalidArgument(m) => {
+                    KvError::InvalidArgument(m.replace("operation 0: ", ""))
+                }
+                e => e,
+            })?;
+            let out = s.propose_write(&tagged, ops).await?;
+            Ok(PutResponse {
+                header: s.header(&tagged, out.index),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_key(&req.key)?;
+            let ops = vec![WriteOp {
+                op: Some(write_op::Op::Delete(write_op::Delete { key: req.key })),
+            }];
+            let out = s.propose_write(&tagged, ops).await?;
+            Ok(DeleteResponse {
+                header: s.header(&tagged, out.index),
+                existed: out.existed,
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn batch_write(
+        &self,
+        request: Request<BatchWriteRequest>,
+    ) -> Result<Response<BatchWriteResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_ops(&req.ops)?;
+            let out = s.propose_write(&tagged, req.ops).await?;
+            Ok(BatchWriteResponse {
+                header: s.header(&tagged, out.index),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let s = &self.0;
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            if req.limit == 0 || req.limit > MAX_SCAN_LIMIT {
+                return Err(KvError::InvalidArgument(format!(
+                    "scan limit must be 1 to {MAX_SCAN_LIMIT}, got {}",
+                    req.limit
+                )));
+            }
+            let applied = s.read_point(req.consistency, &tagged).await?;
+            let range = ScanRange::half_open(&req.start_key, &req.end_key);
+            let (limit, keys_only, reverse) = (req.limit as usize, req.keys_only, req.reverse);
+            // The answer is built in the storage stage too (at the request's OS priority), not on a
+            // network thread.
+            let (kvs, more) = s
+                .read_data(&tagged, move |st| {
+                    scan_bounded(st, range, limit, reverse, keys_only)
+                })
+                .await?;
+            Ok(ScanResponse {
+                header: s.header(&tagged, applied),
+                kvs,
+                more,
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn compare_and_swap(
+        &self,
+        request: Request<CompareAndSwapRequest>,
+    ) -> Result<Response<CompareAndSwapResponse>, Status> {
+        let s = &self.0;
+        let mut req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref())?;
+            s.check_key(&req.key)?;
+            match &req.expected {
+                Some(compare_and_swap_request::Expected::ExpectedValue(v)) => s
+                    .limits
+                    .check_value(KeySpace::Data, v)
+                    .map_err(|e| KvError::InvalidArgument(format!("expected_value: {e}")))?,
+                Some(compare_and_swap_request::Expected::ExpectAbsent(true)) => {}
+                _ => {
+                    return Err(KvError::InvalidArgument(
+                        "set exactly one of expected_value or expect_absent = true".into(),
+                    ));
+                }
+            }
+            match &req.new {
+                Some(compare_and_swap_request::New::NewValue(v)) => s
+                    .limits
+                    .check_value(KeySpace::Data, v)
+                    .map_err(KvError::Storage)?,
+                Some(compare_and_swap_request::New::Delete(true)) => {}
+                _ => {
+                    return Err(KvError::InvalidArgument(
+                        "set exactly one of new_value or delete = true".into(),
+                    ));
+                }
+            }
+            req.header = None;
+            let out = s
+                .propose(&tagged, raft_command::Command::CompareAndSwap(req))
+                .await?;
+            Ok(CompareAndSwapResponse {
+                header: s.header(&tagged, out.index),
+                succeeded: out.swapped,
+                previous_found: out.previous.is_some(),
+                previous_value: out.previous.unwrap_or_default(),
+            })
+        };
+        run.await.map(Response::new).map_err(KvError::into_status)
+    }
+}

@@ -1,0 +1,402 @@
+//! The gRPC services clients use: `KvService` (the KV API, [`kv`]) and `NodeAdmin` (status, membership,
+//! runtime policy, [`admin`]), over the shared state in [`KvServer`]; errors and their one mapping to gRPC
+//! statuses are in [`error`].
+//!
+//! Request path: validate and tag (request id, deadline) → writes are proposed to the Raft driver and
+//! answered when applied; linearizable reads run a ReadIndex round on the leader and wait until the
+//! applied index reaches it; serializable reads go straight to local storage. Storage calls run on the
+//! storage worker pool, through the priority channel (`runtime`), never on async worker threads.
+//!
+//! Errors are mapped to `tonic::Status` in exactly one place, [`KvError::into_status`].
+
+mod admin;
+pub mod error;
+mod kv;
+
+pub use admin::AdminApi;
+pub use error::KvError;
+pub use kv::KvApi;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use kiwi_proto::v1::{
+    Consistency, RaftCommand, RequestHeader, ResponseHeader, WriteBatchCommand, WriteOp,
+    raft_command, write_op,
+};
+use kiwi_storage::{BackendKind, KeySpace, Limits, StorageBackend};
+use prost::Message as _;
+
+use crate::config::NodeConfig;
+use crate::raft::driver::{DriverHandle, ProposeError};
+use crate::raft::snapshot::InstallGate;
+use crate::raft::state_machine::ApplyOutcome;
+use crate::raft::transport::Members;
+use crate::runtime::priority_channel::{Class, PriorityMessageChannel, Refused};
+use crate::runtime::worker_pool::{Job, WorkerPool};
+
+/// A closure run by the storage stage, answering its caller on a oneshot.
+struct StagedJob<R> {
+    f: Box<dyn FnOnce() -> Result<R, KvError> + Send>,
+    tx: tokio::sync::oneshot::Sender<Result<R, KvError>>,
+    timeout: Duration,
+}
+
+impl<R: Send> Job for StagedJob<R> {
+    fn run(self: Box<Self>) {
+        let r = (self.f)();
+        let _ = self.tx.send(r);
+    }
+
+    fn expire(self: Box<Self>) {
+        let _ = self.tx.send(Err(KvError::Expired(self.timeout)));
+    }
+}
+
+/// How long AddNode waits for a learner to catch up before giving up (it stays a learner).
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Most operations in one BatchWrite.
+pub const MAX_BATCH_OPS: usize = 10_000;
+/// Most bytes (keys plus values) in one BatchWrite, unless one key plus one value at the node's limits is
+/// larger: then that is the limit, so that any value the node accepts can be written.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Largest Scan limit.
+pub const MAX_SCAN_LIMIT: u32 = 10_000;
+/// Most key and value bytes in one Scan answer (it then ends early with `more = true`); an answer always
+/// holds at least one pair, whatever its size.
+pub const MAX_SCAN_BYTES: usize = 4 * 1024 * 1024;
+/// Longest request timeout a header may ask for; longer ones are cut to it.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The batch byte limit for a node with these limits.
+pub fn batch_bytes_limit(limits: Limits) -> usize {
+    MAX_BATCH_BYTES.max(limits.max_key_bytes + limits.max_value_bytes)
+}
+
+/// Largest request message a node with these limits decodes: a batch at its limit plus room for the
+/// per-operation framing and the header.
+pub fn max_request_bytes(limits: Limits) -> usize {
+    batch_bytes_limit(limits) + MAX_BATCH_OPS * 16 + 1024 * 1024
+}
+/// How long a request may take when neither the header nor the client sets a deadline.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest request id accepted.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Metadata key naming the leader's id on a FAILED_PRECONDITION "not leader" status.
+pub const LEADER_ID_METADATA: &str = "kiwi-leader-id";
+/// Metadata key with the milliseconds after which a shed request may be retried.
+pub const RETRY_AFTER_METADATA: &str = "retry-after-ms";
+/// Metadata key set to "true" on every status that guarantees the request did nothing.
+pub const RETRY_SAFE_METADATA: &str = "kiwi-retry-safe";
+/// Metadata key naming the leader's client address on a "not leader" status.
+pub const LEADER_ADDR_METADATA: &str = "kiwi-leader-addr";
+
+/// Shared state of the client-facing services.
+pub struct KvServer {
+    node_id: u64,
+    driver: DriverHandle,
+    storage: Arc<dyn StorageBackend>,
+    /// Refuses reads that overlap a snapshot install.
+    gate: Arc<InstallGate>,
+    /// The configured limits: admission rules for requests (storage enforces only the shared ceilings).
+    limits: Limits,
+    backend: BackendKind,
+    /// Client address of every member, for leader hints.
+    addrs: Arc<Members>,
+    cluster: Arc<AtomicU64>,
+    /// The storage stage's queue.
+    channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
+    /// The storage stage's threads.
+    pool: Arc<WorkerPool>,
+    /// The node's configuration, with the runtime policy in force (changed by SetRuntimePolicy).
+    config: std::sync::Mutex<NodeConfig>,
+    next_request: AtomicU64,
+}
+
+/// What [`KvServer::new`] is built from.
+pub struct KvServerParts {
+    pub node_id: u64,
+    pub driver: DriverHandle,
+    pub storage: Arc<dyn StorageBackend>,
+    pub gate: Arc<InstallGate>,
+    /// Client address of every member, for leader hints.
+    pub addrs: Arc<Members>,
+    pub cluster: Arc<AtomicU64>,
+    pub channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
+    pub pool: Arc<WorkerPool>,
+    pub config: NodeConfig,
+}
+
+/// A request's tags after validation.
+struct Tagged {
+    request_id: String,
+    timeout: Duration,
+    /// When the request must be answered by.
+    deadline: std::time::Instant,
+    class: Class,
+}
+
+impl KvServer {
+    pub fn new(parts: KvServerParts) -> Arc<Self> {
+        let KvServerParts {
+            node_id,
+            driver,
+            storage,
+            gate,
+            addrs,
+            cluster,
+            channel,
+            pool,
+            config,
+        } = parts;
+        Arc::new(KvServer {
+            node_id,
+            driver,
+            limits: config.storage.limits(),
+            storage,
+            gate,
+            backend: config.storage.backend,
+            addrs,
+            cluster,
+            channel,
+            pool,
+            config: std::sync::Mutex::new(config),
+            next_request: AtomicU64::new(1),
+        })
+    }
+
+    fn tag(&self, header: Option<&RequestHeader>) -> Result<Tagged, KvError> {
+        let mut request_id = header.map(|h| h.request_id.clone()).unwrap_or_default();
+        if request_id.len() > MAX_REQUEST_ID {
+            return Err(KvError::InvalidArgument(format!(
+                "request_id is {} bytes, over the limit of {MAX_REQUEST_ID}",
+                request_id.len()
+            )));
+        }
+        if request_id.is_empty() {
+            request_id = format!(
+                "n{}-{}",
+                self.node_id,
+                self.next_request.fetch_add(1, Ordering::Relaxed)
+            );
+        }
+        let timeout = match header.and_then(|h| h.timeout) {
+            None => DEFAULT_TIMEOUT,
+            Some(d) if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 => {
+                return Err(KvError::InvalidArgument(format!(
+                    "header.timeout must be a non-negative duration (seconds >= 0, nanos 0 to \
+                     999999999), got {}s {}ns",
+                    d.seconds, d.nanos
+                )));
+            }
+            Some(d) if d.seconds == 0 && d.nanos == 0 => DEFAULT_TIMEOUT,
+            Some(d) => Duration::new(
+                u64::try_from(d.seconds)
+                    .unwrap_or(u64::MAX)
+                    .min(MAX_TIMEOUT.as_secs()),
+                u32::try_from(d.nanos).unwrap_or(0),
+            )
+            .min(MAX_TIMEOUT),
+        };
+        Ok(Tagged {
+            request_id,
+            timeout,
+            deadline: std::time::Instant::now() + timeout,
+            class: Class::from_wire(header.map_or(0, |h| h.priority)),
+        })
+    }
+
+    fn header(&self, tagged: &Tagged, applied_index: u64) -> Option<ResponseHeader> {
+        Some(ResponseHeader {
+            node_id: self.node_id,
+            applied_index,
+            request_id: tagged.request_id.clone(),
+            term: self.driver.status().term,
+        })
+    }
+
+    fn not_leader(&self, leader: u64) -> KvError {
+        if leader == 0 {
+            return KvError::NoLeader;
+        }
+        KvError::NotLeader {
+            node: self.node_id,
+            leader,
+            leader_addr: self.addrs.get(leader),
+        }
+    }
+
+    fn map_propose(&self, e: ProposeError) -> KvError {
+        match e {
+            ProposeError::NotLeader { leader_id } => self.not_leader(leader_id),
+            ProposeError::Overloaded => KvError::Overloaded,
+            ProposeError::Stopped => KvError::Stopped,
+            ProposeError::StoppedAfterSubmit => KvError::Unknown(e.to_string()),
+            ProposeError::Dropped => KvError::Dropped(e),
+            ProposeError::OutcomeUnknown => KvError::Unknown(e.to_string()),
+            ProposeError::ConfChangePending => KvError::Precondition(e.to_string()),
+            ProposeError::Refused(m) => KvError::Precondition(m),
+            ProposeError::Rejected(_) => KvError::InvalidArgument(e.to_string()),
+            ProposeError::Removed => KvError::Removed(self.node_id),
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), KvError> {
+        self.limits
+            .check_key(KeySpace::Data, key)
+            .map_err(KvError::Storage)
+    }
+
+    /// Proposes puts and deletes applied atomically (Put, Delete and BatchWrite).
+    async fn propose_write(
+        &self,
+        tagged: &Tagged,
+        ops: Vec<WriteOp>,
+    ) -> Result<ApplyOutcome, KvError> {
+        self.propose(
+            tagged,
+            raft_command::Command::Write(WriteBatchCommand { ops }),
+        )
+        .await
+    }
+
+    async fn propose(
+        &self,
+        tagged: &Tagged,
+        command: raft_command::Command,
+    ) -> Result<ApplyOutcome, KvError> {
+        let cmd = RaftCommand {
+            request_id: tagged.request_id.clone(),
+            command: Some(command),
+        };
+        // The storage stage encodes and hands the proposal to Raft; the wait for the commit is not work,
+        // so it happens here, off the pool.
+        let driver = self.driver.clone();
+        let submitted = self
+            .staged(tagged, move || Ok(driver.submit(cmd.encode_to_vec())))
+            .await?;
+        let rx = submitted.map_err(|e| self.map_propose(e))?;
+        let left = tagged
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        match tokio::time::timeout(left, rx).await {
+            Ok(Ok(r)) => r.map_err(|e| self.map_propose(e)),
+            Ok(Err(_)) => Err(KvError::Unknown(
+                "the Raft driver stopped after the write was handed to it; its outcome is unknown"
+                    .into(),
+            )),
+            Err(_) => Err(KvError::Timeout(tagged.timeout)),
+        }
+    }
+
+    /// Waits until local state reflects every write acknowledged before now (leader only).
+    async fn linearize(&self, tagged: &Tagged) -> Result<u64, KvError> {
+        let fut = async {
+            let index = self
+                .driver
+                .read_index()
+                .await
+                .map_err(|e| self.map_propose(e))?;
+            self.driver
+                .wait_applied(index)
+                .await
+                .map_err(|e| self.map_propose(e))
+        };
+        match tokio::time::timeout(tagged.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(KvError::Timeout(tagged.timeout)),
+        }
+    }
+
+    async fn read_point(&self, consistency: i32, tagged: &Tagged) -> Result<u64, KvError> {
+        if self.driver.status().removed {
+            return Err(KvError::Removed(self.node_id));
+        }
+        match Consistency::try_from(consistency).unwrap_or(Consistency::Unspecified) {
+            Consistency::Serializable => Ok(self.driver.status().applied),
+            _ => self.linearize(tagged).await,
+        }
+    }
+
+    /// Runs `f` in the storage stage: through the priority channel (which may refuse it at once) on a
+    /// pool thread.
+    async fn staged<R: Send + 'static>(
+        &self,
+        tagged: &Tagged,
+        f: impl FnOnce() -> Result<R, KvError> + Send + 'static,
+    ) -> Result<R, KvError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Box<dyn Job> = Box::new(StagedJob {
+            f: Box::new(f),
+            tx,
+            timeout: tagged.timeout,
+        });
+        self.channel
+            .try_send(tagged.class, tagged.deadline, job)
+            .map_err(|e| match e {
+                Refused::Closed => KvError::Stopped,
+                e => KvError::Shed(e),
+            })?;
+        if matches!(tagged.class, Class::Critical | Class::High) {
+            self.pool.urgent_queued();
+        }
+        rx.await.map_err(|_| KvError::Stopped)?
+    }
+
+    /// A read of user data in the storage stage, refused if a snapshot install overlapped it.
+    async fn read_data<T: Send + 'static>(
+        &self,
+        tagged: &Tagged,
+        f: impl FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<T> + Send + 'static,
+    ) -> Result<T, KvError> {
+        let storage = Arc::clone(&self.storage);
+        let gate = Arc::clone(&self.gate);
+        self.staged(tagged, move || {
+            gate.read(|| f(&*storage))
+                .ok_or(KvError::Installing)?
+                .map_err(KvError::Storage)
+        })
+        .await
+    }
+
+    fn check_ops(&self, ops: &[WriteOp]) -> Result<(), KvError> {
+        if ops.is_empty() {
+            return Err(KvError::InvalidArgument(
+                "a batch needs at least one operation".into(),
+            ));
+        }
+        if ops.len() > MAX_BATCH_OPS {
+            return Err(KvError::InvalidArgument(format!(
+                "batch has {} operations, over the limit of {MAX_BATCH_OPS}",
+                ops.len()
+            )));
+        }
+        let mut bytes = 0;
+        for (i, op) in ops.iter().enumerate() {
+            let checked = match &op.op {
+                Some(write_op::Op::Put(p)) => {
+                    bytes += p.key.len() + p.value.len();
+                    self.limits
+                        .check_key(KeySpace::Data, &p.key)
+                        .and_then(|()| self.limits.check_value(KeySpace::Data, &p.value))
+                }
+                Some(write_op::Op::Delete(d)) => {
+                    bytes += d.key.len();
+                    self.limits.check_key(KeySpace::Data, &d.key)
+                }
+                None => return Err(KvError::InvalidArgument(format!("operation {i} is empty"))),
+            };
+            checked.map_err(|e| KvError::InvalidArgument(format!("operation {i}: {e}")))?;
+        }
+        let max = batch_bytes_limit(self.limits);
+        if bytes > max {
+            return Err(KvError::InvalidArgument(format!(
+                "batch holds {bytes} bytes, over the limit of {max}"
+            )));
+        }
+        Ok(())
+    }
+}
