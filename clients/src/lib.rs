@@ -538,6 +538,27 @@ impl Client {
         out
     }
 
+    /// Every known endpoint's Raft metrics (`NodeAdmin.GetRaftMetrics`), in endpoint order.
+    pub async fn raft_metrics_all(
+        &self,
+        with_history: bool,
+    ) -> Vec<(String, Result<kiwi_proto::v1::RaftMetricsResponse, Status>)> {
+        let nodes: Vec<_> = self.lock().clone();
+        let mut out = Vec::new();
+        for n in &nodes {
+            let mut admin = n.admin();
+            let request = kiwi_proto::v1::RaftMetricsRequest {
+                without_history: !with_history,
+            };
+            let r = tokio::time::timeout(self.options.timeout, admin.get_raft_metrics(request))
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer")))
+                .map(tonic::Response::into_inner);
+            out.push((n.addr.clone(), r));
+        }
+        out
+    }
+
     /// Reads every known endpoint's runtime policy, changes it with `change` and sets it (the node
     /// validates it and keeps its old policy on a refusal). Returns each node's policy in force, or its error.
     pub async fn update_runtime_policy(

@@ -379,3 +379,46 @@ async fn client_reads_back_a_value_at_the_default_limit() {
     let got = client.get(b"big", &opts).await.unwrap();
     assert!(got == Some(value), "the 4 MiB value came back intact");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_each_followers_replication() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    for i in 0..50 {
+        cluster.must_put(format!("m{i}").as_bytes(), b"v").await;
+    }
+    let leader = cluster.wait_leader().await;
+    let o = kiwi(&cluster, &["--json", "metrics"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{v}");
+    let lead = nodes
+        .iter()
+        .find(|n| n["id"] == leader)
+        .unwrap_or_else(|| panic!("leader {leader} in {v}"));
+    assert_eq!(lead["role"], "leader");
+    assert!(
+        lead["proposals_committed"].as_u64().unwrap() >= 50,
+        "{lead}"
+    );
+    let followers = lead["followers"].as_array().unwrap();
+    assert_eq!(followers.len(), 2, "{lead}");
+    for f in followers {
+        assert!(
+            f["replication_latency"]["count"].as_u64().unwrap_or(0) > 0,
+            "replication latency measured for {f}"
+        );
+        assert!(f["replication_latency_avg_us"].as_u64().unwrap() > 0, "{f}");
+    }
+    for n in nodes.iter().filter(|n| n["id"] != leader) {
+        assert_eq!(n["role"], "follower");
+        assert!(n["followers"].as_array().unwrap().is_empty());
+    }
+    let text = stdout(&kiwi(&cluster, &["metrics"]));
+    assert!(
+        text.contains("FOLLOWER")
+            && text.contains("REPL AVG ms")
+            && text.contains("propose->apply"),
+        "{text}"
+    );
+}

@@ -10,7 +10,7 @@
 //!        ├─ runtime/  priority channel → storage worker pool + ThreadPoolScaler
 //!        └─ raft/     transport → driver → log_store, state_machine, snapshot
 //!              └─ kiwi-storage (StorageBackend)
-//! config, identity: read by all; depend on nothing here
+//! config, identity: read by all; telemetry: recorded into by raft/; these depend on nothing here
 //! ```
 //!
 //! - [`config`]: the typed TOML configuration and its validation.
@@ -22,6 +22,7 @@
 //!   worker pool with its `ThreadPoolScaler`.
 //! - [`service`]: the `KvService` and `NodeAdmin` gRPC services; storage work goes through the priority
 //!   channel to the worker pool, Raft work through the driver's handle.
+//! - [`telemetry`]: the `RaftMetricsCollector` the driver records into; depends on no layer here.
 //! - this file: wires them together and serves gRPC (plus health and reflection).
 //!
 //! Storage is reached only through `kiwi_storage::StorageBackend`; no module names an engine.
@@ -31,6 +32,7 @@ pub mod identity;
 pub mod raft;
 pub mod runtime;
 pub mod service;
+pub mod telemetry;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -245,6 +247,11 @@ impl Node {
             heartbeat_ticks: config.raft.heartbeat_ticks,
             compaction_threshold: config.raft.log_compaction_threshold,
             compaction_slack: config.raft.log_compaction_slack,
+            metrics: telemetry::raft_metrics::MetricsSettings {
+                enabled: config.raft.metrics.enabled,
+                collection_interval: config.raft.metrics.collection_interval,
+                retention_period: config.raft.metrics.retention_period,
+            },
         };
         let gate = Arc::new(snapshot::InstallGate::default());
         let (driver, driver_thread) = driver::spawn(

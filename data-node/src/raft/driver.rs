@@ -67,6 +67,7 @@ use tokio_util::sync::CancellationToken;
 use crate::raft::log_store::{LogStore, SnapshotData};
 use crate::raft::snapshot::{self, InstallGate};
 use crate::raft::state_machine::{self, ApplyOutcome};
+use crate::telemetry::raft_metrics::{MetricsSettings, RaftMetrics, RaftMetricsCollector, Sample};
 
 /// Capacity of the driver's inbox.
 const INBOX: usize = 16 * 1024;
@@ -176,6 +177,16 @@ pub enum PeerEvent {
     NotMember(u64),
 }
 
+/// The wire form of a role.
+pub fn wire_role(role: Role) -> kiwi_proto::v1::RaftRole {
+    match role {
+        Role::Follower => kiwi_proto::v1::RaftRole::Follower,
+        Role::Candidate => kiwi_proto::v1::RaftRole::Candidate,
+        Role::PreCandidate => kiwi_proto::v1::RaftRole::PreCandidate,
+        Role::Leader => kiwi_proto::v1::RaftRole::Leader,
+    }
+}
+
 /// Where the driver sends messages for other nodes. Must never block.
 pub trait MessageSink: Send + Sync + 'static {
     /// Queues `msgs` for their destinations; returns the ids of peers whose queue was full (the driver
@@ -210,6 +221,10 @@ enum Inbox {
     Status {
         reply: oneshot::Sender<DetailedStatus>,
     },
+    Metrics {
+        with_history: bool,
+        reply: oneshot::Sender<Option<MetricsReport>>,
+    },
 }
 
 /// How the driver is set up.
@@ -223,6 +238,16 @@ pub struct DriverConfig {
     pub compaction_threshold: u64,
     /// Entries a compaction keeps behind the applied index and the slowest healthy follower.
     pub compaction_slack: u64,
+    /// `[raft.metrics]`.
+    pub metrics: MetricsSettings,
+}
+
+/// A node's Raft metrics with the state they describe.
+#[derive(Debug, Clone)]
+pub struct MetricsReport {
+    pub status: RaftStatus,
+    pub last_index: u64,
+    pub metrics: RaftMetrics,
 }
 
 /// The cloneable handle every other component uses.
@@ -339,6 +364,22 @@ impl DriverHandle {
         self.removed_ids.borrow().binary_search(&id).is_ok()
     }
 
+    /// The Raft metrics (`None` when `[raft.metrics] enabled = false`).
+    ///
+    /// # Errors
+    /// [`ProposeError`] when the driver is stopped or overloaded.
+    pub async fn raft_metrics(
+        &self,
+        with_history: bool,
+    ) -> Result<Option<MetricsReport>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Inbox::Metrics {
+            with_history,
+            reply,
+        })?;
+        rx.await.map_err(|_| ProposeError::Stopped)
+    }
+
     /// A receiver of every published status change.
     pub fn watch(&self) -> watch::Receiver<RaftStatus> {
         self.status.clone()
@@ -362,6 +403,8 @@ impl DriverHandle {
 
 struct Pending {
     term: u64,
+    /// When it was proposed (for the propose-to-apply latency).
+    at: Instant,
     reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
 }
 
@@ -402,6 +445,7 @@ struct Driver {
     gate: Arc<InstallGate>,
     /// Committed entries applied as no-ops because they were invalid.
     rejected_entries: u64,
+    metrics: RaftMetricsCollector,
 }
 
 /// Starts the driver thread.
@@ -465,6 +509,7 @@ pub fn spawn(
         removed_ids: removed_tx,
         gate,
         rejected_entries: 0,
+        metrics: RaftMetricsCollector::new(config.metrics),
     };
     driver.removed = driver.compute_removed();
     let tick = config.tick_interval;
@@ -629,11 +674,13 @@ impl Driver {
             index,
             Pending {
                 term: self.raw.raft.term,
+                at: Instant::now(),
                 reply,
             },
         );
         if let Some(old) = replaced {
             // An earlier proposal at this index was overwritten by a later leader's log: it never commits.
+            self.metrics.proposal_answered(None, old.at.elapsed());
             let _ = old.reply.send(Err(ProposeError::Dropped));
         }
     }
@@ -716,16 +763,25 @@ impl Driver {
                 }
             }
             Inbox::Peer(PeerEvent::Unreachable(peer)) => self.raw.report_unreachable(peer),
-            Inbox::Peer(PeerEvent::Snapshot { to, ok }) => self.raw.report_snapshot(
-                to,
-                if ok {
-                    SnapshotStatus::Finish
-                } else {
-                    SnapshotStatus::Failure
-                },
-            ),
+            Inbox::Peer(PeerEvent::Snapshot { to, ok }) => {
+                self.metrics.snapshot_sent(to, ok);
+                self.raw.report_snapshot(
+                    to,
+                    if ok {
+                        SnapshotStatus::Finish
+                    } else {
+                        SnapshotStatus::Failure
+                    },
+                );
+            }
             Inbox::Status { reply } => {
                 let _ = reply.send(self.detailed_status());
+            }
+            Inbox::Metrics {
+                with_history,
+                reply,
+            } => {
+                let _ = reply.send(self.metrics_report(with_history));
             }
         }
     }
@@ -802,6 +858,7 @@ impl Driver {
 
     fn publish(&mut self) {
         let now = self.public_status();
+        self.observe(&now);
         if now.role != Role::Leader && !self.reads.is_empty() {
             let leader_id = now.leader_id;
             for reply in self.reads.drain().flat_map(|(_, r)| r.replies) {
@@ -819,6 +876,71 @@ impl Driver {
         });
     }
 
+    /// Records what the metrics learn from the current state: campaigns, leaders, followers' progress,
+    /// and a history sample when one is due.
+    fn observe(&mut self, now: &RaftStatus) {
+        if !self.metrics.enabled() {
+            return;
+        }
+        let at = Instant::now();
+        let before = *self.status.borrow();
+        // A campaign is a new term in which this node voted for itself (a single voter may campaign and
+        // win within one turn, so the candidate role itself may never be seen here).
+        if now.term > before.term && self.raw.raft.vote == self.raw.raft.id {
+            self.metrics.campaign_started(at);
+        }
+        self.metrics.leader_seen(now.leader_id, at);
+        let raft = &self.raw.raft;
+        let mut max_lag = 0;
+        if raft.state == StateRole::Leader {
+            let last = raft.raft_log.last_index();
+            for (id, pr) in raft.prs().iter() {
+                if *id != raft.id {
+                    self.metrics.follower_matched(*id, pr.matched, at);
+                    max_lag = max_lag.max(last.saturating_sub(pr.matched));
+                }
+            }
+        }
+        let role = wire_role(now.role);
+        self.metrics.maybe_sample(at, || Sample {
+            at: std::time::SystemTime::now(),
+            term: now.term,
+            role,
+            commit: now.commit,
+            applied: now.applied,
+            max_follower_lag: max_lag,
+        });
+    }
+
+    fn metrics_report(&self, with_history: bool) -> Option<MetricsReport> {
+        if !self.metrics.enabled() {
+            return None;
+        }
+        let raft = &self.raw.raft;
+        let last_index = raft.raft_log.last_index();
+        let mut followers = Vec::new();
+        if raft.state == StateRole::Leader {
+            let conf = raft.prs().conf();
+            for (id, pr) in raft.prs().iter() {
+                if *id != raft.id {
+                    followers.push((
+                        *id,
+                        pr.matched,
+                        last_index.saturating_sub(pr.matched),
+                        pr.recent_active,
+                        conf.voters().contains(*id),
+                    ));
+                }
+            }
+            followers.sort_unstable_by_key(|f| f.0);
+        }
+        Some(MetricsReport {
+            status: self.public_status(),
+            last_index,
+            metrics: self.metrics.metrics(&followers, with_history),
+        })
+    }
+
     fn send(&mut self, msgs: Vec<Message>) {
         if msgs.is_empty() {
             return;
@@ -833,6 +955,13 @@ impl Driver {
             self.publish();
             return Ok(());
         }
+        let started = Instant::now();
+        self.handle_ready()?;
+        self.metrics.ready_handled(started.elapsed());
+        Ok(())
+    }
+
+    fn handle_ready(&mut self) -> DriverResult {
         let mut rd = self.raw.ready();
         // 1.
         self.send(rd.take_messages());
@@ -863,18 +992,23 @@ impl Driver {
         self.apply(rd.take_committed_entries())?;
         // 3.
         let entries = rd.take_entries();
-        self.raw.mut_store().persist(&entries, rd.hs())?;
+        if !entries.is_empty() || rd.hs().is_some() {
+            let started = Instant::now();
+            self.raw.mut_store().persist(&entries, rd.hs())?;
+            let last = entries.last().map_or(0, |e| e.index);
+            self.metrics
+                .log_appended(entries.len(), last, started.elapsed(), Instant::now());
+        }
         // 4.
         self.send(rd.take_persisted_messages());
         // 6.
         for rs in rd.take_read_states() {
             let id = <[u8; 8]>::try_from(rs.request_ctx.as_slice()).map(u64::from_be_bytes);
-            for reply in id
-                .ok()
-                .and_then(|id| self.reads.remove(&id))
-                .map(|r| r.replies)
-                .unwrap_or_default()
-            {
+            let round = id.ok().and_then(|id| self.reads.remove(&id));
+            if let Some(r) = &round {
+                self.metrics.read_answered(r.started.elapsed());
+            }
+            for reply in round.map(|r| r.replies).unwrap_or_default() {
                 let _ = reply.send(Ok(rs.index));
             }
         }
@@ -1075,6 +1209,7 @@ impl Driver {
                     break;
                 }
                 let (_, p) = self.proposals.pop_first().expect("non-empty");
+                self.metrics.proposal_answered(None, p.at.elapsed());
                 answers.push((p.reply, Err(ProposeError::Dropped)));
             }
             if let Some(p) = self.proposals.remove(&index) {
@@ -1083,6 +1218,12 @@ impl Driver {
                     Some(Err(why)) if p.term == term => Err(ProposeError::Rejected(why)),
                     _ => Err(ProposeError::Dropped),
                 };
+                let answered = match &result {
+                    Ok(_) => Some(true),
+                    Err(ProposeError::Rejected(_)) => Some(false),
+                    Err(_) => None,
+                };
+                self.metrics.proposal_answered(answered, p.at.elapsed());
                 answers.push((p.reply, result));
             }
             self.applied = index;
@@ -1132,6 +1273,11 @@ mod tests {
             heartbeat_ticks: 2,
             compaction_threshold: threshold,
             compaction_slack: slack,
+            metrics: MetricsSettings {
+                enabled: true,
+                collection_interval: Duration::from_millis(10),
+                retention_period: Duration::from_secs(10),
+            },
         }
     }
 
@@ -1340,6 +1486,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn metrics_record_proposals_fsyncs_and_history() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
+        let (handle, thread, stop, _) = start_single(&backend, &test_config(1000, 0), &[]).await;
+        for i in 0..20 {
+            handle.propose(put(&format!("k{i}"))).await.unwrap();
+        }
+        handle.read_index().await.unwrap();
+        let _ = handle.propose(vec![0xff, 0x01]).await;
+        // Samples are taken every 10 ms: wait (with a deadline) for a few.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let report = loop {
+            let r = handle
+                .raft_metrics(true)
+                .await
+                .unwrap()
+                .expect("metrics on");
+            if r.metrics.history.len() >= 3
+                && r.metrics.history.last().is_some_and(|h| h.commit >= 22)
+            {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "no history: {r:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let m = &report.metrics;
+        assert_eq!(m.proposals_committed, 20);
+        assert_eq!(m.proposals_rejected, 1);
+        assert_eq!(m.propose_to_apply.count, 20);
+        assert_eq!(m.read_index.count, 1);
+        assert!(m.log_fsync.count >= 1 && m.log_fsync_entries >= 21, "{m:?}");
+        assert!(m.ready_handling.count >= 1);
+        assert!(m.elections >= 1, "the node campaigned: {m:?}");
+        assert!(m.followers.is_empty(), "a single voter has no followers");
+        assert_eq!(report.status.role, Role::Leader);
+        assert!(report.last_index >= report.status.commit);
+        let last = m.history.last().unwrap();
+        assert_eq!(last.role, kiwi_proto::v1::RaftRole::Leader);
+        stop.cancel();
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
     async fn invalid_committed_entries_are_applied_as_no_ops() {
         let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
         let (handle, thread, stop, fatal) =
@@ -1478,6 +1666,11 @@ mod tests {
             heartbeat_ticks: 2,
             compaction_threshold: 1000,
             compaction_slack: 0,
+            metrics: MetricsSettings {
+                enabled: true,
+                collection_interval: Duration::from_millis(10),
+                retention_period: Duration::from_secs(10),
+            },
         };
         let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
         let (handle, thread) = spawn(

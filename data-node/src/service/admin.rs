@@ -14,9 +14,14 @@ use kiwi_proto::v1::{
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
 
+use kiwi_proto::v1::{
+    FollowerMetrics, LatencySummary, RaftMetricsRequest, RaftMetricsResponse, RaftMetricsSample,
+};
+
 use super::*;
 use crate::config::RuntimeConfig;
 use crate::raft::driver::Role;
+use crate::raft::driver::wire_role;
 use crate::raft::state_machine::ApplyOutcome;
 use crate::runtime::priority_channel::{ChannelPolicy, Class};
 
@@ -24,8 +29,101 @@ use crate::runtime::priority_channel::{ChannelPolicy, Class};
 #[derive(Clone)]
 pub struct AdminApi(pub Arc<KvServer>);
 
+fn latency(l: &crate::telemetry::raft_metrics::Latency) -> Option<LatencySummary> {
+    Some(LatencySummary {
+        count: l.count,
+        p50_us: l.p50_us,
+        p99_us: l.p99_us,
+        max_us: l.max_us,
+        mean_us: l.mean_us,
+    })
+}
+
 #[tonic::async_trait]
 impl NodeAdmin for AdminApi {
+    async fn get_raft_metrics(
+        &self,
+        request: Request<RaftMetricsRequest>,
+    ) -> Result<Response<RaftMetricsResponse>, Status> {
+        let s = &self.0;
+        let with_history = !request.into_inner().without_history;
+        let report = s
+            .driver
+            .raft_metrics(with_history)
+            .await
+            .map_err(|e| s.map_propose(e).into_status())?
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "Raft metrics are off on this node: set [raft.metrics] enabled = true",
+                )
+            })?;
+        let (st, m) = (report.status, report.metrics);
+        let config = s
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .raft
+            .metrics
+            .clone();
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let unix_ms =
+            |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| ms(d));
+        Ok(Response::new(RaftMetricsResponse {
+            node_id: s.node_id,
+            role: wire_role(st.role) as i32,
+            term: st.term,
+            leader_id: st.leader_id,
+            commit_index: st.commit,
+            applied_index: st.applied,
+            log_first_index: st.first_index,
+            log_last_index: report.last_index,
+            elections: m.elections,
+            leader_changes: m.leader_changes,
+            last_election_ms: m.last_election.map_or(0, ms),
+            commit_rate: m.commit_rate,
+            apply_rate: m.apply_rate,
+            proposals_committed: m.proposals_committed,
+            proposals_dropped: m.proposals_dropped,
+            proposals_rejected: m.proposals_rejected,
+            propose_to_apply: latency(&m.propose_to_apply),
+            read_index: latency(&m.read_index),
+            ready_handling: latency(&m.ready_handling),
+            log_fsync: latency(&m.log_fsync),
+            log_fsync_entries: m.log_fsync_entries,
+            followers: m
+                .followers
+                .iter()
+                .map(|f| FollowerMetrics {
+                    node_id: f.id,
+                    match_index: f.match_index,
+                    lag: f.lag,
+                    recently_active: f.recently_active,
+                    voter: f.voter,
+                    replication_latency_avg_us: f.replication_avg_us,
+                    replication_latency: latency(&f.replication),
+                    snapshots_sent: f.snapshots_sent,
+                    snapshots_failed: f.snapshots_failed,
+                })
+                .collect(),
+            history: m
+                .history
+                .iter()
+                .map(|h| RaftMetricsSample {
+                    at_unix_ms: unix_ms(h.at),
+                    term: h.term,
+                    role: h.role as i32,
+                    commit_index: h.commit,
+                    applied_index: h.applied,
+                    max_follower_lag: h.max_follower_lag,
+                })
+                .collect(),
+            collection_interval_ms: u32::try_from(config.collection_interval.as_millis())
+                .unwrap_or(u32::MAX),
+            retention_period_sec: u32::try_from(config.retention_period.as_secs())
+                .unwrap_or(u32::MAX),
+        }))
+    }
+
     async fn status(
         &self,
         _request: Request<StatusRequest>,

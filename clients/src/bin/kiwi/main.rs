@@ -119,6 +119,10 @@ enum Command {
         #[arg(long, value_name = "MIN-MAX", value_parser = parse_bounds)]
         set_storage_threads: Option<(u32, u32)>,
     },
+    /// Each node's Raft metrics: role, term, indexes, elections, proposal outcomes, latencies (propose to
+    /// apply, ReadIndex, Ready handling, log fsync), the leader's per-follower replication latency and lag,
+    /// and a sparkline of the commit rate over the retained history.
+    Metrics,
     /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
     Playground(playground::PlaygroundArgs),
     /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
@@ -312,6 +316,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             })
         }
         Command::Status => status(&connect()?, json).await,
+        Command::Metrics => metrics(&connect()?, json).await,
         Command::Runtime {
             set_priority,
             set_scaling,
@@ -363,6 +368,178 @@ fn parse_bounds(s: &str) -> Result<(u32, u32), String> {
             .map_err(|e| format!("{v:?} is not a thread count: {e}"))
     };
     Ok((n(min)?, n(max)?))
+}
+
+/// Unicode block sparkline of `values` (at most `width` points, averaged per point).
+fn sparkline(values: &[f64], width: usize) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    if values.is_empty() {
+        return String::new();
+    }
+    let per = values.len().div_ceil(width.max(1));
+    let points: Vec<f64> = values
+        .chunks(per)
+        .map(|c| c.iter().sum::<f64>() / c.len() as f64)
+        .collect();
+    let max = points.iter().copied().fold(0.0, f64::max);
+    points
+        .iter()
+        .map(|v| {
+            if max <= 0.0 {
+                BARS[0]
+            } else {
+                BARS[((v / max) * 7.0).round() as usize]
+            }
+        })
+        .collect()
+}
+
+fn latency_text(l: Option<&kiwi_proto::v1::LatencySummary>) -> String {
+    match l {
+        Some(l) if l.count > 0 => format!(
+            "p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+            l.p50_us as f64 / 1000.0,
+            l.p99_us as f64 / 1000.0,
+            l.max_us as f64 / 1000.0,
+            l.count
+        ),
+        _ => "-".into(),
+    }
+}
+
+async fn metrics(client: &Client, json: bool) -> anyhow::Result<Outcome> {
+    let all = client.raft_metrics_all(true).await;
+    if all.iter().all(|(_, r)| r.is_err()) {
+        anyhow::bail!(
+            "no endpoint answered: {}",
+            all.iter()
+                .filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {}", e.message())))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    let summary = |l: &Option<kiwi_proto::v1::LatencySummary>| {
+        l.map(|l| json!({"count": l.count, "p50_us": l.p50_us, "p99_us": l.p99_us, "max_us": l.max_us, "mean_us": l.mean_us}))
+    };
+    if json {
+        let nodes: Vec<_> = all
+            .iter()
+            .map(|(addr, r)| match r {
+                Err(e) => json!({"addr": addr, "error": e.message()}),
+                Ok(m) => json!({
+                    "addr": addr, "id": m.node_id, "role": role_name(m.role), "term": m.term,
+                    "leader": m.leader_id, "commit_index": m.commit_index, "applied_index": m.applied_index,
+                    "log_first_index": m.log_first_index, "log_last_index": m.log_last_index,
+                    "elections": m.elections, "leader_changes": m.leader_changes,
+                    "last_election_ms": m.last_election_ms, "commit_rate": m.commit_rate,
+                    "apply_rate": m.apply_rate, "proposals_committed": m.proposals_committed,
+                    "proposals_dropped": m.proposals_dropped, "proposals_rejected": m.proposals_rejected,
+                    "propose_to_apply": summary(&m.propose_to_apply), "read_index": summary(&m.read_index),
+                    "ready_handling": summary(&m.ready_handling), "log_fsync": summary(&m.log_fsync),
+                    "log_fsync_entries": m.log_fsync_entries,
+                    "followers": m.followers.iter().map(|f| json!({
+                        "id": f.node_id, "match_index": f.match_index, "lag": f.lag,
+                        "recently_active": f.recently_active, "voter": f.voter,
+                        "replication_latency_avg_us": f.replication_latency_avg_us,
+                        "replication_latency": summary(&f.replication_latency),
+                        "snapshots_sent": f.snapshots_sent, "snapshots_failed": f.snapshots_failed,
+                    })).collect::<Vec<_>>(),
+                    "history_samples": m.history.len(),
+                }),
+            })
+            .collect();
+        println!("{}", json!({ "nodes": nodes }));
+        return Ok(Outcome::Ok);
+    }
+    for (addr, r) in &all {
+        let m = match r {
+            Ok(m) => m,
+            Err(e) => {
+                println!("{addr}: {}\n", e.message());
+                continue;
+            }
+        };
+        println!(
+            "node {} ({addr}) {} term {}, leader {}; commit {} applied {} log {}..={}",
+            m.node_id,
+            role_name(m.role),
+            m.term,
+            m.leader_id,
+            m.commit_index,
+            m.applied_index,
+            m.log_first_index,
+            m.log_last_index
+        );
+        println!(
+            "  elections {} (last {} ms), leader changes {}; commit {:.0}/s, apply {:.0}/s",
+            m.elections, m.last_election_ms, m.leader_changes, m.commit_rate, m.apply_rate
+        );
+        println!(
+            "  proposals: {} applied, {} dropped, {} rejected",
+            m.proposals_committed, m.proposals_dropped, m.proposals_rejected
+        );
+        println!(
+            "  propose->apply  {}",
+            latency_text(m.propose_to_apply.as_ref())
+        );
+        println!("  ReadIndex       {}", latency_text(m.read_index.as_ref()));
+        println!(
+            "  Ready handling  {}",
+            latency_text(m.ready_handling.as_ref())
+        );
+        let per_fsync = m
+            .log_fsync
+            .map_or(0.0, |l| m.log_fsync_entries as f64 / l.count.max(1) as f64);
+        println!(
+            "  log fsync       {} ; {per_fsync:.1} entries per fsync",
+            latency_text(m.log_fsync.as_ref())
+        );
+        if !m.followers.is_empty() {
+            println!(
+                "  {:>8} {:>10} {:>8} {:>12} {:>12} {:>12}  STATE",
+                "FOLLOWER", "MATCH", "LAG", "REPL AVG ms", "REPL p99 ms", "SNAPSHOTS"
+            );
+            for f in &m.followers {
+                println!(
+                    "  {:>8} {:>10} {:>8} {:>12.2} {:>12.2} {:>12}  {}{}",
+                    f.node_id,
+                    f.match_index,
+                    f.lag,
+                    f.replication_latency_avg_us as f64 / 1000.0,
+                    f.replication_latency.map_or(0, |l| l.p99_us) as f64 / 1000.0,
+                    format!("{} ({} failed)", f.snapshots_sent, f.snapshots_failed),
+                    if f.recently_active {
+                        "active"
+                    } else {
+                        "INACTIVE"
+                    },
+                    if f.voter { "" } else { " (learner)" }
+                );
+            }
+        }
+        let rates: Vec<f64> = m
+            .history
+            .windows(2)
+            .map(|w| {
+                let secs = (w[1].at_unix_ms.saturating_sub(w[0].at_unix_ms)) as f64 / 1000.0;
+                if secs > 0.0 {
+                    w[1].commit_index.saturating_sub(w[0].commit_index) as f64 / secs
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        if !rates.is_empty() {
+            println!(
+                "  commit/s over {} samples ({} ms apart): {}",
+                m.history.len(),
+                m.collection_interval_ms,
+                sparkline(&rates, 60)
+            );
+        }
+        println!();
+    }
+    Ok(Outcome::Ok)
 }
 
 async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
