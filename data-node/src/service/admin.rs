@@ -67,7 +67,7 @@ impl NodeAdmin for AdminApi {
             .clone();
         let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let unix_ms =
-            |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| ms(d));
+            |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, &ms);
         Ok(Response::new(RaftMetricsResponse {
             node_id: s.node_id,
             role: wire_role(st.role) as i32,
