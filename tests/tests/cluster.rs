@@ -238,6 +238,25 @@ async fn follower_behind_a_compaction_catches_up_from_a_snapshot() {
         "the follower installed a snapshot (its log starts at {})",
         s.log_first_index
     );
+    // The leader's Raft metrics count the snapshot it streamed to the follower (if it still leads).
+    let leader = cluster.wait_leader().await;
+    if leader == leader_status.node_id {
+        let m = cluster
+            .admin(leader)
+            .get_raft_metrics(kiwi_proto::v1::RaftMetricsRequest {
+                without_history: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let f = m
+            .followers
+            .iter()
+            .find(|f| f.node_id == follower)
+            .unwrap_or_else(|| panic!("follower {follower} in {m:?}"));
+        assert!(f.snapshots_sent >= 1, "{f:?}");
+        assert!(f.snapshot_duration.unwrap().count >= 1, "{f:?}");
+    }
     // And it keeps replicating normally afterwards.
     let last = cluster.must_put(b"after", b"2").await;
     assert_eq!(

@@ -171,8 +171,8 @@ pub struct DetailedStatus {
 pub enum PeerEvent {
     /// Sending to the peer failed.
     Unreachable(u64),
-    /// A snapshot stream to the peer finished (`ok`) or failed.
-    Snapshot { to: u64, ok: bool },
+    /// A snapshot stream to the peer finished (`ok`) or failed, after `took`.
+    Snapshot { to: u64, ok: bool, took: Duration },
     /// The peer refused this node's messages: it applied a membership change that removed this node.
     NotMember(u64),
 }
@@ -763,8 +763,8 @@ impl Driver {
                 }
             }
             Inbox::Peer(PeerEvent::Unreachable(peer)) => self.raw.report_unreachable(peer),
-            Inbox::Peer(PeerEvent::Snapshot { to, ok }) => {
-                self.metrics.snapshot_sent(to, ok);
+            Inbox::Peer(PeerEvent::Snapshot { to, ok, took }) => {
+                self.metrics.snapshot_sent(to, ok, took);
                 self.raw.report_snapshot(
                     to,
                     if ok {

@@ -153,7 +153,11 @@ impl Peers {
                 to,
                 "snapshot for a peer with no pinned view or no address; reporting failure"
             );
-            let _ = self.events.send(PeerEvent::Snapshot { to, ok: false });
+            let _ = self.events.send(PeerEvent::Snapshot {
+                to,
+                ok: false,
+                took: std::time::Duration::ZERO,
+            });
             return;
         };
         let events = self.events.clone();
@@ -163,18 +167,25 @@ impl Peers {
         self.runtime.spawn(async move {
             let index = msg.get_snapshot().get_metadata().index;
             tracing::info!(to, index, "sending a Raft snapshot");
+            let started = std::time::Instant::now();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = stream_snapshot(self_id, cluster, to, addr, msg, view) => r,
             };
             match result {
                 Ok(pairs) => {
-                    tracing::info!(to, index, pairs, "snapshot sent");
-                    let _ = events.send(PeerEvent::Snapshot { to, ok: true });
+                    let took = started.elapsed();
+                    tracing::info!(to, index, pairs, ?took, "snapshot sent");
+                    let _ = events.send(PeerEvent::Snapshot { to, ok: true, took });
                 }
                 Err(e) => {
                     tracing::warn!(to, index, error = %e, "sending a snapshot failed");
-                    let _ = events.send(PeerEvent::Snapshot { to, ok: false });
+                    let took = started.elapsed();
+                    let _ = events.send(PeerEvent::Snapshot {
+                        to,
+                        ok: false,
+                        took,
+                    });
                     let _ = events.send(PeerEvent::Unreachable(to));
                 }
             }

@@ -103,6 +103,7 @@ impl NodeAdmin for AdminApi {
                     replication_latency: latency(&f.replication),
                     snapshots_sent: f.snapshots_sent,
                     snapshots_failed: f.snapshots_failed,
+                    snapshot_duration: latency(&f.snapshot_duration),
                 })
                 .collect(),
             history: m

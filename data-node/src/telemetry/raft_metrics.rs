@@ -64,6 +64,8 @@ pub struct Follower {
     pub replication: Latency,
     pub snapshots_sent: u64,
     pub snapshots_failed: u64,
+    /// How long the snapshot streams to this follower took (successful ones).
+    pub snapshot_duration: Latency,
 }
 
 /// Everything the collector knows, at one moment.
@@ -113,6 +115,7 @@ struct FollowerState {
     latency: Histogram<u64>,
     snapshots_sent: u64,
     snapshots_failed: u64,
+    snapshot_duration: Histogram<u64>,
 }
 
 /// The collector. See the module doc.
@@ -250,6 +253,7 @@ impl RaftMetricsCollector {
             latency: histogram(),
             snapshots_sent: 0,
             snapshots_failed: 0,
+            snapshot_duration: histogram(),
         });
         if matched <= f.last_match {
             return;
@@ -270,11 +274,12 @@ impl RaftMetricsCollector {
         };
     }
 
-    /// A snapshot stream to follower `id` ended.
-    pub fn snapshot_sent(&mut self, id: u64, ok: bool) {
+    /// A snapshot stream to follower `id` ended after `took`.
+    pub fn snapshot_sent(&mut self, id: u64, ok: bool, took: Duration) {
         if let Some(f) = self.followers.get_mut(&id) {
             if ok {
                 f.snapshots_sent += 1;
+                let _ = f.snapshot_duration.record(micros(took));
             } else {
                 f.snapshots_failed += 1;
             }
@@ -375,6 +380,9 @@ impl RaftMetricsCollector {
                         replication: f.map(|f| summary(&f.latency)).unwrap_or_default(),
                         snapshots_sent: f.map_or(0, |f| f.snapshots_sent),
                         snapshots_failed: f.map_or(0, |f| f.snapshots_failed),
+                        snapshot_duration: f
+                            .map(|f| summary(&f.snapshot_duration))
+                            .unwrap_or_default(),
                     }
                 })
                 .collect(),

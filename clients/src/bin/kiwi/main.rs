@@ -443,6 +443,7 @@ async fn metrics(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                         "replication_latency_avg_us": f.replication_latency_avg_us,
                         "replication_latency": summary(&f.replication_latency),
                         "snapshots_sent": f.snapshots_sent, "snapshots_failed": f.snapshots_failed,
+                        "snapshot_duration": summary(&f.snapshot_duration),
                     })).collect::<Vec<_>>(),
                     "history_samples": m.history.len(),
                 }),
