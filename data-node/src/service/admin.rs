@@ -7,9 +7,9 @@ use std::time::Duration;
 use kiwi_proto::v1::node_admin_server::NodeAdmin;
 use kiwi_proto::v1::{
     AddNodeRequest, GetRuntimePolicyRequest, MembershipResponse, PoolStats, PriorityClassStats,
-    PriorityPolicy, RaftRole, RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest,
-    RuntimeStatsResponse, ScaleEvent, ScalingPolicy, StatusRequest, StatusResponse,
-    TransferLeaderRequest, TransferLeaderResponse,
+    PriorityPolicy, RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse,
+    ScaleEvent, ScalingPolicy, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
@@ -135,12 +135,7 @@ impl NodeAdmin for AdminApi {
             .detailed_status()
             .await
             .map_err(|e| s.map_propose(e).into_status())?;
-        let role = match d.status.role {
-            Role::Follower => RaftRole::Follower,
-            Role::Candidate => RaftRole::Candidate,
-            Role::PreCandidate => RaftRole::PreCandidate,
-            Role::Leader => RaftRole::Leader,
-        };
+        let role = wire_role(d.status.role);
         Ok(Response::new(StatusResponse {
             node_id: s.node_id,
             cluster_id: s.cluster.load(Ordering::Relaxed),
