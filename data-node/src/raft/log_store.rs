@@ -145,6 +145,16 @@ pub struct LogStore {
     snapshots: Arc<SnapshotRegistry>,
 }
 
+/// Adds the hard state to `batch`.
+fn put_hard_state(batch: &mut WriteBatch, hs: &HardState) -> raft::Result<()> {
+    batch.put(
+        KeySpace::Raft,
+        HARD_STATE_KEY,
+        hs.write_to_bytes().map_err(store_err)?,
+    );
+    Ok(())
+}
+
 fn encode_pair(a: u64, b: u64) -> Vec<u8> {
     let mut v = a.to_be_bytes().to_vec();
     v.extend_from_slice(&b.to_be_bytes());
@@ -251,11 +261,7 @@ impl LogStore {
             CONF_STATE_KEY,
             cs.write_to_bytes().map_err(store_err)?,
         );
-        batch.put(
-            KeySpace::Raft,
-            HARD_STATE_KEY,
-            hs.write_to_bytes().map_err(store_err)?,
-        );
+        put_hard_state(&mut batch, &hs)?;
         batch.put(
             KeySpace::Raft,
             TRUNCATED_KEY,
@@ -305,11 +311,7 @@ impl LogStore {
         batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_pair(index, term));
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(index);
-        batch.put(
-            KeySpace::Raft,
-            HARD_STATE_KEY,
-            hs.write_to_bytes().map_err(store_err)?,
-        );
+        put_hard_state(&mut batch, &hs)?;
         self.backend
             .batch_write(batch, WriteOptions::SYNC)
             .map_err(store_err)?;
@@ -352,13 +354,7 @@ impl LogStore {
             CONF_STATE_KEY,
             meta.get_conf_state().write_to_bytes().map_err(store_err)?,
         );
-        batch.put(
-            KeySpace::Raft,
-            HARD_STATE_KEY,
-            self.hard_state_after(meta)
-                .write_to_bytes()
-                .map_err(store_err)?,
-        );
+        put_hard_state(batch, &self.hard_state_after(meta))?;
         Ok(())
     }
 
@@ -411,11 +407,7 @@ impl LogStore {
             hs
         });
         if let Some(hs) = &hs {
-            batch.put(
-                KeySpace::Raft,
-                HARD_STATE_KEY,
-                hs.write_to_bytes().map_err(store_err)?,
-            );
+            put_hard_state(&mut batch, hs)?;
         }
         self.backend
             .batch_write(batch, WriteOptions::SYNC)

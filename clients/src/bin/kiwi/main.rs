@@ -407,17 +407,23 @@ fn latency_text(l: Option<&kiwi_proto::v1::LatencySummary>) -> String {
     }
 }
 
+/// Fails, naming every endpoint's error, when no endpoint answered.
+fn ensure_any_answered<T>(all: &[(String, Result<T, tonic::Status>)]) -> anyhow::Result<()> {
+    if all.iter().any(|(_, r)| r.is_ok()) {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "no endpoint answered: {}",
+        all.iter()
+            .filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {}", e.message())))
+            .collect::<Vec<_>>()
+            .join("; ")
+    )
+}
+
 async fn metrics(client: &Client, json: bool) -> anyhow::Result<Outcome> {
     let all = client.raft_metrics_all(true).await;
-    if all.iter().all(|(_, r)| r.is_err()) {
-        anyhow::bail!(
-            "no endpoint answered: {}",
-            all.iter()
-                .filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {}", e.message())))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-    }
+    ensure_any_answered(&all)?;
     let summary = |l: &Option<kiwi_proto::v1::LatencySummary>| {
         l.map(|l| json!({"count": l.count, "p50_us": l.p50_us, "p99_us": l.p99_us, "max_us": l.max_us, "mean_us": l.mean_us}))
     };
@@ -545,15 +551,7 @@ async fn metrics(client: &Client, json: bool) -> anyhow::Result<Outcome> {
 
 async fn runtime(client: &Client, json: bool) -> anyhow::Result<Outcome> {
     let all = client.runtime_all().await;
-    if all.iter().all(|(_, r)| r.is_err()) {
-        anyhow::bail!(
-            "no endpoint answered: {}",
-            all.iter()
-                .filter_map(|(a, r)| r.as_ref().err().map(|e| format!("{a}: {}", e.message())))
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
-    }
+    ensure_any_answered(&all)?;
     if json {
         let nodes: Vec<_> = all
             .iter()
