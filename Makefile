@@ -1,5 +1,6 @@
 # The README's commands. Each first installs what the build and tests need when it is missing:
-# libclang-dev (bindgen for RocksDB), a C++ compiler and procps. Everything else comes from crates.io.
+# libclang-dev (bindgen for RocksDB), a C++ compiler, procps and prometheus (the metrics test scrapes real
+# nodes with a real Prometheus server). Everything else comes from crates.io.
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CARGO ?= cargo
@@ -62,8 +63,9 @@ bench-channel: deps
 		done; \
 	fi
 
-## Install the system packages the build needs, if missing.
-## (procps: pgrep/kill, used by the process tests.)
+## Install the system packages the build and tests need, if missing.
+## (procps: pgrep/kill, used by the process tests; prometheus: the server the metrics test runs.)
 deps:
-	@dpkg -s libclang-dev >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && command -v pgrep >/dev/null 2>&1 || \
-		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++ procps; }
+	@dpkg -s libclang-dev >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && command -v pgrep >/dev/null 2>&1 \
+		&& command -v prometheus >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++ procps prometheus; }

@@ -50,7 +50,7 @@ fn round(enabled: bool, mixed: bool, n: usize, depth: usize) -> f64 {
         }
         while queued >= depth || (i + 1 == n && queued > 0) {
             match ch.try_recv() {
-                Some(Taken::Run(_, c)) => ch.record_service(c, took),
+                Some(Taken::Run(_, c, _)) => ch.record_service(c, took),
                 Some(Taken::Expired(_)) => {}
                 None => break,
             }

@@ -68,6 +68,8 @@ pub struct NodeConfig {
     pub raft: RaftConfig,
     /// The storage backend.
     pub storage: StorageConfig,
+    /// Metrics endpoints and traces.
+    pub telemetry: TelemetryConfig,
 }
 
 impl Default for NodeConfig {
@@ -79,6 +81,7 @@ impl Default for NodeConfig {
             runtime: RuntimeConfig::default(),
             raft: RaftConfig::default(),
             storage: StorageConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -282,6 +285,40 @@ pub struct StorageConfig {
     pub max_key_size: ByteSize,
     /// Longest value accepted, e.g. `"4 MiB"` or a number of bytes.
     pub max_value_size: ByteSize,
+}
+
+/// `[telemetry]`: the Prometheus endpoints and OTLP traces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// HTTP address of `/metrics`, `/metrics/runtime`, `/metrics/raft` and `/metrics/storage`; unset: no
+    /// metrics endpoint. Off loopback it needs `metrics_token_file`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// File holding the bearer token every metrics request must present (`Authorization: Bearer ...`).
+    pub metrics_token_file: Option<PathBuf>,
+    /// Metrics requests per second allowed from one client address (answered 429 above it).
+    pub metrics_rate_limit_per_sec: u32,
+    /// OTLP/gRPC collector traces are exported to, e.g. `http://127.0.0.1:4317`; unset: no traces.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled (0.0 to 1.0); a request carrying a `traceparent` follows its parent.
+    pub trace_sample_ratio: f64,
+}
+
+/// Default `telemetry.metrics_rate_limit_per_sec`.
+pub const DEFAULT_METRICS_RATE_LIMIT: u32 = 20;
+/// Default `telemetry.trace_sample_ratio`.
+pub const DEFAULT_TRACE_SAMPLE_RATIO: f64 = 0.01;
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            metrics_addr: None,
+            metrics_token_file: None,
+            metrics_rate_limit_per_sec: DEFAULT_METRICS_RATE_LIMIT,
+            otlp_endpoint: None,
+            trace_sample_ratio: DEFAULT_TRACE_SAMPLE_RATIO,
+        }
+    }
 }
 
 /// Most threads `runtime.network_threads` may ask for.
@@ -611,6 +648,41 @@ impl NodeConfig {
                 format!(
                     "{:?} is not a log filter such as \"info\" or \"kiwi_node=debug,info\": {e}",
                     self.log.level
+                ),
+            );
+        }
+
+        let t = &self.telemetry;
+        check(
+            t.metrics_addr.is_none_or(|a| a.ip().is_loopback()) || t.metrics_token_file.is_some(),
+            "telemetry.metrics_token_file",
+            format!(
+                "must be set when telemetry.metrics_addr is not a loopback address ({}): metrics \
+                 would be open to anyone who can reach it",
+                t.metrics_addr.map(|a| a.to_string()).unwrap_or_default()
+            ),
+        );
+        check(
+            (1..=100_000).contains(&t.metrics_rate_limit_per_sec),
+            "telemetry.metrics_rate_limit_per_sec",
+            format!(
+                "must be from 1 to 100000, got {}",
+                t.metrics_rate_limit_per_sec
+            ),
+        );
+        check(
+            (0.0..=1.0).contains(&t.trace_sample_ratio),
+            "telemetry.trace_sample_ratio",
+            format!("must be from 0.0 to 1.0, got {}", t.trace_sample_ratio),
+        );
+        if let Some(e) = &t.otlp_endpoint {
+            check(
+                (e.starts_with("http://") || e.starts_with("https://"))
+                    && e.parse::<tonic::transport::Uri>()
+                        .is_ok_and(|u| u.host().is_some()),
+                "telemetry.otlp_endpoint",
+                format!(
+                    "must be an http:// or https:// URL such as http://127.0.0.1:4317, got {e:?}"
                 ),
             );
         }

@@ -58,6 +58,8 @@ use crate::raft::{driver, log_store, snapshot, state_machine, transport};
 use crate::runtime::priority_channel::{ChannelPolicy, PriorityMessageChannel, SystemClock};
 use crate::runtime::worker_pool::WorkerPool;
 use crate::service::{AdminApi, KvApi, KvServer, KvServerParts};
+use crate::telemetry::metrics::{Meters, MetricsRegistry};
+use crate::telemetry::storage_metrics::{InstrumentedBackend, register_engine_gauges};
 
 /// Requests queued per priority class before the class is refused.
 pub const QUEUE_CAPACITY: usize = 4096;
@@ -136,6 +138,12 @@ pub enum Error {
     /// A background task panicked.
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    MetricsHttp(#[from] telemetry::http::HttpError),
+    /// The metrics exporter could not be built.
+    #[error(transparent)]
+    Metrics(#[from] telemetry::metrics::ExporterError),
 }
 
 /// The node crate's result type.
@@ -155,6 +163,8 @@ pub struct Node {
     fatal: CancellationToken,
     driver: Option<std::thread::JoinHandle<()>>,
     pool: Arc<WorkerPool>,
+    /// The metrics endpoint's address and task, when `telemetry.metrics_addr` is set.
+    metrics: Option<(SocketAddr, JoinHandle<std::io::Result<()>>)>,
 }
 
 impl Node {
@@ -165,14 +175,32 @@ impl Node {
     /// Invalid config, storage errors, [`Error::NodeIdMismatch`], [`Error::Bind`].
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
+        // Metrics first: a bad token file or a taken port is refused before anything is opened.
+        let metrics_http = match config.telemetry.metrics_addr {
+            Some(addr) => {
+                let token = match &config.telemetry.metrics_token_file {
+                    Some(path) => Some(telemetry::http::read_token(path)?),
+                    None => None,
+                };
+                let listener = telemetry::http::bind(addr).await?;
+                Some((listener, token, Arc::new(MetricsRegistry::new()?)))
+            }
+            None => None,
+        };
+        let meters = metrics_http
+            .as_ref()
+            .map_or_else(Meters::noop, |(_, _, registry)| registry.meters());
         let snapshots = Arc::new(SnapshotRegistry::default());
         let configured = configured_members(&config);
         let (storage, mut log_store, recorded, stored_cluster_id) = {
             let config = config.clone();
             let snapshots = Arc::clone(&snapshots);
             let configured = configured.clone();
+            let meter = meters.storage.clone();
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let storage = open_storage(&config)?;
+                let storage = InstrumentedBackend::wrap(storage, &meter);
+                register_engine_gauges(&meter, Arc::clone(&storage), config.storage_dir());
                 let cluster_id = identity::cluster_id(&*storage)?;
                 let mut log_store = LogStore::open(Arc::clone(&storage), snapshots)?;
                 check_cluster_id(&config, &configured, cluster_id, log_store.conf_state())?;
@@ -252,6 +280,7 @@ impl Node {
                 collection_interval: config.raft.metrics.collection_interval,
                 retention_period: config.raft.metrics.retention_period,
             },
+            metrics_export: telemetry::raft_metrics::RaftExport::new(&meters.raft),
         };
         let gate = Arc::new(snapshot::InstallGate::default());
         let (driver, driver_thread) = driver::spawn(
@@ -276,7 +305,21 @@ impl Node {
             config.runtime.scaling.min_storage_threads,
             Box::new(SystemClock),
         ));
-        let pool = WorkerPool::start(Arc::clone(&channel), (&config.runtime.scaling).into());
+        let pool = WorkerPool::start(
+            Arc::clone(&channel),
+            (&config.runtime.scaling).into(),
+            &meters.runtime,
+        );
+        let network_threads = match config.runtime.network_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        } as u64;
+        meters
+            .runtime
+            .u64_observable_gauge("kiwi_runtime_network_threads")
+            .with_description("Threads of the network stage (gRPC I/O), fixed at start")
+            .with_callback(move |o| o.observe(network_threads, &[]))
+            .build();
         let kv = KvServer::new(KvServerParts {
             node_id,
             driver: driver.clone(),
@@ -354,6 +397,29 @@ impl Node {
                 shutdown.clone().cancelled_owned(),
             );
         let server = tokio::spawn(server);
+        let metrics = match metrics_http {
+            Some((listener, token, registry)) => {
+                let metrics_addr =
+                    listener
+                        .local_addr()
+                        .map_err(|source| telemetry::http::HttpError::Bind {
+                            addr: config.telemetry.metrics_addr.unwrap_or(addr),
+                            source,
+                        })?;
+                let task = telemetry::http::spawn(
+                    listener,
+                    telemetry::http::MetricsHttp {
+                        registry,
+                        token,
+                        rate_limit_per_sec: config.telemetry.metrics_rate_limit_per_sec,
+                    },
+                    stop.clone(),
+                );
+                tracing::info!(%metrics_addr, "metrics served on /metrics");
+                Some((metrics_addr, task))
+            }
+            None => None,
+        };
         tracing::info!(
             node_id = config.raft.node_id,
             %addr,
@@ -370,7 +436,13 @@ impl Node {
             fatal,
             driver: Some(driver_thread),
             pool,
+            metrics,
         })
+    }
+
+    /// The address of the metrics endpoint, when `telemetry.metrics_addr` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(a, _)| *a)
     }
 
     /// The address the gRPC server is bound to (useful with port 0).
@@ -399,6 +471,11 @@ impl Node {
         }
         self.pool.stop();
         self.stop.cancel();
+        if let Some((_, task)) = self.metrics.take()
+            && tokio::time::timeout(SHUTDOWN_GRACE, task).await.is_err()
+        {
+            tracing::warn!("the metrics endpoint did not stop within the grace period");
+        }
         if let Some(driver) = self.driver.take() {
             tokio::task::spawn_blocking(move || driver.join())
                 .await?

@@ -44,6 +44,9 @@ pub struct ClusterOptions {
     pub tick_interval_ms: u64,
     /// Extra TOML appended to every node's config (e.g. a `[runtime.scaling]` table).
     pub extra_config: String,
+    /// Extra lines for every node's `[telemetry]` table (each node always gets a loopback
+    /// `metrics_addr`; see [`Cluster::metrics_addr`]).
+    pub telemetry_extra: String,
 }
 
 impl Default for ClusterOptions {
@@ -55,12 +58,15 @@ impl Default for ClusterOptions {
             compaction_slack: 0,
             tick_interval_ms: 50,
             extra_config: String::new(),
+            telemetry_extra: String::new(),
         }
     }
 }
 
 struct NodeProc {
     addr: SocketAddr,
+    /// `telemetry.metrics_addr`.
+    metrics_addr: SocketAddr,
     dir: PathBuf,
     child: Option<Child>,
     /// Started with `raft.join = true` (not a founding member).
@@ -124,6 +130,7 @@ impl Cluster {
                 id,
                 NodeProc {
                     addr: free_port(),
+                    metrics_addr: free_port(),
                     dir,
                     child: None,
                     join: false,
@@ -164,6 +171,11 @@ impl Cluster {
         self.nodes[&id].addr
     }
 
+    /// A node's metrics endpoint (`telemetry.metrics_addr`).
+    pub fn metrics_addr(&self, id: u64) -> SocketAddr {
+        self.nodes[&id].metrics_addr
+    }
+
     /// The harness's root directory.
     pub fn root(&self) -> &Path {
         self.root.path()
@@ -195,6 +207,10 @@ impl Cluster {
         s.push_str(&format!(
             "\n[storage]\nbackend = \"{}\"\n{}",
             self.opts.backend, node.storage_extra
+        ));
+        s.push_str(&format!(
+            "\n[telemetry]\nmetrics_addr = \"{}\"\n{}\n",
+            node.metrics_addr, self.opts.telemetry_extra
         ));
         s.push_str(&self.opts.extra_config);
         s
@@ -233,6 +249,7 @@ impl Cluster {
             id,
             NodeProc {
                 addr: free_port(),
+                metrics_addr: free_port(),
                 dir,
                 child: None,
                 join: true,

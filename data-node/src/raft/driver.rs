@@ -67,7 +67,9 @@ use tokio_util::sync::CancellationToken;
 use crate::raft::log_store::{LogStore, SnapshotData};
 use crate::raft::snapshot::{self, InstallGate};
 use crate::raft::state_machine::{self, ApplyOutcome};
-use crate::telemetry::raft_metrics::{MetricsSettings, RaftMetrics, RaftMetricsCollector, Sample};
+use crate::telemetry::raft_metrics::{
+    MetricsSettings, Progress, RaftExport, RaftMetrics, RaftMetricsCollector, Sample,
+};
 
 /// Capacity of the driver's inbox.
 const INBOX: usize = 16 * 1024;
@@ -240,6 +242,8 @@ pub struct DriverConfig {
     pub compaction_slack: u64,
     /// `[raft.metrics]`.
     pub metrics: MetricsSettings,
+    /// Where the metrics are exported (the `raft` family).
+    pub metrics_export: RaftExport,
 }
 
 /// A node's Raft metrics with the state they describe.
@@ -509,7 +513,7 @@ pub fn spawn(
         removed_ids: removed_tx,
         gate,
         rejected_entries: 0,
-        metrics: RaftMetricsCollector::new(config.metrics),
+        metrics: RaftMetricsCollector::new(config.metrics, config.metrics_export.clone()),
     };
     driver.removed = driver.compute_removed();
     let tick = config.tick_interval;
@@ -902,13 +906,37 @@ impl Driver {
             }
         }
         let role = wire_role(now.role);
-        self.metrics.maybe_sample(at, || Sample {
-            at: std::time::SystemTime::now(),
-            term: now.term,
-            role,
-            commit: now.commit,
-            applied: now.applied,
-            max_follower_lag: max_lag,
+        let raft = &self.raw.raft;
+        self.metrics.maybe_sample(at, || {
+            let last_index = raft.raft_log.last_index();
+            let mut followers = Vec::new();
+            if raft.state == StateRole::Leader {
+                for (id, pr) in raft.prs().iter() {
+                    if *id != raft.id {
+                        followers.push((
+                            *id,
+                            pr.matched,
+                            last_index.saturating_sub(pr.matched),
+                            pr.recent_active,
+                        ));
+                    }
+                }
+            }
+            let sample = Sample {
+                at: std::time::SystemTime::now(),
+                term: now.term,
+                role,
+                commit: now.commit,
+                applied: now.applied,
+                max_follower_lag: max_lag,
+            };
+            let progress = Progress {
+                leader: now.leader_id,
+                first_index: raft.raft_log.first_index(),
+                last_index,
+                followers,
+            };
+            (sample, progress)
         });
     }
 
@@ -1278,6 +1306,7 @@ mod tests {
                 collection_interval: Duration::from_millis(10),
                 retention_period: Duration::from_secs(10),
             },
+            metrics_export: RaftExport::noop(),
         }
     }
 
@@ -1671,6 +1700,7 @@ mod tests {
                 collection_interval: Duration::from_millis(10),
                 retention_period: Duration::from_secs(10),
             },
+            metrics_export: RaftExport::noop(),
         };
         let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
         let (handle, thread) = spawn(

@@ -164,9 +164,18 @@ impl Refused {
 pub enum Taken<T> {
     /// Run it. The class is the one it was scheduled as: its own with priority on, NORMAL for every
     /// request when priority is off (one FIFO).
-    Run(T, Class),
+    Run(T, Class, Dequeued),
     /// Its deadline passed while it waited: answer DEADLINE_EXCEEDED without running it.
     Expired(T),
+}
+
+/// How a request left the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dequeued {
+    /// Its own priority class (whatever it was scheduled as).
+    pub class: Class,
+    /// How long it waited in the queue.
+    pub waited: Duration,
 }
 
 /// Per-class counters.
@@ -411,7 +420,14 @@ impl<T> PriorityMessageChannel<T> {
         if scheduled_as == Class::Low {
             s.running_low += 1;
         }
-        Some(Taken::Run(item.job, scheduled_as))
+        Some(Taken::Run(
+            item.job,
+            scheduled_as,
+            Dequeued {
+                class: Class::ALL[c],
+                waited,
+            },
+        ))
     }
 
     /// Takes the next request, waiting up to `timeout` for one. `None` on timeout or once closed and empty.
@@ -582,7 +598,7 @@ mod tests {
 
     fn run(t: Option<Taken<(Class, u64)>>) -> (Class, u64) {
         match t {
-            Some(Taken::Run(j, _)) => j,
+            Some(Taken::Run(j, _, _)) => j,
             other => panic!("expected a runnable job, got {other:?}"),
         }
     }
@@ -719,15 +735,18 @@ mod tests {
             .unwrap();
         // One LOW may run at a time: the first is taken, the second waits until it ends.
         let limited = || ch.recv_timeout_limiting_low(Duration::from_millis(1), 1);
-        assert!(matches!(limited(), Some(Taken::Run((Class::Low, 0), _))));
+        assert!(matches!(limited(), Some(Taken::Run((Class::Low, 0), _, _))));
         assert!(limited().is_none());
         assert_eq!(ch.running_low(), 1);
         // Other classes are served meanwhile.
         ch.try_send(Class::Normal, far(&clock), (Class::Normal, 2))
             .unwrap();
-        assert!(matches!(limited(), Some(Taken::Run((Class::Normal, 2), _))));
+        assert!(matches!(
+            limited(),
+            Some(Taken::Run((Class::Normal, 2), _, _))
+        ));
         ch.record_service(Class::Low, Duration::from_millis(1));
-        assert!(matches!(limited(), Some(Taken::Run((Class::Low, 1), _))));
+        assert!(matches!(limited(), Some(Taken::Run((Class::Low, 1), _, _))));
     }
 
     #[test]
@@ -752,7 +771,7 @@ mod tests {
             Err(Refused::QueueFull { capacity: 4, .. })
         ));
         // Taken but still running counts too.
-        assert!(matches!(ch.try_recv(), Some(Taken::Run(_, Class::Low))));
+        assert!(matches!(ch.try_recv(), Some(Taken::Run(_, Class::Low, _))));
         assert!(
             ch.try_send(Class::Low, far(&clock), (Class::Low, 5))
                 .is_err()

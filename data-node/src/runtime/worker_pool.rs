@@ -40,6 +40,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+
 use crate::runtime::priority_channel::{Class, PriorityMessageChannel, Taken};
 
 /// The OS nice value LOW requests run at (CFS weight 110 against 1024 at nice 0).
@@ -148,6 +151,161 @@ pub struct ScaleEvent {
     pub from: usize,
     pub to: usize,
     pub reason: String,
+    /// Mean queue wait of the requests taken in the evaluation interval before the change.
+    pub wait_before: Duration,
+    /// The same over the interval after it; `None` until that interval has ended.
+    pub wait_after: Option<Duration>,
+}
+
+/// Bucket bounds, in seconds, of the queue-wait and processing-time histograms (50 µs to 10 s).
+const RUNTIME_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// The pool's OpenTelemetry instruments (the `runtime` metric family), attributes built once.
+struct PoolInstruments {
+    queue_wait: Histogram<f64>,
+    processing: Histogram<f64>,
+    scale_events: Counter<u64>,
+    /// `priority` attribute per class, CRITICAL first.
+    class: [[KeyValue; 1]; 4],
+    /// `direction` attribute: up, down.
+    direction: [[KeyValue; 1]; 2],
+}
+
+impl PoolInstruments {
+    fn new(meter: &Meter) -> PoolInstruments {
+        PoolInstruments {
+            queue_wait: meter
+                .f64_histogram("kiwi_runtime_queue_wait")
+                .with_unit("s")
+                .with_description("Time a request waited in the priority channel, per priority")
+                .with_boundaries(RUNTIME_BUCKETS.to_vec())
+                .build(),
+            processing: meter
+                .f64_histogram("kiwi_runtime_processing")
+                .with_unit("s")
+                .with_description("Time a storage worker spent on a request, per priority")
+                .with_boundaries(RUNTIME_BUCKETS.to_vec())
+                .build(),
+            scale_events: meter
+                .u64_counter("kiwi_runtime_scale_events")
+                .with_description("Storage pool resizes, by direction (up, down)")
+                .build(),
+            class: Class::ALL.map(|c| [KeyValue::new("priority", c.name())]),
+            direction: ["up", "down"].map(|d| [KeyValue::new("direction", d)]),
+        }
+    }
+}
+
+/// Registers the pool's and the channel's gauges and counters, read at each scrape.
+fn register_gauges(meter: &Meter, shared: &Arc<Shared>) {
+    // Counters start at zero, so their series exist before the first event.
+    for attrs in &shared.instruments.direction {
+        shared.instruments.scale_events.add(0, attrs);
+    }
+    let s = Arc::clone(shared);
+    meter
+        .u64_observable_gauge("kiwi_runtime_storage_threads")
+        .with_description("Storage worker threads running")
+        .with_callback(move |o| o.observe(s.live.load(Ordering::Relaxed) as u64, &[]))
+        .build();
+    let s = Arc::clone(shared);
+    meter
+        .u64_observable_gauge("kiwi_runtime_storage_threads_target")
+        .with_description("Storage worker threads the scaler wants")
+        .with_callback(move |o| o.observe(s.target.load(Ordering::Relaxed) as u64, &[]))
+        .build();
+    let s = Arc::clone(shared);
+    meter
+        .f64_observable_gauge("kiwi_runtime_storage_utilisation")
+        .with_unit("1")
+        .with_description(
+            "Share of the storage threads' time spent running requests, last interval",
+        )
+        .with_callback(move |o| {
+            let pct = *s.utilisation.lock().unwrap_or_else(PoisonError::into_inner);
+            o.observe(pct / 100.0, &[]);
+        })
+        .build();
+    let class_attrs = || Class::ALL.map(|c| [KeyValue::new("priority", c.name())]);
+    let s = Arc::clone(shared);
+    let attrs = class_attrs();
+    meter
+        .u64_observable_gauge("kiwi_runtime_queue_depth")
+        .with_description("Requests waiting in the priority channel, per priority")
+        .with_callback(move |o| {
+            let stats = s.channel.stats();
+            for (c, attrs) in stats.classes.iter().zip(&attrs) {
+                o.observe(c.depth as u64, attrs);
+            }
+        })
+        .build();
+    type Pick = fn(&crate::runtime::priority_channel::ClassStats) -> u64;
+    let counters: [(&str, &str, Pick); 4] = [
+        (
+            "kiwi_runtime_requests_enqueued",
+            "Requests admitted to the priority channel",
+            |c| c.enqueued,
+        ),
+        (
+            "kiwi_runtime_requests_served",
+            "Requests taken by a storage worker",
+            |c| c.served,
+        ),
+        (
+            "kiwi_runtime_requests_shed",
+            "Requests refused by admission control (RESOURCE_EXHAUSTED)",
+            |c| c.shed,
+        ),
+        (
+            "kiwi_runtime_requests_expired",
+            "Requests whose deadline passed while they waited",
+            |c| c.expired,
+        ),
+    ];
+    for (name, description, pick) in counters {
+        let s = Arc::clone(shared);
+        let attrs = class_attrs();
+        meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_callback(move |o| {
+                let stats = s.channel.stats();
+                for (c, attrs) in stats.classes.iter().zip(&attrs) {
+                    o.observe(pick(c), attrs);
+                }
+            })
+            .build();
+    }
+    type Wait = fn(&ScaleEvent) -> Option<Duration>;
+    let waits: [(&str, &str, Wait); 2] = [
+        (
+            "kiwi_runtime_scale_wait_before",
+            "Mean queue wait over the interval before the last pool resize",
+            |e| Some(e.wait_before),
+        ),
+        (
+            "kiwi_runtime_scale_wait_after",
+            "Mean queue wait over the interval after the last pool resize",
+            |e| e.wait_after,
+        ),
+    ];
+    for (name, description, pick) in waits {
+        let s = Arc::clone(shared);
+        meter
+            .f64_observable_gauge(name)
+            .with_unit("s")
+            .with_description(description)
+            .with_callback(move |o| {
+                let events = s.events.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(w) = events.back().and_then(pick) {
+                    o.observe(w.as_secs_f64(), &[]);
+                }
+            })
+            .build();
+    }
 }
 
 /// `ScalingMetrics`: the pool as the scaler sees it.
@@ -258,6 +416,10 @@ struct Shared {
     scaler: Mutex<ThreadPoolScaler>,
     events: Mutex<VecDeque<ScaleEvent>>,
     utilisation: Mutex<f64>,
+    /// Queue wait of every request taken, summed (ns), and how many: per-interval means for scale events.
+    waited_ns: AtomicU64,
+    waited_count: AtomicU64,
+    instruments: PoolInstruments,
     /// LOW requests run at [`LOW_NICE`].
     os_priority: bool,
     /// Threads running a LOW request at [`LOW_NICE`] right now (kernel thread ids).
@@ -272,10 +434,11 @@ pub struct WorkerPool {
 }
 
 impl WorkerPool {
-    /// Starts `policy.min_threads` workers and the scaler.
+    /// Starts `policy.min_threads` workers and the scaler; records the `runtime` metrics into `meter`.
     pub fn start(
         channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
         policy: ScalingPolicy,
+        meter: &Meter,
     ) -> Arc<WorkerPool> {
         let start = policy.min_threads.max(1);
         let base_nice = thread_nice();
@@ -288,6 +451,9 @@ impl WorkerPool {
             scaler: Mutex::new(ThreadPoolScaler::new(policy)),
             events: Mutex::new(VecDeque::new()),
             utilisation: Mutex::new(0.0),
+            waited_ns: AtomicU64::new(0),
+            waited_count: AtomicU64::new(0),
+            instruments: PoolInstruments::new(meter),
             os_priority: os_priority_allowed(base_nice),
             low_running: Mutex::new(Vec::new()),
             base_nice,
@@ -300,6 +466,7 @@ impl WorkerPool {
                  RLIMIT_NICE): every class runs at the same OS priority"
             );
         }
+        register_gauges(meter, &shared);
         shared.channel.set_workers(start);
         for _ in 0..start {
             spawn_worker(&shared);
@@ -437,7 +604,16 @@ fn worker_loop(s: &Shared) {
             .channel
             .recv_timeout_limiting_low(Duration::from_millis(100), low_limit)
         {
-            Some(Taken::Run(job, class)) => {
+            Some(Taken::Run(job, class, dequeued)) => {
+                let attrs = &s.instruments.class[dequeued.class as usize];
+                s.instruments
+                    .queue_wait
+                    .record(dequeued.waited.as_secs_f64(), attrs);
+                s.waited_ns.fetch_add(
+                    u64::try_from(dequeued.waited.as_nanos()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                s.waited_count.fetch_add(1, Ordering::Relaxed);
                 let mut low_registered = false;
                 if s.os_priority && class == Class::Low {
                     // Under the lock, so `urgent_queued` lifts either before (and this sees the waiting
@@ -488,6 +664,7 @@ fn worker_loop(s: &Shared) {
                     Ordering::Relaxed,
                 );
                 s.channel.record_service(class, took);
+                s.instruments.processing.record(took.as_secs_f64(), attrs);
             }
             Some(Taken::Expired(job)) => job.expire(),
             None if s.stop.load(Ordering::SeqCst) && s.channel.is_empty() => {
@@ -505,6 +682,7 @@ const SCALER_SLICE: Duration = Duration::from_millis(50);
 fn scaler_loop(s: &Arc<Shared>) {
     let mut last = Instant::now();
     let mut last_busy = s.busy_ns.load(Ordering::Relaxed);
+    let mut last_waited = (0u64, 0u64);
     while !s.stop.load(Ordering::SeqCst) {
         // Sleep in short slices, re-reading the interval: a new policy (or a stop) takes effect within
         // one slice, not after a long interval set earlier has run out.
@@ -535,6 +713,25 @@ fn scaler_loop(s: &Arc<Shared>) {
         };
         (last, last_busy) = (now, busy);
         *s.utilisation.lock().unwrap_or_else(PoisonError::into_inner) = util;
+        let waited = (
+            s.waited_ns.load(Ordering::Relaxed),
+            s.waited_count.load(Ordering::Relaxed),
+        );
+        let mean_wait = Duration::from_nanos(
+            (waited.0 - last_waited.0)
+                .checked_div(waited.1 - last_waited.1)
+                .unwrap_or(0),
+        );
+        last_waited = waited;
+        {
+            // The interval after the last resize has ended: its mean wait is that resize's effect.
+            let mut events = s.events.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(e) = events.back_mut()
+                && e.wait_after.is_none()
+            {
+                e.wait_after = Some(mean_wait);
+            }
+        }
         let target = s.target.load(Ordering::SeqCst);
         let decision = s
             .scaler
@@ -549,11 +746,16 @@ fn scaler_loop(s: &Arc<Shared>) {
                 spawn_worker(s);
             }
             let mut events = s.events.lock().unwrap_or_else(PoisonError::into_inner);
+            s.instruments
+                .scale_events
+                .add(1, &s.instruments.direction[usize::from(to < target)]);
             events.push_back(ScaleEvent {
                 at: SystemTime::now(),
                 from: target,
                 to,
                 reason,
+                wait_before: mean_wait,
+                wait_after: None,
             });
             while events.len() > EVENTS_KEPT {
                 events.pop_front();
@@ -647,6 +849,7 @@ mod tests {
                 max_threads: threads,
                 ..policy()
             },
+            &opentelemetry::global::meter("test"),
         );
         (channel, pool)
     }
@@ -671,6 +874,7 @@ mod tests {
                 evaluation_interval: Duration::from_secs(3600),
                 ..policy()
             },
+            &opentelemetry::global::meter("test"),
         );
         // The defaults come back (minimum 3): the pool reaches them without waiting out the hour.
         pool.set_policy(ScalingPolicy {

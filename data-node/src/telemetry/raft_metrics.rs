@@ -7,14 +7,26 @@
 //! the time from the leader persisting an entry to the follower acknowledging its index. The persist times
 //! are kept for the last [`PERSISTED_KEPT`] fsynced appends.
 //!
+//! Export: [`RaftExport`] holds the OpenTelemetry instruments (the `raft` metric family). Histograms and
+//! counters are recorded as events happen (attributes built once; no allocation per event); the gauges
+//! (term, role, indexes, followers' match and lag) are published once per `collection_interval` into a
+//! small shared record that the exporter's callbacks read at scrape time, so a scrape never waits for
+//! the driver.
+//!
 //! History: every `collection_interval` one [`Sample`] is kept, for `retention_period`. Memory is bounded
 //! by `retention_period / collection_interval` samples of 48 bytes, at most
 //! [`MAX_SAMPLES`] (the config ceilings allow 7 days at 1 s, or 1 h at 100 ms: 36,000 samples, 1.7 MB).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use hdrhistogram::Histogram;
+use kiwi_proto::v1::RaftRole;
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram as OtelHistogram, Meter};
+
+use super::metrics::LATENCY_BUCKETS;
 
 /// Persisted appends remembered for replication latency.
 pub const PERSISTED_KEPT: usize = 4096;
@@ -88,6 +100,298 @@ pub struct RaftMetrics {
     pub history: Vec<Sample>,
 }
 
+/// Figures the driver publishes each collection interval for the gauges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub leader: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+    /// (id, match index, lag in entries, recently active), on the leader.
+    pub followers: Vec<(u64, u64, u64, bool)>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Published {
+    sample: Option<Sample>,
+    progress: Progress,
+    commit_rate: f64,
+    apply_rate: f64,
+    /// Replication latency moving average per follower, microseconds.
+    follower_avg_us: Vec<(u64, u64)>,
+}
+
+/// Role names for the `kiwi_raft_role{role}` state set.
+const ROLES: [(RaftRole, &str); 5] = [
+    (RaftRole::Follower, "follower"),
+    (RaftRole::Candidate, "candidate"),
+    (RaftRole::PreCandidate, "pre_candidate"),
+    (RaftRole::Leader, "leader"),
+    (RaftRole::Learner, "learner"),
+];
+
+/// The OpenTelemetry side of the collector: instruments recorded as events happen, and the gauges'
+/// shared record. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftExport {
+    elections: Counter<u64>,
+    leader_changes: Counter<u64>,
+    election_duration: OtelHistogram<f64>,
+    proposals: Counter<u64>,
+    propose_to_apply: OtelHistogram<f64>,
+    read_index: OtelHistogram<f64>,
+    ready_handling: OtelHistogram<f64>,
+    log_fsync: OtelHistogram<f64>,
+    log_fsync_entries: OtelHistogram<u64>,
+    replication: OtelHistogram<f64>,
+    snapshots: Counter<u64>,
+    snapshot_duration: OtelHistogram<f64>,
+    entries_committed: Counter<u64>,
+    entries_applied: Counter<u64>,
+    outcome: [[KeyValue; 1]; 3],
+    published: Arc<Mutex<Published>>,
+}
+
+fn seconds(meter: &Meter, name: &'static str, description: &'static str) -> OtelHistogram<f64> {
+    meter
+        .f64_histogram(name)
+        .with_unit("s")
+        .with_description(description)
+        .with_boundaries(LATENCY_BUCKETS.to_vec())
+        .build()
+}
+
+impl std::fmt::Debug for RaftExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftExport").finish_non_exhaustive()
+    }
+}
+
+impl RaftExport {
+    /// Instruments that record nothing.
+    pub fn noop() -> RaftExport {
+        RaftExport::new(&opentelemetry::global::meter("kiwi"))
+    }
+
+    /// Creates the instruments and registers the gauges on `meter`.
+    pub fn new(meter: &Meter) -> RaftExport {
+        let counter = |name: &'static str, description: &'static str| {
+            meter
+                .u64_counter(name)
+                .with_description(description)
+                .build()
+        };
+        let export = RaftExport {
+            elections: counter("kiwi_raft_elections", "Campaigns this node started"),
+            leader_changes: counter(
+                "kiwi_raft_leader_changes",
+                "Times the known leader changed to another node",
+            ),
+            election_duration: seconds(
+                meter,
+                "kiwi_raft_election_duration",
+                "From losing the leader (or campaigning) until a leader is known",
+            ),
+            proposals: counter(
+                "kiwi_raft_proposals",
+                "Proposals answered, by outcome: committed (applied), dropped, rejected (invalid)",
+            ),
+            propose_to_apply: seconds(
+                meter,
+                "kiwi_raft_propose_to_apply_duration",
+                "From proposing an entry to applying it",
+            ),
+            read_index: seconds(
+                meter,
+                "kiwi_raft_read_index_duration",
+                "One ReadIndex round",
+            ),
+            ready_handling: seconds(
+                meter,
+                "kiwi_raft_ready_duration",
+                "Handling one raft-rs Ready (persist, send, apply, advance)",
+            ),
+            log_fsync: seconds(
+                meter,
+                "kiwi_raft_log_append_duration",
+                "One fsynced append to the Raft log",
+            ),
+            log_fsync_entries: meter
+                .u64_histogram("kiwi_raft_log_append_entries")
+                .with_description("Entries per fsynced Raft log append (group commit)")
+                .with_boundaries(vec![
+                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0,
+                ])
+                .build(),
+            replication: seconds(
+                meter,
+                "kiwi_raft_replication_latency",
+                "On the leader: from persisting an entry to a follower acknowledging it, per peer",
+            ),
+            snapshots: counter(
+                "kiwi_raft_snapshots_sent",
+                "Snapshot streams to a follower, per peer and result (ok, failed)",
+            ),
+            snapshot_duration: seconds(
+                meter,
+                "kiwi_raft_snapshot_send_duration",
+                "Snapshot streams to a follower that succeeded, per peer",
+            ),
+            entries_committed: counter(
+                "kiwi_raft_entries_committed",
+                "Log entries this node learned committed since it started",
+            ),
+            entries_applied: counter(
+                "kiwi_raft_entries_applied",
+                "Log entries this node applied since it started",
+            ),
+            outcome: ["committed", "dropped", "rejected"].map(|o| [KeyValue::new("outcome", o)]),
+            published: Arc::default(),
+        };
+        // Counters start at zero, so their series exist (and dashboards show 0) before the first event.
+        for c in [
+            &export.elections,
+            &export.leader_changes,
+            &export.entries_committed,
+            &export.entries_applied,
+        ] {
+            c.add(0, &[]);
+        }
+        for attrs in &export.outcome {
+            export.proposals.add(0, attrs);
+        }
+        export.register_gauges(meter);
+        export
+    }
+
+    fn register_gauges(&self, meter: &Meter) {
+        type Pick = fn(&Sample, &Progress) -> u64;
+        let gauges: [(&str, &str, Pick); 6] = [
+            ("kiwi_raft_term", "Current Raft term", |s, _| s.term),
+            (
+                "kiwi_raft_leader_id",
+                "Id of the known leader (0: none)",
+                |_, p| p.leader,
+            ),
+            (
+                "kiwi_raft_commit_index",
+                "Highest log index known committed",
+                |s, _| s.commit,
+            ),
+            (
+                "kiwi_raft_applied_index",
+                "Highest log index applied",
+                |s, _| s.applied,
+            ),
+            (
+                "kiwi_raft_log_first_index",
+                "First index in the Raft log",
+                |_, p| p.first_index,
+            ),
+            (
+                "kiwi_raft_log_last_index",
+                "Last index in the Raft log",
+                |_, p| p.last_index,
+            ),
+        ];
+        for (name, description, pick) in gauges {
+            let published = Arc::clone(&self.published);
+            meter
+                .u64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |o| {
+                    let p = published.lock().unwrap_or_else(PoisonError::into_inner);
+                    if let Some(s) = &p.sample {
+                        o.observe(pick(s, &p.progress), &[]);
+                    }
+                })
+                .build();
+        }
+        let published = Arc::clone(&self.published);
+        let roles = ROLES.map(|(role, name)| (role, [KeyValue::new("role", name)]));
+        meter
+            .u64_observable_gauge("kiwi_raft_role")
+            .with_description("1 for this node's current Raft role, 0 for the others")
+            .with_callback(move |o| {
+                let p = published.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(s) = &p.sample {
+                    for (role, attrs) in &roles {
+                        o.observe(u64::from(s.role == *role), attrs);
+                    }
+                }
+            })
+            .build();
+        type Rate = fn(&Published) -> f64;
+        let rates: [(&str, &str, Rate); 2] = [
+            (
+                "kiwi_raft_commit_rate",
+                "Entries committed per second over the last 10 s",
+                |p| p.commit_rate,
+            ),
+            (
+                "kiwi_raft_apply_rate",
+                "Entries applied per second over the last 10 s",
+                |p| p.apply_rate,
+            ),
+        ];
+        for (name, description, pick) in rates {
+            let published = Arc::clone(&self.published);
+            meter
+                .f64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |o| {
+                    let p = published.lock().unwrap_or_else(PoisonError::into_inner);
+                    if p.sample.is_some() {
+                        o.observe(pick(&p), &[]);
+                    }
+                })
+                .build();
+        }
+        type Follower = fn(&(u64, u64, u64, bool)) -> u64;
+        let followers: [(&str, &str, Follower); 3] = [
+            (
+                "kiwi_raft_follower_match_index",
+                "On the leader: highest index known replicated to the peer",
+                |f| f.1,
+            ),
+            (
+                "kiwi_raft_follower_lag_entries",
+                "On the leader: entries the peer is behind the leader's last index",
+                |f| f.2,
+            ),
+            (
+                "kiwi_raft_follower_recently_active",
+                "On the leader: 1 if the peer answered within the last election timeout",
+                |f| u64::from(f.3),
+            ),
+        ];
+        for (name, description, pick) in followers {
+            let published = Arc::clone(&self.published);
+            meter
+                .u64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(move |o| {
+                    let p = published.lock().unwrap_or_else(PoisonError::into_inner);
+                    for f in &p.progress.followers {
+                        o.observe(pick(f), &[KeyValue::new("peer", f.0 as i64)]);
+                    }
+                })
+                .build();
+        }
+        let published = Arc::clone(&self.published);
+        meter
+            .f64_observable_gauge("kiwi_raft_follower_replication_latency_avg")
+            .with_unit("s")
+            .with_description("On the leader: moving average of the peer's replication latency")
+            .with_callback(move |o| {
+                let p = published.lock().unwrap_or_else(PoisonError::into_inner);
+                for &(id, us) in &p.follower_avg_us {
+                    o.observe(us as f64 / 1e6, &[KeyValue::new("peer", id as i64)]);
+                }
+            })
+            .build();
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
 }
@@ -142,10 +446,11 @@ pub struct RaftMetricsCollector {
     followers: BTreeMap<u64, FollowerState>,
     history: VecDeque<Sample>,
     next_sample: Instant,
+    export: RaftExport,
 }
 
 impl RaftMetricsCollector {
-    pub fn new(settings: MetricsSettings) -> Self {
+    pub fn new(settings: MetricsSettings, export: RaftExport) -> Self {
         RaftMetricsCollector {
             settings,
             elections: 0,
@@ -167,6 +472,7 @@ impl RaftMetricsCollector {
             followers: BTreeMap::new(),
             history: VecDeque::new(),
             next_sample: Instant::now(),
+            export,
         }
     }
 
@@ -194,6 +500,7 @@ impl RaftMetricsCollector {
             return;
         }
         self.elections += 1;
+        self.export.elections.add(1, &[]);
         self.election_started.get_or_insert(now);
     }
 
@@ -207,10 +514,15 @@ impl RaftMetricsCollector {
         } else {
             if self.last_known_leader != 0 && self.last_known_leader != leader {
                 self.leader_changes += 1;
+                self.export.leader_changes.add(1, &[]);
             }
             self.last_known_leader = leader;
             if let Some(started) = self.election_started.take() {
-                self.last_election = Some(now.duration_since(started));
+                let took = now.duration_since(started);
+                self.last_election = Some(took);
+                self.export
+                    .election_duration
+                    .record(took.as_secs_f64(), &[]);
             }
             // A new leadership: replication figures start over.
             self.followers.clear();
@@ -223,6 +535,7 @@ impl RaftMetricsCollector {
     pub fn ready_handled(&mut self, took: Duration) {
         if self.enabled() {
             let _ = self.ready_handling.record(micros(took));
+            self.export.ready_handling.record(took.as_secs_f64(), &[]);
         }
     }
 
@@ -233,6 +546,8 @@ impl RaftMetricsCollector {
         }
         let _ = self.log_fsync.record(micros(took));
         self.log_fsync_entries += entries as u64;
+        self.export.log_fsync.record(took.as_secs_f64(), &[]);
+        self.export.log_fsync_entries.record(entries as u64, &[]);
         if entries > 0 {
             if self.persisted.len() == PERSISTED_KEPT {
                 self.persisted.pop_front();
@@ -265,8 +580,12 @@ impl RaftMetricsCollector {
             return;
         }
         let (_, at) = self.persisted[covered - 1];
-        let us = micros(now.saturating_duration_since(at));
+        let took = now.saturating_duration_since(at);
+        let us = micros(took);
         let _ = f.latency.record(us);
+        self.export
+            .replication
+            .record(took.as_secs_f64(), &[KeyValue::new("peer", id as i64)]);
         f.avg_us = if f.avg_us == 0 {
             us
         } else {
@@ -276,6 +595,14 @@ impl RaftMetricsCollector {
 
     /// A snapshot stream to follower `id` ended after `took`.
     pub fn snapshot_sent(&mut self, id: u64, ok: bool, took: Duration) {
+        let peer = KeyValue::new("peer", id as i64);
+        let result = KeyValue::new("result", if ok { "ok" } else { "failed" });
+        self.export.snapshots.add(1, &[peer.clone(), result]);
+        if ok {
+            self.export
+                .snapshot_duration
+                .record(took.as_secs_f64(), &[peer]);
+        }
         if let Some(f) = self.followers.get_mut(&id) {
             if ok {
                 f.snapshots_sent += 1;
@@ -292,25 +619,36 @@ impl RaftMetricsCollector {
         if !self.enabled() {
             return;
         }
-        match outcome {
+        let kind = match outcome {
             Some(true) => {
                 self.proposals_committed += 1;
                 let _ = self.propose_to_apply.record(micros(took));
+                self.export.propose_to_apply.record(took.as_secs_f64(), &[]);
+                0
             }
-            Some(false) => self.proposals_rejected += 1,
-            None => self.proposals_dropped += 1,
-        }
+            None => {
+                self.proposals_dropped += 1;
+                1
+            }
+            Some(false) => {
+                self.proposals_rejected += 1;
+                2
+            }
+        };
+        self.export.proposals.add(1, &self.export.outcome[kind]);
     }
 
     /// A ReadIndex round was answered `took` after it started.
     pub fn read_answered(&mut self, took: Duration) {
         if self.enabled() {
             let _ = self.read_index.record(micros(took));
+            self.export.read_index.record(took.as_secs_f64(), &[]);
         }
     }
 
-    /// Keeps one history sample per collection interval; `sample` is only called when one is due.
-    pub fn maybe_sample(&mut self, now: Instant, sample: impl FnOnce() -> Sample) {
+    /// Keeps one history sample per collection interval and publishes the gauges; `sample` is only
+    /// called when one is due.
+    pub fn maybe_sample(&mut self, now: Instant, sample: impl FnOnce() -> (Sample, Progress)) {
         if !self.enabled() || now < self.next_sample {
             return;
         }
@@ -318,7 +656,34 @@ impl RaftMetricsCollector {
         if self.history.len() >= self.max_samples() {
             self.history.pop_front();
         }
-        self.history.push_back(sample());
+        let (sample, progress) = sample();
+        let previous = self.history.back().copied();
+        self.history.push_back(sample);
+        if let Some(before) = previous {
+            self.export
+                .entries_committed
+                .add(sample.commit.saturating_sub(before.commit), &[]);
+            self.export
+                .entries_applied
+                .add(sample.applied.saturating_sub(before.applied), &[]);
+        }
+        let follower_avg_us = progress
+            .followers
+            .iter()
+            .filter_map(|f| Some((f.0, self.followers.get(&f.0)?.avg_us)))
+            .collect();
+        let published = Published {
+            sample: Some(sample),
+            progress,
+            commit_rate: self.rate(|s| s.commit),
+            apply_rate: self.rate(|s| s.applied),
+            follower_avg_us,
+        };
+        *self
+            .export
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = published;
     }
 
     fn rate(&self, of: impl Fn(&Sample) -> u64) -> f64 {
@@ -421,7 +786,7 @@ mod tests {
 
     #[test]
     fn replication_latency_is_measured_from_the_leaders_fsync_to_the_ack() {
-        let mut c = RaftMetricsCollector::new(settings(100, 1000));
+        let mut c = RaftMetricsCollector::new(settings(100, 1000), RaftExport::noop());
         let t0 = Instant::now();
         c.leader_seen(1, t0);
         c.follower_matched(2, 10, t0);
@@ -449,12 +814,14 @@ mod tests {
 
     #[test]
     fn history_is_bounded_by_retention_over_interval() {
-        let mut c = RaftMetricsCollector::new(settings(10, 100));
+        let mut c = RaftMetricsCollector::new(settings(10, 100), RaftExport::noop());
         let t0 = Instant::now();
         let start = SystemTime::now();
         for i in 0..1000u64 {
             let at = start + Duration::from_millis(10 * i);
-            c.maybe_sample(t0 + Duration::from_millis(10 * i), || sample(i * 5, at));
+            c.maybe_sample(t0 + Duration::from_millis(10 * i), || {
+                (sample(i * 5, at), Progress::default())
+            });
         }
         let m = c.metrics(&[], true);
         assert_eq!(m.history.len(), 10, "100 ms of 10 ms samples");
@@ -464,7 +831,7 @@ mod tests {
 
     #[test]
     fn elections_and_leader_changes_are_counted() {
-        let mut c = RaftMetricsCollector::new(settings(100, 1000));
+        let mut c = RaftMetricsCollector::new(settings(100, 1000), RaftExport::noop());
         let t0 = Instant::now();
         c.leader_seen(2, t0);
         c.leader_seen(0, t0 + Duration::from_millis(10));
@@ -477,14 +844,17 @@ mod tests {
 
     #[test]
     fn nothing_is_recorded_when_disabled() {
-        let mut c = RaftMetricsCollector::new(MetricsSettings {
-            enabled: false,
-            ..settings(100, 1000)
-        });
+        let mut c = RaftMetricsCollector::new(
+            MetricsSettings {
+                enabled: false,
+                ..settings(100, 1000)
+            },
+            RaftExport::noop(),
+        );
         let t0 = Instant::now();
         c.campaign_started(t0);
         c.proposal_answered(Some(true), Duration::from_millis(1));
-        c.maybe_sample(t0, || sample(1, SystemTime::now()));
+        c.maybe_sample(t0, || (sample(1, SystemTime::now()), Progress::default()));
         assert_eq!(c.metrics(&[], true), RaftMetrics::default());
     }
 }

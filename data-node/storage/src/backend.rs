@@ -384,6 +384,23 @@ pub trait StorageSnapshot: Send {
     fn scan(&self, space: KeySpace, scan: &Scan) -> Result<Vec<KvPair>>;
 }
 
+/// What an engine tells about itself, for metrics. `None`: the engine does not know.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Estimated number of keys, all key spaces.
+    pub estimated_keys: Option<u64>,
+    /// Bytes of live SST files.
+    pub live_sst_bytes: Option<u64>,
+    /// Bytes held by memtables.
+    pub memtable_bytes: Option<u64>,
+    /// Bytes compaction still has to rewrite.
+    pub pending_compaction_bytes: Option<u64>,
+    /// 1 while writes are stopped (a write stall), else 0.
+    pub write_stopped: Option<u64>,
+    /// Bytes used in the block cache.
+    pub block_cache_bytes: Option<u64>,
+}
+
 /// An ordered key-value store with atomic batches, the storage under Kiwi's Raft log and state machine.
 ///
 /// Every method blocks on disk I/O: call it from storage worker threads, never from async tasks. All
@@ -422,6 +439,11 @@ pub trait StorageBackend: Send + Sync + 'static {
     /// # Errors
     /// Engine errors.
     fn snapshot(&self) -> Result<Box<dyn StorageSnapshot>>;
+
+    /// Engine figures for metrics. Cheap (no I/O); the default knows nothing.
+    fn engine_stats(&self) -> EngineStats {
+        EngineStats::default()
+    }
 
     /// Writes one key. A one-operation [`batch_write`](Self::batch_write).
     ///

@@ -5,8 +5,8 @@ use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
 use crate::backend::{
-    BackendKind, KeySpace, KvPair, Limits, Scan, StorageBackend, StorageSnapshot, WriteBatch,
-    WriteOp, WriteOptions,
+    BackendKind, EngineStats, KeySpace, KvPair, Limits, Scan, StorageBackend, StorageSnapshot,
+    WriteBatch, WriteOp, WriteOptions,
 };
 use crate::error::Result;
 
@@ -71,6 +71,14 @@ impl MemoryBackend {
 impl StorageBackend for MemoryBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Memory
+    }
+
+    fn engine_stats(&self) -> EngineStats {
+        let maps = self.maps();
+        EngineStats {
+            estimated_keys: Some(maps.0.iter().map(|m| m.len() as u64).sum()),
+            ..EngineStats::default()
+        }
     }
 
     fn limits(&self) -> Limits {

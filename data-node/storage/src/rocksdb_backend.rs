@@ -10,8 +10,8 @@ use rocksdb::{
 };
 
 use crate::backend::{
-    BackendKind, KeySpace, KvPair, Limits, Scan, StorageBackend, StorageSnapshot, WriteBatch,
-    WriteOp, WriteOptions,
+    BackendKind, EngineStats, KeySpace, KvPair, Limits, Scan, StorageBackend, StorageSnapshot,
+    WriteBatch, WriteOp, WriteOptions,
 };
 use crate::error::{Error, Result};
 
@@ -118,6 +118,31 @@ fn collect(
 impl StorageBackend for RocksDBBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::RocksDb
+    }
+
+    fn engine_stats(&self) -> EngineStats {
+        // Summed over the column families (one per key space); a property RocksDB cannot give is unknown.
+        let sum = |name: &str| -> Option<u64> {
+            KeySpace::ALL.iter().try_fold(0u64, |acc, &space| {
+                let v = self.db.property_int_value_cf(self.cf(space), name).ok()??;
+                Some(acc.saturating_add(v))
+            })
+        };
+        let any = |name: &str| -> Option<u64> {
+            KeySpace::ALL
+                .iter()
+                .filter_map(|&space| self.db.property_int_value_cf(self.cf(space), name).ok()?)
+                .max()
+        };
+        EngineStats {
+            estimated_keys: sum("rocksdb.estimate-num-keys"),
+            live_sst_bytes: sum("rocksdb.live-sst-files-size"),
+            memtable_bytes: sum("rocksdb.cur-size-all-mem-tables"),
+            pending_compaction_bytes: sum("rocksdb.estimate-pending-compaction-bytes"),
+            write_stopped: any("rocksdb.is-write-stopped"),
+            // Column families share the default block cache: its usage is the same through each.
+            block_cache_bytes: any("rocksdb.block-cache-usage"),
+        }
     }
 
     fn limits(&self) -> Limits {
