@@ -119,7 +119,85 @@ pub struct CallOptions {
     pub request_id: Option<String>,
     /// For reads: linearizable (default) or serializable.
     pub consistency: Option<Consistency>,
+    /// W3C trace context sent with the call (`traceparent`), so the node's spans join this trace.
+    pub trace: Option<TraceParent>,
 }
+
+/// A W3C trace context: the `traceparent` a call carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: u128,
+    pub parent_span_id: u64,
+    /// Whether the caller records this trace: nodes sample a call exactly when it is set.
+    pub sampled: bool,
+}
+
+impl TraceParent {
+    /// A new trace with random ids, sampled.
+    pub fn new_sampled() -> TraceParent {
+        TraceParent {
+            trace_id: rand::random::<u128>().max(1),
+            parent_span_id: rand::random::<u64>().max(1),
+            sampled: true,
+        }
+    }
+
+    /// Parses a `traceparent` value (`00-<32 hex>-<16 hex>-<2 hex flags>`).
+    ///
+    /// # Errors
+    /// What is wrong with it.
+    pub fn parse(s: &str) -> Result<TraceParent, String> {
+        let parts: Vec<&str> = s.trim().split('-').collect();
+        let [version, trace, span, flags] = parts[..] else {
+            return Err(format!("{s:?} is not version-traceid-spanid-flags"));
+        };
+        if version != "00" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+            return Err(format!("{s:?} is not a version 00 traceparent"));
+        }
+        let hex = |h: &str| u128::from_str_radix(h, 16).map_err(|e| format!("{s:?}: {e}"));
+        let (trace_id, parent_span_id, flags) = (hex(trace)?, hex(span)? as u64, hex(flags)?);
+        if trace_id == 0 || parent_span_id == 0 {
+            return Err(format!("{s:?}: all-zero ids are invalid"));
+        }
+        Ok(TraceParent {
+            trace_id,
+            parent_span_id,
+            sampled: flags & 1 == 1,
+        })
+    }
+
+    /// The trace id as 32 lowercase hex digits, as trace backends show it.
+    pub fn trace_id_hex(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+
+    /// The `traceparent` header value.
+    pub fn header_value(&self) -> String {
+        format!(
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.parent_span_id,
+            u8::from(self.sampled)
+        )
+    }
+}
+
+/// Adds the call's `traceparent` to every request.
+#[derive(Clone)]
+pub struct TraceInterceptor(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for TraceInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("traceparent", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A `KvService` client that sends the call's trace context.
+pub type TracedKvClient =
+    KvServiceClient<tonic::service::interceptor::InterceptedService<Channel, TraceInterceptor>>;
 
 /// The result of a compare-and-swap.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,9 +227,9 @@ impl Node {
         self.channels[i].clone()
     }
 
-    /// A `KvService` client on the next channel, with [`MAX_MESSAGE_BYTES`] limits.
-    fn kv(&self) -> KvServiceClient<Channel> {
-        KvServiceClient::new(self.channel())
+    /// A `KvService` client on the next channel, with [`MAX_MESSAGE_BYTES`] limits, sending `trace`.
+    fn kv(&self, trace: &TraceInterceptor) -> TracedKvClient {
+        KvServiceClient::with_interceptor(self.channel(), trace.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -278,7 +356,7 @@ impl Client {
     /// Runs one call with leader redirects and retries (see the crate doc).
     async fn call<T, F, Fut>(&self, opts: &CallOptions, write: bool, mut f: F) -> Result<T, Error>
     where
-        F: FnMut(KvServiceClient<Channel>, RequestHeader) -> Fut,
+        F: FnMut(TracedKvClient, RequestHeader) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let timeout = opts.timeout.unwrap_or(self.options.timeout);
@@ -291,6 +369,7 @@ impl Client {
             )
         });
         let priority = opts.priority.unwrap_or(self.options.priority);
+        let trace = TraceInterceptor(opts.trace.and_then(|t| t.header_value().parse().ok()));
         let mut target = self.leader.load(Ordering::Relaxed);
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt");
@@ -309,7 +388,7 @@ impl Client {
                 request_id: request_id.clone(),
                 timeout: prost_types::Duration::try_from(remaining).ok(),
             };
-            let attempt = f(node.kv(), header);
+            let attempt = f(node.kv(&trace), header);
             let status = match tokio::time::timeout(remaining, attempt).await {
                 Ok(Ok(v)) => {
                     self.leader.store(index, Ordering::Relaxed);
@@ -666,4 +745,30 @@ fn connect_failed(status: &Status) -> bool {
         source = e.source();
     }
     status.message().contains("tcp connect error")
+}
+
+#[cfg(test)]
+mod trace_tests {
+    use super::TraceParent;
+
+    #[test]
+    fn traceparent_round_trips_and_rejects_garbage() {
+        let t = TraceParent::new_sampled();
+        let v = t.header_value();
+        assert_eq!(v.len(), 55, "{v}");
+        assert_eq!(TraceParent::parse(&v), Ok(t));
+        assert_eq!(t.trace_id_hex().len(), 32);
+        let unsampled =
+            TraceParent::parse("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00").unwrap();
+        assert!(!unsampled.sampled);
+        for bad in [
+            "",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b71692033-01",
+            "00-zzf7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert!(TraceParent::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

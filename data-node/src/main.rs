@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::Parser;
 use kiwi_node::config::{LogFormat, NodeConfig};
 use kiwi_storage::BackendKind;
-use tracing_subscriber::EnvFilter;
 
 /// Kiwi data node: one replica of a Kiwi cluster, serving the KV API over gRPC.
 ///
@@ -44,6 +43,24 @@ struct Cli {
     /// Overrides `storage.backend`: rocksdb, leveldb or memory.
     #[arg(long, value_name = "BACKEND")]
     backend: Option<BackendKind>,
+
+    /// Overrides `log.format`: text (one readable line per event) or json (one JSON object per line,
+    /// with the request's span fields such as request_id).
+    #[arg(long, value_name = "FORMAT", value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+
+    /// Overrides `telemetry.otlp_endpoint`: export traces to this OTLP/gRPC collector, e.g.
+    /// http://127.0.0.1:4317.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("{s:?} is not a log format: use text or json")),
+    }
 }
 
 impl Cli {
@@ -64,27 +81,15 @@ impl Cli {
         if let Some(b) = self.backend {
             config.storage.backend = b;
         }
+        if let Some(f) = self.log_format {
+            config.log.format = f;
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            config.telemetry.otlp_endpoint = Some(e.clone());
+        }
         config.validate()?;
         Ok(config)
     }
-}
-
-fn init_logging(config: &NodeConfig) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(f) if !f.is_empty() => EnvFilter::try_new(&f).context("invalid RUST_LOG")?,
-        _ => EnvFilter::try_new(&config.log.level).context("invalid log.level")?,
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colours only on a terminal: logs redirected to a file (the playground, the test harness) stay
-        // plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -123,7 +128,6 @@ fn real_main(cli: &Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    init_logging(&config)?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if config.runtime.network_threads > 0 {
         builder.worker_threads(config.runtime.network_threads);
@@ -133,6 +137,16 @@ fn real_main(cli: &Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(kiwi_node::run(config, shutdown_signal()))?;
+    // Inside the runtime: the OTLP exporter's channel lives there.
+    let tracing = {
+        let _entered = runtime.enter();
+        kiwi_node::telemetry::tracing::init(&config.log, &config.telemetry)?
+    };
+    let result = runtime.block_on(kiwi_node::run(config, shutdown_signal()));
+    // Flush the last spans while the runtime still drives the exporter's connection.
+    runtime.block_on(async {
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+    });
+    result?;
     Ok(())
 }

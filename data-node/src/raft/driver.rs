@@ -203,6 +203,9 @@ enum Inbox {
     Propose {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
+        /// The request's span when it is traced (else disabled): parent of `raft.replicate` and
+        /// `raft.apply`.
+        trace: tracing::Span,
     },
     ReadIndex {
         reply: oneshot::Sender<Result<u64, ProposeError>>,
@@ -279,21 +282,26 @@ impl DriverHandle {
     /// [`ProposeError`]; dropping the future leaves the outcome unknown.
     pub async fn propose(&self, data: Vec<u8>) -> Result<ApplyOutcome, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Inbox::Propose { data, reply })?;
+        self.send(Inbox::Propose {
+            data,
+            reply,
+            trace: tracing::Span::none(),
+        })?;
         rx.await.map_err(|_| ProposeError::StoppedAfterSubmit)?
     }
 
     /// Hands an encoded [`RaftCommand`] to Raft without waiting; the receiver answers once it is applied
-    /// (or can no longer be).
+    /// (or can no longer be). `trace` is the request's span when it is traced (else `Span::none()`).
     ///
     /// # Errors
     /// [`ProposeError::Overloaded`] or [`ProposeError::Stopped`] when the driver cannot take it.
     pub fn submit(
         &self,
         data: Vec<u8>,
+        trace: tracing::Span,
     ) -> Result<oneshot::Receiver<Result<ApplyOutcome, ProposeError>>, ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Inbox::Propose { data, reply })?;
+        self.send(Inbox::Propose { data, reply, trace })?;
         Ok(rx)
     }
 
@@ -410,6 +418,9 @@ struct Pending {
     /// When it was proposed (for the propose-to-apply latency).
     at: Instant,
     reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
+    /// The request's span (disabled unless traced), and its `raft.replicate` child, open until commit.
+    trace: tracing::Span,
+    replicate: tracing::Span,
 }
 
 /// One ReadIndex round in flight.
@@ -668,18 +679,30 @@ impl Driver {
 
     /// Matches a just-proposed entry to its caller by (index, term); a proposal Raft did not append is
     /// answered as dropped at once.
-    fn track(&mut self, before: u64, reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>) {
+    fn track(
+        &mut self,
+        before: u64,
+        reply: oneshot::Sender<Result<ApplyOutcome, ProposeError>>,
+        trace: tracing::Span,
+    ) {
         let index = self.raw.raft.raft_log.last_index();
         if index == before {
             let _ = reply.send(Err(ProposeError::Dropped));
             return;
         }
+        let replicate = if trace.is_disabled() {
+            tracing::Span::none()
+        } else {
+            tracing::debug_span!(parent: &trace, "raft.replicate", raft.index = index)
+        };
         let replaced = self.proposals.insert(
             index,
             Pending {
                 term: self.raw.raft.term,
                 at: Instant::now(),
                 reply,
+                trace,
+                replicate,
             },
         );
         if let Some(old) = replaced {
@@ -691,7 +714,7 @@ impl Driver {
 
     fn handle(&mut self, msg: Inbox) {
         match msg {
-            Inbox::Propose { data, reply } => {
+            Inbox::Propose { data, reply, trace } => {
                 let Some(reply) = self.leader_only(reply) else {
                     return;
                 };
@@ -700,7 +723,7 @@ impl Driver {
                     let _ = reply.send(Err(ProposeError::Dropped));
                     return;
                 }
-                self.track(before, reply);
+                self.track(before, reply, trace);
             }
             Inbox::ReadIndex { reply } => {
                 let Some(reply) = self.leader_only(reply) else {
@@ -735,7 +758,7 @@ impl Driver {
                     let _ = reply.send(Err(ProposeError::Refused(e.to_string())));
                     return;
                 }
-                self.track(before, reply);
+                self.track(before, reply, tracing::Span::none());
             }
             Inbox::TransferLeader { to } => self.raw.transfer_leader(to),
             Inbox::InstallSnapshot { msg, reply } => {
@@ -1176,8 +1199,18 @@ impl Driver {
         let backend = Arc::clone(&self.backend);
         let mut applier = state_machine::Applier::new(&*backend);
         let mut answers = Vec::new();
+        // `raft.apply` spans of traced proposals, closed once their writes are flushed.
+        let mut applying = Vec::new();
         for entry in entries {
             let (index, term) = (entry.index, entry.term);
+            if let Some(p) = self.proposals.get_mut(&index)
+                && !p.trace.is_disabled()
+            {
+                // Committed: replication ends here, applying starts.
+                p.replicate = tracing::Span::none();
+                applying
+                    .push(tracing::debug_span!(parent: &p.trace, "raft.apply", raft.index = index));
+            }
             let outcome: Option<Result<ApplyOutcome, String>> = if index <= self.applied_on_disk {
                 // Already in the data before this process started.
                 None
@@ -1257,6 +1290,7 @@ impl Driver {
             self.applied = index;
         }
         applier.flush()?;
+        drop(applying);
         for (reply, result) in answers {
             let _ = reply.send(result);
         }

@@ -80,6 +80,7 @@ pub struct KvApi(pub Arc<KvServer>);
 impl KvService for KvApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let s = &self.0;
+        let span = request_span("kv.Get", &request);
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
@@ -95,11 +96,12 @@ impl KvService for KvApi {
                 value: value.unwrap_or_default(),
             })
         };
-        run.await.map(Response::new).map_err(KvError::into_status)
+        traced(span, run).await
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let s = &self.0;
+        let span = request_span("kv.Put", &request);
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
@@ -120,7 +122,7 @@ impl KvService for KvApi {
                 header: s.header(&tagged, out.index),
             })
         };
-        run.await.map(Response::new).map_err(KvError::into_status)
+        traced(span, run).await
     }
 
     async fn delete(
@@ -128,6 +130,7 @@ impl KvService for KvApi {
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let s = &self.0;
+        let span = request_span("kv.Delete", &request);
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
@@ -141,7 +144,7 @@ impl KvService for KvApi {
                 existed: out.existed,
             })
         };
-        run.await.map(Response::new).map_err(KvError::into_status)
+        traced(span, run).await
     }
 
     async fn batch_write(
@@ -149,6 +152,7 @@ impl KvService for KvApi {
         request: Request<BatchWriteRequest>,
     ) -> Result<Response<BatchWriteResponse>, Status> {
         let s = &self.0;
+        let span = request_span("kv.BatchWrite", &request);
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
@@ -158,11 +162,12 @@ impl KvService for KvApi {
                 header: s.header(&tagged, out.index),
             })
         };
-        run.await.map(Response::new).map_err(KvError::into_status)
+        traced(span, run).await
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let s = &self.0;
+        let span = request_span("kv.Scan", &request);
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
@@ -188,7 +193,7 @@ impl KvService for KvApi {
                 more,
             })
         };
-        run.await.map(Response::new).map_err(KvError::into_status)
+        traced(span, run).await
     }
 
     async fn compare_and_swap(
@@ -196,6 +201,7 @@ impl KvService for KvApi {
         request: Request<CompareAndSwapRequest>,
     ) -> Result<Response<CompareAndSwapResponse>, Status> {
         let s = &self.0;
+        let span = request_span("kv.CompareAndSwap", &request);
         let mut req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref())?;
@@ -235,6 +241,6 @@ impl KvService for KvApi {
                 previous_value: out.previous.unwrap_or_default(),
             })
         };
-        run.await.map(Response::new).map_err(KvError::into_status)
+        traced(span, run).await
     }
 }

@@ -27,6 +27,7 @@ use kiwi_proto::v1::{
 };
 use kiwi_storage::{BackendKind, KeySpace, Limits, StorageBackend};
 use prost::Message as _;
+use tracing::{Instrument as _, Span};
 
 use crate::config::NodeConfig;
 use crate::raft::driver::{DriverHandle, ProposeError};
@@ -35,18 +36,35 @@ use crate::raft::state_machine::ApplyOutcome;
 use crate::raft::transport::Members;
 use crate::runtime::priority_channel::{Class, PriorityMessageChannel, Refused};
 use crate::runtime::worker_pool::{Job, WorkerPool};
+use crate::telemetry;
 
 /// A closure run by the storage stage, answering its caller on a oneshot.
 struct StagedJob<R> {
     f: Box<dyn FnOnce() -> Result<R, KvError> + Send>,
     tx: tokio::sync::oneshot::Sender<Result<R, KvError>>,
     timeout: Duration,
+    /// The request's span when traced (else disabled), and its `queue.wait` child, open while queued.
+    trace: Span,
+    queued: Span,
 }
 
 impl<R: Send> Job for StagedJob<R> {
     fn run(self: Box<Self>) {
-        let r = (self.f)();
-        let _ = self.tx.send(r);
+        let StagedJob {
+            f,
+            tx,
+            trace,
+            queued,
+            ..
+        } = *self;
+        drop(queued);
+        let work = if trace.is_disabled() {
+            Span::none()
+        } else {
+            tracing::debug_span!(parent: &trace, "storage")
+        };
+        let r = work.in_scope(f);
+        let _ = tx.send(r);
     }
 
     fn expire(self: Box<Self>) {
@@ -137,6 +155,51 @@ struct Tagged {
     /// When the request must be answered by.
     deadline: std::time::Instant,
     class: Class,
+    /// The request's span when it is traced (sampled), parent of the stages' spans; else disabled.
+    trace: Span,
+}
+
+/// Opens the span of one KV request (`name` is `kv.<Method>`), continuing the caller's W3C trace.
+fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span {
+    let span = tracing::info_span!(
+        "kv.request",
+        otel.name = name,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = name.trim_start_matches("kv."),
+        priority = tracing::field::Empty,
+        request_id = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        rpc.grpc.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    telemetry::tracing::continue_trace(&span, request.metadata());
+    span
+}
+
+/// Runs a handler's body inside its request span and records how it ended.
+async fn traced<T>(
+    span: Span,
+    body: impl std::future::Future<Output = Result<T, KvError>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let r = body
+        .instrument(span.clone())
+        .await
+        .map(tonic::Response::new)
+        .map_err(KvError::into_status);
+    if !span.is_disabled() {
+        let code = r
+            .as_ref()
+            .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+        span.record("rpc.grpc.status_code", code as i64);
+        if code == tonic::Code::Ok {
+            span.record("outcome", "ok");
+        } else {
+            span.record("outcome", "error");
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    r
 }
 
 impl KvServer {
@@ -201,11 +264,22 @@ impl KvServer {
             )
             .min(MAX_TIMEOUT),
         };
+        let class = Class::from_wire(header.map_or(0, |h| h.priority));
+        // Called inside the request span: its fields are filled here.
+        let span = Span::current();
+        span.record("request_id", request_id.as_str());
+        span.record("priority", class.name());
+        let trace = if telemetry::tracing::sampled(&span) {
+            span
+        } else {
+            Span::none()
+        };
         Ok(Tagged {
             request_id,
             timeout,
             deadline: std::time::Instant::now() + timeout,
-            class: Class::from_wire(header.map_or(0, |h| h.priority)),
+            class,
+            trace,
         })
     }
 
@@ -275,8 +349,12 @@ impl KvServer {
         // The storage stage encodes and hands the proposal to Raft; the wait for the commit is not work,
         // so it happens here, off the pool.
         let driver = self.driver.clone();
+        let trace = tagged.trace.clone();
         let submitted = self
-            .staged(tagged, move || Ok(driver.submit(cmd.encode_to_vec())))
+            .staged(
+                tagged,
+                move || Ok(driver.submit(cmd.encode_to_vec(), trace)),
+            )
             .await?;
         let rx = submitted.map_err(|e| self.map_propose(e))?;
         let left = tagged
@@ -305,7 +383,12 @@ impl KvServer {
                 .await
                 .map_err(|e| self.map_propose(e))
         };
-        match tokio::time::timeout(tagged.timeout, fut).await {
+        let span = if tagged.trace.is_disabled() {
+            Span::none()
+        } else {
+            tracing::debug_span!(parent: &tagged.trace, "raft.read_index")
+        };
+        match tokio::time::timeout(tagged.timeout, fut.instrument(span)).await {
             Ok(r) => r,
             Err(_) => Err(KvError::Timeout(tagged.timeout)),
         }
@@ -329,10 +412,17 @@ impl KvServer {
         f: impl FnOnce() -> Result<R, KvError> + Send + 'static,
     ) -> Result<R, KvError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = if tagged.trace.is_disabled() {
+            Span::none()
+        } else {
+            tracing::debug_span!(parent: &tagged.trace, "queue.wait", priority = tagged.class.name())
+        };
         let job: Box<dyn Job> = Box::new(StagedJob {
             f: Box::new(f),
             tx,
             timeout: tagged.timeout,
+            trace: tagged.trace.clone(),
+            queued,
         });
         self.channel
             .try_send(tagged.class, tagged.deadline, job)

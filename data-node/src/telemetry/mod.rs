@@ -8,8 +8,10 @@
 //! - [`http`]: the `[telemetry] metrics_addr` listener (`/metrics`, `/metrics/{runtime,raft,storage}`),
 //!   with bearer-token authentication and a per-client rate limit.
 //! - [`storage_metrics`]: the storage family: a timing wrapper around the backend and the engine's gauges.
+//! - [`tracing`]: the process's log and trace subscriber (OTLP export, W3C `traceparent` continuation).
 
 pub mod http;
 pub mod metrics;
 pub mod raft_metrics;
 pub mod storage_metrics;
+pub mod tracing;

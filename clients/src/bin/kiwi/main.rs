@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kiwi_client::{CallOptions, Client, ClientOptions, Priority, ReadConsistency};
+use kiwi_client::{CallOptions, Client, ClientOptions, Priority, ReadConsistency, TraceParent};
 use kiwi_proto::v1::RaftRole;
 use serde_json::json;
 
@@ -43,6 +43,10 @@ struct Cli {
     /// Print machine-readable JSON instead of human output.
     #[arg(long, global = true)]
     json: bool,
+    /// Trace this command: send a sampled W3C traceparent so every node it reaches records its spans
+    /// (exported to the nodes' telemetry.otlp_endpoint), and print the trace id on stderr.
+    #[arg(long, global = true)]
+    trace: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -207,8 +211,13 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         priority: cli.priority.into(),
         ..ClientOptions::default()
     };
+    let trace = cli.trace.then(TraceParent::new_sampled);
+    if let Some(t) = &trace {
+        eprintln!("trace id: {}", t.trace_id_hex());
+    }
     let call = CallOptions {
         consistency: Some(cli.consistency.into()),
+        trace,
         ..CallOptions::default()
     };
     let json = cli.json;
