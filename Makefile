@@ -10,7 +10,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel bench-telemetry
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -62,6 +62,13 @@ bench-channel: deps
 			echo "priority $$m: $$((n / 400000)) instructions per request (callgrind, whole process / 400,000 requests)"; \
 		done; \
 	fi
+
+## Telemetry cost: ns per recorded event (exported vs metrics off), then two 3-node clusters, metrics and
+## tracing on vs off, puts and linearizable gets at 64 workers in alternating rounds; one table each.
+bench-telemetry: deps
+	$(CARGO) bench -j$(JOBS) -p kiwi-node --bench telemetry
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-telemetry.sh
 
 ## Install the system packages the build and tests need, if missing.
 ## (procps: pgrep/kill, used by the process tests; prometheus: the server the metrics test runs.)

@@ -2,7 +2,8 @@
 //! collects what three real nodes export. A put and a linearizable get sent by `kiwi-client` with a known
 //! request id and a sampled W3C traceparent produce the handler, queue, storage, Raft and apply spans, all
 //! in the client's trace and carrying the request id; a request without a traceparent is not sampled
-//! (ratio 0); `kiwi --trace` prints a trace id that the node's spans carry.
+//! (ratio 0); `kiwi --trace` prints a trace id that the node's spans carry; JSON log lines written for a
+//! request carry its request id.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -138,6 +139,7 @@ async fn a_traced_request_produces_spans_from_handler_to_apply_in_the_callers_tr
     let cluster = Cluster::start(ClusterOptions {
         // Ratio 0: only requests whose caller samples them are traced.
         telemetry_extra: format!("otlp_endpoint = \"http://{otlp}\"\ntrace_sample_ratio = 0.0\n"),
+        log_json: true,
         ..ClusterOptions::default()
     })
     .await;
@@ -256,6 +258,35 @@ async fn a_traced_request_produces_spans_from_handler_to_apply_in_the_callers_tr
     receiver
         .wait_for(&cli_trace, &["kv.Put", "raft.apply"])
         .await;
+
+    // Structured logs: every line is a JSON object, and the lines written for a request carry its id
+    // (the request's span and its fields), traced or not.
+    let mut found = Vec::new();
+    for id in cluster.ids() {
+        for line in cluster
+            .log_tail(id, 100_000)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!("node {id} wrote a log line that is not JSON ({e}): {line}")
+            });
+            if v["fields"]["message"] == "request finished" {
+                found.push(
+                    v["span"]["request_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+            }
+        }
+    }
+    for want in ["req-traced-put", "req-traced-get", "untraced-7"] {
+        assert!(
+            found.iter().any(|r| r == want),
+            "no log line carries request_id {want}; request ids logged: {found:?}"
+        );
+    }
 
     // Sampling ratio 0 and no traceparent: none of the untraced puts was exported.
     let exported = receiver.0.lock().unwrap().clone();

@@ -44,6 +44,8 @@ pub struct ClusterOptions {
     pub tick_interval_ms: u64,
     /// Extra TOML appended to every node's config (e.g. a `[runtime.scaling]` table).
     pub extra_config: String,
+    /// Logs as JSON lines (`log.format = "json"`) instead of text.
+    pub log_json: bool,
     /// Extra lines for every node's `[telemetry]` table (each node always gets a loopback
     /// `metrics_addr`; see [`Cluster::metrics_addr`]).
     pub telemetry_extra: String,
@@ -59,6 +61,7 @@ impl Default for ClusterOptions {
             tick_interval_ms: 50,
             extra_config: String::new(),
             telemetry_extra: String::new(),
+            log_json: false,
         }
     }
 }
@@ -184,11 +187,12 @@ impl Cluster {
     fn config_text(&self, id: u64) -> String {
         let node = &self.nodes[&id];
         let mut s = format!(
-            "data_dir = {:?}\nlisten_addr = \"{}\"\n\n[log]\nlevel = \"info,kiwi_node=debug\"\n\n[raft]\nnode_id = {id}\n\
+            "data_dir = {:?}\nlisten_addr = \"{}\"\n\n[log]\nlevel = \"info,kiwi_node=debug\"\nformat = \"{}\"\n\n[raft]\nnode_id = {id}\n\
              tick_interval_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\nlog_compaction_threshold = {}\n\
              log_compaction_slack = {}\njoin = {}\n",
             node.dir.join("data").display().to_string(),
             node.addr,
+            if self.opts.log_json { "json" } else { "text" },
             self.opts.tick_interval_ms,
             self.opts.compaction_threshold,
             self.opts.compaction_slack,

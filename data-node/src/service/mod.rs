@@ -191,6 +191,18 @@ async fn traced<T>(
         let code = r
             .as_ref()
             .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
+        span.in_scope(|| match &r {
+            // Failures the node did not expect are logged; the line carries the span's request_id.
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss
+                ) =>
+            {
+                tracing::warn!(code = ?s.code(), message = s.message(), "request failed");
+            }
+            _ => tracing::debug!(code = ?code, "request finished"),
+        });
         span.record("rpc.grpc.status_code", code as i64);
         if code == tonic::Code::Ok {
             span.record("outcome", "ok");

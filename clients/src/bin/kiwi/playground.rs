@@ -29,9 +29,20 @@ pub struct PlaygroundArgs {
     /// playground directory restarts that cluster with its data.
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// First port; node N listens on base-port + N - 1 (default: free ports chosen by the OS).
+    /// First port; node N listens on base-port + N - 1, and serves Prometheus metrics on
+    /// base-port + 100 + N - 1 (default: free ports chosen by the OS).
     #[arg(long)]
     base_port: Option<u16>,
+    /// No metrics endpoints (telemetry.metrics_addr unset), e.g. to measure their cost.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Export every node's traces to this OTLP/gRPC collector (e.g. http://127.0.0.1:4317), sampling
+    /// --trace-sample-ratio of requests (and every `kiwi --trace` command).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// Share of requests traced when --otlp-endpoint is set (0.0 to 1.0).
+    #[arg(long, default_value_t = 0.01)]
+    trace_sample_ratio: f64,
     /// The kiwi-node binary (default: next to this kiwi binary, else on PATH).
     #[arg(long, env = "KIWI_NODE_BIN")]
     node_bin: Option<PathBuf>,
@@ -60,6 +71,8 @@ fn free_port() -> anyhow::Result<u16> {
 struct Proc {
     id: u64,
     addr: String,
+    /// Its Prometheus endpoint (`telemetry.metrics_addr`), unless `--no-metrics`.
+    metrics_addr: Option<String>,
     log: PathBuf,
     child: Child,
 }
@@ -86,17 +99,25 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
     let bin = node_binary(args.node_bin);
 
     let mut addrs = Vec::new();
+    let mut metrics = Vec::new();
     for id in 1..=args.nodes {
-        let port = match args.base_port {
-            Some(b) => b
-                .checked_add(u16::try_from(id - 1)?)
-                .context("--base-port too high for this many nodes")?,
-            None => free_port()?,
+        let (port, metrics_port) = match args.base_port {
+            Some(b) => {
+                let port = b
+                    .checked_add(u16::try_from(id - 1)?)
+                    .context("--base-port too high for this many nodes")?;
+                let metrics_port = port.checked_add(100).context(
+                    "--base-port too high for the metrics ports (base-port + 100 + N - 1)",
+                )?;
+                (port, metrics_port)
+            }
+            None => (free_port()?, free_port()?),
         };
         addrs.push((id, format!("127.0.0.1:{port}")));
+        metrics.push(format!("127.0.0.1:{metrics_port}"));
     }
     let mut procs = Vec::new();
-    for (id, addr) in &addrs {
+    for ((id, addr), metrics_addr) in addrs.iter().zip(&metrics) {
         let dir = data_dir.join(format!("node-{id}"));
         std::fs::create_dir_all(&dir)?;
         let mut config = format!(
@@ -109,6 +130,16 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
             ));
         }
         config.push_str(&format!("\n[storage]\nbackend = \"{}\"\n", args.backend));
+        config.push_str("\n[telemetry]\n");
+        if !args.no_metrics {
+            config.push_str(&format!("metrics_addr = \"{metrics_addr}\"\n"));
+        }
+        if let Some(endpoint) = &args.otlp_endpoint {
+            config.push_str(&format!(
+                "otlp_endpoint = {endpoint:?}\ntrace_sample_ratio = {:?}\n",
+                args.trace_sample_ratio
+            ));
+        }
         let config_path = dir.join("kiwi-node.toml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("node.log");
@@ -133,6 +164,7 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
         procs.push(Proc {
             id: *id,
             addr: addr.clone(),
+            metrics_addr: (!args.no_metrics).then(|| metrics_addr.clone()),
             log,
             child,
         });
@@ -183,7 +215,15 @@ async fn serve(procs: &mut [Proc], data_dir: &Path, backend: &str) -> anyhow::Re
         procs.len()
     );
     for p in procs.iter() {
-        println!("  node {}  {}  log: {}", p.id, p.addr, p.log.display());
+        match &p.metrics_addr {
+            Some(m) => println!(
+                "  node {}  {}  metrics: http://{m}/metrics  log: {}",
+                p.id,
+                p.addr,
+                p.log.display()
+            ),
+            None => println!("  node {}  {}  log: {}", p.id, p.addr, p.log.display()),
+        }
     }
     println!("data dir: {}", data_dir.display());
     println!();

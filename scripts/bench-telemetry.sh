@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Telemetry overhead, in one run: two local 3-node clusters (`kiwi playground`) side by side,
+#   - "on":  metrics endpoints on (scraped every second, as Prometheus would) and traces on at the default
+#            sampling (telemetry.trace_sample_ratio 0.01) to an OTLP endpoint,
+#   - "off": no metrics endpoint, no traces,
+# with the same load against each in alternating order, ROUNDS rounds: puts and linearizable gets at 64
+# workers. Prints every run, then the medians and the on/off ratios of throughput and p99.
+#
+# The OTLP endpoint is a closed loopback port: spans are created, sampled, batched and their export is
+# attempted (and fails at once), so this measures the node's side of tracing, not a collector's.
+#
+# Environment: DURATION (per run, default 10s), ROUNDS (default 3), WORK_DIR (default a fresh directory
+# under /var/tmp).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/common.sh
+
+DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-3}
+build_kiwi
+init_work_dir kiwi-telemetry
+
+ON_PORT=17691
+OFF_PORT=17891
+PIDS=()
+SCRAPER=""
+cleanup() {
+    [ -n "$SCRAPER" ] && kill "$SCRAPER" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+start() { # name base-port [playground flags...]
+    local name=$1 port=$2
+    shift 2
+    "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" "$@" \
+        >"$WORK_DIR/$name.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/$name.log" && break; sleep 0.5; done
+    grep -q "is up" "$WORK_DIR/$name.log" || { echo "cluster $name did not come up; see $WORK_DIR" >&2; exit 1; }
+}
+endpoints() { echo "127.0.0.1:$1,127.0.0.1:$(($1 + 1)),127.0.0.1:$(($1 + 2))"; }
+
+start on $ON_PORT --otlp-endpoint http://127.0.0.1:17999 --trace-sample-ratio 0.01
+start off $OFF_PORT --no-metrics
+for c in on off; do
+    port=$ON_PORT; [ $c = off ] && port=$OFF_PORT
+    echo "preloading $c ..." >&2
+    "$KIWI" --endpoints "$(endpoints $port)" bench --workload get --workers 32 --duration 1s --quiet >/dev/null
+done
+# Scrape the "on" cluster's three nodes every second, all families, for the whole run.
+(while :; do
+    for p in $((ON_PORT + 100)) $((ON_PORT + 101)) $((ON_PORT + 102)); do
+        curl -s -o /dev/null "http://127.0.0.1:$p/metrics" || true
+    done
+    sleep 1
+done) &
+SCRAPER=$!
+
+bench() { # mode workload round
+    local port=$ON_PORT
+    [ "$1" = off ] && port=$OFF_PORT
+    echo "== $2, telemetry $1, round $3" >&2
+    "$KIWI" --endpoints "$(endpoints $port)" bench --workload "$2" --workers 64 --connections 16 \
+        --duration "$DURATION" --no-preload --quiet --label "$2-$1-$3" --json-out "$RESULTS" >/dev/null
+}
+for round in $(seq 1 "$ROUNDS"); do
+    # Alternate which cluster goes first.
+    if [ $((round % 2)) = 1 ]; then order="on off"; else order="off on"; fi
+    for w in put get; do
+        for m in $order; do bench "$m" "$w" "$round"; done
+    done
+done
+
+python3 - "$RESULTS" "$ROUNDS" <<'PY'
+import json, statistics, sys
+r = {j["label"]: j for j in map(json.loads, open(sys.argv[1]))}
+rounds = range(1, int(sys.argv[2]) + 1)
+print(f"\n{'run':<14} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   errors")
+for w in ["put", "get"]:
+    for i in rounds:
+        for m in ["on", "off"]:
+            j = r[f"{w}-{m}-{i}"]
+            print(f"{w}-{m}-{i:<8} {j['ops_per_sec']:>9.0f} {j['p50_us']/1000:>8.2f} {j['p99_us']/1000:>8.2f}   {sum(j['errors'].values())}")
+print()
+for w, what in [("put", "put"), ("get", "linearizable get")]:
+    med = lambda m, f: statistics.median(r[f"{w}-{m}-{i}"][f] for i in rounds)
+    print(f"{what:<17} median ops/s on {med('on', 'ops_per_sec'):.0f} off {med('off', 'ops_per_sec'):.0f} "
+          f"(on/off {med('on', 'ops_per_sec')/med('off', 'ops_per_sec'):.3f}); median p99 on {med('on', 'p99_us')/1000:.2f} ms "
+          f"off {med('off', 'p99_us')/1000:.2f} ms (on/off {med('on', 'p99_us')/med('off', 'p99_us'):.3f})")
+PY
