@@ -4,7 +4,8 @@
 #            sampling (telemetry.trace_sample_ratio 0.01) to an OTLP endpoint,
 #   - "off": no metrics endpoint, no traces,
 # with the same load against each in alternating order, ROUNDS rounds: puts and linearizable gets at 64
-# workers. Prints every run, then the medians and the on/off ratios of throughput and p99.
+# workers. Prints every run (with the nodes' CPU time per operation, read from /proc: steadier than
+# throughput on a shared machine), then the medians and the on/off ratios.
 #
 # The OTLP endpoint is a closed loopback port: spans are created, sampled, batched and their export is
 # attempted (and fails at once), so this measures the node's side of tracing, not a collector's.
@@ -58,12 +59,24 @@ done
 done) &
 SCRAPER=$!
 
+# CPU time (clock ticks, user + system) used so far by one cluster's kiwi-node processes.
+node_ticks() { # name
+    local total=0 p
+    for p in $(pgrep -f "kiwi-node --config $WORK_DIR/$1/"); do
+        set -- $(cut -d' ' -f14,15 "/proc/$p/stat")
+        total=$((total + $1 + $2))
+    done
+    echo "$total"
+}
 bench() { # mode workload round
     local port=$ON_PORT
     [ "$1" = off ] && port=$OFF_PORT
     echo "== $2, telemetry $1, round $3" >&2
+    local before
+    before=$(node_ticks "$1")
     "$KIWI" --endpoints "$(endpoints $port)" bench --workload "$2" --workers 64 --connections 16 \
         --duration "$DURATION" --no-preload --quiet --label "$2-$1-$3" --json-out "$RESULTS" >/dev/null
+    echo "$2-$1-$3 $(( $(node_ticks "$1") - before ))" >>"$WORK_DIR/cpu.txt"
 }
 for round in $(seq 1 "$ROUNDS"); do
     # Alternate which cluster goes first.
@@ -73,20 +86,29 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-python3 - "$RESULTS" "$ROUNDS" <<'PY'
+python3 - "$RESULTS" "$ROUNDS" "$WORK_DIR/cpu.txt" "$(getconf CLK_TCK)" <<'PY'
 import json, statistics, sys
 r = {j["label"]: j for j in map(json.loads, open(sys.argv[1]))}
 rounds = range(1, int(sys.argv[2]) + 1)
-print(f"\n{'run':<14} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   errors")
+hz = int(sys.argv[4])
+for line in open(sys.argv[3]):
+    label, ticks = line.split()
+    j = r[label]
+    # Node CPU per operation, all three nodes: steadier than throughput on a shared machine.
+    j["cpu_us_per_op"] = int(ticks) / hz * 1e6 / max(1, j["ops"])
+print(f"\n{'run':<14} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'node CPU us/op':>15}   errors")
 for w in ["put", "get"]:
     for i in rounds:
         for m in ["on", "off"]:
             j = r[f"{w}-{m}-{i}"]
-            print(f"{w}-{m}-{i:<8} {j['ops_per_sec']:>9.0f} {j['p50_us']/1000:>8.2f} {j['p99_us']/1000:>8.2f}   {sum(j['errors'].values())}")
+            print(f"{w}-{m}-{i:<8} {j['ops_per_sec']:>9.0f} {j['p50_us']/1000:>8.2f} {j['p99_us']/1000:>8.2f} "
+                  f"{j['cpu_us_per_op']:>15.1f}   {sum(j['errors'].values())}")
 print()
 for w, what in [("put", "put"), ("get", "linearizable get")]:
     med = lambda m, f: statistics.median(r[f"{w}-{m}-{i}"][f] for i in rounds)
     print(f"{what:<17} median ops/s on {med('on', 'ops_per_sec'):.0f} off {med('off', 'ops_per_sec'):.0f} "
           f"(on/off {med('on', 'ops_per_sec')/med('off', 'ops_per_sec'):.3f}); median p99 on {med('on', 'p99_us')/1000:.2f} ms "
-          f"off {med('off', 'p99_us')/1000:.2f} ms (on/off {med('on', 'p99_us')/med('off', 'p99_us'):.3f})")
+          f"off {med('off', 'p99_us')/1000:.2f} ms (on/off {med('on', 'p99_us')/med('off', 'p99_us'):.3f}); "
+          f"median node CPU/op on {med('on', 'cpu_us_per_op'):.1f} us off {med('off', 'cpu_us_per_op'):.1f} us "
+          f"(on/off {med('on', 'cpu_us_per_op')/med('off', 'cpu_us_per_op'):.3f})")
 PY

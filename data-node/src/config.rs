@@ -677,12 +677,13 @@ impl NodeConfig {
         );
         if let Some(e) = &t.otlp_endpoint {
             check(
-                (e.starts_with("http://") || e.starts_with("https://"))
+                e.starts_with("http://")
                     && e.parse::<tonic::transport::Uri>()
                         .is_ok_and(|u| u.host().is_some()),
                 "telemetry.otlp_endpoint",
                 format!(
-                    "must be an http:// or https:// URL such as http://127.0.0.1:4317, got {e:?}"
+                    "must be an http:// URL such as http://127.0.0.1:4317 (TLS to the collector is \
+                     not supported yet), got {e:?}"
                 ),
             );
         }
@@ -753,6 +754,38 @@ mod tests {
             Err(ConfigError::Invalid(errs)) => errs.iter().map(|e| e.field).collect(),
             Err(e) => panic!("unexpected error {e}"),
         }
+    }
+
+    #[test]
+    fn telemetry_settings_are_checked() {
+        let c = |toml: &str| NodeConfig::from_toml(&format!("[telemetry]\n{toml}")).unwrap();
+        assert_eq!(
+            invalid_fields(&c("metrics_addr = \"0.0.0.0:9380\"")),
+            ["telemetry.metrics_token_file"]
+        );
+        assert!(invalid_fields(&c("metrics_addr = \"127.0.0.1:9380\"")).is_empty());
+        assert!(
+            invalid_fields(&c(
+                "metrics_addr = \"0.0.0.0:9380\"\nmetrics_token_file = \"/t\""
+            ))
+            .is_empty()
+        );
+        assert_eq!(
+            invalid_fields(&c("metrics_rate_limit_per_sec = 0")),
+            ["telemetry.metrics_rate_limit_per_sec"]
+        );
+        assert_eq!(
+            invalid_fields(&c("trace_sample_ratio = 1.5")),
+            ["telemetry.trace_sample_ratio"]
+        );
+        for bad in ["127.0.0.1:4317", "https://collector:4317", "http://"] {
+            assert_eq!(
+                invalid_fields(&c(&format!("otlp_endpoint = {bad:?}"))),
+                ["telemetry.otlp_endpoint"],
+                "{bad}"
+            );
+        }
+        assert!(invalid_fields(&c("otlp_endpoint = \"http://127.0.0.1:4317\"")).is_empty());
     }
 
     #[test]

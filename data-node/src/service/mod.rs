@@ -37,6 +37,7 @@ use crate::raft::transport::Members;
 use crate::runtime::priority_channel::{Class, PriorityMessageChannel, Refused};
 use crate::runtime::worker_pool::{Job, WorkerPool};
 use crate::telemetry;
+use crate::telemetry::tracing::Sampling;
 
 /// A closure run by the storage stage, answering its caller on a oneshot.
 struct StagedJob<R> {
@@ -161,20 +162,34 @@ struct Tagged {
 
 /// Opens the span of one KV request (`name` is `kv.<Method>`), continuing the caller's W3C trace.
 fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span {
-    let span = tracing::info_span!(
-        "kv.request",
-        otel.name = name,
-        otel.kind = "server",
-        rpc.system = "grpc",
-        rpc.method = name.trim_start_matches("kv."),
-        priority = tracing::field::Empty,
-        request_id = tracing::field::Empty,
-        outcome = tracing::field::Empty,
-        rpc.grpc.status_code = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
-    telemetry::tracing::continue_trace(&span, request.metadata());
-    span
+    // One callsite per target: the OpenTelemetry layer only sees requests chosen for tracing, so the
+    // others cost one log span, not an OpenTelemetry span each.
+    macro_rules! span {
+        ($target:expr) => {
+            tracing::info_span!(
+                target: $target,
+                "kv.request",
+                otel.name = name,
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.method = name.trim_start_matches("kv."),
+                priority = tracing::field::Empty,
+                request_id = tracing::field::Empty,
+                outcome = tracing::field::Empty,
+                rpc.grpc.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        };
+    }
+    match telemetry::tracing::head_sample(request.metadata()) {
+        Sampling::Untraced => span!("kiwi_node::request"),
+        Sampling::Root => span!("kiwi_node::trace"),
+        Sampling::Continue(parent) => {
+            let span = span!("kiwi_node::trace");
+            telemetry::tracing::set_parent(&span, parent);
+            span
+        }
+    }
 }
 
 /// Runs a handler's body inside its request span and records how it ended.
@@ -281,7 +296,7 @@ impl KvServer {
         let span = Span::current();
         span.record("request_id", request_id.as_str());
         span.record("priority", class.name());
-        let trace = if telemetry::tracing::sampled(&span) {
+        let trace = if telemetry::tracing::is_traced(&span) {
             span
         } else {
             Span::none()

@@ -4,14 +4,16 @@
 //!   line written inside a request carries the request span's fields, the `request_id` among them.
 //! - Traces (`[telemetry] otlp_endpoint`, off when unset): spans exported over OTLP/gRPC by a batch
 //!   processor on its own thread (bounded queue: a slow or dead collector drops spans, it never stalls
-//!   requests). Sampling is parent-based: a request carrying a W3C `traceparent` follows its caller's
-//!   decision, others are sampled at `trace_sample_ratio`.
+//!   requests). Sampling is decided when a request arrives ([`head_sample`]): a request carrying a W3C
+//!   `traceparent` follows its caller's decision, others are sampled at `trace_sample_ratio`. Untraced
+//!   requests get a span that only the logs see (target [`UNTRACED_TARGET`]), so they pay nothing for
+//!   OpenTelemetry.
 //!
 //! Span layout of one KV request (names are stable; attributes in brackets):
 //! `kv.<Method>` [rpc.method, priority, request_id, outcome, rpc.grpc.status_code] at INFO, with DEBUG
 //! children `queue.wait`, `storage` (the work on a storage thread), `raft.read_index`, `raft.replicate`
 //! (propose to commit) and `raft.apply` (apply and write). Children are created only for sampled
-//! requests ([`sampled`]), so unsampled requests cost one span.
+//! requests ([`is_traced`]), so untraced requests cost one log span.
 
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
@@ -101,23 +103,23 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Result<TracingGuard
             Some(
                 SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
-                    .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                        telemetry.trace_sample_ratio,
-                    ))))
+                    // The decision is made per request by `head_sample`; what reaches the SDK is kept.
+                    .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
                     .with_resource(resource)
                     .build(),
             )
         }
         None => None,
     };
-    // Traces get Kiwi's own spans down to DEBUG (the request's children) and nothing else: events stay in
-    // the logs.
+    // Traces get Kiwi's own spans down to DEBUG (the request's children), except the spans of untraced
+    // requests, and nothing else: events stay in the logs.
     let traces = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(SERVICE_NAME))
             .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
                 meta.is_span()
                     && meta.target().starts_with("kiwi_node")
+                    && meta.target() != UNTRACED_TARGET
                     && *meta.level() <= Level::DEBUG
             }))
     });
@@ -126,6 +128,9 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Result<TracingGuard
         .with(traces)
         .try_init()
         .map_err(|e| TracingError::AlreadyInstalled(e.to_string()))?;
+    if provider.is_some() {
+        let _ = SAMPLE_RATIO.set(telemetry.trace_sample_ratio);
+    }
     Ok(TracingGuard { provider })
 }
 
@@ -147,27 +152,57 @@ impl Extractor for MetadataExtractor<'_> {
     }
 }
 
-/// Makes `span` continue the trace of a W3C `traceparent` in `metadata`, if there is a valid one. Call it
-/// before the span is first entered.
-pub fn continue_trace(span: &Span, metadata: &tonic::metadata::MetadataMap) {
-    if span.is_disabled() || metadata.get("traceparent").is_none() {
-        return;
+/// Target of the span of a request that is not traced (only logs see it).
+pub const UNTRACED_TARGET: &str = "kiwi_node::request";
+/// Target of the span of a traced request.
+pub const TRACED_TARGET: &str = "kiwi_node::trace";
+
+/// `trace_sample_ratio` when traces are exported; unset when they are not.
+static SAMPLE_RATIO: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
+/// Whether a request is traced, decided when it arrives (head sampling).
+pub enum Sampling {
+    /// Not traced: traces are off, the caller's `traceparent` says not sampled, or the ratio said no.
+    Untraced,
+    /// A new trace.
+    Root,
+    /// Continues the caller's sampled trace.
+    Continue(opentelemetry::Context),
+}
+
+/// Decides whether a request is traced: a valid W3C `traceparent` in `metadata` decides by its sampled
+/// flag; otherwise a `trace_sample_ratio` share of requests is. Always [`Sampling::Untraced`] when no
+/// OTLP endpoint is configured. Deciding here, before any span exists, is what keeps untraced requests
+/// cheap: the OpenTelemetry layer never sees them.
+pub fn head_sample(metadata: &tonic::metadata::MetadataMap) -> Sampling {
+    let Some(&ratio) = SAMPLE_RATIO.get() else {
+        return Sampling::Untraced;
+    };
+    if metadata.get("traceparent").is_some() {
+        let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
+        let sc = parent.span().span_context().clone();
+        if sc.is_valid() {
+            return if sc.is_sampled() {
+                Sampling::Continue(parent)
+            } else {
+                Sampling::Untraced
+            };
+        }
     }
-    let parent = TraceContextPropagator::new().extract(&MetadataExtractor(metadata));
-    if parent.span().span_context().is_valid() {
-        // Refused only when no OpenTelemetry layer is installed: then there is nothing to continue.
-        let _ = span.set_parent(parent);
+    if ratio > 0.0 && rand::random::<f64>() < ratio {
+        Sampling::Root
+    } else {
+        Sampling::Untraced
     }
 }
 
-/// Whether `span` is exported (an OpenTelemetry layer is installed and the trace is sampled).
-pub fn sampled(span: &Span) -> bool {
-    !span.is_disabled() && span.context().span().span_context().is_sampled()
+/// Makes `span` continue the trace `parent`. Call it before the span is first entered.
+pub fn set_parent(span: &Span, parent: opentelemetry::Context) {
+    // Refused only when no OpenTelemetry layer is installed: then there is nothing to continue.
+    let _ = span.set_parent(parent);
 }
 
-/// The trace id of `span` (32 hex digits), when it is sampled.
-pub fn trace_id(span: &Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_sampled().then(|| sc.trace_id().to_string())
+/// Whether `span` is a traced request's span (exported, so its stages get child spans).
+pub fn is_traced(span: &Span) -> bool {
+    span.metadata().is_some_and(|m| m.target() == TRACED_TARGET)
 }
