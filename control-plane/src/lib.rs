@@ -1,6 +1,182 @@
-//! `kiwi-control`, Kiwi's control plane: nodes register and heartbeat to it with their metrics, and its
-//! replies carry scaling and priority policy and fault commands (see `proto/kiwi/v1/control.proto` and
-//! `ARCHITECTURE.md`).
+//! `kiwi-control`, Kiwi's control plane, as a library: the binary in `main.rs` only parses flags, loads
+//! the config and calls [`run`]; tests start it through [`ControlPlane::start`].
 //!
-//! Nothing is implemented yet: this crate holds the place in the workspace so that the layout is fixed
-//! from the start. Its modules arrive with the control-plane issue.
+//! Every node opens one long-lived stream to it (`NodeLink.Link`): a registration, then a heartbeat
+//! with a metrics snapshot every interval. The control plane never dials a node; nodes serve clients the
+//! same whether it is up or not.
+//!
+//! Modules (arrows point down):
+//!
+//! ```text
+//! lib.rs (wiring, gRPC server, the sweeper that marks silent nodes down)
+//!   └─ service   NodeLink and ControlService
+//!        ├─ state    the live cluster view (pure bookkeeping, injected clock)
+//!        └─ events   the persisted event log (kiwi-storage, RocksDB)
+//! config: read by main and lib
+//! ```
+
+pub mod config;
+pub mod events;
+pub mod service;
+pub mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiwi_proto::v1::control_service_server::ControlServiceServer;
+use kiwi_proto::v1::node_link_server::NodeLinkServer;
+use kiwi_storage::{BackendKind, OpenOptions};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+pub use config::ControlConfig;
+
+use crate::events::EventLog;
+use crate::service::{Control, ControlApi, NodeLinkApi};
+use crate::state::ClusterView;
+
+/// How often silent nodes are looked for.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What can stop the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("the control plane's store in {path}: {source}")]
+    Storage {
+        path: std::path::PathBuf,
+        #[source]
+        source: kiwi_storage::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("cannot build gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("internal task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl ControlPlane {
+    /// Opens the store, binds the port and starts serving.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn start(config: ControlConfig) -> Result<ControlPlane, Error> {
+        config.validate()?;
+        let path = config.data_dir.clone();
+        let events = tokio::task::spawn_blocking(move || {
+            let storage = kiwi_storage::open(&OpenOptions {
+                kind: BackendKind::RocksDb,
+                path: path.clone(),
+                limits: kiwi_storage::Limits::default(),
+                create_if_missing: true,
+            })
+            .map_err(|source| Error::Storage {
+                path: path.clone(),
+                source,
+            })?;
+            EventLog::open(storage).map_err(|source| Error::Storage { path, source })
+        })
+        .await??;
+        let cluster_id = events.cluster_id().map_err(|source| Error::Storage {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let control = Control::new(ClusterView::new(cluster_id), events);
+
+        let listener = tokio::net::TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+        let shutdown = CancellationToken::new();
+        {
+            let control = Arc::clone(&control);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => control.sweep().await,
+                        () = shutdown.cancelled() => return,
+                    }
+                }
+            });
+        }
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(kiwi_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(NodeLinkServer::new(NodeLinkApi(Arc::clone(&control))))
+            .add_service(ControlServiceServer::new(ControlApi(control)))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                shutdown.clone().cancelled_owned(),
+            );
+        let server = tokio::spawn(server);
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "kiwi-control serving");
+        Ok(ControlPlane {
+            addr,
+            shutdown,
+            server,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving (node links are closed; nodes reconnect to the next control plane by themselves).
+    ///
+    /// # Errors
+    /// The server's own error.
+    pub async fn shutdown(self) -> Result<(), Error> {
+        self.shutdown.cancel();
+        match tokio::time::timeout(Duration::from_secs(5), self.server).await {
+            Ok(r) => r??,
+            Err(_) => tracing::warn!("node links still open after 5 s; closing them"),
+        }
+        Ok(())
+    }
+}
+
+/// Runs the control plane until `shutdown` resolves.
+///
+/// # Errors
+/// [`Error`].
+pub async fn run(config: ControlConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    let cp = ControlPlane::start(config).await?;
+    shutdown.await;
+    cp.shutdown().await
+}

@@ -70,6 +70,8 @@ pub struct NodeConfig {
     pub storage: StorageConfig,
     /// Metrics endpoints and traces.
     pub telemetry: TelemetryConfig,
+    /// The link to the control plane.
+    pub control: ControlLinkConfig,
 }
 
 impl Default for NodeConfig {
@@ -82,6 +84,7 @@ impl Default for NodeConfig {
             raft: RaftConfig::default(),
             storage: StorageConfig::default(),
             telemetry: TelemetryConfig::default(),
+            control: ControlLinkConfig::default(),
         }
     }
 }
@@ -286,6 +289,31 @@ pub struct StorageConfig {
     /// Longest value accepted, e.g. `"4 MiB"` or a number of bytes.
     pub max_value_size: ByteSize,
 }
+
+/// `[control]`: the link to `kiwi-control`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlLinkConfig {
+    /// The control plane's gRPC address, "host:port"; unset: no control plane.
+    pub addr: Option<String>,
+    /// How often the node sends its metrics snapshot.
+    #[serde(rename = "heartbeat_interval_ms", with = "millis")]
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for ControlLinkConfig {
+    fn default() -> Self {
+        ControlLinkConfig {
+            addr: None,
+            heartbeat_interval: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// Shortest `control.heartbeat_interval_ms`.
+pub const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest `control.heartbeat_interval_ms`.
+pub const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
 
 /// `[telemetry]`: the Prometheus endpoints and OTLP traces.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -687,6 +715,23 @@ impl NodeConfig {
                 ),
             );
         }
+
+        let c = &self.control;
+        if let Some(addr) = &c.addr
+            && let Err(e) = check_member_addr(addr)
+        {
+            check(false, "control.addr", e);
+        }
+        check(
+            (MIN_HEARTBEAT_INTERVAL..=MAX_HEARTBEAT_INTERVAL).contains(&c.heartbeat_interval),
+            "control.heartbeat_interval_ms",
+            format!(
+                "must be from {} to {}, got {}",
+                MIN_HEARTBEAT_INTERVAL.as_millis(),
+                MAX_HEARTBEAT_INTERVAL.as_millis(),
+                c.heartbeat_interval.as_millis()
+            ),
+        );
 
         let st = &self.storage;
         check(

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! lib.rs (wiring, gRPC server)
+//!   ├─ control/   the link to kiwi-control (uses service's metrics snapshot)
 //!   └─ service/   KvService and NodeAdmin handlers
 //!        ├─ runtime/  priority channel → storage worker pool + ThreadPoolScaler
 //!        └─ raft/     transport → driver → log_store, state_machine, snapshot
@@ -22,12 +23,16 @@
 //!   worker pool with its `ThreadPoolScaler`.
 //! - [`service`]: the `KvService` and `NodeAdmin` gRPC services; storage work goes through the priority
 //!   channel to the worker pool, Raft work through the driver's handle.
-//! - [`telemetry`]: the `RaftMetricsCollector` the driver records into; depends on no layer here.
+//! - [`telemetry`]: the `RaftMetricsCollector` the driver records into, the Prometheus exporters and
+//!   their HTTP listener, storage metrics, logs and traces; depends on no layer here.
+//! - [`control`]: the link to the control plane (`[control] addr`): registration and heartbeats carrying
+//!   the metrics snapshot the service layer builds.
 //! - this file: wires them together and serves gRPC (plus health and reflection).
 //!
 //! Storage is reached only through `kiwi_storage::StorageBackend`; no module names an engine.
 
 pub mod config;
+pub mod control;
 pub mod identity;
 pub mod raft;
 pub mod runtime;
@@ -381,7 +386,7 @@ impl Node {
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
-            .add_service(NodeAdminServer::new(AdminApi(kv)))
+            .add_service(NodeAdminServer::new(AdminApi(Arc::clone(&kv))))
             .add_service(
                 RaftTransportServer::new(RaftService::new(
                     node_id,
@@ -397,6 +402,14 @@ impl Node {
                 shutdown.clone().cancelled_owned(),
             );
         let server = tokio::spawn(server);
+        if let Some(control_addr) = &config.control.addr {
+            control::spawn(
+                kv,
+                control_addr.clone(),
+                config.control.heartbeat_interval,
+                stop.clone(),
+            );
+        }
         let metrics = match metrics_http {
             Some((listener, token, registry)) => {
                 let metrics_addr =

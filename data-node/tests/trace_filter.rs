@@ -18,11 +18,20 @@ async fn only_traced_spans_reach_opentelemetry() {
 
     let untraced = tracing::info_span!(target: UNTRACED_TARGET, "kv.request", request_id = "a");
     assert!(!untraced.is_disabled(), "the logs see every request span");
-    assert!(!valid(&untraced), "an untraced request reached OpenTelemetry");
+    assert!(
+        !valid(&untraced),
+        "an untraced request reached OpenTelemetry"
+    );
     let traced = tracing::info_span!(target: TRACED_TARGET, "kv.request", request_id = "b");
-    assert!(valid(&traced), "a traced request did not reach OpenTelemetry");
+    assert!(
+        valid(&traced),
+        "a traced request did not reach OpenTelemetry"
+    );
     let child = tracing::debug_span!(target: "kiwi_node::service", parent: &traced, "queue.wait");
-    assert!(!child.is_disabled(), "children of a traced request are exported at DEBUG");
+    assert!(
+        !child.is_disabled(),
+        "children of a traced request are exported at DEBUG"
+    );
     assert_eq!(
         child.context().span().span_context().trace_id(),
         traced.context().span().span_context().trace_id()

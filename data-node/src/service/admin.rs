@@ -39,6 +39,21 @@ fn latency(l: &crate::telemetry::raft_metrics::Latency) -> Option<LatencySummary
     })
 }
 
+fn follower_metrics(f: &crate::telemetry::raft_metrics::Follower) -> FollowerMetrics {
+    FollowerMetrics {
+        node_id: f.id,
+        match_index: f.match_index,
+        lag: f.lag,
+        recently_active: f.recently_active,
+        voter: f.voter,
+        replication_latency_avg_us: f.replication_avg_us,
+        replication_latency: latency(&f.replication),
+        snapshots_sent: f.snapshots_sent,
+        snapshots_failed: f.snapshots_failed,
+        snapshot_duration: latency(&f.snapshot_duration),
+    }
+}
+
 #[tonic::async_trait]
 impl NodeAdmin for AdminApi {
     async fn get_raft_metrics(
@@ -90,22 +105,7 @@ impl NodeAdmin for AdminApi {
             ready_handling: latency(&m.ready_handling),
             log_fsync: latency(&m.log_fsync),
             log_fsync_entries: m.log_fsync_entries,
-            followers: m
-                .followers
-                .iter()
-                .map(|f| FollowerMetrics {
-                    node_id: f.id,
-                    match_index: f.match_index,
-                    lag: f.lag,
-                    recently_active: f.recently_active,
-                    voter: f.voter,
-                    replication_latency_avg_us: f.replication_avg_us,
-                    replication_latency: latency(&f.replication),
-                    snapshots_sent: f.snapshots_sent,
-                    snapshots_failed: f.snapshots_failed,
-                    snapshot_duration: latency(&f.snapshot_duration),
-                })
-                .collect(),
+            followers: m.followers.iter().map(follower_metrics).collect(),
             history: m
                 .history
                 .iter()
@@ -469,6 +469,59 @@ impl KvServer {
         tracing::info!(policy = ?next.runtime, "runtime policy changed");
         *config = next;
         Ok(policy_of(&config.runtime))
+    }
+
+    /// The metrics snapshot a heartbeat to the control plane carries.
+    pub(crate) async fn heartbeat_metrics(&self) -> kiwi_proto::v1::NodeMetrics {
+        let st = self.driver.status();
+        let report = self.driver.raft_metrics(false).await.ok().flatten();
+        let runtime = self.runtime_stats();
+        let dir = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .storage_dir();
+        let data_dir_bytes =
+            tokio::task::spawn_blocking(move || crate::telemetry::storage_metrics::dir_size(&dir))
+                .await
+                .unwrap_or(0);
+        kiwi_proto::v1::NodeMetrics {
+            role: wire_role(st.role) as i32,
+            term: st.term,
+            leader_id: st.leader_id,
+            commit_index: st.commit,
+            applied_index: st.applied,
+            first_index: st.first_index,
+            last_index: report.as_ref().map_or(0, |r| r.last_index),
+            followers: report
+                .as_ref()
+                .map(|r| r.metrics.followers.iter().map(follower_metrics).collect())
+                .unwrap_or_default(),
+            commit_rate: report.as_ref().map_or(0.0, |r| r.metrics.commit_rate),
+            apply_rate: report.as_ref().map_or(0.0, |r| r.metrics.apply_rate),
+            storage_pool: runtime.storage_pool,
+            classes: runtime.classes,
+            data_dir_bytes,
+            rejected_entries: st.rejected_entries,
+        }
+    }
+
+    /// What a node registers with at the control plane.
+    pub(crate) fn registration(
+        &self,
+        heartbeat_interval: std::time::Duration,
+        started_at_unix_ms: u64,
+    ) -> kiwi_proto::v1::Register {
+        kiwi_proto::v1::Register {
+            node_id: self.node_id,
+            cluster_id: self.cluster.load(std::sync::atomic::Ordering::SeqCst),
+            client_addr: self.addrs.get(self.node_id).unwrap_or_default(),
+            backend: self.backend.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at_unix_ms,
+            heartbeat_interval_ms: u64::try_from(heartbeat_interval.as_millis())
+                .unwrap_or(u64::MAX),
+        }
     }
 
     fn runtime_stats(&self) -> RuntimeStatsResponse {

@@ -5,6 +5,7 @@
 //! (or an etcd cluster, with the same load).
 
 mod bench;
+mod control;
 mod playground;
 
 use std::io::{Read, Write};
@@ -127,6 +128,8 @@ enum Command {
     /// apply, ReadIndex, Ready handling, log fsync), the leader's per-follower replication latency and lag,
     /// and a sparkline of the commit rate over the retained history.
     Metrics,
+    /// The control plane (kiwi-control): `status` (every node's live view), `events` (the event log).
+    Control(control::ControlArgs),
     /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
     Playground(playground::PlaygroundArgs),
     /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
@@ -357,6 +360,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             runtime(&client, json).await
         }
+        Command::Control(args) => control::run(args, json).await,
         Command::Playground(args) => playground::run(args).await.map(|()| Outcome::Ok),
         Command::Bench(args) => {
             bench::run(args, &cli.endpoints, cli.consistency, cli.priority.into())

@@ -1,0 +1,127 @@
+//! `kiwi-control`'s configuration: one TOML file, typed, unknown keys refused, every problem named.
+//! `config/kiwi-control.example.toml` lists every key with its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default gRPC address.
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:7390";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "kiwi-control-data";
+
+/// The control plane's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// gRPC address: `NodeLink` for nodes, `ControlService` for operators, health and reflection.
+    pub listen_addr: SocketAddr,
+    /// Where the event log and the cluster's identity are kept (RocksDB).
+    pub data_dir: PathBuf,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen_addr: DEFAULT_LISTEN_ADDR.parse().expect("valid default address"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ControlConfig {
+    /// Reads and validates a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file and the key.
+    pub fn from_file(path: &Path) -> Result<ControlConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: ControlConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types cannot.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid("data_dir: must not be empty".into()));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(ConfigError::Invalid(format!(
+                "log.level: {:?} is not a log filter such as \"info\": {e}",
+                self.log.level
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kiwi-control.example.toml");
+        assert_eq!(
+            ControlConfig::from_file(&path).unwrap(),
+            ControlConfig::default()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "listen_adr = \"127.0.0.1:1\"\n").unwrap();
+        let e = ControlConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("listen_adr"), "{e}");
+        std::fs::write(&p, "[log]\nlevel = \"=?!\"\n").unwrap();
+        let e = ControlConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("log.level"), "{e}");
+    }
+}

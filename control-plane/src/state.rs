@@ -1,0 +1,378 @@
+//! The live cluster view, built from the nodes' registrations and heartbeats. Pure bookkeeping (no I/O,
+//! an injected clock): each change returns the events it causes, which the caller logs.
+//!
+//! A node is up while its heartbeats arrive, and down once three of its heartbeat intervals pass without
+//! one. The cluster's leader is the node reporting the leader role in the highest term.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kiwi_proto::v1::{ClusterStatusResponse, NodeMetrics, NodeView, RaftRole, Register};
+
+use crate::events::NewEvent;
+
+/// Heartbeat intervals missed before a node is marked down.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Why a node is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "node {node_id} belongs to cluster {got:016x}, but this control plane serves cluster {serving:016x}"
+    )]
+    OtherCluster {
+        node_id: u64,
+        got: u64,
+        serving: u64,
+    },
+    #[error(
+        "node {node_id} is already connected from {connected}; a second node with this id at {from} is refused"
+    )]
+    Duplicate {
+        node_id: u64,
+        connected: String,
+        from: String,
+    },
+    #[error("invalid registration: {0}")]
+    Invalid(String),
+}
+
+struct Entry {
+    reg: Register,
+    /// The connection currently speaking for this node.
+    conn: u64,
+    up: bool,
+    last_seen: Instant,
+    last_seen_unix_ms: u64,
+    metrics: Option<NodeMetrics>,
+}
+
+impl Entry {
+    fn interval(&self) -> Duration {
+        Duration::from_millis(self.reg.heartbeat_interval_ms.max(1))
+    }
+}
+
+/// The view. Owned behind one lock by the service.
+#[derive(Default)]
+pub struct ClusterView {
+    cluster_id: u64,
+    nodes: BTreeMap<u64, Entry>,
+    leader: u64,
+    leader_term: u64,
+    leader_changes: u64,
+}
+
+impl ClusterView {
+    /// A view for `cluster_id` (0: adopt the first registering node's).
+    pub fn new(cluster_id: u64) -> ClusterView {
+        ClusterView {
+            cluster_id,
+            ..ClusterView::default()
+        }
+    }
+
+    /// The cluster served (0 until a node registered).
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id
+    }
+
+    /// Registers (or re-registers) a node on connection `conn`. Returns the events, and whether the
+    /// cluster id was adopted from this node (the caller persists it).
+    ///
+    /// # Errors
+    /// [`Refusal`]: another cluster, the id already connected from another address, a malformed record.
+    pub fn register(
+        &mut self,
+        conn: u64,
+        reg: Register,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Result<(Vec<NewEvent>, bool), Refusal> {
+        if reg.node_id == 0 {
+            return Err(Refusal::Invalid("node_id must be at least 1".into()));
+        }
+        if reg.cluster_id == 0 {
+            return Err(Refusal::Invalid("cluster_id must not be 0".into()));
+        }
+        if reg.heartbeat_interval_ms == 0 || reg.heartbeat_interval_ms > 60_000 {
+            return Err(Refusal::Invalid(format!(
+                "heartbeat_interval_ms must be 1 to 60000, got {}",
+                reg.heartbeat_interval_ms
+            )));
+        }
+        let adopted = self.cluster_id == 0;
+        if !adopted && reg.cluster_id != self.cluster_id {
+            return Err(Refusal::OtherCluster {
+                node_id: reg.node_id,
+                got: reg.cluster_id,
+                serving: self.cluster_id,
+            });
+        }
+        if let Some(old) = self.nodes.get(&reg.node_id)
+            && old.up
+            && old.conn != conn
+            && old.reg.client_addr != reg.client_addr
+        {
+            return Err(Refusal::Duplicate {
+                node_id: reg.node_id,
+                connected: old.reg.client_addr.clone(),
+                from: reg.client_addr,
+            });
+        }
+        self.cluster_id = reg.cluster_id;
+        let mut events = vec![NewEvent {
+            kind: "node_registered",
+            node_id: reg.node_id,
+            detail: format!(
+                "node {} at {} ({} backend, version {})",
+                reg.node_id, reg.client_addr, reg.backend, reg.version
+            ),
+        }];
+        let was_up = self.nodes.get(&reg.node_id).is_some_and(|e| e.up);
+        if !was_up {
+            events.push(NewEvent {
+                kind: "node_up",
+                node_id: reg.node_id,
+                detail: format!("node {} is up", reg.node_id),
+            });
+        }
+        let metrics = self.nodes.remove(&reg.node_id).and_then(|e| e.metrics);
+        self.nodes.insert(
+            reg.node_id,
+            Entry {
+                reg,
+                conn,
+                up: true,
+                last_seen: now,
+                last_seen_unix_ms: now_unix_ms,
+                metrics,
+            },
+        );
+        Ok((events, adopted))
+    }
+
+    /// A heartbeat from `node_id` on connection `conn`. A heartbeat from a connection that no longer
+    /// speaks for the node (it re-registered elsewhere) is ignored.
+    pub fn heartbeat(
+        &mut self,
+        conn: u64,
+        node_id: u64,
+        metrics: NodeMetrics,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Vec<NewEvent> {
+        let mut events = Vec::new();
+        let Some(e) = self.nodes.get_mut(&node_id) else {
+            return events;
+        };
+        if e.conn != conn {
+            return events;
+        }
+        if !e.up {
+            e.up = true;
+            events.push(NewEvent {
+                kind: "node_up",
+                node_id,
+                detail: format!("node {node_id} is up again"),
+            });
+        }
+        e.last_seen = now;
+        e.last_seen_unix_ms = now_unix_ms;
+        let (role, term) = (metrics.role, metrics.term);
+        e.metrics = Some(metrics);
+        if role == RaftRole::Leader as i32
+            && (term > self.leader_term || (term == self.leader_term && self.leader == 0))
+        {
+            if self.leader != node_id {
+                if self.leader != 0 {
+                    self.leader_changes += 1;
+                }
+                events.push(NewEvent {
+                    kind: "leader_changed",
+                    node_id,
+                    detail: if self.leader == 0 {
+                        format!("node {node_id} leads (term {term})")
+                    } else {
+                        format!(
+                            "leader changed from node {} to node {node_id} (term {term})",
+                            self.leader
+                        )
+                    },
+                });
+            }
+            self.leader = node_id;
+            self.leader_term = term;
+        }
+        events
+    }
+
+    /// Marks down every node that missed [`MISSED_HEARTBEATS`] intervals.
+    pub fn sweep(&mut self, now: Instant) -> Vec<NewEvent> {
+        let mut events = Vec::new();
+        for (id, e) in &mut self.nodes {
+            if e.up && now.saturating_duration_since(e.last_seen) > e.interval() * MISSED_HEARTBEATS
+            {
+                e.up = false;
+                events.push(NewEvent {
+                    kind: "node_down",
+                    node_id: *id,
+                    detail: format!(
+                        "node {id} missed {MISSED_HEARTBEATS} heartbeats ({} ms apart)",
+                        e.reg.heartbeat_interval_ms
+                    ),
+                });
+            }
+        }
+        events
+    }
+
+    /// The operator's view.
+    pub fn status(&self) -> ClusterStatusResponse {
+        let up = |e: &&Entry| e.up;
+        let leader = self
+            .nodes
+            .get(&self.leader)
+            .filter(|e| e.up)
+            .map_or(0, |_| self.leader);
+        let slowest_follower = self
+            .nodes
+            .get(&leader)
+            .and_then(|e| e.metrics.as_ref())
+            .and_then(|m| {
+                m.followers
+                    .iter()
+                    .max_by_key(|f| f.replication_latency_avg_us)
+                    .map(|f| f.node_id)
+            })
+            .unwrap_or(0);
+        let metrics = || {
+            self.nodes
+                .values()
+                .filter(up)
+                .filter_map(|e| e.metrics.as_ref())
+        };
+        ClusterStatusResponse {
+            cluster_id: self.cluster_id,
+            leader_id: leader,
+            leader_changes: self.leader_changes,
+            nodes: self
+                .nodes
+                .iter()
+                .map(|(id, e)| NodeView {
+                    node_id: *id,
+                    client_addr: e.reg.client_addr.clone(),
+                    backend: e.reg.backend.clone(),
+                    version: e.reg.version.clone(),
+                    up: e.up,
+                    last_seen_unix_ms: e.last_seen_unix_ms,
+                    heartbeat_interval_ms: e.reg.heartbeat_interval_ms,
+                    metrics: e.metrics.clone(),
+                })
+                .collect(),
+            slowest_follower,
+            commit_rate: metrics().map(|m| m.commit_rate).sum(),
+            apply_rate: metrics().map(|m| m.apply_rate).sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(id: u64, addr: &str) -> Register {
+        Register {
+            node_id: id,
+            cluster_id: 9,
+            client_addr: addr.into(),
+            backend: "memory".into(),
+            version: "0".into(),
+            started_at_unix_ms: 0,
+            heartbeat_interval_ms: 100,
+        }
+    }
+
+    fn leader(term: u64) -> NodeMetrics {
+        NodeMetrics {
+            role: RaftRole::Leader as i32,
+            term,
+            ..NodeMetrics::default()
+        }
+    }
+
+    fn kinds(events: &[NewEvent]) -> Vec<&str> {
+        events.iter().map(|e| e.kind).collect()
+    }
+
+    #[test]
+    fn nodes_go_down_after_three_missed_heartbeats_and_leader_changes_are_events() {
+        let t0 = Instant::now();
+        let mut v = ClusterView::new(0);
+        let (ev, adopted) = v.register(1, reg(1, "a:1"), t0, 0).unwrap();
+        assert!(adopted);
+        assert_eq!(kinds(&ev), ["node_registered", "node_up"]);
+        v.register(2, reg(2, "b:1"), t0, 0).unwrap();
+        assert_eq!(
+            kinds(&v.heartbeat(1, 1, leader(2), t0, 0)),
+            ["leader_changed"]
+        );
+        assert!(v.heartbeat(1, 1, leader(2), t0, 0).is_empty());
+        assert_eq!(v.status().leader_id, 1);
+        // 300 ms without node 1's heartbeats is not yet three missed intervals; 301 ms is.
+        v.heartbeat(
+            2,
+            2,
+            NodeMetrics::default(),
+            t0 + Duration::from_millis(250),
+            0,
+        );
+        assert!(v.sweep(t0 + Duration::from_millis(300)).is_empty());
+        assert_eq!(
+            kinds(&v.sweep(t0 + Duration::from_millis(301))),
+            ["node_down"]
+        );
+        assert_eq!(v.status().leader_id, 0, "a down leader is not reported");
+        let ev = v.heartbeat(2, 2, leader(3), t0 + Duration::from_millis(400), 0);
+        assert_eq!(kinds(&ev), ["leader_changed"]);
+        assert!(ev[0].detail.contains("from node 1 to node 2"), "{ev:?}");
+        let s = v.status();
+        assert_eq!((s.leader_id, s.leader_changes), (2, 1));
+        assert_eq!(s.nodes.iter().filter(|n| n.up).count(), 1);
+        // A stale leader report (lower term) changes nothing.
+        let (ev, _) = v
+            .register(3, reg(1, "a:1"), t0 + Duration::from_millis(500), 0)
+            .unwrap();
+        assert_eq!(kinds(&ev), ["node_registered", "node_up"]);
+        let t1 = t0 + Duration::from_millis(510);
+        assert!(v.heartbeat(3, 1, leader(2), t1, 0).is_empty());
+        assert_eq!(v.status().leader_id, 2);
+    }
+
+    #[test]
+    fn other_clusters_duplicates_and_malformed_registrations_are_refused() {
+        let t0 = Instant::now();
+        let mut v = ClusterView::new(0);
+        v.register(1, reg(1, "a:1"), t0, 0).unwrap();
+        let other = Register {
+            cluster_id: 10,
+            ..reg(2, "b:1")
+        };
+        assert!(matches!(
+            v.register(2, other, t0, 0),
+            Err(Refusal::OtherCluster { .. })
+        ));
+        assert!(matches!(
+            v.register(3, reg(1, "c:1"), t0, 0),
+            Err(Refusal::Duplicate { .. })
+        ));
+        assert!(matches!(
+            v.register(4, reg(0, "d:1"), t0, 0),
+            Err(Refusal::Invalid(_))
+        ));
+        // Heartbeats from a connection that does not speak for the node are ignored.
+        assert!(v.heartbeat(3, 1, leader(5), t0, 0).is_empty());
+        assert_eq!(v.status().leader_id, 0);
+        assert_eq!(v.status().nodes.len(), 1);
+    }
+}

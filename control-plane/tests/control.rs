@@ -1,0 +1,297 @@
+//! The control plane with real processes on loopback: three `kiwi-node`s linked to one `kiwi-control`.
+//! Status shows every node up and one leader; a SIGKILLed node is marked down after three missed
+//! heartbeats and the event log says so; a killed leader's successor appears as a leader change; a
+//! SIGKILLed control plane restarts with its events and the nodes re-register by themselves; bad node
+//! links are refused with a status naming why.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kiwi_proto::v1::control_service_client::ControlServiceClient;
+use kiwi_proto::v1::node_link_client::NodeLinkClient;
+use kiwi_proto::v1::node_message::Msg;
+use kiwi_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, Event, EventsRequest, Heartbeat, NodeMessage,
+    RaftRole, Register,
+};
+use kiwi_tests::cluster::{Cluster, ClusterOptions};
+use tonic::Code;
+
+const HEARTBEAT_MS: u64 = 100;
+
+fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct ControlProc {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ControlProc {
+    fn start(addr: SocketAddr, data_dir: &Path) -> ControlProc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_kiwi-control"))
+            .arg("--listen-addr")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start kiwi-control");
+        ControlProc { child, addr }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn client(&self) -> ControlServiceClient<tonic::transport::Channel> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match ControlServiceClient::connect(format!("http://{}", self.addr)).await {
+                Ok(c) => return c,
+                Err(e) => assert!(
+                    Instant::now() < deadline,
+                    "kiwi-control never answered: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn status(&self) -> ClusterStatusResponse {
+        self.client()
+            .await
+            .cluster_status(ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn events(&self) -> Vec<Event> {
+        self.client()
+            .await
+            .events(EventsRequest {
+                after_seq: 0,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+
+    /// Polls the status until `ok` holds.
+    async fn wait_status(
+        &self,
+        what: &str,
+        ok: impl Fn(&ClusterStatusResponse) -> bool,
+    ) -> ClusterStatusResponse {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status().await;
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: never held; last status {s:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ControlProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn up(s: &ClusterStatusResponse) -> Vec<u64> {
+    s.nodes.iter().filter(|n| n.up).map(|n| n.node_id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_tracks_nodes_leaders_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut control = ControlProc::start(addr, &dir.path().join("control"));
+    let mut cluster = Cluster::start(ClusterOptions {
+        extra_config: format!(
+            "\n[control]\naddr = \"{addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let leader = cluster.wait_leader().await;
+    let s = control
+        .wait_status("three nodes up, the leader known", |s| {
+            up(s) == [1, 2, 3] && s.leader_id == leader
+        })
+        .await;
+    let leader_view = s.nodes.iter().find(|n| n.node_id == leader).unwrap();
+    let m = leader_view.metrics.clone().unwrap();
+    assert_eq!(m.role, RaftRole::Leader as i32);
+    assert!(m.storage_pool.is_some() && m.classes.len() == 4, "{m:?}");
+    control
+        .wait_status("the leader reports both followers", |s| {
+            s.nodes.iter().any(|n| {
+                n.node_id == leader && n.metrics.as_ref().is_some_and(|m| m.followers.len() == 2)
+            })
+        })
+        .await;
+
+    // A follower is SIGKILLed: down after three missed heartbeats, and an event says so.
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    cluster.kill(follower);
+    let killed = Instant::now();
+    control
+        .wait_status("the killed follower marked down", |s| {
+            !up(s).contains(&follower)
+        })
+        .await;
+    let took = killed.elapsed();
+    assert!(
+        took >= Duration::from_millis(HEARTBEAT_MS * 2),
+        "marked down after {took:?}, before three heartbeat intervals could pass"
+    );
+    let events = control.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "node_down" && e.node_id == follower),
+        "{events:#?}"
+    );
+    cluster.restart(follower);
+    control
+        .wait_status("the restarted follower up again", |s| up(s).len() == 3)
+        .await;
+
+    // The leader is SIGKILLed: another takes over, and the change is an event.
+    cluster.kill(leader);
+    let s = control
+        .wait_status("a new leader", |s| {
+            s.leader_id != 0 && s.leader_id != leader
+        })
+        .await;
+    let new_leader = s.leader_id;
+    let events = control.events().await;
+    assert!(
+        events.iter().any(|e| e.kind == "leader_changed"
+            && e.node_id == new_leader
+            && e.detail.contains(&format!("from node {leader}"))),
+        "{events:#?}"
+    );
+    assert!(s.leader_changes >= 1);
+
+    // The control plane is SIGKILLed and restarted on its data: the events are all there and the nodes
+    // re-register by themselves.
+    let before = control.events().await;
+    control.kill();
+    let control = ControlProc::start(addr, &dir.path().join("control"));
+    let after = control.events().await;
+    assert!(
+        after.len() >= before.len(),
+        "events lost: {before:#?} -> {after:#?}"
+    );
+    assert_eq!(
+        &after[..before.len()],
+        &before[..],
+        "events changed across the restart"
+    );
+    let s = control
+        .wait_status("the running nodes re-registered", |s| up(s).len() == 2)
+        .await;
+    assert_eq!(s.leader_id, new_leader);
+    assert!(!up(&s).contains(&leader));
+}
+
+async fn link(
+    addr: SocketAddr,
+    first: Msg,
+) -> Result<tonic::Streaming<kiwi_proto::v1::ControlMessage>, tonic::Status> {
+    let mut client = NodeLinkClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(NodeMessage { msg: Some(first) }).await.unwrap();
+    // Keep the sender alive with the stream.
+    std::mem::forget(tx);
+    client
+        .link(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn register(node_id: u64, cluster_id: u64, client_addr: &str) -> Msg {
+    Msg::Register(Register {
+        node_id,
+        cluster_id,
+        client_addr: client_addr.into(),
+        backend: "memory".into(),
+        version: "test".into(),
+        started_at_unix_ms: 0,
+        heartbeat_interval_ms: 60_000,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_node_links_are_refused_and_the_view_stays_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlProc::start(free_addr(), &dir.path().join("control"));
+    control.client().await;
+    let addr = control.addr;
+
+    let e = link(addr, Msg::Heartbeat(Heartbeat::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("Register"), "{e:?}");
+
+    let mut first = link(addr, register(1, 42, "10.0.0.1:7380")).await.unwrap();
+    assert!(first.message().await.unwrap().is_some(), "Registered");
+
+    let e = link(addr, register(2, 43, "10.0.0.2:7380"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("cluster"), "{e:?}");
+
+    let e = link(addr, register(1, 42, "10.0.0.9:7380"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("10.0.0.1:7380"), "{e:?}");
+
+    let e = link(addr, register(0, 42, "10.0.0.3:7380"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let s = control.status().await;
+    assert_eq!(s.cluster_id, 42);
+    assert_eq!(s.nodes.len(), 1, "{s:#?}");
+    assert_eq!(s.nodes[0].client_addr, "10.0.0.1:7380");
+    let refused = control
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "node_refused")
+        .count();
+    assert_eq!(refused, 3);
+}
