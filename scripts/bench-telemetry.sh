@@ -35,7 +35,7 @@ trap cleanup EXIT
 start() { # name base-port [playground flags...]
     local name=$1 port=$2
     shift 2
-    "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" "$@" \
+    "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" --no-control "$@" \
         >"$WORK_DIR/$name.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/$name.log" && break; sleep 0.5; done

@@ -27,7 +27,7 @@ PG=""
 start_playground() { # name base-port [prefix command...]
     local name=$1 port=$2
     shift 2
-    "$@" "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" \
+    "$@" "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" --no-control \
         >"$WORK_DIR/$name.log" 2>&1 &
     PG=$!
     for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/$name.log" && break; sleep 0.5; done

@@ -319,10 +319,14 @@ fn playground_serves_and_leaves_no_process_behind() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut endpoints = None;
+    let mut control = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
         if let Some(e) = line.trim().strip_prefix("export KIWI_ENDPOINTS=") {
             endpoints = Some(e.to_string());
+        }
+        if let Some(c) = line.trim().strip_prefix("export KIWI_CONTROL=") {
+            control = Some(c.to_string());
         }
         if line.contains("Ctrl-C") {
             break;
@@ -330,10 +334,12 @@ fn playground_serves_and_leaves_no_process_behind() {
         assert!(Instant::now() < deadline, "playground did not come up");
     }
     let endpoints = endpoints.expect("the playground printed its endpoints");
+    let control = control.expect("the playground printed its control plane");
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kiwi"))
             .args(args)
             .env("KIWI_ENDPOINTS", &endpoints)
+            .env("KIWI_CONTROL", &control)
             .output()
             .unwrap()
     };
@@ -354,6 +360,41 @@ fn playground_serves_and_leaves_no_process_behind() {
         3,
         "three nodes run from the data dir"
     );
+    let control_pattern = format!("{}/control", data.display());
+    assert_eq!(
+        pgrep(&control_pattern).lines().count(),
+        1,
+        "a control plane runs"
+    );
+
+    // One node is SIGKILLed: the playground keeps the others (and itself) running, and the control plane
+    // sees the node go down.
+    let victim = pgrep(&format!("{}/node-1/", data.display()));
+    Command::new("kill").args(["-9", &victim]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = run(&["control", "status", "--json"]);
+        assert!(o.status.success(), "{o:?}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        if nodes.iter().any(|n| n["id"] == 1 && n["up"] == false) {
+            assert_eq!(nodes.iter().filter(|n| n["up"] == true).count(), 2, "{v}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 never shown down: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the playground stopped after a node died"
+    );
+    assert_eq!(
+        pgrep(&pattern).lines().count(),
+        2,
+        "the other nodes keep running"
+    );
+    assert!(run(&["put", "after", "kill"]).status.success());
+
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -361,6 +402,7 @@ fn playground_serves_and_leaves_no_process_behind() {
     let status = child.wait().unwrap();
     assert!(status.success(), "playground exit status {status}");
     assert_eq!(pgrep(&pattern), "", "no kiwi-node left behind");
+    assert_eq!(pgrep(&control_pattern), "", "no kiwi-control left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

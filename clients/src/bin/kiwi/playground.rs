@@ -2,9 +2,11 @@
 //!
 //! It picks free loopback ports (or `--base-port`), writes one config per node under the data directory,
 //! starts the nodes with their logs in `<data-dir>/node-<id>/node.log`, waits until they elect a leader,
-//! prints the endpoints and example commands, and stays in the foreground. SIGINT or SIGTERM stops every
-//! node with SIGTERM (SIGKILL after 10 s), and the playground exits once all are gone. If a node dies on
-//! its own, the playground says so, prints its log tail and stops the rest.
+//! prints the endpoints and example commands, and stays in the foreground. It also starts a `kiwi-control`
+//! and links every node to it (unless `--no-control`). SIGINT or SIGTERM stops every process with SIGTERM
+//! (SIGKILL after 10 s), and the playground exits once all are gone. If a node dies on its own (try
+//! SIGKILLing the leader to watch another take over), the playground says so with its log tail and keeps
+//! the others running; `--restart-crashed` starts it again.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -30,7 +32,8 @@ pub struct PlaygroundArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// First port; node N listens on base-port + N - 1, and serves Prometheus metrics on
-    /// base-port + 100 + N - 1 (default: free ports chosen by the OS).
+    /// base-port + 100 + N - 1; the control plane listens on base-port + 200 (default: free ports chosen
+    /// by the OS).
     #[arg(long)]
     base_port: Option<u16>,
     /// No metrics endpoints (telemetry.metrics_addr unset), e.g. to measure their cost.
@@ -46,21 +49,31 @@ pub struct PlaygroundArgs {
     /// The kiwi-node binary (default: next to this kiwi binary, else on PATH).
     #[arg(long, env = "KIWI_NODE_BIN")]
     node_bin: Option<PathBuf>,
+    /// The kiwi-control binary (default: next to this kiwi binary, else on PATH).
+    #[arg(long, env = "KIWI_CONTROL_BIN")]
+    control_bin: Option<PathBuf>,
+    /// Do not start a control plane (kiwi-control listens on base-port + 200, or a free port).
+    #[arg(long)]
+    no_control: bool,
+    /// Start a node again when it dies on its own (SIGKILL, crash), instead of only reporting it.
+    #[arg(long)]
+    restart_crashed: bool,
 }
 
-fn node_binary(arg: Option<PathBuf>) -> PathBuf {
+/// `arg`, else the binary `name` next to this one, else `name` on PATH.
+fn sibling_binary(arg: Option<PathBuf>, name: &str) -> PathBuf {
     if let Some(p) = arg {
         return p;
     }
     if let Ok(exe) = std::env::current_exe()
         && let Some(dir) = exe.parent()
     {
-        let sibling = dir.join("kiwi-node");
+        let sibling = dir.join(name);
         if sibling.exists() {
             return sibling;
         }
     }
-    PathBuf::from("kiwi-node")
+    PathBuf::from(name)
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -74,7 +87,36 @@ struct Proc {
     /// Its Prometheus endpoint (`telemetry.metrics_addr`), unless `--no-metrics`.
     metrics_addr: Option<String>,
     log: PathBuf,
+    config: PathBuf,
+    /// `None` once it died (and was not restarted).
+    child: Option<Child>,
+}
+
+struct ControlProc {
+    addr: String,
+    log: PathBuf,
     child: Child,
+}
+
+fn spawn_node(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "cannot start {} (set --node-bin or KIWI_NODE_BIN)",
+                bin.display()
+            )
+        })
 }
 
 fn log_tail(path: &Path, lines: usize) -> String {
@@ -96,7 +138,41 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
-    let bin = node_binary(args.node_bin);
+    let bin = sibling_binary(args.node_bin, "kiwi-node");
+    let control = if args.no_control {
+        None
+    } else {
+        let port = match args.base_port {
+            Some(b) => b
+                .checked_add(200)
+                .context("--base-port too high for the control plane's port (base-port + 200)")?,
+            None => free_port()?,
+        };
+        let addr = format!("127.0.0.1:{port}");
+        let bin = sibling_binary(args.control_bin, "kiwi-control");
+        let log = data_dir.join("control.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(&bin)
+            .arg("--listen-addr")
+            .arg(&addr)
+            .arg("--data-dir")
+            .arg(data_dir.join("control"))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {} (set --control-bin or KIWI_CONTROL_BIN, or --no-control)",
+                    bin.display()
+                )
+            })?;
+        Some(ControlProc { addr, log, child })
+    };
 
     let mut addrs = Vec::new();
     let mut metrics = Vec::new();
@@ -140,42 +216,58 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
                 args.trace_sample_ratio
             ));
         }
+        if let Some(c) = &control {
+            config.push_str(&format!("\n[control]\naddr = \"{}\"\n", c.addr));
+        }
         let config_path = dir.join("kiwi-node.toml");
         std::fs::write(&config_path, config)?;
         let log = dir.join("node.log");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = Command::new(&bin)
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "cannot start {} (set --node-bin or KIWI_NODE_BIN)",
-                    bin.display()
-                )
-            })?;
+        let child = spawn_node(&bin, &config_path, &log)?;
         procs.push(Proc {
             id: *id,
             addr: addr.clone(),
             metrics_addr: (!args.no_metrics).then(|| metrics_addr.clone()),
             log,
-            child,
+            config: config_path,
+            child: Some(child),
         });
     }
 
-    let result = serve(&mut procs, &data_dir, &args.backend).await;
+    let mut control = control;
+    let result = serve(
+        &mut procs,
+        &data_dir,
+        &args.backend,
+        control.as_ref().map(|c| (c.addr.as_str(), c.log.as_path())),
+        args.restart_crashed.then_some(bin.as_path()),
+    )
+    .await;
     stop_all(&mut procs).await;
+    if let Some(c) = control.as_mut() {
+        if let Some(pid) = c.child.id() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(pid.to_string())
+                .status();
+        }
+        if tokio::time::timeout(Duration::from_secs(10), c.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = c.child.kill().await;
+        }
+        eprintln!("control plane stopped");
+    }
     result
 }
 
-async fn serve(procs: &mut [Proc], data_dir: &Path, backend: &str) -> anyhow::Result<()> {
+async fn serve(
+    procs: &mut [Proc],
+    data_dir: &Path,
+    backend: &str,
+    control: Option<(&str, &Path)>,
+    restart_with: Option<&Path>,
+) -> anyhow::Result<()> {
     let endpoints: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     let client = Client::connect(
         &endpoints,
@@ -225,13 +317,22 @@ async fn serve(procs: &mut [Proc], data_dir: &Path, backend: &str) -> anyhow::Re
             None => println!("  node {}  {}  log: {}", p.id, p.addr, p.log.display()),
         }
     }
+    if let Some((addr, log)) = control {
+        println!("  control plane  {addr}  log: {}", log.display());
+    }
     println!("data dir: {}", data_dir.display());
     println!();
     println!("Try, in another terminal:");
     println!("  export KIWI_ENDPOINTS={list}");
+    if let Some((addr, _)) = control {
+        println!("  export KIWI_CONTROL={addr}");
+    }
     println!("  kiwi put hello world");
     println!("  kiwi get hello");
     println!("  kiwi status");
+    if control.is_some() {
+        println!("  kiwi control status");
+    }
     println!();
     println!("Ctrl-C stops every node.");
 
@@ -241,16 +342,19 @@ async fn serve(procs: &mut [Proc], data_dir: &Path, backend: &str) -> anyhow::Re
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            () = tokio::time::sleep(Duration::from_millis(500)) => check_alive(procs)?,
+            () = tokio::time::sleep(Duration::from_millis(500)) => watch(procs, restart_with)?,
         }
     }
     eprintln!("stopping every node ...");
     Ok(())
 }
 
+/// Before the cluster is up: any node exiting is an error.
 fn check_alive(procs: &mut [Proc]) -> anyhow::Result<()> {
     for p in procs.iter_mut() {
-        if let Some(status) = p.child.try_wait()? {
+        if let Some(child) = p.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
             bail!(
                 "node {} exited on its own ({status}); last lines of {}:\n{}",
                 p.id,
@@ -262,9 +366,38 @@ fn check_alive(procs: &mut [Proc]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Once the cluster is up: a node that dies is reported (and restarted with `--restart-crashed`); the
+/// others keep running.
+fn watch(procs: &mut [Proc], restart_with: Option<&Path>) -> anyhow::Result<()> {
+    for p in procs.iter_mut() {
+        let Some(child) = p.child.as_mut() else {
+            continue;
+        };
+        let Some(status) = child.try_wait()? else {
+            continue;
+        };
+        eprintln!(
+            "node {} exited on its own ({status}); the other nodes keep running. Last lines of {}:\n{}",
+            p.id,
+            p.log.display(),
+            log_tail(&p.log, 15)
+        );
+        p.child = None;
+        if let Some(bin) = restart_with {
+            p.child = Some(spawn_node(bin, &p.config, &p.log)?);
+            eprintln!("node {} restarted (--restart-crashed)", p.id);
+        } else {
+            eprintln!(
+                "(start the playground with --restart-crashed to restart crashed nodes automatically)"
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn stop_all(procs: &mut [Proc]) {
     for p in procs.iter() {
-        if let Some(pid) = p.child.id() {
+        if let Some(pid) = p.child.as_ref().and_then(Child::id) {
             let _ = std::process::Command::new("kill")
                 .arg("-TERM")
                 .arg(pid.to_string())
@@ -272,14 +405,17 @@ async fn stop_all(procs: &mut [Proc]) {
         }
     }
     for p in procs.iter_mut() {
-        match tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await {
+        let Some(child) = p.child.as_mut() else {
+            continue;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
             Ok(_) => {}
             Err(_) => {
                 eprintln!(
                     "node {} did not stop within 10 s of SIGTERM; killing it",
                     p.id
                 );
-                let _ = p.child.kill().await;
+                let _ = child.kill().await;
             }
         }
     }
