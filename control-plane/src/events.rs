@@ -6,12 +6,13 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kiwi_proto::v1::Event;
+use kiwi_proto::v1::{ClusterPolicy, Event};
 use kiwi_storage::{KeySpace, Scan, ScanRange, StorageBackend, WriteBatch, WriteOptions};
 use prost::Message as _;
 
 const EVENT_PREFIX: u8 = b'e';
 const CLUSTER_ID_KEY: &[u8] = b"m/cluster_id";
+const POLICY_KEY: &[u8] = b"m/policy";
 
 fn event_key(seq: u64) -> Vec<u8> {
     let mut k = vec![EVENT_PREFIX];
@@ -128,6 +129,35 @@ impl EventLog {
             .read(KeySpace::Data, CLUSTER_ID_KEY)?
             .and_then(|v| Some(u64::from_be_bytes(v.as_slice().try_into().ok()?)))
             .unwrap_or(0))
+    }
+
+    /// The policy last set (version 0 when none was).
+    ///
+    /// # Errors
+    /// Storage errors; a record that does not decode.
+    pub fn policy(&self) -> kiwi_storage::Result<ClusterPolicy> {
+        match self.storage.read(KeySpace::Data, POLICY_KEY)? {
+            None => Ok(ClusterPolicy::default()),
+            Some(v) => {
+                ClusterPolicy::decode(v.as_slice()).map_err(|e| kiwi_storage::Error::Engine {
+                    backend: self.storage.kind(),
+                    detail: format!("the policy record does not decode: {e}"),
+                })
+            }
+        }
+    }
+
+    /// Records the policy (durably).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn set_policy(&self, policy: &ClusterPolicy) -> kiwi_storage::Result<()> {
+        self.storage.write(
+            KeySpace::Data,
+            POLICY_KEY,
+            &policy.encode_to_vec(),
+            WriteOptions { sync: true },
+        )
     }
 
     /// Records the cluster id (durably).

@@ -96,11 +96,13 @@ impl ControlPlane {
             EventLog::open(storage).map_err(|source| Error::Storage { path, source })
         })
         .await??;
-        let cluster_id = events.cluster_id().map_err(|source| Error::Storage {
+        let stored = |source| Error::Storage {
             path: config.data_dir.clone(),
             source,
-        })?;
-        let control = Control::new(ClusterView::new(cluster_id), events);
+        };
+        let cluster_id = events.cluster_id().map_err(stored)?;
+        let policy = events.policy().map_err(stored)?;
+        let control = Control::new(ClusterView::new(cluster_id), events, policy);
 
         let listener = tokio::net::TcpListener::bind(config.listen_addr)
             .await

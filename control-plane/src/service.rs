@@ -1,6 +1,7 @@
 //! The gRPC services: `NodeLink` (one stream per node: registration, heartbeats) and `ControlService`
 //! (the operator's cluster status and event log).
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -11,8 +12,9 @@ use kiwi_proto::v1::control_service_server::ControlService;
 use kiwi_proto::v1::node_link_server::NodeLink;
 use kiwi_proto::v1::node_message::Msg as NodeMsg;
 use kiwi_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, ControlMessage, EventsRequest, EventsResponse,
-    NodeMessage, Registered,
+    ClusterPolicy, ClusterStatusRequest, ClusterStatusResponse, ControlMessage, EventsRequest,
+    EventsResponse, GetPolicyRequest, NodeMessage, PolicyOverride, PolicyUpdate, Registered,
+    RuntimePolicy, SetPolicyRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -23,11 +25,39 @@ use crate::state::{ClusterView, Refusal};
 /// Most events one `Events` call returns.
 pub const MAX_EVENTS_PER_CALL: u32 = 1000;
 
+type Outbox = tokio::sync::mpsc::Sender<Result<ControlMessage, Status>>;
+
 /// State shared by the services and the sweeper.
 pub struct Control {
     pub view: Mutex<ClusterView>,
     pub events: EventLog,
     next_conn: AtomicU64,
+    /// The open link of every registered node: (connection, its outbound stream).
+    links: Mutex<HashMap<u64, (u64, Outbox)>>,
+    /// The policy last set; changed only under this lock, persisted before it is pushed.
+    policy: tokio::sync::Mutex<ClusterPolicy>,
+}
+
+/// The policy `node_id` should run: its override, else the cluster-wide policy.
+fn effective(policy: &ClusterPolicy, node_id: u64) -> Option<RuntimePolicy> {
+    policy
+        .overrides
+        .iter()
+        .find(|o| o.node_id == node_id)
+        .and_then(|o| o.policy)
+        .or(policy.policy)
+}
+
+fn update(policy: &ClusterPolicy, node_id: u64) -> Option<ControlMessage> {
+    (policy.version > 0)
+        .then(|| effective(policy, node_id))
+        .flatten()
+        .map(|p| ControlMessage {
+            msg: Some(ControlMsg::Policy(PolicyUpdate {
+                version: policy.version,
+                policy: Some(p),
+            })),
+        })
 }
 
 fn unix_ms() -> u64 {
@@ -37,12 +67,97 @@ fn unix_ms() -> u64 {
 }
 
 impl Control {
-    pub fn new(view: ClusterView, events: EventLog) -> Arc<Control> {
+    pub fn new(view: ClusterView, events: EventLog, policy: ClusterPolicy) -> Arc<Control> {
         Arc::new(Control {
             view: Mutex::new(view),
             events,
             next_conn: AtomicU64::new(1),
+            links: Mutex::new(HashMap::new()),
+            policy: tokio::sync::Mutex::new(policy),
         })
+    }
+
+    fn links(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, Outbox)>> {
+        self.links.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Sets a policy (validated, persisted, logged) and pushes it to the nodes it concerns at once.
+    ///
+    /// # Errors
+    /// `INVALID_ARGUMENT` naming the broken rule; `UNAVAILABLE` when it cannot be persisted.
+    pub async fn set_policy(
+        self: &Arc<Self>,
+        req: SetPolicyRequest,
+    ) -> Result<ClusterPolicy, Status> {
+        if !req.clear_override {
+            let policy = req
+                .policy
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("policy is required"))?;
+            let broken = kiwi_proto::policy::check(policy);
+            if !broken.is_empty() {
+                return Err(Status::invalid_argument(format!(
+                    "policy refused, nothing was pushed: {}",
+                    broken
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )));
+            }
+        } else if req.node_id == 0 {
+            return Err(Status::invalid_argument(
+                "clear_override needs the node_id whose override to remove",
+            ));
+        }
+        let mut current = self.policy.lock().await;
+        let mut next = current.clone();
+        next.version += 1;
+        let what = match (req.node_id, req.clear_override) {
+            (0, _) => {
+                next.policy = req.policy;
+                "cluster-wide policy".to_string()
+            }
+            (n, true) => {
+                next.overrides.retain(|o| o.node_id != n);
+                format!("override of node {n} removed")
+            }
+            (n, false) => {
+                next.overrides.retain(|o| o.node_id != n);
+                next.overrides.push(PolicyOverride {
+                    node_id: n,
+                    policy: req.policy,
+                });
+                next.overrides.sort_by_key(|o| o.node_id);
+                format!("override for node {n}")
+            }
+        };
+        let this = Arc::clone(self);
+        let record = next.clone();
+        tokio::task::spawn_blocking(move || this.events.set_policy(&record))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::unavailable(format!("cannot persist the policy: {e}")))?;
+        *current = next.clone();
+        self.log(vec![NewEvent {
+            kind: "policy_set",
+            node_id: req.node_id,
+            detail: format!("version {}: {what}", next.version),
+        }])
+        .await;
+        // Pushed to every connected node (each gets its effective policy with the new version).
+        let links: Vec<(u64, Outbox)> = self
+            .links()
+            .iter()
+            .map(|(id, (_, tx))| (*id, tx.clone()))
+            .collect();
+        drop(current);
+        for (node_id, tx) in links {
+            if let Some(msg) = update(&next, node_id) {
+                let _ = tx.try_send(Ok(msg));
+            }
+        }
+        Ok(next)
     }
 
     fn view(&self) -> std::sync::MutexGuard<'_, ClusterView> {
@@ -148,6 +263,15 @@ impl NodeLink for NodeLinkApi {
         }))
         .await
         .map_err(|_| Status::cancelled("the node went away"))?;
+        {
+            // Registered under the policy lock, so a policy set meanwhile reaches this link either
+            // through the push or through this first update.
+            let policy = control.policy.lock().await;
+            control.links().insert(node_id, (conn, tx.clone()));
+            if let Some(msg) = update(&policy, node_id) {
+                let _ = tx.try_send(Ok(msg));
+            }
+        }
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -161,6 +285,18 @@ impl NodeLink for NodeLinkApi {
                             metrics,
                             Instant::now(),
                             unix_ms(),
+                        );
+                        control.log(events).await;
+                    }
+                    Ok(Some(NodeMessage {
+                        msg: Some(NodeMsg::PolicyAck(ack)),
+                    })) => {
+                        let events = control.view().policy_ack(
+                            conn,
+                            node_id,
+                            ack.version,
+                            ack.applied,
+                            ack.error,
                         );
                         control.log(events).await;
                     }
@@ -184,6 +320,10 @@ impl NodeLink for NodeLinkApi {
                     // down after three missed intervals.
                     Ok(None) | Err(_) => {
                         tracing::debug!(node_id, conn, "node link closed");
+                        let mut links = control.links();
+                        if links.get(&node_id).is_some_and(|(c, _)| *c == conn) {
+                            links.remove(&node_id);
+                        }
                         return;
                     }
                 }
@@ -233,5 +373,22 @@ impl ControlService for ControlApi {
             events,
             next_after_seq,
         }))
+    }
+
+    async fn get_policy(
+        &self,
+        _request: Request<GetPolicyRequest>,
+    ) -> Result<Response<ClusterPolicy>, Status> {
+        Ok(Response::new(self.0.policy.lock().await.clone()))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<SetPolicyRequest>,
+    ) -> Result<Response<ClusterPolicy>, Status> {
+        self.0
+            .set_policy(request.into_inner())
+            .await
+            .map(Response::new)
     }
 }

@@ -45,6 +45,9 @@ struct Entry {
     last_seen: Instant,
     last_seen_unix_ms: u64,
     metrics: Option<NodeMetrics>,
+    /// The policy version the node acknowledged last, and its refusal of a newer one.
+    policy_version: u64,
+    policy_error: String,
 }
 
 impl Entry {
@@ -137,7 +140,10 @@ impl ClusterView {
                 detail: format!("node {} is up", reg.node_id),
             });
         }
-        let metrics = self.nodes.remove(&reg.node_id).and_then(|e| e.metrics);
+        let old = self.nodes.remove(&reg.node_id);
+        let (metrics, policy_version, policy_error) = old.map_or((None, 0, String::new()), |e| {
+            (e.metrics, e.policy_version, e.policy_error)
+        });
         self.nodes.insert(
             reg.node_id,
             Entry {
@@ -147,6 +153,8 @@ impl ClusterView {
                 last_seen: now,
                 last_seen_unix_ms: now_unix_ms,
                 metrics,
+                policy_version,
+                policy_error,
             },
         );
         Ok((events, adopted))
@@ -180,6 +188,7 @@ impl ClusterView {
         e.last_seen = now;
         e.last_seen_unix_ms = now_unix_ms;
         let (role, term) = (metrics.role, metrics.term);
+        e.policy_version = e.policy_version.max(metrics.policy_version);
         e.metrics = Some(metrics);
         if role == RaftRole::Leader as i32
             && (term > self.leader_term || (term == self.leader_term && self.leader == 0))
@@ -205,6 +214,37 @@ impl ClusterView {
             self.leader_term = term;
         }
         events
+    }
+
+    /// A node's answer to a pushed policy.
+    pub fn policy_ack(
+        &mut self,
+        conn: u64,
+        node_id: u64,
+        version: u64,
+        applied: bool,
+        error: String,
+    ) -> Vec<NewEvent> {
+        let Some(e) = self.nodes.get_mut(&node_id).filter(|e| e.conn == conn) else {
+            return Vec::new();
+        };
+        if applied {
+            e.policy_version = e.policy_version.max(version);
+            e.policy_error.clear();
+            vec![NewEvent {
+                kind: "policy_applied",
+                node_id,
+                detail: format!("node {node_id} applied policy version {version}"),
+            }]
+        } else {
+            let detail = format!("node {node_id} refused policy version {version}: {error}");
+            e.policy_error = error;
+            vec![NewEvent {
+                kind: "policy_refused",
+                node_id,
+                detail,
+            }]
+        }
     }
 
     /// Marks down every node that missed [`MISSED_HEARTBEATS`] intervals.
@@ -268,6 +308,8 @@ impl ClusterView {
                     last_seen_unix_ms: e.last_seen_unix_ms,
                     heartbeat_interval_ms: e.reg.heartbeat_interval_ms,
                     metrics: e.metrics.clone(),
+                    policy_version: e.policy_version,
+                    policy_error: e.policy_error.clone(),
                 })
                 .collect(),
             slowest_follower,

@@ -291,3 +291,157 @@ async fn bad_node_links_are_refused_and_the_view_stays_right() {
         .count();
     assert_eq!(refused, 3);
 }
+
+async fn runtime_policy(cluster: &Cluster, id: u64) -> kiwi_proto::v1::RuntimePolicy {
+    cluster
+        .admin(id)
+        .get_runtime_policy(kiwi_proto::v1::GetRuntimePolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn storage_threads(p: &kiwi_proto::v1::RuntimePolicy) -> (u32, u32) {
+    let s = p.scaling.unwrap();
+    (s.min_storage_threads, s.max_storage_threads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_reaches_every_node_is_acknowledged_and_survives_restarts() {
+    use kiwi_proto::v1::SetPolicyRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_addr();
+    let mut control = ControlProc::start(addr, &dir.path().join("control"));
+    let mut cluster = Cluster::start(ClusterOptions {
+        extra_config: format!(
+            "\n[control]\naddr = \"{addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .await;
+    control
+        .wait_status("three nodes up", |s| up(s).len() == 3)
+        .await;
+
+    // A bad policy is refused, naming the rule, and nothing is pushed.
+    let mut bad = kiwi_proto::policy::default_policy();
+    bad.scaling.as_mut().unwrap().min_storage_threads = 40;
+    let e = control
+        .client()
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(bad),
+            ..SetPolicyRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("runtime.scaling.min_storage_threads"),
+        "{e:?}"
+    );
+    let p = control
+        .client()
+        .await
+        .get_policy(kiwi_proto::v1::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.version, 0, "a refused policy changes nothing");
+
+    // A cluster-wide policy reaches every node and each acknowledges its version.
+    let mut good = kiwi_proto::policy::default_policy();
+    good.scaling.as_mut().unwrap().min_storage_threads = 2;
+    good.scaling.as_mut().unwrap().max_storage_threads = 6;
+    let set = control
+        .client()
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(good),
+            ..SetPolicyRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.version, 1);
+    control
+        .wait_status("every node acknowledged version 1", |s| {
+            s.nodes.iter().all(|n| n.policy_version == 1)
+        })
+        .await;
+    for id in cluster.ids() {
+        assert_eq!(
+            storage_threads(&runtime_policy(&cluster, id).await),
+            (2, 6),
+            "node {id}"
+        );
+    }
+
+    // A per-node override applies to that node only.
+    let mut one = kiwi_proto::policy::default_policy();
+    one.scaling.as_mut().unwrap().min_storage_threads = 3;
+    one.scaling.as_mut().unwrap().max_storage_threads = 5;
+    control
+        .client()
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(one),
+            node_id: 2,
+            clear_override: false,
+        })
+        .await
+        .unwrap();
+    control
+        .wait_status("every node acknowledged version 2", |s| {
+            s.nodes.iter().all(|n| n.policy_version == 2)
+        })
+        .await;
+    assert_eq!(storage_threads(&runtime_policy(&cluster, 2).await), (3, 5));
+    assert_eq!(storage_threads(&runtime_policy(&cluster, 1).await), (2, 6));
+    assert_eq!(storage_threads(&runtime_policy(&cluster, 3).await), (2, 6));
+    let events = control.events().await;
+    for kind in ["policy_set", "policy_applied"] {
+        assert!(
+            events.iter().any(|e| e.kind == kind),
+            "no {kind}: {events:#?}"
+        );
+    }
+
+    // The control plane is down; a node restarted meanwhile comes back with the policy it had applied.
+    control.kill();
+    cluster.stop(2);
+    cluster.restart(2);
+    cluster.wait_leader().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = cluster
+            .admin(2)
+            .get_runtime_policy(kiwi_proto::v1::GetRuntimePolicyRequest {})
+            .await
+        {
+            assert_eq!(
+                storage_threads(&r.into_inner()),
+                (3, 5),
+                "the persisted override"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The restarted control plane still has the policy; the nodes report their version again.
+    let control = ControlProc::start(addr, &dir.path().join("control"));
+    let p = control
+        .client()
+        .await
+        .get_policy(kiwi_proto::v1::GetPolicyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((p.version, p.overrides.len()), (2, 1));
+    control
+        .wait_status("the nodes re-registered at version 2", |s| {
+            up(s).len() == 3 && s.nodes.iter().all(|n| n.policy_version == 2)
+        })
+        .await;
+}

@@ -131,6 +131,33 @@ pub struct RuntimeConfig {
     pub priority: PriorityConfig,
 }
 
+impl RuntimeConfig {
+    /// The scaling and priority sections as a wire policy (values too large for the wire saturate, so
+    /// that the shared rules still refuse them).
+    pub fn to_policy(&self) -> kiwi_proto::v1::RuntimePolicy {
+        let (s, p) = (&self.scaling, &self.priority);
+        let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        kiwi_proto::v1::RuntimePolicy {
+            scaling: Some(kiwi_proto::v1::ScalingPolicy {
+                enabled: s.enabled,
+                min_storage_threads: n(s.min_storage_threads),
+                max_storage_threads: n(s.max_storage_threads),
+                scale_up_threshold: u32::from(s.scale_up_threshold),
+                scale_down_threshold: u32::from(s.scale_down_threshold),
+                scale_increment: n(s.scale_increment),
+                evaluation_interval_ms: u32::try_from(s.evaluation_interval.as_millis())
+                    .unwrap_or(u32::MAX),
+            }),
+            priority: Some(kiwi_proto::v1::PriorityPolicy {
+                enabled: p.enabled,
+                high_priority_weight: p.high_priority_weight,
+                normal_priority_weight: p.normal_priority_weight,
+                low_priority_weight: p.low_priority_weight,
+            }),
+        }
+    }
+}
+
 /// `[runtime.scaling]`: how the storage worker pool sizes itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -352,9 +379,10 @@ impl Default for TelemetryConfig {
 /// Most threads `runtime.network_threads` may ask for.
 pub const MAX_NETWORK_THREADS: usize = 256;
 /// Most storage threads `runtime.scaling.max_storage_threads` (and `SetRuntimePolicy`) may ask for.
-pub const MAX_STORAGE_THREADS: usize = 256;
+pub const MAX_STORAGE_THREADS: usize = kiwi_proto::policy::MAX_STORAGE_THREADS as usize;
 /// Longest `runtime.scaling.evaluation_interval_ms`.
-pub const MAX_EVALUATION_INTERVAL: Duration = Duration::from_secs(60);
+pub const MAX_EVALUATION_INTERVAL: Duration =
+    Duration::from_millis(kiwi_proto::policy::MAX_EVALUATION_INTERVAL_MS as u64);
 /// Longest `raft.tick_interval_ms`.
 pub const MAX_TICK_INTERVAL: Duration = Duration::from_secs(10);
 /// Most `raft.election_ticks`.
@@ -463,7 +491,6 @@ impl NodeConfig {
             }
         };
 
-        let s = &self.runtime.scaling;
         check(
             self.runtime.network_threads <= MAX_NETWORK_THREADS,
             "runtime.network_threads",
@@ -472,90 +499,9 @@ impl NodeConfig {
                 self.runtime.network_threads
             ),
         );
-        check(
-            s.min_storage_threads >= 1,
-            "runtime.scaling.min_storage_threads",
-            format!("must be at least 1, got {}", s.min_storage_threads),
-        );
-        check(
-            s.max_storage_threads <= MAX_STORAGE_THREADS,
-            "runtime.scaling.max_storage_threads",
-            format!(
-                "must be at most {MAX_STORAGE_THREADS}, got {}",
-                s.max_storage_threads
-            ),
-        );
-        check(
-            s.min_storage_threads <= s.max_storage_threads,
-            "runtime.scaling.min_storage_threads",
-            format!(
-                "must not exceed runtime.scaling.max_storage_threads ({}), got {}",
-                s.max_storage_threads, s.min_storage_threads
-            ),
-        );
-        check(
-            (1..=100).contains(&s.scale_up_threshold),
-            "runtime.scaling.scale_up_threshold",
-            format!(
-                "must be a percentage from 1 to 100, got {}",
-                s.scale_up_threshold
-            ),
-        );
-        check(
-            (1..=100).contains(&s.scale_down_threshold),
-            "runtime.scaling.scale_down_threshold",
-            format!(
-                "must be a percentage from 1 to 100, got {}",
-                s.scale_down_threshold
-            ),
-        );
-        check(
-            s.scale_down_threshold < s.scale_up_threshold,
-            "runtime.scaling.scale_down_threshold",
-            format!(
-                "must be below runtime.scaling.scale_up_threshold ({}), got {}",
-                s.scale_up_threshold, s.scale_down_threshold
-            ),
-        );
-        check(
-            (1..=MAX_STORAGE_THREADS).contains(&s.scale_increment),
-            "runtime.scaling.scale_increment",
-            format!(
-                "must be from 1 to {MAX_STORAGE_THREADS}, got {}",
-                s.scale_increment
-            ),
-        );
-        check(
-            s.evaluation_interval >= Duration::from_millis(10)
-                && s.evaluation_interval <= MAX_EVALUATION_INTERVAL,
-            "runtime.scaling.evaluation_interval_ms",
-            format!(
-                "must be from 10 to {}, got {}",
-                MAX_EVALUATION_INTERVAL.as_millis(),
-                s.evaluation_interval.as_millis()
-            ),
-        );
-
-        let p = &self.runtime.priority;
-        for (field, w) in [
-            (
-                "runtime.priority.high_priority_weight",
-                p.high_priority_weight,
-            ),
-            (
-                "runtime.priority.normal_priority_weight",
-                p.normal_priority_weight,
-            ),
-            (
-                "runtime.priority.low_priority_weight",
-                p.low_priority_weight,
-            ),
-        ] {
-            check(
-                (1..=1000).contains(&w),
-                field,
-                format!("must be from 1 to 1000, got {w}"),
-            );
+        // The scaling and priority rules are shared with SetRuntimePolicy and the control plane.
+        for e in kiwi_proto::policy::check(&self.runtime.to_policy()) {
+            check(false, e.field, e.message);
         }
 
         let r = &self.raft;
@@ -836,6 +782,14 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         NodeConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn runtime_defaults_are_the_shared_default_policy() {
+        assert_eq!(
+            RuntimeConfig::default().to_policy(),
+            kiwi_proto::policy::default_policy()
+        );
     }
 
     #[test]

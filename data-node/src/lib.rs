@@ -146,6 +146,12 @@ pub enum Error {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     MetricsHttp(#[from] telemetry::http::HttpError),
+    /// The policy the control plane pushed earlier, persisted in the data directory, is unusable.
+    #[error(
+        "the control plane's policy persisted in the data directory cannot be applied: {0} (remove the \
+         file to start with the config file's policy)"
+    )]
+    PersistedPolicy(String),
     /// The metrics exporter could not be built.
     #[error(transparent)]
     Metrics(#[from] telemetry::metrics::ExporterError),
@@ -336,6 +342,14 @@ impl Node {
             pool: Arc::clone(&pool),
             config: config.clone(),
         });
+        // The control plane's last policy, persisted by this node, before anything is served.
+        let policy = {
+            let kv = Arc::clone(&kv);
+            let data_dir = config.data_dir.clone();
+            tokio::task::spawn_blocking(move || control::restore_policy(&kv, &data_dir))
+                .await?
+                .map_err(Error::PersistedPolicy)?
+        };
         let max_message = service::max_request_bytes(config.storage.limits());
 
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -405,6 +419,7 @@ impl Node {
         if let Some(control_addr) = &config.control.addr {
             control::spawn(
                 kv,
+                policy,
                 control_addr.clone(),
                 config.control.heartbeat_interval,
                 stop.clone(),

@@ -4,7 +4,9 @@
 //! - `kv.proto`: `KvService`, the client API.
 //! - `raft.proto`: `RaftTransport`, node-to-node Raft traffic.
 //! - `admin.proto`: `NodeAdmin`, per-node administration.
-//! - `control.proto`: `ControlService`, the control plane.
+//! - `control.proto`: `NodeLink` (each node's stream to the control plane) and `ControlService` (operators).
+//!
+//! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -13,6 +15,7 @@
 //! use tonic's `ProstCodec` unchanged.
 
 pub mod codec;
+pub mod policy;
 
 /// Generated messages, clients and servers of package `kiwi.v1`.
 pub mod v1 {

@@ -2,18 +2,27 @@
 //! node registers, then sends a heartbeat with its metrics snapshot every `heartbeat_interval_ms`. The
 //! control plane answers on the same stream; it never dials the node.
 //!
+//! Policy: a `PolicyUpdate` newer than the version the node runs is applied through the same path as
+//! `NodeAdmin.SetRuntimePolicy` (same validation), persisted in `<data_dir>/control-policy.pb` (written to
+//! a temporary file, fsynced, renamed), and acknowledged (or refused, naming why) with a `PolicyAck`. At
+//! start, [`restore_policy`] applies the persisted policy before the node serves, so a node restarted
+//! while the control plane is down runs the last policy it had.
+//!
 //! The link is a side task: the node serves clients the same whether the control plane is reachable or
 //! not. A failed or broken link is retried with backoff (100 ms, doubling, at most 5 s); a refusal (another
 //! cluster, a duplicate node id) is logged at error level and retried at the longest backoff, since only a
 //! configuration change fixes it.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiwi_proto::v1::control_message::Msg as ControlMsg;
 use kiwi_proto::v1::node_link_client::NodeLinkClient;
 use kiwi_proto::v1::node_message::Msg as NodeMsg;
-use kiwi_proto::v1::{Heartbeat, NodeMessage};
+use kiwi_proto::v1::{Heartbeat, NodeMessage, PolicyAck, PolicyUpdate};
+use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
@@ -24,9 +33,111 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest retry delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// File in the data directory holding the last policy pushed and applied.
+pub const POLICY_FILE: &str = "control-policy.pb";
+
+/// The version of the control plane's policy this node runs, and where it is persisted.
+pub struct PolicyState {
+    version: AtomicU64,
+    path: PathBuf,
+}
+
+impl PolicyState {
+    /// The version applied (0: none).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
+    }
+}
+
+fn persist(path: &Path, update: &PolicyUpdate) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&update.encode_to_vec())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Applies the policy persisted in `data_dir` (if any) and returns the state the link continues from.
+///
+/// # Errors
+/// The file exists but cannot be read or decoded, or the node refuses the policy in it (named).
+pub fn restore_policy(kv: &KvServer, data_dir: &Path) -> Result<Arc<PolicyState>, String> {
+    let path = data_dir.join(POLICY_FILE);
+    let mut version = 0;
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let update = PolicyUpdate::decode(bytes.as_slice())
+                .map_err(|e| format!("{}: does not decode: {e}", path.display()))?;
+            if let Some(policy) = update.policy {
+                kv.set_runtime_policy(policy)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                version = update.version;
+                tracing::info!(
+                    version,
+                    "applied the control plane's policy persisted in the data directory"
+                );
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    }
+    Ok(Arc::new(PolicyState {
+        version: AtomicU64::new(version),
+        path,
+    }))
+}
+
+/// Applies a pushed policy if it is newer; returns the acknowledgement.
+fn apply(kv: &KvServer, state: &PolicyState, update: PolicyUpdate) -> PolicyAck {
+    let current = state.version();
+    let ack = |applied: bool, error: String| PolicyAck {
+        version: update.version,
+        applied,
+        error,
+    };
+    if update.version <= current {
+        return ack(
+            update.version == current,
+            if update.version == current {
+                String::new()
+            } else {
+                format!("older than the version this node runs ({current})")
+            },
+        );
+    }
+    let Some(policy) = update.policy else {
+        return ack(false, "the update carries no policy".into());
+    };
+    if let Err(e) = kv.set_runtime_policy(policy) {
+        tracing::warn!(version = update.version, error = %e, "refused the control plane's policy");
+        return ack(false, e.to_string());
+    }
+    if let Err(e) = persist(&state.path, &update) {
+        // Applied but not persisted: said so, and the version is not recorded, so a later update or a
+        // restart does not rely on it.
+        tracing::error!(error = %e, path = %state.path.display(), "cannot persist the applied policy");
+        return ack(
+            false,
+            format!("applied but not persisted in {}: {e}", state.path.display()),
+        );
+    }
+    state.version.store(update.version, Ordering::SeqCst);
+    tracing::info!(
+        version = update.version,
+        "applied the control plane's policy"
+    );
+    ack(true, String::new())
+}
+
 /// Starts the link task; it runs until `stop` is cancelled.
 pub fn spawn(
     kv: Arc<KvServer>,
+    policy: Arc<PolicyState>,
     addr: String,
     heartbeat_interval: Duration,
     stop: CancellationToken,
@@ -39,7 +150,7 @@ pub fn spawn(
         let mut reported = false;
         loop {
             let outcome = tokio::select! {
-                r = link_once(&kv, &addr, heartbeat_interval, started) => r,
+                r = link_once(&kv, &policy, &addr, heartbeat_interval, started) => r,
                 () = stop.cancelled() => return,
             };
             match outcome {
@@ -76,6 +187,7 @@ enum Linked {
 
 async fn link_once(
     kv: &Arc<KvServer>,
+    policy: &Arc<PolicyState>,
     addr: &str,
     heartbeat_interval: Duration,
     started: u64,
@@ -119,14 +231,22 @@ async fn link_once(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let metrics = kv.heartbeat_metrics().await;
+                let mut metrics = kv.heartbeat_metrics().await;
+                metrics.policy_version = policy.version();
                 if tx.send(NodeMessage { msg: Some(NodeMsg::Heartbeat(Heartbeat { metrics: Some(metrics) })) }).await.is_err() {
                     return Ok(Linked::Registered);
                 }
             }
             m = inbound.message() => match m {
-                // Commands arrive here (none are defined yet).
-                Ok(Some(_)) => {}
+                Ok(Some(m)) => if let Some(ControlMsg::Policy(update)) = m.msg {
+                    let kv = Arc::clone(kv);
+                    let state = Arc::clone(policy);
+                    // Applying persists with fsync: off the async threads.
+                    let ack = tokio::task::spawn_blocking(move || apply(&kv, &state, update)).await?;
+                    if tx.send(NodeMessage { msg: Some(NodeMsg::PolicyAck(ack)) }).await.is_err() {
+                        return Ok(Linked::Registered);
+                    }
+                },
                 Ok(None) => return Ok(Linked::Registered),
                 Err(s) => {
                     tracing::warn!(control = %addr, error = %s, "the control plane closed the link");

@@ -7,9 +7,8 @@ use std::time::Duration;
 use kiwi_proto::v1::node_admin_server::NodeAdmin;
 use kiwi_proto::v1::{
     AddNodeRequest, GetRuntimePolicyRequest, MembershipResponse, PoolStats, PriorityClassStats,
-    PriorityPolicy, RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse,
-    ScaleEvent, ScalingPolicy, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse,
+    RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse, ScaleEvent,
+    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
@@ -393,26 +392,7 @@ impl KvServer {
 }
 
 fn policy_of(rt: &RuntimeConfig) -> RuntimePolicy {
-    let (s, p) = (&rt.scaling, &rt.priority);
-    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
-    RuntimePolicy {
-        scaling: Some(ScalingPolicy {
-            enabled: s.enabled,
-            min_storage_threads: n(s.min_storage_threads),
-            max_storage_threads: n(s.max_storage_threads),
-            scale_up_threshold: u32::from(s.scale_up_threshold),
-            scale_down_threshold: u32::from(s.scale_down_threshold),
-            scale_increment: n(s.scale_increment),
-            evaluation_interval_ms: u32::try_from(s.evaluation_interval.as_millis())
-                .unwrap_or(u32::MAX),
-        }),
-        priority: Some(PriorityPolicy {
-            enabled: p.enabled,
-            high_priority_weight: p.high_priority_weight,
-            normal_priority_weight: p.normal_priority_weight,
-            low_priority_weight: p.low_priority_weight,
-        }),
-    }
+    rt.to_policy()
 }
 
 impl KvServer {
@@ -427,7 +407,10 @@ impl KvServer {
     }
 
     /// Validates `policy` like the config file (unset parts stay as they are) and puts it in force.
-    fn set_runtime_policy(&self, policy: RuntimePolicy) -> Result<RuntimePolicy, KvError> {
+    pub(crate) fn set_runtime_policy(
+        &self,
+        policy: RuntimePolicy,
+    ) -> Result<RuntimePolicy, KvError> {
         let mut config = self
             .config
             .lock()
@@ -503,6 +486,8 @@ impl KvServer {
             classes: runtime.classes,
             data_dir_bytes,
             rejected_entries: st.rejected_entries,
+            // Filled in by the control link, which owns the policy version.
+            policy_version: 0,
         }
     }
 

@@ -35,6 +35,43 @@ enum ControlCommand {
         #[arg(long)]
         follow: bool,
     },
+    /// The runtime policy the control plane pushes to every node: `get`, or `set` (applied by every
+    /// connected node at once, and by the others when they connect; each node acknowledges the version).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Print the version, the cluster-wide policy and every per-node override.
+    Get,
+    /// Change the policy: start from the current one (the node's override with --node) or the defaults,
+    /// change what the flags say, and push it.
+    Set(PolicySetArgs),
+}
+
+#[derive(Debug, Args)]
+struct PolicySetArgs {
+    /// Set an override for this node only (0 or absent: the cluster-wide policy).
+    #[arg(long, default_value_t = 0)]
+    node: u64,
+    /// With --node: remove that node's override (it goes back to the cluster-wide policy).
+    #[arg(long, requires = "node")]
+    clear: bool,
+    /// Storage pool scaling: on or off.
+    #[arg(long, value_parser = ["on", "off"])]
+    set_scaling: Option<String>,
+    /// Storage pool bounds, MIN-MAX threads (e.g. 4-32).
+    #[arg(long, value_parser = crate::parse_bounds)]
+    set_storage_threads: Option<(u32, u32)>,
+    /// Priority scheduling: on, or off (one FIFO queue).
+    #[arg(long, value_parser = ["on", "off"])]
+    set_priority: Option<String>,
+    /// HIGH,NORMAL,LOW weights (each 1-1000), e.g. 3,2,1.
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    set_weights: Option<Vec<u32>>,
 }
 
 async fn client(addr: &str) -> anyhow::Result<ControlServiceClient<tonic::transport::Channel>> {
@@ -80,6 +117,7 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
                                    "replication_latency_p99_us": f.replication_latency.as_ref().map_or(0, |l| l.p99_us)}))
                                    .collect::<Vec<_>>(),
                                "storage_threads": m.storage_pool.as_ref().map_or(0, |p| p.current_threads),
+                               "policy_version": n.policy_version, "policy_error": n.policy_error,
                                "shed": m.classes.iter().map(|c| c.shed).sum::<u64>()})
                     })
                     .collect();
@@ -111,7 +149,7 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
                 s.apply_rate
             );
             println!(
-                "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:<12}",
+                "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:>6} {:<12}",
                 "node",
                 "address",
                 "up",
@@ -121,12 +159,13 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
                 "applied",
                 "threads",
                 "shed",
+                "policy",
                 "last seen"
             );
             for n in &s.nodes {
                 let m = n.metrics.clone().unwrap_or_default();
                 println!(
-                    "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:<12}",
+                    "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:>6} {:<12}",
                     n.node_id,
                     n.client_addr,
                     if n.up { "up" } else { "DOWN" },
@@ -136,8 +175,12 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
                     m.applied_index,
                     m.storage_pool.as_ref().map_or(0, |p| p.current_threads),
                     m.classes.iter().map(|c| c.shed).sum::<u64>(),
+                    n.policy_version,
                     ago(n.last_seen_unix_ms)
                 );
+                if !n.policy_error.is_empty() {
+                    println!("      policy refused: {}", n.policy_error);
+                }
             }
             if let Some(leader) = s.nodes.iter().find(|n| n.node_id == s.leader_id) {
                 let m = leader.metrics.clone().unwrap_or_default();
@@ -156,6 +199,7 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
+        ControlCommand::Policy { command } => policy(&mut c, command, json).await,
         ControlCommand::Events { after, follow } => {
             let mut cursor = after;
             loop {
@@ -193,4 +237,117 @@ fn print_event(e: &Event, json: bool) {
             e.seq, e.kind, e.node_id, e.detail
         );
     }
+}
+
+fn policy_json(p: Option<&kiwi_proto::v1::RuntimePolicy>) -> serde_json::Value {
+    let Some(p) = p else {
+        return serde_json::Value::Null;
+    };
+    let s = p.scaling.unwrap_or_default();
+    let q = p.priority.unwrap_or_default();
+    json!({"scaling": {"enabled": s.enabled, "min_storage_threads": s.min_storage_threads,
+                       "max_storage_threads": s.max_storage_threads, "scale_up_threshold": s.scale_up_threshold,
+                       "scale_down_threshold": s.scale_down_threshold, "scale_increment": s.scale_increment,
+                       "evaluation_interval_ms": s.evaluation_interval_ms},
+           "priority": {"enabled": q.enabled, "high_priority_weight": q.high_priority_weight,
+                        "normal_priority_weight": q.normal_priority_weight,
+                        "low_priority_weight": q.low_priority_weight}})
+}
+
+fn policy_text(p: Option<&kiwi_proto::v1::RuntimePolicy>) -> String {
+    let Some(p) = p else {
+        return "none (nodes run their config files' policy)".into();
+    };
+    let s = p.scaling.unwrap_or_default();
+    let q = p.priority.unwrap_or_default();
+    format!(
+        "scaling {} {}-{} threads (up > {}%, down < {}%, +/-{}, every {} ms); priority {} weights {}/{}/{}",
+        if s.enabled { "on" } else { "off" },
+        s.min_storage_threads,
+        s.max_storage_threads,
+        s.scale_up_threshold,
+        s.scale_down_threshold,
+        s.scale_increment,
+        s.evaluation_interval_ms,
+        if q.enabled { "on" } else { "off" },
+        q.high_priority_weight,
+        q.normal_priority_weight,
+        q.low_priority_weight
+    )
+}
+
+fn print_policy(p: &kiwi_proto::v1::ClusterPolicy, json: bool) {
+    if json {
+        let overrides: Vec<_> = p
+            .overrides
+            .iter()
+            .map(|o| json!({"node": o.node_id, "policy": policy_json(o.policy.as_ref())}))
+            .collect();
+        println!(
+            "{}",
+            json!({"version": p.version, "policy": policy_json(p.policy.as_ref()), "overrides": overrides})
+        );
+        return;
+    }
+    println!("version {}", p.version);
+    println!("cluster: {}", policy_text(p.policy.as_ref()));
+    for o in &p.overrides {
+        println!("node {}: {}", o.node_id, policy_text(o.policy.as_ref()));
+    }
+}
+
+async fn policy(
+    c: &mut ControlServiceClient<tonic::transport::Channel>,
+    command: PolicyCommand,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    use kiwi_proto::v1::{GetPolicyRequest, SetPolicyRequest};
+    let current = c.get_policy(GetPolicyRequest {}).await?.into_inner();
+    let args = match command {
+        PolicyCommand::Get => {
+            print_policy(&current, json);
+            return Ok(Outcome::Ok);
+        }
+        PolicyCommand::Set(a) => a,
+    };
+    let base = current
+        .overrides
+        .iter()
+        .find(|o| args.node != 0 && o.node_id == args.node)
+        .and_then(|o| o.policy)
+        .or(current.policy)
+        .unwrap_or_else(kiwi_proto::policy::default_policy);
+    let mut p = base;
+    if let Some(s) = p.scaling.as_mut() {
+        if let Some(v) = &args.set_scaling {
+            s.enabled = v == "on";
+        }
+        if let Some((lo, hi)) = args.set_storage_threads {
+            s.min_storage_threads = lo;
+            s.max_storage_threads = hi;
+        }
+    }
+    if let Some(q) = p.priority.as_mut() {
+        if let Some(v) = &args.set_priority {
+            q.enabled = v == "on";
+        }
+        if let Some(w) = &args.set_weights {
+            (
+                q.high_priority_weight,
+                q.normal_priority_weight,
+                q.low_priority_weight,
+            ) = (w[0], w[1], w[2]);
+        }
+    }
+    let set = c
+        .set_policy(SetPolicyRequest {
+            policy: Some(p),
+            node_id: args.node,
+            clear_override: args.clear,
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner();
+    print_policy(&set, json);
+    Ok(Outcome::Ok)
 }

@@ -371,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
 }
 
 /// `MIN-MAX` thread bounds.
-fn parse_bounds(s: &str) -> Result<(u32, u32), String> {
+pub(crate) fn parse_bounds(s: &str) -> Result<(u32, u32), String> {
     let (min, max) = s
         .split_once('-')
         .ok_or_else(|| format!("expected MIN-MAX such as 4-32, got {s:?}"))?;
