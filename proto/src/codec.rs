@@ -216,6 +216,7 @@ mod tests {
                 assert!(!module.contains("ServerCodec"), "{name}");
             }
         }
-        assert_eq!((servers, clients), (4, 4));
+        // KvService, RaftTransport, NodeAdmin, NodeLink, ControlService.
+        assert_eq!((servers, clients), (5, 5));
     }
 }
