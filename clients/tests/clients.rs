@@ -305,6 +305,8 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
 
 #[test]
 fn playground_serves_and_leaves_no_process_behind() {
+    // A cluster of processes too: not at the same time as the other tests' clusters.
+    let _serial = kiwi_tests::cluster::serial();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pg");
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))

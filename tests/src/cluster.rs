@@ -91,6 +91,15 @@ pub struct Cluster {
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// Holds the process-wide lock clusters hold for their life, for a test that starts its own cluster of
+/// processes another way (e.g. `kiwi playground`): it then never competes with a [`Cluster`] of the same
+/// test binary for the machine's cores.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The `kiwi-node` binary the harness runs.
 ///
 /// # Panics
