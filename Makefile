@@ -63,8 +63,8 @@ bench-channel: deps
 		done; \
 	fi
 
-## Telemetry cost: ns per recorded event (exported vs metrics off), then two 3-node clusters, metrics and
-## tracing on vs off, puts and linearizable gets at 64 workers in alternating rounds; one table each.
+## Telemetry cost: ns per recorded event (exported vs metrics off), then one 3-node cluster restarted with
+## metrics and tracing on, then off, alternately: puts and linearizable gets at 64 workers; one table each.
 bench-telemetry: deps
 	$(CARGO) bench -j$(JOBS) -p kiwi-node --bench telemetry
 	$(CARGO) build --release -j$(JOBS) --workspace --bins

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Telemetry overhead, in one run: two local 3-node clusters (`kiwi playground`) side by side,
+# Telemetry overhead, in one run, on one local 3-node cluster (`kiwi playground`) restarted on the same data
+# for every run, alternately
 #   - "on":  metrics endpoints on (scraped every second, as Prometheus would) and traces on at the default
 #            sampling (telemetry.trace_sample_ratio 0.01) to an OTLP endpoint,
 #   - "off": no metrics endpoint, no traces,
-# with the same load against each in alternating order, ROUNDS rounds: puts and linearizable gets at 64
-# workers. Prints every run (with the nodes' CPU time per operation, read from /proc: steadier than
-# throughput on a shared machine), then the medians and the on/off ratios.
+# so the two modes differ in nothing but telemetry (two clusters side by side differ by their data and
+# leader placement by more than the budget). ROUNDS rounds, the order alternating per round: puts and
+# linearizable gets at 64 workers. Prints every run (with the nodes' CPU time per operation, read from
+# /proc: steadier than throughput on a shared machine), then the medians and the on/off ratios.
 #
 # The OTLP endpoint is a closed loopback port: spans are created, sampled, batched and their export is
 # attempted (and fails at once), so this measures the node's side of tracing, not a collector's.
 #
-# Environment: DURATION (per run, default 10s), ROUNDS (default 3), WORK_DIR (default a fresh directory
+# Environment: DURATION (per run, default 10s), ROUNDS (default 3), TRACE_RATIO (the "on" sampling,
+# default 0.01), WORK_DIR (default a fresh directory
 # under /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,68 +24,68 @@ ROUNDS=${ROUNDS:-3}
 build_kiwi
 init_work_dir kiwi-telemetry
 
-ON_PORT=17691
-OFF_PORT=17891
-PIDS=()
+PORT=17691
+PG=""
 SCRAPER=""
-cleanup() {
+stop() {
     [ -n "$SCRAPER" ] && kill "$SCRAPER" 2>/dev/null || true
-    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    SCRAPER=""
+    [ -n "$PG" ] && { kill -INT "$PG" 2>/dev/null || true; wait "$PG" 2>/dev/null || true; }
+    PG=""
 }
-trap cleanup EXIT
+trap stop EXIT
 
-start() { # name base-port [playground flags...]
-    local name=$1 port=$2
-    shift 2
-    "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" --no-control "$@" \
-        >"$WORK_DIR/$name.log" 2>&1 &
-    PIDS+=($!)
-    for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/$name.log" && break; sleep 0.5; done
-    grep -q "is up" "$WORK_DIR/$name.log" || { echo "cluster $name did not come up; see $WORK_DIR" >&2; exit 1; }
+start() { # mode
+    local flags=(--no-metrics)
+    [ "$1" = on ] && flags=(--otlp-endpoint http://127.0.0.1:17999 --trace-sample-ratio "${TRACE_RATIO:-0.01}")
+    : >"$WORK_DIR/cluster.log"
+    "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/cluster" --base-port "$PORT" --node-bin "$NODE" \
+        --no-control "${flags[@]}" >>"$WORK_DIR/cluster.log" 2>&1 &
+    PG=$!
+    for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/cluster.log" && break; sleep 0.5; done
+    grep -q "is up" "$WORK_DIR/cluster.log" || { echo "cluster did not come up; see $WORK_DIR" >&2; exit 1; }
+    if [ "$1" = on ]; then
+        # Scrape the three nodes every second, all families, while the cluster runs.
+        (while :; do
+            for p in $((PORT + 100)) $((PORT + 101)) $((PORT + 102)); do
+                curl -s -o /dev/null "http://127.0.0.1:$p/metrics" || true
+            done
+            sleep 1
+        done) &
+        SCRAPER=$!
+    fi
 }
-endpoints() { echo "127.0.0.1:$1,127.0.0.1:$(($1 + 1)),127.0.0.1:$(($1 + 2))"; }
+ENDPOINTS="127.0.0.1:$PORT,127.0.0.1:$((PORT + 1)),127.0.0.1:$((PORT + 2))"
 
-start on $ON_PORT --otlp-endpoint http://127.0.0.1:17999 --trace-sample-ratio 0.01
-start off $OFF_PORT --no-metrics
-for c in on off; do
-    port=$ON_PORT; [ $c = off ] && port=$OFF_PORT
-    echo "preloading $c ..." >&2
-    "$KIWI" --endpoints "$(endpoints $port)" bench --workload get --workers 32 --duration 1s --quiet >/dev/null
-done
-# Scrape the "on" cluster's three nodes every second, all families, for the whole run.
-(while :; do
-    for p in $((ON_PORT + 100)) $((ON_PORT + 101)) $((ON_PORT + 102)); do
-        curl -s -o /dev/null "http://127.0.0.1:$p/metrics" || true
-    done
-    sleep 1
-done) &
-SCRAPER=$!
+start off
+echo "preloading ..." >&2
+"$KIWI" --endpoints "$ENDPOINTS" bench --workload get --workers 32 --duration 1s --quiet >/dev/null
+stop
 
-# CPU time (clock ticks, user + system) used so far by one cluster's kiwi-node processes.
-node_ticks() { # name
+# CPU time (clock ticks, user + system) used so far by the cluster's kiwi-node processes.
+node_ticks() {
     local total=0 p
-    for p in $(pgrep -f "kiwi-node --config $WORK_DIR/$1/"); do
+    for p in $(pgrep -f "kiwi-node --config $WORK_DIR/cluster/"); do
         set -- $(cut -d' ' -f14,15 "/proc/$p/stat")
         total=$((total + $1 + $2))
     done
     echo "$total"
 }
 bench() { # mode workload round
-    local port=$ON_PORT
-    [ "$1" = off ] && port=$OFF_PORT
     echo "== $2, telemetry $1, round $3" >&2
     local before
-    before=$(node_ticks "$1")
-    "$KIWI" --endpoints "$(endpoints $port)" bench --workload "$2" --workers 64 --connections 16 \
+    before=$(node_ticks)
+    "$KIWI" --endpoints "$ENDPOINTS" bench --workload "$2" --workers 64 --connections 16 \
         --duration "$DURATION" --no-preload --quiet --label "$2-$1-$3" --json-out "$RESULTS" >/dev/null
-    echo "$2-$1-$3 $(( $(node_ticks "$1") - before ))" >>"$WORK_DIR/cpu.txt"
+    echo "$2-$1-$3 $(( $(node_ticks) - before ))" >>"$WORK_DIR/cpu.txt"
 }
 for round in $(seq 1 "$ROUNDS"); do
-    # Alternate which cluster goes first.
+    # Alternate which mode goes first.
     if [ $((round % 2)) = 1 ]; then order="on off"; else order="off on"; fi
-    for w in put get; do
-        for m in $order; do bench "$m" "$w" "$round"; done
+    for m in $order; do
+        start "$m"
+        for w in put get; do bench "$m" "$w" "$round"; done
+        stop
     done
 done
 
