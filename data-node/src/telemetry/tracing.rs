@@ -116,6 +116,14 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Result<TracingGuard
     let traces = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(SERVICE_NAME))
+            // Cheaper spans: no busy/idle timing on every poll, no thread, source location or module
+            // attributes, and no OpenTelemetry context attached on every enter (Kiwi's code does not
+            // read it; parents are passed explicitly).
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
+            .with_target(false)
+            .with_context_activation(false)
             .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
                 meta.is_span()
                     && meta.target().starts_with("kiwi_node")
