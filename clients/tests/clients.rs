@@ -390,6 +390,22 @@ fn playground_serves_and_leaves_no_process_behind() {
         child.try_wait().unwrap().is_none(),
         "the playground stopped after a node died"
     );
+    // `kiwi control watch` refreshes the same view; `kiwi control policy set` pushes or names the rule.
+    let w = run(&["control", "watch", "--count", "2", "--interval", "100ms"]);
+    assert!(w.status.success(), "{w:?}");
+    let out = stdout(&w);
+    assert_eq!(out.matches("kiwi control watch").count(), 2, "{out}");
+    assert!(out.contains("DOWN"), "{out}");
+    let bad = run(&["control", "policy", "set", "--set-storage-threads", "40-8"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("runtime.scaling.min_storage_threads"),
+        "{bad:?}"
+    );
+    let good = run(&["control", "policy", "set", "--set-storage-threads", "2-8"]);
+    assert!(good.status.success(), "{good:?}");
+    assert!(stdout(&good).contains("version 1"), "{good:?}");
+    assert!(stdout(&good).contains("2-8 threads"), "{good:?}");
     assert_eq!(
         pgrep(&pattern).lines().count(),
         2,

@@ -26,6 +26,15 @@ enum ControlCommand {
     /// Every node as the control plane sees it: up or down, role, term, commit/applied index, lag and
     /// replication latency (on the leader), storage pool, shed requests, last heartbeat.
     Status,
+    /// The status, refreshed in place every --interval (like `top`).
+    Watch {
+        /// Time between refreshes.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        /// Stop after this many refreshes (default: until Ctrl-C).
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// The event log (nodes registered, up, down, refused; leader changes), oldest first.
     Events {
         /// Only events after this sequence number.
@@ -98,106 +107,28 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
     let mut c = client(&args.control).await?;
     match args.command {
         ControlCommand::Status => {
-            let s = c
-                .cluster_status(ClusterStatusRequest {})
-                .await?
-                .into_inner();
-            if json {
-                let nodes: Vec<_> = s
-                    .nodes
-                    .iter()
-                    .map(|n| {
-                        let m = n.metrics.clone().unwrap_or_default();
-                        json!({"id": n.node_id, "addr": n.client_addr, "up": n.up,
-                               "last_seen_unix_ms": n.last_seen_unix_ms, "role": role_name(m.role),
-                               "term": m.term, "commit_index": m.commit_index, "applied_index": m.applied_index,
-                               "backend": n.backend, "version": n.version,
-                               "followers": m.followers.iter().map(|f| json!({"id": f.node_id, "lag": f.lag,
-                                   "match_index": f.match_index,
-                                   "replication_latency_p99_us": f.replication_latency.as_ref().map_or(0, |l| l.p99_us)}))
-                                   .collect::<Vec<_>>(),
-                               "storage_threads": m.storage_pool.as_ref().map_or(0, |p| p.current_threads),
-                               "policy_version": n.policy_version, "policy_error": n.policy_error,
-                               "shed": m.classes.iter().map(|c| c.shed).sum::<u64>()})
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    json!({"cluster_id": format!("{:016x}", s.cluster_id), "leader": s.leader_id,
-                           "leader_changes": s.leader_changes, "slowest_follower": s.slowest_follower,
-                           "commit_rate": s.commit_rate, "apply_rate": s.apply_rate, "nodes": nodes})
-                );
-                return Ok(Outcome::Ok);
-            }
-            if s.nodes.is_empty() {
-                println!(
-                    "no node has registered with the control plane at {}",
-                    args.control
-                );
-                return Ok(Outcome::Ok);
-            }
-            println!(
-                "cluster {:016x}  leader {}  leader changes {}  commit {:.0}/s  apply {:.0}/s",
-                s.cluster_id,
-                if s.leader_id == 0 {
-                    "none".to_string()
-                } else {
-                    s.leader_id.to_string()
-                },
-                s.leader_changes,
-                s.commit_rate,
-                s.apply_rate
-            );
-            println!(
-                "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:>6} {:<12}",
-                "node",
-                "address",
-                "up",
-                "role",
-                "term",
-                "commit",
-                "applied",
-                "threads",
-                "shed",
-                "policy",
-                "last seen"
-            );
-            for n in &s.nodes {
-                let m = n.metrics.clone().unwrap_or_default();
-                println!(
-                    "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:>6} {:<12}",
-                    n.node_id,
-                    n.client_addr,
-                    if n.up { "up" } else { "DOWN" },
-                    role_name(m.role),
-                    m.term,
-                    m.commit_index,
-                    m.applied_index,
-                    m.storage_pool.as_ref().map_or(0, |p| p.current_threads),
-                    m.classes.iter().map(|c| c.shed).sum::<u64>(),
-                    n.policy_version,
-                    ago(n.last_seen_unix_ms)
-                );
-                if !n.policy_error.is_empty() {
-                    println!("      policy refused: {}", n.policy_error);
-                }
-            }
-            if let Some(leader) = s.nodes.iter().find(|n| n.node_id == s.leader_id) {
-                let m = leader.metrics.clone().unwrap_or_default();
-                if !m.followers.is_empty() {
-                    println!("\nreplication from the leader (node {}):", leader.node_id);
-                    for f in &m.followers {
-                        println!(
-                            "  node {:<3} lag {:>6} entries  latency avg {:>7} us  p99 {:>7} us",
-                            f.node_id,
-                            f.lag,
-                            f.replication_latency_avg_us,
-                            f.replication_latency.as_ref().map_or(0, |l| l.p99_us)
-                        );
-                    }
-                }
-            }
+            print_status(&mut c, &args.control, json).await?;
             Ok(Outcome::Ok)
+        }
+        ControlCommand::Watch { interval, count } => {
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let mut shown = 0u64;
+            loop {
+                if tty {
+                    // Clear the screen and go home, like `top`.
+                    print!("\x1b[2J\x1b[H");
+                }
+                println!(
+                    "kiwi control watch: {} every {:?} (Ctrl-C stops)\n",
+                    args.control, interval
+                );
+                print_status(&mut c, &args.control, json).await?;
+                shown += 1;
+                if count.is_some_and(|n| shown >= n) {
+                    return Ok(Outcome::Ok);
+                }
+                tokio::time::sleep(interval).await;
+            }
         }
         ControlCommand::Policy { command } => policy(&mut c, command, json).await,
         ControlCommand::Events { after, follow } => {
@@ -350,4 +281,113 @@ async fn policy(
         .into_inner();
     print_policy(&set, json);
     Ok(Outcome::Ok)
+}
+
+/// Prints the cluster view once (a table, or one JSON object).
+async fn print_status(
+    c: &mut ControlServiceClient<tonic::transport::Channel>,
+    control: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let args_control = control;
+    let s = c
+        .cluster_status(ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    if json {
+        let nodes: Vec<_> = s
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        let m = n.metrics.clone().unwrap_or_default();
+                        json!({"id": n.node_id, "addr": n.client_addr, "up": n.up,
+                               "last_seen_unix_ms": n.last_seen_unix_ms, "role": role_name(m.role),
+                               "term": m.term, "commit_index": m.commit_index, "applied_index": m.applied_index,
+                               "backend": n.backend, "version": n.version,
+                               "followers": m.followers.iter().map(|f| json!({"id": f.node_id, "lag": f.lag,
+                                   "match_index": f.match_index,
+                                   "replication_latency_p99_us": f.replication_latency.as_ref().map_or(0, |l| l.p99_us)}))
+                                   .collect::<Vec<_>>(),
+                               "storage_threads": m.storage_pool.as_ref().map_or(0, |p| p.current_threads),
+                               "policy_version": n.policy_version, "policy_error": n.policy_error,
+                               "shed": m.classes.iter().map(|c| c.shed).sum::<u64>()})
+                    })
+                    .collect();
+        println!(
+            "{}",
+            json!({"cluster_id": format!("{:016x}", s.cluster_id), "leader": s.leader_id,
+                           "leader_changes": s.leader_changes, "slowest_follower": s.slowest_follower,
+                           "commit_rate": s.commit_rate, "apply_rate": s.apply_rate, "nodes": nodes})
+        );
+        return Ok(());
+    }
+    if s.nodes.is_empty() {
+        println!(
+            "no node has registered with the control plane at {}",
+            args_control
+        );
+        return Ok(());
+    }
+    println!(
+        "cluster {:016x}  leader {}  leader changes {}  commit {:.0}/s  apply {:.0}/s",
+        s.cluster_id,
+        if s.leader_id == 0 {
+            "none".to_string()
+        } else {
+            s.leader_id.to_string()
+        },
+        s.leader_changes,
+        s.commit_rate,
+        s.apply_rate
+    );
+    println!(
+        "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:>6} {:<12}",
+        "node",
+        "address",
+        "up",
+        "role",
+        "term",
+        "commit",
+        "applied",
+        "threads",
+        "shed",
+        "policy",
+        "last seen"
+    );
+    for n in &s.nodes {
+        let m = n.metrics.clone().unwrap_or_default();
+        println!(
+            "{:<5} {:<22} {:<5} {:<10} {:>5} {:>9} {:>9} {:>7} {:>6} {:>6} {:<12}",
+            n.node_id,
+            n.client_addr,
+            if n.up { "up" } else { "DOWN" },
+            role_name(m.role),
+            m.term,
+            m.commit_index,
+            m.applied_index,
+            m.storage_pool.as_ref().map_or(0, |p| p.current_threads),
+            m.classes.iter().map(|c| c.shed).sum::<u64>(),
+            n.policy_version,
+            ago(n.last_seen_unix_ms)
+        );
+        if !n.policy_error.is_empty() {
+            println!("      policy refused: {}", n.policy_error);
+        }
+    }
+    if let Some(leader) = s.nodes.iter().find(|n| n.node_id == s.leader_id) {
+        let m = leader.metrics.clone().unwrap_or_default();
+        if !m.followers.is_empty() {
+            println!("\nreplication from the leader (node {}):", leader.node_id);
+            for f in &m.followers {
+                println!(
+                    "  node {:<3} lag {:>6} entries  latency avg {:>7} us  p99 {:>7} us",
+                    f.node_id,
+                    f.lag,
+                    f.replication_latency_avg_us,
+                    f.replication_latency.as_ref().map_or(0, |l| l.p99_us)
+                );
+            }
+        }
+    }
+    Ok(())
 }
