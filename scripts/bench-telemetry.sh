@@ -13,8 +13,8 @@
 # attempted (and fails at once), so this measures the node's side of tracing, not a collector's.
 #
 # Environment: DURATION (per run, default 10s), ROUNDS (default 3), TRACE_RATIO (the "on" sampling,
-# default 0.01), WORK_DIR (default a fresh directory
-# under /var/tmp).
+# default 0.01), SCRAPE (1: scrape the "on" cluster every second, the default; 0: do not), WORK_DIR
+# (default a fresh directory under /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -44,7 +44,7 @@ start() { # mode
     PG=$!
     for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/cluster.log" && break; sleep 0.5; done
     grep -q "is up" "$WORK_DIR/cluster.log" || { echo "cluster did not come up; see $WORK_DIR" >&2; exit 1; }
-    if [ "$1" = on ]; then
+    if [ "$1" = on ] && [ "${SCRAPE:-1}" = 1 ]; then
         # Scrape the three nodes every second, all families, while the cluster runs.
         (while :; do
             for p in $((PORT + 100)) $((PORT + 101)) $((PORT + 102)); do
