@@ -13,8 +13,8 @@
 # attempted (and fails at once), so this measures the node's side of tracing, not a collector's.
 #
 # Environment: DURATION (per run, default 10s), ROUNDS (default 3), TRACE_RATIO (the "on" sampling,
-# default 0.01), SCRAPE (1: scrape the "on" cluster every second, the default; 0: do not), WORK_DIR
-# (default a fresh directory under /var/tmp).
+# default 0.01), TRACING (1: "on" exports traces, the default; 0: metrics only), SCRAPE (1: scrape the
+# "on" cluster every second, the default; 0: do not), WORK_DIR (default a fresh directory under /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -37,7 +37,10 @@ trap stop EXIT
 
 start() { # mode
     local flags=(--no-metrics)
-    [ "$1" = on ] && flags=(--otlp-endpoint http://127.0.0.1:17999 --trace-sample-ratio "${TRACE_RATIO:-0.01}")
+    if [ "$1" = on ]; then
+        flags=()
+        [ "${TRACING:-1}" = 1 ] && flags=(--otlp-endpoint http://127.0.0.1:17999 --trace-sample-ratio "${TRACE_RATIO:-0.01}")
+    fi
     : >"$WORK_DIR/cluster.log"
     "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/cluster" --base-port "$PORT" --node-bin "$NODE" \
         --no-control "${flags[@]}" >>"$WORK_DIR/cluster.log" 2>&1 &
