@@ -2,7 +2,7 @@
 //! config validation, its `SetRuntimePolicy`, a policy the control plane pushes, and the control plane's
 //! own check before it pushes anything all call [`check`].
 
-use crate::v1::RuntimePolicy;
+use crate::v1::{PriorityPolicy, RuntimePolicy, ScalingPolicy};
 
 /// Most storage threads a pool may have.
 pub const MAX_STORAGE_THREADS: u32 = 256;
@@ -16,7 +16,6 @@ pub const MAX_PRIORITY_WEIGHT: u32 = 1000;
 /// The policy a node runs without a config file or a control plane (the defaults of `[runtime.scaling]`
 /// and `[runtime.priority]`; the node's config test keeps them equal).
 pub fn default_policy() -> RuntimePolicy {
-    use crate::v1::{PriorityPolicy, ScalingPolicy};
     RuntimePolicy {
         scaling: Some(ScalingPolicy {
             enabled: true,
@@ -155,32 +154,11 @@ pub fn check(policy: &RuntimePolicy) -> Vec<PolicyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::{PriorityPolicy, ScalingPolicy};
-
-    fn good() -> RuntimePolicy {
-        RuntimePolicy {
-            scaling: Some(ScalingPolicy {
-                enabled: true,
-                min_storage_threads: 4,
-                max_storage_threads: 32,
-                scale_up_threshold: 80,
-                scale_down_threshold: 20,
-                scale_increment: 2,
-                evaluation_interval_ms: 1000,
-            }),
-            priority: Some(PriorityPolicy {
-                enabled: true,
-                high_priority_weight: 3,
-                normal_priority_weight: 2,
-                low_priority_weight: 1,
-            }),
-        }
-    }
 
     #[test]
     fn rules_name_the_field() {
-        assert!(check(&good()).is_empty());
-        let mut p = good();
+        assert!(check(&default_policy()).is_empty());
+        let mut p = default_policy();
         p.scaling.as_mut().unwrap().min_storage_threads = 40;
         p.priority.as_mut().unwrap().low_priority_weight = 0;
         let fields: Vec<_> = check(&p).iter().map(|e| e.field).collect();

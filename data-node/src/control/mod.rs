@@ -100,14 +100,13 @@ fn apply(kv: &KvServer, state: &PolicyState, update: PolicyUpdate) -> PolicyAck 
         applied,
         error,
     };
-    if update.version <= current {
+    if update.version == current {
+        return ack(true, String::new());
+    }
+    if update.version < current {
         return ack(
-            update.version == current,
-            if update.version == current {
-                String::new()
-            } else {
-                format!("older than the version this node runs ({current})")
-            },
+            false,
+            format!("older than the version this node runs ({current})"),
         );
     }
     let Some(policy) = update.policy else {

@@ -44,6 +44,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 
 use crate::runtime::priority_channel::{Class, PriorityMessageChannel, Taken};
+use crate::telemetry::metrics::LATENCY_BUCKETS;
 
 /// The OS nice value LOW requests run at (CFS weight 110 against 1024 at nice 0).
 pub const LOW_NICE: i32 = 10;
@@ -157,12 +158,6 @@ pub struct ScaleEvent {
     pub wait_after: Option<Duration>,
 }
 
-/// Bucket bounds, in seconds, of the queue-wait and processing-time histograms (50 µs to 10 s).
-const RUNTIME_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0,
-];
-
 /// The pool's OpenTelemetry instruments (the `runtime` metric family), attributes built once.
 struct PoolInstruments {
     queue_wait: Histogram<f64>,
@@ -181,13 +176,13 @@ impl PoolInstruments {
                 .f64_histogram("kiwi_runtime_queue_wait")
                 .with_unit("s")
                 .with_description("Time a request waited in the priority channel, per priority")
-                .with_boundaries(RUNTIME_BUCKETS.to_vec())
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
                 .build(),
             processing: meter
                 .f64_histogram("kiwi_runtime_processing")
                 .with_unit("s")
                 .with_description("Time a storage worker spent on a request, per priority")
-                .with_boundaries(RUNTIME_BUCKETS.to_vec())
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
                 .build(),
             scale_events: meter
                 .u64_counter("kiwi_runtime_scale_events")

@@ -18,7 +18,6 @@ use kiwi_proto::v1::{
 };
 
 use super::*;
-use crate::config::RuntimeConfig;
 use crate::raft::driver::Role;
 use crate::raft::driver::wire_role;
 use crate::raft::state_machine::ApplyOutcome;
@@ -391,19 +390,13 @@ impl KvServer {
     }
 }
 
-fn policy_of(rt: &RuntimeConfig) -> RuntimePolicy {
-    rt.to_policy()
-}
-
 impl KvServer {
     fn runtime_policy(&self) -> RuntimePolicy {
-        policy_of(
-            &self
-                .config
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .runtime,
-        )
+        self.config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .runtime
+            .to_policy()
     }
 
     /// Validates `policy` like the config file (unset parts stay as they are) and puts it in force.
@@ -451,7 +444,7 @@ impl KvServer {
         ));
         tracing::info!(policy = ?next.runtime, "runtime policy changed");
         *config = next;
-        Ok(policy_of(&config.runtime))
+        Ok(config.runtime.to_policy())
     }
 
     /// The metrics snapshot a heartbeat to the control plane carries.

@@ -244,12 +244,7 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
     .await;
     stop_all(&mut procs).await;
     if let Some(c) = control.as_mut() {
-        if let Some(pid) = c.child.id() {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
-        }
+        sigterm(&c.child);
         if tokio::time::timeout(Duration::from_secs(10), c.child.wait())
             .await
             .is_err()
@@ -395,14 +390,19 @@ fn watch(procs: &mut [Proc], restart_with: Option<&Path>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Asks `child` to stop gracefully (SIGTERM).
+fn sigterm(child: &Child) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
 async fn stop_all(procs: &mut [Proc]) {
-    for p in procs.iter() {
-        if let Some(pid) = p.child.as_ref().and_then(Child::id) {
-            let _ = std::process::Command::new("kill")
-                .arg("-TERM")
-                .arg(pid.to_string())
-                .status();
-        }
+    for child in procs.iter().filter_map(|p| p.child.as_ref()) {
+        sigterm(child);
     }
     for p in procs.iter_mut() {
         let Some(child) = p.child.as_mut() else {
