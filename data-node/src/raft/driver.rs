@@ -64,6 +64,7 @@ use raft::{RawNode, SnapshotStatus, StateRole};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::raft::guard;
 use crate::raft::log_store::{LogStore, SnapshotData};
 use crate::raft::snapshot::{self, InstallGate};
 use crate::raft::state_machine::{self, ApplyOutcome};
@@ -266,6 +267,10 @@ pub struct DriverHandle {
     status: watch::Receiver<RaftStatus>,
     /// Ids this cluster removed (see `state_machine::record_removed`), sorted.
     removed_ids: watch::Receiver<Vec<u64>>,
+    /// Every id in the current membership (voters and learners, incoming and outgoing), sorted; empty
+    /// on a node that has not joined yet.
+    members: watch::Receiver<Vec<u64>>,
+    export: RaftExport,
 }
 
 impl DriverHandle {
@@ -376,6 +381,18 @@ impl DriverHandle {
         self.removed_ids.borrow().binary_search(&id).is_ok()
     }
 
+    /// Whether `id` is in the membership this node knows. A node that has not joined yet knows none and
+    /// answers `true`: its first snapshot tells it who the members are.
+    pub fn is_member(&self, id: u64) -> bool {
+        let members = self.members.borrow();
+        members.is_empty() || members.binary_search(&id).is_ok()
+    }
+
+    /// Counts a peer message or stream the transport refused.
+    pub fn count_refused(&self, refusal: guard::Refusal) {
+        self.export.message_refused(refusal.label());
+    }
+
     /// The Raft metrics (`None` when `[raft.metrics] enabled = false`).
     ///
     /// # Errors
@@ -456,6 +473,10 @@ struct Driver {
     refused_by: std::collections::BTreeSet<u64>,
     /// Ids removed by membership changes this node applied, sorted.
     removed_ids: watch::Sender<Vec<u64>>,
+    /// The current membership, for the transport (see [`DriverHandle::is_member`]).
+    members: watch::Sender<Vec<u64>>,
+    /// When a refused peer message was last logged (refusals are counted always, logged once a second).
+    refusal_logged: Option<Instant>,
     /// Tells the storage stage when user data is being replaced by a snapshot.
     gate: Arc<InstallGate>,
     /// Committed entries applied as no-ops because they were invalid.
@@ -504,6 +525,10 @@ pub fn spawn(
         .map_err(|e| raft::Error::Store(raft::StorageError::Other(Box::new(e))))?;
     removed_ids.sort_unstable();
     let (removed_tx, removed_rx) = watch::channel(removed_ids);
+    let (members_tx, members_rx) = watch::channel(Vec::new());
+    config
+        .metrics_export
+        .register_refusal_reasons(guard::Refusal::ALL.map(guard::Refusal::label));
     let mut driver = Driver {
         raw,
         backend,
@@ -522,11 +547,13 @@ pub fn spawn(
         removed: false,
         refused_by: std::collections::BTreeSet::new(),
         removed_ids: removed_tx,
+        members: members_tx,
+        refusal_logged: None,
         gate,
         rejected_entries: 0,
         metrics: RaftMetricsCollector::new(config.metrics, config.metrics_export.clone()),
     };
-    driver.removed = driver.compute_removed();
+    driver.refresh_membership();
     let tick = config.tick_interval;
     let thread = std::thread::Builder::new()
         .name("kiwi-raft".into())
@@ -558,6 +585,8 @@ pub fn spawn(
             events: events_tx,
             status: status_rx,
             removed_ids: removed_rx,
+            members: members_rx,
+            export: config.metrics_export.clone(),
         },
         thread,
     ))
@@ -766,6 +795,29 @@ impl Driver {
                 self.installs.push(reply);
             }
             Inbox::Step(m) => {
+                let local = guard::LocalView {
+                    term: self.raw.raft.term,
+                    last_index: self.raw.raft.raft_log.last_index(),
+                };
+                if let Err(refusal) = guard::check_message(&m, local) {
+                    self.metrics.export().message_refused(refusal.label());
+                    let now = Instant::now();
+                    if self
+                        .refusal_logged
+                        .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                    {
+                        self.refusal_logged = Some(now);
+                        tracing::warn!(
+                            from = m.from,
+                            kind = ?m.get_msg_type(),
+                            term = m.term,
+                            reason = refusal.label(),
+                            "refused a Raft message that is not safe to step (counted in \
+                             kiwi_raft_messages_refused_total; logged at most once a second)"
+                        );
+                    }
+                    return;
+                }
                 if !self.refused_by.is_empty()
                     && matches!(
                         m.get_msg_type(),
@@ -865,6 +917,17 @@ impl Driver {
             .filter(|id| self.refused_by.contains(id))
             .count();
         others > 0 && refusing * 2 > others
+    }
+
+    /// Recomputes [`Driver::removed`] and publishes the membership after it changed.
+    fn refresh_membership(&mut self) {
+        self.removed = self.compute_removed();
+        let cs = self.raw.raft.prs().conf().to_conf_state();
+        let mut ids: Vec<u64> =
+            [cs.voters, cs.learners, cs.voters_outgoing, cs.learners_next].concat();
+        ids.sort_unstable();
+        ids.dedup();
+        self.members.send_replace(ids);
     }
 
     /// Whether the current membership leaves this node out (a node that has not joined yet has no
@@ -1031,7 +1094,7 @@ impl Driver {
             for (id, addr) in members {
                 self.sink.add_peer(id, addr);
             }
-            self.removed = self.compute_removed();
+            self.refresh_membership();
             self.applied = meta.index;
             self.applied_on_disk = self.applied_on_disk.max(meta.index);
             // A deposed leader's pending proposals may or may not be inside the snapshot.
@@ -1148,7 +1211,7 @@ impl Driver {
             self.sink.add_peer(id, addr);
         }
         let was_removed = self.removed;
-        self.removed = self.compute_removed();
+        self.refresh_membership();
         if self.removed && !was_removed {
             tracing::warn!(
                 index,

@@ -3,12 +3,14 @@
 //! - [`driver`]: the Raft driver thread, sole owner of `raft::RawNode`; everything else talks to it through
 //!   its [`driver::DriverHandle`]. It owns the [`driver::MessageSink`] and [`driver::PeerEvent`] types the
 //!   transport implements and reports, so it depends on no transport.
+//! - [`guard`]: checks every Raft message from the network before raft-rs may see it.
 //! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
 //! - [`state_machine`]: applies committed commands to user data with the applied index.
 //! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.
 //! - [`transport`]: the `RaftTransport` gRPC client and server; uses the driver's handle.
 
 pub mod driver;
+pub mod guard;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::raft::driver::{DriverHandle, MessageSink, PeerEvent};
+use crate::raft::guard::{self, Refusal};
 use crate::raft::log_store::{SnapshotRegistry, snapshot_id};
 use crate::raft::snapshot;
 
@@ -403,15 +404,63 @@ impl RaftService {
         }
     }
 
-    /// Refuses traffic from another cluster (a node whose cluster id is still 0 accepts any).
-    fn check_cluster(&self, theirs: u64, from: u64) -> Result<(), Status> {
+    /// Refuses a stream from a sender that is not a current member or belongs to another cluster (see
+    /// [`guard`]). A node whose cluster id is still 0 has not joined yet and accepts any; a member that
+    /// has not received its first snapshot yet does not know the cluster id and sends 0.
+    fn check_sender(&self, theirs: u64, from: u64) -> Result<(), Status> {
+        let refuse = |refusal: Refusal, status: Status| {
+            self.driver.count_refused(refusal);
+            tracing::warn!(
+                from,
+                reason = refusal.label(),
+                "refused a Raft stream: {}",
+                status.message()
+            );
+            Err(status)
+        };
         let mine = self.cluster.load(Ordering::Relaxed);
         if mine != 0 && theirs != 0 && theirs != mine {
-            return Err(Status::failed_precondition(format!(
-                "node {from} belongs to cluster {theirs:016x}, but node {} belongs to cluster {mine:016x}: \
-                 check raft.peers (a data directory cannot move between clusters)",
+            return refuse(
+                Refusal::Cluster,
+                Status::failed_precondition(format!(
+                    "node {from} belongs to cluster {theirs:016x}, but node {} belongs to cluster \
+                     {mine:016x}: check raft.peers (a data directory cannot move between clusters)",
+                    self.node_id
+                )),
+            );
+        }
+        if from == 0 || from == self.node_id {
+            return refuse(
+                Refusal::Envelope,
+                Status::invalid_argument(format!(
+                    "Raft messages to node {} claim to come from node {from}",
+                    self.node_id
+                )),
+            );
+        }
+        if self.driver.was_removed(from) {
+            let mut status = Status::failed_precondition(format!(
+                "node {from} was removed from node {}'s cluster; it is not a member any more",
                 self.node_id
-            )));
+            ));
+            status.metadata_mut().insert(
+                NOT_MEMBER_METADATA,
+                tonic::metadata::MetadataValue::from_static("true"),
+            );
+            return refuse(Refusal::NotMember, status);
+        }
+        if !self.driver.is_member(from) {
+            return refuse(
+                Refusal::NotMember,
+                Status::permission_denied(format!(
+                    "node {from} is not a member of node {}'s cluster: only members may send Raft \
+                     messages (add it with `kiwi member add` first)",
+                    self.node_id
+                )),
+            );
+        }
+        if mine != 0 && theirs == 0 {
+            tracing::debug!(from, "member without a cluster id yet (joining)");
         }
         Ok(())
     }
@@ -443,18 +492,7 @@ impl RaftTransport for RaftService {
                     None => break,
                 },
             };
-            self.check_cluster(batch.cluster_id, batch.from_node)?;
-            if self.driver.was_removed(batch.from_node) {
-                let mut status = Status::failed_precondition(format!(
-                    "node {} was removed from node {}'s cluster; it is not a member any more",
-                    batch.from_node, self.node_id
-                ));
-                status.metadata_mut().insert(
-                    NOT_MEMBER_METADATA,
-                    tonic::metadata::MetadataValue::from_static("true"),
-                );
-                return Err(status);
-            }
+            self.check_sender(batch.cluster_id, batch.from_node)?;
             if batch.to_node != self.node_id {
                 return Err(Status::failed_precondition(format!(
                     "Raft messages for node {} sent to node {}: check raft.peers",
@@ -463,8 +501,21 @@ impl RaftTransport for RaftService {
             }
             for bytes in batch.messages {
                 match Message::parse_from_bytes(&bytes) {
-                    Ok(m) => self.driver.step(m),
+                    Ok(m) => match guard::check_envelope(&m, batch.from_node, self.node_id) {
+                        // The driver checks the rest against its Raft state.
+                        Ok(()) => self.driver.step(m),
+                        Err(refusal) => {
+                            self.driver.count_refused(refusal);
+                            tracing::warn!(
+                                from = batch.from_node,
+                                claimed_from = m.from,
+                                to = m.to,
+                                "Raft message whose sender or receiver does not match its batch dropped"
+                            );
+                        }
+                    },
                     Err(e) => {
+                        self.driver.count_refused(Refusal::Envelope);
                         tracing::warn!(from = batch.from_node, error = %e, "undecodable Raft message dropped")
                     }
                 }
@@ -494,7 +545,21 @@ impl RaftTransport for RaftService {
                 "the first snapshot chunk must carry a MsgSnapshot",
             ));
         }
-        self.check_cluster(first.cluster_id, first.from_node)?;
+        self.check_sender(first.cluster_id, first.from_node)?;
+        let local = guard::LocalView {
+            term: self.driver.status().term,
+            last_index: 0,
+        };
+        if let Err(refusal) = guard::check_envelope(&msg, first.from_node, self.node_id)
+            .and_then(|()| guard::check_snapshot(&msg, local))
+        {
+            self.driver.count_refused(refusal);
+            return Err(Status::invalid_argument(format!(
+                "snapshot from node {} refused ({}): its message or metadata cannot come from a leader",
+                first.from_node,
+                refusal.label()
+            )));
+        }
         let _guard = self.staging.lock().await;
         if self.cluster.load(Ordering::Relaxed) == 0 && first.cluster_id != 0 {
             // A joining node's first snapshot tells it which cluster it joined.

@@ -147,6 +147,7 @@ pub struct RaftExport {
     snapshot_duration: OtelHistogram<f64>,
     entries_committed: Counter<u64>,
     entries_applied: Counter<u64>,
+    messages_refused: Counter<u64>,
     outcome: [[KeyValue; 1]; 3],
     published: Arc<Mutex<Published>>,
 }
@@ -244,6 +245,10 @@ impl RaftExport {
                 "kiwi_raft_entries_applied",
                 "Log entries this node applied since it started",
             ),
+            messages_refused: counter(
+                "kiwi_raft_messages_refused",
+                "Raft messages and streams from the network refused before reaching Raft, by reason",
+            ),
             outcome: ["committed", "dropped", "rejected"].map(|o| [KeyValue::new("outcome", o)]),
             published: Arc::default(),
         };
@@ -261,6 +266,21 @@ impl RaftExport {
         }
         export.register_gauges(meter);
         export
+    }
+
+    /// Starts `kiwi_raft_messages_refused_total` at zero for each reason, so the series exist before
+    /// the first refusal.
+    pub fn register_refusal_reasons(&self, reasons: impl IntoIterator<Item = &'static str>) {
+        for reason in reasons {
+            self.messages_refused
+                .add(0, &[KeyValue::new("reason", reason)]);
+        }
+    }
+
+    /// One Raft message (or a whole stream) from the network was refused for `reason`.
+    pub fn message_refused(&self, reason: &'static str) {
+        self.messages_refused
+            .add(1, &[KeyValue::new("reason", reason)]);
     }
 
     fn register_gauges(&self, meter: &Meter) {
@@ -474,6 +494,11 @@ impl RaftMetricsCollector {
             next_sample: Instant::now(),
             export,
         }
+    }
+
+    /// The OpenTelemetry instruments.
+    pub fn export(&self) -> &RaftExport {
+        &self.export
     }
 
     /// Whether collection is on (`[raft.metrics] enabled`).
