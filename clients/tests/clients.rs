@@ -322,8 +322,12 @@ fn playground_serves_and_leaves_no_process_behind() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut endpoints = None;
     let mut control = None;
+    let mut cluster_metrics = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
+        if let Some(m) = line.split("metrics (every node): http://").nth(1) {
+            cluster_metrics = m.split('/').next().map(str::to_owned);
+        }
         if let Some(e) = line.trim().strip_prefix("export KIWI_ENDPOINTS=") {
             endpoints = Some(e.to_string());
         }
@@ -337,11 +341,16 @@ fn playground_serves_and_leaves_no_process_behind() {
     }
     let endpoints = endpoints.expect("the playground printed its endpoints");
     let control = control.expect("the playground printed its control plane");
+    let cluster_metrics: std::net::SocketAddr = cluster_metrics
+        .expect("the playground printed the control plane's metrics address")
+        .parse()
+        .unwrap();
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kiwi"))
             .args(args)
             .env("KIWI_ENDPOINTS", &endpoints)
             .env("KIWI_CONTROL", &control)
+            .env("KIWI_PLAYGROUND_DIR", &data)
             .output()
             .unwrap()
     };
@@ -412,6 +421,53 @@ fn playground_serves_and_leaves_no_process_behind() {
         "the other nodes keep running"
     );
     assert!(run(&["put", "after", "kill"]).status.success());
+
+    // `kiwi playground restart 1` from another terminal brings the killed node back.
+    let r = run(&["playground", "restart", "1"]);
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        stdout(&r).contains("node 1 was not running; started again"),
+        "{r:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v: serde_json::Value =
+            serde_json::from_slice(&run(&["control", "status", "--json"]).stdout).unwrap();
+        let nodes = v["nodes"].as_array().cloned().unwrap_or_default();
+        if nodes.iter().filter(|n| n["up"] == true).count() == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 1 never back up: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(pgrep(&pattern).lines().count(), 3, "node 1 runs again");
+    let r = run(&["playground", "restart", "7"]);
+    assert!(!r.status.success(), "{r:?}");
+    assert!(
+        String::from_utf8_lossy(&r.stderr).contains("not 7"),
+        "{r:?}"
+    );
+    // The history keeps one sample per heartbeat for each node.
+    let h = run(&[
+        "control", "history", "--node", "2", "--last", "1m", "--json",
+    ]);
+    assert!(h.status.success(), "{h:?}");
+    let samples: Vec<serde_json::Value> = stdout(&h)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(samples.len() >= 3, "{samples:?}");
+    assert!(samples.iter().all(|s| s["node"] == 2), "{samples:?}");
+    // The control plane's /metrics covers every node.
+    let page = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(kiwi_tests::http::get(cluster_metrics, "/metrics", None));
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(
+        page.body.contains("kiwi_node_up{node=\"3\"}"),
+        "{}",
+        page.body
+    );
 
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +20,50 @@ pub struct ControlConfig {
     pub listen_addr: SocketAddr,
     /// Where the event log and the cluster's identity are kept (RocksDB).
     pub data_dir: PathBuf,
+    /// The metrics endpoint and history.
+    pub metrics: MetricsConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// `[metrics]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// HTTP address of `/metrics`, every node's figures with a `node` label (unset: not served). Any
+    /// address other than loopback needs `token_file`.
+    pub addr: Option<SocketAddr>,
+    /// File holding the bearer token `/metrics` requires (unset: none, allowed on loopback only).
+    pub token_file: Option<PathBuf>,
+    /// Requests per second per client IP on `/metrics`; more get 429.
+    pub rate_limit_per_sec: u32,
+    /// How long every node's heartbeat history is kept (`kiwi control history`), in seconds.
+    pub retention_sec: u64,
+}
+
+/// Default `metrics.rate_limit_per_sec` (the node's default too).
+pub const DEFAULT_METRICS_RATE_LIMIT: u32 = 10;
+/// Default `metrics.retention_sec`.
+pub const DEFAULT_RETENTION_SEC: u64 = 300;
+/// Largest `metrics.retention_sec` (a day).
+pub const MAX_RETENTION_SEC: u64 = 86_400;
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            addr: None,
+            token_file: None,
+            rate_limit_per_sec: DEFAULT_METRICS_RATE_LIMIT,
+            retention_sec: DEFAULT_RETENTION_SEC,
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// The history retention.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_sec)
+    }
 }
 
 /// `[log]`
@@ -44,6 +87,7 @@ impl Default for ControlConfig {
         ControlConfig {
             listen_addr: DEFAULT_LISTEN_ADDR.parse().expect("valid default address"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            metrics: MetricsConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -90,6 +134,26 @@ impl ControlConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir: must not be empty".into()));
         }
+        let m = &self.metrics;
+        if m.addr.is_some_and(|a| !a.ip().is_loopback()) && m.token_file.is_none() {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.token_file: must be set when metrics.addr is not a loopback address ({}): \
+                 the per-node figures would be open to anyone who can reach it",
+                m.addr.map(|a| a.to_string()).unwrap_or_default()
+            )));
+        }
+        if !(1..=100_000).contains(&m.rate_limit_per_sec) {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.rate_limit_per_sec: must be 1 to 100000, got {}",
+                m.rate_limit_per_sec
+            )));
+        }
+        if !(1..=MAX_RETENTION_SEC).contains(&m.retention_sec) {
+            return Err(ConfigError::Invalid(format!(
+                "metrics.retention_sec: must be 1 to {MAX_RETENTION_SEC}, got {}",
+                m.retention_sec
+            )));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::Invalid(format!(
                 "log.level: {:?} is not a log filter such as \"info\": {e}",
@@ -123,5 +187,14 @@ mod tests {
         std::fs::write(&p, "[log]\nlevel = \"=?!\"\n").unwrap();
         let e = ControlConfig::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("log.level"), "{e}");
+        std::fs::write(&p, "[metrics]\naddr = \"0.0.0.0:7391\"\n").unwrap();
+        let e = ControlConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("metrics.token_file"), "{e}");
+        std::fs::write(&p, "[metrics]\nretention_sec = 0\n").unwrap();
+        let e = ControlConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("metrics.retention_sec"), "{e}");
+        std::fs::write(&p, "[metrics]\nrate_limit_per_sec = 0\n").unwrap();
+        let e = ControlConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("metrics.rate_limit_per_sec"), "{e}");
     }
 }

@@ -8,15 +8,17 @@
 //! Modules (arrows point down):
 //!
 //! ```text
-//! lib.rs (wiring, gRPC server, the sweeper that marks silent nodes down)
+//! lib.rs (wiring, gRPC server, the sweeper that marks silent nodes down, the /metrics listener)
+//!   ├─ metrics   /metrics: every node's figures with a `node` label (kiwi_proto::http serves it)
 //!   └─ service   NodeLink and ControlService
-//!        ├─ state    the live cluster view (pure bookkeeping, injected clock)
+//!        ├─ state    the live cluster view and each node's history (pure bookkeeping, injected clock)
 //!        └─ events   the persisted event log (kiwi-storage, RocksDB)
 //! config: read by main and lib
 //! ```
 
 pub mod config;
 pub mod events;
+pub mod metrics;
 pub mod service;
 pub mod state;
 
@@ -65,11 +67,14 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("internal task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    MetricsHttp(#[from] kiwi_proto::http::HttpError),
 }
 
 /// A running control plane.
 pub struct ControlPlane {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -81,6 +86,17 @@ impl ControlPlane {
     /// [`Error`].
     pub async fn start(config: ControlConfig) -> Result<ControlPlane, Error> {
         config.validate()?;
+        // The metrics listener first: a bad token file or a taken port is refused before anything opens.
+        let metrics_http = match config.metrics.addr {
+            Some(addr) => {
+                let token = match &config.metrics.token_file {
+                    Some(path) => Some(kiwi_proto::http::read_token(path, "metrics.token_file")?),
+                    None => None,
+                };
+                Some((kiwi_proto::http::bind(addr, "metrics.addr").await?, token))
+            }
+            None => None,
+        };
         let path = config.data_dir.clone();
         let events = tokio::task::spawn_blocking(move || {
             let storage = kiwi_storage::open(&OpenOptions {
@@ -102,7 +118,11 @@ impl ControlPlane {
         };
         let cluster_id = events.cluster_id().map_err(stored)?;
         let policy = events.policy().map_err(stored)?;
-        let control = Control::new(ClusterView::new(cluster_id), events, policy);
+        let control = Control::new(
+            ClusterView::new(cluster_id, config.metrics.retention()),
+            events,
+            policy,
+        );
 
         let listener = tokio::net::TcpListener::bind(config.listen_addr)
             .await
@@ -128,6 +148,31 @@ impl ControlPlane {
                 }
             });
         }
+        let metrics_addr = match metrics_http {
+            Some((listener, token)) => {
+                let bound =
+                    listener
+                        .local_addr()
+                        .map_err(|source| kiwi_proto::http::HttpError::Bind {
+                            key: "metrics.addr",
+                            addr: config.metrics.addr.unwrap_or(addr),
+                            source,
+                        })?;
+                kiwi_proto::http::spawn(
+                    listener,
+                    Arc::new(metrics::ControlMetrics(Arc::clone(&control))),
+                    kiwi_proto::http::Guard {
+                        token,
+                        rate_limit_per_sec: config.metrics.rate_limit_per_sec,
+                        rate_limit_key: "metrics.rate_limit_per_sec",
+                    },
+                    shutdown.clone(),
+                );
+                tracing::info!(metrics_addr = %bound, "cluster metrics served on /metrics");
+                Some(bound)
+            }
+            None => None,
+        };
         let (health, health_service) = tonic_health::server::health_reporter();
         health
             .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -149,6 +194,7 @@ impl ControlPlane {
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "kiwi-control serving");
         Ok(ControlPlane {
             addr,
+            metrics_addr,
             shutdown,
             server,
         })
@@ -157,6 +203,11 @@ impl ControlPlane {
     /// The bound gRPC address.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound `/metrics` address, when `[metrics] addr` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Stops serving (node links are closed; nodes reconnect to the next control plane by themselves).

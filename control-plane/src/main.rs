@@ -32,6 +32,9 @@ struct Cli {
     /// Overrides `data_dir`.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Overrides `metrics.addr`: serve /metrics (every node's figures, labelled by node) there.
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,9 @@ fn real_main(cli: &Cli) -> anyhow::Result<()> {
     }
     if let Some(d) = &cli.data_dir {
         config.data_dir = d.clone();
+    }
+    if let Some(a) = cli.metrics_addr {
+        config.metrics.addr = Some(a);
     }
     config.validate()?;
     if cli.config_check {

@@ -13,8 +13,8 @@ use kiwi_proto::v1::node_link_server::NodeLink;
 use kiwi_proto::v1::node_message::Msg as NodeMsg;
 use kiwi_proto::v1::{
     ClusterPolicy, ClusterStatusRequest, ClusterStatusResponse, ControlMessage, EventsRequest,
-    EventsResponse, GetPolicyRequest, NodeMessage, PolicyOverride, PolicyUpdate, Registered,
-    RuntimePolicy, SetPolicyRequest,
+    EventsResponse, GetPolicyRequest, HistoryRequest, HistoryResponse, NodeMessage, PolicyOverride,
+    PolicyUpdate, Registered, RuntimePolicy, SetPolicyRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -75,6 +75,11 @@ impl Control {
             links: Mutex::new(HashMap::new()),
             policy: tokio::sync::Mutex::new(policy),
         })
+    }
+
+    /// The operator's view of the cluster now.
+    pub fn status(&self) -> ClusterStatusResponse {
+        self.view().status()
     }
 
     fn links(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, Outbox)>> {
@@ -345,7 +350,22 @@ impl ControlService for ControlApi {
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        Ok(Response::new(self.0.view().status()))
+        Ok(Response::new(self.0.status()))
+    }
+
+    async fn history(
+        &self,
+        request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let req = request.into_inner();
+        let nodes = self.0.view().history(req.node_id, req.since_unix_ms);
+        if req.node_id != 0 && nodes.is_empty() {
+            return Err(Status::not_found(format!(
+                "node {} never registered with this control plane",
+                req.node_id
+            )));
+        }
+        Ok(Response::new(HistoryResponse { nodes }))
     }
 
     async fn events(

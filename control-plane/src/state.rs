@@ -4,15 +4,20 @@
 //! A node is up while its heartbeats arrive, and down once three of its heartbeat intervals pass without
 //! one. The cluster's leader is the node reporting the leader role in the highest term.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use kiwi_proto::v1::{ClusterStatusResponse, NodeMetrics, NodeView, RaftRole, Register};
+use kiwi_proto::v1::{
+    ClusterStatusResponse, HistorySample, NodeHistory, NodeMetrics, NodeView, RaftRole, Register,
+};
 
 use crate::events::NewEvent;
 
 /// Heartbeat intervals missed before a node is marked down.
 pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Most history samples kept per node, whatever the retention and heartbeat interval.
+pub const MAX_HISTORY_SAMPLES: usize = 3600;
 
 /// Why a node is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +50,8 @@ struct Entry {
     last_seen: Instant,
     last_seen_unix_ms: u64,
     metrics: Option<NodeMetrics>,
+    /// One sample per heartbeat, oldest first, for the retention period.
+    history: VecDeque<HistorySample>,
     /// The policy version the node acknowledged last, and its refusal of a newer one.
     policy_version: u64,
     policy_error: String,
@@ -64,15 +71,62 @@ pub struct ClusterView {
     leader: u64,
     leader_term: u64,
     leader_changes: u64,
+    /// How long history samples are kept.
+    retention: Duration,
+}
+
+/// The figures of one heartbeat that the history keeps.
+fn sample(m: &NodeMetrics, at_unix_ms: u64) -> HistorySample {
+    let pool = m.storage_pool.clone().unwrap_or_default();
+    HistorySample {
+        at_unix_ms,
+        role: m.role,
+        term: m.term,
+        commit_index: m.commit_index,
+        applied_index: m.applied_index,
+        commit_rate: m.commit_rate,
+        apply_rate: m.apply_rate,
+        pool_threads: pool.current_threads,
+        utilisation_percent: pool.utilisation_percent,
+        queue_depth: m.classes.iter().map(|c| c.depth).sum(),
+        shed: m.classes.iter().map(|c| c.shed).sum(),
+        expired: m.classes.iter().map(|c| c.expired).sum(),
+        max_follower_lag: m.followers.iter().map(|f| f.lag).max().unwrap_or(0),
+        max_replication_latency_avg_us: m
+            .followers
+            .iter()
+            .map(|f| f.replication_latency_avg_us)
+            .max()
+            .unwrap_or(0),
+    }
 }
 
 impl ClusterView {
-    /// A view for `cluster_id` (0: adopt the first registering node's).
-    pub fn new(cluster_id: u64) -> ClusterView {
+    /// A view for `cluster_id` (0: adopt the first registering node's) that keeps every node's metrics
+    /// history for `retention`.
+    pub fn new(cluster_id: u64, retention: Duration) -> ClusterView {
         ClusterView {
             cluster_id,
+            retention,
             ..ClusterView::default()
         }
+    }
+
+    /// The kept history of `node_id` (0: every node), samples after `since_unix_ms`.
+    pub fn history(&self, node_id: u64, since_unix_ms: u64) -> Vec<NodeHistory> {
+        self.nodes
+            .iter()
+            .filter(|(id, _)| node_id == 0 || **id == node_id)
+            .map(|(id, e)| NodeHistory {
+                node_id: *id,
+                samples: e
+                    .history
+                    .iter()
+                    .filter(|s| s.at_unix_ms > since_unix_ms)
+                    .cloned()
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The cluster served (0 until a node registered).
@@ -141,9 +195,10 @@ impl ClusterView {
             });
         }
         let old = self.nodes.remove(&reg.node_id);
-        let (metrics, policy_version, policy_error) = old.map_or((None, 0, String::new()), |e| {
-            (e.metrics, e.policy_version, e.policy_error)
-        });
+        let (metrics, history, policy_version, policy_error) = old
+            .map_or((None, VecDeque::new(), 0, String::new()), |e| {
+                (e.metrics, e.history, e.policy_version, e.policy_error)
+            });
         self.nodes.insert(
             reg.node_id,
             Entry {
@@ -153,6 +208,7 @@ impl ClusterView {
                 last_seen: now,
                 last_seen_unix_ms: now_unix_ms,
                 metrics,
+                history,
                 policy_version,
                 policy_error,
             },
@@ -189,6 +245,16 @@ impl ClusterView {
         e.last_seen_unix_ms = now_unix_ms;
         let (role, term) = (metrics.role, metrics.term);
         e.policy_version = e.policy_version.max(metrics.policy_version);
+        let cutoff = now_unix_ms
+            .saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX));
+        while e
+            .history
+            .front()
+            .is_some_and(|s| s.at_unix_ms <= cutoff || e.history.len() >= MAX_HISTORY_SAMPLES)
+        {
+            e.history.pop_front();
+        }
+        e.history.push_back(sample(&metrics, now_unix_ms));
         e.metrics = Some(metrics);
         if role == RaftRole::Leader as i32
             && (term > self.leader_term || (term == self.leader_term && self.leader == 0))
@@ -350,7 +416,7 @@ mod tests {
     #[test]
     fn nodes_go_down_after_three_missed_heartbeats_and_leader_changes_are_events() {
         let t0 = Instant::now();
-        let mut v = ClusterView::new(0);
+        let mut v = ClusterView::new(0, Duration::from_secs(60));
         let (ev, adopted) = v.register(1, reg(1, "a:1"), t0, 0).unwrap();
         assert!(adopted);
         assert_eq!(kinds(&ev), ["node_registered", "node_up"]);
@@ -392,9 +458,42 @@ mod tests {
     }
 
     #[test]
+    fn history_keeps_one_sample_per_heartbeat_for_the_retention_period() {
+        let t0 = Instant::now();
+        let mut v = ClusterView::new(0, Duration::from_secs(10));
+        v.register(1, reg(1, "a:1"), t0, 0).unwrap();
+        v.register(2, reg(2, "b:1"), t0, 0).unwrap();
+        for s in 1..=30u64 {
+            let m = NodeMetrics {
+                commit_index: s,
+                ..leader(2)
+            };
+            v.heartbeat(1, 1, m, t0, s * 1000);
+        }
+        let h = v.history(1, 0);
+        assert_eq!(h.len(), 1);
+        let commits: Vec<u64> = h[0].samples.iter().map(|s| s.commit_index).collect();
+        assert_eq!(
+            commits,
+            (21..=30).collect::<Vec<_>>(),
+            "10 s kept at 1 s apart"
+        );
+        assert_eq!(v.history(1, 25_000)[0].samples.len(), 5);
+        assert_eq!(
+            v.history(0, 0).len(),
+            2,
+            "every node, node 2 without samples"
+        );
+        assert!(v.history(0, 0)[1].samples.is_empty());
+        // A node that registers again keeps its history.
+        v.register(3, reg(1, "a:1"), t0, 31_000).unwrap();
+        assert_eq!(v.history(1, 0)[0].samples.len(), 10);
+    }
+
+    #[test]
     fn other_clusters_duplicates_and_malformed_registrations_are_refused() {
         let t0 = Instant::now();
-        let mut v = ClusterView::new(0);
+        let mut v = ClusterView::new(0, Duration::from_secs(60));
         v.register(1, reg(1, "a:1"), t0, 0).unwrap();
         let other = Register {
             cluster_id: 10,

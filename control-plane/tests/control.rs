@@ -13,10 +13,12 @@ use kiwi_proto::v1::control_service_client::ControlServiceClient;
 use kiwi_proto::v1::node_link_client::NodeLinkClient;
 use kiwi_proto::v1::node_message::Msg;
 use kiwi_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, Event, EventsRequest, Heartbeat, NodeMessage,
-    RaftRole, Register,
+    ClusterStatusRequest, ClusterStatusResponse, Event, EventsRequest, Heartbeat, HistoryRequest,
+    NodeMessage, RaftRole, Register,
 };
 use kiwi_tests::cluster::{Cluster, ClusterOptions};
+use kiwi_tests::http;
+use kiwi_tests::prometheus::{Job, Prometheus};
 use tonic::Code;
 
 const HEARTBEAT_MS: u64 = 100;
@@ -35,6 +37,10 @@ struct ControlProc {
 
 impl ControlProc {
     fn start(addr: SocketAddr, data_dir: &Path) -> ControlProc {
+        ControlProc::start_with(addr, data_dir, &[])
+    }
+
+    fn start_with(addr: SocketAddr, data_dir: &Path, extra_args: &[String]) -> ControlProc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -45,6 +51,7 @@ impl ControlProc {
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data_dir)
+            .args(extra_args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -444,4 +451,126 @@ async fn policy_reaches_every_node_is_acknowledged_and_survives_restarts() {
             up(s).len() == 3 && s.nodes.iter().all(|n| n.policy_version == 2)
         })
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_prometheus_target_covers_the_cluster_and_history_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("control.token");
+    std::fs::write(&token, "control-token-42\n").unwrap();
+    let metrics_addr = free_addr();
+    let config = dir.path().join("control.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[metrics]\naddr = \"{metrics_addr}\"\ntoken_file = {token:?}\nretention_sec = 60\n"
+        ),
+    )
+    .unwrap();
+    let addr = free_addr();
+    let control = ControlProc::start_with(
+        addr,
+        &dir.path().join("control"),
+        &["--config".into(), config.display().to_string()],
+    );
+    let cluster = Cluster::start(ClusterOptions {
+        extra_config: format!(
+            "\n[control]\naddr = \"{addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let leader = cluster.wait_leader().await;
+    control
+        .wait_status("three nodes up, the leader known", |s| {
+            up(s) == [1, 2, 3] && s.leader_id == leader
+        })
+        .await;
+    cluster.must_put(b"k", b"v").await;
+
+    // The same guard as the node's endpoints.
+    let open = http::get(metrics_addr, "/metrics", None).await;
+    assert_eq!(open.status, 401, "{open:?}");
+    let wrong = http::get(metrics_addr, "/metrics", Some("nope")).await;
+    assert_eq!(wrong.status, 401);
+    let page = http::get(metrics_addr, "/metrics", Some("control-token-42")).await;
+    assert_eq!(page.status, 200, "{page:?}");
+    for id in 1..=3 {
+        let line = format!("kiwi_node_up{{node=\"{id}\"}} 1");
+        assert!(
+            page.body.lines().any(|l| l == line),
+            "{line} in\n{}",
+            page.body
+        );
+    }
+    assert_eq!(
+        http::get(metrics_addr, "/metrics/raft", Some("control-token-42"))
+            .await
+            .status,
+        404
+    );
+
+    // A real Prometheus scraping only the control plane sees every node.
+    let prom = Prometheus::start(
+        &[Job {
+            name: "kiwi-control".into(),
+            path: "/metrics".into(),
+            targets: vec![metrics_addr],
+        }],
+        &token,
+    );
+    prom.wait_for("three nodes up", "sum(kiwi_node_up)", |r| {
+        r.first().is_some_and(|(_, v)| *v == 3.0)
+    })
+    .await;
+    prom.wait_for(
+        "a commit index per node",
+        "count(kiwi_node_raft_commit_index > 0)",
+        |r| r.first().is_some_and(|(_, v)| *v == 3.0),
+    )
+    .await;
+    prom.wait_for(
+        "the leader's lag series for both followers",
+        &format!("count(kiwi_node_raft_follower_lag{{node=\"{leader}\"}})"),
+        |r| r.first().is_some_and(|(_, v)| *v == 2.0),
+    )
+    .await;
+    prom.wait_for(
+        "the leader, as the control plane sees it",
+        "kiwi_cluster_leader_id",
+        |r| r.first().is_some_and(|(_, v)| *v == leader as f64),
+    )
+    .await;
+
+    // The history: one sample per heartbeat, oldest first, for every node.
+    let history = control
+        .client()
+        .await
+        .history(HistoryRequest {
+            node_id: leader,
+            since_unix_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.nodes.len(), 1);
+    let samples = &history.nodes[0].samples;
+    assert!(samples.len() >= 5, "{samples:?}");
+    assert!(
+        samples
+            .windows(2)
+            .all(|w| w[0].at_unix_ms <= w[1].at_unix_ms)
+    );
+    assert_eq!(samples.last().unwrap().role, RaftRole::Leader as i32);
+    assert!(samples.last().unwrap().commit_index > 0);
+    let e = control
+        .client()
+        .await
+        .history(HistoryRequest {
+            node_id: 99,
+            since_unix_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }

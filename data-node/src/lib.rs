@@ -190,10 +190,13 @@ impl Node {
         let metrics_http = match config.telemetry.metrics_addr {
             Some(addr) => {
                 let token = match &config.telemetry.metrics_token_file {
-                    Some(path) => Some(telemetry::http::read_token(path)?),
+                    Some(path) => Some(telemetry::http::read_token(
+                        path,
+                        telemetry::http::TOKEN_KEY,
+                    )?),
                     None => None,
                 };
-                let listener = telemetry::http::bind(addr).await?;
+                let listener = telemetry::http::bind(addr, telemetry::http::ADDR_KEY).await?;
                 Some((listener, token, Arc::new(MetricsRegistry::new()?)))
             }
             None => None,
@@ -431,16 +434,15 @@ impl Node {
                     listener
                         .local_addr()
                         .map_err(|source| telemetry::http::HttpError::Bind {
+                            key: telemetry::http::ADDR_KEY,
                             addr: config.telemetry.metrics_addr.unwrap_or(addr),
                             source,
                         })?;
                 let task = telemetry::http::spawn(
                     listener,
-                    telemetry::http::MetricsHttp {
-                        registry,
-                        token,
-                        rate_limit_per_sec: config.telemetry.metrics_rate_limit_per_sec,
-                    },
+                    registry,
+                    token,
+                    config.telemetry.metrics_rate_limit_per_sec,
                     stop.clone(),
                 );
                 tracing::info!(%metrics_addr, "metrics served on /metrics");

@@ -6,7 +6,8 @@
 //! - `admin.proto`: `NodeAdmin`, per-node administration.
 //! - `control.proto`: `NodeLink` (each node's stream to the control plane) and `ControlService` (operators).
 //!
-//! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane.
+//! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane; `http`
+//! (feature `http`) the guarded Prometheus endpoint both of them serve.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -15,6 +16,8 @@
 //! use tonic's `ProstCodec` unchanged.
 
 pub mod codec;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod policy;
 
 /// Generated messages, clients and servers of package `kiwi.v1`.

@@ -6,9 +6,11 @@
 //! - [`conformance`]: the storage conformance suite, one function per property, run against every
 //!   backend by `tests/storage_conformance.rs` (and by any new backend's tests).
 //! - [`http`]: a bare HTTP GET, for the metrics endpoints and a real Prometheus server's API.
+//! - [`prometheus`]: a real Prometheus server scraping given jobs, and its query API.
 //! - `src/bin/kiwi-crash-writer.rs`: a child process that writes acknowledged batches until it is killed,
 //!   for the SIGKILL durability and atomicity tests in `tests/storage_crash.rs`.
 
 pub mod cluster;
 pub mod conformance;
 pub mod http;
+pub mod prometheus;

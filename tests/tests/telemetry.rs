@@ -4,10 +4,10 @@
 //! checks that every metric the Grafana dashboards in `dashboards/` name is exported by a live node, and
 //! that Prometheus accepts every dashboard expression.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use kiwi_proto::v1::{
 };
 use kiwi_tests::cluster::{Cluster, ClusterOptions, header, node_binary};
 use kiwi_tests::http;
+use kiwi_tests::prometheus::{Job, Prometheus};
 use tonic::Code;
 
 const TOKEN: &str = "kiwi-test-token-0123456789";
@@ -204,156 +205,6 @@ fn a_node_refuses_an_open_metrics_endpoint_without_a_token() {
     assert!(err.contains("empty"), "{err}");
 }
 
-/// A real Prometheus server on loopback, killed on drop.
-struct Prometheus {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn prometheus_binary() -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("prometheus"))
-            .find(|p| p.is_file())
-    });
-    found
-        .expect("the prometheus binary is not on PATH: run `make deps` (Debian package prometheus)")
-}
-
-impl Prometheus {
-    /// Starts Prometheus scraping every family of every node at 1 s with the bearer token in `token`.
-    fn start(targets: &[SocketAddr], token: &Path) -> Prometheus {
-        let dir = tempfile::tempdir().unwrap();
-        let list = targets
-            .iter()
-            .map(|a| format!("'{a}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut config = String::from(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\nscrape_configs:\n",
-        );
-        for family in ["runtime", "raft", "storage"] {
-            config.push_str(&format!(
-                "  - job_name: kiwi-{family}\n    metrics_path: /metrics/{family}\n    authorization:\n      \
-                 type: Bearer\n      credentials_file: {}\n    static_configs:\n      - targets: [{list}]\n",
-                token.display()
-            ));
-        }
-        std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
-        let addr = free_addr();
-        let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
-        let child = Command::new(prometheus_binary())
-            .arg(format!(
-                "--config.file={}",
-                dir.path().join("prometheus.yml").display()
-            ))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.path().join("data").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .arg("--log.level=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start prometheus");
-        Prometheus {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("prometheus.log")).unwrap_or_default()
-    }
-
-    /// `GET /api/v1/<path>`, as JSON; `None` while the server is not answering yet.
-    async fn api(&self, path: &str) -> Option<serde_json::Value> {
-        let connect = tokio::net::TcpStream::connect(self.addr).await;
-        if connect.is_err() {
-            return None;
-        }
-        drop(connect);
-        let a = http::get(self.addr, &format!("/api/v1/{path}"), None).await;
-        serde_json::from_str(&a.body).ok()
-    }
-
-    /// An instant query's result vector: (labels, value) pairs.
-    async fn query(&self, promql: &str) -> Result<Vec<(BTreeMap<String, String>, f64)>, String> {
-        let v = self
-            .api(&format!("query?query={}", urlencode(promql)))
-            .await
-            .ok_or("no answer")?;
-        if v["status"] != "success" {
-            return Err(format!("{promql}: {v}"));
-        }
-        let rows = v["data"]["result"].as_array().cloned().unwrap_or_default();
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let labels = r["metric"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let value = r["value"][1]
-                    .as_str()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(f64::NAN);
-                (labels, value)
-            })
-            .collect())
-    }
-
-    /// Polls `promql` until `ok` holds for its result.
-    async fn wait_for(
-        &self,
-        what: &str,
-        promql: &str,
-        ok: impl Fn(&[(BTreeMap<String, String>, f64)]) -> bool,
-    ) -> Vec<(BTreeMap<String, String>, f64)> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut last = Err("not queried".to_string());
-        while Instant::now() < deadline {
-            last = self.query(promql).await;
-            if let Ok(rows) = &last
-                && ok(rows)
-            {
-                return rows.clone();
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        panic!(
-            "{what}: `{promql}` never held within 60 s; last answer {last:?}\nprometheus log:\n{}",
-            self.log()
-        );
-    }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// Every PromQL expression in the dashboards, with the file it is in.
 fn dashboard_exprs() -> Vec<(String, String)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
@@ -476,7 +327,15 @@ async fn prometheus_scrapes_three_nodes_and_every_dashboard_metric_is_exported()
         .iter()
         .map(|&id| cluster.metrics_addr(id))
         .collect();
-    let prom = Prometheus::start(&targets, &token);
+    let jobs: Vec<Job> = ["runtime", "raft", "storage"]
+        .into_iter()
+        .map(|family| Job {
+            name: format!("kiwi-{family}"),
+            path: format!("/metrics/{family}"),
+            targets: targets.clone(),
+        })
+        .collect();
+    let prom = Prometheus::start(&jobs, &token);
 
     // Every target (3 nodes x 3 families) is scraped successfully, with the token.
     let deadline = Instant::now() + Duration::from_secs(60);

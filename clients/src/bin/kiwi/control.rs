@@ -4,7 +4,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use kiwi_proto::v1::control_service_client::ControlServiceClient;
-use kiwi_proto::v1::{ClusterStatusRequest, Event, EventsRequest};
+use kiwi_proto::v1::{ClusterStatusRequest, Event, EventsRequest, HistoryRequest};
 use serde_json::json;
 
 use crate::{Outcome, role_name};
@@ -43,6 +43,17 @@ enum ControlCommand {
         /// Keep printing new events as they happen (Ctrl-C stops).
         #[arg(long)]
         follow: bool,
+    },
+    /// Every node's recent figures as the control plane keeps them: one sample per heartbeat, for its
+    /// `[metrics] retention_sec` (default 5 min). Columns: time, role, term, commit index, commits/s,
+    /// pool threads and utilisation, queued requests, shed so far, the leader's worst follower lag.
+    History {
+        /// Only this node (default: every node).
+        #[arg(long)]
+        node: Option<u64>,
+        /// Only the last DURATION, e.g. 30s or 5m (default: all that is kept).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        last: Option<Duration>,
     },
     /// The runtime policy the control plane pushes to every node: `get`, or `set` (applied by every
     /// connected node at once, and by the others when they connect; each node acknowledges the version).
@@ -93,10 +104,14 @@ async fn client(addr: &str) -> anyhow::Result<ControlServiceClient<tonic::transp
     Ok(ControlServiceClient::new(channel))
 }
 
-fn ago(unix_ms: u64) -> String {
-    let now = SystemTime::now()
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn ago(unix_ms: u64) -> String {
+    let now = now_unix_ms();
     if unix_ms == 0 {
         return "never".into();
     }
@@ -131,6 +146,66 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
             }
         }
         ControlCommand::Policy { command } => policy(&mut c, command, json).await,
+        ControlCommand::History { node, last } => {
+            let since_unix_ms = last.map_or(0, |d| {
+                now_unix_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            });
+            let r = c
+                .history(HistoryRequest {
+                    node_id: node.unwrap_or(0),
+                    since_unix_ms,
+                })
+                .await?
+                .into_inner();
+            for n in &r.nodes {
+                if !json {
+                    println!(
+                        "node {} ({} samples)\n{:>10}  {:<9} {:>5} {:>9} {:>9} {:>7} {:>6} {:>6} {:>7} {:>8}",
+                        n.node_id,
+                        n.samples.len(),
+                        "when",
+                        "role",
+                        "term",
+                        "commit",
+                        "commit/s",
+                        "threads",
+                        "util%",
+                        "queued",
+                        "shed",
+                        "max lag"
+                    );
+                }
+                for h in &n.samples {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({"node": n.node_id, "at_unix_ms": h.at_unix_ms, "role": role_name(h.role),
+                                   "term": h.term, "commit_index": h.commit_index, "applied_index": h.applied_index,
+                                   "commit_rate": h.commit_rate, "apply_rate": h.apply_rate,
+                                   "pool_threads": h.pool_threads, "utilisation_percent": h.utilisation_percent,
+                                   "queue_depth": h.queue_depth, "shed": h.shed, "expired": h.expired,
+                                   "max_follower_lag": h.max_follower_lag,
+                                   "max_replication_latency_avg_us": h.max_replication_latency_avg_us})
+                        );
+                    } else {
+                        println!(
+                            "{:>10}  {:<9} {:>5} {:>9} {:>9.1} {:>7} {:>6.1} {:>6} {:>7} {:>8}",
+                            ago(h.at_unix_ms),
+                            role_name(h.role),
+                            h.term,
+                            h.commit_index,
+                            h.commit_rate,
+                            h.pool_threads,
+                            h.utilisation_percent,
+                            h.queue_depth,
+                            h.shed,
+                            h.max_follower_lag
+                        );
+                    }
+                }
+            }
+            Ok(Outcome::Ok)
+        }
         ControlCommand::Events { after, follow } => {
             let mut cursor = after;
             loop {

@@ -6,21 +6,48 @@
 //! and links every node to it (unless `--no-control`). SIGINT or SIGTERM stops every process with SIGTERM
 //! (SIGKILL after 10 s), and the playground exits once all are gone. If a node dies on its own (try
 //! SIGKILLing the leader to watch another take over), the playground says so with its log tail and keeps
-//! the others running; `--restart-crashed` starts it again.
+//! the others running; `--restart-crashed` starts it again, and `kiwi playground restart N` (from another
+//! terminal) restarts node N by hand, whether it died or still runs.
+//!
+//! `restart` talks to the running playground through its data directory: it drops a request file in
+//! `<data-dir>/requests/`, the playground (which looks every half second) restarts the node and writes
+//! the outcome next to it, and `restart` prints that outcome.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{Args, Subcommand};
 use kiwi_client::{Client, ClientOptions};
 use kiwi_proto::v1::RaftRole;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct PlaygroundArgs {
+    #[command(subcommand)]
+    command: Option<PlaygroundCommand>,
+    #[command(flatten)]
+    start: StartArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum PlaygroundCommand {
+    /// Restart node N of a running playground (stopped with SIGTERM first if it runs), e.g. after
+    /// SIGKILLing it to watch a failover. Run it from another terminal.
+    Restart {
+        /// The node id.
+        node: u64,
+        /// The running playground's data directory (it prints the export).
+        #[arg(long, env = "KIWI_PLAYGROUND_DIR")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct StartArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     nodes: u64,
@@ -32,8 +59,8 @@ pub struct PlaygroundArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// First port; node N listens on base-port + N - 1, and serves Prometheus metrics on
-    /// base-port + 100 + N - 1; the control plane listens on base-port + 200 (default: free ports chosen
-    /// by the OS).
+    /// base-port + 100 + N - 1; the control plane listens on base-port + 200 and serves the whole
+    /// cluster's metrics on base-port + 201 (default: free ports chosen by the OS).
     #[arg(long)]
     base_port: Option<u16>,
     /// No metrics endpoints (telemetry.metrics_addr unset), e.g. to measure their cost.
@@ -94,8 +121,51 @@ struct Proc {
 
 struct ControlProc {
     addr: String,
+    /// Its `/metrics` (every node's figures), unless `--no-metrics`.
+    metrics_addr: Option<String>,
     log: PathBuf,
     child: Child,
+}
+
+/// Where `restart` drops its requests.
+fn requests_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("requests")
+}
+
+/// `kiwi playground restart N`: asks the playground in `data_dir` and prints what it did.
+async fn request_restart(node: u64, data_dir: &Path) -> anyhow::Result<()> {
+    let dir = requests_dir(data_dir);
+    if !dir.is_dir() {
+        bail!(
+            "{} is not a running playground's data directory (no requests/ in it); pass the directory \
+             the playground printed (--data-dir or KIWI_PLAYGROUND_DIR)",
+            data_dir.display()
+        );
+    }
+    let request = dir.join(format!("restart-{node}"));
+    let answer = dir.join(format!("restart-{node}.done"));
+    let _ = std::fs::remove_file(&answer);
+    std::fs::write(&request, b"").with_context(|| format!("cannot write {}", request.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&answer) {
+            let _ = std::fs::remove_file(&answer);
+            let text = text.trim();
+            if let Some(err) = text.strip_prefix("error: ") {
+                bail!("{err}");
+            }
+            println!("{text}");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = std::fs::remove_file(&request);
+            bail!(
+                "the playground in {} did not answer within 30 s: is it still running?",
+                data_dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn spawn_node(bin: &Path, config: &Path, log: &Path) -> anyhow::Result<Child> {
@@ -126,6 +196,15 @@ fn log_tail(path: &Path, lines: usize) -> String {
 }
 
 pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(PlaygroundCommand::Restart { node, data_dir }) => {
+            request_restart(node, &data_dir).await
+        }
+        None => start(args.start).await,
+    }
+}
+
+async fn start(args: StartArgs) -> anyhow::Result<()> {
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => {
@@ -138,6 +217,10 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize()?;
+    let requests = requests_dir(&data_dir);
+    // Requests left from an earlier run of this directory are stale.
+    let _ = std::fs::remove_dir_all(&requests);
+    std::fs::create_dir_all(&requests)?;
     let bin = sibling_binary(args.node_bin, "kiwi-node");
     let control = if args.no_control {
         None
@@ -149,17 +232,33 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
             None => free_port()?,
         };
         let addr = format!("127.0.0.1:{port}");
+        let metrics_addr = if args.no_metrics {
+            None
+        } else {
+            let port = match args.base_port {
+                Some(b) => b.checked_add(201).context(
+                    "--base-port too high for the control plane's metrics port (base-port + 201)",
+                )?,
+                None => free_port()?,
+            };
+            Some(format!("127.0.0.1:{port}"))
+        };
         let bin = sibling_binary(args.control_bin, "kiwi-control");
         let log = data_dir.join("control.log");
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)?;
-        let child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        command
             .arg("--listen-addr")
             .arg(&addr)
             .arg("--data-dir")
-            .arg(data_dir.join("control"))
+            .arg(data_dir.join("control"));
+        if let Some(m) = &metrics_addr {
+            command.arg("--metrics-addr").arg(m);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -171,7 +270,12 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
                     bin.display()
                 )
             })?;
-        Some(ControlProc { addr, log, child })
+        Some(ControlProc {
+            addr,
+            metrics_addr,
+            log,
+            child,
+        })
     };
 
     let mut addrs = Vec::new();
@@ -238,10 +342,12 @@ pub async fn run(args: PlaygroundArgs) -> anyhow::Result<()> {
         &mut procs,
         &data_dir,
         &args.backend,
-        control.as_ref().map(|c| (c.addr.as_str(), c.log.as_path())),
-        args.restart_crashed.then_some(bin.as_path()),
+        control.as_ref(),
+        &bin,
+        args.restart_crashed,
     )
     .await;
+    let _ = std::fs::remove_dir_all(&requests);
     stop_all(&mut procs).await;
     if let Some(c) = control.as_mut() {
         sigterm(&c.child);
@@ -260,8 +366,9 @@ async fn serve(
     procs: &mut [Proc],
     data_dir: &Path,
     backend: &str,
-    control: Option<(&str, &Path)>,
-    restart_with: Option<&Path>,
+    control: Option<&ControlProc>,
+    bin: &Path,
+    restart_crashed: bool,
 ) -> anyhow::Result<()> {
     let endpoints: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     let client = Client::connect(
@@ -312,22 +419,31 @@ async fn serve(
             None => println!("  node {}  {}  log: {}", p.id, p.addr, p.log.display()),
         }
     }
-    if let Some((addr, log)) = control {
-        println!("  control plane  {addr}  log: {}", log.display());
+    if let Some(c) = control {
+        match &c.metrics_addr {
+            Some(m) => println!(
+                "  control plane  {}  metrics (every node): http://{m}/metrics  log: {}",
+                c.addr,
+                c.log.display()
+            ),
+            None => println!("  control plane  {}  log: {}", c.addr, c.log.display()),
+        }
     }
     println!("data dir: {}", data_dir.display());
     println!();
     println!("Try, in another terminal:");
     println!("  export KIWI_ENDPOINTS={list}");
-    if let Some((addr, _)) = control {
-        println!("  export KIWI_CONTROL={addr}");
+    if let Some(c) = control {
+        println!("  export KIWI_CONTROL={}", c.addr);
     }
+    println!("  export KIWI_PLAYGROUND_DIR={}", data_dir.display());
     println!("  kiwi put hello world");
     println!("  kiwi get hello");
     println!("  kiwi status");
     if control.is_some() {
-        println!("  kiwi control status");
+        println!("  kiwi control watch");
     }
+    println!("  kiwi playground restart 1    # after killing node 1, or to bounce it");
     println!();
     println!("Ctrl-C stops every node.");
 
@@ -337,7 +453,10 @@ async fn serve(
         tokio::select! {
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
-            () = tokio::time::sleep(Duration::from_millis(500)) => watch(procs, restart_with)?,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                watch(procs, restart_crashed.then_some(bin))?;
+                handle_requests(procs, data_dir, bin).await;
+            }
         }
     }
     eprintln!("stopping every node ...");
@@ -383,11 +502,65 @@ fn watch(procs: &mut [Proc], restart_with: Option<&Path>) -> anyhow::Result<()> 
             eprintln!("node {} restarted (--restart-crashed)", p.id);
         } else {
             eprintln!(
-                "(start the playground with --restart-crashed to restart crashed nodes automatically)"
+                "(restart it with `kiwi playground restart {}`, or start the playground with \
+                 --restart-crashed to restart crashed nodes automatically)",
+                p.id
             );
         }
     }
     Ok(())
+}
+
+/// Serves the `restart` requests waiting in the data directory.
+async fn handle_requests(procs: &mut [Proc], data_dir: &Path, bin: &Path) {
+    let dir = requests_dir(data_dir);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_prefix("restart-") else {
+            continue;
+        };
+        if id.ends_with(".done") {
+            continue;
+        }
+        let _ = std::fs::remove_file(entry.path());
+        let answer = match id.parse::<u64>() {
+            Ok(id) => match procs.iter_mut().find(|p| p.id == id) {
+                Some(p) => restart(p, bin)
+                    .await
+                    .unwrap_or_else(|e| format!("error: node {id} not restarted: {e:#}")),
+                None => format!(
+                    "error: this playground has nodes 1 to {}, not {id}",
+                    procs.len()
+                ),
+            },
+            Err(_) => format!("error: {id:?} is not a node id"),
+        };
+        eprintln!("{}", answer.trim_start_matches("error: "));
+        let _ = std::fs::write(dir.join(format!("{name}.done")), format!("{answer}\n"));
+    }
+}
+
+/// Stops node `p` if it runs (SIGTERM, SIGKILL after 10 s) and starts it again.
+async fn restart(p: &mut Proc, bin: &Path) -> anyhow::Result<String> {
+    let was = if let Some(mut child) = p.child.take() {
+        sigterm(&child);
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.kill().await;
+        }
+        "stopped and started again"
+    } else {
+        "was not running; started again"
+    };
+    let child = spawn_node(bin, &p.config, &p.log)?;
+    let pid = child.id().unwrap_or(0);
+    p.child = Some(child);
+    Ok(format!("node {} {was} (pid {pid})", p.id))
 }
 
 /// Asks `child` to stop gracefully (SIGTERM).
