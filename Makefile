@@ -10,7 +10,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel bench-telemetry
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel bench-telemetry bench-control
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -69,6 +69,12 @@ bench-telemetry: deps
 	$(CARGO) bench -j$(JOBS) -p kiwi-node --bench telemetry
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-telemetry.sh
+
+## The control plane: policy push latency (100 pushes to 3 nodes), put throughput with vs without it, a put
+## run with kiwi-control SIGKILLed halfway, and one kiwi-control fed by 200 simulated nodes.
+bench-control: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-control.sh
 
 ## Install the system packages the build and tests need, if missing.
 ## (procps: pgrep/kill, used by the process tests; prometheus: the server the metrics test runs.)

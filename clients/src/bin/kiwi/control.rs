@@ -55,6 +55,12 @@ enum ControlCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         last: Option<Duration>,
     },
+    /// Measure the control plane: policy push latency (`push`), or many simulated nodes heartbeating to
+    /// it (`fleet`).
+    Bench {
+        #[command(subcommand)]
+        command: crate::control_bench::BenchCommand,
+    },
     /// The runtime policy the control plane pushes to every node: `get`, or `set` (applied by every
     /// connected node at once, and by the others when they connect; each node acknowledges the version).
     Policy {
@@ -146,6 +152,10 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
             }
         }
         ControlCommand::Policy { command } => policy(&mut c, command, json).await,
+        ControlCommand::Bench { command } => {
+            crate::control_bench::run(&mut c, &args.control, command).await?;
+            Ok(Outcome::Ok)
+        }
         ControlCommand::History { node, last } => {
             let since_unix_ms = last.map_or(0, |d| {
                 now_unix_ms().saturating_sub(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -6,6 +6,7 @@
 
 mod bench;
 mod control;
+mod control_bench;
 mod playground;
 
 use std::io::{Read, Write};
