@@ -6,13 +6,14 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kiwi_proto::v1::{ClusterPolicy, Event};
+use kiwi_proto::v1::{ClusterPolicy, Event, FaultSchedule};
 use kiwi_storage::{KeySpace, Scan, ScanRange, StorageBackend, WriteBatch, WriteOptions};
 use prost::Message as _;
 
 const EVENT_PREFIX: u8 = b'e';
 const CLUSTER_ID_KEY: &[u8] = b"m/cluster_id";
 const POLICY_KEY: &[u8] = b"m/policy";
+const FAULT_PREFIX: &[u8] = b"f/";
 
 fn event_key(seq: u64) -> Vec<u8> {
     let mut k = vec![EVENT_PREFIX];
@@ -158,6 +159,39 @@ impl EventLog {
             &policy.encode_to_vec(),
             WriteOptions { sync: true },
         )
+    }
+
+    /// Records a fault schedule (durably), replacing its earlier record.
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn put_fault(&self, fault: &FaultSchedule) -> kiwi_storage::Result<()> {
+        let mut key = FAULT_PREFIX.to_vec();
+        key.extend_from_slice(&fault.id.to_be_bytes());
+        self.storage.write(
+            KeySpace::Data,
+            &key,
+            &fault.encode_to_vec(),
+            WriteOptions { sync: true },
+        )
+    }
+
+    /// Every fault schedule recorded, by id.
+    ///
+    /// # Errors
+    /// Storage errors; a record that does not decode.
+    pub fn faults(&self) -> kiwi_storage::Result<Vec<FaultSchedule>> {
+        let scan = Scan::forward(ScanRange::half_open(FAULT_PREFIX, b"f0"), usize::MAX);
+        self.storage
+            .scan(KeySpace::Data, &scan)?
+            .into_iter()
+            .map(|(_, v)| {
+                FaultSchedule::decode(v.as_slice()).map_err(|e| kiwi_storage::Error::Engine {
+                    backend: self.storage.kind(),
+                    detail: format!("a fault schedule record does not decode: {e}"),
+                })
+            })
+            .collect()
     }
 
     /// Records the cluster id (durably).

@@ -12,12 +12,14 @@
 //!   ├─ metrics   /metrics: every node's figures with a `node` label (kiwi_proto::http serves it)
 //!   └─ service   NodeLink and ControlService
 //!        ├─ state    the live cluster view and each node's history (pure bookkeeping, injected clock)
+//!        ├─ faults   fault schedules and each node's state of them (pure bookkeeping)
 //!        └─ events   the persisted event log (kiwi-storage, RocksDB)
 //! config: read by main and lib
 //! ```
 
 pub mod config;
 pub mod events;
+pub mod faults;
 pub mod metrics;
 pub mod service;
 pub mod state;
@@ -118,10 +120,12 @@ impl ControlPlane {
         };
         let cluster_id = events.cluster_id().map_err(stored)?;
         let policy = events.policy().map_err(stored)?;
+        let faults = faults::FaultTable::load(events.faults().map_err(stored)?);
         let control = Control::new(
             ClusterView::new(cluster_id, config.metrics.retention()),
             events,
             policy,
+            faults,
         );
 
         let listener = tokio::net::TcpListener::bind(config.listen_addr)

@@ -9,17 +9,21 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use kiwi_proto::v1::control_message::Msg as ControlMsg;
 use kiwi_proto::v1::control_service_server::ControlService;
+use kiwi_proto::v1::fault_command::Cmd as FaultCmd;
 use kiwi_proto::v1::node_link_server::NodeLink;
 use kiwi_proto::v1::node_message::Msg as NodeMsg;
 use kiwi_proto::v1::{
-    ClusterPolicy, ClusterStatusRequest, ClusterStatusResponse, ControlMessage, EventsRequest,
-    EventsResponse, GetPolicyRequest, HistoryRequest, HistoryResponse, NodeMessage, PolicyOverride,
-    PolicyUpdate, Registered, RuntimePolicy, SetPolicyRequest,
+    CancelFaultRequest, ClusterPolicy, ClusterStatusRequest, ClusterStatusResponse, ControlMessage,
+    EventsRequest, EventsResponse, FaultCommand, FaultEvent, FaultSchedule, GetPolicyRequest,
+    HistoryRequest, HistoryResponse, ListFaultsRequest, ListFaultsResponse, NodeMessage,
+    PolicyOverride, PolicyUpdate, Registered, RuntimePolicy, ScheduleFaultRequest,
+    SetPolicyRequest,
 };
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::events::{EventLog, NewEvent};
+use crate::faults::{self, FaultTable};
 use crate::state::{ClusterView, Refusal};
 
 /// Most events one `Events` call returns.
@@ -36,6 +40,8 @@ pub struct Control {
     links: Mutex<HashMap<u64, (u64, Outbox)>>,
     /// The policy last set; changed only under this lock, persisted before it is pushed.
     policy: tokio::sync::Mutex<ClusterPolicy>,
+    /// Fault schedules; changed only under this lock, persisted before commands are sent.
+    faults: tokio::sync::Mutex<FaultTable>,
 }
 
 /// The policy `node_id` should run: its override, else the cluster-wide policy.
@@ -67,14 +73,163 @@ fn unix_ms() -> u64 {
 }
 
 impl Control {
-    pub fn new(view: ClusterView, events: EventLog, policy: ClusterPolicy) -> Arc<Control> {
+    pub fn new(
+        view: ClusterView,
+        events: EventLog,
+        policy: ClusterPolicy,
+        faults: FaultTable,
+    ) -> Arc<Control> {
         Arc::new(Control {
             view: Mutex::new(view),
             events,
             next_conn: AtomicU64::new(1),
             links: Mutex::new(HashMap::new()),
             policy: tokio::sync::Mutex::new(policy),
+            faults: tokio::sync::Mutex::new(faults),
         })
+    }
+
+    /// Persists changed fault schedules (off the async threads).
+    async fn persist_faults(self: &Arc<Self>, changed: Vec<FaultSchedule>) -> Result<(), Status> {
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            changed.iter().try_for_each(|f| this.events.put_fault(f))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| Status::unavailable(format!("cannot persist the fault schedule: {e}")))
+    }
+
+    fn send_fault(&self, node_id: u64, cmd: FaultCmd) -> bool {
+        let tx = self.links().get(&node_id).map(|(_, tx)| tx.clone());
+        tx.is_some_and(|tx| {
+            tx.try_send(Ok(ControlMessage {
+                msg: Some(ControlMsg::Fault(FaultCommand { cmd: Some(cmd) })),
+            }))
+            .is_ok()
+        })
+    }
+
+    /// Schedules a fault (checked against the registered nodes, persisted, logged).
+    ///
+    /// # Errors
+    /// See `ControlService.ScheduleFault`.
+    pub async fn schedule_fault(
+        self: &Arc<Self>,
+        req: ScheduleFaultRequest,
+    ) -> Result<FaultSchedule, Status> {
+        let targets = self.view().fault_targets();
+        let mut table = self.faults.lock().await;
+        let f = table.schedule(req, unix_ms(), &targets)?;
+        if let Err(e) = self.persist_faults(vec![f.clone()]).await {
+            *table = FaultTable::load(table.list().into_iter().filter(|x| x.id != f.id).collect());
+            return Err(e);
+        }
+        drop(table);
+        self.log(vec![NewEvent {
+            kind: "fault_scheduled",
+            node_id: 0,
+            detail: faults::describe(&f),
+        }])
+        .await;
+        // Start it at once if it is due now.
+        self.run_faults().await;
+        let table = self.faults.lock().await;
+        Ok(table.list().into_iter().find(|x| x.id == f.id).unwrap_or(f))
+    }
+
+    /// Cancels a fault and tells its nodes.
+    ///
+    /// # Errors
+    /// `NOT_FOUND`, `FAILED_PRECONDITION` (already over), `UNAVAILABLE` (cannot persist).
+    pub async fn cancel_fault(self: &Arc<Self>, id: u64) -> Result<FaultSchedule, Status> {
+        let mut table = self.faults.lock().await;
+        let (f, tell) = table.cancel(id)?;
+        self.persist_faults(vec![f.clone()]).await?;
+        drop(table);
+        for node in tell {
+            self.send_fault(node, FaultCmd::CancelId(id));
+        }
+        self.log(vec![NewEvent {
+            kind: "fault_cancelled",
+            node_id: 0,
+            detail: format!("fault {id} cancelled by an operator"),
+        }])
+        .await;
+        Ok(f)
+    }
+
+    /// Every fault schedule.
+    pub async fn list_faults(&self) -> Vec<FaultSchedule> {
+        self.faults.lock().await.list()
+    }
+
+    /// Starts the faults that are due and marks the finished ones done.
+    pub async fn run_faults(self: &Arc<Self>) {
+        let mut table = self.faults.lock().await;
+        let linked: std::collections::HashSet<u64> = self.links().keys().copied().collect();
+        let (changed, commands) = table.tick(unix_ms(), |id| linked.contains(&id));
+        if changed.is_empty() {
+            return;
+        }
+        if let Err(e) = self.persist_faults(changed.clone()).await {
+            tracing::error!(error = %e, "cannot persist fault schedules");
+        }
+        drop(table);
+        let mut events = Vec::new();
+        for (node_id, start) in commands {
+            let id = start.fault_id;
+            if !self.send_fault(node_id, FaultCmd::Start(start)) {
+                events.push(NewEvent {
+                    kind: "fault_unreachable",
+                    node_id,
+                    detail: format!("fault {id}: node {node_id}'s link is full or closed"),
+                });
+            }
+        }
+        for f in changed {
+            events.push(NewEvent {
+                kind: if f.state == "active" {
+                    "fault_active"
+                } else {
+                    "fault_done"
+                },
+                node_id: 0,
+                detail: faults::describe(&f),
+            });
+        }
+        self.log(events).await;
+    }
+
+    /// What a node reported about a fault.
+    async fn fault_event(self: &Arc<Self>, node_id: u64, e: FaultEvent) {
+        let mut table = self.faults.lock().await;
+        let changed = table.node_event(node_id, &e);
+        let kind = table.kind_of(e.fault_id);
+        if let Some(f) = changed
+            && let Err(err) = self.persist_faults(vec![f]).await
+        {
+            tracing::error!(error = %err, "cannot persist a fault schedule");
+        }
+        drop(table);
+        let event_kind = match e.kind.as_str() {
+            "started" => "fault_started",
+            "expired" => "fault_expired",
+            "cancelled" => "fault_ended",
+            _ => "fault_refused",
+        };
+        self.log(vec![NewEvent {
+            kind: event_kind,
+            node_id,
+            detail: format!(
+                "fault {} ({kind}) {} on node {node_id}: {} ({} messages delayed, {} dropped)",
+                e.fault_id, e.kind, e.detail, e.messages_delayed, e.messages_dropped
+            ),
+        }])
+        .await;
     }
 
     /// The operator's view of the cluster now.
@@ -182,10 +337,11 @@ impl Control {
         }
     }
 
-    /// Marks down the nodes that missed their heartbeats.
+    /// Marks down the nodes that missed their heartbeats, and runs the fault schedules.
     pub async fn sweep(self: &Arc<Self>) {
         let events = self.view().sweep(Instant::now());
         self.log(events).await;
+        self.run_faults().await;
     }
 }
 
@@ -277,6 +433,11 @@ impl NodeLink for NodeLinkApi {
                 let _ = tx.try_send(Ok(msg));
             }
         }
+        // The faults active for this node, with the time left (it may have restarted meanwhile).
+        let resend = control.faults.lock().await.resend_for(node_id, unix_ms());
+        for start in resend {
+            control.send_fault(node_id, FaultCmd::Start(start));
+        }
         tokio::spawn(async move {
             loop {
                 match inbound.message().await {
@@ -305,6 +466,9 @@ impl NodeLink for NodeLinkApi {
                         );
                         control.log(events).await;
                     }
+                    Ok(Some(NodeMessage {
+                        msg: Some(NodeMsg::FaultEvent(e)),
+                    })) => control.fault_event(node_id, e).await,
                     Ok(Some(NodeMessage {
                         msg: Some(NodeMsg::Register(_)),
                     })) => {
@@ -366,6 +530,35 @@ impl ControlService for ControlApi {
             )));
         }
         Ok(Response::new(HistoryResponse { nodes }))
+    }
+
+    async fn schedule_fault(
+        &self,
+        request: Request<ScheduleFaultRequest>,
+    ) -> Result<Response<FaultSchedule>, Status> {
+        self.0
+            .schedule_fault(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_faults(
+        &self,
+        _request: Request<ListFaultsRequest>,
+    ) -> Result<Response<ListFaultsResponse>, Status> {
+        Ok(Response::new(ListFaultsResponse {
+            faults: self.0.list_faults().await,
+        }))
+    }
+
+    async fn cancel_fault(
+        &self,
+        request: Request<CancelFaultRequest>,
+    ) -> Result<Response<FaultSchedule>, Status> {
+        self.0
+            .cancel_fault(request.into_inner().id)
+            .await
+            .map(Response::new)
     }
 
     async fn events(

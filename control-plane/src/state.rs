@@ -112,6 +112,18 @@ impl ClusterView {
         }
     }
 
+    /// Every registered node's fault injection settings (for scheduling faults).
+    pub fn fault_targets(&self) -> Vec<crate::faults::Target> {
+        self.nodes
+            .iter()
+            .map(|(id, e)| crate::faults::Target {
+                node_id: *id,
+                fault_injection_enabled: e.reg.fault_injection_enabled,
+                max_duration_ms: e.reg.fault_max_duration_ms,
+            })
+            .collect()
+    }
+
     /// The kept history of `node_id` (0: every node), samples after `since_unix_ms`.
     pub fn history(&self, node_id: u64, since_unix_ms: u64) -> Vec<NodeHistory> {
         self.nodes
@@ -398,6 +410,7 @@ mod tests {
             version: "0".into(),
             started_at_unix_ms: 0,
             heartbeat_interval_ms: 100,
+            ..Register::default()
         }
     }
 

@@ -250,6 +250,7 @@ fn register(node_id: u64, cluster_id: u64, client_addr: &str) -> Msg {
         version: "test".into(),
         started_at_unix_ms: 0,
         heartbeat_interval_ms: 60_000,
+        ..Register::default()
     })
 }
 

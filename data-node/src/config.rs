@@ -298,11 +298,25 @@ impl Default for RaftMetricsConfig {
 }
 
 /// `[raft.fault_injection]`
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultInjectionConfig {
-    /// Accept fault injection commands. Only for test clusters.
+    /// Accept fault injection commands (from the control plane). Only for test clusters.
     pub enabled: bool,
+    /// Longest fault accepted, in seconds; the node ends every fault at its duration by itself.
+    pub max_duration_sec: u64,
+}
+
+/// Default `raft.fault_injection.max_duration_sec`.
+pub const DEFAULT_FAULT_MAX_DURATION_SEC: u64 = 300;
+
+impl Default for FaultInjectionConfig {
+    fn default() -> Self {
+        FaultInjectionConfig {
+            enabled: false,
+            max_duration_sec: DEFAULT_FAULT_MAX_DURATION_SEC,
+        }
+    }
 }
 
 /// `[storage]`
@@ -613,6 +627,14 @@ impl NodeConfig {
                 "must be from one collection interval to {} (7 days), got {}",
                 MAX_RETENTION_PERIOD.as_secs(),
                 m.retention_period.as_secs()
+            ),
+        );
+        check(
+            (1..=86_400).contains(&r.fault_injection.max_duration_sec),
+            "raft.fault_injection.max_duration_sec",
+            format!(
+                "must be from 1 to 86400 (a day), got {}",
+                r.fault_injection.max_duration_sec
             ),
         );
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {

@@ -6,12 +6,13 @@
 //!
 //! ```text
 //! lib.rs (wiring, gRPC server)
-//!   ├─ control/   the link to kiwi-control (uses service's metrics snapshot)
+//!   ├─ control/   the link to kiwi-control (uses service's metrics snapshot, hands fault commands to fault/)
 //!   └─ service/   KvService and NodeAdmin handlers
 //!        ├─ runtime/  priority channel → storage worker pool + ThreadPoolScaler
 //!        └─ raft/     transport → driver → log_store, state_machine, snapshot
 //!              └─ kiwi-storage (StorageBackend)
-//! config, identity: read by all; telemetry: recorded into by raft/; these depend on nothing here
+//! config, identity: read by all; telemetry: recorded into by raft/ and fault/; fault/: consulted by
+//! raft/'s transport and wrapped around the storage engine; these depend on nothing here
 //! ```
 //!
 //! - [`config`]: the typed TOML configuration and its validation.
@@ -25,6 +26,8 @@
 //!   channel to the worker pool, Raft work through the driver's handle.
 //! - [`telemetry`]: the `RaftMetricsCollector` the driver records into, the Prometheus exporters and
 //!   their HTTP listener, storage metrics, logs and traces; depends on no layer here.
+//! - [`fault`]: the `FaultInjector` (network delay, partition, message loss, crash, disk stall) for test
+//!   clusters (`[raft.fault_injection]`), driven by the control plane.
 //! - [`control`]: the link to the control plane (`[control] addr`): registration and heartbeats carrying
 //!   the metrics snapshot the service layer builds.
 //! - this file: wires them together and serves gRPC (plus health and reflection).
@@ -33,6 +36,7 @@
 
 pub mod config;
 pub mod control;
+pub mod fault;
 pub mod identity;
 pub mod raft;
 pub mod runtime;
@@ -206,13 +210,24 @@ impl Node {
             .map_or_else(Meters::noop, |(_, _, registry)| registry.meters());
         let snapshots = Arc::new(SnapshotRegistry::default());
         let configured = configured_members(&config);
+        let (faults, fault_events) = fault::FaultInjector::new(
+            config.raft.node_id,
+            config.raft.fault_injection.enabled,
+            std::time::Duration::from_secs(config.raft.fault_injection.max_duration_sec),
+            &meters.raft,
+        );
         let (storage, mut log_store, recorded, stored_cluster_id) = {
             let config = config.clone();
             let snapshots = Arc::clone(&snapshots);
             let configured = configured.clone();
             let meter = meters.storage.clone();
+            let faults = Arc::clone(&faults);
             tokio::task::spawn_blocking(move || -> Result<_> {
-                let storage = open_storage(&config)?;
+                let mut storage = open_storage(&config)?;
+                if faults.enabled() {
+                    // Inside the metrics, so an injected disk stall shows in the fsync times.
+                    storage = fault::StallingBackend::wrap(storage, faults);
+                }
                 let storage = InstrumentedBackend::wrap(storage, &meter);
                 register_engine_gauges(&meter, Arc::clone(&storage), config.storage_dir());
                 let cluster_id = identity::cluster_id(&*storage)?;
@@ -281,7 +296,9 @@ impl Node {
             Arc::clone(&snapshots),
             &stop,
             events_tx,
+            Arc::clone(&faults),
         ));
+        faults.spawn_expiry(stop.clone());
         let driver_config = DriverConfig {
             node_id,
             tick_interval: config.raft.tick_interval,
@@ -411,6 +428,7 @@ impl Node {
                     driver,
                     Arc::clone(&storage),
                     shutdown.clone(),
+                    Arc::clone(&faults),
                 ))
                 .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
             )
@@ -423,6 +441,10 @@ impl Node {
             control::spawn(
                 kv,
                 policy,
+                control::Faults {
+                    injector: Arc::clone(&faults),
+                    events: fault_events,
+                },
                 control_addr.clone(),
                 config.control.heartbeat_interval,
                 stop.clone(),

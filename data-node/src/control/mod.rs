@@ -8,6 +8,9 @@
 //! start, [`restore_policy`] applies the persisted policy before the node serves, so a node restarted
 //! while the control plane is down runs the last policy it had.
 //!
+//! Faults: a `FaultCommand` is handed to the [`crate::fault::FaultInjector`] at once; its events
+//! (started, expired, cancelled, refused) are sent on the stream, and queue while the link is down.
+//!
 //! The link is a side task: the node serves clients the same whether the control plane is reachable or
 //! not. A failed or broken link is retried with backoff (100 ms, doubling, at most 5 s); a refusal (another
 //! cluster, a duplicate node id) is logged at error level and retried at the longest backoff, since only a
@@ -26,7 +29,14 @@ use prost::Message as _;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
+use crate::fault::FaultInjector;
 use crate::service::KvServer;
+
+/// The fault injector and the receiver of its events, which the link forwards.
+pub struct Faults {
+    pub injector: Arc<FaultInjector>,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<kiwi_proto::v1::FaultEvent>,
+}
 
 /// First retry delay after a failed link.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -137,6 +147,7 @@ fn apply(kv: &KvServer, state: &PolicyState, update: PolicyUpdate) -> PolicyAck 
 pub fn spawn(
     kv: Arc<KvServer>,
     policy: Arc<PolicyState>,
+    mut faults: Faults,
     addr: String,
     heartbeat_interval: Duration,
     stop: CancellationToken,
@@ -149,7 +160,7 @@ pub fn spawn(
         let mut reported = false;
         loop {
             let outcome = tokio::select! {
-                r = link_once(&kv, &policy, &addr, heartbeat_interval, started) => r,
+                r = link_once(&kv, &policy, &mut faults, &addr, heartbeat_interval, started) => r,
                 () = stop.cancelled() => return,
             };
             match outcome {
@@ -187,6 +198,7 @@ enum Linked {
 async fn link_once(
     kv: &Arc<KvServer>,
     policy: &Arc<PolicyState>,
+    faults: &mut Faults,
     addr: &str,
     heartbeat_interval: Duration,
     started: u64,
@@ -236,15 +248,24 @@ async fn link_once(
                     return Ok(Linked::Registered);
                 }
             }
+            Some(event) = faults.events.recv() => {
+                if tx.send(NodeMessage { msg: Some(NodeMsg::FaultEvent(event)) }).await.is_err() {
+                    return Ok(Linked::Registered);
+                }
+            }
             m = inbound.message() => match m {
-                Ok(Some(m)) => if let Some(ControlMsg::Policy(update)) = m.msg {
-                    let kv = Arc::clone(kv);
-                    let state = Arc::clone(policy);
-                    // Applying persists with fsync: off the async threads.
-                    let ack = tokio::task::spawn_blocking(move || apply(&kv, &state, update)).await?;
-                    if tx.send(NodeMessage { msg: Some(NodeMsg::PolicyAck(ack)) }).await.is_err() {
-                        return Ok(Linked::Registered);
+                Ok(Some(m)) => match m.msg {
+                    Some(ControlMsg::Policy(update)) => {
+                        let kv = Arc::clone(kv);
+                        let state = Arc::clone(policy);
+                        // Applying persists with fsync: off the async threads.
+                        let ack = tokio::task::spawn_blocking(move || apply(&kv, &state, update)).await?;
+                        if tx.send(NodeMessage { msg: Some(NodeMsg::PolicyAck(ack)) }).await.is_err() {
+                            return Ok(Linked::Registered);
+                        }
                     }
+                    Some(ControlMsg::Fault(command)) => faults.injector.command(command),
+                    _ => {}
                 },
                 Ok(None) => return Ok(Linked::Registered),
                 Err(s) => {

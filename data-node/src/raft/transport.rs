@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::fault::{FaultInjector, Verdict};
 use crate::raft::driver::{DriverHandle, MessageSink, PeerEvent};
 use crate::raft::guard::{self, Refusal};
 use crate::raft::log_store::{SnapshotRegistry, snapshot_id};
@@ -92,6 +93,7 @@ pub struct Peers {
     shutdown: CancellationToken,
     events: mpsc::UnboundedSender<PeerEvent>,
     runtime: tokio::runtime::Handle,
+    faults: Arc<FaultInjector>,
 }
 
 impl Peers {
@@ -105,6 +107,7 @@ impl Peers {
         snapshots: Arc<SnapshotRegistry>,
         shutdown: &CancellationToken,
         events: mpsc::UnboundedSender<PeerEvent>,
+        faults: Arc<FaultInjector>,
     ) -> Self {
         let peers = Peers {
             self_id,
@@ -115,6 +118,7 @@ impl Peers {
             shutdown: shutdown.clone(),
             events,
             runtime: tokio::runtime::Handle::current(),
+            faults,
         };
         for (id, addr) in members.all() {
             peers.connect(id, addr);
@@ -143,16 +147,20 @@ impl Peers {
             rx,
             self.shutdown.clone(),
             self.events.clone(),
+            Arc::clone(&self.faults),
         ));
     }
 
     fn send_snapshot(&self, msg: Message) {
         let to = msg.to;
         let view = snapshot_id(msg.get_snapshot()).and_then(|id| self.snapshots.take(id));
-        let (Some(view), Some(addr)) = (view, self.members.get(to)) else {
+        let cut = self.faults.partitioned_from(to);
+        let (Some(view), Some(addr), false) = (view, self.members.get(to), cut) else {
             tracing::warn!(
                 to,
-                "snapshot for a peer with no pinned view or no address; reporting failure"
+                cut,
+                "snapshot for a peer with no pinned view, no address, or cut off by an injected \
+                 partition; reporting failure"
             );
             let _ = self.events.send(PeerEvent::Snapshot {
                 to,
@@ -205,6 +213,9 @@ impl MessageSink for Peers {
             let to = m.to;
             if m.get_msg_type() == MessageType::MsgSnapshot {
                 self.send_snapshot(m);
+                continue;
+            }
+            if self.faults.message(to) == Verdict::Drop {
                 continue;
             }
             match queues.get(&to) {
@@ -285,6 +296,7 @@ async fn peer_task(
     mut rx: mpsc::Receiver<Message>,
     shutdown: CancellationToken,
     unreachable: mpsc::UnboundedSender<PeerEvent>,
+    faults: Arc<FaultInjector>,
 ) {
     let mut backoff = Duration::from_millis(50);
     'connect: loop {
@@ -344,6 +356,13 @@ async fn peer_task(
                     next = rx.try_recv().ok();
                 }
             }
+            let delay = faults.delay(peer);
+            if !delay.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => { call.abort(); return; }
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
             let batch = RaftMessageBatch {
                 cluster_id: cluster.load(Ordering::Relaxed),
                 from_node: self_id,
@@ -384,6 +403,7 @@ pub struct RaftService {
     backend: Arc<dyn StorageBackend>,
     /// One snapshot is received and installed at a time: the staging area is shared.
     staging: tokio::sync::Mutex<()>,
+    faults: Arc<FaultInjector>,
 }
 
 impl RaftService {
@@ -393,6 +413,7 @@ impl RaftService {
         driver: DriverHandle,
         backend: Arc<dyn StorageBackend>,
         shutdown: CancellationToken,
+        faults: Arc<FaultInjector>,
     ) -> Self {
         RaftService {
             node_id,
@@ -401,6 +422,7 @@ impl RaftService {
             driver,
             backend,
             staging: tokio::sync::Mutex::new(()),
+            faults,
         }
     }
 
@@ -500,6 +522,9 @@ impl RaftTransport for RaftService {
                 )));
             }
             for bytes in batch.messages {
+                if self.faults.message(batch.from_node) == Verdict::Drop {
+                    continue;
+                }
                 match Message::parse_from_bytes(&bytes) {
                     Ok(m) => match guard::check_envelope(&m, batch.from_node, self.node_id) {
                         // The driver checks the rest against its Raft state.
@@ -546,6 +571,12 @@ impl RaftTransport for RaftService {
             ));
         }
         self.check_sender(first.cluster_id, first.from_node)?;
+        if self.faults.partitioned_from(first.from_node) {
+            return Err(Status::unavailable(format!(
+                "node {} is cut off from node {} by an injected partition",
+                self.node_id, first.from_node
+            )));
+        }
         let local = guard::LocalView {
             term: self.driver.status().term,
             last_index: 0,

@@ -490,6 +490,13 @@ impl KvServer {
         heartbeat_interval: std::time::Duration,
         started_at_unix_ms: u64,
     ) -> kiwi_proto::v1::Register {
+        let faults = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .raft
+            .fault_injection
+            .clone();
         kiwi_proto::v1::Register {
             node_id: self.node_id,
             cluster_id: self.cluster.load(std::sync::atomic::Ordering::SeqCst),
@@ -499,6 +506,8 @@ impl KvServer {
             started_at_unix_ms,
             heartbeat_interval_ms: u64::try_from(heartbeat_interval.as_millis())
                 .unwrap_or(u64::MAX),
+            fault_injection_enabled: faults.enabled,
+            fault_max_duration_ms: faults.max_duration_sec.saturating_mul(1000),
         }
     }
 

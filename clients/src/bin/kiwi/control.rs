@@ -55,6 +55,13 @@ enum ControlCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         last: Option<Duration>,
     },
+    /// Fault injection on nodes with `[raft.fault_injection] enabled = true` (test clusters): schedule
+    /// a network delay, partition, message loss, crash or disk stall; list schedules; cancel one. Every
+    /// fault ends at its duration, enforced by the node itself.
+    Fault {
+        #[command(subcommand)]
+        command: FaultCommand,
+    },
     /// Measure the control plane: policy push latency (`push`), or many simulated nodes heartbeating to
     /// it (`fleet`).
     Bench {
@@ -67,6 +74,74 @@ enum ControlCommand {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+}
+
+#[derive(Debug, Args)]
+struct When {
+    /// How long the fault lasts (the node ends it by itself), e.g. 10s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Start after this long (default: now), e.g. 5s.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    after: Option<Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+enum FaultCommand {
+    /// Delay every outgoing Raft batch of --nodes (to --peers, default all) by --delay plus 0..--jitter.
+    Delay {
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        jitter: Duration,
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<u64>,
+        #[command(flatten)]
+        when: When,
+    },
+    /// Cut the --isolate nodes off from the others (Raft traffic both ways; every node works out its side).
+    Partition {
+        #[arg(long, value_delimiter = ',', required = true)]
+        isolate: Vec<u64>,
+        #[command(flatten)]
+        when: When,
+    },
+    /// Drop each Raft message of --nodes (with --peers, default all), both ways, with probability --rate.
+    Loss {
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// 0 < rate <= 1, e.g. 0.3.
+        #[arg(long)]
+        rate: f64,
+        #[arg(long, value_delimiter = ',')]
+        peers: Vec<u64>,
+        #[command(flatten)]
+        when: When,
+    },
+    /// Kill --nodes at once, as a power cut would (the playground's --restart-crashed or `kiwi playground
+    /// restart N` brings them back).
+    Crash {
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        /// Start after this long (default: now).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        after: Option<Duration>,
+    },
+    /// Make every storage write and fsync of --nodes take --delay longer.
+    Stall {
+        #[arg(long, value_delimiter = ',', required = true)]
+        nodes: Vec<u64>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        delay: Duration,
+        #[command(flatten)]
+        when: When,
+    },
+    /// Every fault scheduled, with each node's state.
+    List,
+    /// Cancel a pending or active fault.
+    Cancel { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +227,7 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
             }
         }
         ControlCommand::Policy { command } => policy(&mut c, command, json).await,
+        ControlCommand::Fault { command } => fault(&mut c, command, json).await,
         ControlCommand::Bench { command } => {
             crate::control_bench::run(&mut c, &args.control, command).await?;
             Ok(Outcome::Ok)
@@ -475,4 +551,158 @@ async fn print_status(
         }
     }
     Ok(())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn print_fault(f: &kiwi_proto::v1::FaultSchedule, json: bool) {
+    use kiwi_proto::v1::fault_spec::Kind;
+    let spec = f.spec.clone().unwrap_or_default();
+    let what = match &spec.kind {
+        Some(Kind::Delay(d)) => format!("delay {} ms +0..{} ms", d.delay_ms, d.jitter_ms),
+        Some(Kind::Partition(p)) => format!("partition isolating {:?}", p.isolated_nodes),
+        Some(Kind::Loss(l)) => format!("loss {:.0}%", l.drop_rate * 100.0),
+        Some(Kind::Crash(_)) => "crash".into(),
+        Some(Kind::DiskStall(d)) => format!("disk stall {} ms", d.delay_ms),
+        None => "?".into(),
+    };
+    if json {
+        let nodes: Vec<_> = f
+            .nodes
+            .iter()
+            .map(|n| json!({"node": n.node_id, "state": n.state, "detail": n.detail,
+                            "messages_delayed": n.messages_delayed, "messages_dropped": n.messages_dropped}))
+            .collect();
+        println!(
+            "{}",
+            json!({"id": f.id, "fault": what, "peers": spec.peers, "targets": f.targets,
+                   "start_at_unix_ms": f.start_at_unix_ms, "duration_ms": f.duration_ms,
+                   "state": f.state, "nodes": nodes})
+        );
+        return;
+    }
+    println!(
+        "fault {}  {}  {what}{}  for {} ms, starts {}",
+        f.id,
+        f.state,
+        if spec.peers.is_empty() {
+            String::new()
+        } else {
+            format!(" (peers {:?})", spec.peers)
+        },
+        f.duration_ms,
+        ago(f.start_at_unix_ms)
+    );
+    for n in &f.nodes {
+        println!(
+            "    node {:<3} {:<11} delayed {:<6} dropped {:<6} {}",
+            n.node_id, n.state, n.messages_delayed, n.messages_dropped, n.detail
+        );
+    }
+}
+
+async fn fault(
+    c: &mut ControlServiceClient<tonic::transport::Channel>,
+    command: FaultCommand,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    use kiwi_proto::v1::fault_spec::Kind;
+    use kiwi_proto::v1::{
+        CancelFaultRequest, DiskStall, FaultSpec, ListFaultsRequest, MessageLoss, NetworkDelay,
+        NetworkPartition, NodeCrash, ScheduleFaultRequest,
+    };
+    let schedule = |kind: Kind,
+                    peers: Vec<u64>,
+                    targets: Vec<u64>,
+                    after: Option<Duration>,
+                    duration: Duration| {
+        ScheduleFaultRequest {
+            spec: Some(FaultSpec {
+                kind: Some(kind),
+                peers,
+            }),
+            targets,
+            start_after_ms: after.map_or(0, millis),
+            duration_ms: millis(duration),
+        }
+    };
+    let req = match command {
+        FaultCommand::List => {
+            for f in c
+                .list_faults(ListFaultsRequest {})
+                .await?
+                .into_inner()
+                .faults
+            {
+                print_fault(&f, json);
+            }
+            return Ok(Outcome::Ok);
+        }
+        FaultCommand::Cancel { id } => {
+            let f = c
+                .cancel_fault(CancelFaultRequest { id })
+                .await?
+                .into_inner();
+            print_fault(&f, json);
+            return Ok(Outcome::Ok);
+        }
+        FaultCommand::Delay {
+            nodes,
+            delay,
+            jitter,
+            peers,
+            when,
+        } => schedule(
+            Kind::Delay(NetworkDelay {
+                delay_ms: millis(delay),
+                jitter_ms: millis(jitter),
+            }),
+            peers,
+            nodes,
+            when.after,
+            when.duration,
+        ),
+        FaultCommand::Partition { isolate, when } => schedule(
+            Kind::Partition(NetworkPartition {
+                isolated_nodes: isolate,
+            }),
+            Vec::new(),
+            Vec::new(),
+            when.after,
+            when.duration,
+        ),
+        FaultCommand::Loss {
+            nodes,
+            rate,
+            peers,
+            when,
+        } => schedule(
+            Kind::Loss(MessageLoss { drop_rate: rate }),
+            peers,
+            nodes,
+            when.after,
+            when.duration,
+        ),
+        FaultCommand::Crash { nodes, after } => schedule(
+            Kind::Crash(NodeCrash {}),
+            Vec::new(),
+            nodes,
+            after,
+            Duration::from_secs(1),
+        ),
+        FaultCommand::Stall { nodes, delay, when } => schedule(
+            Kind::DiskStall(DiskStall {
+                delay_ms: millis(delay),
+            }),
+            Vec::new(),
+            nodes,
+            when.after,
+            when.duration,
+        ),
+    };
+    let f = c.schedule_fault(req).await?.into_inner();
+    print_fault(&f, json);
+    Ok(Outcome::Ok)
 }

@@ -275,6 +275,8 @@ async fn simulated_node(
             version: "simulated".into(),
             started_at_unix_ms: unix_ms(),
             heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(1000),
+            fault_injection_enabled: false,
+            fault_max_duration_ms: 0,
         })),
     })
     .await?;
