@@ -4,134 +4,20 @@
 //! SIGKILLed control plane restarts with its events and the nodes re-register by themselves; bad node
 //! links are refused with a status naming why.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use kiwi_proto::v1::control_service_client::ControlServiceClient;
 use kiwi_proto::v1::node_link_client::NodeLinkClient;
 use kiwi_proto::v1::node_message::Msg;
-use kiwi_proto::v1::{
-    ClusterStatusRequest, ClusterStatusResponse, Event, EventsRequest, Heartbeat, HistoryRequest,
-    NodeMessage, RaftRole, Register,
-};
+use kiwi_proto::v1::{Heartbeat, HistoryRequest, NodeMessage, RaftRole, Register};
 use kiwi_tests::cluster::{Cluster, ClusterOptions};
 use kiwi_tests::http;
 use kiwi_tests::prometheus::{Job, Prometheus};
 use tonic::Code;
 
-const HEARTBEAT_MS: u64 = 100;
+mod common;
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-struct ControlProc {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ControlProc {
-    fn start(addr: SocketAddr, data_dir: &Path) -> ControlProc {
-        ControlProc::start_with(addr, data_dir, &[])
-    }
-
-    fn start_with(addr: SocketAddr, data_dir: &Path, extra_args: &[String]) -> ControlProc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.with_extension("log"))
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kiwi-control"))
-            .arg("--listen-addr")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(extra_args)
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start kiwi-control");
-        ControlProc { child, addr }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn client(&self) -> ControlServiceClient<tonic::transport::Channel> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match ControlServiceClient::connect(format!("http://{}", self.addr)).await {
-                Ok(c) => return c,
-                Err(e) => assert!(
-                    Instant::now() < deadline,
-                    "kiwi-control never answered: {e}"
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn status(&self) -> ClusterStatusResponse {
-        self.client()
-            .await
-            .cluster_status(ClusterStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn events(&self) -> Vec<Event> {
-        self.client()
-            .await
-            .events(EventsRequest {
-                after_seq: 0,
-                limit: 1000,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .events
-    }
-
-    /// Polls the status until `ok` holds.
-    async fn wait_status(
-        &self,
-        what: &str,
-        ok: impl Fn(&ClusterStatusResponse) -> bool,
-    ) -> ClusterStatusResponse {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let s = self.status().await;
-            if ok(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: never held; last status {s:#?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-impl Drop for ControlProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn up(s: &ClusterStatusResponse) -> Vec<u64> {
-    s.nodes.iter().filter(|n| n.up).map(|n| n.node_id).collect()
-}
+use common::{ControlProc, HEARTBEAT_MS, free_addr, up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_tracks_nodes_leaders_and_survives_a_restart() {

@@ -504,3 +504,124 @@ impl FaultInjector {
             .unwrap_or(Duration::ZERO)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiwi_proto::v1::{MessageLoss, NetworkDelay, NetworkPartition};
+
+    fn injector(
+        node: u64,
+        enabled: bool,
+    ) -> (Arc<FaultInjector>, mpsc::UnboundedReceiver<FaultEvent>) {
+        FaultInjector::new(
+            node,
+            enabled,
+            Duration::from_secs(60),
+            &opentelemetry::global::meter("test"),
+        )
+    }
+
+    fn start(id: u64, kind: Kind, peers: Vec<u64>, ms: u64) -> FaultCommand {
+        FaultCommand {
+            cmd: Some(Cmd::Start(StartFault {
+                fault_id: id,
+                spec: Some(FaultSpec {
+                    kind: Some(kind),
+                    peers,
+                }),
+                duration_ms: ms,
+            })),
+        }
+    }
+
+    fn partition(isolated: Vec<u64>) -> Kind {
+        Kind::Partition(NetworkPartition {
+            isolated_nodes: isolated,
+        })
+    }
+
+    #[test]
+    fn disabled_injection_refuses_naming_the_key() {
+        let (f, mut rx) = injector(1, false);
+        f.command(start(7, partition(vec![2]), vec![], 1000));
+        let e = rx.try_recv().unwrap();
+        assert_eq!((e.fault_id, e.kind.as_str()), (7, "refused"));
+        assert!(e.detail.contains("raft.fault_injection.enabled"), "{e:?}");
+        assert_eq!(f.message(2), Verdict::Pass);
+    }
+
+    #[test]
+    fn each_node_works_out_its_side_of_a_partition() {
+        let cases = [
+            (1, vec![1], vec![(2, true), (3, true)]),
+            (2, vec![1], vec![(1, true), (3, false)]),
+            (1, vec![1, 2], vec![(2, false), (3, true)]),
+            (3, vec![1, 2], vec![(1, true), (2, true)]),
+        ];
+        for (node, isolated, expect) in cases {
+            let (f, _rx) = injector(node, true);
+            f.command(start(1, partition(isolated.clone()), vec![], 10_000));
+            for (peer, cut) in expect {
+                assert_eq!(
+                    f.message(peer) == Verdict::Drop,
+                    cut,
+                    "node {node}, isolated {isolated:?}, peer {peer}"
+                );
+                assert_eq!(f.partitioned_from(peer), cut);
+            }
+        }
+    }
+
+    #[test]
+    fn a_fault_never_outlives_its_duration_and_is_reported() {
+        let (f, mut rx) = injector(1, true);
+        f.command(start(
+            3,
+            Kind::Loss(MessageLoss { drop_rate: 1.0 }),
+            vec![],
+            50,
+        ));
+        assert_eq!(rx.try_recv().unwrap().kind, "started");
+        assert_eq!(f.message(2), Verdict::Drop);
+        std::thread::sleep(Duration::from_millis(60));
+        // Past its end, before the expiry task ran: no effect already.
+        assert_eq!(f.message(2), Verdict::Pass);
+        assert!(f.expire(Instant::now()).is_none());
+        let e = rx.try_recv().unwrap();
+        assert_eq!((e.kind.as_str(), e.messages_dropped), ("expired", 1));
+        assert!(
+            !f.any.load(Ordering::Acquire),
+            "back to the one-load fast path"
+        );
+    }
+
+    #[test]
+    fn delays_apply_to_their_peers_and_bad_commands_are_refused() {
+        let (f, mut rx) = injector(1, true);
+        let delay = Kind::Delay(NetworkDelay {
+            delay_ms: 100,
+            jitter_ms: 0,
+        });
+        f.command(start(1, delay.clone(), vec![3], 10_000));
+        f.command(start(1, delay, vec![3], 10_000)); // sent again: ignored
+        assert_eq!(f.delay(2), Duration::ZERO);
+        assert_eq!(f.delay(3), Duration::from_millis(100));
+        f.command(start(
+            2,
+            Kind::Loss(MessageLoss { drop_rate: 2.0 }),
+            vec![],
+            1000,
+        ));
+        f.command(start(4, partition(vec![2]), vec![], 61_000));
+        let kinds: Vec<String> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, ["started", "refused", "refused"]);
+        f.command(FaultCommand {
+            cmd: Some(Cmd::CancelId(1)),
+        });
+        assert_eq!(rx.try_recv().unwrap().kind, "cancelled");
+        assert_eq!(f.delay(3), Duration::ZERO);
+    }
+}

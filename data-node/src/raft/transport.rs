@@ -140,14 +140,16 @@ impl Peers {
         let (tx, rx) = mpsc::channel(PEER_QUEUE);
         queues.insert(id, tx);
         self.runtime.spawn(peer_task(
-            self.self_id,
-            Arc::clone(&self.cluster),
+            SenderContext {
+                self_id: self.self_id,
+                cluster: Arc::clone(&self.cluster),
+                shutdown: self.shutdown.clone(),
+                unreachable: self.events.clone(),
+                faults: Arc::clone(&self.faults),
+            },
             id,
             addr,
             rx,
-            self.shutdown.clone(),
-            self.events.clone(),
-            Arc::clone(&self.faults),
         ));
     }
 
@@ -288,16 +290,23 @@ async fn stream_snapshot(
     Ok(pairs?)
 }
 
-async fn peer_task(
+/// What every peer sender shares.
+struct SenderContext {
     self_id: u64,
     cluster: Arc<AtomicU64>,
-    peer: u64,
-    addr: String,
-    mut rx: mpsc::Receiver<Message>,
     shutdown: CancellationToken,
     unreachable: mpsc::UnboundedSender<PeerEvent>,
     faults: Arc<FaultInjector>,
-) {
+}
+
+async fn peer_task(ctx: SenderContext, peer: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
+    let SenderContext {
+        self_id,
+        cluster,
+        shutdown,
+        unreachable,
+        faults,
+    } = ctx;
     let mut backoff = Duration::from_millis(50);
     'connect: loop {
         let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {

@@ -249,16 +249,28 @@ fn metrics(id: u64, nodes: u64, beat: u64) -> NodeMetrics {
 }
 
 /// One simulated node: registers, heartbeats every `interval` until `stop`, acknowledges policies.
-async fn simulated_node(
+/// What every simulated node shares.
+#[derive(Clone)]
+struct Fleet {
     addr: String,
-    id: u64,
     nodes: u64,
     cluster_id: u64,
     interval: Duration,
     registered: Arc<AtomicU64>,
     beats: Arc<AtomicU64>,
     stop: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
+}
+
+async fn simulated_node(fleet: Fleet, id: u64) -> anyhow::Result<()> {
+    let Fleet {
+        addr,
+        nodes,
+        cluster_id,
+        interval,
+        registered,
+        beats,
+        stop,
+    } = fleet;
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .connect()
@@ -362,17 +374,17 @@ async fn fleet(
     let beats = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     eprintln!("starting {nodes} simulated nodes (heartbeat every {interval:?}) ...");
+    let fleet = Fleet {
+        addr: addr.to_string(),
+        nodes,
+        cluster_id,
+        interval,
+        registered: Arc::clone(&registered),
+        beats: Arc::clone(&beats),
+        stop: stop.clone(),
+    };
     for id in 1..=nodes {
-        tasks.spawn(simulated_node(
-            addr.to_string(),
-            id,
-            nodes,
-            cluster_id,
-            interval,
-            Arc::clone(&registered),
-            Arc::clone(&beats),
-            stop.clone(),
-        ));
+        tasks.spawn(simulated_node(fleet.clone(), id));
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while registered.load(Ordering::Relaxed) < nodes {
