@@ -365,6 +365,26 @@ impl Cluster {
         self.spawn(id);
     }
 
+    /// Restarts every node whose process exited on its own (an injected crash, say); returns their ids.
+    /// A node stopped through [`Cluster::kill`] or [`Cluster::stop`] is not restarted.
+    pub fn restart_exited(&mut self) -> Vec<u64> {
+        let exited: Vec<u64> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|(id, n)| {
+                let child = n.child.as_mut()?;
+                matches!(child.try_wait(), Ok(Some(_))).then_some(*id)
+            })
+            .collect();
+        for &id in &exited {
+            if let Some(n) = self.nodes.get_mut(&id) {
+                n.child = None;
+            }
+            self.spawn(id);
+        }
+        exited
+    }
+
     /// A KV client for one node (connects lazily, so a node that is down fails calls, not this).
     pub fn kv(&self, id: u64) -> KvServiceClient<Channel> {
         KvServiceClient::new(self.channel(id))

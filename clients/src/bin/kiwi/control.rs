@@ -62,6 +62,11 @@ enum ControlCommand {
         #[command(subcommand)]
         command: FaultCommand,
     },
+    /// Run a fault plan (TOML; see `kiwi chaos --help`), step by step at its offsets, without a workload.
+    Chaos {
+        #[command(subcommand)]
+        command: ChaosCommand,
+    },
     /// Measure the control plane: policy push latency (`push`), or many simulated nodes heartbeating to
     /// it (`fleet`).
     Bench {
@@ -84,6 +89,12 @@ struct When {
     /// Start after this long (default: now), e.g. 5s.
     #[arg(long, value_parser = humantime::parse_duration)]
     after: Option<Duration>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ChaosCommand {
+    /// Run the plan in FILE.
+    Run { plan: std::path::PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,7 +186,9 @@ struct PolicySetArgs {
     set_weights: Option<Vec<u32>>,
 }
 
-async fn client(addr: &str) -> anyhow::Result<ControlServiceClient<tonic::transport::Channel>> {
+pub(crate) async fn client(
+    addr: &str,
+) -> anyhow::Result<ControlServiceClient<tonic::transport::Channel>> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
@@ -228,6 +241,12 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
         }
         ControlCommand::Policy { command } => policy(&mut c, command, json).await,
         ControlCommand::Fault { command } => fault(&mut c, command, json).await,
+        ControlCommand::Chaos {
+            command: ChaosCommand::Run { plan },
+        } => {
+            crate::chaos::run_plan_only(&args.control, &plan).await?;
+            Ok(Outcome::Ok)
+        }
         ControlCommand::Bench { command } => {
             crate::control_bench::run(&mut c, &args.control, command).await?;
             Ok(Outcome::Ok)

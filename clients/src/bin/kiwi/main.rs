@@ -5,6 +5,7 @@
 //! (or an etcd cluster, with the same load).
 
 mod bench;
+mod chaos;
 mod control;
 mod control_bench;
 mod playground;
@@ -131,6 +132,10 @@ enum Command {
     Metrics,
     /// The control plane (kiwi-control): `status` (every node's live view), `events` (the event log).
     Control(control::ControlArgs),
+    /// Run a fault plan through the control plane while clients put, get and compare-and-swap on a few
+    /// keys, then check the history for linearizability and print a timeline (exit status 1 when the
+    /// history is not linearizable or the check could not decide).
+    Chaos(chaos::ChaosArgs),
     /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
     Playground(playground::PlaygroundArgs),
     /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
@@ -362,6 +367,10 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             runtime(&client, json).await
         }
         Command::Control(args) => control::run(args, json).await,
+        Command::Chaos(args) => match chaos::run(args, &cli.endpoints).await? {
+            chaos::ChaosVerdict::Linearizable => Ok(Outcome::Ok),
+            chaos::ChaosVerdict::Violation | chaos::ChaosVerdict::Unknown => Ok(Outcome::Miss),
+        },
         Command::Playground(args) => playground::run(args).await.map(|()| Outcome::Ok),
         Command::Bench(args) => {
             bench::run(args, &cli.endpoints, cli.consistency, cli.priority.into())

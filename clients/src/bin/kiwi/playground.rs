@@ -85,6 +85,10 @@ struct StartArgs {
     /// Start a node again when it dies on its own (SIGKILL, crash), instead of only reporting it.
     #[arg(long)]
     restart_crashed: bool,
+    /// Let the control plane inject faults into the nodes (`[raft.fault_injection] enabled = true`):
+    /// `kiwi control fault ...`, `kiwi chaos`. Pair with --restart-crashed for crash faults.
+    #[arg(long)]
+    fault_injection: bool,
 }
 
 /// `arg`, else the binary `name` next to this one, else `name` on PATH.
@@ -308,6 +312,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             config.push_str(&format!(
                 "\n[[raft.peers]]\nid = {pid}\naddr = \"{paddr}\"\n"
             ));
+        }
+        if args.fault_injection {
+            config.push_str("\n[raft.fault_injection]\nenabled = true\n");
         }
         config.push_str(&format!("\n[storage]\nbackend = \"{}\"\n", args.backend));
         config.push_str("\n[telemetry]\n");

@@ -1,0 +1,808 @@
+//! `kiwi chaos`: runs a fault plan through the control plane while concurrent clients issue puts,
+//! linearizable gets and compare-and-swaps on a few keys, then checks the recorded history for
+//! linearizability ([`checker`]) and prints and saves a timeline.
+//!
+//! Every operation is recorded with its invocation and completion times and its outcome: ok, failed
+//! (certainly did nothing: `INVALID_ARGUMENT`; failed reads tell nothing either) or unknown (a write that may
+//! or may not have happened: every other error of a write, including a deadline). Values are unique per
+//! write, so a read names the write it saw.
+//!
+//! A plan (TOML) is a run length and steps at offsets:
+//!
+//! ```toml
+//! duration = "20s"
+//! [[steps]]
+//! at = "3s"
+//! fault = "partition"   # delay | partition | loss | crash | stall
+//! nodes = ["leader"]    # node ids as strings, "leader" or "follower" (resolved when the step runs)
+//! for = "5s"            # how long (not for crash)
+//! # delay = "100ms", jitter = "10ms" (delay, stall); rate = 0.3 (loss); peers = ["1"] (delay, loss)
+//! ```
+//!
+//! `kiwi control chaos run PLAN` runs only the plan. `kiwi chaos --random --seed N` makes a random plan.
+//! Crashed nodes must be restarted by whatever runs them (`kiwi playground --restart-crashed`).
+
+pub mod checker;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use kiwi_client::{CallOptions, Client, ClientOptions, Error};
+use kiwi_proto::v1::control_service_client::ControlServiceClient;
+use kiwi_proto::v1::fault_spec::Kind;
+use kiwi_proto::v1::{
+    ClusterStatusRequest, DiskStall, FaultSpec, MessageLoss, NetworkDelay, NetworkPartition,
+    NodeCrash, ScheduleFaultRequest,
+};
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use checker::{Action, Op, Verdict};
+
+/// A fault plan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    #[serde(with = "humantime_serde_str")]
+    pub duration: Duration,
+    #[serde(default)]
+    pub steps: Vec<Step>,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    #[serde(with = "humantime_serde_str")]
+    pub at: Duration,
+    pub fault: String,
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    #[serde(rename = "for", default, with = "humantime_serde_opt")]
+    pub lasts: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub delay: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub jitter: Option<Duration>,
+    pub rate: Option<f64>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+}
+
+mod humantime_serde_str {
+    use serde::Deserialize as _;
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<std::time::Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+mod humantime_serde_opt {
+    use serde::Deserialize as _;
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Plan {
+    /// Reads and checks a plan file.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not a plan, or a step is malformed (named).
+    pub fn from_file(path: &Path) -> anyhow::Result<Plan> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the plan {}", path.display()))?;
+        let plan: Plan = toml::from_str(&text)
+            .with_context(|| format!("{} is not a fault plan", path.display()))?;
+        for (i, s) in plan.steps.iter().enumerate() {
+            s.spec_check()
+                .with_context(|| format!("{}: step {}", path.display(), i + 1))?;
+        }
+        Ok(plan)
+    }
+
+    /// A random plan of `duration`: one to three faults at a time, each of any type, often on the leader.
+    pub fn random(seed: u64, duration: Duration, nodes: u64) -> Plan {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut steps = Vec::new();
+        let mut t = Duration::from_secs(1);
+        let end = duration.saturating_sub(Duration::from_secs(3));
+        while t < end {
+            let lasts = Duration::from_millis(rng.random_range(1500..5000));
+            let who = |rng: &mut rand::rngs::StdRng| -> String {
+                match rng.random_range(0..3) {
+                    0 | 1 => "leader".into(),
+                    _ => rng.random_range(1..=nodes).to_string(),
+                }
+            };
+            let fault = ["partition", "delay", "loss", "crash", "stall"][rng.random_range(0..5)];
+            let step = Step {
+                at: t,
+                fault: fault.into(),
+                nodes: vec![who(&mut rng)],
+                lasts: (fault != "crash").then_some(lasts),
+                delay: match fault {
+                    "delay" => Some(Duration::from_millis(rng.random_range(20..200))),
+                    "stall" => Some(Duration::from_millis(rng.random_range(10..100))),
+                    _ => None,
+                },
+                jitter: (fault == "delay").then(|| Duration::from_millis(rng.random_range(0..50))),
+                rate: (fault == "loss").then(|| rng.random_range(0.1..0.5)),
+                peers: Vec::new(),
+            };
+            steps.push(step);
+            t += Duration::from_millis(rng.random_range(1000..4000));
+        }
+        Plan { duration, steps }
+    }
+}
+
+impl Step {
+    fn spec_check(&self) -> anyhow::Result<()> {
+        match self.fault.as_str() {
+            "delay" if self.delay.is_none() => bail!("a delay needs `delay`"),
+            "stall" if self.delay.is_none() => bail!("a stall needs `delay`"),
+            "loss" if self.rate.is_none() => bail!("a loss needs `rate`"),
+            "delay" | "stall" | "loss" | "partition" | "crash" => {}
+            other => bail!("unknown fault {other:?}: delay, partition, loss, crash or stall"),
+        }
+        if self.fault != "crash" && self.lasts.is_none() {
+            bail!("a {} needs `for` (its duration)", self.fault);
+        }
+        if self.nodes.is_empty() {
+            bail!("`nodes` must name at least one node, \"leader\" or \"follower\"");
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("{} on {:?}", self.fault, self.nodes);
+        if let Some(d) = self.delay {
+            s += &format!(" delay {d:?}");
+        }
+        if let Some(r) = self.rate {
+            s += &format!(" rate {r:.2}");
+        }
+        if let Some(l) = self.lasts {
+            s += &format!(" for {l:?}");
+        }
+        s
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Resolves "leader", "follower" and ids against the control plane's view now.
+async fn resolve(
+    control: &mut ControlServiceClient<Channel>,
+    names: &[String],
+    rng: &mut rand::rngs::StdRng,
+) -> anyhow::Result<Vec<u64>> {
+    let s = control
+        .cluster_status(ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    let up: Vec<u64> = s.nodes.iter().filter(|n| n.up).map(|n| n.node_id).collect();
+    let mut out = Vec::new();
+    for n in names {
+        let id = match n.as_str() {
+            "leader" if s.leader_id != 0 => s.leader_id,
+            "leader" | "follower" => {
+                let others: Vec<u64> = up.iter().copied().filter(|&id| id != s.leader_id).collect();
+                if others.is_empty() {
+                    bail!("no node is up to pick for {n:?}");
+                }
+                others[rng.random_range(0..others.len())]
+            }
+            id => id
+                .parse()
+                .with_context(|| format!("{id:?} is not a node id, \"leader\" or \"follower\""))?,
+        };
+        out.push(id);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// A fault window for the report: (start, end, what), in seconds since the run started.
+type Window = (f64, f64, String);
+
+/// Runs the plan's steps at their offsets from `started`. Returns the windows.
+async fn run_plan(
+    control_addr: &str,
+    plan: &Plan,
+    started: Instant,
+    seed: u64,
+    quiet: bool,
+) -> anyhow::Result<Vec<Window>> {
+    let mut control = crate::control::client(control_addr).await?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut windows = Vec::new();
+    for step in &plan.steps {
+        tokio::time::sleep_until((started + step.at).into()).await;
+        let nodes = match resolve(&mut control, &step.nodes, &mut rng).await {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("chaos: step at {:?} skipped: {e:#}", step.at);
+                continue;
+            }
+        };
+        let peers = step.peers.iter().filter_map(|p| p.parse().ok()).collect();
+        let (kind, targets) = match step.fault.as_str() {
+            "delay" => (
+                Kind::Delay(NetworkDelay {
+                    delay_ms: millis(step.delay.unwrap_or_default()),
+                    jitter_ms: millis(step.jitter.unwrap_or_default()),
+                }),
+                nodes.clone(),
+            ),
+            "partition" => (
+                Kind::Partition(NetworkPartition {
+                    isolated_nodes: nodes.clone(),
+                }),
+                Vec::new(),
+            ),
+            "loss" => (
+                Kind::Loss(MessageLoss {
+                    drop_rate: step.rate.unwrap_or(0.3),
+                }),
+                nodes.clone(),
+            ),
+            "crash" => (Kind::Crash(NodeCrash {}), nodes.clone()),
+            _ => (
+                Kind::DiskStall(DiskStall {
+                    delay_ms: millis(step.delay.unwrap_or_default()),
+                }),
+                nodes.clone(),
+            ),
+        };
+        let lasts = step.lasts.unwrap_or(Duration::from_secs(1));
+        let r = control
+            .schedule_fault(ScheduleFaultRequest {
+                spec: Some(FaultSpec {
+                    kind: Some(kind),
+                    peers,
+                }),
+                targets,
+                start_after_ms: 0,
+                duration_ms: millis(lasts),
+            })
+            .await;
+        let at = started.elapsed().as_secs_f64();
+        match r {
+            Ok(f) => {
+                let what = format!("{} on {nodes:?}", step.fault);
+                if !quiet {
+                    eprintln!(
+                        "chaos: {at:>6.1}s  fault {}: {}",
+                        f.into_inner().id,
+                        step.describe()
+                    );
+                }
+                windows.push((at, at + lasts.as_secs_f64(), what));
+            }
+            Err(e) => eprintln!(
+                "chaos: {at:>6.1}s  {} refused: {}",
+                step.describe(),
+                e.message()
+            ),
+        }
+    }
+    Ok(windows)
+}
+
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    /// The fault plan (TOML); see `kiwi chaos --help` and control-plane/plans/ in the repository.
+    #[arg(long, conflicts_with = "random")]
+    plan: Option<PathBuf>,
+    /// A random plan instead (mixing every fault type, the leader targeted often).
+    #[arg(long)]
+    random: bool,
+    /// Seed of the random plan and of the workload.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Length of a random plan.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// The control plane that schedules the faults.
+    #[arg(long, env = "KIWI_CONTROL", default_value = crate::control::DEFAULT_CONTROL)]
+    control: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Keys they share (few keys: many conflicts).
+    #[arg(long, default_value_t = 5)]
+    keys: usize,
+    /// Where the history, timeline (JSON and SVG) and verdict go (default: a new directory under the
+    /// system temp dir).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A prefix for the keys (each run should use its own).
+    #[arg(long, default_value = "chaos")]
+    prefix: String,
+    /// Less output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// The outcome of one run, for the exit status.
+pub enum ChaosVerdict {
+    Linearizable,
+    Violation,
+    Unknown,
+}
+
+/// One second of the run: operations ok, errors, latencies of the ok ones (us).
+type Second = (u64, u64, Vec<u64>);
+
+/// One second of the timeline: (second, ok, errors, p99 ms).
+type Point = (u64, u64, u64, f64);
+
+struct Recorder {
+    ops: Mutex<Vec<Op>>,
+    seconds: Mutex<BTreeMap<u64, Second>>,
+}
+
+async fn client_loop(
+    client: Arc<Client>,
+    id: usize,
+    keys: Vec<String>,
+    started: Instant,
+    until: Instant,
+    rec: Arc<Recorder>,
+    seed: u64,
+) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(id as u64));
+    let opts = CallOptions {
+        timeout: Some(Duration::from_secs(2)),
+        ..CallOptions::default()
+    };
+    let mut last_seen: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut seq = 0u64;
+    let ns = |t: Instant| u64::try_from(t.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
+    while Instant::now() < until {
+        let key = keys[rng.random_range(0..keys.len())].clone();
+        seq += 1;
+        let value = format!("c{id}-{seq}");
+        let invoked = Instant::now();
+        let choice = rng.random_range(0..10);
+        let (action, ok, unknown): (Action, bool, bool) = if choice < 4 {
+            match client.get(key.as_bytes(), &opts).await {
+                Ok(v) => {
+                    let v = v.map(|b| String::from_utf8_lossy(&b).into_owned());
+                    last_seen.insert(key.clone(), v.clone());
+                    (Action::Get { value: v }, true, false)
+                }
+                Err(_) => (Action::Get { value: None }, false, false),
+            }
+        } else if choice < 7 {
+            let r = client.put(key.as_bytes(), value.as_bytes(), &opts).await;
+            let unknown = matches!(&r, Err(e) if !matches!(e, Error::InvalidArgument(_)));
+            (
+                Action::Put {
+                    value: value.clone(),
+                },
+                r.is_ok(),
+                unknown,
+            )
+        } else {
+            let expected = last_seen.get(&key).cloned().flatten();
+            let r = client
+                .compare_and_swap(
+                    key.as_bytes(),
+                    expected.as_deref().map(str::as_bytes),
+                    value.as_bytes(),
+                    &opts,
+                )
+                .await;
+            match r {
+                Ok(o) => {
+                    let previous = o.previous.map(|b| String::from_utf8_lossy(&b).into_owned());
+                    last_seen.insert(
+                        key.clone(),
+                        if o.succeeded {
+                            Some(value.clone())
+                        } else {
+                            previous.clone()
+                        },
+                    );
+                    (
+                        Action::Cas {
+                            expected,
+                            new: value.clone(),
+                            succeeded: o.succeeded,
+                            previous,
+                        },
+                        true,
+                        false,
+                    )
+                }
+                Err(e) => (
+                    Action::Cas {
+                        expected,
+                        new: value.clone(),
+                        succeeded: false,
+                        previous: None,
+                    },
+                    false,
+                    !matches!(e, Error::InvalidArgument(_)),
+                ),
+            }
+        };
+        let completed = Instant::now();
+        let second = invoked.duration_since(started).as_secs();
+        {
+            let mut secs = rec
+                .seconds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let e = secs.entry(second).or_default();
+            if ok {
+                e.0 += 1;
+                e.2.push(
+                    u64::try_from(completed.duration_since(invoked).as_micros())
+                        .unwrap_or(u64::MAX),
+                );
+            } else {
+                e.1 += 1;
+            }
+        }
+        if ok || unknown {
+            rec.ops
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(Op {
+                    client: id,
+                    key,
+                    action,
+                    invoked: ns(invoked),
+                    completed: ok.then(|| ns(completed)),
+                });
+        }
+        if !ok {
+            // Give a failing cluster a moment rather than spinning.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn svg(timeline: &[Point], windows: &[Window], seconds: f64) -> String {
+    let (w, h, pad) = (900.0, 300.0, 40.0);
+    let max_ops = timeline.iter().map(|t| t.1 + t.2).max().unwrap_or(1).max(1) as f64;
+    let x = |s: f64| pad + s / seconds.max(1.0) * (w - 2.0 * pad);
+    let y = |v: f64| h - pad - v / max_ops * (h - 2.0 * pad);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+    );
+    for (a, b, what) in windows {
+        out += &format!(
+            "<rect x=\"{:.1}\" y=\"{pad}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#f4a261\" fill-opacity=\"0.25\"><title>{what}</title></rect>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#9c4a1a\">{what}</text>\n",
+            x(*a),
+            (x(*b) - x(*a)).max(1.0),
+            h - 2.0 * pad,
+            x(*a) + 2.0,
+            pad - 4.0
+        );
+    }
+    let line = |pick: &dyn Fn(&Point) -> f64, color: &str| {
+        let pts: Vec<String> = timeline
+            .iter()
+            .map(|t| format!("{:.1},{:.1}", x(t.0 as f64 + 0.5), y(pick(t))))
+            .collect();
+        format!(
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            pts.join(" ")
+        )
+    };
+    out += &line(&|t| t.1 as f64, "#2a9d8f");
+    out += &line(&|t| t.2 as f64, "#e63946");
+    out += &format!(
+        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\n<text x=\"{pad}\" y=\"{2}\">0 s</text><text x=\"{3:.0}\" y=\"{2}\">{seconds:.0} s</text>\n\
+         <text x=\"{pad}\" y=\"14\">ops/s (green, max {max_ops:.0}), errors/s (red); fault windows shaded</text>\n</svg>\n",
+        h - pad,
+        w - pad,
+        h - pad + 14.0,
+        w - pad - 20.0
+    );
+    out
+}
+
+/// Runs `kiwi chaos`.
+///
+/// # Errors
+/// The plan or the cluster cannot be used; writing the results fails.
+pub async fn run(args: ChaosArgs, endpoints: &[String]) -> anyhow::Result<ChaosVerdict> {
+    let control_addr = args.control.clone();
+    let mut control = crate::control::client(&control_addr).await?;
+    let status = control
+        .cluster_status(ClusterStatusRequest {})
+        .await?
+        .into_inner();
+    if status.nodes.is_empty() {
+        bail!("no node is registered with the control plane at {control_addr}");
+    }
+    let plan = match (&args.plan, args.random) {
+        (Some(p), _) => Plan::from_file(p)?,
+        (None, true) => Plan::random(args.seed, args.duration, status.nodes.len() as u64),
+        (None, false) => bail!("give --plan FILE or --random"),
+    };
+    let out = match &args.out {
+        Some(d) => d.clone(),
+        None => {
+            std::env::temp_dir().join(format!("kiwi-chaos-{}-{}", args.seed, std::process::id()))
+        }
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let client = Arc::new(Client::connect(
+        endpoints,
+        ClientOptions {
+            timeout: Duration::from_secs(2),
+            ..ClientOptions::default()
+        },
+    )?);
+    let keys: Vec<String> = (0..args.keys.max(1))
+        .map(|i| format!("{}/{i}", args.prefix))
+        .collect();
+    // The initial values: what the keys hold before the run (read linearizably, retried).
+    let mut initial = BTreeMap::new();
+    for k in &keys {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let v = loop {
+            match client.get(k.as_bytes(), &CallOptions::default()).await {
+                Ok(v) => break v.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => bail!("cannot read {k} before the run: {e}"),
+            }
+        };
+        initial.insert(k.clone(), v);
+    }
+    if !args.quiet {
+        eprintln!(
+            "chaos: {} steps over {:?}, {} clients on {} keys; results in {}",
+            plan.steps.len(),
+            plan.duration,
+            args.clients,
+            keys.len(),
+            out.display()
+        );
+    }
+    let rec = Arc::new(Recorder {
+        ops: Mutex::new(Vec::new()),
+        seconds: Mutex::new(BTreeMap::new()),
+    });
+    let started = Instant::now();
+    let until = started + plan.duration;
+    let mut tasks = Vec::new();
+    for id in 0..args.clients.max(1) {
+        tasks.push(tokio::spawn(client_loop(
+            Arc::clone(&client),
+            id,
+            keys.clone(),
+            started,
+            until,
+            Arc::clone(&rec),
+            args.seed,
+        )));
+    }
+    let windows = run_plan(&control_addr, &plan, started, args.seed, args.quiet).await?;
+    for t in tasks {
+        t.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ops = std::mem::take(
+        &mut *rec
+            .ops
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let unknown = ops.iter().filter(|o| o.completed.is_none()).count();
+
+    // The verdict, key by key.
+    let mut by_key: BTreeMap<String, Vec<Op>> = BTreeMap::new();
+    for o in &ops {
+        by_key.entry(o.key.clone()).or_default().push(o.clone());
+    }
+    let mut verdict = ChaosVerdict::Linearizable;
+    let mut report = Vec::new();
+    for (key, mut history) in by_key {
+        history.sort_by_key(|o| o.invoked);
+        let v = checker::check(&history, &initial[&key], 2_000_000);
+        match &v {
+            Verdict::Linearizable => {}
+            Verdict::Unknown => {
+                if matches!(verdict, ChaosVerdict::Linearizable) {
+                    verdict = ChaosVerdict::Unknown;
+                }
+                eprintln!("chaos: key {key}: the search budget ran out (verdict unknown)");
+            }
+            Verdict::Violation { placed, stuck } => {
+                verdict = ChaosVerdict::Violation;
+                eprintln!(
+                    "chaos: key {key}: NOT linearizable: {placed} completed operations could be ordered, \
+                     then none fits; the operations around the first that cannot be placed:"
+                );
+                for o in checker::window(&history, *stuck) {
+                    eprintln!(
+                        "    client {} {:?} invoked {:.3}s completed {}",
+                        o.client,
+                        o.action,
+                        o.invoked as f64 / 1e9,
+                        o.completed
+                            .map_or("unknown".into(), |c| format!("{:.3}s", c as f64 / 1e9))
+                    );
+                }
+            }
+        }
+        report.push(json!({"key": key, "operations": history.len(), "verdict": format!("{v:?}")}));
+    }
+
+    // The timeline: ops/s, errors/s and p99 per second, with the fault windows.
+    let seconds = std::mem::take(
+        &mut *rec
+            .seconds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let timeline: Vec<Point> = seconds
+        .into_iter()
+        .map(|(s, (ok, err, mut lat))| {
+            lat.sort_unstable();
+            let p99 = lat
+                .get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0);
+            (s, ok, err, p99 as f64 / 1000.0)
+        })
+        .collect();
+    let longest_gap = {
+        let mut gap = 0u64;
+        let mut run = 0u64;
+        for s in 0..elapsed.ceil() as u64 {
+            let ok = timeline.iter().find(|t| t.0 == s).map_or(0, |t| t.1);
+            run = if ok == 0 { run + 1 } else { 0 };
+            gap = gap.max(run);
+        }
+        gap
+    };
+    let name = match verdict {
+        ChaosVerdict::Linearizable => "linearizable",
+        ChaosVerdict::Violation => "NOT linearizable",
+        ChaosVerdict::Unknown => "unknown (search budget exceeded)",
+    };
+    let summary = json!({
+        "verdict": name, "seed": args.seed, "operations": ops.len(), "unknown_outcomes": unknown,
+        "seconds": elapsed, "faults": windows.iter().map(|w| json!({"start_s": w.0, "end_s": w.1, "fault": w.2})).collect::<Vec<_>>(),
+        "longest_unavailability_s": longest_gap, "keys": report,
+        "timeline": timeline.iter().map(|t| json!({"t_s": t.0, "ok": t.1, "errors": t.2, "p99_ms": t.3})).collect::<Vec<_>>(),
+    });
+    std::fs::write(out.join("history.json"), serde_json::to_string(&ops)?)?;
+    std::fs::write(
+        out.join("timeline.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    std::fs::write(out.join("timeline.svg"), svg(&timeline, &windows, elapsed))?;
+    if !args.quiet {
+        println!(
+            "{:>5} {:>7} {:>7} {:>8}  faults",
+            "sec", "ok/s", "err/s", "p99 ms"
+        );
+        for t in &timeline {
+            let active: Vec<&str> = windows
+                .iter()
+                .filter(|w| w.0 <= t.0 as f64 + 1.0 && w.1 >= t.0 as f64)
+                .map(|w| w.2.as_str())
+                .collect();
+            println!(
+                "{:>5} {:>7} {:>7} {:>8.1}  {}",
+                t.0,
+                t.1,
+                t.2,
+                t.3,
+                active.join(", ")
+            );
+        }
+    }
+    println!(
+        "verdict: {name}; {} operations ({unknown} with unknown outcome) over {elapsed:.1} s, {} faults, \
+         longest second-granular unavailability {longest_gap} s; history and timeline in {}",
+        ops.len(),
+        windows.len(),
+        out.display()
+    );
+    println!(
+        "{}",
+        json!({"chaos": summary["verdict"], "seed": args.seed, "operations": ops.len(),
+                          "unknown_outcomes": unknown, "faults": windows.len(),
+                          "longest_unavailability_s": longest_gap, "out": out.display().to_string()})
+    );
+    Ok(verdict)
+}
+
+/// `kiwi control chaos run PLAN`: only the plan, no workload.
+///
+/// # Errors
+/// The plan cannot be read or the control plane reached.
+pub async fn run_plan_only(control_addr: &str, path: &Path) -> anyhow::Result<()> {
+    let plan = Plan::from_file(path)?;
+    let windows = run_plan(control_addr, &plan, Instant::now(), 1, false).await?;
+    tokio::time::sleep(plan.duration.saturating_sub(Duration::ZERO)).await;
+    println!("{} faults scheduled", windows.len());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_plans_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../control-plane/plans");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let plan = Plan::from_file(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+            assert!(!plan.steps.is_empty(), "{}", p.display());
+            n += 1;
+        }
+        assert!(n >= 4);
+    }
+
+    #[test]
+    fn bad_plans_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(
+            &p,
+            "duration = \"10s\"\n[[steps]]\nat = \"1s\"\nfault = \"flood\"\nnodes = [\"1\"]\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", Plan::from_file(&p).unwrap_err());
+        assert!(e.contains("flood") && e.contains("step 1"), "{e}");
+        std::fs::write(&p, "duration = \"10s\"\n[[steps]]\nat = \"1s\"\nfault = \"delay\"\nnodes = [\"1\"]\nfor = \"1s\"\n").unwrap();
+        let e = format!("{:#}", Plan::from_file(&p).unwrap_err());
+        assert!(e.contains("delay"), "{e}");
+        std::fs::write(&p, "duration = \"10s\"\nstep = []\n").unwrap();
+        assert!(Plan::from_file(&p).is_err(), "unknown key");
+    }
+
+    #[test]
+    fn random_plans_mix_faults_and_fit_their_duration() {
+        let plan = Plan::random(7, Duration::from_secs(30), 3);
+        assert!(plan.steps.len() >= 4);
+        for s in &plan.steps {
+            s.spec_check().unwrap();
+            assert!(s.at + s.lasts.unwrap_or_default() <= Duration::from_secs(33));
+        }
+        let kinds: std::collections::BTreeSet<&str> = (0..20)
+            .flat_map(|seed| Plan::random(seed, Duration::from_secs(20), 3).steps)
+            .map(|s| match s.fault.as_str() {
+                "delay" => "delay",
+                "partition" => "partition",
+                "loss" => "loss",
+                "crash" => "crash",
+                _ => "stall",
+            })
+            .collect();
+        assert_eq!(kinds.len(), 5, "every type appears: {kinds:?}");
+    }
+}
