@@ -97,6 +97,9 @@ pub struct ClientOptions {
     pub connections_per_endpoint: usize,
     /// Time allowed to open a connection.
     pub connect_timeout: Duration,
+    /// Bearer token sent with every call (`authorization: Bearer <token>`), for nodes with
+    /// `[security] tokens_file`.
+    pub token: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -106,6 +109,7 @@ impl Default for ClientOptions {
             priority: Priority::Normal,
             connections_per_endpoint: 2,
             connect_timeout: Duration::from_secs(1),
+            token: None,
         }
     }
 }
@@ -182,18 +186,28 @@ impl TraceParent {
     }
 }
 
-/// Adds the call's `traceparent` to every request.
-#[derive(Clone)]
-pub struct TraceInterceptor(Option<tonic::metadata::AsciiMetadataValue>);
+/// Adds the call's `traceparent` and the client's bearer token to every request.
+#[derive(Clone, Default)]
+pub struct TraceInterceptor {
+    trace: Option<tonic::metadata::AsciiMetadataValue>,
+    auth: Option<tonic::metadata::AsciiMetadataValue>,
+}
 
 impl tonic::service::Interceptor for TraceInterceptor {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(v) = &self.0 {
+        if let Some(v) = &self.trace {
             request.metadata_mut().insert("traceparent", v.clone());
+        }
+        if let Some(v) = &self.auth {
+            request.metadata_mut().insert("authorization", v.clone());
         }
         Ok(request)
     }
 }
+
+/// A `NodeAdmin` client that sends the client's token.
+pub type AuthedAdminClient =
+    NodeAdminClient<tonic::service::interceptor::InterceptedService<Channel, TraceInterceptor>>;
 
 /// A `KvService` client that sends the call's trace context.
 pub type TracedKvClient =
@@ -234,9 +248,9 @@ impl Node {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    /// A `NodeAdmin` client on the next channel, with [`MAX_MESSAGE_BYTES`] limits.
-    fn admin(&self) -> NodeAdminClient<Channel> {
-        NodeAdminClient::new(self.channel())
+    /// A `NodeAdmin` client on the next channel, with [`MAX_MESSAGE_BYTES`] limits, sending the token.
+    fn admin(&self, auth: &TraceInterceptor) -> AuthedAdminClient {
+        NodeAdminClient::with_interceptor(self.channel(), auth.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
@@ -250,6 +264,8 @@ pub struct Client {
     options: ClientOptions,
     next_id: AtomicUsize,
     id_prefix: String,
+    /// `Bearer <token>`, when the options carry a token.
+    auth: Option<tonic::metadata::AsciiMetadataValue>,
 }
 
 fn normalize(endpoint: &str) -> String {
@@ -280,7 +296,17 @@ impl Client {
         for e in endpoints {
             nodes.push(std::sync::Arc::new(Self::node(e.as_ref(), &options)?));
         }
+        let auth = match &options.token {
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                Error::InvalidArgument(
+                    "the token must be printable ASCII without spaces (it travels in a header)"
+                        .into(),
+                )
+            })?),
+            None => None,
+        };
         Ok(Client {
+            auth,
             nodes: Mutex::new(nodes),
             leader: AtomicUsize::new(0),
             options,
@@ -310,6 +336,14 @@ impl Client {
             channels,
             next: AtomicUsize::new(0),
         })
+    }
+
+    /// The interceptor that sends the token (and no trace context).
+    fn interceptor(&self) -> TraceInterceptor {
+        TraceInterceptor {
+            trace: None,
+            auth: self.auth.clone(),
+        }
     }
 
     /// The endpoints this client knows (the given ones plus leaders it was redirected to).
@@ -369,7 +403,10 @@ impl Client {
             )
         });
         let priority = opts.priority.unwrap_or(self.options.priority);
-        let trace = TraceInterceptor(opts.trace.and_then(|t| t.header_value().parse().ok()));
+        let trace = TraceInterceptor {
+            trace: opts.trace.and_then(|t| t.header_value().parse().ok()),
+            auth: self.auth.clone(),
+        };
         let mut target = self.leader.load(Ordering::Relaxed);
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt");
@@ -597,7 +634,7 @@ impl Client {
         let nodes: Vec<_> = self.lock().clone();
         let mut out = Vec::new();
         for n in &nodes {
-            let mut admin = n.admin();
+            let mut admin = n.admin(&self.interceptor());
             let timeout = self.options.timeout;
             let r = tokio::time::timeout(timeout, async {
                 let policy = admin
@@ -625,7 +662,7 @@ impl Client {
         let nodes: Vec<_> = self.lock().clone();
         let mut out = Vec::new();
         for n in &nodes {
-            let mut admin = n.admin();
+            let mut admin = n.admin(&self.interceptor());
             let request = kiwi_proto::v1::RaftMetricsRequest {
                 without_history: !with_history,
             };
@@ -647,7 +684,7 @@ impl Client {
         let nodes: Vec<_> = self.lock().clone();
         let mut out = Vec::new();
         for n in &nodes {
-            let mut admin = n.admin();
+            let mut admin = n.admin(&self.interceptor());
             let r = async {
                 let mut policy = admin
                     .get_runtime_policy(GetRuntimePolicyRequest {})
@@ -669,7 +706,7 @@ impl Client {
         let nodes: Vec<_> = self.lock().clone();
         let mut tasks = Vec::new();
         for n in &nodes {
-            let mut admin = n.admin();
+            let mut admin = n.admin(&self.interceptor());
             let timeout = self.options.timeout;
             tasks.push(tokio::spawn(async move {
                 match tokio::time::timeout(timeout, admin.status(StatusRequest {})).await {

@@ -134,6 +134,14 @@ impl ControlConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir: must not be empty".into()));
         }
+        if !self.listen_addr.ip().is_loopback() {
+            return Err(ConfigError::Invalid(format!(
+                "listen_addr: {} is not a loopback address, and kiwi-control has no authentication yet: \
+                 anyone who could reach it could change every node's policy and inject faults. Keep it \
+                 on 127.0.0.1 (reach it over an SSH tunnel)",
+                self.listen_addr
+            )));
+        }
         let m = &self.metrics;
         if m.addr.is_some_and(|a| !a.ip().is_loopback()) && m.token_file.is_none() {
             return Err(ConfigError::Invalid(format!(

@@ -167,6 +167,7 @@ impl ControlPlane {
                     Arc::new(metrics::ControlMetrics(Arc::clone(&control))),
                     kiwi_proto::http::Guard {
                         token,
+                        principals: None,
                         rate_limit_per_sec: config.metrics.rate_limit_per_sec,
                         rate_limit_key: "metrics.rate_limit_per_sec",
                     },

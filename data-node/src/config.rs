@@ -72,6 +72,18 @@ pub struct NodeConfig {
     pub telemetry: TelemetryConfig,
     /// The link to the control plane.
     pub control: ControlLinkConfig,
+    /// Authentication.
+    pub security: SecurityConfig,
+}
+
+/// `[security]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Tokens file (TOML: `[[token]]` entries with `sha256`, `principal`, `role`): every KvService and
+    /// NodeAdmin call then needs `authorization: Bearer <token>` with a role that allows it. Unset: no
+    /// authentication, which is allowed only with `listen_addr` on loopback.
+    pub tokens_file: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -85,6 +97,7 @@ impl Default for NodeConfig {
             storage: StorageConfig::default(),
             telemetry: TelemetryConfig::default(),
             control: ControlLinkConfig::default(),
+            security: SecurityConfig::default(),
         }
     }
 }
@@ -648,9 +661,21 @@ impl NodeConfig {
             );
         }
 
+        check(
+            self.listen_addr.ip().is_loopback() || self.security.tokens_file.is_some(),
+            "security.tokens_file",
+            format!(
+                "must be set when listen_addr is not a loopback address ({}): without it anyone who \
+                 can reach the port may read, write and administer the node. Keep listen_addr on \
+                 127.0.0.1, or set security.tokens_file (see `kiwi token new`)",
+                self.listen_addr
+            ),
+        );
         let t = &self.telemetry;
         check(
-            t.metrics_addr.is_none_or(|a| a.ip().is_loopback()) || t.metrics_token_file.is_some(),
+            t.metrics_addr.is_none_or(|a| a.ip().is_loopback())
+                || t.metrics_token_file.is_some()
+                || self.security.tokens_file.is_some(),
             "telemetry.metrics_token_file",
             format!(
                 "must be set when telemetry.metrics_addr is not a loopback address ({}): metrics \

@@ -150,6 +150,9 @@ pub enum Error {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     MetricsHttp(#[from] telemetry::http::HttpError),
+    /// The tokens file (`security.tokens_file`) is unusable.
+    #[error(transparent)]
+    Tokens(#[from] kiwi_proto::auth::TokensError),
     /// The policy the control plane pushed earlier, persisted in the data directory, is unusable.
     #[error(
         "the control plane's policy persisted in the data directory cannot be applied: {0} (remove the \
@@ -190,6 +193,24 @@ impl Node {
     /// Invalid config, storage errors, [`Error::NodeIdMismatch`], [`Error::Bind`].
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
+        let auth = match &config.security.tokens_file {
+            Some(path) => Some(Arc::new(kiwi_proto::auth::Authenticator::from_file(
+                path,
+                "security.tokens_file",
+            )?)),
+            None => None,
+        };
+        tracing::info!(
+            tokens = auth.is_some(),
+            tls = false,
+            "security: bearer tokens {}; TLS is not built yet (tokens travel in clear text off \
+             loopback)",
+            if auth.is_some() {
+                "on"
+            } else {
+                "off (loopback only)"
+            }
+        );
         // Metrics first: a bad token file or a taken port is refused before anything is opened.
         let metrics_http = match config.telemetry.metrics_addr {
             Some(addr) => {
@@ -361,6 +382,7 @@ impl Node {
             channel,
             pool: Arc::clone(&pool),
             config: config.clone(),
+            meter: meters.runtime.clone(),
         });
         // The control plane's last policy, persisted by this node, before anything is served.
         let policy = {
@@ -413,6 +435,9 @@ impl Node {
 
         let shutdown = CancellationToken::new();
         let server = Server::builder()
+            .layer(tower::util::option_layer(auth.clone().map(|a| {
+                kiwi_proto::auth::AuthLayer::new(a, service::method_role)
+            })))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
@@ -464,6 +489,7 @@ impl Node {
                     listener,
                     registry,
                     token,
+                    auth.clone(),
                     config.telemetry.metrics_rate_limit_per_sec,
                     stop.clone(),
                 );

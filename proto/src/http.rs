@@ -96,8 +96,12 @@ pub trait Render: Send + Sync + 'static {
 
 /// How the listener guards what it serves.
 pub struct Guard {
-    /// `None`: no token required (only allowed on loopback, which config validation enforces).
+    /// `None`: no token required (only allowed on loopback, which config validation enforces), unless
+    /// `principals` is set.
     pub token: Option<String>,
+    /// The server's tokens file, when it has one: a token of a principal with the `metrics` (or `admin`)
+    /// role is accepted too, and a token is then always required.
+    pub principals: Option<Arc<crate::auth::Authenticator>>,
     pub rate_limit_per_sec: u32,
     /// The rate limit's config key, named in 429 answers.
     pub rate_limit_key: &'static str,
@@ -106,6 +110,7 @@ pub struct Guard {
 struct HttpState {
     render: Arc<dyn Render>,
     token: Option<Vec<u8>>,
+    principals: Option<Arc<crate::auth::Authenticator>>,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     rate_limit_key: &'static str,
 }
@@ -131,6 +136,7 @@ pub fn spawn(
     let state = Arc::new(HttpState {
         render,
         token: guard.token.map(String::into_bytes),
+        principals: guard.principals,
         limiter: RateLimiter::keyed(Quota::per_second(per_sec)),
         rate_limit_key: guard.rate_limit_key,
     });
@@ -206,9 +212,22 @@ async fn metrics(
         )
             .into_response();
     }
-    if let Some(token) = &state.token
-        && !authorized(&headers, token)
-    {
+    let by_token = state
+        .token
+        .as_ref()
+        .is_some_and(|token| authorized(&headers, token));
+    let by_role = state.principals.as_ref().is_some_and(|a| {
+        a.authorize(
+            headers
+                .get(header::AUTHORIZATION)
+                .map(HeaderValue::as_bytes),
+            crate::auth::Role::Metrics,
+            "metrics",
+        )
+        .is_ok()
+    });
+    let required = state.token.is_some() || state.principals.is_some();
+    if required && !by_token && !by_role {
         tracing::debug!(%peer, path = uri.path(), "metrics request refused: missing or wrong bearer token");
         return (
             StatusCode::UNAUTHORIZED,

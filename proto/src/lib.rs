@@ -7,7 +7,8 @@
 //! - `control.proto`: `NodeLink` (each node's stream to the control plane) and `ControlService` (operators).
 //!
 //! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane; `http`
-//! (feature `http`) the guarded Prometheus endpoint both of them serve.
+//! (feature `http`) the guarded Prometheus endpoint both of them serve; `auth` (feature `auth`) bearer tokens and
+//! roles for their gRPC servers.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -15,6 +16,8 @@
 //! valid protobuf message with `INVALID_ARGUMENT` (tonic's default says `INTERNAL`); generated clients
 //! use tonic's `ProstCodec` unchanged.
 
+#[cfg(feature = "auth")]
+pub mod auth;
 pub mod codec;
 #[cfg(feature = "http")]
 pub mod http;

@@ -81,9 +81,10 @@ impl KvService for KvApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let s = &self.0;
         let span = request_span("kv.Get", &request);
+        let may_critical = super::may_use_critical(&request);
         let req = request.into_inner();
         let run = async {
-            let tagged = s.tag(req.header.as_ref())?;
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
             s.check_key(&req.key)?;
             let applied = s.read_point(req.consistency, &tagged).await?;
             let key = req.key;
@@ -102,9 +103,10 @@ impl KvService for KvApi {
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let s = &self.0;
         let span = request_span("kv.Put", &request);
+        let may_critical = super::may_use_critical(&request);
         let req = request.into_inner();
         let run = async {
-            let tagged = s.tag(req.header.as_ref())?;
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
             let ops = vec![WriteOp {
                 op: Some(write_op::Op::Put(write_op::Put {
                     key: req.key,
@@ -131,9 +133,10 @@ impl KvService for KvApi {
     ) -> Result<Response<DeleteResponse>, Status> {
         let s = &self.0;
         let span = request_span("kv.Delete", &request);
+        let may_critical = super::may_use_critical(&request);
         let req = request.into_inner();
         let run = async {
-            let tagged = s.tag(req.header.as_ref())?;
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
             s.check_key(&req.key)?;
             let ops = vec![WriteOp {
                 op: Some(write_op::Op::Delete(write_op::Delete { key: req.key })),
@@ -153,9 +156,10 @@ impl KvService for KvApi {
     ) -> Result<Response<BatchWriteResponse>, Status> {
         let s = &self.0;
         let span = request_span("kv.BatchWrite", &request);
+        let may_critical = super::may_use_critical(&request);
         let req = request.into_inner();
         let run = async {
-            let tagged = s.tag(req.header.as_ref())?;
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
             s.check_ops(&req.ops)?;
             let out = s.propose_write(&tagged, req.ops).await?;
             Ok(BatchWriteResponse {
@@ -168,9 +172,10 @@ impl KvService for KvApi {
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let s = &self.0;
         let span = request_span("kv.Scan", &request);
+        let may_critical = super::may_use_critical(&request);
         let req = request.into_inner();
         let run = async {
-            let tagged = s.tag(req.header.as_ref())?;
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
             if req.limit == 0 || req.limit > MAX_SCAN_LIMIT {
                 return Err(KvError::InvalidArgument(format!(
                     "scan limit must be 1 to {MAX_SCAN_LIMIT}, got {}",
@@ -202,9 +207,10 @@ impl KvService for KvApi {
     ) -> Result<Response<CompareAndSwapResponse>, Status> {
         let s = &self.0;
         let span = request_span("kv.CompareAndSwap", &request);
+        let may_critical = super::may_use_critical(&request);
         let mut req = request.into_inner();
         let run = async {
-            let tagged = s.tag(req.header.as_ref())?;
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
             s.check_key(&req.key)?;
             match &req.expected {
                 Some(compare_and_swap_request::Expected::ExpectedValue(v)) => s

@@ -133,6 +133,34 @@ pub struct KvServer {
     /// The node's configuration, with the runtime policy in force (changed by SetRuntimePolicy).
     config: std::sync::Mutex<NodeConfig>,
     next_request: AtomicU64,
+    /// CRITICAL requests from principals without the admin role, served as HIGH.
+    critical_downgrades: opentelemetry::metrics::Counter<u64>,
+}
+
+/// The role each gRPC method of the node needs when authentication is on (`None`: open). Reads and the
+/// node status (leader discovery) need `read`; writes `write`; every other KvService or NodeAdmin call
+/// `admin`. Health checks and reflection are open; `RaftTransport` is for members, whose guard is the
+/// membership check (and mutual TLS, once built), not tokens.
+pub fn method_role(path: &str) -> Option<kiwi_proto::auth::Role> {
+    use kiwi_proto::auth::Role;
+    let (service, method) = path.trim_start_matches('/').split_once('/')?;
+    match (service, method) {
+        ("kiwi.v1.KvService", "Get" | "Scan") | ("kiwi.v1.NodeAdmin", "Status") => Some(Role::Read),
+        ("kiwi.v1.KvService", "Put" | "Delete" | "BatchWrite" | "CompareAndSwap") => {
+            Some(Role::Write)
+        }
+        ("kiwi.v1.KvService" | "kiwi.v1.NodeAdmin", _) => Some(Role::Admin),
+        _ => None,
+    }
+}
+
+/// Whether a request may use `PRIORITY_CRITICAL`: with authentication on (an authenticated principal in
+/// the request's extensions), only an admin may; with it off, anyone.
+pub(crate) fn may_use_critical<T>(request: &tonic::Request<T>) -> bool {
+    request
+        .extensions()
+        .get::<kiwi_proto::auth::Principal>()
+        .is_none_or(|p| p.role == kiwi_proto::auth::Role::Admin)
 }
 
 /// What [`KvServer::new`] is built from.
@@ -147,6 +175,8 @@ pub struct KvServerParts {
     pub channel: Arc<PriorityMessageChannel<Box<dyn Job>>>,
     pub pool: Arc<WorkerPool>,
     pub config: NodeConfig,
+    /// Where `kiwi_runtime_priority_downgrades_total` is recorded.
+    pub meter: opentelemetry::metrics::Meter,
 }
 
 /// A request's tags after validation.
@@ -241,7 +271,15 @@ impl KvServer {
             channel,
             pool,
             config,
+            meter,
         } = parts;
+        let critical_downgrades = meter
+            .u64_counter("kiwi_runtime_priority_downgrades")
+            .with_description(
+                "CRITICAL requests from principals without the admin role, served as HIGH",
+            )
+            .build();
+        critical_downgrades.add(0, &[]);
         Arc::new(KvServer {
             node_id,
             driver,
@@ -255,10 +293,11 @@ impl KvServer {
             pool,
             config: std::sync::Mutex::new(config),
             next_request: AtomicU64::new(1),
+            critical_downgrades,
         })
     }
 
-    fn tag(&self, header: Option<&RequestHeader>) -> Result<Tagged, KvError> {
+    fn tag(&self, header: Option<&RequestHeader>, may_critical: bool) -> Result<Tagged, KvError> {
         let mut request_id = header.map(|h| h.request_id.clone()).unwrap_or_default();
         if request_id.len() > MAX_REQUEST_ID {
             return Err(KvError::InvalidArgument(format!(
@@ -291,7 +330,11 @@ impl KvServer {
             )
             .min(MAX_TIMEOUT),
         };
-        let class = Class::from_wire(header.map_or(0, |h| h.priority));
+        let mut class = Class::from_wire(header.map_or(0, |h| h.priority));
+        if class == Class::Critical && !may_critical {
+            class = Class::High;
+            self.critical_downgrades.add(1, &[]);
+        }
         // Called inside the request span: its fields are filled here.
         let span = Span::current();
         span.record("request_id", request_id.as_str());

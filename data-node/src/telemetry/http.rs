@@ -1,7 +1,7 @@
 //! The node's metrics endpoint (`[telemetry] metrics_addr`): `/metrics` (every family) and
 //! `/metrics/runtime`, `/metrics/raft`, `/metrics/storage`, served by the guarded listener the control
 //! plane also uses ([`kiwi_proto::http`]: rate limit `metrics_rate_limit_per_sec`, bearer token
-//! `metrics_token_file`).
+//! `metrics_token_file`, or the token of a `metrics` or `admin` principal from `security.tokens_file`).
 
 use std::sync::Arc;
 
@@ -34,6 +34,7 @@ pub fn spawn(
     listener: TcpListener,
     registry: Arc<MetricsRegistry>,
     token: Option<String>,
+    principals: Option<Arc<kiwi_proto::auth::Authenticator>>,
     rate_limit_per_sec: u32,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
@@ -42,6 +43,7 @@ pub fn spawn(
         registry,
         kiwi_proto::http::Guard {
             token,
+            principals,
             rate_limit_per_sec,
             rate_limit_key: "telemetry.metrics_rate_limit_per_sec",
         },

@@ -50,8 +50,28 @@ struct Cli {
     /// (exported to the nodes' telemetry.otlp_endpoint), and print the trace id on stderr.
     #[arg(long, global = true)]
     trace: bool,
+    /// Bearer token for nodes with `[security] tokens_file` (and control planes with theirs).
+    #[arg(long, global = true, env = "KIWI_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the bearer token from this file instead (first line).
+    #[arg(long, global = true, env = "KIWI_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a new random token (give it to the principal) and its tokens-file entry (only the hash is
+    /// stored).
+    New {
+        /// Who the token is for (shown in errors and logs).
+        #[arg(long)]
+        principal: String,
+        /// read, write, admin or metrics.
+        #[arg(long, value_parser = ["read", "write", "admin", "metrics"])]
+        role: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -136,6 +156,11 @@ enum Command {
     /// keys, then check the history for linearizability and print a timeline (exit status 1 when the
     /// history is not linearizable or the check could not decide).
     Chaos(chaos::ChaosArgs),
+    /// Make tokens for a tokens file (`[security] tokens_file`).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Start a local cluster of real kiwi-node processes and keep it running until Ctrl-C.
     Playground(playground::PlaygroundArgs),
     /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
@@ -215,9 +240,37 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<Outcome> {
+    let token = match (&cli.token, &cli.token_file) {
+        (Some(t), _) => Some(t.trim().to_string()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("cannot read --token-file {}: {e}", path.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if let Command::Token {
+        command: TokenCommand::New { principal, role },
+    } = &cli.command
+    {
+        let bytes: [u8; 24] = rand::random();
+        let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        println!("token (give it to {principal}; it is not stored anywhere): {token}");
+        println!("tokens file entry:\n");
+        println!(
+            "[[token]]\nsha256 = \"{}\"\nprincipal = {principal:?}\nrole = \"{role}\"",
+            kiwi_proto::auth::token_hash(&token)
+        );
+        return Ok(Outcome::Ok);
+    }
     let options = ClientOptions {
         timeout: cli.timeout,
         priority: cli.priority.into(),
+        token: token.clone(),
         ..ClientOptions::default()
     };
     let trace = cli.trace.then(TraceParent::new_sampled);
@@ -367,16 +420,21 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             runtime(&client, json).await
         }
         Command::Control(args) => control::run(args, json).await,
-        Command::Chaos(args) => match chaos::run(args, &cli.endpoints).await? {
+        Command::Token { .. } => Ok(Outcome::Ok),
+        Command::Chaos(args) => match chaos::run(args, &cli.endpoints, token).await? {
             chaos::ChaosVerdict::Linearizable => Ok(Outcome::Ok),
             chaos::ChaosVerdict::Violation | chaos::ChaosVerdict::Unknown => Ok(Outcome::Miss),
         },
         Command::Playground(args) => playground::run(args).await.map(|()| Outcome::Ok),
-        Command::Bench(args) => {
-            bench::run(args, &cli.endpoints, cli.consistency, cli.priority.into())
-                .await
-                .map(|()| Outcome::Ok)
-        }
+        Command::Bench(args) => bench::run(
+            args,
+            &cli.endpoints,
+            cli.consistency,
+            cli.priority.into(),
+            token,
+        )
+        .await
+        .map(|()| Outcome::Ok),
     }
 }
 

@@ -529,7 +529,11 @@ fn svg(timeline: &[Point], windows: &[Window], seconds: f64) -> String {
 ///
 /// # Errors
 /// The plan or the cluster cannot be used; writing the results fails.
-pub async fn run(args: ChaosArgs, endpoints: &[String]) -> anyhow::Result<ChaosVerdict> {
+pub async fn run(
+    args: ChaosArgs,
+    endpoints: &[String],
+    token: Option<String>,
+) -> anyhow::Result<ChaosVerdict> {
     let control_addr = args.control.clone();
     let mut control = crate::control::client(&control_addr).await?;
     let status = control
@@ -555,6 +559,7 @@ pub async fn run(args: ChaosArgs, endpoints: &[String]) -> anyhow::Result<ChaosV
         endpoints,
         ClientOptions {
             timeout: Duration::from_secs(2),
+            token,
             ..ClientOptions::default()
         },
     )?);

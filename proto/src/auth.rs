@@ -1,0 +1,383 @@
+//! Bearer-token authentication and roles, shared by the node and the control plane (feature `auth`).
+//!
+//! A tokens file (TOML) lists who may call and with which role; it holds SHA-256 hashes of the tokens,
+//! never the tokens themselves:
+//!
+//! ```toml
+//! [[token]]
+//! sha256 = "5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+//! principal = "alice"
+//! role = "write"   # read | write | admin | metrics
+//! ```
+//!
+//! (`kiwi token new --principal alice --role write` prints a fresh token and its entry.) Calls carry
+//! `authorization: Bearer <token>`; the token's hash is compared with every entry in constant time. Roles
+//! nest: `admin` may do anything, `write` what `read` may, `read` only reads; `metrics` only scrapes.
+//! [`AuthLayer`] checks every gRPC call before it reaches a service: no or an unknown token answers
+//! `UNAUTHENTICATED`, a role too weak `PERMISSION_DENIED` naming the role needed, and the method does not
+//! run. A token never appears in an answer or a log line. The authenticated [`Principal`] is put in the
+//! request's extensions for the handlers.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use tonic::Status;
+
+/// What a principal may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+    Metrics,
+}
+
+impl Role {
+    /// Whether this role may do what `needed` allows.
+    pub fn allows(self, needed: Role) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Write => matches!(needed, Role::Write | Role::Read),
+            Role::Read => needed == Role::Read,
+            Role::Metrics => needed == Role::Metrics,
+        }
+    }
+
+    /// The role's name in the tokens file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Write => "write",
+            Role::Admin => "admin",
+            Role::Metrics => "metrics",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    #[serde(default)]
+    token: Vec<TokenEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    sha256: String,
+    principal: String,
+    role: Role,
+}
+
+/// A tokens file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{key} {path}: {why}")]
+pub struct TokensError {
+    pub key: &'static str,
+    pub path: std::path::PathBuf,
+    pub why: String,
+}
+
+/// The SHA-256 of a token, hex: what a tokens file stores.
+pub fn token_hash(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The tokens a server accepts.
+#[derive(Debug)]
+pub struct Authenticator {
+    entries: Vec<([u8; 32], Principal)>,
+}
+
+impl Authenticator {
+    /// Reads a tokens file; `key` names the config key in errors.
+    ///
+    /// # Errors
+    /// [`TokensError`] naming the file and what is wrong (unreadable, not TOML, a bad hash, no token).
+    pub fn from_file(path: &Path, key: &'static str) -> Result<Authenticator, TokensError> {
+        let err = |why: String| TokensError {
+            key,
+            path: path.to_path_buf(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let file: TokensFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if file.token.is_empty() {
+            return Err(err("lists no [[token]]".into()));
+        }
+        let mut entries = Vec::new();
+        for (i, t) in file.token.into_iter().enumerate() {
+            let bytes: Option<Vec<u8>> = (t.sha256.len() == 64)
+                .then(|| {
+                    (0..32)
+                        .map(|j| u8::from_str_radix(&t.sha256[2 * j..2 * j + 2], 16).ok())
+                        .collect()
+                })
+                .flatten();
+            let Some(bytes) = bytes else {
+                return Err(err(format!(
+                    "token {} ({}): sha256 must be 64 hex digits (the SHA-256 of the token; \
+                     `kiwi token new` prints one)",
+                    i + 1,
+                    t.principal
+                )));
+            };
+            if t.principal.is_empty() {
+                return Err(err(format!("token {}: principal must not be empty", i + 1)));
+            }
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(&bytes);
+            entries.push((
+                hash,
+                Principal {
+                    name: t.principal,
+                    role: t.role,
+                },
+            ));
+        }
+        Ok(Authenticator { entries })
+    }
+
+    /// An authenticator for the given (token, principal) pairs; for tests.
+    pub fn from_tokens(tokens: &[(&str, Principal)]) -> Authenticator {
+        Authenticator {
+            entries: tokens
+                .iter()
+                .map(|(t, p)| (Sha256::digest(t.as_bytes()).into(), p.clone()))
+                .collect(),
+        }
+    }
+
+    /// Who presents `authorization` (the header's value), if anyone.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` when the header is missing, malformed or names no known token.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Principal, Status> {
+        let Some(value) = authorization else {
+            return Err(Status::unauthenticated(
+                "this server requires a token: send `authorization: Bearer <token>` (kiwi --token or \
+                 KIWI_TOKEN)",
+            ));
+        };
+        let scheme = b"Bearer ";
+        if value.len() <= scheme.len() || !value[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            return Err(Status::unauthenticated(
+                "the authorization header must be `Bearer <token>`",
+            ));
+        }
+        let hash: [u8; 32] = Sha256::digest(&value[scheme.len()..]).into();
+        // Every entry is compared, in constant time, whichever matches.
+        let mut found = None;
+        for (h, p) in &self.entries {
+            if bool::from(h.ct_eq(&hash)) {
+                found = Some(p);
+            }
+        }
+        found
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown token"))
+    }
+
+    /// Authenticates a call and checks its role against `needed`.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` as for [`Authenticator::authenticate`]; `PERMISSION_DENIED` naming the role
+    /// needed.
+    pub fn authorize(
+        &self,
+        authorization: Option<&[u8]>,
+        needed: Role,
+        what: &str,
+    ) -> Result<Principal, Status> {
+        let p = self.authenticate(authorization)?;
+        if !p.role.allows(needed) {
+            return Err(Status::permission_denied(format!(
+                "{what} needs the {} role; principal {} has {}",
+                needed.name(),
+                p.name,
+                p.role.name()
+            )));
+        }
+        Ok(p)
+    }
+}
+
+/// Which role a gRPC method needs (`None`: open to anyone, e.g. health checks).
+pub type MethodRoles = fn(&str) -> Option<Role>;
+
+/// A tower layer that authorizes every gRPC call with an [`Authenticator`] (see the module doc).
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+    roles: MethodRoles,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Authenticator>, roles: MethodRoles) -> AuthLayer {
+        AuthLayer { auth, roles }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService {
+            inner,
+            auth: Arc::clone(&self.auth),
+            roles: self.roles,
+        }
+    }
+}
+
+/// The service [`AuthLayer`] wraps around a server's routes.
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: Arc<Authenticator>,
+    roles: MethodRoles,
+}
+
+type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        if let Some(needed) = (self.roles)(path) {
+            let header = req
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(http::HeaderValue::as_bytes);
+            let method = path.rsplit('/').next().unwrap_or(path).to_owned();
+            match self.auth.authorize(header, needed, &method) {
+                Ok(p) => {
+                    req.extensions_mut().insert(p);
+                }
+                Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+            }
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, role: Role) -> Principal {
+        Principal {
+            name: name.into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn roles_nest() {
+        assert!(Role::Admin.allows(Role::Write) && Role::Admin.allows(Role::Metrics));
+        assert!(Role::Write.allows(Role::Read) && !Role::Write.allows(Role::Admin));
+        assert!(!Role::Read.allows(Role::Write));
+        assert!(!Role::Metrics.allows(Role::Read) && Role::Metrics.allows(Role::Metrics));
+    }
+
+    #[test]
+    fn tokens_are_checked_and_never_echoed() {
+        let a = Authenticator::from_tokens(&[("s3cret", p("alice", Role::Write))]);
+        assert_eq!(
+            a.authenticate(Some(b"Bearer s3cret")).unwrap().name,
+            "alice"
+        );
+        for bad in [
+            &b"Bearer s3cre"[..],
+            b"Bearer s3cret2",
+            b"Basic s3cret",
+            b"Bearer ",
+        ] {
+            let e = a.authenticate(Some(bad)).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::Unauthenticated);
+            assert!(!e.message().contains("s3cre"), "{e:?}");
+        }
+        assert_eq!(
+            a.authenticate(None).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let e = a
+            .authorize(Some(b"Bearer s3cret"), Role::Admin, "TransferLeader")
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(
+            e.message().contains("admin") && e.message().contains("TransferLeader"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn tokens_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens.toml");
+        std::fs::write(
+            &f,
+            format!(
+                "[[token]]\nsha256 = \"{}\"\nprincipal = \"ops\"\nrole = \"admin\"\n",
+                token_hash("t0k")
+            ),
+        )
+        .unwrap();
+        let a = Authenticator::from_file(&f, "security.tokens_file").unwrap();
+        assert_eq!(
+            a.authenticate(Some(b"Bearer t0k")).unwrap().role,
+            Role::Admin
+        );
+        for (text, named) in [
+            (
+                "[[token]]\nsha256 = \"abc\"\nprincipal = \"x\"\nrole = \"read\"\n",
+                "64 hex",
+            ),
+            (
+                "[[token]]\nsha256 = \"abc\"\nprincipal = \"x\"\nrole = \"root\"\n",
+                "root",
+            ),
+            ("", "no [[token]]"),
+            ("[[tokens]]\n", "tokens"),
+        ] {
+            std::fs::write(&f, text).unwrap();
+            let e = Authenticator::from_file(&f, "security.tokens_file")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(named) && e.contains("security.tokens_file"),
+                "{e}"
+            );
+        }
+    }
+}
