@@ -205,6 +205,25 @@ impl tonic::service::Interceptor for TraceInterceptor {
     }
 }
 
+impl TraceInterceptor {
+    /// An interceptor that sends `Bearer <token>` (and no trace context).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the token cannot travel in a header.
+    pub fn with_token(token: Option<&str>) -> Result<TraceInterceptor, Error> {
+        let auth = match token {
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                Error::InvalidArgument(
+                    "the token must be printable ASCII without spaces (it travels in a header)"
+                        .into(),
+                )
+            })?),
+            None => None,
+        };
+        Ok(TraceInterceptor { trace: None, auth })
+    }
+}
+
 /// A `NodeAdmin` client that sends the client's token.
 pub type AuthedAdminClient =
     NodeAdminClient<tonic::service::interceptor::InterceptedService<Channel, TraceInterceptor>>;

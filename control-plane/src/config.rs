@@ -22,8 +22,21 @@ pub struct ControlConfig {
     pub data_dir: PathBuf,
     /// The metrics endpoint and history.
     pub metrics: MetricsConfig,
+    /// Authentication.
+    pub security: SecurityConfig,
     /// Logging.
     pub log: LogConfig,
+}
+
+/// `[security]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Tokens file (the node's format, `kiwi token new`): every `ControlService` call and every node
+    /// link then needs the token of an `admin` principal (nodes send theirs from `[control]
+    /// token_file`), and `/metrics` a `metrics` or `admin` one. Unset: no authentication, allowed only
+    /// with `listen_addr` on loopback.
+    pub tokens_file: Option<PathBuf>,
 }
 
 /// `[metrics]`
@@ -88,6 +101,7 @@ impl Default for ControlConfig {
             listen_addr: DEFAULT_LISTEN_ADDR.parse().expect("valid default address"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             metrics: MetricsConfig::default(),
+            security: SecurityConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -134,16 +148,19 @@ impl ControlConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir: must not be empty".into()));
         }
-        if !self.listen_addr.ip().is_loopback() {
+        if !self.listen_addr.ip().is_loopback() && self.security.tokens_file.is_none() {
             return Err(ConfigError::Invalid(format!(
-                "listen_addr: {} is not a loopback address, and kiwi-control has no authentication yet: \
-                 anyone who could reach it could change every node's policy and inject faults. Keep it \
-                 on 127.0.0.1 (reach it over an SSH tunnel)",
+                "security.tokens_file: must be set when listen_addr is not a loopback address ({}): \
+                 without it anyone who can reach it could change every node's policy and inject faults. \
+                 Keep listen_addr on 127.0.0.1, or set security.tokens_file (see `kiwi token new`)",
                 self.listen_addr
             )));
         }
         let m = &self.metrics;
-        if m.addr.is_some_and(|a| !a.ip().is_loopback()) && m.token_file.is_none() {
+        if m.addr.is_some_and(|a| !a.ip().is_loopback())
+            && m.token_file.is_none()
+            && self.security.tokens_file.is_none()
+        {
             return Err(ConfigError::Invalid(format!(
                 "metrics.token_file: must be set when metrics.addr is not a loopback address ({}): \
                  the per-node figures would be open to anyone who can reach it",

@@ -43,6 +43,14 @@ use crate::events::EventLog;
 use crate::service::{Control, ControlApi, NodeLinkApi};
 use crate::state::ClusterView;
 
+/// The role each gRPC method needs when authentication is on: `admin` for the operator's and the
+/// nodes' services (both change what every node runs); health and reflection are open.
+pub fn method_role(path: &str) -> Option<kiwi_proto::auth::Role> {
+    let service = path.trim_start_matches('/').split('/').next()?;
+    matches!(service, "kiwi.v1.ControlService" | "kiwi.v1.NodeLink")
+        .then_some(kiwi_proto::auth::Role::Admin)
+}
+
 /// How often silent nodes are looked for.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -71,6 +79,8 @@ pub enum Error {
     Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     MetricsHttp(#[from] kiwi_proto::http::HttpError),
+    #[error(transparent)]
+    Tokens(#[from] kiwi_proto::auth::TokensError),
 }
 
 /// A running control plane.
@@ -88,6 +98,13 @@ impl ControlPlane {
     /// [`Error`].
     pub async fn start(config: ControlConfig) -> Result<ControlPlane, Error> {
         config.validate()?;
+        let auth = match &config.security.tokens_file {
+            Some(path) => Some(Arc::new(kiwi_proto::auth::Authenticator::from_file(
+                path,
+                "security.tokens_file",
+            )?)),
+            None => None,
+        };
         // The metrics listener first: a bad token file or a taken port is refused before anything opens.
         let metrics_http = match config.metrics.addr {
             Some(addr) => {
@@ -167,7 +184,7 @@ impl ControlPlane {
                     Arc::new(metrics::ControlMetrics(Arc::clone(&control))),
                     kiwi_proto::http::Guard {
                         token,
-                        principals: None,
+                        principals: auth.clone(),
                         rate_limit_per_sec: config.metrics.rate_limit_per_sec,
                         rate_limit_key: "metrics.rate_limit_per_sec",
                     },
@@ -187,6 +204,9 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let server = Server::builder()
+            .layer(tower::util::option_layer(
+                auth.map(|a| kiwi_proto::auth::AuthLayer::new(a, method_role)),
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(NodeLinkServer::new(NodeLinkApi(Arc::clone(&control))))

@@ -461,3 +461,78 @@ async fn one_prometheus_target_covers_the_cluster_and_history_is_kept() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tokens_only_admins_and_nodes_holding_an_admin_token_get_in() {
+    use kiwi_proto::auth::token_hash;
+    use kiwi_proto::v1::ClusterStatusRequest;
+    use kiwi_proto::v1::control_service_client::ControlServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens,
+        format!(
+            "[[token]]\nsha256 = \"{}\"\nprincipal = \"ops\"\nrole = \"admin\"\n\n\
+             [[token]]\nsha256 = \"{}\"\nprincipal = \"viewer\"\nrole = \"read\"\n",
+            token_hash("ops-token"),
+            token_hash("view-token")
+        ),
+    )
+    .unwrap();
+    let config = dir.path().join("control.toml");
+    std::fs::write(&config, format!("[security]\ntokens_file = {tokens:?}\n")).unwrap();
+    let node_token = dir.path().join("node.token");
+    std::fs::write(&node_token, "ops-token\n").unwrap();
+    let addr = free_addr();
+    let _control = ControlProc::start_with(
+        addr,
+        &dir.path().join("control"),
+        &["--config".into(), config.display().to_string()],
+    );
+    let cluster = Cluster::start(ClusterOptions {
+        extra_config: format!(
+            "\n[control]\naddr = \"{addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\ntoken_file = {node_token:?}\n"
+        ),
+        ..ClusterOptions::default()
+    })
+    .await;
+    cluster.wait_leader().await;
+    let status = |token: Option<&'static str>| async move {
+        let mut c = ControlServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let mut r = tonic::Request::new(ClusterStatusRequest {});
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        c.cluster_status(r).await.map(tonic::Response::into_inner)
+    };
+    // The nodes present their admin token and link.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(Some("ops-token")).await.unwrap();
+        if up(&s) == [1, 2, 3] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes never linked: {s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = status(None).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = status(Some("view-token")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("admin"), "{e:?}");
+    // A node link without a token is refused before it registers.
+    let e = link(addr, register(9, 1, "10.0.0.9:7380"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let s = status(Some("ops-token")).await.unwrap();
+    assert_eq!(
+        s.nodes.len(),
+        3,
+        "nothing registered without a token: {s:?}"
+    );
+}

@@ -353,6 +353,9 @@ pub struct ControlLinkConfig {
     /// How often the node sends its metrics snapshot.
     #[serde(rename = "heartbeat_interval_ms", with = "millis")]
     pub heartbeat_interval: Duration,
+    /// File holding the token the node presents to a control plane with `[security] tokens_file` (an
+    /// `admin` principal's). Unset: none.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for ControlLinkConfig {
@@ -360,6 +363,7 @@ impl Default for ControlLinkConfig {
         ControlLinkConfig {
             addr: None,
             heartbeat_interval: Duration::from_millis(1000),
+            token_file: None,
         }
     }
 }

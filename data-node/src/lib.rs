@@ -463,6 +463,10 @@ impl Node {
             );
         let server = tokio::spawn(server);
         if let Some(control_addr) = &config.control.addr {
+            let token = match &config.control.token_file {
+                Some(path) => Some(telemetry::http::read_token(path, "control.token_file")?),
+                None => None,
+            };
             control::spawn(
                 kv,
                 policy,
@@ -470,7 +474,10 @@ impl Node {
                     injector: Arc::clone(&faults),
                     events: fault_events,
                 },
-                control_addr.clone(),
+                control::Target {
+                    addr: control_addr.clone(),
+                    token,
+                },
                 config.control.heartbeat_interval,
                 stop.clone(),
             );

@@ -32,6 +32,12 @@ use tonic::Code;
 use crate::fault::FaultInjector;
 use crate::service::KvServer;
 
+/// Where the control plane is, and the token the node presents to it.
+pub struct Target {
+    pub addr: String,
+    pub token: Option<String>,
+}
+
 /// The fault injector and the receiver of its events, which the link forwards.
 pub struct Faults {
     pub injector: Arc<FaultInjector>,
@@ -148,7 +154,7 @@ pub fn spawn(
     kv: Arc<KvServer>,
     policy: Arc<PolicyState>,
     mut faults: Faults,
-    addr: String,
+    target: Target,
     heartbeat_interval: Duration,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
@@ -160,21 +166,21 @@ pub fn spawn(
         let mut reported = false;
         loop {
             let outcome = tokio::select! {
-                r = link_once(&kv, &policy, &mut faults, &addr, heartbeat_interval, started) => r,
+                r = link_once(&kv, &policy, &mut faults, &target, heartbeat_interval, started) => r,
                 () = stop.cancelled() => return,
             };
             match outcome {
                 Ok(Linked::Registered) => backoff = FIRST_BACKOFF,
                 Ok(Linked::Refused(status)) => {
-                    tracing::error!(control = %addr, code = ?status.code(), reason = status.message(), "the control plane refused this node");
+                    tracing::error!(control = %target.addr, code = ?status.code(), reason = status.message(), "the control plane refused this node");
                     backoff = MAX_BACKOFF;
                 }
                 Err(e) => {
                     // Once per outage at warn level; the retries are quiet.
                     if reported {
-                        tracing::debug!(control = %addr, error = %e, "control plane unreachable");
+                        tracing::debug!(control = %target.addr, error = %e, "control plane unreachable");
                     } else {
-                        tracing::warn!(control = %addr, error = %e, "control plane unreachable; retrying in the background");
+                        tracing::warn!(control = %target.addr, error = %e, "control plane unreachable; retrying in the background");
                         reported = true;
                     }
                 }
@@ -199,10 +205,11 @@ async fn link_once(
     kv: &Arc<KvServer>,
     policy: &Arc<PolicyState>,
     faults: &mut Faults,
-    addr: &str,
+    target: &Target,
     heartbeat_interval: Duration,
     started: u64,
 ) -> Result<Linked, Box<dyn std::error::Error + Send + Sync>> {
+    let addr = target.addr.as_str();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
@@ -216,15 +223,25 @@ async fn link_once(
         )),
     })
     .await?;
-    let mut inbound = match client
-        .link(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-    {
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    if let Some(token) = &target.token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| "control.token_file: the token cannot travel in a header")?,
+        );
+    }
+    let mut inbound = match client.link(request).await {
         Ok(r) => r.into_inner(),
         Err(s)
             if matches!(
                 s.code(),
-                Code::FailedPrecondition | Code::AlreadyExists | Code::InvalidArgument
+                Code::FailedPrecondition
+                    | Code::AlreadyExists
+                    | Code::InvalidArgument
+                    | Code::Unauthenticated
+                    | Code::PermissionDenied
             ) =>
         {
             return Ok(Linked::Refused(s));

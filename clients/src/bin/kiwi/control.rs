@@ -17,6 +17,9 @@ pub struct ControlArgs {
     /// The control plane's address (host:port).
     #[arg(long, env = "KIWI_CONTROL", default_value = DEFAULT_CONTROL)]
     control: String,
+    /// Token of an admin principal, for a control plane with `[security] tokens_file`.
+    #[arg(long, env = "KIWI_CONTROL_TOKEN", hide_env_values = true)]
+    control_token: Option<String>,
     #[command(subcommand)]
     command: ControlCommand,
 }
@@ -186,16 +189,25 @@ struct PolicySetArgs {
     set_weights: Option<Vec<u32>>,
 }
 
-pub(crate) async fn client(
-    addr: &str,
-) -> anyhow::Result<ControlServiceClient<tonic::transport::Channel>> {
+/// A `ControlService` client that sends the control plane's token.
+pub(crate) type ControlClient = ControlServiceClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        kiwi_client::TraceInterceptor,
+    >,
+>;
+
+pub(crate) async fn client(addr: &str, token: Option<&str>) -> anyhow::Result<ControlClient> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
         anyhow::anyhow!("cannot reach the control plane at {addr} (--control or KIWI_CONTROL): {e}")
     })?;
-    Ok(ControlServiceClient::new(channel))
+    Ok(ControlServiceClient::with_interceptor(
+        channel,
+        kiwi_client::TraceInterceptor::with_token(token)?,
+    ))
 }
 
 fn now_unix_ms() -> u64 {
@@ -213,7 +225,7 @@ fn ago(unix_ms: u64) -> String {
 }
 
 pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
-    let mut c = client(&args.control).await?;
+    let mut c = client(&args.control, args.control_token.as_deref()).await?;
     match args.command {
         ControlCommand::Status => {
             print_status(&mut c, &args.control, json).await?;
@@ -244,11 +256,18 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
         ControlCommand::Chaos {
             command: ChaosCommand::Run { plan },
         } => {
-            crate::chaos::run_plan_only(&args.control, &plan).await?;
+            crate::chaos::run_plan_only(&args.control, args.control_token.as_deref(), &plan)
+                .await?;
             Ok(Outcome::Ok)
         }
         ControlCommand::Bench { command } => {
-            crate::control_bench::run(&mut c, &args.control, command).await?;
+            crate::control_bench::run(
+                &mut c,
+                &args.control,
+                args.control_token.as_deref(),
+                command,
+            )
+            .await?;
             Ok(Outcome::Ok)
         }
         ControlCommand::History { node, last } => {
@@ -408,7 +427,7 @@ fn print_policy(p: &kiwi_proto::v1::ClusterPolicy, json: bool) {
 }
 
 async fn policy(
-    c: &mut ControlServiceClient<tonic::transport::Channel>,
+    c: &mut ControlClient,
     command: PolicyCommand,
     json: bool,
 ) -> anyhow::Result<Outcome> {
@@ -464,11 +483,7 @@ async fn policy(
 }
 
 /// Prints the cluster view once (a table, or one JSON object).
-async fn print_status(
-    c: &mut ControlServiceClient<tonic::transport::Channel>,
-    control: &str,
-    json: bool,
-) -> anyhow::Result<()> {
+async fn print_status(c: &mut ControlClient, control: &str, json: bool) -> anyhow::Result<()> {
     let args_control = control;
     let s = c
         .cluster_status(ClusterStatusRequest {})
@@ -623,7 +638,7 @@ fn print_fault(f: &kiwi_proto::v1::FaultSchedule, json: bool) {
 }
 
 async fn fault(
-    c: &mut ControlServiceClient<tonic::transport::Channel>,
+    c: &mut ControlClient,
     command: FaultCommand,
     json: bool,
 ) -> anyhow::Result<Outcome> {

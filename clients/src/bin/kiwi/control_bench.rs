@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::Subcommand;
 use hdrhistogram::Histogram;
-use kiwi_proto::v1::control_service_client::ControlServiceClient;
 use kiwi_proto::v1::node_link_client::NodeLinkClient;
 use kiwi_proto::v1::node_message::Msg;
 use kiwi_proto::v1::{
@@ -29,7 +28,7 @@ use kiwi_proto::v1::{
     SetPolicyRequest, control_message,
 };
 use serde_json::json;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -86,8 +85,9 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
 }
 
 pub async fn run(
-    c: &mut ControlServiceClient<Channel>,
+    c: &mut crate::control::ControlClient,
     addr: &str,
+    token: Option<&str>,
     command: BenchCommand,
 ) -> anyhow::Result<()> {
     match command {
@@ -98,11 +98,21 @@ pub async fn run(
             duration,
             control_pid,
             cluster_id,
-        } => fleet(c, addr, nodes, interval, duration, control_pid, cluster_id).await,
+        } => {
+            let f = FleetArgs {
+                nodes,
+                interval,
+                duration,
+                control_pid,
+                cluster_id,
+                token: token.map(str::to_owned),
+            };
+            fleet(c, addr, f).await
+        }
     }
 }
 
-async fn push(c: &mut ControlServiceClient<Channel>, repetitions: u32) -> anyhow::Result<()> {
+async fn push(c: &mut crate::control::ControlClient, repetitions: u32) -> anyhow::Result<()> {
     let status = c
         .cluster_status(ClusterStatusRequest {})
         .await?
@@ -259,6 +269,7 @@ struct Fleet {
     registered: Arc<AtomicU64>,
     beats: Arc<AtomicU64>,
     stop: tokio_util::sync::CancellationToken,
+    token: Option<String>,
 }
 
 async fn simulated_node(fleet: Fleet, id: u64) -> anyhow::Result<()> {
@@ -270,6 +281,7 @@ async fn simulated_node(fleet: Fleet, id: u64) -> anyhow::Result<()> {
         registered,
         beats,
         stop,
+        token,
     } = fleet;
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -293,7 +305,14 @@ async fn simulated_node(fleet: Fleet, id: u64) -> anyhow::Result<()> {
     })
     .await?;
     let mut inbound = client
-        .link(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .link({
+            let mut r = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            if let Some(t) = &token {
+                r.metadata_mut()
+                    .insert("authorization", format!("Bearer {t}").parse()?);
+            }
+            r
+        })
         .await
         .with_context(|| format!("simulated node {id} refused"))?
         .into_inner();
@@ -357,15 +376,29 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, u64)> {
     Ok((ticks, kib("VmRSS:"), kib("VmHWM:")))
 }
 
-async fn fleet(
-    c: &mut ControlServiceClient<Channel>,
-    addr: &str,
+/// `fleet`'s settings.
+struct FleetArgs {
     nodes: u64,
     interval: Duration,
     duration: Duration,
     control_pid: Option<u32>,
     cluster_id: u64,
+    token: Option<String>,
+}
+
+async fn fleet(
+    c: &mut crate::control::ControlClient,
+    addr: &str,
+    args: FleetArgs,
 ) -> anyhow::Result<()> {
+    let FleetArgs {
+        nodes,
+        interval,
+        duration,
+        control_pid,
+        cluster_id,
+        token,
+    } = args;
     if nodes == 0 {
         bail!("--nodes must be at least 1");
     }
@@ -382,6 +415,7 @@ async fn fleet(
         registered: Arc::clone(&registered),
         beats: Arc::clone(&beats),
         stop: stop.clone(),
+        token,
     };
     for id in 1..=nodes {
         tasks.spawn(simulated_node(fleet.clone(), id));

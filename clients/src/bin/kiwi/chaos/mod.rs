@@ -32,7 +32,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Args;
 use kiwi_client::{CallOptions, Client, ClientOptions, Error};
-use kiwi_proto::v1::control_service_client::ControlServiceClient;
 use kiwi_proto::v1::fault_spec::Kind;
 use kiwi_proto::v1::{
     ClusterStatusRequest, DiskStall, FaultSpec, MessageLoss, NetworkDelay, NetworkPartition,
@@ -41,7 +40,6 @@ use kiwi_proto::v1::{
 use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::json;
-use tonic::transport::Channel;
 
 use checker::{Action, Op, Verdict};
 
@@ -189,7 +187,7 @@ fn millis(d: Duration) -> u64 {
 
 /// Resolves "leader", "follower" and ids against the control plane's view now.
 async fn resolve(
-    control: &mut ControlServiceClient<Channel>,
+    control: &mut crate::control::ControlClient,
     names: &[String],
     rng: &mut rand::rngs::StdRng,
 ) -> anyhow::Result<Vec<u64>> {
@@ -226,12 +224,13 @@ type Window = (f64, f64, String);
 /// Runs the plan's steps at their offsets from `started`. Returns the windows.
 async fn run_plan(
     control_addr: &str,
+    control_token: Option<&str>,
     plan: &Plan,
     started: Instant,
     seed: u64,
     quiet: bool,
 ) -> anyhow::Result<Vec<Window>> {
-    let mut control = crate::control::client(control_addr).await?;
+    let mut control = crate::control::client(control_addr, control_token).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut windows = Vec::new();
     for step in &plan.steps {
@@ -324,6 +323,9 @@ pub struct ChaosArgs {
     /// The control plane that schedules the faults.
     #[arg(long, env = "KIWI_CONTROL", default_value = crate::control::DEFAULT_CONTROL)]
     control: String,
+    /// Token of an admin principal, for a control plane with `[security] tokens_file`.
+    #[arg(long, env = "KIWI_CONTROL_TOKEN", hide_env_values = true)]
+    control_token: Option<String>,
     /// Concurrent clients.
     #[arg(long, default_value_t = 4)]
     clients: usize,
@@ -535,7 +537,7 @@ pub async fn run(
     token: Option<String>,
 ) -> anyhow::Result<ChaosVerdict> {
     let control_addr = args.control.clone();
-    let mut control = crate::control::client(&control_addr).await?;
+    let mut control = crate::control::client(&control_addr, args.control_token.as_deref()).await?;
     let status = control
         .cluster_status(ClusterStatusRequest {})
         .await?
@@ -609,7 +611,15 @@ pub async fn run(
             args.seed,
         )));
     }
-    let windows = run_plan(&control_addr, &plan, started, args.seed, args.quiet).await?;
+    let windows = run_plan(
+        &control_addr,
+        args.control_token.as_deref(),
+        &plan,
+        started,
+        args.seed,
+        args.quiet,
+    )
+    .await?;
     for t in tasks {
         t.await?;
     }
@@ -747,9 +757,13 @@ pub async fn run(
 ///
 /// # Errors
 /// The plan cannot be read or the control plane reached.
-pub async fn run_plan_only(control_addr: &str, path: &Path) -> anyhow::Result<()> {
+pub async fn run_plan_only(
+    control_addr: &str,
+    control_token: Option<&str>,
+    path: &Path,
+) -> anyhow::Result<()> {
     let plan = Plan::from_file(path)?;
-    let windows = run_plan(control_addr, &plan, Instant::now(), 1, false).await?;
+    let windows = run_plan(control_addr, control_token, &plan, Instant::now(), 1, false).await?;
     tokio::time::sleep(plan.duration.saturating_sub(Duration::ZERO)).await;
     println!("{} faults scheduled", windows.len());
     Ok(())
