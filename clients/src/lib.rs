@@ -100,6 +100,9 @@ pub struct ClientOptions {
     /// Bearer token sent with every call (`authorization: Bearer <token>`), for nodes with
     /// `[security] tokens_file`.
     pub token: Option<String>,
+    /// TLS to the nodes (the CA that signed their certificates; a client certificate if wanted), for
+    /// nodes with `[security] cert_file`. `None`: plain text.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Default for ClientOptions {
@@ -110,6 +113,7 @@ impl Default for ClientOptions {
             connections_per_endpoint: 2,
             connect_timeout: Duration::from_secs(1),
             token: None,
+            tls: None,
         }
     }
 }
@@ -343,8 +347,15 @@ impl Client {
         if !addr.contains(':') {
             return Err(bad("expected host:port".into()));
         }
-        let ep = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| bad(e.to_string()))?
+        let ep = match &options.tls {
+            None => {
+                Endpoint::from_shared(format!("http://{addr}")).map_err(|e| bad(e.to_string()))?
+            }
+            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|e| e.tls_config(tls.clone()))
+                .map_err(|e| bad(e.to_string()))?,
+        };
+        let ep = ep
             .connect_timeout(options.connect_timeout)
             .tcp_nodelay(true);
         let channels = (0..options.connections_per_endpoint.max(1))

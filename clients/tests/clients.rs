@@ -538,3 +538,132 @@ async fn metrics_show_each_followers_replication() {
         "{text}"
     );
 }
+
+#[test]
+fn secure_playground_serves_tls_mutual_tls_and_tokens() {
+    use std::io::BufRead as _;
+    let _serial = kiwi_tests::cluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pg");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args([
+            "playground",
+            "--nodes",
+            "3",
+            "--secure",
+            "--no-metrics",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .arg("--node-bin")
+        .arg(node_binary())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut exports = Vec::new();
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some((k, v)) = line
+            .trim()
+            .strip_prefix("export ")
+            .and_then(|e| e.split_once('='))
+        {
+            exports.push((k.to_string(), v.to_string()));
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let get = |k: &str| {
+        exports
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{k} printed: {exports:?}"))
+    };
+    let run = |args: &[&str], drop: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiwi"));
+        for (k, v) in &exports {
+            if !drop.contains(&k.as_str()) {
+                c.env(k, v);
+            }
+        }
+        c.args(args).output().unwrap()
+    };
+    let ok = run(&["put", "hello", "tls"], &[]);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(stdout(&run(&["get", "hello"], &[])), "tls\n");
+    let no_token = run(&["get", "hello"], &["KIWI_TOKEN_FILE"]);
+    assert_eq!(no_token.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&no_token.stderr).contains("token"),
+        "{no_token:?}"
+    );
+    let plain = run(&["get", "hello"], &["KIWI_CA_CERT"]);
+    assert_eq!(
+        plain.status.code(),
+        Some(2),
+        "plain text to a TLS node fails: {plain:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).contains("--ca-cert"),
+        "{plain:?}"
+    );
+    // The nodes linked to the control plane over TLS with their token.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = run(&["control", "status", "--json"], &[]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        if v["nodes"]
+            .as_array()
+            .is_some_and(|n| n.iter().filter(|n| n["up"] == true).count() == 3)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nodes never linked over TLS: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Raft traffic over TLS but without a client certificate from the cluster CA is refused.
+    let endpoints = get("KIWI_ENDPOINTS");
+    let first = endpoints.split(',').next().unwrap().to_string();
+    let ca = std::fs::read(get("KIWI_CA_CERT")).unwrap();
+    let code = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+            let channel = tonic::transport::Endpoint::from_shared(format!("https://{first}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut raft = kiwi_proto::v1::raft_transport_client::RaftTransportClient::new(channel);
+            let batch = kiwi_proto::v1::RaftMessageBatch {
+                cluster_id: 0,
+                from_node: 2,
+                to_node: 1,
+                messages: vec![],
+            };
+            raft.send_messages(tokio_stream::iter([batch]))
+                .await
+                .map(|_| ())
+                .unwrap_err()
+                .code()
+        });
+    assert_eq!(
+        code,
+        tonic::Code::PermissionDenied,
+        "no client certificate, no Raft"
+    );
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}

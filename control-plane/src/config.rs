@@ -37,6 +37,12 @@ pub struct SecurityConfig {
     /// token_file`), and `/metrics` a `metrics` or `admin` one. Unset: no authentication, allowed only
     /// with `listen_addr` on loopback.
     pub tokens_file: Option<PathBuf>,
+    /// PEM certificate and key: serve TLS (nodes then link to `https://host:port`; `kiwi control`
+    /// needs `--ca-cert`). Both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA whose certificates callers may present (optional for them).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[metrics]`
@@ -155,6 +161,17 @@ impl ControlConfig {
                  Keep listen_addr on 127.0.0.1, or set security.tokens_file (see `kiwi token new`)",
                 self.listen_addr
             )));
+        }
+        let sec = &self.security;
+        if sec.cert_file.is_some() != sec.key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "security.cert_file and security.key_file go together".into(),
+            ));
+        }
+        if sec.ca_file.is_some() && sec.cert_file.is_none() {
+            return Err(ConfigError::Invalid(
+                "security.ca_file: needs security.cert_file and security.key_file".into(),
+            ));
         }
         let m = &self.metrics;
         if m.addr.is_some_and(|a| !a.ip().is_loopback())

@@ -81,6 +81,8 @@ pub enum Error {
     MetricsHttp(#[from] kiwi_proto::http::HttpError),
     #[error(transparent)]
     Tokens(#[from] kiwi_proto::auth::TokensError),
+    #[error(transparent)]
+    Tls(#[from] kiwi_proto::tls::TlsError),
 }
 
 /// A running control plane.
@@ -203,7 +205,18 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(kiwi_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
-        let server = Server::builder()
+        let sec = &config.security;
+        let mut builder = Server::builder();
+        if let (Some(cert), Some(key)) = (&sec.cert_file, &sec.key_file) {
+            let tls =
+                kiwi_proto::tls::server_config("security", cert, key, sec.ca_file.as_deref())?;
+            builder = builder.tls_config(tls).map_err(|e| {
+                kiwi_proto::tls::TlsError(format!(
+                    "security.cert_file / security.key_file: {e} (is the key the certificate's?)"
+                ))
+            })?;
+        }
+        let server = builder
             .layer(tower::util::option_layer(
                 auth.map(|a| kiwi_proto::auth::AuthLayer::new(a, method_role)),
             ))

@@ -84,6 +84,21 @@ pub struct SecurityConfig {
     /// NodeAdmin call then needs `authorization: Bearer <token>` with a role that allows it. Unset: no
     /// authentication, which is allowed only with `listen_addr` on loopback.
     pub tokens_file: Option<PathBuf>,
+    /// PEM certificate and private key: the gRPC port serves TLS (clients need the CA, `kiwi
+    /// --ca-cert`). Both or neither.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA of the cluster: peers connect with TLS trusting it and presenting `cert_file`, and the
+    /// Raft service serves only callers that present a certificate it signed (mutual TLS). Needs
+    /// `cert_file` and `key_file`.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl SecurityConfig {
+    /// Whether the node serves TLS.
+    pub fn tls(&self) -> bool {
+        self.cert_file.is_some()
+    }
 }
 
 impl Default for NodeConfig {
@@ -675,6 +690,32 @@ impl NodeConfig {
                 self.listen_addr
             ),
         );
+        let sec = &self.security;
+        check(
+            sec.cert_file.is_some() == sec.key_file.is_some(),
+            if sec.cert_file.is_some() {
+                "security.key_file"
+            } else {
+                "security.cert_file"
+            },
+            "security.cert_file and security.key_file go together".to_string(),
+        );
+        check(
+            sec.ca_file.is_none() || sec.cert_file.is_some(),
+            "security.ca_file",
+            "needs security.cert_file and security.key_file (peers present them for mutual TLS)"
+                .to_string(),
+        );
+        check(
+            self.control
+                .addr
+                .as_ref()
+                .is_none_or(|a| !a.starts_with("https://") || sec.ca_file.is_some()),
+            "control.addr",
+            "an https:// control plane needs security.ca_file (and cert_file, key_file): the node \
+             trusts the cluster CA and presents its certificate"
+                .to_string(),
+        );
         let t = &self.telemetry;
         check(
             t.metrics_addr.is_none_or(|a| a.ip().is_loopback())
@@ -715,7 +756,7 @@ impl NodeConfig {
 
         let c = &self.control;
         if let Some(addr) = &c.addr
-            && let Err(e) = check_member_addr(addr)
+            && let Err(e) = check_member_addr(addr.strip_prefix("https://").unwrap_or(addr))
         {
             check(false, "control.addr", e);
         }

@@ -153,6 +153,9 @@ pub enum Error {
     /// The tokens file (`security.tokens_file`) is unusable.
     #[error(transparent)]
     Tokens(#[from] kiwi_proto::auth::TokensError),
+    /// A TLS file (`security.cert_file`, `key_file`, `ca_file`) is unusable.
+    #[error(transparent)]
+    Tls(#[from] kiwi_proto::tls::TlsError),
     /// The policy the control plane pushed earlier, persisted in the data directory, is unusable.
     #[error(
         "the control plane's policy persisted in the data directory cannot be applied: {0} (remove the \
@@ -200,16 +203,32 @@ impl Node {
             )?)),
             None => None,
         };
+        let sec = &config.security;
+        let server_tls = match (&sec.cert_file, &sec.key_file) {
+            (Some(cert), Some(key)) => Some(kiwi_proto::tls::server_config(
+                "security",
+                cert,
+                key,
+                sec.ca_file.as_deref(),
+            )?),
+            _ => None,
+        };
+        let peer_tls = match (&sec.ca_file, &sec.cert_file, &sec.key_file) {
+            (Some(ca), Some(cert), Some(key)) => Some(kiwi_proto::tls::client_config(
+                ca,
+                "security.ca_file",
+                Some((cert, "security.cert_file", key, "security.key_file")),
+            )?),
+            _ => None,
+        };
         tracing::info!(
             tokens = auth.is_some(),
-            tls = false,
-            "security: bearer tokens {}; TLS is not built yet (tokens travel in clear text off \
-             loopback)",
-            if auth.is_some() {
-                "on"
-            } else {
-                "off (loopback only)"
-            }
+            tls = server_tls.is_some(),
+            mtls = peer_tls.is_some(),
+            "security: bearer tokens {}, TLS {}, mutual TLS between members {}",
+            if auth.is_some() { "on" } else { "off" },
+            if server_tls.is_some() { "on" } else { "off" },
+            if peer_tls.is_some() { "on" } else { "off" }
         );
         // Metrics first: a bad token file or a taken port is refused before anything is opened.
         let metrics_http = match config.telemetry.metrics_addr {
@@ -318,6 +337,7 @@ impl Node {
             &stop,
             events_tx,
             Arc::clone(&faults),
+            peer_tls.clone(),
         ));
         faults.spawn_expiry(stop.clone());
         let driver_config = DriverConfig {
@@ -434,7 +454,15 @@ impl Node {
             .build_v1()?;
 
         let shutdown = CancellationToken::new();
-        let server = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = server_tls {
+            builder = builder.tls_config(tls).map_err(|e| {
+                kiwi_proto::tls::TlsError(format!(
+                    "security.cert_file / security.key_file: {e} (is the key the certificate's?)"
+                ))
+            })?;
+        }
+        let server = builder
             .layer(tower::util::option_layer(auth.clone().map(|a| {
                 kiwi_proto::auth::AuthLayer::new(a, service::method_role)
             })))
@@ -454,6 +482,7 @@ impl Node {
                     Arc::clone(&storage),
                     shutdown.clone(),
                     Arc::clone(&faults),
+                    peer_tls.is_some(),
                 ))
                 .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
             )
@@ -477,6 +506,10 @@ impl Node {
                 control::Target {
                     addr: control_addr.clone(),
                     token,
+                    tls: control_addr
+                        .starts_with("https://")
+                        .then(|| peer_tls.clone())
+                        .flatten(),
                 },
                 config.control.heartbeat_interval,
                 stop.clone(),

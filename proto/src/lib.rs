@@ -8,7 +8,7 @@
 //!
 //! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane; `http`
 //! (feature `http`) the guarded Prometheus endpoint both of them serve; `auth` (feature `auth`) bearer tokens and
-//! roles for their gRPC servers.
+//! roles for their gRPC servers; [`tls`] their TLS settings from PEM files.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -22,6 +22,7 @@ pub mod codec;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod policy;
+pub mod tls;
 
 /// Generated messages, clients and servers of package `kiwi.v1`.
 pub mod v1 {

@@ -34,8 +34,10 @@ use crate::service::KvServer;
 
 /// Where the control plane is, and the token the node presents to it.
 pub struct Target {
+    /// `host:port` (plain text) or `https://host:port` (TLS with `tls`).
     pub addr: String,
     pub token: Option<String>,
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// The fault injector and the receiver of its events, which the link forwards.
@@ -210,7 +212,16 @@ async fn link_once(
     started: u64,
 ) -> Result<Linked, Box<dyn std::error::Error + Send + Sync>> {
     let addr = target.addr.as_str();
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = match (&target.tls, addr.strip_prefix("https://")) {
+        (Some(tls), Some(_)) => {
+            tonic::transport::Endpoint::from_shared(addr.to_string())?.tls_config(tls.clone())?
+        }
+        _ => tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            addr.trim_start_matches("http://")
+        ))?,
+    };
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect()

@@ -60,6 +60,8 @@ pub enum Refusal {
     Entries,
     /// A snapshot whose metadata cannot be right.
     Snapshot,
+    /// With mutual TLS, a caller that presented no certificate.
+    Certificate,
 }
 
 impl Refusal {
@@ -74,11 +76,12 @@ impl Refusal {
             Refusal::Index => "index",
             Refusal::Entries => "entries",
             Refusal::Snapshot => "snapshot",
+            Refusal::Certificate => "certificate",
         }
     }
 
     /// Every refusal, for metrics that start at zero.
-    pub const ALL: [Refusal; 8] = [
+    pub const ALL: [Refusal; 9] = [
         Refusal::NotMember,
         Refusal::Envelope,
         Refusal::Cluster,
@@ -87,6 +90,7 @@ impl Refusal {
         Refusal::Index,
         Refusal::Entries,
         Refusal::Snapshot,
+        Refusal::Certificate,
     ];
 }
 

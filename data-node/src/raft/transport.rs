@@ -24,6 +24,7 @@ use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::ClientTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::fault::{FaultInjector, Verdict};
@@ -94,6 +95,8 @@ pub struct Peers {
     events: mpsc::UnboundedSender<PeerEvent>,
     runtime: tokio::runtime::Handle,
     faults: Arc<FaultInjector>,
+    /// TLS to the peers (the cluster CA, this node's certificate), when `[security] ca_file` is set.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Peers {
@@ -108,6 +111,7 @@ impl Peers {
         shutdown: &CancellationToken,
         events: mpsc::UnboundedSender<PeerEvent>,
         faults: Arc<FaultInjector>,
+        tls: Option<ClientTlsConfig>,
     ) -> Self {
         let peers = Peers {
             self_id,
@@ -119,6 +123,7 @@ impl Peers {
             events,
             runtime: tokio::runtime::Handle::current(),
             faults,
+            tls,
         };
         for (id, addr) in members.all() {
             peers.connect(id, addr);
@@ -146,6 +151,7 @@ impl Peers {
                 shutdown: self.shutdown.clone(),
                 unreachable: self.events.clone(),
                 faults: Arc::clone(&self.faults),
+                tls: self.tls.clone(),
             },
             id,
             addr,
@@ -175,13 +181,14 @@ impl Peers {
         let self_id = self.self_id;
         let cluster = self.cluster.load(Ordering::Relaxed);
         let shutdown = self.shutdown.clone();
+        let tls = self.tls.clone();
         self.runtime.spawn(async move {
             let index = msg.get_snapshot().get_metadata().index;
             tracing::info!(to, index, "sending a Raft snapshot");
             let started = std::time::Instant::now();
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = stream_snapshot(self_id, cluster, to, addr, msg, view) => r,
+                r = stream_snapshot(self_id, cluster, to, addr, msg, view, tls) => r,
             };
             match result {
                 Ok(pairs) => {
@@ -238,6 +245,18 @@ impl MessageSink for Peers {
     }
 }
 
+/// The endpoint of a peer: plain, or TLS with the cluster CA and this node's certificate.
+fn peer_endpoint(
+    addr: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
+    match tls {
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}")),
+        Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls.clone()),
+    }
+}
+
 /// Streams one snapshot: the first chunk carries the Raft message, every chunk up to [`snapshot::CHUNK_KEYS`]
 /// pairs read from the pinned view on a blocking thread, two chunks in flight at most.
 async fn stream_snapshot(
@@ -247,8 +266,9 @@ async fn stream_snapshot(
     addr: String,
     msg: Message,
     view: Box<dyn StorageSnapshot>,
+    tls: Option<ClientTlsConfig>,
 ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let channel = peer_endpoint(&addr, tls.as_ref())?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect()
@@ -297,6 +317,7 @@ struct SenderContext {
     shutdown: CancellationToken,
     unreachable: mpsc::UnboundedSender<PeerEvent>,
     faults: Arc<FaultInjector>,
+    tls: Option<ClientTlsConfig>,
 }
 
 async fn peer_task(ctx: SenderContext, peer: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
@@ -306,10 +327,11 @@ async fn peer_task(ctx: SenderContext, peer: u64, addr: String, mut rx: mpsc::Re
         shutdown,
         unreachable,
         faults,
+        tls,
     } = ctx;
     let mut backoff = Duration::from_millis(50);
     'connect: loop {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
+        let endpoint = match peer_endpoint(&addr, tls.as_ref()) {
             Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(e) => {
                 tracing::error!(peer, %addr, error = %e, "invalid peer address; not sending to it");
@@ -413,6 +435,8 @@ pub struct RaftService {
     /// One snapshot is received and installed at a time: the staging area is shared.
     staging: tokio::sync::Mutex<()>,
     faults: Arc<FaultInjector>,
+    /// Mutual TLS: serve only callers that presented a certificate from the cluster CA.
+    mtls: bool,
 }
 
 impl RaftService {
@@ -423,6 +447,7 @@ impl RaftService {
         backend: Arc<dyn StorageBackend>,
         shutdown: CancellationToken,
         faults: Arc<FaultInjector>,
+        mtls: bool,
     ) -> Self {
         RaftService {
             node_id,
@@ -432,7 +457,22 @@ impl RaftService {
             backend,
             staging: tokio::sync::Mutex::new(()),
             faults,
+            mtls,
         }
+    }
+
+    /// With mutual TLS, refuses a caller that presented no certificate (the TLS layer already checked
+    /// that a presented one comes from the cluster CA).
+    fn check_certificate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.mtls && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            self.driver.count_refused(Refusal::Certificate);
+            return Err(Status::permission_denied(format!(
+                "node {} serves Raft traffic only to members presenting a certificate from the cluster \
+                 CA (mutual TLS, security.ca_file)",
+                self.node_id
+            )));
+        }
+        Ok(())
     }
 
     /// Refuses a stream from a sender that is not a current member or belongs to another cluster (see
@@ -514,6 +554,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<RaftMessageBatch>>,
     ) -> Result<Response<SendMessagesResponse>, Status> {
+        self.check_certificate(&request)?;
         let mut stream = request.into_inner();
         loop {
             let batch = tokio::select! {
@@ -562,6 +603,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SendSnapshotResponse>, Status> {
+        self.check_certificate(&request)?;
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument("empty snapshot stream"));

@@ -248,7 +248,7 @@ pub async fn run(
     endpoints: &[String],
     consistency: ConsistencyArg,
     priority: Priority,
-    token: Option<String>,
+    conn: &crate::Conn,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
@@ -265,7 +265,8 @@ pub async fn run(
                 ClientOptions {
                     priority,
                     connections_per_endpoint: per_endpoint,
-                    token,
+                    token: conn.token.clone(),
+                    tls: conn.tls.clone(),
                     ..ClientOptions::default()
                 },
             )?;

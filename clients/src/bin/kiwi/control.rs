@@ -197,8 +197,27 @@ pub(crate) type ControlClient = ControlServiceClient<
     >,
 >;
 
-pub(crate) async fn client(addr: &str, token: Option<&str>) -> anyhow::Result<ControlClient> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+/// Where the control plane is and how to reach it.
+#[derive(Clone)]
+pub(crate) struct ControlTarget {
+    pub addr: String,
+    pub token: Option<String>,
+    /// TLS (the CLI's --ca-cert): `https://`.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+pub(crate) async fn client(target: &ControlTarget) -> anyhow::Result<ControlClient> {
+    let addr = target
+        .addr
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    let token = target.token.as_deref();
+    let endpoint = match &target.tls {
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
+        Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls.clone())?,
+    };
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.map_err(|e| {
@@ -224,8 +243,13 @@ fn ago(unix_ms: u64) -> String {
     format!("{:.1}s ago", now.saturating_sub(unix_ms) as f64 / 1000.0)
 }
 
-pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
-    let mut c = client(&args.control, args.control_token.as_deref()).await?;
+pub async fn run(args: ControlArgs, json: bool, conn: &crate::Conn) -> anyhow::Result<Outcome> {
+    let target = ControlTarget {
+        addr: args.control.clone(),
+        token: args.control_token.clone(),
+        tls: conn.tls.clone(),
+    };
+    let mut c = client(&target).await?;
     match args.command {
         ControlCommand::Status => {
             print_status(&mut c, &args.control, json).await?;
@@ -256,8 +280,7 @@ pub async fn run(args: ControlArgs, json: bool) -> anyhow::Result<Outcome> {
         ControlCommand::Chaos {
             command: ChaosCommand::Run { plan },
         } => {
-            crate::chaos::run_plan_only(&args.control, args.control_token.as_deref(), &plan)
-                .await?;
+            crate::chaos::run_plan_only(&target, &plan).await?;
             Ok(Outcome::Ok)
         }
         ControlCommand::Bench { command } => {

@@ -56,8 +56,30 @@ struct Cli {
     /// Read the bearer token from this file instead (first line).
     #[arg(long, global = true, env = "KIWI_TOKEN_FILE", conflicts_with = "token")]
     token_file: Option<std::path::PathBuf>,
+    /// Connect with TLS, trusting this CA (PEM): for nodes (and a control plane) with
+    /// `[security] cert_file`.
+    #[arg(long, global = true, env = "KIWI_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
+    /// With --ca-cert: present this client certificate (PEM) ...
+    #[arg(id = "tls_cert", long = "cert", global = true, env = "KIWI_CERT", requires_all = ["ca_cert", "tls_key"])]
+    cert: Option<std::path::PathBuf>,
+    /// ... and its private key (PEM).
+    #[arg(
+        id = "tls_key",
+        long = "key",
+        global = true,
+        env = "KIWI_KEY",
+        requires = "tls_cert"
+    )]
+    key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the CLI reaches nodes and the control plane: its token and TLS settings.
+pub(crate) struct Conn {
+    pub token: Option<String>,
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +255,12 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 msg.push_str(&format!(": {cause}"));
             }
+            if msg.contains("h2 protocol error") || msg.contains("InvalidContentType") {
+                msg.push_str(
+                    " (plain text and TLS do not match: a node with [security] cert_file needs \
+                     --ca-cert or KIWI_CA_CERT, and one without must not get it)",
+                );
+            }
             eprintln!("error: {}", msg.replace('\n', " "));
             ExitCode::from(2)
         }
@@ -267,10 +295,26 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         );
         return Ok(Outcome::Ok);
     }
+    let tls = match &cli.ca_cert {
+        Some(ca) => Some(kiwi_proto::tls::client_config(
+            ca,
+            "--ca-cert",
+            match (&cli.cert, &cli.key) {
+                (Some(c), Some(k)) => Some((c.as_path(), "--cert", k.as_path(), "--key")),
+                _ => None,
+            },
+        )?),
+        None => None,
+    };
+    let conn = Conn {
+        token: token.clone(),
+        tls: tls.clone(),
+    };
     let options = ClientOptions {
         timeout: cli.timeout,
         priority: cli.priority.into(),
         token: token.clone(),
+        tls,
         ..ClientOptions::default()
     };
     let trace = cli.trace.then(TraceParent::new_sampled);
@@ -419,9 +463,9 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             runtime(&client, json).await
         }
-        Command::Control(args) => control::run(args, json).await,
+        Command::Control(args) => control::run(args, json, &conn).await,
         Command::Token { .. } => Ok(Outcome::Ok),
-        Command::Chaos(args) => match chaos::run(args, &cli.endpoints, token).await? {
+        Command::Chaos(args) => match chaos::run(args, &cli.endpoints, &conn).await? {
             chaos::ChaosVerdict::Linearizable => Ok(Outcome::Ok),
             chaos::ChaosVerdict::Violation | chaos::ChaosVerdict::Unknown => Ok(Outcome::Miss),
         },
@@ -431,7 +475,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             &cli.endpoints,
             cli.consistency,
             cli.priority.into(),
-            token,
+            &conn,
         )
         .await
         .map(|()| Outcome::Ok),

@@ -89,6 +89,11 @@ struct StartArgs {
     /// `kiwi control fault ...`, `kiwi chaos`. Pair with --restart-crashed for crash faults.
     #[arg(long)]
     fault_injection: bool,
+    /// Generate a CA, a certificate for the nodes and the control plane, and an admin token (under
+    /// `<data-dir>/secrets/`), and start everything with TLS, mutual TLS between members and tokens;
+    /// prints the exports that the `kiwi` commands need.
+    #[arg(long)]
+    secure: bool,
 }
 
 /// `arg`, else the binary `name` next to this one, else `name` on PATH.
@@ -129,6 +134,90 @@ struct ControlProc {
     metrics_addr: Option<String>,
     log: PathBuf,
     child: Child,
+}
+
+/// What `--secure` generated.
+struct Secrets {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+    tokens: PathBuf,
+    token_file: PathBuf,
+    token: String,
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    Ok(())
+}
+
+/// A CA, one certificate (localhost, 127.0.0.1; server and client use) signed by it, and an admin token,
+/// in `<data_dir>/secrets/` (kept across runs of the same directory).
+fn secrets(data_dir: &Path) -> anyhow::Result<Secrets> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        KeyUsagePurpose,
+    };
+    let dir = data_dir.join("secrets");
+    let s = Secrets {
+        ca: dir.join("ca.crt"),
+        cert: dir.join("node.crt"),
+        key: dir.join("node.key"),
+        tokens: dir.join("tokens.toml"),
+        token_file: dir.join("admin.token"),
+        token: String::new(),
+    };
+    if let Ok(token) = std::fs::read_to_string(&s.token_file) {
+        return Ok(Secrets {
+            token: token.trim().to_string(),
+            ..s
+        });
+    }
+    std::fs::create_dir_all(&dir)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "kiwi playground CA");
+    ca_params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate()?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "kiwi playground member");
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca, &ca_key)?;
+    std::fs::write(&s.ca, ca.pem())?;
+    std::fs::write(&s.cert, cert.pem())?;
+    write_private(&s.key, &key.serialize_pem())?;
+    let bytes: [u8; 24] = rand::random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_private(
+        &s.tokens,
+        &format!(
+            "[[token]]\nsha256 = \"{}\"\nprincipal = \"playground\"\nrole = \"admin\"\n",
+            kiwi_proto::auth::token_hash(&token)
+        ),
+    )?;
+    write_private(&s.token_file, &format!("{token}\n"))?;
+    Ok(Secrets { token, ..s })
 }
 
 /// Where `restart` drops its requests.
@@ -226,6 +315,11 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&requests);
     std::fs::create_dir_all(&requests)?;
     let bin = sibling_binary(args.node_bin, "kiwi-node");
+    let secrets = if args.secure {
+        Some(secrets(&data_dir)?)
+    } else {
+        None
+    };
     let control = if args.no_control {
         None
     } else {
@@ -261,6 +355,17 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             .arg(data_dir.join("control"));
         if let Some(m) = &metrics_addr {
             command.arg("--metrics-addr").arg(m);
+        }
+        if let Some(s) = &secrets {
+            let config = data_dir.join("control.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "[security]\ntokens_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+                    s.tokens, s.cert, s.key, s.ca
+                ),
+            )?;
+            command.arg("--config").arg(config);
         }
         let child = command
             .stdin(Stdio::null())
@@ -327,8 +432,20 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
                 args.trace_sample_ratio
             ));
         }
+        if let Some(s) = &secrets {
+            config.push_str(&format!(
+                "\n[security]\ntokens_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
+                s.tokens, s.cert, s.key, s.ca
+            ));
+        }
         if let Some(c) = &control {
-            config.push_str(&format!("\n[control]\naddr = \"{}\"\n", c.addr));
+            match &secrets {
+                Some(s) => config.push_str(&format!(
+                    "\n[control]\naddr = \"https://{}\"\ntoken_file = {:?}\n",
+                    c.addr, s.token_file
+                )),
+                None => config.push_str(&format!("\n[control]\naddr = \"{}\"\n", c.addr)),
+            }
         }
         let config_path = dir.join("kiwi-node.toml");
         std::fs::write(&config_path, config)?;
@@ -352,6 +469,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         control.as_ref(),
         &bin,
         args.restart_crashed,
+        secrets.as_ref(),
     )
     .await;
     let _ = std::fs::remove_dir_all(&requests);
@@ -376,12 +494,18 @@ async fn serve(
     control: Option<&ControlProc>,
     bin: &Path,
     restart_crashed: bool,
+    secrets: Option<&Secrets>,
 ) -> anyhow::Result<()> {
     let endpoints: Vec<String> = procs.iter().map(|p| p.addr.clone()).collect();
     let client = Client::connect(
         &endpoints,
         ClientOptions {
             timeout: Duration::from_secs(1),
+            token: secrets.map(|s| s.token.clone()),
+            tls: match secrets {
+                Some(s) => Some(kiwi_proto::tls::client_config(&s.ca, "ca", None)?),
+                None => None,
+            },
             ..ClientOptions::default()
         },
     )?;
@@ -444,6 +568,11 @@ async fn serve(
         println!("  export KIWI_CONTROL={}", c.addr);
     }
     println!("  export KIWI_PLAYGROUND_DIR={}", data_dir.display());
+    if let Some(s) = secrets {
+        println!("  export KIWI_CA_CERT={}", s.ca.display());
+        println!("  export KIWI_TOKEN_FILE={}", s.token_file.display());
+        println!("  export KIWI_CONTROL_TOKEN={}", s.token);
+    }
     println!("  kiwi put hello world");
     println!("  kiwi get hello");
     println!("  kiwi status");

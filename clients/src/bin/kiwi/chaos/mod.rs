@@ -223,14 +223,13 @@ type Window = (f64, f64, String);
 
 /// Runs the plan's steps at their offsets from `started`. Returns the windows.
 async fn run_plan(
-    control_addr: &str,
-    control_token: Option<&str>,
+    target: &crate::control::ControlTarget,
     plan: &Plan,
     started: Instant,
     seed: u64,
     quiet: bool,
 ) -> anyhow::Result<Vec<Window>> {
-    let mut control = crate::control::client(control_addr, control_token).await?;
+    let mut control = crate::control::client(target).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut windows = Vec::new();
     for step in &plan.steps {
@@ -534,10 +533,15 @@ fn svg(timeline: &[Point], windows: &[Window], seconds: f64) -> String {
 pub async fn run(
     args: ChaosArgs,
     endpoints: &[String],
-    token: Option<String>,
+    conn: &crate::Conn,
 ) -> anyhow::Result<ChaosVerdict> {
     let control_addr = args.control.clone();
-    let mut control = crate::control::client(&control_addr, args.control_token.as_deref()).await?;
+    let target = crate::control::ControlTarget {
+        addr: control_addr.clone(),
+        token: args.control_token.clone(),
+        tls: conn.tls.clone(),
+    };
+    let mut control = crate::control::client(&target).await?;
     let status = control
         .cluster_status(ClusterStatusRequest {})
         .await?
@@ -561,7 +565,8 @@ pub async fn run(
         endpoints,
         ClientOptions {
             timeout: Duration::from_secs(2),
-            token,
+            token: conn.token.clone(),
+            tls: conn.tls.clone(),
             ..ClientOptions::default()
         },
     )?);
@@ -611,15 +616,7 @@ pub async fn run(
             args.seed,
         )));
     }
-    let windows = run_plan(
-        &control_addr,
-        args.control_token.as_deref(),
-        &plan,
-        started,
-        args.seed,
-        args.quiet,
-    )
-    .await?;
+    let windows = run_plan(&target, &plan, started, args.seed, args.quiet).await?;
     for t in tasks {
         t.await?;
     }
@@ -758,12 +755,11 @@ pub async fn run(
 /// # Errors
 /// The plan cannot be read or the control plane reached.
 pub async fn run_plan_only(
-    control_addr: &str,
-    control_token: Option<&str>,
+    target: &crate::control::ControlTarget,
     path: &Path,
 ) -> anyhow::Result<()> {
     let plan = Plan::from_file(path)?;
-    let windows = run_plan(control_addr, control_token, &plan, Instant::now(), 1, false).await?;
+    let windows = run_plan(target, &plan, Instant::now(), 1, false).await?;
     tokio::time::sleep(plan.duration.saturating_sub(Duration::ZERO)).await;
     println!("{} faults scheduled", windows.len());
     Ok(())
