@@ -336,8 +336,10 @@ impl Node {
             Arc::clone(&snapshots),
             &stop,
             events_tx,
-            Arc::clone(&faults),
-            peer_tls.clone(),
+            transport::PeerLink {
+                faults: Arc::clone(&faults),
+                tls: peer_tls.clone(),
+            },
         ));
         faults.spawn_expiry(stop.clone());
         let driver_config = DriverConfig {

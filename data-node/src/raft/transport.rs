@@ -110,9 +110,9 @@ impl Peers {
         snapshots: Arc<SnapshotRegistry>,
         shutdown: &CancellationToken,
         events: mpsc::UnboundedSender<PeerEvent>,
-        faults: Arc<FaultInjector>,
-        tls: Option<ClientTlsConfig>,
+        link: PeerLink,
     ) -> Self {
+        let PeerLink { faults, tls } = link;
         let peers = Peers {
             self_id,
             cluster,
@@ -308,6 +308,13 @@ async fn stream_snapshot(
     let pairs = reader.await?;
     sent?;
     Ok(pairs?)
+}
+
+/// How this node reaches its peers: the fault injector's hooks and TLS.
+pub struct PeerLink {
+    pub faults: Arc<FaultInjector>,
+    /// The cluster CA and this node's certificate, when `[security] ca_file` is set.
+    pub tls: Option<ClientTlsConfig>,
 }
 
 /// What every peer sender shares.
