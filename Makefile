@@ -10,7 +10,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel bench-telemetry bench-control chaos
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security chaos
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -75,6 +75,12 @@ bench-telemetry: deps
 bench-control: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-control.sh
+
+## The cost of security: puts and linearizable gets at 64 workers, TLS + mutual TLS + tokens vs plain text,
+## on one playground restarted on the same data alternately.
+bench-security: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-security.sh
 
 ## The chaos soak: PLANS (200) random fault plans of DURATION (20s) on a local playground, each checked for
 ## linearizability; prints the totals and the longest unavailability per fault type.
