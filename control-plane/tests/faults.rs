@@ -253,26 +253,33 @@ async fn delay_loss_stall_and_crash_have_their_effect() {
             jitter_ms: 10,
         }),
         vec![follower],
-        Duration::from_secs(20),
+        Duration::from_secs(40),
     )
     .await
     .unwrap();
     wait_nodes(&control, f.id, "started").await;
-    for i in 0..20 {
+    // Writes go on until the leader's moving average for that follower shows the delay.
+    let deadline = Instant::now() + DEADLINE;
+    let mut i = 0;
+    loop {
         cluster.must_put(format!("d{i}").as_bytes(), b"v").await;
+        i += 1;
+        let s = control.status().await;
+        let avg = s
+            .nodes
+            .iter()
+            .find(|n| n.node_id == leader)
+            .and_then(|n| n.metrics.as_ref())
+            .and_then(|m| m.followers.iter().find(|fm| fm.node_id == follower))
+            .map_or(0, |fm| fm.replication_latency_avg_us);
+        if avg >= 100_000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower's replication latency never reached the delay: {avg} us after {i} writes"
+        );
     }
-    control
-        .wait_status("the follower's replication latency above the delay", |s| {
-            s.nodes.iter().any(|n| {
-                n.node_id == leader
-                    && n.metrics.as_ref().is_some_and(|m| {
-                        m.followers.iter().any(|fm| {
-                            fm.node_id == follower && fm.replication_latency_avg_us >= 100_000
-                        })
-                    })
-            })
-        })
-        .await;
     control
         .client()
         .await
