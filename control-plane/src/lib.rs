@@ -34,7 +34,6 @@ use kiwi_proto::v1::node_link_server::NodeLinkServer;
 use kiwi_storage::{BackendKind, OpenOptions};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 pub use config::ControlConfig;
@@ -206,7 +205,7 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let sec = &config.security;
-        let mut builder = Server::builder();
+        let mut builder = kiwi_proto::limits::server();
         if let (Some(cert), Some(key)) = (&sec.cert_file, &sec.key_file) {
             let tls =
                 kiwi_proto::tls::server_config("security", cert, key, sec.ca_file.as_deref())?;
@@ -225,7 +224,9 @@ impl ControlPlane {
             .add_service(NodeLinkServer::new(NodeLinkApi(Arc::clone(&control))))
             .add_service(ControlServiceServer::new(ControlApi(control)))
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE)),
                 shutdown.clone().cancelled_owned(),
             );
         let server = tokio::spawn(server);

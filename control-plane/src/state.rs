@@ -470,6 +470,54 @@ mod tests {
         assert_eq!(v.status().leader_id, 2);
     }
 
+    proptest::proptest! {
+        /// Any registration and heartbeat a node (or anyone) sends is taken or refused without a panic;
+        /// a refused registration leaves the view as it was.
+        #[test]
+        fn any_node_message_is_taken_or_refused_without_panic(
+            node_id in proptest::prelude::any::<u64>(),
+            cluster_id in proptest::prelude::any::<u64>(),
+            interval in proptest::prelude::any::<u64>(),
+            addr in ".{0,40}",
+            role in proptest::prelude::any::<i32>(),
+            term in proptest::prelude::any::<u64>(),
+            lags in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..4),
+        ) {
+            let t0 = Instant::now();
+            let mut v = ClusterView::new(0, Duration::from_secs(60));
+            v.register(1, reg(1, "a:1"), t0, 0).unwrap();
+            let before = v.status();
+            let r = Register {
+                node_id,
+                cluster_id,
+                client_addr: addr,
+                heartbeat_interval_ms: interval,
+                ..Register::default()
+            };
+            if v.register(2, r, t0, 0).is_err() {
+                proptest::prop_assert_eq!(v.status(), before);
+            }
+            let m = NodeMetrics {
+                role,
+                term,
+                followers: lags
+                    .iter()
+                    .map(|&lag| kiwi_proto::v1::FollowerMetrics {
+                        lag,
+                        replication_latency_avg_us: lag,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..NodeMetrics::default()
+            };
+            v.heartbeat(2, node_id, m.clone(), t0, u64::MAX);
+            v.heartbeat(1, 1, m, t0, 1);
+            let _ = v.status();
+            let _ = v.history(0, 0);
+            let _ = crate::metrics::render(&v.status());
+        }
+    }
+
     #[test]
     fn history_keeps_one_sample_per_heartbeat_for_the_retention_period() {
         let t0 = Instant::now();

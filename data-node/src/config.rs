@@ -831,6 +831,30 @@ mod seconds {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any text, and any one-byte change of the example file, is accepted or refused with a
+        /// message; never a panic, in parsing or in validation.
+        #[test]
+        fn any_config_text_is_refused_or_accepted_without_panic(text in "(?s).{0,300}") {
+            if let Ok(c) = NodeConfig::from_toml(&text) {
+                let _ = c.validate();
+            }
+        }
+
+        #[test]
+        fn mutated_example_files_never_panic(at in 0usize..4000, byte in proptest::prelude::any::<u8>()) {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kiwi-node.example.toml");
+            let mut bytes = std::fs::read(path).unwrap();
+            let at = at % bytes.len();
+            bytes[at] = byte;
+            let text = String::from_utf8_lossy(&bytes);
+            match NodeConfig::from_toml(&text) {
+                Ok(c) => { let _ = c.validate(); }
+                Err(e) => proptest::prop_assert!(!e.is_empty()),
+            }
+        }
+    }
+
     fn invalid_fields(c: &NodeConfig) -> Vec<&'static str> {
         match c.validate() {
             Ok(()) => Vec::new(),

@@ -59,12 +59,24 @@ pub const CLUSTER_ID_KEY: &[u8] = b"identity/cluster_id";
 /// The recorded cluster id, 0 if none yet (a joining node before its first snapshot).
 ///
 /// # Errors
-/// Storage errors.
+/// Storage errors; a damaged record (not 8 bytes, or 0), which must not pass for "not joined yet".
 pub fn cluster_id(storage: &dyn StorageBackend) -> kiwi_storage::Result<u64> {
-    Ok(storage
-        .read(KeySpace::Raft, CLUSTER_ID_KEY)?
-        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-        .map_or(0, u64::from_be_bytes))
+    match storage.read(KeySpace::Raft, CLUSTER_ID_KEY)? {
+        None => Ok(0),
+        Some(b) => <[u8; 8]>::try_from(b.as_slice())
+            .ok()
+            .map(u64::from_be_bytes)
+            .filter(|id| *id != 0)
+            .ok_or_else(|| kiwi_storage::Error::Engine {
+                backend: storage.kind(),
+                detail: format!(
+                    "the data directory's cluster id record is damaged ({} bytes, expected a \
+                     non-zero 8-byte id): restore the directory from a backup or wipe it and re-add \
+                     the node",
+                    b.len()
+                ),
+            }),
+    }
 }
 
 /// Durably records the cluster id.
@@ -119,6 +131,32 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes the identity records hold, reading them never panics, accepts only a
+        /// well-formed record, and a refused check writes nothing.
+        #[test]
+        fn any_identity_record_is_checked_without_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20),
+            node_id in 1u64..5,
+        ) {
+            let s = MemoryBackend::new(Limits::default());
+            s.write(KeySpace::Raft, NODE_ID_KEY, &bytes, WriteOptions::SYNC).unwrap();
+            s.write(KeySpace::Raft, CLUSTER_ID_KEY, &bytes, WriteOptions::SYNC).unwrap();
+            let well_formed = bytes.len() == 8;
+            match check_node_id(&s, node_id, Path::new("d")) {
+                Ok(()) => proptest::prop_assert_eq!(&bytes[..], &node_id.to_be_bytes()[..]),
+                Err(_) => {
+                    let kept = s.read(KeySpace::Raft, NODE_ID_KEY).unwrap();
+                    proptest::prop_assert_eq!(kept.as_deref(), Some(&bytes[..]));
+                }
+            }
+            match cluster_id(&s) {
+                Ok(id) => proptest::prop_assert!(well_formed && id != 0),
+                Err(_) => proptest::prop_assert!(!well_formed || bytes == [0; 8]),
+            }
+        }
     }
 
     #[test]

@@ -55,7 +55,6 @@ use kiwi_storage::{OpenOptions, StorageBackend};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
@@ -456,7 +455,7 @@ impl Node {
             .build_v1()?;
 
         let shutdown = CancellationToken::new();
-        let mut builder = Server::builder();
+        let mut builder = kiwi_proto::limits::server();
         if let Some(tls) = server_tls {
             builder = builder.tls_config(tls).map_err(|e| {
                 kiwi_proto::tls::TlsError(format!(
@@ -489,7 +488,9 @@ impl Node {
                 .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
             )
             .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE)),
                 shutdown.clone().cancelled_owned(),
             );
         let server = tokio::spawn(server);

@@ -24,6 +24,30 @@ pub mod http;
 pub mod policy;
 pub mod tls;
 
+/// Limits every Kiwi gRPC server (node and control plane) puts on a connection, so that a slow, idle or
+/// greedy client cannot hold resources: at most [`limits::MAX_STREAMS_PER_CONNECTION`] concurrent calls,
+/// headers of at most [`limits::MAX_HEADER_BYTES`], HTTP/2 keepalive pings every
+/// [`limits::KEEPALIVE_INTERVAL`] (a peer that does not answer within [`limits::KEEPALIVE_TIMEOUT`] is
+/// dropped) and TCP keepalive after [`limits::TCP_KEEPALIVE`] idle.
+pub mod limits {
+    use std::time::Duration;
+
+    pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+    pub const MAX_HEADER_BYTES: u32 = 16 * 1024;
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+    pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+    pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+    /// A server builder with these limits.
+    pub fn server() -> tonic::transport::Server {
+        tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .http2_max_header_list_size(MAX_HEADER_BYTES)
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+    }
+}
+
 /// Generated messages, clients and servers of package `kiwi.v1`.
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -266,6 +266,20 @@ async fn tokens_and_roles_guard_every_rpc_group() {
         200
     );
 
+    // Headers over the per-connection limit are refused, and the node serves on.
+    let mut big = get("k", Some("reader"));
+    big.metadata_mut()
+        .insert("x-padding", "a".repeat(32 * 1024).parse().unwrap());
+    assert!(kv.get(big).await.is_err(), "32 KiB of headers refused");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kv.get(get("k", Some("reader"))).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the node serves after refusing big headers"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // CRITICAL is an admin's: a writer's is served as HIGH, and counted.
     assert_eq!(downgrades(metrics).await, 0.0);
     kv.put(put("c1", Some("writer"), Priority::Critical))
