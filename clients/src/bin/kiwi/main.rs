@@ -61,12 +61,13 @@ struct Cli {
     #[arg(long, global = true, env = "KIWI_CA_CERT")]
     ca_cert: Option<std::path::PathBuf>,
     /// With --ca-cert: present this client certificate (PEM) ...
-    #[arg(id = "tls_cert", long = "cert", global = true, env = "KIWI_CERT", requires_all = ["ca_cert", "tls_key"])]
+    #[arg(id = "tls_cert", long = "cert", value_name = "PEM", global = true, env = "KIWI_CERT", requires_all = ["ca_cert", "tls_key"])]
     cert: Option<std::path::PathBuf>,
     /// ... and its private key (PEM).
     #[arg(
         id = "tls_key",
         long = "key",
+        value_name = "PEM",
         global = true,
         env = "KIWI_KEY",
         requires = "tls_cert"

@@ -307,7 +307,9 @@ async fn run_plan(
 
 #[derive(Debug, Args)]
 pub struct ChaosArgs {
-    /// The fault plan (TOML); see `kiwi chaos --help` and control-plane/plans/ in the repository.
+    /// The fault plan (TOML): `duration = "20s"`, then `[[steps]]` with `at`, `fault` (delay, partition,
+    /// loss, crash, stall), `nodes` (ids, "leader", "follower"), `for`, and `delay`/`jitter`/`rate`/`peers`
+    /// as the fault needs; examples in control-plane/plans/, details in the README (Fault injection).
     #[arg(long, conflicts_with = "random")]
     plan: Option<PathBuf>,
     /// A random plan instead (mixing every fault type, the leader targeted often).
