@@ -4,7 +4,7 @@
 #      REPS times (default 100) and times each from SetPolicy returning to the last node's acknowledgement;
 #   2. its cost on the data path: the same playground restarted on the same data with the control plane
 #      (every node heartbeating at 1 s) and without it (--no-control), alternately, ROUNDS rounds (default
-#      3) of puts at 64 workers for DURATION (default 10s); throughput, p99 and the nodes' CPU per op;
+#      7: single rounds vary by about 5 %) of puts at 64 workers for DURATION (default 10s); throughput, p99 and the nodes' CPU per op;
 #   3. the control plane dying mid-run: a 20 s put run with a per-second timeline, kiwi-control SIGKILLed at
 #      10 s; ops/s over the seconds before and after;
 #   4. its scale: a standalone kiwi-control fed by FLEET simulated nodes (default 200) heartbeating at 1 s
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 . scripts/common.sh
 
 DURATION=${DURATION:-10s}
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-7}
 REPS=${REPS:-100}
 FLEET=${FLEET:-200}
 FLEET_DURATION=${FLEET_DURATION:-30s}
