@@ -2,69 +2,35 @@
 //! through a real `kiwi-control` against three real `kiwi-node`s with fault injection enabled, while this
 //! test restarts the nodes the plans crash; every run's history must be linearizable.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use kiwi_proto::v1::ClusterStatusRequest;
-use kiwi_proto::v1::control_service_client::ControlServiceClient;
-use kiwi_tests::cluster::{Cluster, ClusterOptions, node_binary};
+use kiwi_tests::cluster::{Cluster, ClusterOptions};
+use kiwi_tests::control::{ControlProc, HEARTBEAT_MS, free_addr, up};
 
 /// Random plans run in the suite, and the length of each.
 const PLANS: u64 = 10;
 const PLAN_LENGTH: &str = "15s";
 
-struct Control(Child);
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_fault_plans_keep_the_history_linearizable() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let control_bin = node_binary().with_file_name("kiwi-control");
-    let _control = Control(
-        Command::new(&control_bin)
-            .arg("--listen-addr")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(dir.path().join("control"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kiwi-control"),
-    );
+    let addr = free_addr();
+    let control = ControlProc::start(addr, &dir.path().join("control"));
     let mut cluster = Cluster::start(ClusterOptions {
         extra_config: format!(
-            "\n[control]\naddr = \"{addr}\"\nheartbeat_interval_ms = 100\n\n\
+            "\n[control]\naddr = \"{addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\n\n\
              [raft.fault_injection]\nenabled = true\nmax_duration_sec = 60\n"
         ),
         ..ClusterOptions::default()
     })
     .await;
     cluster.wait_leader().await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(mut c) = ControlServiceClient::connect(format!("http://{addr}")).await
-            && let Ok(s) = c.cluster_status(ClusterStatusRequest {}).await
-            && s.get_ref().nodes.iter().filter(|n| n.up).count() == 3
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nodes never linked to the control plane"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    control
+        .wait_status("every node linked to the control plane", |s| {
+            up(s).len() == 3
+        })
+        .await;
     let endpoints: Vec<String> = cluster
         .ids()
         .iter()

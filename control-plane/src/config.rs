@@ -28,22 +28,8 @@ pub struct ControlConfig {
     pub log: LogConfig,
 }
 
-/// `[security]`
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SecurityConfig {
-    /// Tokens file (the node's format, `kiwi token new`): every `ControlService` call and every node
-    /// link then needs the token of an `admin` principal (nodes send theirs from `[control]
-    /// token_file`), and `/metrics` a `metrics` or `admin` one. Unset: no authentication, allowed only
-    /// with `listen_addr` on loopback.
-    pub tokens_file: Option<PathBuf>,
-    /// PEM certificate and key: serve TLS (nodes then link to `https://host:port`; `kiwi control`
-    /// needs `--ca-cert`). Both or neither.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// PEM CA whose certificates callers may present (optional for them).
-    pub ca_file: Option<PathBuf>,
-}
+/// `[security]`, shared with the node.
+pub use kiwi_proto::security::SecurityConfig;
 
 /// `[metrics]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,24 +140,9 @@ impl ControlConfig {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid("data_dir: must not be empty".into()));
         }
-        if !self.listen_addr.ip().is_loopback() && self.security.tokens_file.is_none() {
-            return Err(ConfigError::Invalid(format!(
-                "security.tokens_file: must be set when listen_addr is not a loopback address ({}): \
-                 without it anyone who can reach it could change every node's policy and inject faults. \
-                 Keep listen_addr on 127.0.0.1, or set security.tokens_file (see `kiwi token new`)",
-                self.listen_addr
-            )));
-        }
-        let sec = &self.security;
-        if sec.cert_file.is_some() != sec.key_file.is_some() {
-            return Err(ConfigError::Invalid(
-                "security.cert_file and security.key_file go together".into(),
-            ));
-        }
-        if sec.ca_file.is_some() && sec.cert_file.is_none() {
-            return Err(ConfigError::Invalid(
-                "security.ca_file: needs security.cert_file and security.key_file".into(),
-            ));
+        if let Some((field, message)) = self.security.problems(self.listen_addr).into_iter().next()
+        {
+            return Err(ConfigError::Invalid(format!("{field}: {message}")));
         }
         let m = &self.metrics;
         if m.addr.is_some_and(|a| !a.ip().is_loopback())

@@ -99,13 +99,8 @@ impl ControlPlane {
     /// [`Error`].
     pub async fn start(config: ControlConfig) -> Result<ControlPlane, Error> {
         config.validate()?;
-        let auth = match &config.security.tokens_file {
-            Some(path) => Some(Arc::new(kiwi_proto::auth::Authenticator::from_file(
-                path,
-                "security.tokens_file",
-            )?)),
-            None => None,
-        };
+        let auth = config.security.authenticator()?;
+        let (builder, _) = config.security.serve_tls(kiwi_proto::limits::server())?;
         // The metrics listener first: a bad token file or a taken port is refused before anything opens.
         let metrics_http = match config.metrics.addr {
             Some(addr) => {
@@ -204,17 +199,6 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(kiwi_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
-        let sec = &config.security;
-        let mut builder = kiwi_proto::limits::server();
-        if let (Some(cert), Some(key)) = (&sec.cert_file, &sec.key_file) {
-            let tls =
-                kiwi_proto::tls::server_config("security", cert, key, sec.ca_file.as_deref())?;
-            builder = builder.tls_config(tls).map_err(|e| {
-                kiwi_proto::tls::TlsError(format!(
-                    "security.cert_file / security.key_file: {e} (is the key the certificate's?)"
-                ))
-            })?;
-        }
         let server = builder
             .layer(tower::util::option_layer(
                 auth.map(|a| kiwi_proto::auth::AuthLayer::new(a, method_role)),

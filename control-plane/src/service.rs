@@ -170,8 +170,8 @@ impl Control {
     /// Starts the faults that are due and marks the finished ones done.
     pub async fn run_faults(self: &Arc<Self>) {
         let mut table = self.faults.lock().await;
-        let linked: std::collections::HashSet<u64> = self.links().keys().copied().collect();
-        let (changed, commands) = table.tick(unix_ms(), |id| linked.contains(&id));
+        // Called every sweep: the links are looked at only when a fault starts.
+        let (changed, commands) = table.tick(unix_ms(), |id| self.links().contains_key(&id));
         if changed.is_empty() {
             return;
         }

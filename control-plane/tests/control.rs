@@ -15,9 +15,7 @@ use kiwi_tests::http;
 use kiwi_tests::prometheus::{Job, Prometheus};
 use tonic::Code;
 
-mod common;
-
-use common::{ControlProc, HEARTBEAT_MS, free_addr, up};
+use kiwi_tests::control::{ControlProc, HEARTBEAT_MS, free_addr, up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_tracks_nodes_leaders_and_survives_a_restart() {

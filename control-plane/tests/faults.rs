@@ -15,9 +15,7 @@ use kiwi_proto::v1::{
 use kiwi_tests::cluster::{Cluster, ClusterOptions, DEADLINE};
 use tonic::Code;
 
-mod common;
-
-use common::{ControlProc, HEARTBEAT_MS, free_addr, up};
+use kiwi_tests::control::{ControlProc, HEARTBEAT_MS, free_addr, up};
 
 /// A cluster linked to `control`, with fault injection enabled unless `enabled` is false.
 async fn cluster(control: &ControlProc, enabled: bool) -> Cluster {

@@ -76,30 +76,8 @@ pub struct NodeConfig {
     pub security: SecurityConfig,
 }
 
-/// `[security]`
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SecurityConfig {
-    /// Tokens file (TOML: `[[token]]` entries with `sha256`, `principal`, `role`): every KvService and
-    /// NodeAdmin call then needs `authorization: Bearer <token>` with a role that allows it. Unset: no
-    /// authentication, which is allowed only with `listen_addr` on loopback.
-    pub tokens_file: Option<PathBuf>,
-    /// PEM certificate and private key: the gRPC port serves TLS (clients need the CA, `kiwi
-    /// --ca-cert`). Both or neither.
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    /// PEM CA of the cluster: peers connect with TLS trusting it and presenting `cert_file`, and the
-    /// Raft service serves only callers that present a certificate it signed (mutual TLS). Needs
-    /// `cert_file` and `key_file`.
-    pub ca_file: Option<PathBuf>,
-}
-
-impl SecurityConfig {
-    /// Whether the node serves TLS.
-    pub fn tls(&self) -> bool {
-        self.cert_file.is_some()
-    }
-}
+/// `[security]`, shared with the control plane.
+pub use kiwi_proto::security::SecurityConfig;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -680,32 +658,10 @@ impl NodeConfig {
             );
         }
 
-        check(
-            self.listen_addr.ip().is_loopback() || self.security.tokens_file.is_some(),
-            "security.tokens_file",
-            format!(
-                "must be set when listen_addr is not a loopback address ({}): without it anyone who \
-                 can reach the port may read, write and administer the node. Keep listen_addr on \
-                 127.0.0.1, or set security.tokens_file (see `kiwi token new`)",
-                self.listen_addr
-            ),
-        );
+        for (field, message) in self.security.problems(self.listen_addr) {
+            check(false, field, message);
+        }
         let sec = &self.security;
-        check(
-            sec.cert_file.is_some() == sec.key_file.is_some(),
-            if sec.cert_file.is_some() {
-                "security.key_file"
-            } else {
-                "security.cert_file"
-            },
-            "security.cert_file and security.key_file go together".to_string(),
-        );
-        check(
-            sec.ca_file.is_none() || sec.cert_file.is_some(),
-            "security.ca_file",
-            "needs security.cert_file and security.key_file (peers present them for mutual TLS)"
-                .to_string(),
-        );
         check(
             self.control
                 .addr

@@ -195,38 +195,17 @@ impl Node {
     /// Invalid config, storage errors, [`Error::NodeIdMismatch`], [`Error::Bind`].
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
-        let auth = match &config.security.tokens_file {
-            Some(path) => Some(Arc::new(kiwi_proto::auth::Authenticator::from_file(
-                path,
-                "security.tokens_file",
-            )?)),
-            None => None,
-        };
-        let sec = &config.security;
-        let server_tls = match (&sec.cert_file, &sec.key_file) {
-            (Some(cert), Some(key)) => Some(kiwi_proto::tls::server_config(
-                "security",
-                cert,
-                key,
-                sec.ca_file.as_deref(),
-            )?),
-            _ => None,
-        };
-        let peer_tls = match (&sec.ca_file, &sec.cert_file, &sec.key_file) {
-            (Some(ca), Some(cert), Some(key)) => Some(kiwi_proto::tls::client_config(
-                ca,
-                "security.ca_file",
-                Some((cert, "security.cert_file", key, "security.key_file")),
-            )?),
-            _ => None,
-        };
+        // Security files first, like the metrics below: a bad one is refused before anything is opened.
+        let auth = config.security.authenticator()?;
+        let (builder, tls) = config.security.serve_tls(kiwi_proto::limits::server())?;
+        let peer_tls = config.security.peer_tls()?;
         tracing::info!(
             tokens = auth.is_some(),
-            tls = server_tls.is_some(),
+            tls,
             mtls = peer_tls.is_some(),
             "security: bearer tokens {}, TLS {}, mutual TLS between members {}",
             if auth.is_some() { "on" } else { "off" },
-            if server_tls.is_some() { "on" } else { "off" },
+            if tls { "on" } else { "off" },
             if peer_tls.is_some() { "on" } else { "off" }
         );
         // Metrics first: a bad token file or a taken port is refused before anything is opened.
@@ -455,14 +434,6 @@ impl Node {
             .build_v1()?;
 
         let shutdown = CancellationToken::new();
-        let mut builder = kiwi_proto::limits::server();
-        if let Some(tls) = server_tls {
-            builder = builder.tls_config(tls).map_err(|e| {
-                kiwi_proto::tls::TlsError(format!(
-                    "security.cert_file / security.key_file: {e} (is the key the certificate's?)"
-                ))
-            })?;
-        }
         let server = builder
             .layer(tower::util::option_layer(auth.clone().map(|a| {
                 kiwi_proto::auth::AuthLayer::new(a, service::method_role)

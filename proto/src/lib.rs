@@ -8,7 +8,8 @@
 //!
 //! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane; `http`
 //! (feature `http`) the guarded Prometheus endpoint both of them serve; `auth` (feature `auth`) bearer tokens and
-//! roles for their gRPC servers; [`tls`] their TLS settings from PEM files.
+//! roles for their gRPC servers; `security` (feature `auth`) the `[security]` table both configs share; [`tls`]
+//! their TLS settings from PEM files.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -22,6 +23,8 @@ pub mod codec;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod policy;
+#[cfg(feature = "auth")]
+pub mod security;
 pub mod tls;
 
 /// Limits every Kiwi gRPC server (node and control plane) puts on a connection, so that a slow, idle or

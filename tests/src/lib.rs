@@ -3,6 +3,7 @@
 //! Modules:
 //! - [`cluster`]: a cluster of real `kiwi-node` processes (start, SIGTERM, SIGKILL, restart, find the
 //!   leader, `must_put`, `must_get_local`) for the replication scenarios in `tests/cluster.rs`.
+//! - [`control`]: a `kiwi-control` process and its operator client, for tests with a control plane.
 //! - [`conformance`]: the storage conformance suite, one function per property, run against every
 //!   backend by `tests/storage_conformance.rs` (and by any new backend's tests).
 //! - [`http`]: a bare HTTP GET, for the metrics endpoints and a real Prometheus server's API.
@@ -12,5 +13,6 @@
 
 pub mod cluster;
 pub mod conformance;
+pub mod control;
 pub mod http;
 pub mod prometheus;

@@ -3,13 +3,13 @@
 //! data written before and after is intact and linearizable reads see it, and the cluster keeps
 //! committing. The bytes go through a raw codec, so they reach each server's decoder exactly as sent.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kiwi_proto::v1::{
     ClusterStatusRequest, Consistency, GetRequest, PutRequest, RequestHeader, ScanRequest,
 };
-use kiwi_tests::cluster::{Cluster, ClusterOptions, node_binary};
+use kiwi_tests::cluster::{Cluster, ClusterOptions};
+use kiwi_tests::control::{ControlProc, HEARTBEAT_MS, free_addr};
 use prost::Message as _;
 use prost::bytes::{Buf as _, BufMut as _};
 use rand::{Rng, SeedableRng};
@@ -183,37 +183,14 @@ async fn call(
     }
 }
 
-struct Control(Child);
-
-impl Drop for Control {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bytes_to_every_method_break_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let control_addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut control = Control(
-        Command::new(node_binary().with_file_name("kiwi-control"))
-            .arg("--listen-addr")
-            .arg(control_addr.to_string())
-            .arg("--data-dir")
-            .arg(dir.path().join("control"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let control_addr = free_addr();
+    let mut control = ControlProc::start(control_addr, &dir.path().join("control"));
     let cluster = Cluster::start(ClusterOptions {
         extra_config: format!(
-            "\n[control]\naddr = \"{control_addr}\"\nheartbeat_interval_ms = 100\n"
+            "\n[control]\naddr = \"{control_addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\n"
         ),
         ..ClusterOptions::default()
     })
@@ -267,10 +244,7 @@ async fn random_bytes_to_every_method_break_nothing() {
     for id in cluster.ids() {
         assert!(cluster.status(id).await.is_ok(), "node {id} answers");
     }
-    assert!(
-        control.0.try_wait().unwrap().is_none(),
-        "kiwi-control is still running"
-    );
+    assert!(control.is_running(), "kiwi-control is still running");
     let leader = cluster.wait_leader().await;
     for key in &known {
         let r = cluster

@@ -229,7 +229,7 @@ pub(crate) async fn client(target: &ControlTarget) -> anyhow::Result<ControlClie
     ))
 }
 
-fn now_unix_ms() -> u64 {
+pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -188,12 +188,6 @@ async fn push(c: &mut crate::control::ControlClient, repetitions: u32) -> anyhow
     Ok(())
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// A heartbeat's metrics as a node of a cluster of `nodes` would send them.
 fn metrics(id: u64, nodes: u64, beat: u64) -> NodeMetrics {
     let leader = id == 1;
@@ -297,7 +291,7 @@ async fn simulated_node(fleet: Fleet, id: u64) -> anyhow::Result<()> {
             client_addr: format!("127.0.0.{}:{}", 1 + id / 60_000, 10_000 + id % 60_000),
             backend: "memory".into(),
             version: "simulated".into(),
-            started_at_unix_ms: unix_ms(),
+            started_at_unix_ms: crate::control::now_unix_ms(),
             heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(1000),
             fault_injection_enabled: false,
             fault_max_duration_ms: 0,

@@ -1,5 +1,5 @@
-//! What the control plane tests share: a `kiwi-control` process on loopback and its operator client.
-#![allow(dead_code)] // Each test binary uses its own part.
+//! A `kiwi-control` process on loopback (its log beside its data directory), SIGKILLed on drop, and
+//! its operator client; shared by the control plane, chaos and fuzz tests.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -9,8 +9,15 @@ use std::time::{Duration, Instant};
 use kiwi_proto::v1::control_service_client::ControlServiceClient;
 use kiwi_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, Event, EventsRequest};
 
+/// Heartbeat interval the tests give their nodes (`[control] heartbeat_interval_ms`).
 pub const HEARTBEAT_MS: u64 = 100;
 
+/// The `kiwi-control` binary: next to `kiwi-node` (see [`crate::cluster::node_binary`]).
+pub fn control_binary() -> std::path::PathBuf {
+    crate::cluster::node_binary().with_file_name("kiwi-control")
+}
+
+/// A free loopback address.
 pub fn free_addr() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -18,6 +25,7 @@ pub fn free_addr() -> SocketAddr {
         .unwrap()
 }
 
+/// A running `kiwi-control`.
 pub struct ControlProc {
     child: Child,
     pub addr: SocketAddr,
@@ -34,7 +42,7 @@ impl ControlProc {
             .append(true)
             .open(data_dir.with_extension("log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_kiwi-control"))
+        let child = Command::new(control_binary())
             .arg("--listen-addr")
             .arg(addr.to_string())
             .arg("--data-dir")
@@ -47,6 +55,11 @@ impl ControlProc {
             .spawn()
             .expect("start kiwi-control");
         ControlProc { child, addr }
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn kill(&mut self) {
@@ -117,6 +130,7 @@ impl Drop for ControlProc {
     }
 }
 
+/// The ids of the nodes the status shows up.
 pub fn up(s: &ClusterStatusResponse) -> Vec<u64> {
     s.nodes.iter().filter(|n| n.up).map(|n| n.node_id).collect()
 }
