@@ -100,10 +100,7 @@ async fn client_follows_the_leader_and_reports_unknown_outcomes() {
     cluster.resume(new);
 
     // Nothing listens: the deadline expires with an error naming the cause; nothing was sent.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = kiwi_tests::ports::free_addr();
     let nobody = Client::connect(&[port.to_string()], ClientOptions::default()).unwrap();
     match nobody.put(b"k", b"4", &short).await {
         Err(Error::DeadlineExceeded { last, .. }) => assert!(last.contains("connect"), "{last}"),

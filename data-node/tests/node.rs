@@ -184,11 +184,7 @@ async fn refuses_a_data_dir_of_another_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    // A free port: bind, note it, release it for the child.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = kiwi_proto::net::free_loopback_addr().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi-node"))
         .arg("--data-dir")
         .arg(dir.path())

@@ -9,7 +9,7 @@
 //! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane; `http`
 //! (feature `http`) the guarded Prometheus endpoint both of them serve; `auth` (feature `auth`) bearer tokens and
 //! roles for their gRPC servers; `security` (feature `auth`) the `[security]` table both configs share; [`tls`]
-//! their TLS settings from PEM files.
+//! their TLS settings from PEM files; [`net`] loopback ports for local clusters.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -22,6 +22,7 @@ pub mod auth;
 pub mod codec;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod net;
 pub mod policy;
 #[cfg(feature = "auth")]
 pub mod security;

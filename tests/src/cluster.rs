@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -19,6 +19,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kiwi_proto::v1::kv_service_client::KvServiceClient;
+
+use crate::ports::free_addr;
 use kiwi_proto::v1::node_admin_client::NodeAdminClient;
 use kiwi_proto::v1::{
     Consistency, GetRequest, PutRequest, RaftRole, RequestHeader, ScanRequest, StatusRequest,
@@ -122,11 +124,6 @@ pub fn node_binary() -> PathBuf {
     bin
 }
 
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local_addr")
-}
-
 impl Cluster {
     /// Starts `opts.nodes` nodes that form one cluster, and waits until they elect a leader.
     pub async fn start(opts: ClusterOptions) -> Cluster {
@@ -141,8 +138,8 @@ impl Cluster {
             nodes.insert(
                 id,
                 NodeProc {
-                    addr: free_port(),
-                    metrics_addr: free_port(),
+                    addr: free_addr(),
+                    metrics_addr: free_addr(),
                     dir,
                     child: None,
                     join: false,
@@ -261,8 +258,8 @@ impl Cluster {
         self.nodes.insert(
             id,
             NodeProc {
-                addr: free_port(),
-                metrics_addr: free_port(),
+                addr: free_addr(),
+                metrics_addr: free_addr(),
                 dir,
                 child: None,
                 join: true,

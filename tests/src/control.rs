@@ -1,7 +1,7 @@
 //! A `kiwi-control` process on loopback (its log beside its data directory), SIGKILLed on drop, and
 //! its operator client; shared by the control plane, chaos and fuzz tests.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,13 +17,7 @@ pub fn control_binary() -> std::path::PathBuf {
     crate::cluster::node_binary().with_file_name("kiwi-control")
 }
 
-/// A free loopback address.
-pub fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+pub use crate::ports::free_addr;
 
 /// A running `kiwi-control`.
 pub struct ControlProc {

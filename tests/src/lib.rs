@@ -7,6 +7,7 @@
 //! - [`conformance`]: the storage conformance suite, one function per property, run against every
 //!   backend by `tests/storage_conformance.rs` (and by any new backend's tests).
 //! - [`http`]: a bare HTTP GET, for the metrics endpoints and a real Prometheus server's API.
+//! - [`ports`]: loopback ports for test processes, outside the kernel's ephemeral range.
 //! - [`prometheus`]: a real Prometheus server scraping given jobs, and its query API.
 //! - `src/bin/kiwi-crash-writer.rs`: a child process that writes acknowledged batches until it is killed,
 //!   for the SIGKILL durability and atomicity tests in `tests/storage_crash.rs`.
@@ -15,4 +16,5 @@ pub mod cluster;
 pub mod conformance;
 pub mod control;
 pub mod http;
+pub mod ports;
 pub mod prometheus;

@@ -3,7 +3,7 @@
 //! through its HTTP API.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,12 +16,7 @@ pub struct Job {
     pub targets: Vec<SocketAddr>,
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use crate::ports::free_addr;
 
 /// Percent-encodes a query parameter.
 pub fn urlencode(s: &str) -> String {

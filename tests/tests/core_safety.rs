@@ -108,10 +108,7 @@ async fn data_dir_of_another_cluster_is_refused() {
     // Node id `victim` founds a one-node cluster of its own in a fresh directory...
     let foreign = cluster.root().join("foreign");
     std::fs::create_dir_all(&foreign).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let port = kiwi_tests::ports::free_addr();
     let config = foreign.join("kiwi-node.toml");
     std::fs::write(
         &config,

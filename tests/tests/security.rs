@@ -4,7 +4,7 @@
 //! (and counted), the metrics endpoint open to the `metrics` role, health checks open; a node listening
 //! off loopback without a tokens file, or with a broken one, refuses to start naming the key.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,12 +32,7 @@ fn token(principal: &str) -> String {
     format!("tok-{principal}-0123456789")
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use kiwi_tests::ports::free_addr;
 
 struct Node(Child);
 

@@ -5,7 +5,7 @@
 //! that Prometheus accepts every dashboard expression.
 
 use std::collections::BTreeSet;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -29,12 +29,7 @@ fn token_file(dir: &Path) -> PathBuf {
     p
 }
 
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use kiwi_tests::ports::free_addr;
 
 /// Names of the metrics in a Prometheus text exposition.
 fn metric_names(text: &str) -> BTreeSet<String> {

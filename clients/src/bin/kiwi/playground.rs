@@ -112,9 +112,11 @@ fn sibling_binary(arg: Option<PathBuf>, name: &str) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A free port outside the kernel's ephemeral range, so that a crashed node can restart on it (an outgoing
+/// connection may take an ephemeral port as its source port while the node is down).
 fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(l.local_addr()?.port())
+    let addr = kiwi_proto::net::free_loopback_addr().context("cannot find a free port")?;
+    Ok(addr.port())
 }
 
 struct Proc {
