@@ -10,7 +10,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security chaos
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-vs-etcd-large bench-failover bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security chaos
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -39,6 +39,18 @@ bench-snapshot: deps
 bench-vs-etcd: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-vs-etcd.sh
+
+## Failover: SIGKILL the leader under load, time to the first acknowledged write after it; 10 rounds each
+## with 50 ms (default) and 100 ms Raft ticks, medians side by side (a few minutes).
+bench-failover: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	$(CARGO) bench -j$(JOBS) -p kiwi-client --bench failover
+
+## The larger-data row: 1,000,000 keys of 1 KiB in each system, 90 % get / 10 % put at 64 workers, RSS and
+## disk per node at the end (several minutes, most of it preloading).
+bench-vs-etcd-large: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	LARGE=1 scripts/bench-vs-etcd.sh
 
 ## Priority isolation (HIGH next to a LOW flood: priority on, FIFO, no OS priority) and overhead; one table.
 bench-priority: deps

@@ -268,7 +268,9 @@ impl Default for RaftConfig {
         RaftConfig {
             node_id: 1,
             peers: Vec::new(),
-            tick_interval: Duration::from_millis(100),
+            // A 500 ms - 1 s election timeout (raft-rs randomizes it in [10, 20) ticks), heartbeats every
+            // 100 ms: a leader's death is noticed and replaced within about a second.
+            tick_interval: Duration::from_millis(50),
             election_ticks: 10,
             heartbeat_ticks: 2,
             log_compaction_threshold: 10_000,

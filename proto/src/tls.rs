@@ -7,7 +7,12 @@
 
 use std::path::Path;
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// A TLS file could not be used.
 #[derive(Debug)]
@@ -38,6 +43,73 @@ pub fn read_pem(path: &Path, key: &str, what: &str) -> Result<Vec<u8>, TlsError>
     Ok(bytes)
 }
 
+/// Reads a certificate and its private key and checks them together, so that a node or control plane with a
+/// bad pair refuses to start instead of failing every handshake: the certificate must parse, be valid now
+/// (neither expired nor not yet valid) and belong to the key.
+///
+/// # Errors
+/// [`TlsError`] naming the config key, the file and what is wrong.
+pub fn read_identity(
+    cert: &Path,
+    cert_key: &str,
+    key: &Path,
+    key_key: &str,
+) -> Result<Identity, TlsError> {
+    let cert_pem = read_pem(cert, cert_key, "CERTIFICATE")?;
+    let key_pem = read_pem(key, key_key, "PRIVATE KEY")?;
+    let at = |what: &str| TlsError(format!("{cert_key} {}: {what}", cert.display()));
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| at(&format!("unreadable PEM certificate: {e}")))?;
+    let leaf = chain.first().ok_or_else(|| at("no certificate in it"))?;
+    let (_, parsed) = X509Certificate::from_der(leaf)
+        .map_err(|e| at(&format!("not an X.509 certificate: {e}")))?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let validity = parsed.validity();
+    if now > validity.not_after.timestamp() {
+        return Err(at(&format!(
+            "the certificate expired on {} (renew it; `kiwi playground --secure` makes new ones)",
+            validity.not_after
+        )));
+    }
+    if now < validity.not_before.timestamp() {
+        return Err(at(&format!(
+            "the certificate is not valid before {} (check the clock)",
+            validity.not_before
+        )));
+    }
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        TlsError(format!(
+            "{key_key} {}: unreadable PEM private key: {e}",
+            key.display()
+        ))
+    })?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(private)
+        .map_err(|e| {
+            TlsError(format!(
+                "{key_key} {}: unsupported private key: {e}",
+                key.display()
+            ))
+        })?;
+    match rustls::sign::CertifiedKey::new(chain, signing).keys_match() {
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            return Err(TlsError(format!(
+                "{key_key} {} does not match the certificate in {cert_key} {}",
+                key.display(),
+                cert.display()
+            )));
+        }
+        Err(e) => return Err(at(&format!("cannot be used with {}: {e}", key.display()))),
+        Ok(()) => {}
+    }
+    Ok(Identity::from_pem(cert_pem, key_pem))
+}
+
 /// The server side: `cert`+`key` (and `ca` to ask clients for certificates). `prefix` is the config
 /// table, e.g. `security`.
 ///
@@ -49,10 +121,12 @@ pub fn server_config(
     key: &Path,
     ca: Option<&Path>,
 ) -> Result<ServerTlsConfig, TlsError> {
-    let identity = Identity::from_pem(
-        read_pem(cert, &format!("{prefix}.cert_file"), "CERTIFICATE")?,
-        read_pem(key, &format!("{prefix}.key_file"), "PRIVATE KEY")?,
-    );
+    let identity = read_identity(
+        cert,
+        &format!("{prefix}.cert_file"),
+        key,
+        &format!("{prefix}.key_file"),
+    )?;
     let mut config = ServerTlsConfig::new().identity(identity);
     if let Some(ca) = ca {
         config = config
@@ -81,10 +155,69 @@ pub fn client_config(
         "CERTIFICATE",
     )?));
     if let Some((cert, cert_key, key, key_key)) = identity {
-        config = config.identity(Identity::from_pem(
-            read_pem(cert, cert_key, "CERTIFICATE")?,
-            read_pem(key, key_key, "PRIVATE KEY")?,
-        ));
+        config = config.identity(read_identity(cert, cert_key, key, key_key)?);
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, date_time_ymd};
+
+    use super::*;
+
+    fn write_pair(dir: &Path, name: &str, params: CertificateParams, key: &KeyPair) {
+        let cert = params.self_signed(key).unwrap();
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+
+    fn check(dir: &Path, cert: &str, key: &str) -> Result<Identity, TlsError> {
+        read_identity(
+            &dir.join(format!("{cert}.crt")),
+            "security.cert_file",
+            &dir.join(format!("{key}.key")),
+            "security.key_file",
+        )
+    }
+
+    #[test]
+    fn a_certificate_must_be_current_and_match_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let params = || CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        write_pair(d, "good", params(), &KeyPair::generate().unwrap());
+        write_pair(d, "other", params(), &KeyPair::generate().unwrap());
+        let mut expired = params();
+        expired.not_before = date_time_ymd(2020, 1, 1);
+        expired.not_after = date_time_ymd(2021, 1, 1);
+        write_pair(d, "expired", expired, &KeyPair::generate().unwrap());
+        let mut future = params();
+        future.not_before = date_time_ymd(2999, 1, 1);
+        future.not_after = date_time_ymd(3000, 1, 1);
+        write_pair(d, "future", future, &KeyPair::generate().unwrap());
+
+        assert!(check(d, "good", "good").is_ok());
+        let e = check(d, "good", "other").err().expect("mismatch").0;
+        assert!(
+            e.contains("security.key_file")
+                && e.contains("does not match")
+                && e.contains("good.crt"),
+            "{e}"
+        );
+        let e = check(d, "expired", "expired").err().expect("expired").0;
+        assert!(
+            e.contains("security.cert_file") && e.contains("expired on") && e.contains("2021"),
+            "{e}"
+        );
+        let e = check(d, "future", "future").err().expect("not yet valid").0;
+        assert!(e.contains("not valid before") && e.contains("2999"), "{e}");
+        std::fs::write(
+            d.join("junk.crt"),
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let e = check(d, "junk", "good").err().expect("junk").0;
+        assert!(e.contains("junk.crt"), "{e}");
+    }
 }
