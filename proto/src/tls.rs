@@ -198,26 +198,26 @@ mod tests {
         write_pair(d, "future", future, &KeyPair::generate().unwrap());
 
         assert!(check(d, "good", "good").is_ok());
-        let e = check(d, "good", "other").err().expect("mismatch").0;
+        let e = check(d, "good", "other").expect_err("mismatch").0;
         assert!(
             e.contains("security.key_file")
                 && e.contains("does not match")
                 && e.contains("good.crt"),
             "{e}"
         );
-        let e = check(d, "expired", "expired").err().expect("expired").0;
+        let e = check(d, "expired", "expired").expect_err("expired").0;
         assert!(
             e.contains("security.cert_file") && e.contains("expired on") && e.contains("2021"),
             "{e}"
         );
-        let e = check(d, "future", "future").err().expect("not yet valid").0;
+        let e = check(d, "future", "future").expect_err("not yet valid").0;
         assert!(e.contains("not valid before") && e.contains("2999"), "{e}");
         std::fs::write(
             d.join("junk.crt"),
             "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
-        let e = check(d, "junk", "good").err().expect("junk").0;
+        let e = check(d, "junk", "good").expect_err("junk").0;
         assert!(e.contains("junk.crt"), "{e}");
     }
 }
