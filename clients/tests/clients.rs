@@ -624,40 +624,62 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Raft traffic over TLS but without a client certificate from the cluster CA is refused.
+    // The put above was replicated over the nodes' Raft ports (mutual TLS). The client port serves no
+    // Raft at all, and the Raft port refuses a TLS client without a member certificate.
     let endpoints = get("KIWI_ENDPOINTS");
     let first = endpoints.split(',').next().unwrap().to_string();
+    let node_config = std::fs::read_to_string(data.join("node-1").join("kiwi-node.toml")).unwrap();
+    let raft_port = node_config
+        .lines()
+        .find_map(|l| l.strip_prefix("raft_listen_addr = "))
+        .map(|a| a.trim_matches('"').to_string())
+        .unwrap_or_else(|| panic!("--secure gives Raft its own port: {node_config}"));
+    assert_ne!(raft_port, first);
     let ca = std::fs::read(get("KIWI_CA_CERT")).unwrap();
-    let code = tokio::runtime::Runtime::new()
-        .unwrap()
-        .block_on(async move {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-            let channel = tonic::transport::Endpoint::from_shared(format!("https://{first}"))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut raft = kiwi_proto::v1::raft_transport_client::RaftTransportClient::new(channel);
-            let batch = kiwi_proto::v1::RaftMessageBatch {
-                cluster_id: 0,
-                from_node: 2,
-                to_node: 1,
-                messages: vec![],
-            };
-            raft.send_messages(tokio_stream::iter([batch]))
-                .await
-                .map(|_| ())
-                .unwrap_err()
-                .code()
-        });
+    let send = |addr: String| {
+        let ca = ca.clone();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+                    .unwrap()
+                    .tls_config(tls)
+                    .unwrap()
+                    .connect()
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let mut raft =
+                    kiwi_proto::v1::raft_transport_client::RaftTransportClient::new(channel);
+                let batch = kiwi_proto::v1::RaftMessageBatch {
+                    cluster_id: 0,
+                    from_node: 2,
+                    to_node: 1,
+                    messages: vec![],
+                };
+                raft.send_messages(tokio_stream::iter([batch]))
+                    .await
+                    .map(|_| ())
+            })
+    };
     assert_eq!(
-        code,
-        tonic::Code::PermissionDenied,
-        "no client certificate, no Raft"
+        send(first).unwrap_err().code(),
+        tonic::Code::Unimplemented,
+        "no Raft on the client port"
     );
+    let refused = send(raft_port).expect_err("no client certificate, no Raft");
+    assert!(
+        matches!(
+            refused.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+        ),
+        "the handshake is refused: {refused:?}"
+    );
+    assert_eq!(stdout(&run(&["get", "hello"], &[])), "tls\n");
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

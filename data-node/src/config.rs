@@ -58,8 +58,13 @@ impl fmt::Display for FieldError {
 pub struct NodeConfig {
     /// Where the node keeps its data: the storage engine's files under `storage/`.
     pub data_dir: PathBuf,
-    /// gRPC listen address.
+    /// gRPC listen address: clients, and Raft traffic too unless `raft_listen_addr` is set.
     pub listen_addr: SocketAddr,
+    /// Raft's own listen address (only `RaftTransport` is served there, and with `[security]` TLS it
+    /// requires a client certificate from the cluster CA at the handshake). Unset: Raft is served on
+    /// `listen_addr`. This node's `raft.peers` entry must give the same address as `raft_addr`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raft_listen_addr: Option<SocketAddr>,
     /// Logging.
     pub log: LogConfig,
     /// Request scheduling and worker pools.
@@ -84,6 +89,7 @@ impl Default for NodeConfig {
         NodeConfig {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             listen_addr: DEFAULT_LISTEN_ADDR.parse().expect("valid default address"),
+            raft_listen_addr: None,
             log: LogConfig::default(),
             runtime: RuntimeConfig::default(),
             raft: RaftConfig::default(),
@@ -228,6 +234,9 @@ pub struct PeerConfig {
     pub id: u64,
     /// Its gRPC address, "host:port".
     pub addr: String,
+    /// Its Raft address, "host:port", when it serves Raft on its own port (its `raft_listen_addr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft_addr: Option<String>,
 }
 
 /// `[raft]`
@@ -427,6 +436,27 @@ pub const MAX_KEY_SIZE_CEILING: ByteSize = ByteSize::b(kiwi_storage::MAX_KEY_BYT
 pub const MAX_VALUE_SIZE_CEILING: ByteSize =
     ByteSize::b(kiwi_storage::MAX_VALUE_BYTES_CEILING as u64);
 
+/// A member's recorded address: its client address, then, when it serves Raft on its own port
+/// (`raft_listen_addr`), a space and that address: "10.0.0.1:7380 10.0.0.1:7390". Addresses never hold
+/// whitespace (`check_member_addr`). A record with the client address alone (all records written before
+/// Raft ports existed) means Raft is served on the client port.
+pub fn member_record(client: &str, raft: Option<&str>) -> String {
+    match raft {
+        Some(raft) if raft != client => format!("{client} {raft}"),
+        _ => client.to_string(),
+    }
+}
+
+/// The client address in a member record.
+pub fn record_client_addr(record: &str) -> &str {
+    record.split_once(' ').map_or(record, |(client, _)| client)
+}
+
+/// The address peers send Raft traffic to, from a member record.
+pub fn record_raft_addr(record: &str) -> &str {
+    record.split_once(' ').map_or(record, |(_, raft)| raft)
+}
+
 /// Checks a member address: `host:port` with a non-empty host and a port from 1 to 65535.
 ///
 /// # Errors
@@ -609,6 +639,27 @@ impl NodeConfig {
             if let Err(e) = check_member_addr(&peer.addr) {
                 check(false, "raft.peers", format!("peer {}: {e}", peer.id));
             }
+            if let Some(Err(e)) = peer.raft_addr.as_deref().map(check_member_addr) {
+                check(
+                    false,
+                    "raft.peers",
+                    format!("peer {} raft_addr: {e}", peer.id),
+                );
+            }
+            if peer.id == r.node_id {
+                let own = self.raft_listen_addr.map(|a| a.to_string());
+                check(
+                    peer.raft_addr == own,
+                    "raft_listen_addr",
+                    format!(
+                        "this node's raft.peers entry (id {}) has raft_addr {:?} but raft_listen_addr is \
+                         {:?}: give both the same address, or neither",
+                        peer.id,
+                        peer.raft_addr.as_deref().unwrap_or("(unset)"),
+                        own.as_deref().unwrap_or("(unset)")
+                    ),
+                );
+            }
         }
         check(
             !r.join || !r.peers.is_empty(),
@@ -663,6 +714,22 @@ impl NodeConfig {
         for (field, message) in self.security.problems(self.listen_addr) {
             check(false, field, message);
         }
+        let raft_addr = self.raft_listen_addr.unwrap_or(self.listen_addr);
+        check(
+            raft_addr.ip().is_loopback() || self.security.ca_file.is_some(),
+            "security.ca_file",
+            format!(
+                "must be set when Raft is served off loopback ({raft_addr}): members prove who they are \
+                 with a certificate from the cluster CA (mutual TLS), which tokens cannot do. Set \
+                 security.cert_file, key_file and ca_file (see `kiwi playground --secure`), or keep \
+                 {} on 127.0.0.1",
+                if self.raft_listen_addr.is_some() {
+                    "raft_listen_addr"
+                } else {
+                    "listen_addr"
+                }
+            ),
+        );
         let sec = &self.security;
         check(
             self.control
@@ -950,13 +1017,63 @@ mod tests {
             PeerConfig {
                 id: 2,
                 addr: "127.0.0.1:1".into(),
+                raft_addr: None,
             },
             PeerConfig {
                 id: 2,
                 addr: "127.0.0.1:2".into(),
+                raft_addr: None,
             },
         ];
         assert_eq!(invalid_fields(&c), ["raft.peers", "raft.peers"]);
+    }
+
+    #[test]
+    fn a_raft_port_is_given_in_both_places_and_off_loopback_needs_member_certificates() {
+        let peers = |raft: Option<&str>| {
+            vec![PeerConfig {
+                id: 1,
+                addr: "127.0.0.1:7380".into(),
+                raft_addr: raft.map(Into::into),
+            }]
+        };
+        let mut c = NodeConfig::default();
+        c.raft.peers = peers(Some("127.0.0.1:7390"));
+        assert_eq!(invalid_fields(&c), ["raft_listen_addr"]);
+        c.raft_listen_addr = Some("127.0.0.1:7390".parse().unwrap());
+        assert!(invalid_fields(&c).is_empty());
+        c.raft.peers = peers(None);
+        assert_eq!(invalid_fields(&c), ["raft_listen_addr"]);
+        c.raft.peers = peers(Some("a b:1"));
+        assert_eq!(invalid_fields(&c), ["raft.peers", "raft_listen_addr"]);
+
+        let mut c = NodeConfig::default();
+        c.raft_listen_addr = Some("0.0.0.0:7390".parse().unwrap());
+        assert_eq!(invalid_fields(&c), ["security.ca_file"]);
+        c.security.cert_file = Some("c".into());
+        c.security.key_file = Some("k".into());
+        c.security.ca_file = Some("a".into());
+        assert!(invalid_fields(&c).is_empty());
+    }
+
+    #[test]
+    fn a_member_record_holds_the_client_and_the_raft_address() {
+        let both = member_record("h:1", Some("h:2"));
+        assert_eq!(both, "h:1 h:2");
+        assert_eq!(
+            (record_client_addr(&both), record_raft_addr(&both)),
+            ("h:1", "h:2")
+        );
+        for one in [
+            member_record("h:1", None),
+            member_record("h:1", Some("h:1")),
+        ] {
+            assert_eq!(one, "h:1");
+            assert_eq!(
+                (record_client_addr(&one), record_raft_addr(&one)),
+                ("h:1", "h:1")
+            );
+        }
     }
 
     #[test]
@@ -1046,6 +1163,7 @@ mod tests {
         c.raft.peers = vec![PeerConfig {
             id: 1,
             addr: ":".into(),
+            raft_addr: None,
         }];
         assert_eq!(invalid_fields(&c), ["raft.peers"]);
     }

@@ -93,11 +93,12 @@ pub fn record_cluster_id(storage: &dyn StorageBackend, id: u64) -> kiwi_storage:
 }
 
 /// The cluster id founding members derive from the initial membership: FNV-1a over the sorted
-/// `id=addr` pairs, never 0.
+/// `id=addr` pairs of member ids and client addresses (a Raft port given later does not change it),
+/// never 0.
 pub fn derive_cluster_id(members: &[(u64, String)]) -> u64 {
     let mut sorted: Vec<_> = members
         .iter()
-        .map(|(id, addr)| format!("{id}={addr};"))
+        .map(|(id, record)| format!("{id}={};", crate::config::record_client_addr(record)))
         .collect();
     sorted.sort();
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

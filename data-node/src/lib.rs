@@ -198,6 +198,15 @@ impl Node {
         // Security files first, like the metrics below: a bad one is refused before anything is opened.
         let auth = config.security.authenticator()?;
         let (builder, tls) = config.security.serve_tls(kiwi_proto::limits::server())?;
+        let raft_builder = match config.raft_listen_addr {
+            Some(_) => Some(
+                config
+                    .security
+                    .serve_members_tls(kiwi_proto::limits::server())?
+                    .0,
+            ),
+            None => None,
+        };
         let peer_tls = config.security.peer_tls()?;
         tracing::info!(
             tokens = auth.is_some(),
@@ -271,10 +280,33 @@ impl Node {
             source,
         })?;
 
+        // Raft's own port, when configured: members only (see `serve_members_tls`).
+        let raft_listener = match config.raft_listen_addr {
+            Some(raft_addr) => {
+                let listener =
+                    TcpListener::bind(raft_addr)
+                        .await
+                        .map_err(|source| Error::Bind {
+                            addr: raft_addr,
+                            source,
+                        })?;
+                let bound = listener.local_addr().map_err(|source| Error::Bind {
+                    addr: raft_addr,
+                    source,
+                })?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
+
         let node_id = config.raft.node_id;
         // A single node without peers is reached at the address it bound (the configured port may be 0).
         let members: Vec<(u64, String)> = if config.raft.peers.is_empty() {
-            vec![(node_id, addr.to_string())]
+            let raft = raft_listener.as_ref().map(|(_, a)| a.to_string());
+            vec![(
+                node_id,
+                config::member_record(&addr.to_string(), raft.as_deref()),
+            )]
         } else {
             configured.clone()
         };
@@ -305,6 +337,22 @@ impl Node {
         let stop = CancellationToken::new();
         let fatal = CancellationToken::new();
         // Members added at runtime (recorded when their change was applied) join the configured ones.
+        // A recorded founder keeps its record unless the configuration gives the same client address
+        // with a Raft port added (or changed): that is how a running cluster moves to Raft ports.
+        let recorded: Vec<(u64, String)> = recorded
+            .into_iter()
+            .map(
+                |(id, record)| match members.iter().find(|(m, _)| *m == id) {
+                    Some((_, conf))
+                        if config::record_client_addr(conf)
+                            == config::record_client_addr(&record) =>
+                    {
+                        (id, conf.clone())
+                    }
+                    _ => (id, record),
+                },
+            )
+            .collect();
         let members = Arc::new(Members::new(members.into_iter().chain(recorded)));
         let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
         let peers = Arc::new(Peers::start(
@@ -445,26 +493,45 @@ impl Node {
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
             )
-            .add_service(NodeAdminServer::new(AdminApi(Arc::clone(&kv))))
-            .add_service(
-                RaftTransportServer::new(RaftService::new(
-                    node_id,
-                    Arc::clone(&cluster),
-                    driver,
-                    Arc::clone(&storage),
-                    shutdown.clone(),
-                    Arc::clone(&faults),
-                    peer_tls.is_some(),
-                ))
-                .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES),
-            )
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE)),
-                shutdown.clone().cancelled_owned(),
-            );
-        let server = tokio::spawn(server);
+            .add_service(NodeAdminServer::new(AdminApi(Arc::clone(&kv))));
+        let raft_service = RaftTransportServer::new(RaftService::new(
+            node_id,
+            Arc::clone(&cluster),
+            driver,
+            Arc::clone(&storage),
+            shutdown.clone(),
+            Arc::clone(&faults),
+            peer_tls.is_some(),
+        ))
+        .max_decoding_message_size(transport::MAX_RAFT_MESSAGE_BYTES);
+        let incoming = |listener| {
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE))
+        };
+        // Raft on its own port when one is configured, else next to the client services.
+        let (server, raft_server) = match (raft_listener, raft_builder) {
+            (Some((raft_listener, _)), Some(mut raft_builder)) => (
+                server,
+                Some(
+                    raft_builder
+                        .add_service(raft_service)
+                        .serve_with_incoming_shutdown(
+                            incoming(raft_listener),
+                            shutdown.clone().cancelled_owned(),
+                        ),
+                ),
+            ),
+            _ => (server.add_service(raft_service), None),
+        };
+        let server = server
+            .serve_with_incoming_shutdown(incoming(listener), shutdown.clone().cancelled_owned());
+        let server = tokio::spawn(async move {
+            match raft_server {
+                Some(raft_server) => tokio::try_join!(server, raft_server).map(|_| ()),
+                None => server.await,
+            }
+        });
         if let Some(control_addr) = &config.control.addr {
             let token = match &config.control.token_file {
                 Some(path) => Some(telemetry::http::read_token(path, "control.token_file")?),
@@ -609,13 +676,17 @@ pub fn open_storage(config: &NodeConfig) -> Result<Arc<dyn StorageBackend>> {
 /// `listen_addr`. The cluster id of a founded cluster is derived from it.
 pub fn configured_members(config: &NodeConfig) -> Vec<(u64, String)> {
     if config.raft.peers.is_empty() {
-        vec![(config.raft.node_id, config.listen_addr.to_string())]
+        let raft = config.raft_listen_addr.map(|a| a.to_string());
+        vec![(
+            config.raft.node_id,
+            config::member_record(&config.listen_addr.to_string(), raft.as_deref()),
+        )]
     } else {
         config
             .raft
             .peers
             .iter()
-            .map(|p| (p.id, p.addr.clone()))
+            .map(|p| (p.id, config::member_record(&p.addr, p.raft_addr.as_deref())))
             .collect()
     }
 }

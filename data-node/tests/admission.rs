@@ -135,11 +135,24 @@ async fn add_node_refuses_malformed_addresses() {
             .add_node(AddNodeRequest {
                 node_id: 2,
                 addr: addr.into(),
+                raft_addr: String::new(),
             })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{addr:?}: {e}");
         assert!(e.message().contains("addr"), "{e}");
+    }
+    for raft_addr in ["host", "a b:1", "host:0"] {
+        let e = admin
+            .add_node(AddNodeRequest {
+                node_id: 2,
+                addr: "127.0.0.1:7380".into(),
+                raft_addr: raft_addr.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{raft_addr:?}: {e}");
+        assert!(e.message().contains("raft_addr"), "{e}");
     }
     let s = admin
         .status(kiwi_proto::v1::StatusRequest {})

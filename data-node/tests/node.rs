@@ -129,6 +129,7 @@ async fn refuses_a_data_dir_of_another_cluster() {
         .map(|id| kiwi_node::config::PeerConfig {
             id,
             addr: format!("127.0.0.1:{}", 17_380 + id),
+            raft_addr: None,
         })
         .collect();
     let err = Node::start(member)
@@ -158,6 +159,7 @@ async fn accepts_raft_peers_respelled_or_updated_to_the_same_members() {
     listed.raft.peers = vec![kiwi_node::config::PeerConfig {
         id: 1,
         addr: "localhost:17391".into(),
+        raft_addr: None,
     }];
     let node = Node::start(listed).await.unwrap();
     node.shutdown().await.unwrap();

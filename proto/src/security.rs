@@ -80,10 +80,30 @@ impl SecurityConfig {
     /// # Errors
     /// [`TlsError`] naming the key and the file.
     pub fn serve_tls(&self, builder: Server) -> Result<(Server, bool), TlsError> {
+        self.serve(builder, false)
+    }
+
+    /// Like [`serve_tls`](Self::serve_tls) for a port only members speak to (a node's
+    /// `raft_listen_addr`): with `ca_file` set, a caller without a certificate from that CA fails the
+    /// TLS handshake.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the key and the file.
+    pub fn serve_members_tls(&self, builder: Server) -> Result<(Server, bool), TlsError> {
+        self.serve(builder, true)
+    }
+
+    fn serve(&self, builder: Server, members_only: bool) -> Result<(Server, bool), TlsError> {
         let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else {
             return Ok((builder, false));
         };
-        let tls = crate::tls::server_config("security", cert, key, self.ca_file.as_deref())?;
+        let tls = crate::tls::server_config(
+            "security",
+            cert,
+            key,
+            self.ca_file.as_deref(),
+            members_only,
+        )?;
         let builder = builder.tls_config(tls).map_err(|e| {
             TlsError(format!(
                 "security.cert_file / security.key_file: {e} (is the key the certificate's?)"

@@ -2,8 +2,9 @@
 //! name the config key and the file.
 //!
 //! A server with a certificate and key serves TLS; with a CA as well, it asks every client for a
-//! certificate from that CA (optional at the handshake, so that plain clients with only the CA can
-//! connect; the Raft service then refuses a caller that presented none: mutual TLS for members only).
+//! certificate from that CA: required at the handshake on a node's own Raft port, optional on a client
+//! port (so that plain clients with only the CA can connect; the Raft service served there refuses a
+//! caller that presented none: mutual TLS for members only).
 
 use std::path::Path;
 
@@ -110,8 +111,8 @@ pub fn read_identity(
     Ok(Identity::from_pem(cert_pem, key_pem))
 }
 
-/// The server side: `cert`+`key` (and `ca` to ask clients for certificates). `prefix` is the config
-/// table, e.g. `security`.
+/// The server side: `cert`+`key` (and `ca` to ask clients for certificates, refusing the handshake of
+/// one without when `require_client_cert`). `prefix` is the config table, e.g. `security`.
 ///
 /// # Errors
 /// [`TlsError`] naming the key and the file.
@@ -120,6 +121,7 @@ pub fn server_config(
     cert: &Path,
     key: &Path,
     ca: Option<&Path>,
+    require_client_cert: bool,
 ) -> Result<ServerTlsConfig, TlsError> {
     let identity = read_identity(
         cert,
@@ -135,7 +137,7 @@ pub fn server_config(
                 &format!("{prefix}.ca_file"),
                 "CERTIFICATE",
             )?))
-            .client_auth_optional(true);
+            .client_auth_optional(!require_client_cert);
     }
     Ok(config)
 }

@@ -51,6 +51,8 @@ pub struct ClusterOptions {
     /// Extra lines for every node's `[telemetry]` table (each node always gets a loopback
     /// `metrics_addr`; see [`Cluster::metrics_addr`]).
     pub telemetry_extra: String,
+    /// Every node serves Raft on its own port (`raft_listen_addr`, and `raft_addr` in `raft.peers`).
+    pub raft_ports: bool,
 }
 
 impl Default for ClusterOptions {
@@ -64,6 +66,7 @@ impl Default for ClusterOptions {
             extra_config: String::new(),
             telemetry_extra: String::new(),
             log_json: false,
+            raft_ports: false,
         }
     }
 }
@@ -72,6 +75,8 @@ struct NodeProc {
     addr: SocketAddr,
     /// `telemetry.metrics_addr`.
     metrics_addr: SocketAddr,
+    /// `raft_listen_addr`, with [`ClusterOptions::raft_ports`].
+    raft_addr: Option<SocketAddr>,
     dir: PathBuf,
     child: Option<Child>,
     /// Started with `raft.join = true` (not a founding member).
@@ -140,6 +145,7 @@ impl Cluster {
                 NodeProc {
                     addr: free_addr(),
                     metrics_addr: free_addr(),
+                    raft_addr: opts.raft_ports.then(free_addr),
                     dir,
                     child: None,
                     join: false,
@@ -180,6 +186,11 @@ impl Cluster {
         self.nodes[&id].addr
     }
 
+    /// A node's own Raft port (`raft_listen_addr`), with [`ClusterOptions::raft_ports`].
+    pub fn raft_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.nodes[&id].raft_addr
+    }
+
     /// A node's metrics endpoint (`telemetry.metrics_addr`).
     pub fn metrics_addr(&self, id: u64) -> SocketAddr {
         self.nodes[&id].metrics_addr
@@ -193,11 +204,14 @@ impl Cluster {
     fn config_text(&self, id: u64) -> String {
         let node = &self.nodes[&id];
         let mut s = format!(
-            "data_dir = {:?}\nlisten_addr = \"{}\"\n\n[log]\nlevel = \"info,kiwi_node=debug\"\nformat = \"{}\"\n\n[raft]\nnode_id = {id}\n\
+            "data_dir = {:?}\nlisten_addr = \"{}\"\n{}\n[log]\nlevel = \"info,kiwi_node=debug\"\nformat = \"{}\"\n\n[raft]\nnode_id = {id}\n\
              tick_interval_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\nlog_compaction_threshold = {}\n\
              log_compaction_slack = {}\njoin = {}\n",
             node.dir.join("data").display().to_string(),
             node.addr,
+            node.raft_addr
+                .map(|a| format!("raft_listen_addr = \"{a}\"\n"))
+                .unwrap_or_default(),
             if self.opts.log_json { "json" } else { "text" },
             self.opts.tick_interval_ms,
             self.opts.compaction_threshold,
@@ -212,6 +226,9 @@ impl Cluster {
                     "\n[[raft.peers]]\nid = {pid}\naddr = \"{}\"\n",
                     p.addr
                 ));
+                if let Some(raft) = p.raft_addr {
+                    s.push_str(&format!("raft_addr = \"{raft}\"\n"));
+                }
             }
         }
         s.push_str(&format!(
@@ -260,6 +277,7 @@ impl Cluster {
             NodeProc {
                 addr: free_addr(),
                 metrics_addr: free_addr(),
+                raft_addr: self.opts.raft_ports.then(free_addr),
                 dir,
                 child: None,
                 join: true,

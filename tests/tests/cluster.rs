@@ -447,11 +447,13 @@ async fn concurrent_compare_and_swap_counts_exactly() {
 }
 
 /// Scenario 8: add a fourth node (learner, then voter), remove one, hand leadership over; the cluster
-/// keeps serving throughout.
+/// keeps serving throughout. Every node serves Raft on its own port, so Raft addresses travel through
+/// the configuration, the membership change and the snapshot the new node starts from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_add_a_node_remove_a_node_transfer_leadership() {
     let mut cluster = Cluster::start(ClusterOptions {
         compaction_threshold: 200,
+        raft_ports: true,
         ..opts("rocksdb")
     })
     .await;
@@ -467,6 +469,7 @@ async fn membership_add_a_node_remove_a_node_transfer_leadership() {
         .add_node(AddNodeRequest {
             node_id: new,
             addr: cluster.addr(new).to_string(),
+            raft_addr: cluster.raft_addr(new).unwrap().to_string(),
         })
         .await
         .unwrap_or_else(|e| panic!("AddNode failed: {e}"))
@@ -491,6 +494,7 @@ async fn membership_add_a_node_remove_a_node_transfer_leadership() {
         .add_node(AddNodeRequest {
             node_id: new,
             addr: cluster.addr(new).to_string(),
+            raft_addr: String::new(),
         })
         .await
         .unwrap_err();
@@ -533,6 +537,16 @@ async fn membership_add_a_node_remove_a_node_transfer_leadership() {
     let s = cluster.status(new).await.unwrap();
     assert_eq!(s.role, RaftRole::Leader as i32);
     cluster.must_put(b"led-by-new", b"1").await;
+
+    // A founder restarted finds the others at their Raft ports again.
+    let founder = cluster.running().into_iter().find(|id| *id != new).unwrap();
+    cluster.kill(founder);
+    cluster.restart(founder);
+    let idx = cluster.must_put(b"after-restart", b"1").await;
+    assert_eq!(
+        cluster.must_get_local(founder, b"after-restart", idx).await,
+        Some(b"1".to_vec())
+    );
 }
 
 /// Bad input gets INVALID_ARGUMENT naming the limit, and writes nothing.

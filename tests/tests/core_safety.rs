@@ -242,6 +242,7 @@ async fn a_snapshot_carries_member_addresses() {
         .add_node(AddNodeRequest {
             node_id: new,
             addr: cluster.addr(new).to_string(),
+            raft_addr: String::new(),
         })
         .await
         .unwrap_or_else(|e| panic!("AddNode failed: {e}"));

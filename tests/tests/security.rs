@@ -304,6 +304,17 @@ fn a_node_off_loopback_without_tokens_or_with_a_broken_tokens_file_refuses_to_st
         out.contains("security.tokens_file") && out.contains("127.0.0.1"),
         "{out}"
     );
+    // Tokens alone are not enough off loopback: Raft needs member certificates (mutual TLS).
+    let tokens = tokens_file(dir.path());
+    let (status, out) = run_to_exit(
+        dir.path(),
+        &format!("listen_addr = \"0.0.0.0:0\"\n{base}[security]\ntokens_file = {tokens:?}\n"),
+    );
+    assert!(!status.success());
+    assert!(
+        out.contains("security.ca_file") && out.contains("mutual TLS"),
+        "{out}"
+    );
 
     let broken = dir.path().join("broken.toml");
     std::fs::write(

@@ -196,8 +196,9 @@ pub trait MessageSink: Send + Sync + 'static {
     /// reports them unreachable).
     fn send(&self, msgs: Vec<Message>) -> Vec<u64>;
 
-    /// Starts sending to a member added by a membership change, at its client address.
-    fn add_peer(&self, id: u64, addr: String);
+    /// Starts sending to a member added by a membership change, given its member record
+    /// (`transport::member_record`: client address, and Raft address when it has its own).
+    fn add_peer(&self, id: u64, record: String);
 }
 
 enum Inbox {

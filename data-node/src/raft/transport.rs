@@ -27,14 +27,15 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::{record_client_addr, record_raft_addr};
 use crate::fault::{FaultInjector, Verdict};
 use crate::raft::driver::{DriverHandle, MessageSink, PeerEvent};
 use crate::raft::guard::{self, Refusal};
 use crate::raft::log_store::{SnapshotRegistry, snapshot_id};
 use crate::raft::snapshot;
 
-/// Client address of every member, shared by the transport, leader hints and status. Updated when a
-/// membership change is applied.
+/// Every member's record (see [`member_record`](crate::config::member_record)), shared by the transport, leader hints and status.
+/// Updated when a membership change is applied.
 #[derive(Debug, Default)]
 pub struct Members(RwLock<HashMap<u64, String>>);
 
@@ -43,12 +44,22 @@ impl Members {
         Members(RwLock::new(initial.into_iter().collect()))
     }
 
+    /// Member `id`'s client address.
     pub fn get(&self, id: u64) -> Option<String> {
         self.0
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&id)
-            .cloned()
+            .map(|r| record_client_addr(r).to_string())
+    }
+
+    /// Where member `id` takes Raft traffic.
+    pub fn raft_addr(&self, id: u64) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&id)
+            .map(|r| record_raft_addr(r).to_string())
     }
 
     pub fn insert(&self, id: u64, addr: String) {
@@ -125,8 +136,8 @@ impl Peers {
             faults,
             tls,
         };
-        for (id, addr) in members.all() {
-            peers.connect(id, addr);
+        for (id, record) in members.all() {
+            peers.connect(id, record_raft_addr(&record).to_string());
         }
         peers
     }
@@ -163,7 +174,7 @@ impl Peers {
         let to = msg.to;
         let view = snapshot_id(msg.get_snapshot()).and_then(|id| self.snapshots.take(id));
         let cut = self.faults.partitioned_from(to);
-        let (Some(view), Some(addr), false) = (view, self.members.get(to), cut) else {
+        let (Some(view), Some(addr), false) = (view, self.members.raft_addr(to), cut) else {
             tracing::warn!(
                 to,
                 cut,
@@ -239,9 +250,10 @@ impl MessageSink for Peers {
         full
     }
 
-    fn add_peer(&self, id: u64, addr: String) {
-        self.members.insert(id, addr.clone());
-        self.connect(id, addr);
+    fn add_peer(&self, id: u64, record: String) {
+        let raft = record_raft_addr(&record).to_string();
+        self.members.insert(id, record);
+        self.connect(id, raft);
     }
 }
 

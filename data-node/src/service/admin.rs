@@ -176,6 +176,14 @@ impl NodeAdmin for AdminApi {
             }
             crate::config::check_member_addr(&req.addr)
                 .map_err(|e| KvError::InvalidArgument(format!("addr: {e}")))?;
+            if !req.raft_addr.is_empty() {
+                crate::config::check_member_addr(&req.raft_addr)
+                    .map_err(|e| KvError::InvalidArgument(format!("raft_addr: {e}")))?;
+            }
+            let record = crate::config::member_record(
+                &req.addr,
+                Some(req.raft_addr.as_str()).filter(|a| !a.is_empty()),
+            );
             let d = s
                 .driver
                 .detailed_status()
@@ -191,14 +199,14 @@ impl NodeAdmin for AdminApi {
                 )));
             }
             if !d.learners.contains(&req.node_id) {
-                s.membership_change(ConfChangeType::AddLearnerNode, req.node_id, &req.addr)
+                s.membership_change(ConfChangeType::AddLearnerNode, req.node_id, &record)
                     .await?;
                 tracing::info!(node_id = req.node_id, addr = %req.addr, "added a learner; waiting for it to catch up");
             }
             let target = s.driver.status().commit;
             s.wait_caught_up(req.node_id, target).await?;
             let out = s
-                .membership_change(ConfChangeType::AddNode, req.node_id, &req.addr)
+                .membership_change(ConfChangeType::AddNode, req.node_id, &record)
                 .await?;
             tracing::info!(node_id = req.node_id, "promoted the learner to voter");
             s.membership(out.index).await
@@ -330,14 +338,14 @@ impl KvServer {
         &self,
         change_type: ConfChangeType,
         node_id: u64,
-        addr: &str,
+        record: &str,
     ) -> Result<ApplyOutcome, KvError> {
         let mut single = ConfChangeSingle::default();
         single.set_change_type(change_type);
         single.node_id = node_id;
         let mut cc = ConfChangeV2::default();
         cc.set_changes(vec![single].into());
-        cc.context = addr.as_bytes().to_vec().into();
+        cc.context = record.as_bytes().to_vec().into();
         let fut = self.driver.change_membership(cc);
         match tokio::time::timeout(DEFAULT_TIMEOUT, fut).await {
             Ok(r) => r.map_err(|e| self.map_propose(e)),

@@ -91,7 +91,8 @@ struct StartArgs {
     fault_injection: bool,
     /// Generate a CA, a certificate for the nodes and the control plane, and an admin token (under
     /// `<data-dir>/secrets/`), and start everything with TLS, mutual TLS between members and tokens;
-    /// prints the exports that the `kiwi` commands need.
+    /// each node serves Raft on its own port (base-port + 300 + N - 1, or a free one), where the TLS
+    /// handshake needs a member certificate. Prints the exports that the `kiwi` commands need.
     #[arg(long)]
     secure: bool,
 }
@@ -391,6 +392,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
 
     let mut addrs = Vec::new();
     let mut metrics = Vec::new();
+    let mut raft_addrs = Vec::new();
     for id in 1..=args.nodes {
         let (port, metrics_port) = match args.base_port {
             Some(b) => {
@@ -406,19 +408,37 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         };
         addrs.push((id, format!("127.0.0.1:{port}")));
         metrics.push(format!("127.0.0.1:{metrics_port}"));
+        // Secure: Raft on its own port, where the handshake needs a member certificate.
+        if args.secure {
+            let raft_port = match args.base_port {
+                Some(_) => port
+                    .checked_add(300)
+                    .context("--base-port too high for the Raft ports (base-port + 300 + N - 1)")?,
+                None => free_port()?,
+            };
+            raft_addrs.push(format!("127.0.0.1:{raft_port}"));
+        }
     }
     let mut procs = Vec::new();
     for ((id, addr), metrics_addr) in addrs.iter().zip(&metrics) {
         let dir = data_dir.join(format!("node-{id}"));
         std::fs::create_dir_all(&dir)?;
         let mut config = format!(
-            "data_dir = {:?}\nlisten_addr = \"{addr}\"\n\n[raft]\nnode_id = {id}\n",
+            "data_dir = {:?}\nlisten_addr = \"{addr}\"\n",
             dir.join("data").display().to_string()
         );
+        let raft_addr = |id: u64| raft_addrs.get(usize::try_from(id - 1).ok()?);
+        if let Some(r) = raft_addr(*id) {
+            config.push_str(&format!("raft_listen_addr = \"{r}\"\n"));
+        }
+        config.push_str(&format!("\n[raft]\nnode_id = {id}\n"));
         for (pid, paddr) in &addrs {
             config.push_str(&format!(
                 "\n[[raft.peers]]\nid = {pid}\naddr = \"{paddr}\"\n"
             ));
+            if let Some(r) = raft_addr(*pid) {
+                config.push_str(&format!("raft_addr = \"{r}\"\n"));
+            }
         }
         if args.fault_injection {
             config.push_str("\n[raft.fault_injection]\nenabled = true\n");
