@@ -100,7 +100,7 @@ impl ControlPlane {
     pub async fn start(config: ControlConfig) -> Result<ControlPlane, Error> {
         config.validate()?;
         let auth = config.security.authenticator()?;
-        let (builder, _) = config.security.serve_tls(kiwi_proto::limits::server())?;
+        let server_tls = config.security.server_tls()?;
         // The metrics listener first: a bad token file or a taken port is refused before anything opens.
         let metrics_http = match config.metrics.addr {
             Some(addr) => {
@@ -199,21 +199,32 @@ impl ControlPlane {
             .register_encoded_file_descriptor_set(kiwi_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
-        let server = builder
+        kiwi_proto::security::reload_on_sighup(
+            kiwi_proto::security::Reloadable {
+                servers: server_tls.iter().cloned().collect(),
+                peers: None,
+                tokens: auth.clone(),
+            },
+            shutdown.clone().cancelled_owned(),
+        );
+        let router = kiwi_proto::limits::server()
             .layer(tower::util::option_layer(
                 auth.map(|a| kiwi_proto::auth::AuthLayer::new(a, method_role)),
             ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(NodeLinkServer::new(NodeLinkApi(Arc::clone(&control))))
-            .add_service(ControlServiceServer::new(ControlApi(control)))
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(listener)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE)),
-                shutdown.clone().cancelled_owned(),
-            );
-        let server = tokio::spawn(server);
+            .add_service(ControlServiceServer::new(ControlApi(control)));
+        let incoming = TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE));
+        let done = shutdown.clone().cancelled_owned();
+        let server = match &server_tls {
+            Some(tls) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(tls.accept(incoming), done))
+            }
+            None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, done)),
+        };
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "kiwi-control serving");
         Ok(ControlPlane {
             addr,

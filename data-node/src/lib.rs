@@ -197,14 +197,10 @@ impl Node {
         config.validate()?;
         // Security files first, like the metrics below: a bad one is refused before anything is opened.
         let auth = config.security.authenticator()?;
-        let (builder, tls) = config.security.serve_tls(kiwi_proto::limits::server())?;
-        let raft_builder = match config.raft_listen_addr {
-            Some(_) => Some(
-                config
-                    .security
-                    .serve_members_tls(kiwi_proto::limits::server())?
-                    .0,
-            ),
+        let server_tls = config.security.server_tls()?;
+        let tls = server_tls.is_some();
+        let raft_tls = match config.raft_listen_addr {
+            Some(_) => config.security.members_tls()?,
             None => None,
         };
         let peer_tls = config.security.peer_tls()?;
@@ -482,7 +478,7 @@ impl Node {
             .build_v1()?;
 
         let shutdown = CancellationToken::new();
-        let server = builder
+        let server = kiwi_proto::limits::server()
             .layer(tower::util::option_layer(auth.clone().map(|a| {
                 kiwi_proto::auth::AuthLayer::new(a, service::method_role)
             })))
@@ -510,28 +506,44 @@ impl Node {
                 .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE))
         };
         // Raft on its own port when one is configured, else next to the client services.
-        let (server, raft_server) = match (raft_listener, raft_builder) {
-            (Some((raft_listener, _)), Some(mut raft_builder)) => (
-                server,
-                Some(
-                    raft_builder
-                        .add_service(raft_service)
-                        .serve_with_incoming_shutdown(
-                            incoming(raft_listener),
-                            shutdown.clone().cancelled_owned(),
-                        ),
-                ),
-            ),
-            _ => (server.add_service(raft_service), None),
+        let (server, raft_server) = match raft_listener {
+            Some((raft_listener, _)) => {
+                let router = kiwi_proto::limits::server().add_service(raft_service);
+                let done = shutdown.clone().cancelled_owned();
+                let raft_server: ServeFuture = match &raft_tls {
+                    Some(t) => Box::pin(
+                        router
+                            .serve_with_incoming_shutdown(t.accept(incoming(raft_listener)), done),
+                    ),
+                    None => {
+                        Box::pin(router.serve_with_incoming_shutdown(incoming(raft_listener), done))
+                    }
+                };
+                (server, Some(raft_server))
+            }
+            None => (server.add_service(raft_service), None),
         };
-        let server = server
-            .serve_with_incoming_shutdown(incoming(listener), shutdown.clone().cancelled_owned());
+        let done = shutdown.clone().cancelled_owned();
+        let server: ServeFuture = match &server_tls {
+            Some(t) => {
+                Box::pin(server.serve_with_incoming_shutdown(t.accept(incoming(listener)), done))
+            }
+            None => Box::pin(server.serve_with_incoming_shutdown(incoming(listener), done)),
+        };
         let server = tokio::spawn(async move {
             match raft_server {
                 Some(raft_server) => tokio::try_join!(server, raft_server).map(|_| ()),
                 None => server.await,
             }
         });
+        kiwi_proto::security::reload_on_sighup(
+            kiwi_proto::security::Reloadable {
+                servers: [server_tls, raft_tls].into_iter().flatten().collect(),
+                peers: peer_tls.clone(),
+                tokens: auth.clone(),
+            },
+            stop.clone().cancelled_owned(),
+        );
         if let Some(control_addr) = &config.control.addr {
             let token = match &config.control.token_file {
                 Some(path) => Some(telemetry::http::read_token(path, "control.token_file")?),
@@ -549,7 +561,7 @@ impl Node {
                     token,
                     tls: control_addr
                         .starts_with("https://")
-                        .then(|| peer_tls.clone())
+                        .then(|| peer_tls.as_ref().map(|t| t.get()))
                         .flatten(),
                 },
                 config.control.heartbeat_interval,
@@ -671,6 +683,11 @@ pub fn open_storage(config: &NodeConfig) -> Result<Arc<dyn StorageBackend>> {
     identity::check_node_id(storage.as_ref(), config.raft.node_id, &config.data_dir)?;
     Ok(storage)
 }
+
+/// A gRPC server's future, boxed: plain or TLS connections give different types.
+type ServeFuture = std::pin::Pin<
+    Box<dyn Future<Output = std::result::Result<(), tonic::transport::Error>> + Send>,
+>;
 
 /// The initial membership the configuration describes: `raft.peers`, or this node alone at
 /// `listen_addr`. The cluster id of a founded cluster is derived from it.

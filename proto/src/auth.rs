@@ -99,10 +99,13 @@ pub fn token_hash(token: &str) -> String {
         .collect()
 }
 
-/// The tokens a server accepts.
+/// The tokens a server accepts; a file's tokens can be read again while serving
+/// ([`reload`](Authenticator::reload), on SIGHUP) to add or revoke tokens without a restart.
 #[derive(Debug)]
 pub struct Authenticator {
-    entries: Vec<([u8; 32], Principal)>,
+    entries: std::sync::RwLock<Vec<([u8; 32], Principal)>>,
+    /// The tokens file and its config key, when read from one.
+    source: Option<(std::path::PathBuf, &'static str)>,
 }
 
 impl Authenticator {
@@ -111,6 +114,30 @@ impl Authenticator {
     /// # Errors
     /// [`TokensError`] naming the file and what is wrong (unreadable, not TOML, a bad hash, no token).
     pub fn from_file(path: &Path, key: &'static str) -> Result<Authenticator, TokensError> {
+        Ok(Authenticator {
+            entries: std::sync::RwLock::new(Self::read(path, key)?),
+            source: Some((path.to_path_buf(), key)),
+        })
+    }
+
+    /// Reads the tokens file again; on success the new tokens replace the old ones (a token no longer
+    /// listed is refused from the next call on). Built without a file: nothing to do.
+    ///
+    /// # Errors
+    /// [`TokensError`] as for [`from_file`](Self::from_file); the tokens in force are kept.
+    pub fn reload(&self) -> Result<(), TokensError> {
+        let Some((path, key)) = &self.source else {
+            return Ok(());
+        };
+        let entries = Self::read(path, key)?;
+        *self
+            .entries
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = entries;
+        Ok(())
+    }
+
+    fn read(path: &Path, key: &'static str) -> Result<Vec<([u8; 32], Principal)>, TokensError> {
         let err = |why: String| TokensError {
             key,
             path: path.to_path_buf(),
@@ -151,16 +178,19 @@ impl Authenticator {
                 },
             ));
         }
-        Ok(Authenticator { entries })
+        Ok(entries)
     }
 
     /// An authenticator for the given (token, principal) pairs; for tests.
     pub fn from_tokens(tokens: &[(&str, Principal)]) -> Authenticator {
         Authenticator {
-            entries: tokens
-                .iter()
-                .map(|(t, p)| (Sha256::digest(t.as_bytes()).into(), p.clone()))
-                .collect(),
+            entries: std::sync::RwLock::new(
+                tokens
+                    .iter()
+                    .map(|(t, p)| (Sha256::digest(t.as_bytes()).into(), p.clone()))
+                    .collect(),
+            ),
+            source: None,
         }
     }
 
@@ -183,8 +213,12 @@ impl Authenticator {
         }
         let hash: [u8; 32] = Sha256::digest(&value[scheme.len()..]).into();
         // Every entry is compared, in constant time, whichever matches.
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut found = None;
-        for (h, p) in &self.entries {
+        for (h, p) in entries.iter() {
             if bool::from(h.ct_eq(&hash)) {
                 found = Some(p);
             }

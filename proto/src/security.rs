@@ -3,10 +3,19 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
+use rustls::server::WebPkiClientVerifier;
 use serde::{Deserialize, Serialize};
-use tonic::transport::{ClientTlsConfig, Server};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::ClientTlsConfig;
+use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{Authenticator, TokensError};
 use crate::tls::TlsError;
@@ -74,59 +83,289 @@ impl SecurityConfig {
             .transpose()
     }
 
-    /// `builder` serving TLS when `cert_file` and `key_file` are set (asking callers for a certificate
-    /// from `ca_file` when set); returns whether it does.
+    /// The server's TLS when `cert_file` and `key_file` are set (asking callers for a certificate from
+    /// `ca_file` when set, without requiring one: clients need only the CA).
     ///
     /// # Errors
     /// [`TlsError`] naming the key and the file.
-    pub fn serve_tls(&self, builder: Server) -> Result<(Server, bool), TlsError> {
-        self.serve(builder, false)
+    pub fn server_tls(&self) -> Result<Option<Arc<ServerTls>>, TlsError> {
+        self.server_tls_for(false)
     }
 
-    /// Like [`serve_tls`](Self::serve_tls) for a port only members speak to (a node's
+    /// Like [`server_tls`](Self::server_tls) for a port only members speak to (a node's
     /// `raft_listen_addr`): with `ca_file` set, a caller without a certificate from that CA fails the
     /// TLS handshake.
     ///
     /// # Errors
     /// [`TlsError`] naming the key and the file.
-    pub fn serve_members_tls(&self, builder: Server) -> Result<(Server, bool), TlsError> {
-        self.serve(builder, true)
+    pub fn members_tls(&self) -> Result<Option<Arc<ServerTls>>, TlsError> {
+        self.server_tls_for(true)
     }
 
-    fn serve(&self, builder: Server, members_only: bool) -> Result<(Server, bool), TlsError> {
-        let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else {
-            return Ok((builder, false));
-        };
-        let tls = crate::tls::server_config(
-            "security",
-            cert,
-            key,
-            self.ca_file.as_deref(),
+    fn server_tls_for(&self, members_only: bool) -> Result<Option<Arc<ServerTls>>, TlsError> {
+        if self.cert_file.is_none() || self.key_file.is_none() {
+            return Ok(None);
+        }
+        let config = ServerTls::build(self, members_only)?;
+        Ok(Some(Arc::new(ServerTls {
+            files: self.clone(),
             members_only,
-        )?;
-        let builder = builder.tls_config(tls).map_err(|e| {
-            TlsError(format!(
-                "security.cert_file / security.key_file: {e} (is the key the certificate's?)"
-            ))
-        })?;
-        Ok((builder, true))
+            current: RwLock::new(Arc::new(config)),
+            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+        })))
     }
 
     /// TLS to peers (trusting `ca_file`, presenting `cert_file`), when all three files are set.
     ///
     /// # Errors
     /// [`TlsError`] naming the key and the file.
-    pub fn peer_tls(&self) -> Result<Option<ClientTlsConfig>, TlsError> {
-        let (Some(ca), Some(cert), Some(key)) = (&self.ca_file, &self.cert_file, &self.key_file)
-        else {
+    pub fn peer_tls(&self) -> Result<Option<Arc<PeerTls>>, TlsError> {
+        if self.ca_file.is_none() || self.cert_file.is_none() || self.key_file.is_none() {
             return Ok(None);
+        }
+        let config = PeerTls::build(self)?;
+        Ok(Some(Arc::new(PeerTls {
+            files: self.clone(),
+            current: RwLock::new(config),
+        })))
+    }
+}
+
+/// TLS handshakes in progress at once on one listener; connections beyond are closed at once.
+const MAX_HANDSHAKES: usize = 1024;
+/// Longest a TLS handshake may take before its connection is closed (a slow or idle client holds
+/// nothing longer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server's TLS, read from `[security]` and replaceable while serving ([`reload`](Self::reload), on
+/// SIGHUP): connections accepted afterwards get the new certificate and CA, open ones keep theirs, so
+/// a certificate rotates with no downtime. A reload that fails its checks keeps the old configuration.
+pub struct ServerTls {
+    files: SecurityConfig,
+    members_only: bool,
+    current: RwLock<Arc<rustls::ServerConfig>>,
+    handshakes: Arc<Semaphore>,
+}
+
+impl ServerTls {
+    fn build(files: &SecurityConfig, members_only: bool) -> Result<rustls::ServerConfig, TlsError> {
+        let (Some(cert), Some(key)) = (&files.cert_file, &files.key_file) else {
+            return Err(TlsError(
+                "security.cert_file and security.key_file are needed to serve TLS".into(),
+            ));
+        };
+        let pair = crate::tls::read_key_pair(cert, "security.cert_file", key, "security.key_file")?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError(format!("TLS: {e}")))?;
+        let builder = match &files.ca_file {
+            Some(ca) => {
+                let roots = crate::tls::read_roots(ca, "security.ca_file")?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = if members_only {
+                    verifier
+                } else {
+                    verifier.allow_unauthenticated()
+                };
+                builder.with_client_cert_verifier(verifier.build().map_err(|e| {
+                    TlsError(format!(
+                        "security.ca_file {}: cannot verify clients with it: {e}",
+                        ca.display()
+                    ))
+                })?)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(pair.chain, pair.key)
+            .map_err(|e| {
+                TlsError(format!(
+                    "security.cert_file {} / security.key_file {}: {e}",
+                    cert.display(),
+                    key.display()
+                ))
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    /// Reads the files again; on success new connections use them.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the key and the file; the configuration in force is kept.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = Self::build(&self.files, self.members_only)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(config);
+        Ok(())
+    }
+
+    /// The TLS connections of `tcp`: each handshake runs on its own task (a slow one delays no other),
+    /// bounded in time and in number. Stops accepting when the returned stream is dropped.
+    pub fn accept(
+        self: &Arc<Self>,
+        mut tcp: TcpIncoming,
+    ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    next = tcp.next() => next,
+                    () = tx.closed() => return,
+                };
+                let stream = match next {
+                    Some(Ok(stream)) => stream,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "accept failed");
+                        continue;
+                    }
+                    None => return,
+                };
+                let Ok(permit) = Arc::clone(&this.handshakes).try_acquire_owned() else {
+                    tracing::warn!(
+                        limit = MAX_HANDSHAKES,
+                        "too many TLS handshakes in progress; connection closed"
+                    );
+                    continue;
+                };
+                let acceptor = TlsAcceptor::from(Arc::clone(
+                    &this
+                        .current
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                ));
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let peer = stream.peer_addr().ok();
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            drop(permit);
+                            let _ = tx.send(Ok(tls)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake refused"),
+                        Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
+/// What SIGHUP reads again.
+#[derive(Default)]
+pub struct Reloadable {
+    /// Every TLS listener.
+    pub servers: Vec<Arc<ServerTls>>,
+    /// The TLS to peers.
+    pub peers: Option<Arc<PeerTls>>,
+    /// The tokens file.
+    pub tokens: Option<Arc<Authenticator>>,
+}
+
+/// On SIGHUP (until `stop`), reads `[security]`'s files again: certificate, key and CA for every TLS
+/// listener and for the peers (new connections use them, open ones keep theirs: no downtime), and the
+/// tokens file (a revoked token is refused from the next call). Each part that fails its checks is
+/// logged, naming the key and the file, and keeps what is in force. Must be called inside a tokio
+/// runtime; does nothing when there is nothing to reload.
+pub fn reload_on_sighup(
+    what: Reloadable,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    if what.servers.is_empty() && what.peers.is_none() && what.tokens.is_none() {
+        return;
+    }
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGHUP: certificates reload only by a restart");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                r = hangup.recv() => if r.is_none() { return },
+                () = &mut stop => return,
+            }
+            if !what.servers.is_empty() || what.peers.is_some() {
+                let outcome = what
+                    .servers
+                    .iter()
+                    .map(|s| s.reload())
+                    .chain(what.peers.iter().map(|p| p.reload()))
+                    .collect::<Result<Vec<()>, _>>();
+                match outcome {
+                    Ok(_) => tracing::info!(
+                        "SIGHUP: TLS certificates reloaded; new connections use them"
+                    ),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: TLS reload refused; the certificates in force are kept"
+                    ),
+                }
+            }
+            if let Some(tokens) = &what.tokens {
+                match tokens.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: tokens file reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "SIGHUP: tokens reload refused; the tokens in force are kept"
+                    ),
+                }
+            }
+        }
+    });
+}
+
+/// The TLS a node uses to reach its peers (the cluster CA, its own certificate), replaceable like
+/// [`ServerTls`]: connections made after a reload present the new certificate.
+pub struct PeerTls {
+    files: SecurityConfig,
+    current: RwLock<ClientTlsConfig>,
+}
+
+impl PeerTls {
+    fn build(files: &SecurityConfig) -> Result<ClientTlsConfig, TlsError> {
+        let (Some(ca), Some(cert), Some(key)) = (&files.ca_file, &files.cert_file, &files.key_file)
+        else {
+            return Err(TlsError(
+                "security.ca_file, cert_file and key_file are needed for TLS to peers".into(),
+            ));
         };
         crate::tls::client_config(
             ca,
             "security.ca_file",
             Some((cert, "security.cert_file", key, "security.key_file")),
         )
-        .map(Some)
+    }
+
+    /// The configuration for a new connection.
+    pub fn get(&self) -> ClientTlsConfig {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the files again; on success new connections use them.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the key and the file; the configuration in force is kept.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let config = Self::build(&self.files)?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
+        Ok(())
     }
 }
 

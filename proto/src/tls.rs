@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// A TLS file could not be used.
@@ -56,6 +56,28 @@ pub fn read_identity(
     key: &Path,
     key_key: &str,
 ) -> Result<Identity, TlsError> {
+    let pair = read_key_pair(cert, cert_key, key, key_key)?;
+    Ok(Identity::from_pem(pair.cert_pem, pair.key_pem))
+}
+
+/// A certificate chain and its private key, checked together by [`read_key_pair`].
+pub struct KeyPair {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+/// [`read_identity`]'s checks, returning the parsed pair (for a rustls configuration built here).
+///
+/// # Errors
+/// [`TlsError`] naming the config key, the file and what is wrong.
+pub fn read_key_pair(
+    cert: &Path,
+    cert_key: &str,
+    key: &Path,
+    key_key: &str,
+) -> Result<KeyPair, TlsError> {
     let cert_pem = read_pem(cert, cert_key, "CERTIFICATE")?;
     let key_pem = read_pem(key, key_key, "PRIVATE KEY")?;
     let at = |what: &str| TlsError(format!("{cert_key} {}: {what}", cert.display()));
@@ -90,14 +112,14 @@ pub fn read_identity(
     let provider = rustls::crypto::ring::default_provider();
     let signing = provider
         .key_provider
-        .load_private_key(private)
+        .load_private_key(private.clone_key())
         .map_err(|e| {
             TlsError(format!(
                 "{key_key} {}: unsupported private key: {e}",
                 key.display()
             ))
         })?;
-    match rustls::sign::CertifiedKey::new(chain, signing).keys_match() {
+    match rustls::sign::CertifiedKey::new(chain.clone(), signing).keys_match() {
         Err(rustls::Error::InconsistentKeys(_)) => {
             return Err(TlsError(format!(
                 "{key_key} {} does not match the certificate in {cert_key} {}",
@@ -108,38 +130,29 @@ pub fn read_identity(
         Err(e) => return Err(at(&format!("cannot be used with {}: {e}", key.display()))),
         Ok(()) => {}
     }
-    Ok(Identity::from_pem(cert_pem, key_pem))
+    Ok(KeyPair {
+        cert_pem,
+        key_pem,
+        chain,
+        key: private,
+    })
 }
 
-/// The server side: `cert`+`key` (and `ca` to ask clients for certificates, refusing the handshake of
-/// one without when `require_client_cert`). `prefix` is the config table, e.g. `security`.
+/// Every certificate in a PEM CA file, as a rustls root store.
 ///
 /// # Errors
-/// [`TlsError`] naming the key and the file.
-pub fn server_config(
-    prefix: &str,
-    cert: &Path,
-    key: &Path,
-    ca: Option<&Path>,
-    require_client_cert: bool,
-) -> Result<ServerTlsConfig, TlsError> {
-    let identity = read_identity(
-        cert,
-        &format!("{prefix}.cert_file"),
-        key,
-        &format!("{prefix}.key_file"),
-    )?;
-    let mut config = ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = ca {
-        config = config
-            .client_ca_root(Certificate::from_pem(read_pem(
-                ca,
-                &format!("{prefix}.ca_file"),
-                "CERTIFICATE",
-            )?))
-            .client_auth_optional(!require_client_cert);
+/// [`TlsError`] naming `ca_key` and the file.
+pub fn read_roots(ca: &Path, ca_key: &str) -> Result<rustls::RootCertStore, TlsError> {
+    let pem = read_pem(ca, ca_key, "CERTIFICATE")?;
+    let at = |what: String| TlsError(format!("{ca_key} {}: {what}", ca.display()));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| at(format!("unreadable PEM certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| at(format!("not a usable CA certificate: {e}")))?;
     }
-    Ok(config)
+    Ok(roots)
 }
 
 /// The client side: trust `ca`; present `identity` (certificate, key) when given.

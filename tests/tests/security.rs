@@ -2,7 +2,8 @@
 //! the roles that may call it and refused to the others (`UNAUTHENTICATED` without a valid token,
 //! `PERMISSION_DENIED` naming the role needed, nothing written), CRITICAL served as HIGH for non-admins
 //! (and counted), the metrics endpoint open to the `metrics` role, health checks open; a node listening
-//! off loopback without a tokens file, or with a broken one, refuses to start naming the key.
+//! off loopback without a tokens file, or with a broken one, refuses to start naming the key; TLS
+//! certificates rotated with SIGHUP while connections stay open.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -135,7 +136,7 @@ async fn tokens_and_roles_guard_every_rpc_group() {
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-    let _node = Node(
+    let node = Node(
         Command::new(node_binary())
             .arg("--config")
             .arg(&config)
@@ -289,6 +290,34 @@ async fn tokens_and_roles_guard_every_rpc_group() {
         1.0,
         "an admin's CRITICAL is honoured"
     );
+
+    // Revoking a token: the file without it, SIGHUP; the others keep working.
+    let kept: String = std::fs::read_to_string(&tokens)
+        .unwrap()
+        .split("\n\n")
+        .filter(|entry| !entry.contains("principal = \"reader\""))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    std::fs::write(&tokens, kept).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &node.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match kv.get(get("k", Some("reader"))).await {
+            Err(e) if e.code() == Code::Unauthenticated => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the revoked token still works: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    kv.get(get("k", Some("writer")))
+        .await
+        .expect("a token still listed keeps working");
 }
 
 #[test]
@@ -335,4 +364,152 @@ fn a_node_off_loopback_without_tokens_or_with_a_broken_tokens_file_refuses_to_st
         !dir.path().join("data").join("storage").exists(),
         "nothing was opened"
     );
+}
+
+/// A CA and a server certificate it signed for localhost / 127.0.0.1, as PEM: (ca, cert, key).
+fn issue(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A put over a new TLS connection trusting only `ca`.
+async fn put_trusting(addr: SocketAddr, ca: &str) -> Result<(), String> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    KvServiceClient::new(channel)
+        .put(put("rotated", None, Priority::Normal))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_on_sighup_and_open_connections_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old_ca, old_cert, old_key) = issue("old");
+    let (new_ca, new_cert, new_key) = issue("new");
+    let (cert_file, key_file) = (dir.path().join("node.crt"), dir.path().join("node.key"));
+    std::fs::write(&cert_file, &old_cert).unwrap();
+    std::fs::write(&key_file, &old_key).unwrap();
+    let addr = free_addr();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nlisten_addr = \"{addr}\"\n[raft]\nnode_id = 1\n[security]\n\
+             cert_file = {cert_file:?}\nkey_file = {key_file:?}\n",
+            dir.path().join("data")
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let node = Node(
+        Command::new(node_binary())
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let hangup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &node.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // A connection opened with the old certificate, kept across the rotation.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let open = loop {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&old_ca));
+        let channel = Channel::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await;
+        if let Ok(channel) = channel {
+            let mut kv = KvServiceClient::new(channel);
+            if kv.put(put("before", None, Priority::Normal)).await.is_ok() {
+                break kv;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node never served TLS: {}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        put_trusting(addr, &new_ca).await.is_err(),
+        "the new CA cannot verify the old certificate"
+    );
+
+    // Rotate: new files, SIGHUP.
+    std::fs::write(&cert_file, &new_cert).unwrap();
+    std::fs::write(&key_file, &new_key).unwrap();
+    hangup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = put_trusting(addr, &new_ca).await {
+        assert!(
+            Instant::now() < deadline,
+            "new connections never got the new certificate: {e}\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        put_trusting(addr, &old_ca).await.is_err(),
+        "new connections no longer present the old certificate"
+    );
+    let mut open = open;
+    open.put(put("after", None, Priority::Normal))
+        .await
+        .expect("the connection opened before the rotation still works");
+
+    // A broken certificate is refused on reload and the one in force is kept.
+    std::fs::write(&cert_file, "not a certificate").unwrap();
+    hangup();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log_text().contains("TLS reload refused") {
+        assert!(
+            Instant::now() < deadline,
+            "the broken reload was not reported: {}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        log_text().contains("security.cert_file"),
+        "the refusal names the key: {}",
+        log_text()
+    );
+    put_trusting(addr, &new_ca)
+        .await
+        .expect("still serving the new certificate");
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use kiwi_proto::security::PeerTls;
 use kiwi_proto::v1::raft_transport_client::RaftTransportClient;
 use kiwi_proto::v1::raft_transport_server::RaftTransport;
 use kiwi_proto::v1::{RaftMessageBatch, SendMessagesResponse, SendSnapshotResponse, SnapshotChunk};
@@ -24,7 +25,6 @@ use raft::eraftpb::{Message, MessageType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::ClientTlsConfig;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::{record_client_addr, record_raft_addr};
@@ -107,7 +107,7 @@ pub struct Peers {
     runtime: tokio::runtime::Handle,
     faults: Arc<FaultInjector>,
     /// TLS to the peers (the cluster CA, this node's certificate), when `[security] ca_file` is set.
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Arc<PeerTls>>,
 }
 
 impl Peers {
@@ -260,12 +260,13 @@ impl MessageSink for Peers {
 /// The endpoint of a peer: plain, or TLS with the cluster CA and this node's certificate.
 fn peer_endpoint(
     addr: &str,
-    tls: Option<&ClientTlsConfig>,
+    tls: Option<&Arc<PeerTls>>,
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
     match tls {
         None => tonic::transport::Endpoint::from_shared(format!("http://{addr}")),
+        // Read at every connection: a reloaded certificate is used from the next one on.
         Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(tls.clone()),
+            .tls_config(tls.get()),
     }
 }
 
@@ -278,7 +279,7 @@ async fn stream_snapshot(
     addr: String,
     msg: Message,
     view: Box<dyn StorageSnapshot>,
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Arc<PeerTls>>,
 ) -> Result<u64, Box<dyn std::error::Error + Send + Sync>> {
     let channel = peer_endpoint(&addr, tls.as_ref())?
         .connect_timeout(Duration::from_secs(2))
@@ -326,7 +327,7 @@ async fn stream_snapshot(
 pub struct PeerLink {
     pub faults: Arc<FaultInjector>,
     /// The cluster CA and this node's certificate, when `[security] ca_file` is set.
-    pub tls: Option<ClientTlsConfig>,
+    pub tls: Option<Arc<PeerTls>>,
 }
 
 /// What every peer sender shares.
@@ -336,7 +337,7 @@ struct SenderContext {
     shutdown: CancellationToken,
     unreachable: mpsc::UnboundedSender<PeerEvent>,
     faults: Arc<FaultInjector>,
-    tls: Option<ClientTlsConfig>,
+    tls: Option<Arc<PeerTls>>,
 }
 
 async fn peer_task(ctx: SenderContext, peer: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
