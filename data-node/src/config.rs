@@ -1047,8 +1047,10 @@ mod tests {
         c.raft.peers = peers(Some("a b:1"));
         assert_eq!(invalid_fields(&c), ["raft.peers", "raft_listen_addr"]);
 
-        let mut c = NodeConfig::default();
-        c.raft_listen_addr = Some("0.0.0.0:7390".parse().unwrap());
+        let mut c = NodeConfig {
+            raft_listen_addr: Some("0.0.0.0:7390".parse().unwrap()),
+            ..NodeConfig::default()
+        };
         assert_eq!(invalid_fields(&c), ["security.ca_file"]);
         c.security.cert_file = Some("c".into());
         c.security.key_file = Some("k".into());
