@@ -1,6 +1,6 @@
 //! What a node accepts and what it refuses, at the edges: hostile headers, oversized fields, malformed
-//! addresses, answers bounded in bytes, and values at a raised limit. One in-process single-node cluster
-//! per test, over real gRPC on loopback.
+//! addresses, answers bounded in bytes, values at a raised limit, and a property test of arbitrary KV
+//! requests. One in-process single-node cluster per test, over real gRPC on loopback.
 
 use std::time::{Duration, Instant};
 
@@ -280,4 +280,215 @@ async fn runtime_policy_has_the_config_ceilings() {
         .into_inner();
     assert!(stats.storage_pool.unwrap().current_threads <= 32);
     node.shutdown().await.unwrap();
+}
+
+/// One arbitrary KV request: keys and values around the node's (lowered) limits, arbitrary headers
+/// (priorities, request ids, timeouts), empty and oversized batches.
+#[derive(Debug, Clone)]
+enum AnyRequest {
+    Put(PutRequest),
+    Delete(kiwi_proto::v1::DeleteRequest),
+    Batch(kiwi_proto::v1::BatchWriteRequest),
+    Cas(CompareAndSwapRequest),
+    Get(GetRequest),
+    Scan(ScanRequest),
+}
+
+impl AnyRequest {
+    /// The keys a write would change and the values it would give them.
+    fn writes(&self) -> Vec<Vec<u8>> {
+        use kiwi_proto::v1::write_op::Op;
+        match self {
+            AnyRequest::Put(r) => vec![r.key.clone()],
+            AnyRequest::Delete(r) => vec![r.key.clone()],
+            AnyRequest::Cas(r) => vec![r.key.clone()],
+            AnyRequest::Batch(r) => r
+                .ops
+                .iter()
+                .filter_map(|o| match &o.op {
+                    Some(Op::Put(p)) => Some(p.key.clone()),
+                    Some(Op::Delete(d)) => Some(d.key.clone()),
+                    None => None,
+                })
+                .collect(),
+            AnyRequest::Get(_) | AnyRequest::Scan(_) => Vec::new(),
+        }
+    }
+}
+
+fn any_request() -> impl proptest::strategy::Strategy<Value = AnyRequest> {
+    use kiwi_proto::v1::{BatchWriteRequest, DeleteRequest, WriteOp, write_op};
+    use proptest::prelude::*;
+    // Few distinct short keys (so requests hit each other's keys), and keys around the 64-byte limit.
+    let key = prop_oneof![
+        proptest::collection::vec(b'a'..=b'c', 0..3),
+        proptest::collection::vec(any::<u8>(), 60..70),
+    ];
+    let value = prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..8),
+        proptest::collection::vec(any::<u8>(), 250..262),
+    ];
+    let header = proptest::option::of(
+        (
+            any::<i32>(),
+            prop_oneof![Just(String::new()), "[ -~]{0,40}", "\\PC{120,140}"],
+            proptest::option::of((any::<i64>(), any::<i32>())),
+        )
+            .prop_map(|(priority, request_id, timeout)| RequestHeader {
+                priority,
+                request_id,
+                timeout: timeout.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+            }),
+    );
+    let op = (key.clone(), proptest::option::of(value.clone())).prop_map(|(key, value)| WriteOp {
+        op: Some(match value {
+            Some(value) => write_op::Op::Put(write_op::Put { key, value }),
+            None => write_op::Op::Delete(write_op::Delete { key }),
+        }),
+    });
+    prop_oneof![
+        (header.clone(), key.clone(), value.clone()).prop_map(|(header, key, value)| {
+            AnyRequest::Put(PutRequest { header, key, value })
+        }),
+        (header.clone(), key.clone())
+            .prop_map(|(header, key)| AnyRequest::Delete(DeleteRequest { header, key })),
+        (header.clone(), proptest::collection::vec(op, 0..5))
+            .prop_map(|(header, ops)| AnyRequest::Batch(BatchWriteRequest { header, ops })),
+        (
+            header.clone(),
+            key.clone(),
+            proptest::option::of(value.clone()),
+            value.clone()
+        )
+            .prop_map(|(header, key, expected, new)| AnyRequest::Cas(
+                CompareAndSwapRequest {
+                    header,
+                    key,
+                    expected: Some(match expected {
+                        Some(v) => compare_and_swap_request::Expected::ExpectedValue(v),
+                        None => compare_and_swap_request::Expected::ExpectAbsent(true),
+                    }),
+                    new: Some(compare_and_swap_request::New::NewValue(new)),
+                }
+            )),
+        (header.clone(), key.clone(), any::<i32>()).prop_map(|(header, key, consistency)| {
+            AnyRequest::Get(GetRequest {
+                header,
+                key,
+                consistency,
+            })
+        }),
+        (
+            header,
+            key.clone(),
+            key,
+            any::<u32>(),
+            any::<bool>(),
+            any::<i32>()
+        )
+            .prop_map(
+                |(header, start_key, end_key, limit, reverse, consistency)| {
+                    AnyRequest::Scan(ScanRequest {
+                        header,
+                        start_key,
+                        end_key,
+                        limit,
+                        reverse,
+                        consistency,
+                        keys_only: false,
+                    })
+                }
+            ),
+    ]
+}
+
+/// Every key's value (`None`: absent), read linearizably; keys the node refuses to read are skipped.
+async fn values(kv: &mut KvServiceClient<Channel>, keys: &[Vec<u8>]) -> Vec<Option<Vec<u8>>> {
+    let mut out = Vec::new();
+    for key in keys {
+        let r = kv
+            .get(GetRequest {
+                header: None,
+                key: key.clone(),
+                consistency: 0,
+            })
+            .await;
+        out.push(r.ok().and_then(|r| {
+            let r = r.into_inner();
+            r.found.then_some(r.value)
+        }));
+    }
+    out
+}
+
+/// Arbitrary requests are answered or refused with a status that names the problem, never crash the
+/// node, and a refused write changes nothing.
+#[test]
+fn arbitrary_kv_requests_are_served_or_refused_and_a_refusal_writes_nothing() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (node, channel) = rt.block_on(start(dir.path(), |c| {
+        c.storage.max_key_size = bytesize::ByteSize::b(64);
+        c.storage.max_value_size = bytesize::ByteSize::b(256);
+    }));
+    let mut runner = TestRunner::new(Config {
+        cases: 300,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&any_request(), |request| {
+            rt.block_on(async {
+                let mut kv = kv(&channel);
+                let keys = request.writes();
+                let before = values(&mut kv, &keys).await;
+                let outcome = match request.clone() {
+                    AnyRequest::Put(r) => kv.put(r).await.map(|_| ()),
+                    AnyRequest::Delete(r) => kv.delete(r).await.map(|_| ()),
+                    AnyRequest::Batch(r) => kv.batch_write(r).await.map(|_| ()),
+                    AnyRequest::Cas(r) => kv.compare_and_swap(r).await.map(|_| ()),
+                    AnyRequest::Get(r) => kv.get(r).await.map(|_| ()),
+                    AnyRequest::Scan(r) => kv.scan(r).await.map(|_| ()),
+                };
+                let Err(status) = outcome else {
+                    return Ok(());
+                };
+                let refusal = matches!(
+                    status.code(),
+                    Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange
+                );
+                // A deadline from the header may pass before the answer (writes may then have
+                // happened); anything else is a bug.
+                if !refusal && status.code() != Code::DeadlineExceeded {
+                    return Err(TestCaseError::fail(format!(
+                        "{request:?}: unexpected {status:?}"
+                    )));
+                }
+                if refusal && status.message().is_empty() {
+                    return Err(TestCaseError::fail(format!(
+                        "{request:?}: a refusal names nothing"
+                    )));
+                }
+                if refusal && values(&mut kv, &keys).await != before {
+                    return Err(TestCaseError::fail(format!(
+                        "{request:?} was refused ({status:?}) but changed data"
+                    )));
+                }
+                Ok(())
+            })
+        })
+        .unwrap();
+    // Still serving.
+    rt.block_on(async {
+        kv(&channel)
+            .put(put(b"after", b"1"))
+            .await
+            .expect("the node still serves");
+        node.shutdown().await.unwrap();
+    });
 }

@@ -121,6 +121,25 @@ pub fn clear_staging(backend: &dyn StorageBackend) -> kiwi_storage::Result<()> {
     )
 }
 
+/// Checks a received chunk before it is staged: every pair must be one the data key space can hold
+/// under `limits` (a non-empty key and sizes within them), because the install copies it there after
+/// deleting the old data, and a pair refused then would leave the node unable to finish the install.
+///
+/// # Errors
+/// What is wrong, naming the pair.
+pub fn check_chunk(
+    kvs: &[KeyValue],
+    limits: kiwi_storage::Limits,
+) -> std::result::Result<(), String> {
+    for (i, kv) in kvs.iter().enumerate() {
+        limits
+            .check_key(KeySpace::Data, &kv.key)
+            .and_then(|()| limits.check_value(KeySpace::Data, &kv.value))
+            .map_err(|e| format!("snapshot pair {i} of the chunk cannot be installed: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Stages one received chunk (buffered; the install's first step makes it durable).
 ///
 /// # Errors
@@ -352,6 +371,66 @@ mod tests {
             )
             .unwrap();
         assert!(staged.is_empty(), "staging is cleared");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 64,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+        /// Arbitrary chunks: a chunk `check_chunk` admits always installs, and the install holds exactly
+        /// the staged pairs (the last one of a key wins); a snapshot with a refused chunk is dropped
+        /// before the install and the old data stays.
+        #[test]
+        fn admitted_chunks_always_install_exactly_and_refused_ones_change_nothing(
+            chunks in proptest::collection::vec(
+                proptest::collection::vec(
+                    (
+                        proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20),
+                        proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+                    ),
+                    0..6,
+                ),
+                1..4,
+            )
+        ) {
+            let limits = Limits { max_key_bytes: 16, max_value_bytes: 32 };
+            let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(limits));
+            fill(&*backend, 10, "old");
+            let old = all_data(&*backend);
+            let mut store = LogStore::open(backend.clone(), Arc::default()).unwrap();
+            store.bootstrap(vec![1]).unwrap();
+            clear_staging(&*backend).unwrap();
+            let mut expected = std::collections::BTreeMap::new();
+            let mut refused = false;
+            for chunk in chunks {
+                let kvs: Vec<KeyValue> = chunk
+                    .into_iter()
+                    .map(|(key, value)| KeyValue { key, value })
+                    .collect();
+                if let Err(why) = check_chunk(&kvs, limits) {
+                    proptest::prop_assert!(why.contains("snapshot pair"), "{why}");
+                    refused = true;
+                    break;
+                }
+                for kv in &kvs {
+                    expected.insert(kv.key.clone(), kv.value.clone());
+                }
+                stage(&*backend, kvs).unwrap();
+            }
+            if refused {
+                clear_staging(&*backend).unwrap();
+                proptest::prop_assert_eq!(all_data(&*backend), old);
+                return Ok(());
+            }
+            let mut meta = SnapshotMetadata { index: 7, term: 2, ..SnapshotMetadata::default() };
+            meta.mut_conf_state().voters = vec![1];
+            install(&*backend, &mut store, &meta, &[], &InstallGate::default()).unwrap();
+            let got: Vec<(Vec<u8>, Vec<u8>)> = all_data(&*backend).into_iter().collect();
+            let want: Vec<(Vec<u8>, Vec<u8>)> = expected.into_iter().collect();
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 
     #[test]
