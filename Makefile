@@ -29,7 +29,7 @@ test: deps
 
 ## Print the storage benchmark table (release build, a few minutes).
 bench-storage: deps
-	$(CARGO) bench -j$(JOBS) -p kiwi-storage --bench storage
+	$(CARGO) bench -j$(JOBS) --workspace --bench storage
 
 ## Stream a 300 MiB snapshot between two RocksDB stores; print time and peak memory.
 bench-snapshot: deps
@@ -44,7 +44,7 @@ bench-vs-etcd: deps
 ## with 50 ms (default) and 100 ms Raft ticks, medians side by side (a few minutes).
 bench-failover: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
-	$(CARGO) bench -j$(JOBS) -p kiwi-client --bench failover
+	$(CARGO) bench -j$(JOBS) --workspace --bench failover
 
 ## The larger-data row: 1,000,000 keys of 1 KiB in each system, 90 % get / 10 % put at 64 workers, RSS and
 ## disk per node at the end (several minutes, most of it preloading).

@@ -1109,10 +1109,12 @@ impl Driver {
         let entries = rd.take_entries();
         if !entries.is_empty() || rd.hs().is_some() {
             let started = Instant::now();
-            self.raw.mut_store().persist(&entries, rd.hs())?;
-            let last = entries.last().map_or(0, |e| e.index);
-            self.metrics
-                .log_appended(entries.len(), last, started.elapsed(), Instant::now());
+            // Only fsynced writes are measured as log appends (their time and entries per fsync).
+            if self.raw.mut_store().persist(&entries, rd.hs())? {
+                let last = entries.last().map_or(0, |e| e.index);
+                self.metrics
+                    .log_appended(entries.len(), last, started.elapsed(), Instant::now());
+            }
         }
         // 4.
         self.send(rd.take_persisted_messages());

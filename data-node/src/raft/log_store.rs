@@ -375,8 +375,8 @@ impl LogStore {
         self.last_term = meta.term;
     }
 
-    /// Durably writes new log entries (replacing any conflicting suffix) and the hard state, in one fsynced
-    /// batch.
+    /// Writes new log entries (replacing any conflicting suffix) and the hard state in one batch, fsynced
+    /// when [`must_sync`] says so. Returns whether it was fsynced.
     ///
     /// # Errors
     /// Storage errors; the caller must then stop (fail-stop), never advance.
@@ -384,10 +384,11 @@ impl LogStore {
         &mut self,
         entries: &[Entry],
         hard_state: Option<&HardState>,
-    ) -> raft::Result<()> {
+    ) -> raft::Result<bool> {
         if entries.is_empty() && hard_state.is_none() {
-            return Ok(());
+            return Ok(false);
         }
+        let sync = must_sync(entries, hard_state, &self.hard_state);
         let mut batch = WriteBatch::new();
         for e in entries {
             batch.put(
@@ -409,8 +410,13 @@ impl LogStore {
         if let Some(hs) = &hs {
             put_hard_state(&mut batch, hs)?;
         }
+        let options = if sync {
+            WriteOptions::SYNC
+        } else {
+            WriteOptions::BUFFERED
+        };
         self.backend
-            .batch_write(batch, WriteOptions::SYNC)
+            .batch_write(batch, options)
             .map_err(store_err)?;
         if let Some(last) = entries.last() {
             self.last_index = last.index;
@@ -419,7 +425,7 @@ impl LogStore {
         if let Some(hs) = hs {
             self.hard_state = hs;
         }
-        Ok(())
+        Ok(sync)
     }
 
     /// Adds a new membership to `batch` (written by the caller with the records that go with it); call
@@ -570,6 +576,15 @@ impl Storage for LogStore {
     }
 }
 
+/// Whether a log write must be fsynced before its messages go out (etcd's `MustSync`): new entries
+/// must be durable before they are acknowledged, and a term or vote before it is acted on (one vote per
+/// term). A hard state whose only change is the commit index need not be: a commit index lost in a crash
+/// is learned again from the leader, and the write reaches the disk with the next fsync (the write-ahead
+/// log is replayed in order, so nothing written after it survives without it).
+pub fn must_sync(entries: &[Entry], new: Option<&HardState>, stored: &HardState) -> bool {
+    !entries.is_empty() || new.is_some_and(|hs| hs.term != stored.term || hs.vote != stored.vote)
+}
+
 #[cfg(test)]
 mod tests {
     use kiwi_storage::{Limits, MemoryBackend, StorageSnapshot};
@@ -583,6 +598,43 @@ mod tests {
             data: format!("{index}@{term}").into_bytes().into(),
             ..Entry::default()
         }
+    }
+
+    #[test]
+    fn only_entries_terms_and_votes_are_fsynced() {
+        let stored = HardState {
+            term: 3,
+            vote: 2,
+            commit: 10,
+            ..HardState::default()
+        };
+        let commit_only = HardState {
+            commit: 11,
+            ..stored.clone()
+        };
+        let new_term = HardState {
+            term: 4,
+            ..stored.clone()
+        };
+        let new_vote = HardState {
+            vote: 1,
+            ..stored.clone()
+        };
+        let entry = Entry {
+            index: 11,
+            term: 3,
+            ..Entry::default()
+        };
+        assert!(!must_sync(&[], Some(&commit_only), &stored));
+        assert!(!must_sync(&[], None, &stored));
+        assert!(must_sync(&[], Some(&new_term), &stored));
+        assert!(must_sync(&[], Some(&new_vote), &stored));
+        assert!(must_sync(std::slice::from_ref(&entry), None, &stored));
+        assert!(must_sync(
+            std::slice::from_ref(&entry),
+            Some(&commit_only),
+            &stored
+        ));
     }
 
     #[test]
