@@ -52,6 +52,10 @@ use tonic::{Code, Status};
 const LEADER_ADDR: &str = "kiwi-leader-addr";
 /// Metadata set on statuses that guarantee the request did nothing.
 const RETRY_SAFE: &str = "kiwi-retry-safe";
+/// Longest pause between two attempts (a node's `retry-after-ms` may ask for longer). Short, because
+/// the usual reason to retry is a leader change: a client asleep for longer than that after the election
+/// adds its sleep to the failover time.
+const MAX_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Largest gRPC message the client sends or accepts (tonic's default receive limit is 4 MiB).
 ///
@@ -521,7 +525,7 @@ impl Client {
                     .max(hinted)
                     .min(deadline.saturating_duration_since(Instant::now()));
                 tokio::time::sleep(sleep).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }
