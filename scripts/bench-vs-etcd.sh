@@ -136,7 +136,7 @@ footprint() { # name dir-glob pid...
     shift 2
     local rss disk
     rss=$(for pid in "$@"; do awk '/VmRSS/ {printf "%.0f ", $2 / 1024}' "/proc/$pid/status"; done)
-    disk=$(for d in $glob; do du -sm "$d" | awk '{printf "%s ", $1}'; done)
+    disk=$(for d in $glob; do if [ -d "$d" ]; then du -sm "$d" | awk '{printf "%s ", $1}'; fi; done)
     echo "$name: RSS MiB per node: $rss; data MiB per node: $disk"
 }
 

@@ -10,6 +10,18 @@
 //! role = "write"   # read | write | admin | metrics
 //! ```
 //!
+//! With TLS and a cluster CA (`[security] ca_file`), a client certificate can stand for a token: a
+//! `[[certificate]]` entry maps the common name (CN) of a certificate the CA signed to a principal:
+//!
+//! ```toml
+//! [[certificate]]
+//! common_name = "batch-loader"
+//! principal = "loader"
+//! role = "write"
+//! ```
+//!
+//! A call with a token is judged by the token; a call without one by its certificate's entry, if any.
+//!
 //! (`kiwi token new --principal alice --role write` prints a fresh token and its entry.) Calls carry
 //! `authorization: Bearer <token>`; the token's hash is compared with every entry in constant time. Roles
 //! nest: `admin` may do anything, `write` what `read` may, `read` only reads; `metrics` only scrapes.
@@ -72,6 +84,23 @@ pub struct Principal {
 struct TokensFile {
     #[serde(default)]
     token: Vec<TokenEntry>,
+    #[serde(default)]
+    certificate: Vec<CertificateEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificateEntry {
+    common_name: String,
+    principal: String,
+    role: Role,
+}
+
+/// What an [`Authenticator`] accepts: token hashes, and client certificate common names.
+#[derive(Debug, Default)]
+struct Entries {
+    tokens: Vec<([u8; 32], Principal)>,
+    certificates: Vec<(String, Principal)>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,7 +132,7 @@ pub fn token_hash(token: &str) -> String {
 /// ([`reload`](Authenticator::reload), on SIGHUP) to add or revoke tokens without a restart.
 #[derive(Debug)]
 pub struct Authenticator {
-    entries: std::sync::RwLock<Vec<([u8; 32], Principal)>>,
+    entries: std::sync::RwLock<Entries>,
     /// The tokens file and its config key, when read from one.
     source: Option<(std::path::PathBuf, &'static str)>,
 }
@@ -137,7 +166,7 @@ impl Authenticator {
         Ok(())
     }
 
-    fn read(path: &Path, key: &'static str) -> Result<Vec<([u8; 32], Principal)>, TokensError> {
+    fn read(path: &Path, key: &'static str) -> Result<Entries, TokensError> {
         let err = |why: String| TokensError {
             key,
             path: path.to_path_buf(),
@@ -145,8 +174,24 @@ impl Authenticator {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let file: TokensFile = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        if file.token.is_empty() {
-            return Err(err("lists no [[token]]".into()));
+        if file.token.is_empty() && file.certificate.is_empty() {
+            return Err(err("lists no [[token]] (nor any [[certificate]])".into()));
+        }
+        let mut certificates = Vec::new();
+        for (i, c) in file.certificate.into_iter().enumerate() {
+            if c.common_name.is_empty() || c.principal.is_empty() {
+                return Err(err(format!(
+                    "certificate {}: common_name and principal must not be empty",
+                    i + 1
+                )));
+            }
+            certificates.push((
+                c.common_name,
+                Principal {
+                    name: c.principal,
+                    role: c.role,
+                },
+            ));
         }
         let mut entries = Vec::new();
         for (i, t) in file.token.into_iter().enumerate() {
@@ -178,18 +223,22 @@ impl Authenticator {
                 },
             ));
         }
-        Ok(entries)
+        Ok(Entries {
+            tokens: entries,
+            certificates,
+        })
     }
 
     /// An authenticator for the given (token, principal) pairs; for tests.
     pub fn from_tokens(tokens: &[(&str, Principal)]) -> Authenticator {
         Authenticator {
-            entries: std::sync::RwLock::new(
-                tokens
+            entries: std::sync::RwLock::new(Entries {
+                tokens: tokens
                     .iter()
                     .map(|(t, p)| (Sha256::digest(t.as_bytes()).into(), p.clone()))
                     .collect(),
-            ),
+                certificates: Vec::new(),
+            }),
             source: None,
         }
     }
@@ -199,10 +248,32 @@ impl Authenticator {
     /// # Errors
     /// `UNAUTHENTICATED` when the header is missing, malformed or names no known token.
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Principal, Status> {
+        self.authenticate_call(authorization, None)
+    }
+
+    /// Who makes a call: the token in `authorization` when there is one, else the principal mapped to
+    /// `client_cn`, the common name of the client certificate the server's CA verified.
+    ///
+    /// # Errors
+    /// `UNAUTHENTICATED` when neither names a principal.
+    pub fn authenticate_call(
+        &self,
+        authorization: Option<&[u8]>,
+        client_cn: Option<&str>,
+    ) -> Result<Principal, Status> {
         let Some(value) = authorization else {
+            let entries = self
+                .entries
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(cn) = client_cn
+                && let Some((_, p)) = entries.certificates.iter().find(|(c, _)| c == cn)
+            {
+                return Ok(p.clone());
+            }
             return Err(Status::unauthenticated(
                 "this server requires a token: send `authorization: Bearer <token>` (kiwi --token or \
-                 KIWI_TOKEN)",
+                 KIWI_TOKEN), or a client certificate listed in its tokens file",
             ));
         };
         let scheme = b"Bearer ";
@@ -218,7 +289,7 @@ impl Authenticator {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut found = None;
-        for (h, p) in entries.iter() {
+        for (h, p) in &entries.tokens {
             if bool::from(h.ct_eq(&hash)) {
                 found = Some(p);
             }
@@ -239,7 +310,22 @@ impl Authenticator {
         needed: Role,
         what: &str,
     ) -> Result<Principal, Status> {
-        let p = self.authenticate(authorization)?;
+        self.authorize_call(authorization, None, needed, what)
+    }
+
+    /// [`authorize`](Self::authorize) for a call that may present a client certificate (see
+    /// [`authenticate_call`](Self::authenticate_call)).
+    ///
+    /// # Errors
+    /// As for [`authorize`](Self::authorize).
+    pub fn authorize_call(
+        &self,
+        authorization: Option<&[u8]>,
+        client_cn: Option<&str>,
+        needed: Role,
+        what: &str,
+    ) -> Result<Principal, Status> {
+        let p = self.authenticate_call(authorization, client_cn)?;
         if !p.role.allows(needed) {
             return Err(Status::permission_denied(format!(
                 "{what} needs the {} role; principal {} has {}",
@@ -314,7 +400,15 @@ where
                 .get(http::header::AUTHORIZATION)
                 .map(http::HeaderValue::as_bytes);
             let method = path.rsplit('/').next().unwrap_or(path).to_owned();
-            match self.auth.authorize(header, needed, &method) {
+            let cn = if header.is_none() {
+                client_common_name(&req)
+            } else {
+                None
+            };
+            match self
+                .auth
+                .authorize_call(header, cn.as_deref(), needed, &method)
+            {
                 Ok(p) => {
                     req.extensions_mut().insert(p);
                 }
@@ -325,9 +419,74 @@ where
     }
 }
 
+/// The common name of the client certificate of a TLS call (verified by the server's CA during the
+/// handshake), if it presented one.
+fn client_common_name<B>(req: &http::Request<B>) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    use x509_parser::prelude::{FromDer as _, X509Certificate};
+    let certs = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let (_, cert) = X509Certificate::from_der(certs.first()?.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_listed_client_certificate_stands_for_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tokens.toml");
+        std::fs::write(
+            &f,
+            format!(
+                "[[token]]\nsha256 = \"{}\"\nprincipal = \"ops\"\nrole = \"admin\"\n\n\
+                 [[certificate]]\ncommon_name = \"loader\"\nprincipal = \"batch\"\nrole = \"write\"\n",
+                token_hash("t0k")
+            ),
+        )
+        .unwrap();
+        let a = Authenticator::from_file(&f, "security.tokens_file").unwrap();
+        assert_eq!(
+            a.authenticate_call(None, Some("loader")).unwrap(),
+            p("batch", Role::Write)
+        );
+        assert_eq!(
+            a.authenticate_call(None, Some("stranger"))
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            a.authenticate_call(Some(b"Bearer t0k"), Some("loader"))
+                .unwrap()
+                .name,
+            "ops",
+            "a token wins over the certificate"
+        );
+        assert_eq!(
+            a.authorize_call(None, Some("loader"), Role::Admin, "RemoveNode")
+                .unwrap_err()
+                .code(),
+            tonic::Code::PermissionDenied
+        );
+        std::fs::write(
+            &f,
+            "[[certificate]]\ncommon_name = \"\"\nprincipal = \"x\"\nrole = \"read\"\n",
+        )
+        .unwrap();
+        let e = Authenticator::from_file(&f, "security.tokens_file")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("certificate 1") && e.contains("common_name"),
+            "{e}"
+        );
+    }
 
     fn p(name: &str, role: Role) -> Principal {
         Principal {

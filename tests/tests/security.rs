@@ -3,7 +3,8 @@
 //! `PERMISSION_DENIED` naming the role needed, nothing written), CRITICAL served as HIGH for non-admins
 //! (and counted), the metrics endpoint open to the `metrics` role, health checks open; a node listening
 //! off loopback without a tokens file, or with a broken one, refuses to start naming the key; TLS
-//! certificates rotated with SIGHUP while connections stay open.
+//! certificates rotated with SIGHUP while connections stay open; a client certificate listed in the
+//! tokens file standing for a token.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -512,4 +513,152 @@ async fn certificates_rotate_on_sighup_and_open_connections_stay() {
     put_trusting(addr, &new_ca)
         .await
         .expect("still serving the new certificate");
+}
+
+/// A CA, a server certificate for localhost / 127.0.0.1, and a client certificate for each common
+/// name, all signed by the CA, as PEM: (ca, (cert, key), [(cert, key)]).
+type Pki = (String, (String, String), Vec<(String, String)>);
+
+fn pki(name: &str, clients: &[&str]) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let sign = |sans: Vec<String>, cn: &str| {
+        let mut params = CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let server = sign(vec!["localhost".into(), "127.0.0.1".into()], "node");
+    let clients = clients.iter().map(|cn| sign(Vec::new(), cn)).collect();
+    (ca.pem(), server, clients)
+}
+
+/// A TLS channel trusting `ca` and presenting `identity`.
+async fn tls_channel(
+    addr: SocketAddr,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listed_client_certificate_stands_for_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, (cert, key), clients) = pki("cluster", &["loader", "stranger"]);
+    let (_, _, foreign) = pki("other", &["loader"]);
+    let file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (ca_file, cert_file, key_file) = (
+        file("ca.crt", &ca),
+        file("node.crt", &cert),
+        file("node.key", &key),
+    );
+    let tokens = file(
+        "tokens.toml",
+        &format!(
+            "[[token]]\nsha256 = \"{}\"\nprincipal = \"operator\"\nrole = \"admin\"\n\n\
+             [[certificate]]\ncommon_name = \"loader\"\nprincipal = \"batch\"\nrole = \"write\"\n",
+            token_hash(&token("operator"))
+        ),
+    );
+    let addr = free_addr();
+    let config = file(
+        "node.toml",
+        &format!(
+            "data_dir = {:?}\nlisten_addr = \"{addr}\"\n[raft]\nnode_id = 1\n[security]\n\
+             tokens_file = {tokens:?}\ncert_file = {cert_file:?}\nkey_file = {key_file:?}\nca_file = {ca_file:?}\n",
+            dir.path().join("data")
+        ),
+    );
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let _node = Node(
+        Command::new(node_binary())
+            .arg("--config")
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The loader's certificate writes, once the node leads.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut loader = loop {
+        if let Ok(channel) = tls_channel(addr, &ca, Some(&clients[0])).await {
+            let mut kv = KvServiceClient::new(channel);
+            if kv.put(put("by-cert", None, Priority::Normal)).await.is_ok() {
+                break kv;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the loader's certificate never wrote: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        loader
+            .get(get("by-cert", None))
+            .await
+            .unwrap()
+            .get_ref()
+            .found
+    );
+    // Its role is write: administration is refused, naming the role.
+    let channel = tls_channel(addr, &ca, Some(&clients[0])).await.unwrap();
+    let e = NodeAdminClient::new(channel)
+        .get_runtime_policy(request(GetRuntimePolicyRequest {}, None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("admin"), "{e:?}");
+    // A certificate from the CA but not listed, or no certificate: a token is needed.
+    for identity in [Some(&clients[1]), None] {
+        let channel = tls_channel(addr, &ca, identity).await.unwrap();
+        let e = KvServiceClient::new(channel)
+            .put(put("refused", None, Priority::Normal))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    }
+    // The listed name in a certificate from another CA is refused at the handshake.
+    let forged = match tls_channel(addr, &ca, Some(&foreign[0])).await {
+        Ok(channel) => KvServiceClient::new(channel)
+            .put(put("forged", None, Priority::Normal))
+            .await
+            .map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(forged.is_err(), "a foreign certificate must not write");
+    assert!(
+        !loader
+            .get(get("forged", None))
+            .await
+            .unwrap()
+            .get_ref()
+            .found
+    );
 }
