@@ -219,12 +219,16 @@ impl ControlPlane {
             .with_nodelay(Some(true))
             .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE));
         let done = shutdown.clone().cancelled_owned();
-        let server = match &server_tls {
-            Some(tls) => {
-                tokio::spawn(router.serve_with_incoming_shutdown(tls.accept(incoming), done))
-            }
-            None => tokio::spawn(router.serve_with_incoming_shutdown(incoming, done)),
-        };
+        let server =
+            match &server_tls {
+                Some(tls) => {
+                    tokio::spawn(router.serve_with_incoming_shutdown(tls.accept(incoming), done))
+                }
+                None => tokio::spawn(router.serve_with_incoming_shutdown(
+                    kiwi_proto::security::accept_plain(incoming),
+                    done,
+                )),
+            };
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "kiwi-control serving");
         Ok(ControlPlane {
             addr,

@@ -515,9 +515,10 @@ impl Node {
                         router
                             .serve_with_incoming_shutdown(t.accept(incoming(raft_listener)), done),
                     ),
-                    None => {
-                        Box::pin(router.serve_with_incoming_shutdown(incoming(raft_listener), done))
-                    }
+                    None => Box::pin(router.serve_with_incoming_shutdown(
+                        kiwi_proto::security::accept_plain(incoming(raft_listener)),
+                        done,
+                    )),
                 };
                 (server, Some(raft_server))
             }
@@ -528,7 +529,10 @@ impl Node {
             Some(t) => {
                 Box::pin(server.serve_with_incoming_shutdown(t.accept(incoming(listener)), done))
             }
-            None => Box::pin(server.serve_with_incoming_shutdown(incoming(listener), done)),
+            None => Box::pin(server.serve_with_incoming_shutdown(
+                kiwi_proto::security::accept_plain(incoming(listener)),
+                done,
+            )),
         };
         let server = tokio::spawn(async move {
             match raft_server {

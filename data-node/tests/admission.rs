@@ -492,3 +492,36 @@ fn arbitrary_kv_requests_are_served_or_refused_and_a_refusal_writes_nothing() {
         node.shutdown().await.unwrap();
     });
 }
+
+/// A client that connects and sends nothing is closed once the first-bytes timeout passes; one that
+/// speaks is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, channel) = start(dir.path(), |_| {}).await;
+    let mut silent = tokio::net::TcpStream::connect(node.local_addr())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        kiwi_proto::security::HANDSHAKE_TIMEOUT + Duration::from_secs(20),
+        silent.read(&mut buf),
+    )
+    .await
+    .expect("the silent connection was never closed");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed without an answer: {read:?}"
+    );
+    assert!(
+        started.elapsed() >= kiwi_proto::security::HANDSHAKE_TIMEOUT - Duration::from_secs(1),
+        "not closed before the timeout"
+    );
+    kv(&channel)
+        .put(put(b"still", b"served"))
+        .await
+        .expect("a client that speaks is served");
+    node.shutdown().await.unwrap();
+}

@@ -111,7 +111,6 @@ impl SecurityConfig {
             files: self.clone(),
             members_only,
             current: RwLock::new(Arc::new(config)),
-            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
         })))
     }
 
@@ -131,11 +130,12 @@ impl SecurityConfig {
     }
 }
 
-/// TLS handshakes in progress at once on one listener; connections beyond are closed at once.
-const MAX_HANDSHAKES: usize = 1024;
-/// Longest a TLS handshake may take before its connection is closed (a slow or idle client holds
-/// nothing longer).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections waiting for their TLS handshake (or, in plain text, their first bytes) at once on one
+/// listener; connections beyond are closed at once.
+pub const MAX_HANDSHAKES: usize = 1024;
+/// Longest a new connection may take to finish its TLS handshake (or, in plain text, to send its first
+/// bytes) before it is closed: a slow or silent client holds nothing longer.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A server's TLS, read from `[security]` and replaceable while serving ([`reload`](Self::reload), on
 /// SIGHUP): connections accepted afterwards get the new certificate and CA, open ones keep theirs, so
@@ -144,7 +144,6 @@ pub struct ServerTls {
     files: SecurityConfig,
     members_only: bool,
     current: RwLock<Arc<rustls::ServerConfig>>,
-    handshakes: Arc<Semaphore>,
 }
 
 impl ServerTls {
@@ -204,57 +203,90 @@ impl ServerTls {
         Ok(())
     }
 
-    /// The TLS connections of `tcp`: each handshake runs on its own task (a slow one delays no other),
-    /// bounded in time and in number. Stops accepting when the returned stream is dropped.
+    /// The TLS connections of `tcp` (see [`accept_each`]). Stops accepting when the returned stream is
+    /// dropped.
     pub fn accept(
         self: &Arc<Self>,
-        mut tcp: TcpIncoming,
+        tcp: TcpIncoming,
     ) -> ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let this = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    next = tcp.next() => next,
-                    () = tx.closed() => return,
-                };
-                let stream = match next {
-                    Some(Ok(stream)) => stream,
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "accept failed");
-                        continue;
-                    }
-                    None => return,
-                };
-                let Ok(permit) = Arc::clone(&this.handshakes).try_acquire_owned() else {
-                    tracing::warn!(
-                        limit = MAX_HANDSHAKES,
-                        "too many TLS handshakes in progress; connection closed"
-                    );
-                    continue;
-                };
-                let acceptor = TlsAcceptor::from(Arc::clone(
-                    &this
-                        .current
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                ));
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let peer = stream.peer_addr().ok();
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            drop(permit);
-                            let _ = tx.send(Ok(tls)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(?peer, error = %e, "TLS handshake refused"),
-                        Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        ReceiverStream::new(rx)
+        accept_each(tcp, "TLS handshake", move |stream| {
+            let acceptor = TlsAcceptor::from(Arc::clone(
+                &this
+                    .current
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ));
+            async move { acceptor.accept(stream).await }
+        })
     }
+}
+
+/// The plain-text connections of `tcp`, each passed on once its first bytes arrive (see
+/// [`accept_each`]): a client that connects and stays silent is closed after [`HANDSHAKE_TIMEOUT`].
+pub fn accept_plain(tcp: TcpIncoming) -> ReceiverStream<std::io::Result<TcpStream>> {
+    accept_each(tcp, "first bytes", |stream| async move {
+        // `readable` may wake without data; a peek waits for a byte (or the end of the stream).
+        if stream.peek(&mut [0u8; 1]).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(stream)
+    })
+}
+
+/// Accepts `tcp`'s connections and prepares each on its own task (a slow one delays no other): at most
+/// [`MAX_HANDSHAKES`] at once (more are closed at once) and each within [`HANDSHAKE_TIMEOUT`] (else
+/// closed), so a slow or silent client holds no accept slot and no server task.
+fn accept_each<IO, F, Fut>(
+    mut tcp: TcpIncoming,
+    what: &'static str,
+    prepare: F,
+) -> ReceiverStream<std::io::Result<IO>>
+where
+    IO: Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let pending = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                next = tcp.next() => next,
+                () = tx.closed() => return,
+            };
+            let stream = match next {
+                Some(Ok(stream)) => stream,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+                None => return,
+            };
+            let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
+                tracing::warn!(
+                    limit = MAX_HANDSHAKES,
+                    what,
+                    "too many connections waiting for their first step; connection closed"
+                );
+                continue;
+            };
+            let peer = stream.peer_addr().ok();
+            let prepared = prepare(stream);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, prepared).await {
+                    Ok(Ok(io)) => {
+                        drop(permit);
+                        let _ = tx.send(Ok(io)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(?peer, what, error = %e, "connection refused"),
+                    Err(_) => tracing::debug!(?peer, what, "timed out; connection closed"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 /// What SIGHUP reads again.
