@@ -636,13 +636,16 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
         .unwrap_or_else(|| panic!("--secure gives Raft its own port: {node_config}"));
     assert_ne!(raft_port, first);
     let ca = std::fs::read(get("KIWI_CA_CERT")).unwrap();
-    let send = |addr: String| {
+    let send = |addr: String, identity: Option<(String, String)>| {
         let ca = ca.clone();
         tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(async move {
-                let tls = tonic::transport::ClientTlsConfig::new()
+                let mut tls = tonic::transport::ClientTlsConfig::new()
                     .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+                if let Some((cert, key)) = identity {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
                 let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
                     .unwrap()
                     .tls_config(tls)
@@ -664,20 +667,44 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
             })
     };
     assert_eq!(
-        send(first).unwrap_err().code(),
+        send(first, None).unwrap_err().code(),
         tonic::Code::Unimplemented,
         "no Raft on the client port"
     );
-    let refused = send(raft_port).expect_err("no client certificate, no Raft");
+    // A certificate from another CA (same names as the members') is refused like none at all.
+    let foreign = {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let other_ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &other_ca, &ca_key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    for (what, identity) in [
+        ("no client certificate", None),
+        ("a certificate from another CA", Some(foreign)),
+    ] {
+        let refused = send(raft_port.clone(), identity).expect_err(what);
+        assert!(
+            matches!(
+                refused.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::Cancelled
+            ),
+            "{what}: the handshake is refused: {refused:?}"
+        );
+    }
+    let status = stdout(&run(&["status"], &[]));
     assert!(
-        matches!(
-            refused.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Unknown
-                | tonic::Code::Internal
-                | tonic::Code::Cancelled
-        ),
-        "the handshake is refused: {refused:?}"
+        status.contains("TLS on, mutual TLS between members on, tokens on, Raft on its own port"),
+        "{status}"
     );
     assert_eq!(stdout(&run(&["get", "hello"], &[])), "tls\n");
     Command::new("kill")

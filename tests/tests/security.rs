@@ -403,7 +403,7 @@ async fn put_trusting(addr: SocketAddr, ca: &str) -> Result<(), String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn certificates_rotate_on_sighup_and_open_connections_stay() {
+async fn certificates_rotate_on_sighup_under_load_with_no_failed_request() {
     let dir = tempfile::tempdir().unwrap();
     let (old_ca, old_cert, old_key) = issue("old");
     let (new_ca, new_cert, new_key) = issue("new");
@@ -471,6 +471,35 @@ async fn certificates_rotate_on_sighup_and_open_connections_stay() {
         "the new CA cannot verify the old certificate"
     );
 
+    // Load through the rotation: writers on the open connection, and writers that open a new
+    // connection for every put while trusting both CAs (a client during a CA rollover).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let both = format!("{old_ca}{new_ca}");
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, both, mut open) = (stop.clone(), both.clone(), open.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = if w % 2 == 0 {
+                        open.put(put("load", None, Priority::Normal))
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    } else {
+                        put_trusting(addr, &both).await
+                    };
+                    match r {
+                        Ok(()) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     // Rotate: new files, SIGHUP.
     std::fs::write(&cert_file, &new_cert).unwrap();
     std::fs::write(&key_file, &new_key).unwrap();
@@ -488,6 +517,16 @@ async fn certificates_rotate_on_sighup_and_open_connections_stay() {
         put_trusting(addr, &old_ca).await.is_err(),
         "new connections no longer present the old certificate"
     );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        let (ok, failed) = w.await.unwrap();
+        assert!(ok > 0, "a writer never wrote");
+        assert!(
+            failed.is_empty(),
+            "requests failed during the rotation: {failed:?}"
+        );
+    }
     let mut open = open;
     open.put(put("after", None, Priority::Normal))
         .await

@@ -159,6 +159,7 @@ impl NodeAdmin for AdminApi {
             learners: d.learners,
             rejected_entries: d.status.rejected_entries,
             removed: d.status.removed,
+            security: Some(s.security_status()),
         }))
     }
 

@@ -353,6 +353,24 @@ impl KvServer {
         })
     }
 
+    /// The security settings this node runs with, for `NodeAdmin.Status`.
+    fn security_status(&self) -> kiwi_proto::v1::SecurityStatus {
+        let config = self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sec = &config.security;
+        kiwi_proto::v1::SecurityStatus {
+            tls: sec.cert_file.is_some(),
+            mutual_tls: sec.cert_file.is_some() && sec.ca_file.is_some(),
+            tokens: sec.tokens_file.is_some(),
+            raft_listen_addr: config
+                .raft_listen_addr
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+        }
+    }
+
     fn header(&self, tagged: &Tagged, applied_index: u64) -> Option<ResponseHeader> {
         Some(ResponseHeader {
             node_id: self.node_id,

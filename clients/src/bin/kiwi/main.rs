@@ -802,7 +802,10 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                 json!({"id": s.node_id, "addr": addr, "role": role_name(s.role), "term": s.term,
                        "commit_index": s.commit_index, "applied_index": s.applied_index,
                        "log_first_index": s.log_first_index, "backend": s.storage_backend,
-                       "rejected_entries": s.rejected_entries, "removed": s.removed})
+                       "rejected_entries": s.rejected_entries, "removed": s.removed,
+                       "security": s.security.as_ref().map(|x| json!({"tls": x.tls,
+                           "mutual_tls": x.mutual_tls, "tokens": x.tokens,
+                           "raft_listen_addr": x.raft_listen_addr}))})
             })
             .collect();
         let p: Vec<_> = progress
@@ -845,6 +848,23 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         }
         for (addr, e) in &errors {
             println!("   ?  {addr:<22} unreachable: {e}");
+        }
+        println!("security:");
+        for (_, s) in &members {
+            let Some(x) = &s.security else { continue };
+            let on = |b: bool| if b { "on" } else { "off" };
+            println!(
+                "  node {:>3}  TLS {}, mutual TLS between members {}, tokens {}, Raft {}",
+                s.node_id,
+                on(x.tls),
+                on(x.mutual_tls),
+                on(x.tokens),
+                if x.raft_listen_addr.is_empty() {
+                    "on the client port".to_string()
+                } else {
+                    format!("on its own port {}", x.raft_listen_addr)
+                }
+            );
         }
         for (addr, s) in &members {
             if s.removed {
