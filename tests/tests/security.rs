@@ -38,6 +38,38 @@ use kiwi_tests::ports::free_addr;
 
 struct Node(Child);
 
+impl Node {
+    /// Starts `kiwi-node` with `config` (written to `dir/node.toml`), its output in `dir/node.log`.
+    fn spawn(dir: &Path, config: &str) -> Node {
+        let path = dir.join("node.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(Self::log_path(dir)).unwrap();
+        Node(
+            Command::new(node_binary())
+                .arg("--config")
+                .arg(&path)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn log_path(dir: &Path) -> std::path::PathBuf {
+        dir.join("node.log")
+    }
+
+    /// Sends SIGHUP (reload `[security]`'s files).
+    fn hangup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -126,26 +158,13 @@ async fn tokens_and_roles_guard_every_rpc_group() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = tokens_file(dir.path());
     let (addr, metrics) = (free_addr(), free_addr());
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let node = Node::spawn(
+        dir.path(),
+        &format!(
             "data_dir = {:?}\nlisten_addr = \"{addr}\"\n[raft]\nnode_id = 1\n[security]\ntokens_file = {tokens:?}\n\
              [telemetry]\nmetrics_addr = \"{metrics}\"\n",
             dir.path().join("data")
         ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-    let node = Node(
-        Command::new(node_binary())
-            .arg("--config")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
     );
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -300,11 +319,7 @@ async fn tokens_and_roles_guard_every_rpc_group() {
         .collect::<Vec<_>>()
         .join("\n\n");
     std::fs::write(&tokens, kept).unwrap();
-    let status = Command::new("kill")
-        .args(["-HUP", &node.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    node.hangup();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match kv.get(get("k", Some("reader"))).await {
@@ -369,30 +384,13 @@ fn a_node_off_loopback_without_tokens_or_with_a_broken_tokens_file_refuses_to_st
 
 /// A CA and a server certificate it signed for localhost / 127.0.0.1, as PEM: (ca, cert, key).
 fn issue(name: &str) -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} CA"));
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    (ca.pem(), cert.pem(), key.serialize_pem())
+    let (ca, (cert, key), _) = pki(name, &[]);
+    (ca, cert, key)
 }
 
 /// A put over a new TLS connection trusting only `ca`.
 async fn put_trusting(addr: SocketAddr, ca: &str) -> Result<(), String> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-    let channel = Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
+    let channel = tls_channel(addr, ca, None)
         .await
         .map_err(|e| format!("{e:?}"))?;
     KvServiceClient::new(channel)
@@ -411,49 +409,20 @@ async fn certificates_rotate_on_sighup_under_load_with_no_failed_request() {
     std::fs::write(&cert_file, &old_cert).unwrap();
     std::fs::write(&key_file, &old_key).unwrap();
     let addr = free_addr();
-    let config = dir.path().join("node.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let node = Node::spawn(
+        dir.path(),
+        &format!(
             "data_dir = {:?}\nlisten_addr = \"{addr}\"\n[raft]\nnode_id = 1\n[security]\n\
              cert_file = {cert_file:?}\nkey_file = {key_file:?}\n",
             dir.path().join("data")
         ),
-    )
-    .unwrap();
-    let log_path = dir.path().join("node.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let node = Node(
-        Command::new(node_binary())
-            .arg("--config")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
     );
-    let hangup = || {
-        let status = Command::new("kill")
-            .args(["-HUP", &node.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    };
-    let log_text = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let log_text = || std::fs::read_to_string(Node::log_path(dir.path())).unwrap_or_default();
 
     // A connection opened with the old certificate, kept across the rotation.
     let deadline = Instant::now() + Duration::from_secs(30);
     let open = loop {
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&old_ca));
-        let channel = Channel::from_shared(format!("https://{addr}"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await;
-        if let Ok(channel) = channel {
+        if let Ok(channel) = tls_channel(addr, &old_ca, None).await {
             let mut kv = KvServiceClient::new(channel);
             if kv.put(put("before", None, Priority::Normal)).await.is_ok() {
                 break kv;
@@ -503,7 +472,7 @@ async fn certificates_rotate_on_sighup_under_load_with_no_failed_request() {
     // Rotate: new files, SIGHUP.
     std::fs::write(&cert_file, &new_cert).unwrap();
     std::fs::write(&key_file, &new_key).unwrap();
-    hangup();
+    node.hangup();
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Err(e) = put_trusting(addr, &new_ca).await {
         assert!(
@@ -534,7 +503,7 @@ async fn certificates_rotate_on_sighup_under_load_with_no_failed_request() {
 
     // A broken certificate is refused on reload and the one in force is kept.
     std::fs::write(&cert_file, "not a certificate").unwrap();
-    hangup();
+    node.hangup();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !log_text().contains("TLS reload refused") {
         assert!(
@@ -622,25 +591,13 @@ async fn a_listed_client_certificate_stands_for_a_token() {
         ),
     );
     let addr = free_addr();
-    let config = file(
-        "node.toml",
+    let _node = Node::spawn(
+        dir.path(),
         &format!(
             "data_dir = {:?}\nlisten_addr = \"{addr}\"\n[raft]\nnode_id = 1\n[security]\n\
              tokens_file = {tokens:?}\ncert_file = {cert_file:?}\nkey_file = {key_file:?}\nca_file = {ca_file:?}\n",
             dir.path().join("data")
         ),
-    );
-    let log_path = dir.path().join("node.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let _node = Node(
-        Command::new(node_binary())
-            .arg("--config")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
     );
     // The loader's certificate writes, once the node leads.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -654,7 +611,7 @@ async fn a_listed_client_certificate_stands_for_a_token() {
         assert!(
             Instant::now() < deadline,
             "the loader's certificate never wrote: {}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
+            std::fs::read_to_string(Node::log_path(dir.path())).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };

@@ -46,20 +46,20 @@ impl Members {
 
     /// Member `id`'s client address.
     pub fn get(&self, id: u64) -> Option<String> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&id)
-            .map(|r| record_client_addr(r).to_string())
+        self.field(id, record_client_addr)
     }
 
     /// Where member `id` takes Raft traffic.
     pub fn raft_addr(&self, id: u64) -> Option<String> {
+        self.field(id, record_raft_addr)
+    }
+
+    fn field(&self, id: u64, part: fn(&str) -> &str) -> Option<String> {
         self.0
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(&id)
-            .map(|r| record_raft_addr(r).to_string())
+            .map(|r| part(r).to_string())
     }
 
     pub fn insert(&self, id: u64, addr: String) {
