@@ -10,6 +10,9 @@
 //! Against Kiwi requests go to the leader (the client follows the leader hint); against etcd they are
 //! spread over the endpoints, as etcd clients do (members forward proposals to their leader).
 //!
+//! `--rate R` paces the workers to R operations per second in all (request n is due at n / R s, and its
+//! latency counts from then); the workers are then the most requests in flight.
+//!
 //! `--ramp 1:5s,64:20s,1:60s` replaces the fixed worker count with phases (a load ramp or burst): the
 //! workers above the current phase's count wait. A timeline is printed each second (active workers, ops/s
 //! and, against Kiwi, every node's storage pool size), then the storage pools' scale events during the run
@@ -100,6 +103,13 @@ pub struct BenchArgs {
     /// 1:5s,64:20s,1:60s for a burst from 1 to 64 workers and back.
     #[arg(long, value_parser = parse_ramp, conflicts_with_all = ["workers", "duration"])]
     ramp: Option<Ramp>,
+    /// Send at a fixed rate (operations per second, all workers together) instead of as fast as the
+    /// answers come: request N is due at N / rate seconds and its latency is counted from then, so a
+    /// stall that delays later requests is counted against them too (no coordinated omission). The
+    /// workers are the most requests in flight. At a fixed rate the node CPU per operation compares
+    /// two configurations at the same load, which throughput at saturation cannot.
+    #[arg(long, conflicts_with = "ramp")]
+    rate: Option<f64>,
 }
 
 /// Load phases: (workers, how long).
@@ -253,6 +263,12 @@ pub async fn run(
     anyhow::ensure!(args.workers >= 1, "--workers must be at least 1");
     anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
     anyhow::ensure!(args.keys >= 1, "--keys must be at least 1");
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate.is_finite() && rate > 0.0,
+            "--rate must be a positive number of operations per second, got {rate}"
+        );
+    }
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.read_ratio),
         "--read-ratio must be between 0 and 1"
@@ -316,6 +332,8 @@ pub async fn run(
         b
     };
     let done = Arc::new(AtomicU64::new(0));
+    // With --rate: the next request's number; request n is due at start + n / rate.
+    let slots = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let start_unix_ms = unix_ms(std::time::SystemTime::now());
     let end = start + duration;
@@ -326,8 +344,14 @@ pub async fn run(
         let driver = driver.clone();
         let value = value.clone();
         let done = Arc::clone(&done);
-        let (workload, keys, read_ratio, scan_limit) =
-            (args.workload, args.keys, args.read_ratio, args.scan_limit);
+        let slots = Arc::clone(&slots);
+        let (workload, keys, read_ratio, scan_limit, rate) = (
+            args.workload,
+            args.keys,
+            args.read_ratio,
+            args.scan_limit,
+            args.rate,
+        );
         tasks.push(tokio::spawn(async move {
             let mut hist =
                 Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
@@ -348,7 +372,18 @@ pub async fn run(
                     Workload::Get | Workload::Scan => true,
                     Workload::Mixed => rng.random_bool(read_ratio),
                 };
-                let t = Instant::now();
+                let t = match rate {
+                    None => Instant::now(),
+                    Some(rate) => {
+                        let n = slots.fetch_add(1, Ordering::Relaxed);
+                        let due = start + Duration::from_secs_f64(n as f64 / rate);
+                        if due >= end {
+                            break;
+                        }
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                };
                 let r = if workload == Workload::Scan {
                     driver.scan(w, k, scan_limit).await
                 } else if read {
@@ -483,7 +518,7 @@ pub async fn run(
     let mut line = json!({
         "label": args.label, "target": target, "workload": workload, "workers": ramp.max_workers(),
         "connections": args.connections, "keys": args.keys, "value_size": args.value_size,
-        "duration_s": elapsed, "ops": ops, "ops_per_sec": ops_per_sec,
+        "duration_s": elapsed, "ops": ops, "ops_per_sec": ops_per_sec, "rate": args.rate,
         "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": hist.max(),
         "errors": errors,
     });
