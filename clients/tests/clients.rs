@@ -298,6 +298,41 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
         String::from_utf8_lossy(&o.stderr).contains("at least one worker"),
         "{o:?}"
     );
+
+    // A fixed rate: the workers send 200 ops/s in all, not as fast as the answers come (a closed loop
+    // of 4 workers does thousands per second here), and a bad rate is refused.
+    let o = kiwi(
+        &cluster,
+        &[
+            "bench",
+            "--workload",
+            "put",
+            "--workers",
+            "4",
+            "--connections",
+            "2",
+            "--rate",
+            "200",
+            "--duration",
+            "2s",
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["rate"], 200.0, "{v}");
+    let ops = v["ops"].as_u64().unwrap();
+    assert!(
+        (300..=400).contains(&ops),
+        "200 ops/s for 2 s did {ops}: {v}"
+    );
+    assert_eq!(v["errors"], serde_json::json!({}), "{v}");
+    let o = kiwi(&cluster, &["bench", "--rate", "0"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--rate must be a positive"),
+        "{o:?}"
+    );
 }
 
 #[test]

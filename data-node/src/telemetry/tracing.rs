@@ -4,7 +4,10 @@
 //!   line written inside a request carries the request span's fields, the `request_id` among them.
 //! - Traces (`[telemetry] otlp_endpoint`, off when unset): spans exported over OTLP/gRPC by a batch
 //!   processor on its own thread (bounded queue: a slow or dead collector drops spans, it never stalls
-//!   requests). Sampling is decided when a request arrives ([`head_sample`]): a request carrying a W3C
+//!   requests). An export that fails (collector down or unreachable) drops its batch, as the SDK would,
+//!   and is logged by [`ReportingExporter`]: once at WARN when exports start failing, then at most once
+//!   a minute with the number of batches and spans dropped, and once at INFO when they work again,
+//!   instead of an ERROR line per batch. Sampling is decided when a request arrives ([`head_sample`]): a request carrying a W3C
 //!   `traceparent` follows its caller's decision, others are sampled at `trace_sample_ratio`. Untraced
 //!   requests get a span that only the logs see (target [`UNTRACED_TARGET`]), so they pay nothing for
 //!   OpenTelemetry.
@@ -97,6 +100,7 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Result<TracingGuard
                     endpoint: endpoint.clone(),
                     reason: e.to_string(),
                 })?;
+            let exporter = ReportingExporter::new(exporter, endpoint.clone());
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name(SERVICE_NAME)
                 .build();
@@ -140,6 +144,125 @@ pub fn init(log: &LogConfig, telemetry: &TelemetryConfig) -> Result<TracingGuard
         let _ = SAMPLE_RATIO.set(telemetry.trace_sample_ratio);
     }
     Ok(TracingGuard { provider })
+}
+
+/// How often a failing trace export is reported again.
+const EXPORT_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Decides which export outcomes are worth a log line: the first failure, then a summary at most every
+/// [`EXPORT_REPORT_EVERY`] while failures go on, and the first success after them.
+#[derive(Debug, Default)]
+struct ExportFailures {
+    /// When the last failure was reported; `None` while exports work.
+    reported_at: Option<std::time::Instant>,
+    /// Batches and spans dropped since then.
+    batches: u64,
+    spans: u64,
+}
+
+impl ExportFailures {
+    /// A batch of `spans` could not be exported at `now`: the line to log, if one is due.
+    fn failed(&mut self, now: std::time::Instant, spans: usize, error: &str) -> Option<String> {
+        self.batches += 1;
+        self.spans += spans as u64;
+        match self.reported_at {
+            Some(at) if now.duration_since(at) < EXPORT_REPORT_EVERY => None,
+            first => {
+                let line = if first.is_none() {
+                    format!("trace export failing, spans are dropped until it works: {error}")
+                } else {
+                    format!(
+                        "trace export still failing: {} batches ({} spans) dropped in the last {} s: \
+                         {error}",
+                        self.batches,
+                        self.spans,
+                        EXPORT_REPORT_EVERY.as_secs()
+                    )
+                };
+                self.reported_at = Some(now);
+                (self.batches, self.spans) = (0, 0);
+                Some(line)
+            }
+        }
+    }
+
+    /// A batch was exported: the line to log if exports were failing.
+    fn succeeded(&mut self) -> Option<String> {
+        self.reported_at.take().map(|_| {
+            let line = format!(
+                "trace export works again ({} batches, {} spans dropped since the last report)",
+                self.batches, self.spans
+            );
+            (self.batches, self.spans) = (0, 0);
+            line
+        })
+    }
+}
+
+/// Wraps the OTLP exporter so that a failing collector is reported in a few log lines (see the module
+/// doc), not an ERROR per batch. A failed batch is dropped either way: the SDK does not retry it.
+#[derive(Debug)]
+pub struct ReportingExporter<E> {
+    inner: E,
+    endpoint: String,
+    failures: std::sync::Mutex<ExportFailures>,
+}
+
+impl<E> ReportingExporter<E> {
+    /// Reports `inner`'s failures to export to `endpoint`.
+    pub fn new(inner: E, endpoint: String) -> Self {
+        ReportingExporter {
+            inner,
+            endpoint,
+            failures: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for ReportingExporter<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let result = self.inner.export(batch).await;
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match result {
+            Ok(()) => {
+                if let Some(line) = failures.succeeded() {
+                    tracing::info!(endpoint = %self.endpoint, "{line}");
+                }
+            }
+            Err(e) => {
+                if let Some(line) =
+                    failures.failed(std::time::Instant::now(), spans, &e.to_string())
+                {
+                    tracing::warn!(endpoint = %self.endpoint, key = "telemetry.otlp_endpoint", "{line}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
 }
 
 struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
@@ -213,4 +336,48 @@ pub fn set_parent(span: &Span, parent: opentelemetry::Context) {
 /// Whether `span` is a traced request's span (exported, so its stages get child spans).
 pub fn is_traced(span: &Span) -> bool {
     span.metadata().is_some_and(|m| m.target() == TRACED_TARGET)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[test]
+    fn a_failing_export_is_reported_once_then_once_a_minute_then_when_it_works_again() {
+        let mut f = ExportFailures::default();
+        let t0 = Instant::now();
+        assert_eq!(f.succeeded(), None, "nothing to say while exports work");
+        let first = f.failed(t0, 10, "connection refused").unwrap();
+        assert!(
+            first.contains("failing") && first.contains("connection refused"),
+            "{first}"
+        );
+        // Within the minute: silent, but counted.
+        for s in 1..=5 {
+            assert_eq!(f.failed(t0 + Duration::from_secs(s), 7, "refused"), None);
+        }
+        let summary = f.failed(t0 + EXPORT_REPORT_EVERY, 3, "refused").unwrap();
+        assert!(summary.contains("6 batches (38 spans)"), "{summary}");
+        assert_eq!(
+            f.failed(
+                t0 + EXPORT_REPORT_EVERY + Duration::from_secs(1),
+                4,
+                "refused"
+            ),
+            None
+        );
+        let back = f.succeeded().unwrap();
+        assert!(
+            back.contains("works again") && back.contains("1 batches, 4 spans"),
+            "{back}"
+        );
+        assert_eq!(f.succeeded(), None, "reported once");
+        // A new outage is reported at once.
+        assert!(
+            f.failed(t0 + EXPORT_REPORT_EVERY + Duration::from_secs(2), 1, "x")
+                .is_some()
+        );
+    }
 }
