@@ -71,7 +71,7 @@ bench-scaling: deps
 ## Priority channel overhead per request, priority on vs off: ns per request, then (with valgrind)
 ## instructions per request, which do not depend on how busy the machine is.
 bench-channel: deps
-	$(CARGO) bench -j$(JOBS) -p kiwi-node --bench channel
+	$(CARGO) bench -j$(JOBS) --workspace --bench channel
 	@if command -v valgrind >/dev/null; then \
 		bin=$$(ls -t $(TARGET_DIR)/release/deps/channel-* | grep -v '\.d$$' | head -1); \
 		for m in on off; do \
@@ -80,10 +80,11 @@ bench-channel: deps
 		done; \
 	fi
 
-## Telemetry cost: ns per recorded event (exported vs metrics off), then one 3-node cluster restarted with
-## metrics and tracing on, then off, alternately: puts and linearizable gets at 64 workers; one table each.
+## Telemetry cost: ns per recorded event (exported vs metrics off), then two 3-node clusters side by side,
+## telemetry on and off, taking the load in turn (swapped halfway): puts and linearizable gets at 64
+## workers and at a fixed rate (node CPU per operation); paired on/off ratios. AA=1: both off.
 bench-telemetry: deps
-	$(CARGO) bench -j$(JOBS) -p kiwi-node --bench telemetry
+	$(CARGO) bench -j$(JOBS) --workspace --bench telemetry
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-telemetry.sh
 
