@@ -17,14 +17,16 @@
 #     saturation CPU per operation moves with throughput (batching), so this is the steady figure.
 # Prints every run, then per figure the median of the paired on/off ratios and their range.
 #
-# The OTLP endpoint is a closed loopback port: spans are created, sampled, batched and their export is
-# attempted (and fails at once), so this measures the node's side of tracing, not a collector's.
+# The OTLP endpoint is a live receiver by default (`kiwi-otlp-sink`, which accepts every batch and counts
+# it), as with a real collector; with OTLP=closed it is a closed loopback port, so every export fails at
+# once. Either way this measures the node's side of tracing.
 #
-# Environment: DURATION (per run, default 3s), ROUNDS (per half, default 8), PUT_RATE and GET_RATE (ops/s of
-# the fixed-rate runs, default 4000 and 6000), WORKLOADS (default "put get"), TRACE_RATIO (the "on" sampling, default 0.01), TRACING (1:
-# "on" exports traces, the default; 0: metrics only), SCRAPE (1: scrape every second, the default; 0: do
-# not), AA (1: an A/A check, both clusters run with telemetry off, to show the method's own bias and
-# spread), WORK_DIR (default a fresh directory under /var/tmp).
+# Environment: DURATION (per run, default 3s), ROUNDS (per half, default 8), PUT_RATE and GET_RATE (ops/s
+# of the fixed-rate runs, default 4000 and 6000), WORKLOADS (default "put get"), TRACE_RATIO (the "on"
+# sampling, default 0.01), TRACING (1: "on" exports traces, the default; 0: metrics only), SCRAPE (1:
+# scrape every second, the default; 0: do not), OTLP (sink, the default, or closed: see above), AA (1: an
+# A/A check, both clusters run with telemetry off, to show the method's own bias and spread), WORK_DIR
+# (default a fresh directory under /var/tmp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh
@@ -49,7 +51,12 @@ stop() {
         PGS[$c]=""
     done
 }
-trap stop EXIT
+SINK=""
+trap 'stop; [ -n "$SINK" ] && kill "$SINK" 2>/dev/null || true' EXIT
+if [ "${OTLP:-sink}" = sink ]; then
+    "$TARGET_DIR/release/kiwi-otlp-sink" 127.0.0.1:17999 2>"$WORK_DIR/sink.log" &
+    SINK=$!
+fi
 
 start() { # cluster mode
     local flags=(--no-metrics) port=${BASE[$1]}
