@@ -149,9 +149,9 @@ hz = int(sys.argv[4])
 for line in open(sys.argv[3]):
     label, ticks = line.split()
     j = r[label]
-    # Node CPU per operation, all three nodes.
-    j["cpu_us_per_op"] = int(ticks) / hz * 1e6 / max(1, j["ops"])
-    j["cpu_us_per_op_x_ops"] = int(ticks) / hz * 1e6
+    # Node CPU, all three nodes: in all, and per operation.
+    j["cpu_us"] = int(ticks) / hz * 1e6
+    j["cpu_us_per_op"] = j["cpu_us"] / max(1, j["ops"])
 print(f"\n{'run':<18} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'node CPU us/op':>15}   errors")
 for w in workloads + [w + "@rate" for w in workloads]:
     for i in rounds:
@@ -168,8 +168,7 @@ def ratio(w, f):
         total = lambda m, k: sum(r[f"{w}-{m}-{i}"][k] for i in rounds)
         pooled = total("on", "ops") / total("off", "ops")
         if f == "cpu_us_per_op":
-            pooled = (total("on", "cpu_us_per_op_x_ops") / total("on", "ops")) / (
-                total("off", "cpu_us_per_op_x_ops") / total("off", "ops"))
+            pooled = total("on", "cpu_us") / total("off", "cpu_us") / pooled
         out += f" pooled {pooled:.3f}"
     return out
 for w, what in [("put", "put, 64 workers"), ("get", "linearizable get, 64 workers")]:
