@@ -139,6 +139,11 @@ for half in 1 2; do
     done
     stop
 done
+# What the receiver cost the machine (it shares the cores with the clusters under test).
+if [ -n "$SINK" ]; then
+    set -- $(cut -d' ' -f14,15 "/proc/$SINK/stat")
+    echo "the OTLP receiver: $(tail -n 1 "$WORK_DIR/sink.log" 2>/dev/null || echo "no spans"), $(( ($1 + $2) * 1000 / $(getconf CLK_TCK) )) ms of CPU in all" >&2
+fi
 
 python3 - "$RESULTS" "$run" "$WORK_DIR/cpu.txt" "$(getconf CLK_TCK)" "$WORKLOADS" <<'PY'
 import json, statistics, sys

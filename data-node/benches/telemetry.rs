@@ -9,6 +9,11 @@
 //! - `storage read (memory)`: a read through the `InstrumentedBackend` wrapper on the memory backend;
 //! - `request span`: the INFO span every KV request opens and enters once, under the node's log
 //!   subscriber at `info` (no OTLP layer), against no span at all.
+//! - `untraced request, OTLP layer`: what an untraced KV request pays for the OpenTelemetry layer being
+//!   installed. The node's own subscriber (`telemetry::tracing::subscriber`, logs at `info`) with
+//!   `telemetry.otlp_endpoint` set and sampling 0, against the same subscriber without an endpoint; the
+//!   request is the service's own `request_span` + `traced` around a body that is polled
+//!   [`REQUEST_POLLS`] times, as a linearizable get is (arrival, ReadIndex, storage).
 //!
 //! Run: `make bench-telemetry` (also runs the end-to-end comparison), or
 //! `cargo bench -p kiwi-node --bench telemetry`. `KIWI_BENCH_EVENTS` (default 1,000,000 per round) and
@@ -18,11 +23,17 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kiwi_node::config::{LogConfig, TelemetryConfig};
+use kiwi_node::service::{KvError, request_span, traced};
 use kiwi_node::telemetry::metrics::{LATENCY_BUCKETS, Meters, MetricsRegistry};
 use kiwi_node::telemetry::raft_metrics::{MetricsSettings, RaftExport, RaftMetricsCollector};
 use kiwi_node::telemetry::storage_metrics::InstrumentedBackend;
+use kiwi_node::telemetry::tracing;
 use kiwi_storage::{KeySpace, Limits, MemoryBackend, StorageBackend, WriteOptions};
 use opentelemetry::KeyValue;
+
+/// Polls of one linearizable get's handler: on arrival, after the ReadIndex round, after the storage read.
+const REQUEST_POLLS: usize = 3;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -138,7 +149,7 @@ fn main() {
     ));
     // The node's log subscriber (text lines at `info`, here written nowhere): the span every request opens
     // is enabled by it, so its request_id reaches every log line of the request.
-    let logs = tracing::Dispatch::new(
+    let logs = ::tracing::Dispatch::new(
         tracing_subscriber::fmt()
             .with_writer(std::io::sink)
             .with_env_filter("info")
@@ -148,12 +159,12 @@ fn main() {
         "request span (logs at info)",
         Box::new(move |exp| {
             if exp {
-                tracing::dispatcher::with_default(&logs, || {
+                ::tracing::dispatcher::with_default(&logs, || {
                     per_call(n, |i| {
-                        let span = tracing::info_span!(
+                        let span = ::tracing::info_span!(
                             "kv.request",
                             otel.name = "kv.Put",
-                            request_id = tracing::field::Empty
+                            request_id = ::tracing::field::Empty
                         );
                         span.record("request_id", i);
                         black_box(span.in_scope(|| i));
@@ -164,6 +175,53 @@ fn main() {
                     black_box(i);
                 })
             }
+        }),
+    ));
+
+    // The node's subscriber with and without the OTLP layer, at sampling 0: no request is traced.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let log = LogConfig::default();
+    let (plain, _plain_guard) =
+        tracing::subscriber(&log, &TelemetryConfig::default()).expect("subscriber");
+    let plain = ::tracing::Dispatch::new(plain);
+    let with_otlp = TelemetryConfig {
+        // Nothing listens there; nothing is exported at sampling 0 anyway.
+        otlp_endpoint: Some("http://127.0.0.1:9".to_owned()),
+        trace_sample_ratio: 0.0,
+        ..TelemetryConfig::default()
+    };
+    let (otlp, _otlp_guard) = {
+        let _rt = rt.enter();
+        tracing::subscriber(&log, &with_otlp).expect("subscriber")
+    };
+    let otlp = ::tracing::Dispatch::new(otlp);
+    rows.push((
+        "untraced request, OTLP layer",
+        Box::new(move |exp| {
+            let dispatch = if exp { &otlp } else { &plain };
+            let request = tonic::Request::new(());
+            ::tracing::dispatcher::with_default(dispatch, || {
+                rt.block_on(async {
+                    let n = n / 10;
+                    let t = Instant::now();
+                    for i in 0..n {
+                        let span = request_span("kv.Get", &request);
+                        span.record("request_id", i);
+                        let r = traced(span, async {
+                            for _ in 1..REQUEST_POLLS {
+                                tokio::task::yield_now().await;
+                            }
+                            Ok::<_, KvError>(i)
+                        })
+                        .await;
+                        black_box(r.is_ok());
+                    }
+                    t.elapsed().as_nanos() as f64 / n as f64
+                })
+            })
         }),
     ));
 

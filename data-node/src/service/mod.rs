@@ -191,7 +191,8 @@ struct Tagged {
 }
 
 /// Opens the span of one KV request (`name` is `kv.<Method>`), continuing the caller's W3C trace.
-fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span {
+/// Public for the telemetry benchmark, which measures what it costs.
+pub fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span {
     // One callsite per target: the OpenTelemetry layer only sees requests chosen for tracing, so the
     // others cost one log span, not an OpenTelemetry span each.
     macro_rules! span {
@@ -222,8 +223,12 @@ fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span {
     }
 }
 
-/// Runs a handler's body inside its request span and records how it ended.
-async fn traced<T>(
+/// Runs a handler's body inside its request span and records how it ended. Public for the telemetry
+/// benchmark.
+///
+/// # Errors
+/// The body's error, as a gRPC status.
+pub async fn traced<T>(
     span: Span,
     body: impl std::future::Future<Output = Result<T, KvError>>,
 ) -> Result<tonic::Response<T>, tonic::Status> {
