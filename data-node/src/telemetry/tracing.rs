@@ -11,7 +11,7 @@
 //!   request carrying a W3C `traceparent` follows its caller's decision, others are sampled at
 //!   `trace_sample_ratio`. Untraced requests get a span that only the logs see (target
 //!   [`UNTRACED_TARGET`]), so no OpenTelemetry span is built for them; they still pass the OpenTelemetry
-//!   layer's per-layer filter, about 145 ns per request (`benches/telemetry.rs`).
+//!   layer's per-layer filter, about 150 ns per request (`benches/telemetry.rs`).
 //!
 //! Span layout of one KV request (names are stable; attributes in brackets):
 //! `kv.<Method>` [rpc.method, priority, request_id, outcome, rpc.grpc.status_code] at INFO, with DEBUG
