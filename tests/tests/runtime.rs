@@ -277,3 +277,30 @@ async fn on_a_saturated_node_low_is_shed_and_high_keeps_completing() {
     // 4 HIGH clients against 32 LOW ones still get more than their head count's share.
     assert!(high_ok * 8 > low_ok, "HIGH {high_ok} vs LOW {low_ok}");
 }
+
+/// The `_count` of a histogram series for `priority` in a Prometheus text answer (0 when absent).
+fn histogram_count(text: &str, metric: &str, priority: &str) -> u64 {
+    let label = format!("priority=\"{priority}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}_count{{")) && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_an_idle_node_is_handed_to_raft_without_a_worker() {
+    let cluster = Cluster::start(one_node("")).await;
+    let writes = 30;
+    for i in 0..writes {
+        cluster.must_put(format!("idle-{i}").as_bytes(), b"v").await;
+    }
+    let text = kiwi_tests::http::get(cluster.metrics_addr(1), "/metrics/runtime", None)
+        .await
+        .body;
+    let waited = histogram_count(&text, "kiwi_runtime_queue_wait_seconds", "normal");
+    let processed = histogram_count(&text, "kiwi_runtime_processing_seconds", "normal");
+    // Nothing was queued when each write arrived: it passed the channel with no wait (counted) and its
+    // hand-off to Raft ran on the network thread, not on a storage worker.
+    assert!(waited >= writes, "queue waits counted: {waited}\n{text}");
+    assert_eq!(processed, 0, "writes processed by a worker\n{text}");
+}

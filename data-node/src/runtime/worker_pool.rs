@@ -515,6 +515,20 @@ impl WorkerPool {
         }
     }
 
+    /// [`PriorityMessageChannel::try_serve_inline`], recording the request's wait (none) as a worker
+    /// records a queued one's. Its processing is not the pool's and is not recorded.
+    pub fn try_serve_inline(&self, class: Class) -> bool {
+        let s = &self.shared;
+        if !s.channel.try_serve_inline(class) {
+            return false;
+        }
+        s.instruments
+            .queue_wait
+            .record(0.0, &s.instruments.class[class as usize]);
+        s.waited_count.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     /// Whether LOW requests run at [`LOW_NICE`].
     pub fn os_priority(&self) -> bool {
         self.shared.os_priority
