@@ -5,7 +5,9 @@
 //! Request path: validate and tag (request id, deadline) → writes are proposed to the Raft driver and
 //! answered when applied; linearizable reads run a ReadIndex round on the leader and wait until the
 //! applied index reaches it; serializable reads go straight to local storage. Storage calls run on the
-//! storage worker pool, through the priority channel (`runtime`), never on async worker threads.
+//! storage worker pool, through the priority channel (`runtime`), never on async worker threads; only a
+//! write's hand-off to Raft (encode and submit: microseconds, never blocking) runs at once on the network
+//! thread when nothing is queued ([`crate::runtime::priority_channel::PriorityMessageChannel::try_serve_inline`]).
 //!
 //! Errors are mapped to `tonic::Status` in exactly one place, [`KvError::into_status`].
 
