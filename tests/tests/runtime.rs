@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kiwi_proto::v1::{
-    BatchWriteRequest, Consistency, GetRuntimePolicyRequest, Priority, RequestHeader,
-    RuntimeStatsRequest, ScanRequest, WriteOp, write_op,
+    BatchWriteRequest, Consistency, GetRequest, GetRuntimePolicyRequest, Priority, PutRequest,
+    RequestHeader, RuntimeStatsRequest, ScanRequest, WriteOp, write_op,
 };
 use kiwi_tests::cluster::{Cluster, ClusterOptions, DEADLINE, header};
 use tonic::Code;
@@ -303,4 +303,34 @@ async fn a_write_to_an_idle_node_is_handed_to_raft_without_a_worker() {
     // hand-off to Raft ran on the network thread, not on a storage worker.
     assert!(waited >= writes, "queue waits counted: {waited}\n{text}");
     assert_eq!(processed, 0, "writes processed by a worker\n{text}");
+
+    // A write whose deadline has passed by the time it is handed over is not served at once: the queue
+    // refuses it as expired, and it never runs.
+    let mut kv = cluster.kv(1);
+    let err = kv
+        .put(PutRequest {
+            header: Some(RequestHeader {
+                timeout: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 1,
+                }),
+                ..RequestHeader::default()
+            }),
+            key: b"too-late".to_vec(),
+            value: b"v".to_vec(),
+        })
+        .await
+        .expect_err("a 1 ns deadline cannot be met");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("never ran"), "{err}");
+    let read = kv
+        .get(GetRequest {
+            header: Some(header()),
+            key: b"too-late".to_vec(),
+            ..GetRequest::default()
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(!read.found, "the expired write was applied: {read:?}");
 }

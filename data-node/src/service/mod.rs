@@ -446,7 +446,10 @@ impl KvServer {
         // microseconds and never blocks, and a worker would cost two thread wake-ups.
         let driver = self.driver.clone();
         let trace = tagged.trace.clone();
-        let submitted = if self.pool.try_serve_inline(tagged.class) {
+        // A request already past its deadline takes the queue, which refuses it as expired (never run).
+        let submitted = if std::time::Instant::now() < tagged.deadline
+            && self.pool.try_serve_inline(tagged.class)
+        {
             let work = if tagged.trace.is_disabled() {
                 Span::none()
             } else {
