@@ -19,7 +19,8 @@
 #
 # The OTLP endpoint is a live receiver by default (`kiwi-otlp-sink`, which accepts every batch and counts
 # it), as with a real collector; with OTLP=closed it is a closed loopback port, so every export fails at
-# once. Either way this measures the node's side of tracing.
+# once. Either way this measures the node's side of tracing. At the end it prints the spans the receiver
+# got and the CPU it used (it shares the machine with the clusters under test).
 #
 # Environment: DURATION (per run, default 3s), ROUNDS (per half, default 8), PUT_RATE and GET_RATE (ops/s
 # of the fixed-rate runs, default 4000 and 6000), WORKLOADS (default "put get"), TRACE_RATIO (the "on"
