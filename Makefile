@@ -10,7 +10,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-vs-etcd-large bench-failover bench-stages bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security chaos
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-vs-etcd-large bench-failover bench-stages bench-ab bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security chaos
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -44,6 +44,11 @@ bench-vs-etcd: deps
 bench-stages: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-stages.sh
+
+## A/B of two kiwi-node binaries (A=... B=...), alternating restarts: puts and gets at 1, 16, 64 workers.
+bench-ab: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-ab.sh
 
 ## Failover: SIGKILL the leader under load, time to the first acknowledged write after it; 10 rounds each
 ## with 50 ms (default) and 100 ms Raft ticks, medians side by side (a few minutes).
