@@ -27,6 +27,13 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Runs `kiwi` with `args`, which must succeed, and parses its stdout as one JSON value.
+fn kiwi_json(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
+    let o = kiwi(cluster, args);
+    assert!(o.status.success(), "{o:?}");
+    serde_json::from_str(stdout(&o).trim()).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_follows_the_leader_and_reports_unknown_outcomes() {
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
@@ -244,7 +251,7 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
         String::from_utf8_lossy(&o.stderr).contains("runtime.scaling.min_storage_threads"),
         "{o:?}"
     );
-    let o = kiwi(
+    let v = kiwi_json(
         &cluster,
         &[
             "--json",
@@ -255,8 +262,6 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
             "2-3",
         ],
     );
-    assert!(o.status.success(), "{o:?}");
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     for n in v["nodes"].as_array().unwrap() {
         assert_eq!(n["scaling_enabled"], false, "{n}");
         assert_eq!(n["scaling"]["min_storage_threads"], 2, "{n}");
@@ -264,7 +269,7 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
     }
 
     // A load ramp: per-phase throughput and a per-second timeline of every node's pool size.
-    let o = kiwi(
+    let v = kiwi_json(
         &cluster,
         &[
             "bench",
@@ -277,8 +282,6 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
             "--quiet",
         ],
     );
-    assert!(o.status.success(), "{o:?}");
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     let phases = v["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 2, "{v}");
     assert_eq!(phases[1]["workers"], 6, "{v}");
@@ -301,7 +304,7 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
 
     // A fixed rate: the workers send 200 ops/s in all, not as fast as the answers come (a closed loop
     // of 4 workers does thousands per second here), and a bad rate is refused.
-    let o = kiwi(
+    let v = kiwi_json(
         &cluster,
         &[
             "bench",
@@ -318,8 +321,6 @@ async fn bench_reports_a_json_line_with_ops_and_no_errors() {
             "--quiet",
         ],
     );
-    assert!(o.status.success(), "{o:?}");
-    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(v["rate"], 200.0, "{v}");
     let ops = v["ops"].as_u64().unwrap();
     assert!(

@@ -61,17 +61,30 @@ impl<R: Send> Job for StagedJob<R> {
             ..
         } = *self;
         drop(queued);
-        let work = if trace.is_disabled() {
-            Span::none()
-        } else {
-            tracing::debug_span!(parent: &trace, "storage")
-        };
-        let r = work.in_scope(f);
+        let r = storage_span(&trace).in_scope(f);
         let _ = tx.send(r);
     }
 
     fn expire(self: Box<Self>) {
         let _ = self.tx.send(Err(KvError::Expired(self.timeout)));
+    }
+}
+
+/// The `queue.wait` child of a traced request's span, open while the request waits for the storage stage.
+fn queue_span(tagged: &Tagged) -> Span {
+    if tagged.trace.is_disabled() {
+        Span::none()
+    } else {
+        tracing::debug_span!(parent: &tagged.trace, "queue.wait", priority = tagged.class.name())
+    }
+}
+
+/// The `storage` child of a traced request's span (`trace`), open while the storage stage works on it.
+fn storage_span(trace: &Span) -> Span {
+    if trace.is_disabled() {
+        Span::none()
+    } else {
+        tracing::debug_span!(parent: trace, "storage")
     }
 }
 
@@ -441,32 +454,16 @@ impl KvServer {
             request_id: tagged.request_id.clone(),
             command: Some(command),
         };
-        // The storage stage encodes and hands the proposal to Raft; the wait for the commit is not work,
-        // so it happens here, off the pool. With nothing queued that stage is run here at once: it takes
-        // microseconds and never blocks, and a worker would cost two thread wake-ups.
+        // The storage stage encodes and hands the proposal to Raft (microseconds, never blocking); the
+        // wait for the commit is not work, so it happens here, off the pool.
         let driver = self.driver.clone();
         let trace = tagged.trace.clone();
-        // A request already past its deadline takes the queue, which refuses it as expired (never run).
-        let submitted = if std::time::Instant::now() < tagged.deadline
-            && self.pool.try_serve_inline(tagged.class)
-        {
-            let work = if tagged.trace.is_disabled() {
-                Span::none()
-            } else {
-                // The same spans as through a worker: no wait, then the stage's work.
-                drop(
-                    tracing::debug_span!(parent: &tagged.trace, "queue.wait", priority = tagged.class.name()),
-                );
-                tracing::debug_span!(parent: &tagged.trace, "storage")
-            };
-            work.in_scope(|| driver.submit(cmd.encode_to_vec(), trace))
-        } else {
-            self.staged(
+        let submitted = self
+            .staged_brief(
                 tagged,
                 move || Ok(driver.submit(cmd.encode_to_vec(), trace)),
             )
-            .await?
-        };
+            .await?;
         let rx = submitted.map_err(|e| self.map_propose(e))?;
         let left = tagged
             .deadline
@@ -515,6 +512,22 @@ impl KvServer {
         }
     }
 
+    /// [`Self::staged`] for work of microseconds that never blocks: with nothing queued it runs at once
+    /// on this thread (`WorkerPool::try_serve_inline`), saving a worker's two thread wake-ups, with the
+    /// same spans (no wait, then the work). A request already past its deadline takes the queue, which
+    /// refuses it as expired (never run).
+    async fn staged_brief<R: Send + 'static>(
+        &self,
+        tagged: &Tagged,
+        f: impl FnOnce() -> Result<R, KvError> + Send + 'static,
+    ) -> Result<R, KvError> {
+        if std::time::Instant::now() < tagged.deadline && self.pool.try_serve_inline(tagged.class) {
+            drop(queue_span(tagged));
+            return storage_span(&tagged.trace).in_scope(f);
+        }
+        self.staged(tagged, f).await
+    }
+
     /// Runs `f` in the storage stage: through the priority channel (which may refuse it at once) on a
     /// pool thread.
     async fn staged<R: Send + 'static>(
@@ -523,11 +536,7 @@ impl KvServer {
         f: impl FnOnce() -> Result<R, KvError> + Send + 'static,
     ) -> Result<R, KvError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let queued = if tagged.trace.is_disabled() {
-            Span::none()
-        } else {
-            tracing::debug_span!(parent: &tagged.trace, "queue.wait", priority = tagged.class.name())
-        };
+        let queued = queue_span(tagged);
         let job: Box<dyn Job> = Box::new(StagedJob {
             f: Box::new(f),
             tx,

@@ -364,8 +364,12 @@ pub fn is_traced(span: &Span) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
     use tracing::Subscriber as _;
     use tracing::level_filters::LevelFilter;
+
+    use super::*;
 
     /// The OpenTelemetry layer wants DEBUG spans at most: with it installed (logs at `info`), `trace!`
     /// callsites everywhere must still be skipped by the level check alone.
@@ -379,23 +383,17 @@ mod tests {
             otlp_endpoint: Some("http://127.0.0.1:9".to_owned()),
             ..TelemetryConfig::default()
         };
-        let (subscriber, guard) = super::subscriber(&log, &telemetry).expect("subscriber");
+        let (with_traces, guard) = subscriber(&log, &telemetry).expect("subscriber");
+        let (without, _) = subscriber(&log, &TelemetryConfig::default()).expect("subscriber");
+        // RUST_LOG overrides `log.level`, and with it the logs' level.
         if std::env::var_os("RUST_LOG").is_none() {
-            assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::DEBUG));
-        }
-        let (without, _) =
-            super::subscriber(&log, &TelemetryConfig::default()).expect("subscriber");
-        if std::env::var_os("RUST_LOG").is_none() {
+            assert_eq!(with_traces.max_level_hint(), Some(LevelFilter::DEBUG));
             assert_eq!(without.max_level_hint(), Some(LevelFilter::INFO));
         }
         tokio::task::spawn_blocking(move || guard.shutdown())
             .await
             .expect("shutdown");
     }
-
-    use std::time::{Duration, Instant};
-
-    use super::*;
 
     #[test]
     fn a_failing_export_is_reported_once_then_once_a_minute_then_when_it_works_again() {
