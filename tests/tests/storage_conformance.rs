@@ -19,6 +19,7 @@ macro_rules! suite {
 
             case!(read_your_writes);
             case!(delete);
+            case!(delete_range);
             case!(overwrite);
             case!(batch_atomicity);
             case!(key_spaces_are_separate);

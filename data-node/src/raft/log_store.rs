@@ -291,7 +291,9 @@ impl LogStore {
 
     /// Removes entries up to and including `index` (which must be applied) in one fsynced batch. The
     /// fsync also makes every earlier buffered apply durable, so the compacted entries are never needed
-    /// again by this node.
+    /// again by this node. The entries go as one range delete: on RocksDB a single tombstone, so a
+    /// compaction costs the Raft thread the same whatever the threshold (10,000 single deletes stalled it
+    /// 10 to 25 ms).
     ///
     /// # Errors
     /// Storage errors.
@@ -305,9 +307,11 @@ impl LogStore {
         let index = index.min(self.last_index);
         let term = self.term(index)?;
         let mut batch = WriteBatch::new();
-        for i in self.truncated_index + 1..=index {
-            batch.delete(KeySpace::Raft, log_key(i));
-        }
+        batch.delete_range(
+            KeySpace::Raft,
+            log_key(self.truncated_index + 1),
+            log_key(index + 1),
+        );
         batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_pair(index, term));
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(index);
@@ -341,9 +345,11 @@ impl LogStore {
         meta: &SnapshotMetadata,
         batch: &mut WriteBatch,
     ) -> raft::Result<()> {
-        for i in self.truncated_index + 1..=self.last_index {
-            batch.delete(KeySpace::Raft, log_key(i));
-        }
+        batch.delete_range(
+            KeySpace::Raft,
+            log_key(self.truncated_index + 1),
+            log_key(self.last_index + 1),
+        );
         batch.put(
             KeySpace::Raft,
             TRUNCATED_KEY,
@@ -799,6 +805,20 @@ mod tests {
         s.persist(&entries, None).unwrap();
         crate::raft::state_machine::mark_applied(&*backend, 8).unwrap();
         s.compact(8).unwrap();
+        let stored: Vec<u64> = backend
+            .scan(
+                KeySpace::Raft,
+                &Scan::forward(ScanRange::half_open(LOG_PREFIX, b"log0"), 100),
+            )
+            .unwrap()
+            .iter()
+            .map(|(k, _)| u64::from_be_bytes(k[LOG_PREFIX.len()..].try_into().unwrap()))
+            .collect();
+        assert_eq!(
+            stored,
+            [9, 10],
+            "compaction removes the entries up to 8 and keeps the rest"
+        );
         let s2 = LogStore::open(backend.clone(), Arc::default()).unwrap();
         for st in [&s, &s2] {
             assert_eq!(st.first_index().unwrap(), 9);

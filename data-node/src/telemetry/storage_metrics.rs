@@ -117,6 +117,7 @@ fn batch_bytes(batch: &WriteBatch) -> usize {
         .map(|op| match op {
             WriteOp::Put { key, value, .. } => key.len() + value.len(),
             WriteOp::Delete { key, .. } => key.len(),
+            WriteOp::DeleteRange { start, end, .. } => start.len() + end.len(),
         })
         .sum()
 }

@@ -178,6 +178,10 @@ impl Limits {
                     self.check_value(*space, value)?;
                 }
                 WriteOp::Delete { space, key } => self.check_key(*space, key)?,
+                WriteOp::DeleteRange { space, start, end } => {
+                    self.check_key(*space, start)?;
+                    self.check_key(*space, end)?;
+                }
             }
         }
         Ok(())
@@ -195,6 +199,14 @@ pub enum WriteOp {
     },
     /// Removes `key` if present.
     Delete { space: KeySpace, key: Vec<u8> },
+    /// Removes every key in `[start, end)`, as of this point in the batch (an earlier put in the same
+    /// batch is removed too). Nothing when `start >= end`. RocksDB writes one range tombstone, whatever
+    /// the range holds; the other engines delete the keys one by one.
+    DeleteRange {
+        space: KeySpace,
+        start: Vec<u8>,
+        end: Vec<u8>,
+    },
 }
 
 /// Changes applied all together or not at all, in order (the last change to a key wins).
@@ -230,6 +242,21 @@ impl WriteBatch {
         self.ops.push(WriteOp::Delete {
             space,
             key: key.into(),
+        });
+        self
+    }
+
+    /// Adds a delete of every key in `[start, end)` (see [`WriteOp::DeleteRange`]).
+    pub fn delete_range(
+        &mut self,
+        space: KeySpace,
+        start: impl Into<Vec<u8>>,
+        end: impl Into<Vec<u8>>,
+    ) -> &mut Self {
+        self.ops.push(WriteOp::DeleteRange {
+            space,
+            start: start.into(),
+            end: end.into(),
         });
         self
     }

@@ -453,10 +453,35 @@ impl Engine {
 
     fn write(&mut self, batch: &WriteBatch, sync: bool) -> Result<()> {
         let mut wb = rusty_leveldb::WriteBatch::default();
+        // Keys put earlier in this batch: a range delete after them must remove them too.
+        let mut put = Vec::new();
         for op in &batch.ops {
             match op {
-                WriteOp::Put { space, key, value } => wb.put(&prefixed(*space, key), value),
+                WriteOp::Put { space, key, value } => {
+                    let key = prefixed(*space, key);
+                    wb.put(&key, value);
+                    put.push(key);
+                }
                 WriteOp::Delete { space, key } => wb.delete(&prefixed(*space, key)),
+                WriteOp::DeleteRange { space, start, end } if start < end => {
+                    let (lower, upper) = (prefixed(*space, start), prefixed(*space, end));
+                    let in_range = |k: &[u8]| k >= lower.as_slice() && k < upper.as_slice();
+                    for key in put.iter().filter(|k| in_range(k)) {
+                        wb.delete(key);
+                    }
+                    // LevelDB has no range tombstone: every key the engine holds in the range is deleted.
+                    let mut it = self.db.new_iter().map_err(|s| engine_err(&self.path, s))?;
+                    it.seek(&lower);
+                    let mut valid = it.valid();
+                    while valid {
+                        match it.current() {
+                            Some((k, _)) if in_range(&k) => wb.delete(&k),
+                            _ => break,
+                        }
+                        valid = it.advance();
+                    }
+                }
+                WriteOp::DeleteRange { .. } => {}
             }
         }
         self.db

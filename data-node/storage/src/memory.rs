@@ -101,6 +101,15 @@ impl StorageBackend for MemoryBackend {
                 WriteOp::Delete { space, key } => {
                     maps.space_mut(space).remove(&key);
                 }
+                WriteOp::DeleteRange { space, start, end } if start < end => {
+                    let map = maps.space_mut(space);
+                    let doomed: Vec<Vec<u8>> =
+                        map.range(start..end).map(|(k, _)| k.clone()).collect();
+                    for k in doomed {
+                        map.remove(&k);
+                    }
+                }
+                WriteOp::DeleteRange { .. } => {}
             }
         }
         Ok(())

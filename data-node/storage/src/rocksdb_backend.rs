@@ -166,6 +166,11 @@ impl StorageBackend for RocksDBBackend {
             match op {
                 WriteOp::Put { space, key, value } => wb.put_cf(self.cf(*space), key, value),
                 WriteOp::Delete { space, key } => wb.delete_cf(self.cf(*space), key),
+                // RocksDB refuses a range whose end comes before its start; it means nothing here.
+                WriteOp::DeleteRange { space, start, end } if start < end => {
+                    wb.delete_range_cf(self.cf(*space), start, end);
+                }
+                WriteOp::DeleteRange { .. } => {}
             }
         }
         let mut wo = rocksdb::WriteOptions::default();
