@@ -9,12 +9,16 @@
 # row it prints ops/s, p50 and p99, and the CPU the three server processes of each system used per 1,000
 # operations (utime + stime from /proc), then stops everything it started, by PID.
 #
+# Then Kiwi is restarted on the same data with leader-lease reads (`kiwi playground --lease-reads`, off by
+# default; see the README's "Lease reads") and the linearizable gets are run again ("get-lease" rows, compared
+# with etcd's get rows of the same run). LEASE_READS=0 skips them.
+#
 # LARGE=1 (make bench-vs-etcd-large) runs the larger-data row instead: KEYS (default 1,000,000) keys of
 # VALUE_SIZE (default 1024) bytes preloaded into each system, then a 90 % get / 10 % put mix at 64 workers,
 # and each server's RSS and data directory size at the end. etcd gets an 8 GiB quota.
 #
 # Environment: DURATION (per run, default 10s), WORKERS (default "1 16 64"), KEYS (default 20000),
-# VALUE_SIZE (default 256), LARGE, WORK_DIR (default a fresh directory under /var/tmp; data and logs are
+# VALUE_SIZE (default 256), LARGE, LEASE_READS, WORK_DIR (default a fresh directory under /var/tmp; data and logs are
 # kept there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +27,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10s}
 WORKERS=${WORKERS:-"1 16 64"}
 LARGE=${LARGE:-}
+LEASE_READS=${LEASE_READS:-1}
 if [ -n "$LARGE" ]; then
     KEYS=${KEYS:-1000000}
     VALUE_SIZE=${VALUE_SIZE:-1024}
@@ -63,24 +68,35 @@ for i in 1 2 3; do
     PIDS+=($!)
     ETCD_PIDS+=($!)
 done
-"$KIWI" playground --nodes 3 --no-control --data-dir "$WORK_DIR/kiwi" --base-port 17391 --node-bin "$NODE" \
-    >"$WORK_DIR/playground.log" 2>&1 &
-PG_PID=$!
-PIDS+=($PG_PID)
+# Starts the Kiwi playground (extra playground flags as arguments), logging to $PG_LOG.
+start_kiwi() {
+    PG_LOG=$WORK_DIR/playground${1:+-${1#--}}.log
+    "$KIWI" playground --nodes 3 --no-control --data-dir "$WORK_DIR/kiwi" --base-port 17391 --node-bin "$NODE" \
+        "$@" >"$PG_LOG" 2>&1 &
+    PG_PID=$!
+    PIDS+=($PG_PID)
+}
+# Waits for the playground's nodes and sets KIWI_PIDS.
+wait_kiwi() {
+    for _ in $(seq 1 120); do grep -q "is up" "$PG_LOG" && break; sleep 0.5; done
+    grep -q "is up" "$PG_LOG" || { echo "Kiwi did not come up; see $PG_LOG" >&2; exit 1; }
+    mapfile -t KIWI_PIDS < <(pgrep -P "$PG_PID" -f kiwi-node)
+    [ "${#KIWI_PIDS[@]}" = 3 ] || { echo "expected 3 kiwi-node processes, found ${#KIWI_PIDS[@]}" >&2; exit 1; }
+}
+start_kiwi
 
 ETCD=127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793
 KIWI_EPS=127.0.0.1:17391,127.0.0.1:17392,127.0.0.1:17393
 echo "waiting for both clusters ..." >&2
 for _ in $(seq 1 120); do
     up=0
-    grep -q "is up" "$WORK_DIR/playground.log" && up=$((up + 1))
+    grep -q "is up" "$PG_LOG" && up=$((up + 1))
     curl -sf http://127.0.0.1:23791/health | grep -q true && up=$((up + 1))
     [ "$up" = 2 ] && break
     sleep 0.5
 done
 [ "$up" = 2 ] || { echo "clusters did not come up; see $WORK_DIR" >&2; exit 1; }
-mapfile -t KIWI_PIDS < <(pgrep -P "$PG_PID" -f kiwi-node)
-[ "${#KIWI_PIDS[@]}" = 3 ] || { echo "expected 3 kiwi-node processes, found ${#KIWI_PIDS[@]}" >&2; exit 1; }
+wait_kiwi
 
 # The client URL of etcd's current leader (from each member's maintenance status).
 etcd_leader() {
@@ -114,12 +130,13 @@ PY
 run() { # target(kiwi|etcd|etcd-all) workload workers [extra args]
     local target=$1 workload=$2 workers=$3 eps label pids
     shift 3
+    label=$workload-w$workers
+    if [ "$workload" = get-lease ]; then workload=get; fi
     case $target in
         kiwi) eps=$KIWI_EPS pids=("${KIWI_PIDS[@]}") ;;
         etcd) eps=$(etcd_leader) pids=("${ETCD_PIDS[@]}") ;;
         etcd-all) eps=$ETCD pids=("${ETCD_PIDS[@]}") ;;
     esac
-    label=$workload-w$workers
     echo "== $target $workload, $workers workers, $DURATION ($eps)" >&2
     local before after
     before=$(cpu_seconds "${pids[@]}")
@@ -154,13 +171,27 @@ else
         run etcd put "$w"
         run etcd-all put "$w"
     done
-    preload=()
+    # The keys are loaded before the get rows, outside their CPU measurement.
+    echo "loading $KEYS keys into each system ..." >&2
+    "$KIWI" --endpoints "$KIWI_EPS" bench --target kiwi --workload get --workers 64 --keys "$KEYS" \
+        --value-size "$VALUE_SIZE" --duration 1s >/dev/null
+    "$KIWI" --endpoints "$(etcd_leader)" bench --target etcd --workload get --workers 64 --keys "$KEYS" \
+        --value-size "$VALUE_SIZE" --duration 1s >/dev/null
     for w in $WORKERS; do
-        run kiwi get "$w" --consistency linearizable "${preload[@]}"
-        run etcd get "$w" --consistency linearizable "${preload[@]}"
+        run kiwi get "$w" --consistency linearizable --no-preload
+        run etcd get "$w" --consistency linearizable --no-preload
         run etcd-all get "$w" --consistency linearizable --no-preload
-        preload=(--no-preload)
     done
+    if [ "$LEASE_READS" != 0 ]; then
+        echo "restarting Kiwi with --lease-reads ..." >&2
+        kill -INT "$PG_PID"
+        wait "$PG_PID" 2>/dev/null || true
+        start_kiwi --lease-reads
+        wait_kiwi
+        for w in $WORKERS; do
+            run kiwi get-lease "$w" --consistency linearizable --no-preload
+        done
+    fi
 fi
 
 python3 - "$RESULTS" "$CPU" "$DURATION" "$KEYS" "$VALUE_SIZE" <<'PY'
@@ -182,7 +213,8 @@ print()
 print(f"{'workload':<12} {'system':<9} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU/1k':>7} {'errors':>6}   "
       f"{'Kiwi/etcd ops':>13} {'Kiwi/etcd CPU':>13}")
 for label, t in rows.items():
-    k, e = t.get("kiwi"), t.get("etcd")
+    # Lease-read rows compare with etcd's linearizable gets of the same run.
+    e = t.get("etcd") or rows.get(label.replace("get-lease", "get"), {}).get("etcd")
     for name in ("kiwi", "etcd", "etcd-all"):
         r = t.get(name)
         if not r:

@@ -213,6 +213,92 @@ async fn cli_commands_exit_codes_and_json() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("empty"));
 }
 
+#[test]
+fn playground_with_lease_reads_answers_reads_without_a_round_each() {
+    let _serial = kiwi_tests::cluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args([
+            "playground",
+            "--nodes",
+            "3",
+            "--no-control",
+            "--lease-reads",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("pg"))
+        .arg("--node-bin")
+        .arg(node_binary())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut endpoints = None;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if let Some(e) = line.trim().strip_prefix("export KIWI_ENDPOINTS=") {
+            endpoints = Some(e.to_string());
+        }
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    let endpoints = endpoints.expect("the playground printed its endpoints");
+    let run = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+            .args(args)
+            .env("KIWI_ENDPOINTS", &endpoints)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "kiwi {args:?}: {o:?}");
+        o
+    };
+    let out = tempfile::NamedTempFile::new().unwrap();
+    run(&[
+        "bench",
+        "--workload",
+        "get",
+        "--consistency",
+        "linearizable",
+        "--workers",
+        "1",
+        "--keys",
+        "100",
+        "--duration",
+        "2s",
+        "--quiet",
+        "--json-out",
+        out.path().to_str().unwrap(),
+    ]);
+    let bench: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(out.path()).unwrap().trim()).unwrap();
+    let reads = bench["ops"].as_u64().unwrap();
+    assert_eq!(bench["errors"], serde_json::json!({}), "{bench}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(stdout(&run(&["metrics", "--json"])).trim()).unwrap();
+    let leader = metrics["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {metrics}"))
+        .iter()
+        .find(|n| n["role"] == "leader")
+        .unwrap_or_else(|| panic!("no leader in {metrics}"));
+    let rounds = leader["read_index"]["count"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no ReadIndex count in {leader}"));
+    // One round per read without a lease; with one, a round about every 180 ms to renew it.
+    assert!(reads >= 100, "{reads} reads in 2 s");
+    assert!(
+        rounds * 10 <= reads,
+        "{rounds} ReadIndex rounds for {reads} linearizable reads: the lease is not used"
+    );
+
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_reports_a_json_line_with_ops_and_no_errors() {
     let cluster = Cluster::start(ClusterOptions::default()).await;

@@ -262,6 +262,10 @@ pub struct RaftConfig {
     /// slowest healthy follower), so that a follower lagging a little catches up from the log instead of
     /// needing a whole snapshot (etcd keeps 5,000).
     pub log_compaction_slack: u64,
+    /// Answer linearizable reads on the leader from a lease while a quorum has recently confirmed it,
+    /// instead of a ReadIndex round (a heartbeat to every follower) per batch of reads. Off by default:
+    /// it trades a clock assumption for latency and CPU. Set it on every node. See README "Lease reads".
+    pub lease_reads: bool,
     /// Start as a new member of a running cluster instead of founding one: the node waits, with no
     /// membership of its own, until the leader adds it (`NodeAdmin.AddNode`) and sends it a snapshot.
     /// Only read on the first start of an empty data directory. `peers` lists the running cluster.
@@ -284,6 +288,7 @@ impl Default for RaftConfig {
             heartbeat_ticks: 2,
             log_compaction_threshold: 10_000,
             log_compaction_slack: 5_000,
+            lease_reads: false,
             join: false,
             metrics: RaftMetricsConfig::default(),
             fault_injection: FaultInjectionConfig::default(),

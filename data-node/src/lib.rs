@@ -371,6 +371,7 @@ impl Node {
             heartbeat_ticks: config.raft.heartbeat_ticks,
             compaction_threshold: config.raft.log_compaction_threshold,
             compaction_slack: config.raft.log_compaction_slack,
+            lease_reads: config.raft.lease_reads,
             metrics: telemetry::raft_metrics::MetricsSettings {
                 enabled: config.raft.metrics.enabled,
                 collection_interval: config.raft.metrics.collection_interval,

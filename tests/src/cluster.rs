@@ -44,6 +44,8 @@ pub struct ClusterOptions {
     /// snapshots quickly).
     pub compaction_slack: u64,
     pub tick_interval_ms: u64,
+    /// Extra lines for every node's `[raft]` table (e.g. `lease_reads = true`).
+    pub raft_extra: String,
     /// Extra TOML appended to every node's config (e.g. a `[runtime.scaling]` table).
     pub extra_config: String,
     /// Logs as JSON lines (`log.format = "json"`) instead of text.
@@ -63,6 +65,7 @@ impl Default for ClusterOptions {
             compaction_threshold: 100_000,
             compaction_slack: 0,
             tick_interval_ms: 50,
+            raft_extra: String::new(),
             extra_config: String::new(),
             telemetry_extra: String::new(),
             log_json: false,
@@ -206,7 +209,7 @@ impl Cluster {
         let mut s = format!(
             "data_dir = {:?}\nlisten_addr = \"{}\"\n{}\n[log]\nlevel = \"info,kiwi_node=debug\"\nformat = \"{}\"\n\n[raft]\nnode_id = {id}\n\
              tick_interval_ms = {}\nelection_ticks = 10\nheartbeat_ticks = 2\nlog_compaction_threshold = {}\n\
-             log_compaction_slack = {}\njoin = {}\n",
+             log_compaction_slack = {}\njoin = {}\n{}\n",
             node.dir.join("data").display().to_string(),
             node.addr,
             node.raft_addr
@@ -217,6 +220,7 @@ impl Cluster {
             self.opts.compaction_threshold,
             self.opts.compaction_slack,
             node.join,
+            self.opts.raft_extra,
         );
         // The founding members, as every founder's config lists them (the cluster id derives from them);
         // a joining node lists them and itself.

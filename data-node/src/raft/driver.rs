@@ -41,6 +41,11 @@
 //! has committed an entry of its own term (raft-rs drops read requests before that); a round that gets no
 //! answer within an election timeout is started again, and its callers that gave up are forgotten.
 //!
+//! With `raft.lease_reads`, a confirmed round also gives the leader a lease ([`lease`](crate::raft::lease)): while it holds,
+//! a read is answered with the commit index at once, without a round. A round is started only to renew a
+//! lease that reads use, once less than half of it is left. A transfer in progress or a membership change
+//! ends the lease; a node just started ignores vote requests for an election timeout.
+//!
 //! # Failure
 //! A storage error at any step stops the driver (fail-stop) with an error log line; it never advances
 //! past state it could not persist. A panic on the driver thread (raft-rs asserts on impossible state)
@@ -65,6 +70,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::raft::guard;
+use crate::raft::lease::Lease;
 use crate::raft::log_store::{LogStore, SnapshotData};
 use crate::raft::snapshot::{self, InstallGate};
 use crate::raft::state_machine::{self, ApplyOutcome};
@@ -245,6 +251,8 @@ pub struct DriverConfig {
     pub compaction_threshold: u64,
     /// Entries a compaction keeps behind the applied index and the slowest healthy follower.
     pub compaction_slack: u64,
+    /// `raft.lease_reads`: answer linearizable reads from a leader lease when it holds (see [`lease`](crate::raft::lease)).
+    pub lease_reads: bool,
     /// `[raft.metrics]`.
     pub metrics: MetricsSettings,
     /// Where the metrics are exported (the `raft` family).
@@ -444,6 +452,8 @@ struct Pending {
 /// One ReadIndex round in flight.
 struct ReadRound {
     started: Instant,
+    /// The leader's term when it started (a confirmed round of this term renews the lease).
+    term: u64,
     replies: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
 }
 
@@ -482,6 +492,8 @@ struct Driver {
     gate: Arc<InstallGate>,
     /// Committed entries applied as no-ops because they were invalid.
     rejected_entries: u64,
+    /// The leader lease, with `raft.lease_reads`.
+    lease: Option<Lease>,
     metrics: RaftMetricsCollector,
 }
 
@@ -552,6 +564,9 @@ pub fn spawn(
         refusal_logged: None,
         gate,
         rejected_entries: 0,
+        lease: config
+            .lease_reads
+            .then(|| Lease::new(config.tick_interval, config.election_ticks, Instant::now())),
         metrics: RaftMetricsCollector::new(config.metrics, config.metrics_export.clone()),
     };
     driver.refresh_membership();
@@ -650,6 +665,11 @@ impl Driver {
     /// answer within `read_retry`, forgetting callers that gave up.
     fn start_reads(&mut self) {
         let now = Instant::now();
+        if let Some(lease) = &mut self.lease
+            && self.raw.raft.lead_transferee.is_some()
+        {
+            lease.revoke(now);
+        }
         let stale: Vec<u64> = self
             .reads
             .iter()
@@ -662,7 +682,13 @@ impl Driver {
                     .extend(round.replies.into_iter().filter(|r| !r.is_closed()));
             }
         }
-        if self.read_batch.is_empty() {
+        // With a lease in use, one round renews it before it runs out, so that reads keep being answered
+        // without one.
+        let renew = self.read_batch.is_empty()
+            && self.reads.is_empty()
+            && self.raw.raft.state == StateRole::Leader
+            && self.lease.as_ref().is_some_and(|l| l.wants_renewal(now));
+        if self.read_batch.is_empty() && !renew {
             return;
         }
         if self.raw.raft.state != StateRole::Leader {
@@ -683,10 +709,31 @@ impl Driver {
             id,
             ReadRound {
                 started: now,
+                term: self.raw.raft.term,
                 replies: std::mem::take(&mut self.read_batch),
             },
         );
+        if let Some(lease) = &mut self.lease {
+            lease.round_started();
+        }
         self.raw.read_index(id.to_be_bytes().to_vec());
+    }
+
+    /// The commit index a linearizable read may use at once, when this leader's lease holds (see
+    /// [`lease`](crate::raft::lease)): it leads, has committed an entry of its term, is not handing leadership over, and a
+    /// quorum confirmed it recently enough.
+    fn lease_read(&mut self) -> Option<u64> {
+        let raft = &self.raw.raft;
+        let lease = self.lease.as_mut()?;
+        if raft.state != StateRole::Leader
+            || raft.lead_transferee.is_some()
+            || !raft.commit_to_current_term()
+        {
+            return None;
+        }
+        lease
+            .serve(raft.term, Instant::now())
+            .then_some(raft.raft_log.committed)
     }
 
     /// Hands `reply` back if this node leads; otherwise answers it with the leader hint.
@@ -759,6 +806,10 @@ impl Driver {
                 let Some(reply) = self.leader_only(reply) else {
                     return;
                 };
+                if let Some(index) = self.lease_read() {
+                    let _ = reply.send(Ok(index));
+                    return;
+                }
                 // Batched: one ReadIndex round serves every read that arrived in this turn.
                 self.read_batch.push(reply);
             }
@@ -790,7 +841,13 @@ impl Driver {
                 }
                 self.track(before, reply, tracing::Span::none());
             }
-            Inbox::TransferLeader { to } => self.raw.transfer_leader(to),
+            Inbox::TransferLeader { to } => {
+                // The target may be elected at once: no lease from here on.
+                if let Some(lease) = &mut self.lease {
+                    lease.revoke(Instant::now());
+                }
+                self.raw.transfer_leader(to);
+            }
             Inbox::InstallSnapshot { msg, reply } => {
                 let _ = self.raw.step(msg);
                 self.installs.push(reply);
@@ -817,6 +874,18 @@ impl Driver {
                              kiwi_raft_messages_refused_total; logged at most once a second)"
                         );
                     }
+                    return;
+                }
+                if matches!(
+                    m.get_msg_type(),
+                    MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+                ) && self
+                    .lease
+                    .as_ref()
+                    .is_some_and(|l| !l.votes_allowed(Instant::now()))
+                {
+                    // Just started: this node no longer knows when it last heard from a leader whose
+                    // lease it may have confirmed (see `lease`). The candidate tries again.
                     return;
                 }
                 if !self.refused_by.is_empty()
@@ -1124,6 +1193,12 @@ impl Driver {
             let round = id.ok().and_then(|id| self.reads.remove(&id));
             if let Some(r) = &round {
                 self.metrics.read_answered(r.started.elapsed());
+                if let Some(lease) = &mut self.lease
+                    && r.term == self.raw.raft.term
+                    && self.raw.raft.state == StateRole::Leader
+                {
+                    lease.confirmed(r.started, r.term);
+                }
             }
             for reply in round.map(|r| r.replies).unwrap_or_default() {
                 let _ = reply.send(Ok(rs.index));
@@ -1174,6 +1249,10 @@ impl Driver {
         cc: &ConfChangeV2,
         index: u64,
     ) -> Result<Result<ApplyOutcome, String>, Box<dyn std::error::Error + Send + Sync>> {
+        // What a quorum is changes: rounds confirmed before give no lease.
+        if let Some(lease) = &mut self.lease {
+            lease.revoke(Instant::now());
+        }
         let cs = match self.raw.apply_conf_change(cc) {
             Ok(cs) => cs,
             Err(e) => {
@@ -1401,6 +1480,7 @@ mod tests {
             heartbeat_ticks: 2,
             compaction_threshold: threshold,
             compaction_slack: slack,
+            lease_reads: false,
             metrics: MetricsSettings {
                 enabled: true,
                 collection_interval: Duration::from_millis(10),
@@ -1615,6 +1695,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_lease_reads_reads_after_a_confirmed_round_need_no_round() {
+        for lease_reads in [false, true] {
+            let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
+            // 50 ms ticks: a 360 ms lease, far longer than the reads below take.
+            let config = DriverConfig {
+                tick_interval: Duration::from_millis(50),
+                lease_reads,
+                ..test_config(1000, 0)
+            };
+            let (handle, thread, stop, _) = start_single(&backend, &config, &[]).await;
+            for i in 0..100 {
+                let written = handle.propose(put(&format!("k{i}"))).await.unwrap().index;
+                let read = handle.read_index().await.unwrap();
+                assert!(
+                    read >= written,
+                    "read index {read} before the write at {written}"
+                );
+            }
+            let m = handle.raft_metrics(false).await.unwrap().unwrap().metrics;
+            if lease_reads {
+                assert!(
+                    (1..10).contains(&m.read_index.count),
+                    "{} ReadIndex rounds for 100 reads under a lease",
+                    m.read_index.count
+                );
+            } else {
+                assert_eq!(
+                    m.read_index.count, 100,
+                    "one round per read without a lease"
+                );
+            }
+            stop.cancel();
+            thread.join().unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn metrics_record_proposals_fsyncs_and_history() {
         let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
         let (handle, thread, stop, _) = start_single(&backend, &test_config(1000, 0), &[]).await;
@@ -1795,6 +1912,7 @@ mod tests {
             heartbeat_ticks: 2,
             compaction_threshold: 1000,
             compaction_slack: 0,
+            lease_reads: false,
             metrics: MetricsSettings {
                 enabled: true,
                 collection_interval: Duration::from_millis(10),

@@ -4,6 +4,7 @@
 //!   its [`driver::DriverHandle`]. It owns the [`driver::MessageSink`] and [`driver::PeerEvent`] types the
 //!   transport implements and reports, so it depends on no transport.
 //! - [`guard`]: checks every Raft message from the network before raft-rs may see it.
+//! - [`lease`]: the leader lease behind `raft.lease_reads` and the clock assumptions it rests on.
 //! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
 //! - [`state_machine`]: applies committed commands to user data with the applied index.
 //! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.
@@ -11,6 +12,7 @@
 
 pub mod driver;
 pub mod guard;
+pub mod lease;
 pub mod log_store;
 pub mod snapshot;
 pub mod state_machine;

@@ -66,6 +66,10 @@ struct StartArgs {
     /// No metrics endpoints (telemetry.metrics_addr unset), e.g. to measure their cost.
     #[arg(long)]
     no_metrics: bool,
+    /// Leader-lease reads (raft.lease_reads = true on every node): linearizable reads without a
+    /// heartbeat round while the lease holds; see the README's "Lease reads" for the clock assumption.
+    #[arg(long)]
+    lease_reads: bool,
     /// Export every node's traces to this OTLP/gRPC collector (e.g. http://127.0.0.1:4317), sampling
     /// --trace-sample-ratio of requests (and every `kiwi --trace` command).
     #[arg(long, value_name = "URL")]
@@ -432,6 +436,9 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             config.push_str(&format!("raft_listen_addr = \"{r}\"\n"));
         }
         config.push_str(&format!("\n[raft]\nnode_id = {id}\n"));
+        if args.lease_reads {
+            config.push_str("lease_reads = true\n");
+        }
         for (pid, paddr) in &addrs {
             config.push_str(&format!(
                 "\n[[raft.peers]]\nid = {pid}\naddr = \"{paddr}\"\n"

@@ -1,0 +1,199 @@
+//! The leader lease behind `raft.lease_reads`: linearizable reads answered from the leader's commit index
+//! without a ReadIndex round while no other node can have become leader.
+//!
+//! # Why a confirmed round gives a lease
+//! A ReadIndex round started at `s` (leader's clock) completes once a quorum has answered a heartbeat sent
+//! after `s`. Each of those followers reset its election timer when the heartbeat arrived, after `s`.
+//! raft-rs (with `check_quorum`, which the driver sets) makes a follower ignore vote requests until
+//! `election_ticks` ticks have passed since it last heard from the leader, and never campaign before
+//! that. The driver's tick loop never runs two ticks less than a tick apart except once after a late
+//! tick, so those ticks take at least `(election_ticks - 2) × tick_interval` of the follower's time. A
+//! quorum that will not vote for anyone else until then means no other leader until then: the leader
+//! may answer reads from its own commit index until `s + (election_ticks - 2) × tick_interval`, less a
+//! margin for clock rates.
+//!
+//! # Assumptions (written down, as the lease depends on them)
+//! - Every node's monotonic clock runs at a rate within [`CLOCK_RATE_MARGIN`] of the leader's. A process
+//!   paused by SIGSTOP, a long GC-like stall or a blocked disk is fine: the monotonic clock keeps running,
+//!   so the leader finds its lease expired when it resumes and falls back to a ReadIndex round (tested
+//!   with SIGSTOP in `tests/tests/core_safety.rs`). A whole machine suspended or live-migrated is not:
+//!   Linux's monotonic clock stops while the machine sleeps. Do not turn lease reads on where that
+//!   happens.
+//! - A leadership transfer lets the target campaign at once, whatever the followers' timers say
+//!   (raft-rs's forced election): while one is in progress, and for rounds started before it ended, there
+//!   is no lease. A membership change changes what a quorum is: rounds started before it give none.
+//! - A node that restarts has forgotten when it last heard from the leader and would vote at once; with
+//!   lease reads on, a node ignores vote requests for its first `election_ticks` ticks (see
+//!   [`Lease::votes_allowed`]), which costs a restarted cluster at most one extra election timeout.
+
+use std::time::{Duration, Instant};
+
+/// How much slower than the leader's clock a follower's may run: the lease is this fraction shorter than
+/// the followers' guaranteed silence.
+pub const CLOCK_RATE_MARGIN: f64 = 0.1;
+
+/// A leader's lease, kept by the Raft driver.
+#[derive(Debug)]
+pub struct Lease {
+    /// How long a confirmed round keeps other nodes from electing a leader, margin deducted.
+    duration: Duration,
+    /// Reads may be answered without a round until then (in `term`).
+    until: Option<Instant>,
+    term: u64,
+    /// Rounds started before this give no lease (a transfer or membership change since).
+    floor: Instant,
+    /// A read was answered from the lease since the last renewal round started.
+    used: bool,
+    /// Vote requests are ignored until then (see the module doc).
+    votes_from: Instant,
+}
+
+impl Lease {
+    /// The lease of a node started at `now` with these Raft timings.
+    pub fn new(tick: Duration, election_ticks: usize, now: Instant) -> Self {
+        let silent = tick * u32::try_from(election_ticks.saturating_sub(2)).unwrap_or(u32::MAX);
+        Lease {
+            duration: silent.mul_f64(1.0 - CLOCK_RATE_MARGIN),
+            until: None,
+            term: 0,
+            floor: now,
+            used: false,
+            votes_from: now + tick * u32::try_from(election_ticks).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// How long a confirmed round's lease lasts.
+    pub fn duration(&self) -> Duration {
+        self.duration
+    }
+
+    /// A ReadIndex round started at `started` in `term` was confirmed by a quorum while this node leads
+    /// in `term`: the lease runs until `started + duration`, unless a transfer or membership change came
+    /// after the round started.
+    pub fn confirmed(&mut self, started: Instant, term: u64) {
+        if started < self.floor {
+            return;
+        }
+        let until = started + self.duration;
+        if self.term != term {
+            self.term = term;
+            self.until = Some(until);
+        } else {
+            self.until = Some(self.until.map_or(until, |u| u.max(until)));
+        }
+    }
+
+    /// Whether a read arriving at `now` may be answered from the commit index of a leader in `term` that
+    /// has committed an entry of its term and is not transferring leadership (the caller checks those).
+    /// Marks the lease used, so that it is renewed before it runs out.
+    pub fn serve(&mut self, term: u64, now: Instant) -> bool {
+        let valid = self.term == term && self.until.is_some_and(|u| now < u);
+        self.used |= valid;
+        valid
+    }
+
+    /// Ends the lease and refuses it to rounds started before `now` (a transfer is in progress or the
+    /// membership changed).
+    pub fn revoke(&mut self, now: Instant) {
+        self.until = None;
+        self.floor = self.floor.max(now);
+    }
+
+    /// Whether to start a round only to renew the lease: reads were answered from it and less than half
+    /// of it is left (the caller starts one only when no round is in flight).
+    pub fn wants_renewal(&self, now: Instant) -> bool {
+        self.used
+            && self
+                .until
+                .is_none_or(|u| u.saturating_duration_since(now) < self.duration / 2)
+    }
+
+    /// A round started: the reads answered so far are covered by it.
+    pub fn round_started(&mut self) {
+        self.used = false;
+    }
+
+    /// Whether this node may answer vote requests at `now`.
+    pub fn votes_allowed(&self, now: Instant) -> bool {
+        now >= self.votes_from
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(50);
+
+    #[test]
+    fn a_confirmed_round_gives_a_lease_shorter_than_the_followers_silence() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(TICK, 10, t0);
+        assert_eq!(
+            l.duration(),
+            Duration::from_millis(360),
+            "8 ticks less 10 %"
+        );
+        assert!(!l.serve(3, t0), "no lease before a round");
+        l.confirmed(t0 + TICK, 3);
+        assert!(l.serve(3, t0 + TICK));
+        assert!(l.serve(3, t0 + TICK + Duration::from_millis(359)));
+        assert!(
+            !l.serve(3, t0 + TICK + Duration::from_millis(360)),
+            "expired"
+        );
+        assert!(!l.serve(4, t0 + TICK), "another term");
+        // An older round confirmed late does not shorten it.
+        l.confirmed(t0, 3);
+        assert!(l.serve(3, t0 + TICK + Duration::from_millis(359)));
+        // A round of a new term replaces it.
+        l.confirmed(t0 + 2 * TICK, 4);
+        assert!(l.serve(4, t0 + 2 * TICK));
+        assert!(!l.serve(3, t0 + 2 * TICK));
+    }
+
+    #[test]
+    fn a_transfer_or_membership_change_revokes_it_and_older_rounds_cannot_renew_it() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(TICK, 10, t0);
+        l.confirmed(t0 + TICK, 1);
+        l.revoke(t0 + 2 * TICK);
+        assert!(!l.serve(1, t0 + 2 * TICK));
+        l.confirmed(t0 + TICK, 1);
+        assert!(
+            !l.serve(1, t0 + 2 * TICK),
+            "a round from before the revocation"
+        );
+        l.confirmed(t0 + 3 * TICK, 1);
+        assert!(l.serve(1, t0 + 3 * TICK));
+    }
+
+    #[test]
+    fn it_is_renewed_only_while_used_and_past_half() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(TICK, 10, t0);
+        assert!(!l.wants_renewal(t0), "unused");
+        l.confirmed(t0, 1);
+        assert!(l.serve(1, t0));
+        assert!(!l.wants_renewal(t0 + Duration::from_millis(100)));
+        assert!(l.wants_renewal(t0 + Duration::from_millis(200)));
+        l.round_started();
+        assert!(!l.wants_renewal(t0 + Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn a_started_node_ignores_votes_for_an_election_timeout() {
+        let t0 = Instant::now();
+        let l = Lease::new(TICK, 10, t0);
+        assert!(!l.votes_allowed(t0 + Duration::from_millis(499)));
+        assert!(l.votes_allowed(t0 + Duration::from_millis(500)));
+    }
+
+    #[test]
+    fn too_few_election_ticks_give_no_lease() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(TICK, 2, t0);
+        l.confirmed(t0, 1);
+        assert!(!l.serve(1, t0));
+    }
+}
