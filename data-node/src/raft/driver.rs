@@ -668,6 +668,8 @@ impl Driver {
         if let Some(lease) = &mut self.lease
             && self.raw.raft.lead_transferee.is_some()
         {
+            // A round started now (at the floor) gives no lease either: the transfer's target may be
+            // elected by followers that answer it.
             lease.revoke(now);
         }
         let stale: Vec<u64> = self
@@ -1445,7 +1447,7 @@ impl Driver {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
     use kiwi_proto::v1::{WriteBatchCommand, WriteOp, raft_command, write_op};
     use kiwi_storage::{
@@ -1580,6 +1582,8 @@ mod tests {
     struct Net {
         handles: std::sync::Mutex<HashMap<u64, DriverHandle>>,
         drop_append_responses: AtomicBool,
+        /// A node cut off from the others (0: none).
+        isolated: AtomicU64,
     }
 
     struct NetSink(Arc<Net>);
@@ -1593,6 +1597,10 @@ mod tests {
                 {
                     continue;
                 }
+                let isolated = self.0.isolated.load(Ordering::SeqCst);
+                if isolated != 0 && (m.to == isolated || m.from == isolated) {
+                    continue;
+                }
                 if let Some(h) = handles.get(&m.to) {
                     h.step(m);
                 }
@@ -1602,9 +1610,11 @@ mod tests {
         fn add_peer(&self, _id: u64, _addr: String) {}
     }
 
-    #[tokio::test]
-    async fn a_read_on_a_new_leader_waits_for_its_first_commit_instead_of_being_lost() {
-        let net = Arc::new(Net::default());
+    /// Three drivers over `net`, with `config` (each its own id).
+    fn start_three(
+        net: &Arc<Net>,
+        config: &DriverConfig,
+    ) -> Vec<(DriverHandle, JoinHandle<()>, CancellationToken)> {
         let mut nodes = Vec::new();
         for id in 1..=3 {
             let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
@@ -1613,13 +1623,13 @@ mod tests {
             let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
             let config = DriverConfig {
                 node_id: id,
-                ..test_config(1000, 0)
+                ..config.clone()
             };
             let (handle, thread) = spawn(
                 &config,
                 store,
                 backend,
-                Arc::new(NetSink(Arc::clone(&net))),
+                Arc::new(NetSink(Arc::clone(net))),
                 Arc::default(),
                 stop.clone(),
                 fatal,
@@ -1628,6 +1638,88 @@ mod tests {
             net.handles.lock().unwrap().insert(id, handle.clone());
             nodes.push((handle, thread, stop));
         }
+        nodes
+    }
+
+    #[tokio::test]
+    async fn with_lease_reads_a_transfer_in_progress_ends_the_lease() {
+        let net = Arc::new(Net::default());
+        // 50 ms ticks: a 360 ms lease, and a transfer that waits 500 ms before it gives up.
+        let config = DriverConfig {
+            tick_interval: Duration::from_millis(50),
+            lease_reads: true,
+            ..test_config(1000, 0)
+        };
+        let nodes = start_three(&net, &config);
+        let leader = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some((h, ..)) = nodes.iter().find(|(h, ..)| h.status().role == Role::Leader)
+                {
+                    return h.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a leader");
+        leader.propose(put("k")).await.unwrap();
+        let rounds = || async {
+            leader
+                .raft_metrics(false)
+                .await
+                .unwrap()
+                .unwrap()
+                .metrics
+                .read_index
+                .count
+        };
+        leader.read_index().await.unwrap();
+        let before = rounds().await;
+        for _ in 0..5 {
+            leader.read_index().await.unwrap();
+        }
+        assert!(
+            rounds().await <= before + 1,
+            "reads under the lease need no round (one may renew it)"
+        );
+        // A transfer to a node that hears nothing stays in progress; its target could be elected at any
+        // moment, so every read needs a round, and those rounds give no lease either.
+        let leader_id = leader.status().leader_id;
+        let target = (1..=3).find(|id| *id != leader_id).unwrap();
+        net.isolated.store(target, Ordering::SeqCst);
+        // raft-rs drops proposals while a transfer is in progress, which tells the test it still is after
+        // the reads: it gives up at the leader's next election timeout, which may fall among the reads,
+        // and then they are done again.
+        for attempt in 1.. {
+            assert!(
+                attempt <= 20,
+                "the transfer never stayed in progress for 5 reads"
+            );
+            leader.transfer_leader(target).unwrap();
+            let before = rounds().await;
+            for _ in 0..5 {
+                leader.read_index().await.unwrap();
+            }
+            let after = rounds().await;
+            if matches!(leader.propose(put("t")).await, Err(ProposeError::Dropped)) {
+                assert_eq!(
+                    after,
+                    before + 5,
+                    "one round per read while the transfer is in progress"
+                );
+                break;
+            }
+        }
+        for (_, thread, stop) in nodes {
+            stop.cancel();
+            thread.join().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_read_on_a_new_leader_waits_for_its_first_commit_instead_of_being_lost() {
+        let net = Arc::new(Net::default());
+        let nodes = start_three(&net, &test_config(1000, 0));
         let leader = async {
             loop {
                 if let Some((h, ..)) = nodes.iter().find(|(h, ..)| h.status().role == Role::Leader)

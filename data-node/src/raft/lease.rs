@@ -40,7 +40,8 @@ pub struct Lease {
     /// Reads may be answered without a round until then (in `term`).
     until: Option<Instant>,
     term: u64,
-    /// Rounds started before this give no lease (a transfer or membership change since).
+    /// Rounds started at or before this give no lease (a transfer or membership change since, or a
+    /// transfer in progress when they started).
     floor: Instant,
     /// A read was answered from the lease since the last renewal round started.
     used: bool,
@@ -69,9 +70,10 @@ impl Lease {
 
     /// A ReadIndex round started at `started` in `term` was confirmed by a quorum while this node leads
     /// in `term`: the lease runs until `started + duration`, unless a transfer or membership change came
-    /// after the round started.
+    /// after the round started (or a transfer was in progress when it started: the driver revokes the
+    /// lease at the instant it starts each round then).
     pub fn confirmed(&mut self, started: Instant, term: u64) {
-        if started < self.floor {
+        if started <= self.floor {
             return;
         }
         let until = started + self.duration;
@@ -92,8 +94,8 @@ impl Lease {
         valid
     }
 
-    /// Ends the lease and refuses it to rounds started before `now` (a transfer is in progress or the
-    /// membership changed).
+    /// Ends the lease and refuses it to rounds started at or before `now` (a transfer is in progress or
+    /// the membership changed).
     pub fn revoke(&mut self, now: Instant) {
         self.until = None;
         self.floor = self.floor.max(now);
@@ -164,6 +166,11 @@ mod tests {
             !l.serve(1, t0 + 2 * TICK),
             "a round from before the revocation"
         );
+        l.confirmed(t0 + 2 * TICK, 1);
+        assert!(
+            !l.serve(1, t0 + 2 * TICK),
+            "a round started at the revocation (during a transfer)"
+        );
         l.confirmed(t0 + 3 * TICK, 1);
         assert!(l.serve(1, t0 + 3 * TICK));
     }
@@ -173,8 +180,9 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Lease::new(TICK, 10, t0);
         assert!(!l.wants_renewal(t0), "unused");
-        l.confirmed(t0, 1);
-        assert!(l.serve(1, t0));
+        let t1 = t0 + Duration::from_millis(1);
+        l.confirmed(t1, 1);
+        assert!(l.serve(1, t1));
         assert!(!l.wants_renewal(t0 + Duration::from_millis(100)));
         assert!(l.wants_renewal(t0 + Duration::from_millis(200)));
         l.round_started();
@@ -193,7 +201,7 @@ mod tests {
     fn too_few_election_ticks_give_no_lease() {
         let t0 = Instant::now();
         let mut l = Lease::new(TICK, 2, t0);
-        l.confirmed(t0, 1);
-        assert!(!l.serve(1, t0));
+        l.confirmed(t0 + TICK, 1);
+        assert!(!l.serve(1, t0 + TICK));
     }
 }
