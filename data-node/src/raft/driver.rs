@@ -1641,6 +1641,71 @@ mod tests {
         nodes
     }
 
+    /// The driver among `nodes` that leads, once one does.
+    async fn leader_of(
+        nodes: &[(DriverHandle, JoinHandle<()>, CancellationToken)],
+    ) -> DriverHandle {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some((h, ..)) = nodes.iter().find(|(h, ..)| h.status().role == Role::Leader)
+                {
+                    return h.clone();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a leader")
+    }
+
+    /// ReadIndex rounds `h` has completed.
+    async fn read_rounds(h: &DriverHandle) -> u64 {
+        h.raft_metrics(false)
+            .await
+            .unwrap()
+            .unwrap()
+            .metrics
+            .read_index
+            .count
+    }
+
+    #[tokio::test]
+    async fn with_lease_reads_a_membership_change_ends_the_lease() {
+        let net = Arc::new(Net::default());
+        // 25 ms ticks and 40 election ticks: an 855 ms lease, renewed after half of it, far longer than
+        // the reads below take.
+        let config = DriverConfig {
+            tick_interval: Duration::from_millis(25),
+            election_ticks: 40,
+            lease_reads: true,
+            ..test_config(1000, 0)
+        };
+        let nodes = start_three(&net, &config);
+        let leader = leader_of(&nodes).await;
+        leader.propose(put("k")).await.unwrap();
+        leader.read_index().await.unwrap();
+        let before = read_rounds(&leader).await;
+        leader.read_index().await.unwrap();
+        assert_eq!(read_rounds(&leader).await, before, "served from the lease");
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(ConfChangeType::AddLearnerNode);
+        single.node_id = 4;
+        let mut cc = ConfChangeV2::default();
+        cc.set_changes(vec![single].into());
+        cc.context = b"127.0.0.1:1".to_vec().into();
+        leader.change_membership(cc).await.unwrap();
+        leader.read_index().await.unwrap();
+        assert_eq!(
+            read_rounds(&leader).await,
+            before + 1,
+            "a membership change ends the lease: the next read takes a round"
+        );
+        for (_, thread, stop) in nodes {
+            stop.cancel();
+            thread.join().unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn with_lease_reads_a_transfer_in_progress_ends_the_lease() {
         let net = Arc::new(Net::default());
@@ -1651,28 +1716,9 @@ mod tests {
             ..test_config(1000, 0)
         };
         let nodes = start_three(&net, &config);
-        let leader = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                if let Some((h, ..)) = nodes.iter().find(|(h, ..)| h.status().role == Role::Leader)
-                {
-                    return h.clone();
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("a leader");
+        let leader = leader_of(&nodes).await;
         leader.propose(put("k")).await.unwrap();
-        let rounds = || async {
-            leader
-                .raft_metrics(false)
-                .await
-                .unwrap()
-                .unwrap()
-                .metrics
-                .read_index
-                .count
-        };
+        let rounds = || read_rounds(&leader);
         leader.read_index().await.unwrap();
         let before = rounds().await;
         for _ in 0..5 {
