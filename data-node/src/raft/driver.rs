@@ -1670,6 +1670,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_lease_reads_a_started_node_ignores_vote_requests_for_an_election_timeout() {
+        for lease_reads in [false, true] {
+            let net = Arc::new(Net::default());
+            // 40 ticks of 50 ms: nobody campaigns, and the hold-off lasts, for the first 2 s.
+            let config = DriverConfig {
+                tick_interval: Duration::from_millis(50),
+                election_ticks: 40,
+                lease_reads,
+                ..test_config(1000, 0)
+            };
+            let nodes = start_three(&net, &config);
+            let node = &nodes[0].0;
+            let mut vote = Message::default();
+            vote.set_msg_type(MessageType::MsgRequestVote);
+            vote.from = 2;
+            vote.to = 1;
+            vote.term = 5;
+            node.step(vote);
+            // Handled after the vote request (one inbox, in order).
+            let term = node.detailed_status().await.unwrap().status.term;
+            if lease_reads {
+                assert!(
+                    term < 5,
+                    "a just-started node took the vote request's term {term}"
+                );
+            } else {
+                assert_eq!(term, 5, "without lease reads the request is stepped");
+            }
+            for (_, thread, stop) in nodes {
+                stop.cancel();
+                thread.join().unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
     async fn with_lease_reads_a_membership_change_ends_the_lease() {
         let net = Arc::new(Net::default());
         // 25 ms ticks and 40 election ticks: an 855 ms lease, renewed after half of it, far longer than
