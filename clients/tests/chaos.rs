@@ -1,6 +1,8 @@
 //! The chaos suite: `kiwi chaos` runs random fault plans (every fault type, the leader targeted often)
 //! through a real `kiwi-control` against three real `kiwi-node`s with fault injection enabled, while this
-//! test restarts the nodes the plans crash; every run's history must be linearizable.
+//! test restarts the nodes the plans crash; every run's history must be linearizable. A few more plans run
+//! with leader-lease reads (`raft.lease_reads`): crashes, pauses, delays and disk stalls of a leader that
+//! answers reads from its lease.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -8,12 +10,24 @@ use std::time::Duration;
 use kiwi_tests::cluster::{Cluster, ClusterOptions};
 use kiwi_tests::control::{ControlProc, HEARTBEAT_MS, free_addr, up};
 
-/// Random plans run in the suite, and the length of each.
+/// Random plans run in the suite (and with lease reads), and the length of each.
 const PLANS: u64 = 10;
+const LEASE_PLANS: u64 = 3;
 const PLAN_LENGTH: &str = "15s";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_fault_plans_keep_the_history_linearizable() {
+    run_random_plans("", 1..=PLANS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_fault_plans_with_lease_reads_keep_the_history_linearizable() {
+    run_random_plans("lease_reads = true", 101..=100 + LEASE_PLANS).await;
+}
+
+/// Runs the random plans of `seeds` against a fresh cluster with `raft_extra` in every node's `[raft]`.
+async fn run_random_plans(raft_extra: &str, seeds: std::ops::RangeInclusive<u64>) {
+    let plans = seeds.clone().count();
     let dir = tempfile::tempdir().unwrap();
     let addr = free_addr();
     let control = ControlProc::start(addr, &dir.path().join("control"));
@@ -22,6 +36,7 @@ async fn random_fault_plans_keep_the_history_linearizable() {
             "\n[control]\naddr = \"{addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\n\n\
              [raft.fault_injection]\nenabled = true\nmax_duration_sec = 60\n"
         ),
+        raft_extra: raft_extra.into(),
         ..ClusterOptions::default()
     })
     .await;
@@ -37,7 +52,7 @@ async fn random_fault_plans_keep_the_history_linearizable() {
         .map(|&id| cluster.addr(id).to_string())
         .collect();
     let mut totals = (0u64, 0u64);
-    for seed in 1..=PLANS {
+    for seed in seeds {
         let out = dir.path().join(format!("run-{seed}"));
         let mut chaos = tokio::process::Command::new(env!("CARGO_BIN_EXE_kiwi"))
             .args([
@@ -87,7 +102,8 @@ async fn random_fault_plans_keep_the_history_linearizable() {
         cluster.wait_leader().await;
     }
     eprintln!(
-        "{PLANS} random plans: {} operations checked, {} with unknown outcome, all linearizable",
+        "{plans} random plans ({raft_extra}): {} operations checked, {} with unknown outcome, all \
+         linearizable",
         totals.0, totals.1
     );
 }
