@@ -41,10 +41,11 @@
 //! has committed an entry of its own term (raft-rs drops read requests before that); a round that gets no
 //! answer within an election timeout is started again, and its callers that gave up are forgotten.
 //!
-//! With `raft.lease_reads`, a confirmed round also gives the leader a lease ([`lease`](crate::raft::lease)): while it holds,
-//! a read is answered with the commit index at once, without a round. A round is started only to renew a
-//! lease that reads use, once less than half of it is left. A transfer in progress or a membership change
-//! ends the lease; a node just started ignores vote requests for an election timeout.
+//! With `raft.lease_reads`, a confirmed round also gives the leader a lease
+//! ([`lease`](crate::raft::lease)): while it holds, a read is answered with the commit index at once,
+//! without a round. A round is started only to renew a lease that reads use, once less than half of it
+//! is left. A transfer in progress or a membership change ends the lease; a node just started ignores
+//! vote requests for an election timeout.
 //!
 //! # Failure
 //! A storage error at any step stops the driver (fail-stop) with an error log line; it never advances
@@ -251,7 +252,8 @@ pub struct DriverConfig {
     pub compaction_threshold: u64,
     /// Entries a compaction keeps behind the applied index and the slowest healthy follower.
     pub compaction_slack: u64,
-    /// `raft.lease_reads`: answer linearizable reads from a leader lease when it holds (see [`lease`](crate::raft::lease)).
+    /// `raft.lease_reads`: answer linearizable reads from a leader lease when it holds (see
+    /// [`lease`](crate::raft::lease)).
     pub lease_reads: bool,
     /// `[raft.metrics]`.
     pub metrics: MetricsSettings,
@@ -722,8 +724,8 @@ impl Driver {
     }
 
     /// The commit index a linearizable read may use at once, when this leader's lease holds (see
-    /// [`lease`](crate::raft::lease)): it leads, has committed an entry of its term, is not handing leadership over, and a
-    /// quorum confirmed it recently enough.
+    /// [`lease`](crate::raft::lease)): it leads, has committed an entry of its term, is not handing
+    /// leadership over, and a quorum confirmed it recently enough.
     fn lease_read(&mut self) -> Option<u64> {
         let raft = &self.raw.raft;
         let lease = self.lease.as_mut()?;
