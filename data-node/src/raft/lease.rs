@@ -95,9 +95,10 @@ impl Lease {
     }
 
     /// Ends the lease and refuses it to rounds started at or before `now` (a transfer is in progress or
-    /// the membership changed).
+    /// the membership changed). No round is started to renew it: the next read's round takes a new one.
     pub fn revoke(&mut self, now: Instant) {
         self.until = None;
+        self.used = false;
         self.floor = self.floor.max(now);
     }
 
@@ -159,8 +160,13 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Lease::new(TICK, 10, t0);
         l.confirmed(t0 + TICK, 1);
+        assert!(l.serve(1, t0 + TICK));
         l.revoke(t0 + 2 * TICK);
         assert!(!l.serve(1, t0 + 2 * TICK));
+        assert!(
+            !l.wants_renewal(t0 + 2 * TICK),
+            "a revoked lease is not renewed"
+        );
         l.confirmed(t0 + TICK, 1);
         assert!(
             !l.serve(1, t0 + 2 * TICK),
