@@ -157,12 +157,18 @@ footprint() { # name dir-glob pid...
     echo "$name: RSS MiB per node: $rss; data MiB per node: $disk"
 }
 
-if [ -n "$LARGE" ]; then
-    echo "preloading $KEYS keys of $VALUE_SIZE bytes into each system (progress on stderr) ..." >&2
+# Loads KEYS keys of VALUE_SIZE bytes into each system (a get bench preloads them), outside any row's
+# CPU figures.
+preload() {
+    echo "loading $KEYS keys of $VALUE_SIZE bytes into each system ..." >&2
     "$KIWI" --endpoints "$KIWI_EPS" bench --target kiwi --workload get --workers 64 --keys "$KEYS" \
         --value-size "$VALUE_SIZE" --duration 1s >/dev/null
     "$KIWI" --endpoints "$(etcd_leader)" bench --target etcd --workload get --workers 64 --keys "$KEYS" \
         --value-size "$VALUE_SIZE" --duration 1s >/dev/null
+}
+
+if [ -n "$LARGE" ]; then
+    preload
     run kiwi mixed 64 --read-ratio 0.9 --no-preload
     run etcd mixed 64 --read-ratio 0.9 --no-preload
 else
@@ -171,12 +177,7 @@ else
         run etcd put "$w"
         run etcd-all put "$w"
     done
-    # The keys are loaded before the get rows, outside their CPU measurement.
-    echo "loading $KEYS keys into each system ..." >&2
-    "$KIWI" --endpoints "$KIWI_EPS" bench --target kiwi --workload get --workers 64 --keys "$KEYS" \
-        --value-size "$VALUE_SIZE" --duration 1s >/dev/null
-    "$KIWI" --endpoints "$(etcd_leader)" bench --target etcd --workload get --workers 64 --keys "$KEYS" \
-        --value-size "$VALUE_SIZE" --duration 1s >/dev/null
+    preload
     for w in $WORKERS; do
         run kiwi get "$w" --consistency linearizable --no-preload
         run etcd get "$w" --consistency linearizable --no-preload

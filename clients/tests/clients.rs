@@ -34,6 +34,65 @@ fn kiwi_json(cluster: &Cluster, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(stdout(&o).trim()).unwrap()
 }
 
+/// A `kiwi playground --nodes 3` a test started, once it is up. Its stdout stays open for the rest of its
+/// life (it prints events later).
+struct Playground {
+    child: std::process::Child,
+    /// What it printed up to its "Ctrl-C" line.
+    lines: Vec<String>,
+    _stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Playground {
+    /// Starts one with its data in `data` and `flags`, and waits (at most 60 s) until it is up.
+    fn start(data: &std::path::Path, flags: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+            .args(["playground", "--nodes", "3", "--data-dir"])
+            .arg(data)
+            .args(flags)
+            .arg("--node-bin")
+            .arg(node_binary())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut lines = Vec::new();
+        for line in stdout.by_ref() {
+            let line = line.unwrap();
+            let up = line.contains("Ctrl-C");
+            lines.push(line);
+            if up {
+                break;
+            }
+            assert!(Instant::now() < deadline, "playground did not come up");
+        }
+        Playground {
+            child,
+            lines,
+            _stdout: stdout,
+        }
+    }
+
+    /// Every `export NAME=value` it printed.
+    fn exports(&self) -> Vec<(String, String)> {
+        self.lines
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("export ")?.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The value it printed for `export NAME=`.
+    fn export(&self, name: &str) -> String {
+        self.exports()
+            .into_iter()
+            .find_map(|(k, v)| (k == name).then_some(v))
+            .unwrap_or_else(|| panic!("the playground printed no {name}: {:?}", self.lines))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_follows_the_leader_and_reports_unknown_outcomes() {
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
@@ -217,33 +276,8 @@ async fn cli_commands_exit_codes_and_json() {
 fn playground_with_lease_reads_answers_reads_without_a_round_each() {
     let _serial = kiwi_tests::cluster::serial();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
-        .args([
-            "playground",
-            "--nodes",
-            "3",
-            "--no-control",
-            "--lease-reads",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("pg"))
-        .arg("--node-bin")
-        .arg(node_binary())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut endpoints = None;
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some(e) = line.trim().strip_prefix("export KIWI_ENDPOINTS=") {
-            endpoints = Some(e.to_string());
-        }
-        if line.contains("Ctrl-C") {
-            break;
-        }
-    }
-    let endpoints = endpoints.expect("the playground printed its endpoints");
+    let mut pg = Playground::start(&dir.path().join("pg"), &["--no-control", "--lease-reads"]);
+    let endpoints = pg.export("KIWI_ENDPOINTS");
     let run = |args: &[&str]| {
         let o = Command::new(env!("CARGO_BIN_EXE_kiwi"))
             .args(args)
@@ -293,10 +327,10 @@ fn playground_with_lease_reads_answers_reads_without_a_round_each() {
     );
 
     Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &pg.child.id().to_string()])
         .status()
         .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(pg.child.wait().unwrap().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,39 +462,14 @@ fn playground_serves_and_leaves_no_process_behind() {
     let _serial = kiwi_tests::cluster::serial();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pg");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
-        .args(["playground", "--nodes", "3", "--data-dir"])
-        .arg(&data)
-        .arg("--node-bin")
-        .arg(node_binary())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut endpoints = None;
-    let mut control = None;
-    let mut cluster_metrics = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(m) = line.split("metrics (every node): http://").nth(1) {
-            cluster_metrics = m.split('/').next().map(str::to_owned);
-        }
-        if let Some(e) = line.trim().strip_prefix("export KIWI_ENDPOINTS=") {
-            endpoints = Some(e.to_string());
-        }
-        if let Some(c) = line.trim().strip_prefix("export KIWI_CONTROL=") {
-            control = Some(c.to_string());
-        }
-        if line.contains("Ctrl-C") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "playground did not come up");
-    }
-    let endpoints = endpoints.expect("the playground printed its endpoints");
-    let control = control.expect("the playground printed its control plane");
-    let cluster_metrics: std::net::SocketAddr = cluster_metrics
+    let mut pg = Playground::start(&data, &[]);
+    let endpoints = pg.export("KIWI_ENDPOINTS");
+    let control = pg.export("KIWI_CONTROL");
+    let cluster_metrics: std::net::SocketAddr = pg
+        .lines
+        .iter()
+        .find_map(|l| l.split("metrics (every node): http://").nth(1))
+        .and_then(|m| m.split('/').next())
         .expect("the playground printed the control plane's metrics address")
         .parse()
         .unwrap();
@@ -515,7 +524,7 @@ fn playground_serves_and_leaves_no_process_behind() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        child.try_wait().unwrap().is_none(),
+        pg.child.try_wait().unwrap().is_none(),
         "the playground stopped after a node died"
     );
     // `kiwi control watch` refreshes the same view; `kiwi control policy set` pushes or names the rule.
@@ -589,10 +598,10 @@ fn playground_serves_and_leaves_no_process_behind() {
     );
 
     Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &pg.child.id().to_string()])
         .status()
         .unwrap();
-    let status = child.wait().unwrap();
+    let status = pg.child.wait().unwrap();
     assert!(status.success(), "playground exit status {status}");
     assert_eq!(pgrep(&pattern), "", "no kiwi-node left behind");
     assert_eq!(pgrep(&control_pattern), "", "no kiwi-control left behind");
@@ -660,47 +669,12 @@ async fn metrics_show_each_followers_replication() {
 
 #[test]
 fn secure_playground_serves_tls_mutual_tls_and_tokens() {
-    use std::io::BufRead as _;
     let _serial = kiwi_tests::cluster::serial();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("pg");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
-        .args([
-            "playground",
-            "--nodes",
-            "3",
-            "--secure",
-            "--no-metrics",
-            "--data-dir",
-        ])
-        .arg(&data)
-        .arg("--node-bin")
-        .arg(node_binary())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut exports = Vec::new();
-    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if let Some((k, v)) = line
-            .trim()
-            .strip_prefix("export ")
-            .and_then(|e| e.split_once('='))
-        {
-            exports.push((k.to_string(), v.to_string()));
-        }
-        if line.contains("Ctrl-C") {
-            break;
-        }
-    }
-    let get = |k: &str| {
-        exports
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| panic!("{k} printed: {exports:?}"))
-    };
+    let mut pg = Playground::start(&data, &["--secure", "--no-metrics"]);
+    let exports = pg.exports();
+    let get = |k: &str| pg.export(k);
     let run = |args: &[&str], drop: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_kiwi"));
         for (k, v) in &exports {
@@ -830,8 +804,8 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
     );
     assert_eq!(stdout(&run(&["get", "hello"], &[])), "tls\n");
     Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &pg.child.id().to_string()])
         .status()
         .unwrap();
-    assert!(child.wait().unwrap().success());
+    assert!(pg.child.wait().unwrap().success());
 }

@@ -20,6 +20,15 @@ fn opts(backend: &str) -> ClusterOptions {
     }
 }
 
+/// A Get of `key` with `consistency`.
+fn get_request(key: &[u8], consistency: Consistency) -> GetRequest {
+    GetRequest {
+        header: Some(header()),
+        key: key.to_vec(),
+        consistency: consistency as i32,
+    }
+}
+
 /// Asserts every acknowledged key is present, with its value, on every node in `ids`.
 async fn assert_all_present(
     cluster: &Cluster,
@@ -325,11 +334,7 @@ async fn isolated_old_leader(opts: ClusterOptions) {
     let mut reader = cluster.kv(old);
     for _ in 0..20 {
         let r = reader
-            .get(GetRequest {
-                header: Some(header()),
-                key: b"k".to_vec(),
-                consistency: Consistency::Linearizable as i32,
-            })
+            .get(get_request(b"k", Consistency::Linearizable))
             .await
             .expect("a linearizable read on the leader");
         assert_eq!(r.into_inner().value, b"old");
@@ -377,11 +382,7 @@ async fn isolated_old_leader(opts: ClusterOptions) {
     // new leader's messages and may be handled before them.
     let read = tokio::spawn(async move {
         reader
-            .get(GetRequest {
-                header: Some(header()),
-                key: b"k".to_vec(),
-                consistency: Consistency::Linearizable as i32,
-            })
+            .get(get_request(b"k", Consistency::Linearizable))
             .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -403,11 +404,7 @@ async fn isolated_old_leader(opts: ClusterOptions) {
     // A serializable read is allowed to be stale, and says which index it reflects.
     let r = cluster
         .kv(old)
-        .get(GetRequest {
-            header: Some(header()),
-            key: b"k".to_vec(),
-            consistency: Consistency::Serializable as i32,
-        })
+        .get(get_request(b"k", Consistency::Serializable))
         .await
         .unwrap()
         .into_inner();
@@ -433,11 +430,7 @@ async fn concurrent_compare_and_swap_counts_exactly() {
             let mut client = clients.get(leader);
             for _ in 0..25 {
                 let current = client
-                    .get(GetRequest {
-                        header: Some(header()),
-                        key: b"counter".to_vec(),
-                        consistency: Consistency::Linearizable as i32,
-                    })
+                    .get(get_request(b"counter", Consistency::Linearizable))
                     .await
                     .expect("linearizable get")
                     .into_inner()
@@ -470,11 +463,7 @@ async fn concurrent_compare_and_swap_counts_exactly() {
     assert!(total > 0);
     let r = cluster
         .kv(leader)
-        .get(GetRequest {
-            header: Some(header()),
-            key: b"counter".to_vec(),
-            consistency: Consistency::Linearizable as i32,
-        })
+        .get(get_request(b"counter", Consistency::Linearizable))
         .await
         .unwrap()
         .into_inner();

@@ -1643,6 +1643,14 @@ mod tests {
         nodes
     }
 
+    /// Stops the drivers [`start_three`] started and waits for their threads.
+    fn stop_all(nodes: Vec<(DriverHandle, JoinHandle<()>, CancellationToken)>) {
+        for (_, thread, stop) in nodes {
+            stop.cancel();
+            thread.join().unwrap();
+        }
+    }
+
     /// The driver among `nodes` that leads, once one does.
     async fn leader_of(
         nodes: &[(DriverHandle, JoinHandle<()>, CancellationToken)],
@@ -1700,10 +1708,7 @@ mod tests {
             } else {
                 assert_eq!(term, 5, "without lease reads the request is stepped");
             }
-            for (_, thread, stop) in nodes {
-                stop.cancel();
-                thread.join().unwrap();
-            }
+            stop_all(nodes);
         }
     }
 
@@ -1741,10 +1746,7 @@ mod tests {
             read_rounds(&leader).await > applied,
             "a membership change ends the lease: the next read takes a round"
         );
-        for (_, thread, stop) in nodes {
-            stop.cancel();
-            thread.join().unwrap();
-        }
+        stop_all(nodes);
     }
 
     #[tokio::test]
@@ -1798,10 +1800,7 @@ mod tests {
                 break;
             }
         }
-        for (_, thread, stop) in nodes {
-            stop.cancel();
-            thread.join().unwrap();
-        }
+        stop_all(nodes);
     }
 
     #[tokio::test]
@@ -1868,10 +1867,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(index >= old.status().commit, "read index {index}");
-        for (_, thread, stop) in nodes {
-            stop.cancel();
-            thread.join().unwrap();
-        }
+        stop_all(nodes);
     }
 
     #[tokio::test]

@@ -51,8 +51,8 @@ use rusty_leveldb::env::{Env, FileLock, Logger, RandomAccess};
 use rusty_leveldb::{DB, DBIterator, LdbIterator, Options, PosixDiskEnv, Status, StatusCode};
 
 use crate::backend::{
-    BackendKind, KeySpace, KvPair, Limits, Scan, StorageBackend, StorageSnapshot, WriteBatch,
-    WriteOp, WriteOptions,
+    BackendKind, KeySpace, KvPair, Limits, Scan, ScanRange, StorageBackend, StorageSnapshot,
+    WriteBatch, WriteOp, WriteOptions,
 };
 use crate::error::{Error, Result};
 
@@ -453,32 +453,25 @@ impl Engine {
 
     fn write(&mut self, batch: &WriteBatch, sync: bool) -> Result<()> {
         let mut wb = rusty_leveldb::WriteBatch::default();
-        // Keys put earlier in this batch: a range delete after them must remove them too.
-        let mut put = Vec::new();
-        for op in &batch.ops {
+        for (i, op) in batch.ops.iter().enumerate() {
             match op {
-                WriteOp::Put { space, key, value } => {
-                    let key = prefixed(*space, key);
-                    wb.put(&key, value);
-                    put.push(key);
-                }
+                WriteOp::Put { space, key, value } => wb.put(&prefixed(*space, key), value),
                 WriteOp::Delete { space, key } => wb.delete(&prefixed(*space, key)),
                 WriteOp::DeleteRange { space, start, end } if start < end => {
-                    let (lower, upper) = (prefixed(*space, start), prefixed(*space, end));
-                    let in_range = |k: &[u8]| k >= lower.as_slice() && k < upper.as_slice();
-                    for key in put.iter().filter(|k| in_range(k)) {
-                        wb.delete(key);
+                    // Keys put earlier in this batch are not in the engine yet: delete them too.
+                    for earlier in &batch.ops[..i] {
+                        if let WriteOp::Put { space: s, key, .. } = earlier
+                            && s == space
+                            && key >= start
+                            && key < end
+                        {
+                            wb.delete(&prefixed(*space, key));
+                        }
                     }
                     // LevelDB has no range tombstone: every key the engine holds in the range is deleted.
-                    let mut it = self.db.new_iter().map_err(|s| engine_err(&self.path, s))?;
-                    it.seek(&lower);
-                    let mut valid = it.valid();
-                    while valid {
-                        match it.current() {
-                            Some((k, _)) if in_range(&k) => wb.delete(&k),
-                            _ => break,
-                        }
-                        valid = it.advance();
+                    let range = Scan::forward(ScanRange::half_open(start, end), usize::MAX);
+                    for (key, _) in self.scan(*space, &range, None)? {
+                        wb.delete(&prefixed(*space, &key));
                     }
                 }
                 WriteOp::DeleteRange { .. } => {}
@@ -729,7 +722,6 @@ mod tests {
     use rusty_leveldb::in_memory;
 
     use super::*;
-    use crate::backend::ScanRange;
 
     /// Xorshift: a small deterministic generator, so that a failing seed reproduces.
     struct Rng(u64);
