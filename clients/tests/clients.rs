@@ -732,7 +732,7 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
         .unwrap_or_else(|| panic!("--secure gives Raft its own port: {node_config}"));
     assert_ne!(raft_port, first);
     let ca = std::fs::read(get("KIWI_CA_CERT")).unwrap();
-    let send = |addr: String, identity: Option<(String, String)>| {
+    let send = |addr: String, identity: Option<(String, String)>, from: u64| {
         let ca = ca.clone();
         tokio::runtime::Runtime::new()
             .unwrap()
@@ -753,9 +753,10 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
                     kiwi_proto::v1::raft_transport_client::RaftTransportClient::new(channel);
                 let batch = kiwi_proto::v1::RaftMessageBatch {
                     cluster_id: 0,
-                    from_node: 2,
+                    from_node: from,
                     to_node: 1,
                     messages: vec![],
+                    lease: None,
                 };
                 raft.send_messages(tokio_stream::iter([batch]))
                     .await
@@ -763,7 +764,7 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
             })
     };
     assert_eq!(
-        send(first, None).unwrap_err().code(),
+        send(first, None, 2).unwrap_err().code(),
         tonic::Code::Unimplemented,
         "no Raft on the client port"
     );
@@ -785,7 +786,7 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
         ("no client certificate", None),
         ("a certificate from another CA", Some(foreign)),
     ] {
-        let refused = send(raft_port.clone(), identity).expect_err(what);
+        let refused = send(raft_port.clone(), identity, 2).expect_err(what);
         assert!(
             matches!(
                 refused.code(),
@@ -795,6 +796,34 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
                     | tonic::Code::Cancelled
             ),
             "{what}: the handshake is refused: {refused:?}"
+        );
+    }
+    // Each member has its own certificate, which speaks Raft for that member only; the control plane's
+    // certificate (from the same CA, naming no member) speaks it for nobody.
+    let secrets = data.join("secrets");
+    let pair = |name: &str| {
+        let read =
+            |ext: &str| std::fs::read_to_string(secrets.join(format!("{name}.{ext}"))).unwrap();
+        (read("crt"), read("key"))
+    };
+    assert_ne!(
+        pair("node-2").0,
+        pair("node-3").0,
+        "one certificate per member"
+    );
+    assert!(
+        send(raft_port.clone(), Some(pair("node-2")), 2).is_ok(),
+        "node 2 as itself"
+    );
+    for (what, identity) in [
+        ("node 3's certificate claiming node 2", pair("node-3")),
+        ("the control plane's certificate", pair("control")),
+    ] {
+        let refused = send(raft_port.clone(), Some(identity), 2).expect_err(what);
+        assert_eq!(
+            refused.code(),
+            tonic::Code::PermissionDenied,
+            "{what}: {refused:?}"
         );
     }
     let status = stdout(&run(&["status"], &[]));

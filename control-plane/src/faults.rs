@@ -250,6 +250,20 @@ impl FaultTable {
         out
     }
 
+    /// The faults cancelled while they still had time to run on `node_id`: a node that (re)registers
+    /// gets their cancels again, in case it missed them while its link was down.
+    pub fn cancels_for(&self, node_id: u64, now_unix_ms: u64) -> Vec<u64> {
+        self.faults
+            .values()
+            .filter(|f| {
+                f.state == "cancelled"
+                    && f.targets.contains(&node_id)
+                    && now_unix_ms < f.start_at_unix_ms + f.duration_ms
+            })
+            .map(|f| f.id)
+            .collect()
+    }
+
     /// Cancels a pending or active schedule; returns it and the nodes to tell.
     ///
     /// # Errors

@@ -132,7 +132,16 @@ impl ControlPlane {
             source,
         };
         let cluster_id = events.cluster_id().map_err(stored)?;
-        let policy = events.policy().map_err(stored)?;
+        let mut policy = events.policy().map_err(stored)?;
+        if policy.epoch == 0 {
+            // A new store (or one from before epochs): versions start a new epoch, so that nodes holding
+            // versions of a lost store do not take these for old ones.
+            policy.epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+                .max(1);
+            events.set_policy(&policy).map_err(stored)?;
+        }
         let faults = faults::FaultTable::load(events.faults().map_err(stored)?);
         let control = Control::new(
             ClusterView::new(cluster_id, config.metrics.retention()),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiwi_proto::v1::control_message::Msg as ControlMsg;
 use kiwi_proto::v1::control_service_server::ControlService;
@@ -54,16 +54,20 @@ fn effective(policy: &ClusterPolicy, node_id: u64) -> Option<RuntimePolicy> {
         .or(policy.policy)
 }
 
+/// Shortest time between two pushes of the latest policy to a node whose heartbeats say it runs an
+/// older one.
+const REPUSH_EVERY: Duration = Duration::from_secs(2);
+
 fn update(policy: &ClusterPolicy, node_id: u64) -> Option<ControlMessage> {
-    (policy.version > 0)
-        .then(|| effective(policy, node_id))
-        .flatten()
-        .map(|p| ControlMessage {
-            msg: Some(ControlMsg::Policy(PolicyUpdate {
-                version: policy.version,
-                policy: Some(p),
-            })),
-        })
+    // Once any policy was set, every node is told what applies to it, and "nothing" (no cluster-wide
+    // policy, no override) too: it then returns to its configuration file's policy.
+    (policy.version > 0).then(|| ControlMessage {
+        msg: Some(ControlMsg::Policy(PolicyUpdate {
+            version: policy.version,
+            policy: effective(policy, node_id),
+            epoch: policy.epoch,
+        })),
+    })
 }
 
 fn unix_ms() -> u64 {
@@ -101,6 +105,22 @@ impl Control {
         .await
         .map_err(|e| Status::internal(e.to_string()))?
         .map_err(|e| Status::unavailable(format!("cannot persist the fault schedule: {e}")))
+    }
+
+    /// Sends a cancel to `node_id`'s link, waiting for room rather than dropping it (a fault that was
+    /// not cancelled would run to its end). A node whose link is closed gets it again when it registers
+    /// ([`FaultTable::cancels_for`]).
+    async fn send_cancel(&self, node_id: u64, id: u64) {
+        let tx = self.links().get(&node_id).map(|(_, tx)| tx.clone());
+        if let Some(tx) = tx {
+            let _ = tx
+                .send(Ok(ControlMessage {
+                    msg: Some(ControlMsg::Fault(FaultCommand {
+                        cmd: Some(FaultCmd::CancelId(id)),
+                    })),
+                }))
+                .await;
+        }
     }
 
     fn send_fault(&self, node_id: u64, cmd: FaultCmd) -> bool {
@@ -151,7 +171,7 @@ impl Control {
         self.persist_faults(vec![f.clone()]).await?;
         drop(table);
         for node in tell {
-            self.send_fault(node, FaultCmd::CancelId(id));
+            self.send_cancel(node, id).await;
         }
         self.log(vec![NewEvent {
             kind: "fault_cancelled",
@@ -434,17 +454,53 @@ impl NodeLink for NodeLinkApi {
             }
         }
         // The faults active for this node, with the time left (it may have restarted meanwhile).
-        let resend = control.faults.lock().await.resend_for(node_id, unix_ms());
+        let (resend, cancels) = {
+            let mut faults = control.faults.lock().await;
+            let now = unix_ms();
+            (
+                faults.resend_for(node_id, now),
+                faults.cancels_for(node_id, now),
+            )
+        };
         for start in resend {
             control.send_fault(node_id, FaultCmd::Start(start));
         }
+        // Cancels it may have missed while its link was down (a node ignores one it does not run).
+        for id in cancels {
+            control.send_cancel(node_id, id).await;
+        }
         tokio::spawn(async move {
+            // The policy version this node refused last (not pushed again), and when the latest policy
+            // was last pushed again to it.
+            let mut refused = (0, 0);
+            let mut repushed: Option<Instant> = None;
             loop {
                 match inbound.message().await {
                     Ok(Some(NodeMessage {
                         msg: Some(NodeMsg::Heartbeat(hb)),
                     })) => {
                         let metrics = hb.metrics.unwrap_or_default();
+                        let runs = (metrics.policy_epoch, metrics.policy_version);
+                        // A node behind the latest policy (its push was lost, or it restarted on an old
+                        // file) gets it again, at most every REPUSH_EVERY.
+                        if repushed.is_none_or(|t| t.elapsed() >= REPUSH_EVERY) {
+                            let policy = control.policy.lock().await;
+                            let latest = (policy.epoch, policy.version);
+                            if policy.version > 0
+                                && runs != latest
+                                && refused != latest
+                                && let Some(msg) = update(&policy, node_id)
+                            {
+                                tracing::info!(
+                                    node_id,
+                                    ?runs,
+                                    ?latest,
+                                    "node runs an older policy: pushing the latest again"
+                                );
+                                let _ = tx.try_send(Ok(msg));
+                                repushed = Some(Instant::now());
+                            }
+                        }
                         let events = control.view().heartbeat(
                             conn,
                             node_id,
@@ -457,6 +513,9 @@ impl NodeLink for NodeLinkApi {
                     Ok(Some(NodeMessage {
                         msg: Some(NodeMsg::PolicyAck(ack)),
                     })) => {
+                        if !ack.applied {
+                            refused = (control.policy.lock().await.epoch, ack.version);
+                        }
                         let events = control.view().policy_ack(
                             conn,
                             node_id,

@@ -256,7 +256,8 @@ impl ClusterView {
         e.last_seen = now;
         e.last_seen_unix_ms = now_unix_ms;
         let (role, term) = (metrics.role, metrics.term);
-        e.policy_version = e.policy_version.max(metrics.policy_version);
+        // What the node runs now (versions of another epoch can be higher than this store's).
+        e.policy_version = metrics.policy_version;
         let cutoff = now_unix_ms
             .saturating_sub(u64::try_from(self.retention.as_millis()).unwrap_or(u64::MAX));
         while e
@@ -307,7 +308,7 @@ impl ClusterView {
             return Vec::new();
         };
         if applied {
-            e.policy_version = e.policy_version.max(version);
+            e.policy_version = version;
             e.policy_error.clear();
             vec![NewEvent {
                 kind: "policy_applied",

@@ -336,6 +336,66 @@ async fn policy_reaches_every_node_is_acknowledged_and_survives_restarts() {
             up(s).len() == 3 && s.nodes.iter().all(|n| n.policy_version == 2)
         })
         .await;
+
+    // The control plane loses its store: its versions start again at 1, in a new epoch. Before epochs the
+    // nodes refused 1 as older than the 2 they ran (and would have acknowledged a new version 2 without
+    // applying it).
+    let mut control = control;
+    control.kill();
+    let control = ControlProc::start(addr, &dir.path().join("control-new"));
+    control
+        .wait_status("the nodes registered with the new store", |s| {
+            up(s).len() == 3
+        })
+        .await;
+    let mut three = kiwi_proto::policy::default_policy();
+    three.scaling.as_mut().unwrap().min_storage_threads = 1;
+    three.scaling.as_mut().unwrap().max_storage_threads = 7;
+    let set = control
+        .client()
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: Some(three),
+            node_id: 3,
+            clear_override: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(set.version, 1);
+    control
+        .wait_status("every node applied version 1 of the new epoch", |s| {
+            s.nodes
+                .iter()
+                .all(|n| n.policy_version == 1 && n.policy_error.is_empty())
+        })
+        .await;
+    let base = storage_threads(&kiwi_proto::policy::default_policy());
+    assert_eq!(storage_threads(&runtime_policy(&cluster, 3).await), (1, 7));
+    for id in [1, 2] {
+        assert_eq!(
+            storage_threads(&runtime_policy(&cluster, id).await),
+            base,
+            "node {id}: no policy of the new store concerns it: its configuration file's"
+        );
+    }
+    // Clearing the only override, with no cluster-wide policy, returns node 3 to its own policy too.
+    control
+        .client()
+        .await
+        .set_policy(SetPolicyRequest {
+            policy: None,
+            node_id: 3,
+            clear_override: true,
+        })
+        .await
+        .unwrap();
+    control
+        .wait_status("every node acknowledged version 2", |s| {
+            s.nodes.iter().all(|n| n.policy_version == 2)
+        })
+        .await;
+    assert_eq!(storage_threads(&runtime_policy(&cluster, 3).await), base);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -357,7 +357,8 @@ pub struct StorageConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControlLinkConfig {
-    /// The control plane's gRPC address, "host:port"; unset: no control plane.
+    /// The control plane's gRPC address, "host:port" on loopback or "https://host:port" (required off
+    /// loopback: TLS verified against `security.ca_file`); unset: no control plane.
     pub addr: Option<String>,
     /// How often the node sends its metrics snapshot.
     #[serde(rename = "heartbeat_interval_ms", with = "millis")]
@@ -466,6 +467,16 @@ pub fn record_raft_addr(record: &str) -> &str {
 ///
 /// # Errors
 /// What is wrong with it.
+/// Whether `host:port` names this machine's loopback (an IP literal on loopback, or `localhost`).
+fn is_loopback_host(addr: &str) -> bool {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        Err(_) => addr
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost")),
+    }
+}
+
 pub fn check_member_addr(addr: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("{addr:?} is not \"host:port\": {why}"));
     if addr.parse::<SocketAddr>().is_ok() {
@@ -535,6 +546,57 @@ impl NodeConfig {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
     }
 
+    /// Checks what `--config-check` and the start check on the machine, beyond the file's own rules:
+    /// `data_dir` is a directory this process can write in, or can be created (its nearest existing
+    /// ancestor is a writable directory). Creates nothing.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `data_dir` and what is wrong.
+    pub fn check_data_dir(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| {
+            ConfigError::Invalid(vec![FieldError {
+                field: "data_dir",
+                message,
+            }])
+        };
+        let dir = &self.data_dir;
+        let shown = dir.display();
+        let mut existing = dir.as_path();
+        while !existing.exists() {
+            existing = match existing.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+        }
+        if !existing.is_dir() {
+            return Err(invalid(if existing == dir.as_path() {
+                format!("{shown} exists and is not a directory")
+            } else {
+                format!(
+                    "{shown} cannot be created: {} is not a directory",
+                    existing.display()
+                )
+            }));
+        }
+        // Writable: a probe file, created and removed (permissions alone do not tell: read-only mounts,
+        // /proc, ACLs).
+        let probe = existing.join(format!(".kiwi-write-check-{}", std::process::id()));
+        match std::fs::File::create(&probe) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(&probe);
+                Ok(())
+            }
+            Err(e) => Err(invalid(if existing == dir.as_path() {
+                format!("{shown} is not writable: {e}")
+            } else {
+                format!(
+                    "{shown} cannot be created: {} is not writable: {e}",
+                    existing.display()
+                )
+            })),
+        }
+    }
+
     /// The storage directory inside `data_dir`.
     pub fn storage_dir(&self) -> PathBuf {
         self.data_dir.join("storage")
@@ -565,6 +627,11 @@ impl NodeConfig {
             check(false, e.field, e.message);
         }
 
+        check(
+            !self.data_dir.as_os_str().is_empty(),
+            "data_dir",
+            "must name a directory (it is empty)".to_string(),
+        );
         let r = &self.raft;
         check(
             r.node_id >= 1,
@@ -785,10 +852,21 @@ impl NodeConfig {
         }
 
         let c = &self.control;
-        if let Some(addr) = &c.addr
-            && let Err(e) = check_member_addr(addr.strip_prefix("https://").unwrap_or(addr))
-        {
-            check(false, "control.addr", e);
+        if let Some(addr) = &c.addr {
+            if let Err(e) = check_member_addr(addr.strip_prefix("https://").unwrap_or(addr)) {
+                check(false, "control.addr", e);
+            } else {
+                check(
+                    addr.starts_with("https://") || is_loopback_host(addr),
+                    "control.addr",
+                    format!(
+                        "{addr:?} is not on loopback, so it must be https://{addr}: in plain text the \
+                         node would send its control token in clear and take policy and fault \
+                         commands from whatever answers at that address (https:// verifies the \
+                         control plane's certificate against security.ca_file)"
+                    ),
+                );
+            }
         }
         check(
             (MIN_HEARTBEAT_INTERVAL..=MAX_HEARTBEAT_INTERVAL).contains(&c.heartbeat_interval),
@@ -890,6 +968,59 @@ mod tests {
             Ok(()) => Vec::new(),
             Err(ConfigError::Invalid(errs)) => errs.iter().map(|e| e.field).collect(),
             Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+
+    #[test]
+    fn the_data_dir_must_be_a_writable_directory_or_creatable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let at = |dir: PathBuf| NodeConfig {
+            data_dir: dir,
+            ..NodeConfig::default()
+        };
+        assert!(at(tmp.path().to_path_buf()).check_data_dir().is_ok());
+        assert!(at(tmp.path().join("a/b/c")).check_data_dir().is_ok());
+        assert!(!tmp.path().join("a").exists(), "nothing is created");
+        for (dir, why) in [
+            (file.clone(), "is not a directory"),
+            (file.join("sub"), "cannot be created"),
+            (PathBuf::from("/proc/kiwi-data"), "cannot be created"),
+        ] {
+            let e = at(dir.clone()).check_data_dir().unwrap_err().to_string();
+            assert!(
+                e.contains("data_dir") && e.contains(why),
+                "{}: {e}",
+                dir.display()
+            );
+        }
+        assert_eq!(invalid_fields(&at(PathBuf::new())), ["data_dir"]);
+    }
+
+    #[test]
+    fn a_control_plane_off_loopback_needs_https() {
+        let c = |addr: &str| {
+            NodeConfig::from_toml(&format!(
+                "[control]\naddr = \"{addr}\"\n[security]\ncert_file = \"c\"\nkey_file = \"k\"\n\
+                 ca_file = \"a\"\n"
+            ))
+            .unwrap()
+        };
+        for ok in [
+            "127.0.0.1:7400",
+            "localhost:7400",
+            "[::1]:7400",
+            "https://10.0.0.5:7400",
+            "https://ctl.example:7400",
+        ] {
+            assert!(invalid_fields(&c(ok)).is_empty(), "{ok}");
+        }
+        for plain in ["10.0.0.5:7400", "ctl.example:7400"] {
+            let fields = invalid_fields(&c(plain));
+            assert_eq!(fields, ["control.addr"], "{plain}");
+            let e = c(plain).validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("https://{plain}")), "{e}");
         }
     }
 

@@ -195,15 +195,15 @@ impl Node {
     /// Invalid config, storage errors, [`Error::NodeIdMismatch`], [`Error::Bind`].
     pub async fn start(config: NodeConfig) -> Result<Node> {
         config.validate()?;
+        config.check_data_dir()?;
         // Security files first, like the metrics below: a bad one is refused before anything is opened.
-        let auth = config.security.authenticator()?;
-        let server_tls = config.security.server_tls()?;
+        let Security {
+            auth,
+            server_tls,
+            raft_tls,
+            peer_tls,
+        } = Security::load(&config)?;
         let tls = server_tls.is_some();
-        let raft_tls = match config.raft_listen_addr {
-            Some(_) => config.security.members_tls()?,
-            None => None,
-        };
-        let peer_tls = config.security.peer_tls()?;
         tracing::info!(
             tokens = auth.is_some(),
             tls,
@@ -350,20 +350,6 @@ impl Node {
             )
             .collect();
         let members = Arc::new(Members::new(members.into_iter().chain(recorded)));
-        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
-        let peers = Arc::new(Peers::start(
-            node_id,
-            Arc::clone(&cluster),
-            Arc::clone(&members),
-            Arc::clone(&snapshots),
-            &stop,
-            events_tx,
-            transport::PeerLink {
-                faults: Arc::clone(&faults),
-                tls: peer_tls.clone(),
-            },
-        ));
-        faults.spawn_expiry(stop.clone());
         let driver_config = DriverConfig {
             node_id,
             tick_interval: config.raft.tick_interval,
@@ -379,6 +365,21 @@ impl Node {
             },
             metrics_export: telemetry::raft_metrics::RaftExport::new(&meters.raft),
         };
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let peers = Arc::new(Peers::start(
+            node_id,
+            Arc::clone(&cluster),
+            Arc::clone(&members),
+            Arc::clone(&snapshots),
+            &stop,
+            events_tx,
+            transport::PeerLink {
+                faults: Arc::clone(&faults),
+                tls: peer_tls.clone(),
+                lease: driver_config.lease_settings(),
+            },
+        ));
+        faults.spawn_expiry(stop.clone());
         let gate = Arc::new(snapshot::InstallGate::default());
         let (driver, driver_thread) = driver::spawn(
             &driver_config,
@@ -668,6 +669,51 @@ impl Node {
     pub fn failed(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.fatal.clone().cancelled_owned()
     }
+}
+
+/// What `[security]` builds, read and checked from its files.
+struct Security {
+    auth: Option<Arc<kiwi_proto::auth::Authenticator>>,
+    server_tls: Option<Arc<kiwi_proto::security::ServerTls>>,
+    raft_tls: Option<Arc<kiwi_proto::security::ServerTls>>,
+    peer_tls: Option<Arc<kiwi_proto::security::PeerTls>>,
+}
+
+impl Security {
+    fn load(config: &NodeConfig) -> Result<Security> {
+        let auth = config.security.authenticator()?;
+        let server_tls = config.security.server_tls()?;
+        let raft_tls = match config.raft_listen_addr {
+            Some(_) => config.security.members_tls()?,
+            None => None,
+        };
+        let peer_tls = config.security.peer_tls()?;
+        if let (Some(_), Some(cert)) = (&peer_tls, &config.security.cert_file) {
+            // Peers believe this node's messages only when its certificate names it.
+            kiwi_proto::tls::check_member_certificate(
+                cert,
+                "security.cert_file",
+                config.raft.node_id,
+            )?;
+        }
+        Ok(Security {
+            auth,
+            server_tls,
+            raft_tls,
+            peer_tls,
+        })
+    }
+}
+
+/// What `--config-check` checks beyond [`NodeConfig::validate`], as the start does before it opens
+/// anything: the data directory can be created and written, and the security files (tokens,
+/// certificates, keys, CA, this member's certificate) are usable. Creates nothing.
+///
+/// # Errors
+/// The first problem, naming the key.
+pub fn check_environment(config: &NodeConfig) -> Result<()> {
+    config.check_data_dir()?;
+    Security::load(config).map(|_| ())
 }
 
 /// Opens the configured backend in `<data_dir>/storage` and checks the node id recorded there.

@@ -115,6 +115,7 @@ fn main() -> ExitCode {
 fn real_main(cli: &Cli) -> anyhow::Result<()> {
     let config = cli.load_config()?;
     if cli.config_check {
+        kiwi_node::check_environment(&config)?;
         match &cli.config {
             Some(path) => println!("{}: configuration is valid", path.display()),
             None => println!("default configuration is valid"),

@@ -42,6 +42,24 @@ pub mod limits {
     pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
     pub const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
+    /// How often a node pings its peers and its control plane on an idle or busy connection (HTTP/2
+    /// keepalive); a connection whose ping gets no answer within the same time is closed and dialled
+    /// again, so a half-open connection does not hold a sender until TCP gives up.
+    pub const PEER_KEEPALIVE: Duration = Duration::from_secs(5);
+
+    /// `endpoint` with HTTP/2 keepalive pings every `every` (answered within `every`, also while idle)
+    /// and TCP keepalive after [`TCP_KEEPALIVE`] idle.
+    pub fn client(
+        endpoint: tonic::transport::Endpoint,
+        every: Duration,
+    ) -> tonic::transport::Endpoint {
+        endpoint
+            .http2_keep_alive_interval(every)
+            .keep_alive_timeout(every)
+            .keep_alive_while_idle(true)
+            .tcp_keepalive(Some(TCP_KEEPALIVE))
+    }
+
     /// A server builder with these limits.
     pub fn server() -> tonic::transport::Server {
         tonic::transport::Server::builder()

@@ -138,6 +138,78 @@ pub fn read_key_pair(
     })
 }
 
+/// How a member certificate names its node: a URI subject alternative name `kiwi://node/<id>`. The Raft
+/// service believes a message's sender only when the caller's certificate carries this name for it, so
+/// that a client certificate from the same CA (or another member's) cannot speak Raft as a member.
+pub const MEMBER_URI_PREFIX: &str = "kiwi://node/";
+
+/// The URI subject alternative name of member `id`'s certificate.
+pub fn member_uri(id: u64) -> String {
+    format!("{MEMBER_URI_PREFIX}{id}")
+}
+
+/// The node id a DER certificate is bound to by its `kiwi://node/<id>` URI subject alternative name:
+/// `Ok(None)` when it has none (a client certificate).
+///
+/// # Errors
+/// What is wrong: the certificate does not parse, or its `kiwi://node/` names are malformed or name
+/// more than one node.
+pub fn member_id(cert_der: &[u8]) -> Result<Option<u64>, String> {
+    let (_, parsed) = X509Certificate::from_der(cert_der)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|e| format!("unreadable subject alternative names: {e}"))?;
+    let mut id = None;
+    for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
+        let x509_parser::extensions::GeneralName::URI(uri) = name else {
+            continue;
+        };
+        let Some(rest) = uri.strip_prefix(MEMBER_URI_PREFIX) else {
+            continue;
+        };
+        let this = rest
+            .parse::<u64>()
+            .ok()
+            .filter(|n| *n != 0)
+            .ok_or_else(|| {
+                format!("URI {uri:?} does not name a node id (kiwi://node/<id>, id > 0)")
+            })?;
+        if id.is_some_and(|i| i != this) {
+            return Err(format!(
+                "it names more than one node ({} and {this})",
+                id.unwrap_or(0)
+            ));
+        }
+        id = Some(this);
+    }
+    Ok(id)
+}
+
+/// Checks that the PEM certificate file `cert` (the config key `cert_key`) is member `node_id`'s: its leaf
+/// carries the URI subject alternative name `kiwi://node/<node_id>`. Members present it to each other,
+/// and peers refuse a certificate that does not name the sender.
+///
+/// # Errors
+/// [`TlsError`] naming the key, the file, what it names, and how to issue a right one.
+pub fn check_member_certificate(cert: &Path, cert_key: &str, node_id: u64) -> Result<(), TlsError> {
+    let pem = read_pem(cert, cert_key, "CERTIFICATE")?;
+    let at = |what: String| TlsError(format!("{cert_key} {}: {what}", cert.display()));
+    let leaf = CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .ok_or_else(|| at("no certificate in it".into()))?
+        .map_err(|e| at(format!("unreadable PEM certificate: {e}")))?;
+    match member_id(&leaf).map_err(at)? {
+        Some(id) if id == node_id => Ok(()),
+        found => Err(at(format!(
+            "with mutual TLS (security.ca_file) a node's certificate must name it with the URI subject              alternative name {}, but this one names {}: issue one per member, e.g. `openssl req ...              -addext \"subjectAltName=DNS:localhost,IP:127.0.0.1,URI:{}\"` (README, \"Member              certificates\")",
+            member_uri(node_id),
+            found.map_or_else(|| "no node".to_string(), |id| format!("node {id}")),
+            member_uri(node_id),
+        ))),
+    }
+}
+
 /// Every certificate in a PEM CA file, as a rustls root store.
 ///
 /// # Errors
@@ -234,5 +306,49 @@ mod tests {
         .unwrap();
         let e = check(d, "junk", "good").expect_err("junk").0;
         assert!(e.contains("junk.crt"), "{e}");
+    }
+
+    #[test]
+    fn a_member_certificate_names_its_node_with_a_uri() {
+        use rcgen::SanType;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let with = |uris: &[&str]| {
+            let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            for u in uris {
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(u.to_string().try_into().unwrap()));
+            }
+            params
+        };
+        let cases: [(&str, &[&str], Result<Option<u64>, ()>); 6] = [
+            ("client", &[], Ok(None)),
+            ("other-uri", &["spiffe://x/y"], Ok(None)),
+            ("member", &["kiwi://node/3"], Ok(Some(3))),
+            ("twice", &["kiwi://node/3", "kiwi://node/3"], Ok(Some(3))),
+            ("two", &["kiwi://node/3", "kiwi://node/4"], Err(())),
+            ("bad", &["kiwi://node/x"], Err(())),
+        ];
+        for (name, uris, want) in cases {
+            write_pair(d, name, with(uris), &KeyPair::generate().unwrap());
+            let pem = std::fs::read(d.join(format!("{name}.crt"))).unwrap();
+            let der = CertificateDer::pem_slice_iter(&pem)
+                .next()
+                .unwrap()
+                .unwrap();
+            assert_eq!(member_id(&der).map_err(|_| ()), want, "{name}");
+        }
+        let check = |name: &str, id| {
+            check_member_certificate(&d.join(format!("{name}.crt")), "security.cert_file", id)
+        };
+        assert!(check("member", 3).is_ok());
+        let e = check("member", 4).expect_err("another node's").0;
+        assert!(
+            e.contains("security.cert_file") && e.contains("kiwi://node/4") && e.contains("node 3"),
+            "{e}"
+        );
+        let e = check("client", 1).expect_err("no node").0;
+        assert!(e.contains("names no node"), "{e}");
     }
 }

@@ -115,6 +115,7 @@ fn seeds() -> Vec<Vec<u8>> {
             from_node: 2,
             to_node: 1,
             messages: vec![vec![8, 3, 16, 2, 24, 1, 32, 5]],
+            lease: None,
         }
         .encode_to_vec(),
     ]

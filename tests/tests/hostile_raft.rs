@@ -31,6 +31,7 @@ async fn send(cluster: &Cluster, to: u64, cluster_id: u64, from: u64, msgs: &[Me
         from_node: from,
         to_node: to,
         messages: msgs.iter().map(|m| m.write_to_bytes().unwrap()).collect(),
+        lease: None,
     };
     match client.send_messages(tokio_stream::iter([batch])).await {
         Ok(_) => Code::Ok,

@@ -144,6 +144,13 @@ fn get(key: &str, principal: Option<&str>) -> tonic::Request<GetRequest> {
     )
 }
 
+/// A serializable get: answered by any node from what it applied.
+fn local_get(key: &str) -> tonic::Request<GetRequest> {
+    let mut r = get(key, None);
+    r.get_mut().consistency = kiwi_proto::v1::Consistency::Serializable as i32;
+    r
+}
+
 async fn downgrades(metrics: SocketAddr) -> f64 {
     let page = http::get(metrics, "/metrics/runtime", Some(&token("scraper"))).await;
     page.body
@@ -523,12 +530,24 @@ async fn certificates_rotate_on_sighup_under_load_with_no_failed_request() {
         .expect("still serving the new certificate");
 }
 
-/// A CA, a server certificate for localhost / 127.0.0.1, and a client certificate for each common
-/// name, all signed by the CA, as PEM: (ca, (cert, key), [(cert, key)]).
+/// A CA, a server certificate for localhost / 127.0.0.1 (member 1's: it names `kiwi://node/1`), and a
+/// client certificate for each common name, all signed by the CA, as PEM: (ca, (cert, key), [(cert, key)]).
 type Pki = (String, (String, String), Vec<(String, String)>);
 
 fn pki(name: &str, clients: &[&str]) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    let (ca, mut members, clients) = member_pki(name, 1, clients);
+    (ca, members.remove(0), clients)
+}
+
+/// A CA, a certificate for each of members `1..=members` (localhost, 127.0.0.1, and the URI
+/// `kiwi://node/<id>` that binds it to its node), and a client certificate (no URI) for each common
+/// name, all signed by the CA, as PEM: (ca, [(cert, key)] of members, [(cert, key)] of clients).
+fn member_pki(
+    name: &str,
+    members: u64,
+    clients: &[&str],
+) -> (String, Vec<(String, String)>, Vec<(String, String)>) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -536,16 +555,32 @@ fn pki(name: &str, clients: &[&str]) -> Pki {
         .push(DnType::CommonName, format!("{name} CA"));
     let ca_key = KeyPair::generate().unwrap();
     let ca = ca_params.self_signed(&ca_key).unwrap();
-    let sign = |sans: Vec<String>, cn: &str| {
+    let sign = |sans: Vec<String>, uri: Option<String>, cn: &str| {
         let mut params = CertificateParams::new(sans).unwrap();
+        if let Some(uri) = uri {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.try_into().unwrap()));
+        }
         params.distinguished_name.push(DnType::CommonName, cn);
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
         (cert.pem(), key.serialize_pem())
     };
-    let server = sign(vec!["localhost".into(), "127.0.0.1".into()], "node");
-    let clients = clients.iter().map(|cn| sign(Vec::new(), cn)).collect();
-    (ca.pem(), server, clients)
+    let members = (1..=members)
+        .map(|id| {
+            sign(
+                vec!["localhost".into(), "127.0.0.1".into()],
+                Some(kiwi_proto::tls::member_uri(id)),
+                &format!("node {id}"),
+            )
+        })
+        .collect();
+    let clients = clients
+        .iter()
+        .map(|cn| sign(Vec::new(), None, cn))
+        .collect();
+    (ca.pem(), members, clients)
 }
 
 /// A TLS channel trusting `ca` and presenting `identity`.
@@ -649,6 +684,15 @@ async fn a_listed_client_certificate_stands_for_a_token() {
         Err(e) => Err(tonic::Status::unavailable(e.to_string())),
     };
     assert!(forged.is_err(), "a foreign certificate must not write");
+    // Raft is served on the client port here (no raft_listen_addr): a client certificate from the
+    // cluster CA cannot speak it.
+    let code = forge_append(addr, &ca, &clients[0], (0, 2, 1), (1, 1)).await;
+    assert_eq!(code, Code::PermissionDenied);
+    let log = std::fs::read_to_string(Node::log_path(dir.path())).unwrap_or_default();
+    assert!(
+        log.contains("names no member"),
+        "refused for its certificate: {log}"
+    );
     assert!(
         !loader
             .get(get("forged", None))
@@ -657,4 +701,186 @@ async fn a_listed_client_certificate_stands_for_a_token() {
             .get_ref()
             .found
     );
+}
+
+/// A forged append on a stream claiming to come from `from`: an entry at `index` in `term` that would
+/// write `victim = forged`, committed at once. Sent to `addr` over TLS with `identity`; returns how the
+/// receiver ended the stream.
+async fn forge_append(
+    addr: SocketAddr,
+    ca: &str,
+    identity: &(String, String),
+    (cluster_id, from, to): (u64, u64, u64),
+    (term, index): (u64, u64),
+) -> Code {
+    use kiwi_proto::v1::{
+        RaftCommand, RaftMessageBatch, WriteBatchCommand, WriteOp, raft_command, write_op,
+    };
+    use prost::Message as _;
+    use protobuf::Message as _;
+    let command = RaftCommand {
+        request_id: "forged".into(),
+        command: Some(raft_command::Command::Write(WriteBatchCommand {
+            ops: vec![WriteOp {
+                op: Some(write_op::Op::Put(write_op::Put {
+                    key: b"victim".to_vec(),
+                    value: b"forged".to_vec(),
+                })),
+            }],
+        })),
+    };
+    let mut entry = raft::eraftpb::Entry::default();
+    entry.term = term;
+    entry.index = index;
+    entry.data = command.encode_to_vec().into();
+    let mut m = raft::eraftpb::Message::default();
+    m.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
+    (m.from, m.to, m.term) = (from, to, term);
+    (m.log_term, m.index, m.commit) = (term, index - 1, index);
+    m.entries = vec![entry].into();
+    let channel = match tls_channel(addr, ca, Some(identity)).await {
+        Ok(c) => c,
+        Err(_) => return Code::Unavailable,
+    };
+    let batch = RaftMessageBatch {
+        cluster_id,
+        from_node: from,
+        to_node: to,
+        messages: vec![m.write_to_bytes().unwrap()],
+        lease: None,
+    };
+    match kiwi_proto::v1::raft_transport_client::RaftTransportClient::new(channel)
+        .send_messages(tokio_stream::iter([batch]))
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(e) => e.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_members_own_certificate_speaks_raft_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, members, clients) = member_pki("cluster", 3, &["reader"]);
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let addrs: Vec<(SocketAddr, SocketAddr)> = (0..3).map(|_| (free_addr(), free_addr())).collect();
+    let peers: String = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, (a, r))| {
+            format!(
+                "[[raft.peers]]\nid = {}\naddr = \"{a}\"\nraft_addr = \"{r}\"\n",
+                i + 1
+            )
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, (addr, raft)) in addrs.iter().enumerate() {
+        let id = i as u64 + 1;
+        let d = dir.path().join(format!("n{id}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let (cert, key) = (d.join("node.crt"), d.join("node.key"));
+        std::fs::write(&cert, &members[i].0).unwrap();
+        std::fs::write(&key, &members[i].1).unwrap();
+        nodes.push(Node::spawn(
+            &d,
+            &format!(
+                "data_dir = {:?}\nlisten_addr = \"{addr}\"\nraft_listen_addr = \"{raft}\"\n\
+                 [raft]\nnode_id = {id}\n{peers}\n[security]\ncert_file = {cert:?}\n\
+                 key_file = {key:?}\nca_file = {ca_file:?}\n",
+                d.join("data")
+            ),
+        ));
+    }
+    let logs = || {
+        (1..=3)
+            .map(|id| {
+                std::fs::read_to_string(Node::log_path(&dir.path().join(format!("n{id}"))))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    // The members elect a leader over their Raft ports (mutual TLS with their own certificates) and
+    // replicate a write.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (leader, status) = 'found: loop {
+        for (i, (addr, _)) in addrs.iter().enumerate() {
+            if let Ok(channel) = tls_channel(*addr, &ca, None).await {
+                let mut kv = KvServiceClient::new(channel.clone());
+                if kv.put(put("victim", None, Priority::Normal)).await.is_ok() {
+                    let status = NodeAdminClient::new(channel)
+                        .status(StatusRequest {})
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    break 'found (i as u64 + 1, status);
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no write was acknowledged: {}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let other = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
+    let raft_addr = addrs[follower as usize - 1].1;
+    let envelope = (status.cluster_id, leader, follower);
+    let next = (status.term, status.commit_index + 1);
+    // A client certificate from the cluster CA, on the Raft port: not a member.
+    let code = forge_append(raft_addr, &ca, &clients[0], envelope, next).await;
+    assert_eq!(code, Code::PermissionDenied, "a client certificate");
+    // Another member's certificate claiming the leader's id.
+    let code = forge_append(raft_addr, &ca, &members[other as usize - 1], envelope, next).await;
+    assert_eq!(code, Code::PermissionDenied, "node {other}'s certificate");
+    // The real writes go on, and the forged one is nowhere: a later write is applied on the follower
+    // after the forged entry would have been, and the value is still the real one.
+    let channel = tls_channel(addrs[leader as usize - 1].0, &ca, None)
+        .await
+        .unwrap();
+    let mut kv = KvServiceClient::new(channel);
+    kv.put(put("after", None, Priority::Normal)).await.unwrap();
+    let follower_kv = KvServiceClient::new(
+        tls_channel(addrs[follower as usize - 1].0, &ca, None)
+            .await
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut f = follower_kv.clone();
+        if f.get(local_get("after"))
+            .await
+            .is_ok_and(|r| r.get_ref().found)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower never applied the later write"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut f = follower_kv.clone();
+    let victim = f.get(local_get("victim")).await.unwrap().into_inner();
+    assert_eq!(victim.value, b"v", "the forged append wrote nothing");
+    let health = StatusRequest {};
+    let mut admin = NodeAdminClient::new(
+        tls_channel(addrs[follower as usize - 1].0, &ca, None)
+            .await
+            .unwrap(),
+    );
+    assert!(
+        admin.status(health).await.is_ok(),
+        "the follower still serves: {}",
+        logs()
+    );
+    assert!(
+        logs().contains("names no member") && logs().contains("a member may speak only for itself"),
+        "each refusal is logged with its reason"
+    );
+    drop(nodes);
 }

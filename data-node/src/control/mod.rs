@@ -2,11 +2,13 @@
 //! node registers, then sends a heartbeat with its metrics snapshot every `heartbeat_interval_ms`. The
 //! control plane answers on the same stream; it never dials the node.
 //!
-//! Policy: a `PolicyUpdate` newer than the version the node runs is applied through the same path as
+//! Policy: a `PolicyUpdate` of another epoch (a control plane with a new store), or of the node's epoch and
+//! newer than the version it runs, is applied through the same path as
 //! `NodeAdmin.SetRuntimePolicy` (same validation), persisted in `<data_dir>/control-policy.pb` (written to
 //! a temporary file, fsynced, renamed), and acknowledged (or refused, naming why) with a `PolicyAck`. At
 //! start, [`restore_policy`] applies the persisted policy before the node serves, so a node restarted
-//! while the control plane is down runs the last policy it had.
+//! while the control plane is down runs the last policy it had. An update without a policy (no cluster-wide
+//! policy nor override concerns this node any more) returns it to its configuration file's policy.
 //!
 //! Faults: a `FaultCommand` is handed to the [`crate::fault::FaultInjector`] at once; its events
 //! (started, expired, cancelled, refused) are sent on the stream, and queue while the link is down.
@@ -18,7 +20,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiwi_proto::v1::control_message::Msg as ControlMsg;
@@ -54,16 +55,30 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// File in the data directory holding the last policy pushed and applied.
 pub const POLICY_FILE: &str = "control-policy.pb";
 
-/// The version of the control plane's policy this node runs, and where it is persisted.
+/// The epoch and version of the control plane's policy this node runs, where it is persisted, and the
+/// policy of the node's own configuration.
 pub struct PolicyState {
-    version: AtomicU64,
+    /// (epoch, version); (0, 0): none.
+    running: std::sync::Mutex<(u64, u64)>,
     path: PathBuf,
+    /// The configuration file's runtime policy, in force when no control-plane policy applies.
+    base: kiwi_proto::v1::RuntimePolicy,
 }
 
 impl PolicyState {
-    /// The version applied (0: none).
-    pub fn version(&self) -> u64 {
-        self.version.load(Ordering::SeqCst)
+    /// The (epoch, version) applied ((0, 0): none).
+    pub fn running(&self) -> (u64, u64) {
+        *self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_running(&self, epoch: u64, version: u64) {
+        *self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = (epoch, version);
     }
 }
 
@@ -86,7 +101,8 @@ fn persist(path: &Path, update: &PolicyUpdate) -> std::io::Result<()> {
 /// The file exists but cannot be read or decoded, or the node refuses the policy in it (named).
 pub fn restore_policy(kv: &KvServer, data_dir: &Path) -> Result<Arc<PolicyState>, String> {
     let path = data_dir.join(POLICY_FILE);
-    let mut version = 0;
+    let base = kv.runtime_policy();
+    let mut running = (0, 0);
     match std::fs::read(&path) {
         Ok(bytes) => {
             let update = PolicyUpdate::decode(bytes.as_slice())
@@ -94,42 +110,42 @@ pub fn restore_policy(kv: &KvServer, data_dir: &Path) -> Result<Arc<PolicyState>
             if let Some(policy) = update.policy {
                 kv.set_runtime_policy(policy)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
-                version = update.version;
                 tracing::info!(
-                    version,
+                    version = update.version,
                     "applied the control plane's policy persisted in the data directory"
                 );
             }
+            running = (update.epoch, update.version);
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
     Ok(Arc::new(PolicyState {
-        version: AtomicU64::new(version),
+        running: std::sync::Mutex::new(running),
         path,
+        base,
     }))
 }
 
 /// Applies a pushed policy if it is newer; returns the acknowledgement.
 fn apply(kv: &KvServer, state: &PolicyState, update: PolicyUpdate) -> PolicyAck {
-    let current = state.version();
+    let (epoch, current) = state.running();
     let ack = |applied: bool, error: String| PolicyAck {
         version: update.version,
         applied,
         error,
     };
-    if update.version == current {
+    // Versions compare only within one epoch: a control plane with a new store starts again at 1.
+    if update.epoch == epoch && update.version == current {
         return ack(true, String::new());
     }
-    if update.version < current {
+    if update.epoch == epoch && update.version < current {
         return ack(
             false,
             format!("older than the version this node runs ({current})"),
         );
     }
-    let Some(policy) = update.policy else {
-        return ack(false, "the update carries no policy".into());
-    };
+    let policy = update.policy.unwrap_or(state.base);
     if let Err(e) = kv.set_runtime_policy(policy) {
         tracing::warn!(version = update.version, error = %e, "refused the control plane's policy");
         return ack(false, e.to_string());
@@ -143,7 +159,7 @@ fn apply(kv: &KvServer, state: &PolicyState, update: PolicyUpdate) -> PolicyAck 
             format!("applied but not persisted in {}: {e}", state.path.display()),
         );
     }
-    state.version.store(update.version, Ordering::SeqCst);
+    state.set_running(update.epoch, update.version);
     tracing::info!(
         version = update.version,
         "applied the control plane's policy"
@@ -172,7 +188,11 @@ pub fn spawn(
                 () = stop.cancelled() => return,
             };
             match outcome {
-                Ok(Linked::Registered) => backoff = FIRST_BACKOFF,
+                Ok(Linked::Registered) => {
+                    // The next outage is reported at warn level again.
+                    reported = false;
+                    backoff = FIRST_BACKOFF;
+                }
                 Ok(Linked::Refused(status)) => {
                     tracing::error!(control = %target.addr, code = ?status.code(), reason = status.message(), "the control plane refused this node");
                     backoff = MAX_BACKOFF;
@@ -221,7 +241,7 @@ async fn link_once(
             addr.trim_start_matches("http://")
         ))?,
     };
-    let channel = endpoint
+    let channel = kiwi_proto::limits::client(endpoint, kiwi_proto::limits::PEER_KEEPALIVE)
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect()
@@ -270,8 +290,10 @@ async fn link_once(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let mut metrics = kv.heartbeat_metrics().await;
-                metrics.policy_version = policy.version();
+                // The driver's figures wait at most half an interval: a stalled disk must not stop
+                // the heartbeats (the node would look down) nor the reading of commands below.
+                let mut metrics = kv.heartbeat_metrics(heartbeat_interval / 2).await;
+                (metrics.policy_epoch, metrics.policy_version) = policy.running();
                 if tx.send(NodeMessage { msg: Some(NodeMsg::Heartbeat(Heartbeat { metrics: Some(metrics) })) }).await.is_err() {
                     return Ok(Linked::Registered);
                 }

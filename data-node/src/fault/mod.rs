@@ -3,7 +3,8 @@
 //!
 //! Fault types (`FaultSpec` in `control.proto`):
 //! - network delay: outgoing Raft batches to the named peers (default all) wait `delay` plus a uniform
-//!   `0..jitter` (hook in the transport's per-peer sender);
+//!   `0..jitter` (hook in the transport's per-peer sender); with several delays active the longest
+//!   applies, never longer than the time its fault has left;
 //! - network partition: Raft traffic between this node's side and the other is dropped, both ways, and
 //!   snapshots between the sides fail (hooks where messages are queued for sending and where they are
 //!   received); every node gets the same description and works out its own side;
@@ -11,7 +12,11 @@
 //!   probability;
 //! - node crash: the process aborts at once, as from a power cut (nothing flushed that was not synced);
 //! - disk stall: every storage write and fsync takes `delay` longer ([`StallingBackend`], wrapped around
-//!   the engine only when fault injection is enabled, inside the storage metrics so fsync times show it).
+//!   the engine only when fault injection is enabled, inside the storage metrics so fsync times show it),
+//!   at most the time the fault has left.
+//!
+//! A delayed batch or a stalled write wakes as soon as any fault ends (cancelled or expired): no wait
+//! outlives the fault that caused it.
 //!
 //! With no fault active, each hook costs one atomic load (`benches/fault.rs` measures it). Every fault has
 //! an id and a duration that this node enforces itself: the hooks ignore a fault past its end, and a task
@@ -23,7 +28,7 @@
 //! `kiwi_fault_*` metrics.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kiwi_proto::v1::fault_command::Cmd;
@@ -111,6 +116,11 @@ pub struct FaultInjector {
     active: Mutex<Vec<Arc<Active>>>,
     /// Wakes the expiry task when a fault starts.
     changed: Notify,
+    /// Counts the faults that ended; waiters in [`sleep`](Self::sleep) and
+    /// [`stall_blocking`](Self::stall_blocking) wake when it moves.
+    ended: Mutex<u64>,
+    ended_blocking: Condvar,
+    ended_async: Notify,
     events: mpsc::UnboundedSender<FaultEvent>,
     metrics: Instruments,
 }
@@ -160,6 +170,9 @@ impl FaultInjector {
             any: AtomicBool::new(false),
             active: Mutex::new(Vec::new()),
             changed: Notify::new(),
+            ended: Mutex::new(0),
+            ended_blocking: Condvar::new(),
+            ended_async: Notify::new(),
             events: tx,
             metrics,
         });
@@ -367,8 +380,49 @@ impl FaultInjector {
             removed
         };
         if let Some(a) = removed {
+            self.wake_waiters();
             tracing::warn!(fault_id = id, "fault cancelled");
             self.emit(a.event("cancelled", format!("cancelled on node {}", self.node_id)));
+        }
+    }
+
+    /// A fault ended: every delayed batch and stalled write stops waiting.
+    fn wake_waiters(&self) {
+        *self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        self.ended_blocking.notify_all();
+        self.ended_async.notify_waiters();
+    }
+
+    /// Waits `d` (a network delay), or less if a fault ends meanwhile.
+    pub async fn sleep(&self, d: Duration) {
+        let ended = self.ended_async.notified();
+        tokio::select! {
+            () = tokio::time::sleep(d) => {}
+            () = ended => {}
+        }
+    }
+
+    /// Blocks the calling thread for `d` (a disk stall), or less if a fault ends meanwhile.
+    pub fn stall_blocking(&self, d: Duration) {
+        let deadline = Instant::now() + d;
+        let mut ended = self
+            .ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at_start = *ended;
+        while *ended == at_start {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            ended = self
+                .ended_blocking
+                .wait_timeout(ended, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -387,6 +441,9 @@ impl FaultInjector {
             self.any.store(!active.is_empty(), Ordering::Release);
             active.iter().map(|a| a.until).min()
         };
+        if !ended.is_empty() {
+            self.wake_waiters();
+        }
         for a in ended {
             tracing::warn!(fault_id = a.id, "fault expired");
             self.emit(a.event(
@@ -460,7 +517,8 @@ impl FaultInjector {
         self.lock().iter().any(|a| Self::is_cut(a, peer, now))
     }
 
-    /// How long the next batch to `peer` waits (network delay).
+    /// How long the next batch to `peer` waits (network delay): the longest of the active delays, each
+    /// at most the time its fault has left.
     #[inline]
     pub fn delay(&self, peer: u64) -> Duration {
         if !self.any.load(Ordering::Acquire) {
@@ -468,7 +526,7 @@ impl FaultInjector {
         }
         let now = Instant::now();
         let active = self.lock();
-        let mut total = Duration::ZERO;
+        let mut longest = Duration::ZERO;
         for a in active.iter() {
             if let Effect::Delay { delay, jitter } = &a.effect
                 && a.applies_to(peer, now)
@@ -478,15 +536,16 @@ impl FaultInjector {
                 } else {
                     jitter.mul_f64(rand::rng().random::<f64>())
                 };
-                total += *delay + extra;
+                longest = longest.max((*delay + extra).min(a.until - now));
                 a.delayed.fetch_add(1, Ordering::Relaxed);
                 self.metrics.delayed.add(1, &[]);
             }
         }
-        total
+        longest
     }
 
-    /// How much longer a storage write or fsync takes (disk stall).
+    /// How much longer a storage write or fsync takes (disk stall): the longest active stall, at most
+    /// the time its fault has left.
     #[inline]
     pub fn disk_stall(&self) -> Duration {
         if !self.any.load(Ordering::Acquire) {
@@ -497,7 +556,7 @@ impl FaultInjector {
             .iter()
             .filter(|a| now < a.until)
             .filter_map(|a| match a.effect {
-                Effect::Stall { delay } => Some(delay),
+                Effect::Stall { delay } => Some(delay.min(a.until - now)),
                 _ => None,
             })
             .max()
@@ -623,5 +682,82 @@ mod tests {
         });
         assert_eq!(rx.try_recv().unwrap().kind, "cancelled");
         assert_eq!(f.delay(3), Duration::ZERO);
+    }
+
+    fn delay(ms: u64) -> Kind {
+        Kind::Delay(NetworkDelay {
+            delay_ms: ms,
+            jitter_ms: 0,
+        })
+    }
+
+    #[test]
+    fn delays_take_the_longest_and_end_with_their_fault() {
+        let (f, _rx) = injector(1, true);
+        // Two 60 s delays of faults lasting 1 s: summed they held a batch for 120 s.
+        f.command(start(1, delay(60_000), vec![], 1000));
+        f.command(start(2, delay(60_000), vec![], 1000));
+        let d = f.delay(2);
+        assert!(
+            d <= Duration::from_secs(1) && d > Duration::from_millis(500),
+            "capped at the time left: {d:?}"
+        );
+        f.command(start(
+            3,
+            Kind::DiskStall(kiwi_proto::v1::DiskStall { delay_ms: 60_000 }),
+            vec![],
+            1000,
+        ));
+        assert!(f.disk_stall() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_cancel_wakes_stalled_writes_and_delayed_batches() {
+        let (f, _rx) = injector(1, true);
+        f.command(start(
+            1,
+            Kind::DiskStall(kiwi_proto::v1::DiskStall { delay_ms: 60_000 }),
+            vec![],
+            60_000,
+        ));
+        f.command(start(2, delay(60_000), vec![], 60_000));
+        let stalled = {
+            let f = Arc::clone(&f);
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                f.stall_blocking(f.disk_stall());
+                t.elapsed()
+            })
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let delayed = {
+            let f = Arc::clone(&f);
+            rt.spawn(async move {
+                let t = Instant::now();
+                f.sleep(f.delay(2)).await;
+                t.elapsed()
+            })
+        };
+        // Cancel once both wait (the waits are 60 s; a cancel must end them).
+        std::thread::sleep(Duration::from_millis(200));
+        f.command(FaultCommand {
+            cmd: Some(Cmd::CancelId(1)),
+        });
+        f.command(FaultCommand {
+            cmd: Some(Cmd::CancelId(2)),
+        });
+        let stalled = stalled.join().unwrap();
+        let delayed = rt.block_on(delayed).unwrap();
+        assert!(
+            stalled < Duration::from_secs(30),
+            "the stall ended with its fault: {stalled:?}"
+        );
+        assert!(
+            delayed < Duration::from_secs(30),
+            "the delay ended with its fault: {delayed:?}"
+        );
     }
 }

@@ -29,7 +29,7 @@ impl StallingBackend {
     fn stall(&self) {
         let d = self.faults.disk_stall();
         if !d.is_zero() {
-            std::thread::sleep(d);
+            self.faults.stall_blocking(d);
         }
     }
 }

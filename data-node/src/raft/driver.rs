@@ -71,7 +71,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::raft::guard;
-use crate::raft::lease::Lease;
+use crate::raft::lease::{Fence, Lease, Settings};
 use crate::raft::log_store::{LogStore, SnapshotData};
 use crate::raft::snapshot::{self, InstallGate};
 use crate::raft::state_machine::{self, ApplyOutcome};
@@ -135,6 +135,8 @@ pub struct RaftStatus {
     pub removed: bool,
     /// Committed entries applied as no-ops because they were invalid (since the process started).
     pub rejected_entries: u64,
+    /// On a leader, the target of the leadership transfer in progress (0: none).
+    pub transferring_to: u64,
 }
 
 /// A node's Raft role.
@@ -185,6 +187,8 @@ pub enum PeerEvent {
     Snapshot { to: u64, ok: bool, took: Duration },
     /// The peer refused this node's messages: it applied a membership change that removed this node.
     NotMember(u64),
+    /// The peer's lease settings, as its messages report them (see [`Settings`]).
+    LeaseSettings { peer: u64, settings: Settings },
 }
 
 /// The wire form of a role.
@@ -229,6 +233,8 @@ enum Inbox {
     InstallSnapshot {
         msg: Message,
         reply: oneshot::Sender<Result<(), ProposeError>>,
+        /// The staging area's lock, released when the install is done.
+        staging: Box<dyn Send>,
     },
     Step(Message),
     Peer(PeerEvent),
@@ -259,6 +265,17 @@ pub struct DriverConfig {
     pub metrics: MetricsSettings,
     /// Where the metrics are exported (the `raft` family).
     pub metrics_export: RaftExport,
+}
+
+impl DriverConfig {
+    /// The settings a lease depends on, which this node reports to its peers (see [`Settings`]).
+    pub fn lease_settings(&self) -> Settings {
+        Settings {
+            tick: self.tick_interval,
+            election_ticks: self.election_ticks,
+            lease_reads: self.lease_reads,
+        }
+    }
 }
 
 /// A node's Raft metrics with the state they describe.
@@ -380,9 +397,18 @@ impl DriverHandle {
     ///
     /// # Errors
     /// [`ProposeError`].
-    pub async fn install_snapshot(&self, msg: Message) -> Result<(), ProposeError> {
+    /// `staging` (the staging area's lock) is held until then, whether or not the caller still waits.
+    pub async fn install_snapshot(
+        &self,
+        msg: Message,
+        staging: Box<dyn Send>,
+    ) -> Result<(), ProposeError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Inbox::InstallSnapshot { msg, reply })?;
+        self.send(Inbox::InstallSnapshot {
+            msg,
+            reply,
+            staging,
+        })?;
         rx.await.map_err(|_| ProposeError::Stopped)?
     }
 
@@ -477,8 +503,8 @@ struct Driver {
     applied: u64,
     compaction_threshold: u64,
     compaction_slack: u64,
-    /// Snapshot installs to answer after the current Ready.
-    installs: Vec<oneshot::Sender<Result<(), ProposeError>>>,
+    /// Snapshot installs to answer after the current Ready, with the staging lock each holds.
+    installs: Vec<(oneshot::Sender<Result<(), ProposeError>>, Box<dyn Send>)>,
     /// This node is not in the current membership (as its own log says).
     removed: bool,
     /// Peers that refused this node's messages as a non-member since it last heard from a leader: a
@@ -496,6 +522,13 @@ struct Driver {
     rejected_entries: u64,
     /// The leader lease, with `raft.lease_reads`.
     lease: Option<Lease>,
+    /// The leadership transfer asked for last (target, term), until it ends.
+    transfer: Option<(u64, u64)>,
+    /// This node's lease settings, and those its peers reported.
+    settings: Settings,
+    peer_settings: HashMap<u64, Settings>,
+    /// Whether every voter reported this node's settings (a lease is taken only then).
+    settings_agree: bool,
     metrics: RaftMetricsCollector,
 }
 
@@ -569,6 +602,10 @@ pub fn spawn(
         lease: config
             .lease_reads
             .then(|| Lease::new(config.tick_interval, config.election_ticks, Instant::now())),
+        transfer: None,
+        settings: config.lease_settings(),
+        peer_settings: HashMap::new(),
+        settings_agree: false,
         metrics: RaftMetricsCollector::new(config.metrics, config.metrics_export.clone()),
     };
     driver.refresh_membership();
@@ -655,11 +692,58 @@ impl Driver {
                 self.start_reads();
                 self.on_ready()?;
             }
-            for reply in self.installs.drain(..) {
+            // The staging lock goes after the Ready that installed the snapshot (or after Raft
+            // ignored it as stale).
+            for (reply, _staging) in self.installs.drain(..) {
                 let _ = reply.send(Ok(()));
             }
         }
         Ok(())
+    }
+
+    /// Hands leadership to `to` (raft-rs ignores it when `to` cannot take it). The target may be elected
+    /// at once: no lease from here on, and none after the transfer ends until the target has seen a later
+    /// message (see `transfer_ended`).
+    fn transfer_leader(&mut self, to: u64) {
+        if let Some(lease) = &mut self.lease {
+            lease.revoke(Instant::now());
+        }
+        self.transfer = Some((to, self.raw.raft.term));
+        self.raw.transfer_leader(to);
+    }
+
+    /// Notices a transfer that ended with this node still leading in the same term (it gave up, or raft-rs
+    /// ignored it): a `MsgTimeoutNow` sent to the target stays valid in this term, so the lease is fenced
+    /// until the target answers a round started from now on (see [`lease`](crate::raft::lease)).
+    fn transfer_ended(&mut self, now: Instant) {
+        let Some((to, term)) = self.transfer else {
+            return;
+        };
+        let raft = &self.raw.raft;
+        if raft.lead_transferee == Some(to) {
+            return;
+        }
+        self.transfer = None;
+        if let Some(lease) = &mut self.lease
+            && raft.state == StateRole::Leader
+            && raft.term == term
+            && to != raft.id
+            && raft.prs().conf().voters().contains(to)
+        {
+            tracing::info!(
+                to,
+                "leadership transfer ended without a change of leader: no lease until node {to} \
+                 answers a later round"
+            );
+            lease.fence(
+                Fence {
+                    peer: to,
+                    term,
+                    first_round: self.next_read,
+                },
+                now,
+            );
+        }
     }
 
     /// Starts one ReadIndex round for the reads that arrived in this turn, once this leader has committed
@@ -667,6 +751,7 @@ impl Driver {
     /// answer within `read_retry`, forgetting callers that gave up.
     fn start_reads(&mut self) {
         let now = Instant::now();
+        self.transfer_ended(now);
         if let Some(lease) = &mut self.lease
             && self.raw.raft.lead_transferee.is_some()
         {
@@ -731,6 +816,7 @@ impl Driver {
         let lease = self.lease.as_mut()?;
         if raft.state != StateRole::Leader
             || raft.lead_transferee.is_some()
+            || !self.settings_agree
             || !raft.commit_to_current_term()
         {
             return None;
@@ -845,16 +931,14 @@ impl Driver {
                 }
                 self.track(before, reply, tracing::Span::none());
             }
-            Inbox::TransferLeader { to } => {
-                // The target may be elected at once: no lease from here on.
-                if let Some(lease) = &mut self.lease {
-                    lease.revoke(Instant::now());
-                }
-                self.raw.transfer_leader(to);
-            }
-            Inbox::InstallSnapshot { msg, reply } => {
+            Inbox::TransferLeader { to } => self.transfer_leader(to),
+            Inbox::InstallSnapshot {
+                msg,
+                reply,
+                staging,
+            } => {
                 let _ = self.raw.step(msg);
-                self.installs.push(reply);
+                self.installs.push((reply, staging));
             }
             Inbox::Step(m) => {
                 let local = guard::LocalView {
@@ -879,6 +963,13 @@ impl Driver {
                         );
                     }
                     return;
+                }
+                if let Some(lease) = &mut self.lease
+                    && m.get_msg_type() == MessageType::MsgHeartbeatResponse
+                    && let Ok(round) = <[u8; 8]>::try_from(m.context.as_ref())
+                {
+                    // A ReadIndex round's heartbeat answered: it may lift a fence (see `transfer_ended`).
+                    lease.acknowledged(m.from, m.term, u64::from_be_bytes(round));
                 }
                 if matches!(
                     m.get_msg_type(),
@@ -916,6 +1007,10 @@ impl Driver {
                 }
             }
             Inbox::Peer(PeerEvent::Unreachable(peer)) => self.raw.report_unreachable(peer),
+            Inbox::Peer(PeerEvent::LeaseSettings { peer, settings }) => {
+                self.peer_settings.insert(peer, settings);
+                self.check_settings();
+            }
             Inbox::Peer(PeerEvent::Snapshot { to, ok, took }) => {
                 self.metrics.snapshot_sent(to, ok, took);
                 self.raw.report_snapshot(
@@ -974,6 +1069,7 @@ impl Driver {
             first_index: self.raw.store().truncated_index() + 1,
             removed: self.is_removed(),
             rejected_entries: self.rejected_entries,
+            transferring_to: raft.lead_transferee.unwrap_or(0),
         }
     }
 
@@ -994,7 +1090,41 @@ impl Driver {
     }
 
     /// Recomputes [`Driver::removed`] and publishes the membership after it changed.
+    /// Whether every voter but this node reported this node's lease settings; logs a change.
+    fn check_settings(&mut self) {
+        if self.lease.is_none() {
+            return;
+        }
+        let me = self.raw.raft.id;
+        let differ: Vec<u64> = self
+            .raw
+            .raft
+            .prs()
+            .conf()
+            .voters()
+            .ids()
+            .iter()
+            .filter(|id| *id != me && self.peer_settings.get(id) != Some(&self.settings))
+            .collect();
+        let agree = differ.is_empty();
+        if agree != self.settings_agree {
+            if agree {
+                tracing::info!("every voter runs this node's lease settings: lease reads possible");
+            } else {
+                tracing::warn!(
+                    voters = ?differ,
+                    mine = ?self.settings,
+                    theirs = ?differ.iter().map(|id| self.peer_settings.get(id)).collect::<Vec<_>>(),
+                    "voters run other lease settings (raft.tick_interval_ms, election_ticks, \
+                     lease_reads) or have not reported them yet: reads take ReadIndex rounds"
+                );
+            }
+        }
+        self.settings_agree = agree;
+    }
+
     fn refresh_membership(&mut self) {
+        self.check_settings();
         self.removed = self.compute_removed();
         let cs = self.raw.raft.prs().conf().to_conf_state();
         let mut ids: Vec<u64> =
@@ -1317,7 +1447,7 @@ impl Driver {
                     .map(|(id, _)| *id);
                 if let Some(to) = to {
                     tracing::warn!(to, "removed while leading: transferring leadership");
-                    self.raw.transfer_leader(to);
+                    self.transfer_leader(to);
                 }
             }
         }
@@ -1586,6 +1716,28 @@ mod tests {
         drop_append_responses: AtomicBool,
         /// A node cut off from the others (0: none).
         isolated: AtomicU64,
+        /// From the first `MsgTimeoutNow` to this node on, messages to it are held (in order) instead of
+        /// delivered, until `release` (0: none).
+        hold_from_timeout_now_to: AtomicU64,
+        holding: AtomicBool,
+        held: std::sync::Mutex<Vec<Message>>,
+        /// Messages to this node are dropped (0: none).
+        cut_to: AtomicU64,
+    }
+
+    impl Net {
+        /// Delivers the held messages in order and stops holding.
+        fn release(&self) {
+            self.hold_from_timeout_now_to.store(0, Ordering::SeqCst);
+            self.holding.store(false, Ordering::SeqCst);
+            let held = std::mem::take(&mut *self.held.lock().unwrap());
+            let handles = self.handles.lock().unwrap();
+            for m in held {
+                if let Some(h) = handles.get(&m.to) {
+                    h.step(m);
+                }
+            }
+        }
     }
 
     struct NetSink(Arc<Net>);
@@ -1603,6 +1755,18 @@ mod tests {
                 if isolated != 0 && (m.to == isolated || m.from == isolated) {
                     continue;
                 }
+                if m.to == self.0.cut_to.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if m.to == self.0.hold_from_timeout_now_to.load(Ordering::SeqCst) {
+                    if m.get_msg_type() == MessageType::MsgTimeoutNow {
+                        self.0.holding.store(true, Ordering::SeqCst);
+                    }
+                    if self.0.holding.load(Ordering::SeqCst) {
+                        self.0.held.lock().unwrap().push(m);
+                        continue;
+                    }
+                }
                 if let Some(h) = handles.get(&m.to) {
                     h.step(m);
                 }
@@ -1617,15 +1781,24 @@ mod tests {
         net: &Arc<Net>,
         config: &DriverConfig,
     ) -> Vec<(DriverHandle, JoinHandle<()>, CancellationToken)> {
+        start_three_each(net, [config.clone(), config.clone(), config.clone()])
+    }
+
+    /// Three drivers over `net`, node `i + 1` with `configs[i]`.
+    fn start_three_each(
+        net: &Arc<Net>,
+        configs: [DriverConfig; 3],
+    ) -> Vec<(DriverHandle, JoinHandle<()>, CancellationToken)> {
         let mut nodes = Vec::new();
-        for id in 1..=3 {
+        let mut settings = Vec::new();
+        for (id, config) in (1..=3).zip(configs) {
             let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
             let mut store = LogStore::open(Arc::clone(&backend), Arc::default()).unwrap();
             store.bootstrap(vec![1, 2, 3]).unwrap();
             let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
             let config = DriverConfig {
                 node_id: id,
-                ..config.clone()
+                ..config
             };
             let (handle, thread) = spawn(
                 &config,
@@ -1638,7 +1811,19 @@ mod tests {
             )
             .unwrap();
             net.handles.lock().unwrap().insert(id, handle.clone());
+            settings.push(config.lease_settings());
             nodes.push((handle, thread, stop));
+        }
+        // What the transport reports from each peer's batches.
+        for (i, (h, ..)) in nodes.iter().enumerate() {
+            for (j, s) in settings.iter().enumerate() {
+                if i != j {
+                    h.peer_event(PeerEvent::LeaseSettings {
+                        peer: j as u64 + 1,
+                        settings: *s,
+                    });
+                }
+            }
         }
         nodes
     }
@@ -1801,6 +1986,126 @@ mod tests {
             }
         }
         stop_all(nodes);
+    }
+
+    /// raft-rs acts on a `MsgTimeoutNow` whenever it arrives in the same term, even after the leader gave
+    /// the transfer up. The old target gets it late, is elected by a follower that confirmed the old
+    /// leader's lease, and commits; the old leader, cut off from it, must not answer from a lease.
+    #[tokio::test]
+    async fn with_lease_reads_a_stale_timeout_now_after_an_aborted_transfer_gives_no_stale_read() {
+        let net = Arc::new(Net::default());
+        // 40 ticks of 50 ms: a 1.71 s lease. The leader gives a transfer up within one election
+        // timeout, before the held target's own timer (at least one election timeout since it last
+        // heard from the leader) runs out.
+        let config = DriverConfig {
+            tick_interval: Duration::from_millis(50),
+            election_ticks: 40,
+            lease_reads: true,
+            ..test_config(1000, 0)
+        };
+        let nodes = start_three(&net, &config);
+        let leader = leader_of(&nodes).await;
+        let old = leader.status().leader_id;
+        leader.propose(put("k")).await.unwrap();
+        let target_id = (1..=3).find(|id| *id != old).unwrap();
+        let target = nodes[target_id as usize - 1].0.clone();
+        // Wait until the target has the whole log: raft-rs then sends MsgTimeoutNow at once, and the
+        // target's late campaign can win (nothing is written below until it does).
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while target.status().applied < leader.status().commit {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the target caught up");
+        net.hold_from_timeout_now_to
+            .store(target_id, Ordering::SeqCst);
+        leader.transfer_leader(target_id).unwrap();
+        let mut watch = leader.watch();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watch.wait_for(|s| s.transferring_to == target_id),
+        )
+        .await
+        .expect("the transfer started")
+        .unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watch.wait_for(|s| s.transferring_to == 0),
+        )
+        .await
+        .expect("the transfer gave up")
+        .unwrap();
+        assert_eq!(leader.status().leader_id, old, "still the leader");
+        assert!(
+            net.held
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m.get_msg_type() == MessageType::MsgTimeoutNow),
+            "the MsgTimeoutNow is held"
+        );
+        // Reads confirmed by the third node alone (the target hears nothing): without the fence they
+        // give a lease.
+        for _ in 0..5 {
+            leader.read_index().await.unwrap();
+        }
+        // The held messages arrive; the target is elected with the third node and commits, and the old
+        // leader hears nothing of it.
+        net.cut_to.store(old, Ordering::SeqCst);
+        net.release();
+        let mut watch = target.watch();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watch.wait_for(|s| s.role == Role::Leader),
+        )
+        .await
+        .expect("the late MsgTimeoutNow elects the target")
+        .unwrap();
+        let committed = target.propose(put("new")).await.unwrap().index;
+        let stale = tokio::time::timeout(Duration::from_millis(500), leader.read_index()).await;
+        assert!(
+            !matches!(stale, Ok(Ok(index)) if index < committed),
+            "the old leader answered a read at index {stale:?} after the new one committed {committed}"
+        );
+        stop_all(nodes);
+    }
+
+    /// A lease is computed from the leader's tick and election ticks, the silence it relies on from each
+    /// follower's; a follower with a faster tick (or without lease reads, so without the hold-off after a
+    /// restart) breaks the bound. With mixed settings every read takes a round.
+    #[tokio::test]
+    async fn with_lease_reads_voters_with_other_settings_give_no_lease() {
+        let config = |tick_ms, lease_reads| DriverConfig {
+            tick_interval: Duration::from_millis(tick_ms),
+            lease_reads,
+            ..test_config(1000, 0)
+        };
+        for (third, what) in [
+            (config(25, true), "a faster tick"),
+            (config(50, false), "lease reads off"),
+            (config(50, true), "the same settings"),
+        ] {
+            let net = Arc::new(Net::default());
+            let nodes = start_three_each(&net, [config(50, true), config(50, true), third]);
+            let leader = leader_of(&nodes).await;
+            leader.propose(put("k")).await.unwrap();
+            leader.read_index().await.unwrap();
+            let before = read_rounds(&leader).await;
+            for _ in 0..5 {
+                leader.read_index().await.unwrap();
+            }
+            let rounds = read_rounds(&leader).await - before;
+            if what == "the same settings" {
+                assert!(
+                    rounds <= 1,
+                    "{what}: reads under the lease ({rounds} rounds)"
+                );
+            } else {
+                assert_eq!(rounds, 5, "{what}: one round per read");
+            }
+            stop_all(nodes);
+        }
     }
 
     #[tokio::test]

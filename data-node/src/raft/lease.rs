@@ -22,6 +22,16 @@
 //! - A leadership transfer lets the target campaign at once, whatever the followers' timers say
 //!   (raft-rs's forced election): while one is in progress, and for rounds started before it ended, there
 //!   is no lease. A membership change changes what a quorum is: rounds started before it give none.
+//! - A transfer that gave up does not take back the `MsgTimeoutNow` already sent: raft-rs acts on it
+//!   whenever it arrives, in the same term. After a transfer ends with this node still leading, the
+//!   lease is fenced ([`Lease::fence`]) until the old target has answered a heartbeat of a ReadIndex round
+//!   started after the end: Raft messages between two nodes travel in order on one stream, so by then
+//!   the target has handled the `MsgTimeoutNow` (and either campaigned, which ends this term, or could
+//!   not). An election timeout alone would not do: a paused target can hold the message for longer. A
+//!   fence whose target never answers (removed, or down for good) lasts until the term ends: reads take
+//!   ReadIndex rounds meanwhile, which is slower, never unsafe.
+//! - Every voter runs the same tick, election ticks and `lease_reads` ([`Settings`]): a rolling change of
+//!   either makes the leader answer with ReadIndex rounds until all voters agree again.
 //! - A node that restarts has forgotten when it last heard from the leader and would vote at once; with
 //!   lease reads on, a node ignores vote requests for its first `election_ticks` ticks (see
 //!   [`Lease::votes_allowed`]), which costs a restarted cluster at most one extra election timeout.
@@ -31,6 +41,17 @@ use std::time::{Duration, Instant};
 /// How much slower than the leader's clock a follower's may run: the lease is this fraction shorter than
 /// the followers' guaranteed silence.
 pub const CLOCK_RATE_MARGIN: f64 = 0.1;
+
+/// What a lease's safety depends on in each node's configuration. A leader computes its lease from its
+/// own tick and election ticks, while the silence it relies on comes from each follower's, and only a
+/// node with lease reads on holds off votes after a restart: the leader takes no lease unless every voter
+/// reports the same settings (they travel on every Raft message batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub lease_reads: bool,
+}
 
 /// A leader's lease, kept by the Raft driver.
 #[derive(Debug)]
@@ -47,6 +68,18 @@ pub struct Lease {
     used: bool,
     /// Vote requests are ignored until then (see the module doc).
     votes_from: Instant,
+    /// A transfer to this peer ended in this term with this node still leading: no lease until the
+    /// peer answers the heartbeat of a ReadIndex round numbered at least this (see the module doc).
+    fence: Option<Fence>,
+}
+
+/// See [`Lease::fence`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub peer: u64,
+    pub term: u64,
+    /// The first ReadIndex round started after the transfer ended.
+    pub first_round: u64,
 }
 
 impl Lease {
@@ -60,6 +93,7 @@ impl Lease {
             floor: now,
             used: false,
             votes_from: now + tick * u32::try_from(election_ticks).unwrap_or(u32::MAX),
+            fence: None,
         }
     }
 
@@ -73,7 +107,11 @@ impl Lease {
     /// after the round started (or a transfer was in progress when it started: the driver revokes the
     /// lease at the instant it starts each round then).
     pub fn confirmed(&mut self, started: Instant, term: u64) {
-        if started <= self.floor {
+        if self.fence.is_some_and(|f| f.term != term) {
+            // A new term: the old target's MsgTimeoutNow (of an older term) is ignored if it arrives.
+            self.fence = None;
+        }
+        if started <= self.floor || self.fence.is_some() {
             return;
         }
         let until = started + self.duration;
@@ -100,6 +138,29 @@ impl Lease {
         self.until = None;
         self.used = false;
         self.floor = self.floor.max(now);
+    }
+
+    /// A transfer to `fence.peer` ended in `fence.term` with this node still leading: ends the lease, and
+    /// no round gives one until [`acknowledged`](Self::acknowledged) lifts the fence.
+    pub fn fence(&mut self, fence: Fence, now: Instant) {
+        self.revoke(now);
+        self.fence = Some(fence);
+    }
+
+    /// `peer` answered, in `term`, the heartbeat of ReadIndex round `round`: lifts a fence that waited for
+    /// it (rounds confirmed afterwards give a lease again).
+    pub fn acknowledged(&mut self, peer: u64, term: u64, round: u64) {
+        if self
+            .fence
+            .is_some_and(|f| f.peer == peer && f.term == term && round >= f.first_round)
+        {
+            self.fence = None;
+        }
+    }
+
+    /// The fence in force, if any.
+    pub fn fenced(&self) -> Option<Fence> {
+        self.fence
     }
 
     /// Whether to start a round only to renew the lease: reads were answered from it and less than half
@@ -209,5 +270,40 @@ mod tests {
         let mut l = Lease::new(TICK, 2, t0);
         l.confirmed(t0 + TICK, 1);
         assert!(!l.serve(1, t0 + TICK));
+    }
+
+    #[test]
+    fn an_ended_transfer_fences_the_lease_until_its_target_answers_a_later_round() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(TICK, 10, t0);
+        l.confirmed(t0 + TICK, 1);
+        assert!(l.serve(1, t0 + TICK));
+        let fence = Fence {
+            peer: 2,
+            term: 1,
+            first_round: 10,
+        };
+        l.fence(fence, t0 + 2 * TICK);
+        assert!(!l.serve(1, t0 + 2 * TICK), "fenced: the lease ends");
+        l.confirmed(t0 + 3 * TICK, 1);
+        assert!(!l.serve(1, t0 + 3 * TICK), "rounds give none while fenced");
+        l.acknowledged(3, 1, 10);
+        l.acknowledged(2, 1, 9);
+        l.acknowledged(2, 2, 10);
+        assert_eq!(
+            l.fenced(),
+            Some(fence),
+            "another peer, an earlier round or another term"
+        );
+        l.acknowledged(2, 1, 11);
+        assert_eq!(l.fenced(), None);
+        l.confirmed(t0 + 4 * TICK, 1);
+        assert!(
+            l.serve(1, t0 + 4 * TICK),
+            "a round after the answer gives one"
+        );
+        l.fence(fence, t0 + 5 * TICK);
+        l.confirmed(t0 + 6 * TICK, 2);
+        assert!(l.serve(2, t0 + 6 * TICK), "a new term lifts it");
     }
 }

@@ -5,7 +5,14 @@
 //! about [`CHUNK_BYTES`]) at a time, the receiver writes each chunk to a staging area in the Raft key space
 //! (`snap/<key>`) as it arrives.
 //!
+//! The staging area belongs to one snapshot at a time: the receiver holds its lock from the first chunk
+//! until the driver has installed (or dropped) the snapshot, and records which snapshot (index, term) it
+//! holds once the last chunk is staged ([`mark_staged`]). A transfer whose stream was reset after its
+//! last chunk keeps the lock in the driver's inbox, so the next one cannot clear or fill staging under it.
+//!
 //! Installing (on the driver thread, when Raft hands over the snapshot):
+//! 0. check that staging holds exactly this snapshot, complete (else stop: installing another
+//!    snapshot's pairs under this one's index would diverge silently);
 //! 1. durably mark `state/installing` with the snapshot's metadata;
 //! 2. clear the user data and copy the staged pairs into it, in bounded batches;
 //! 3. in one fsynced batch: the applied index, the Raft log reset to the snapshot (see
@@ -42,6 +49,9 @@ const STAGING_PREFIX: &[u8] = b"snap/";
 const STAGING_END: &[u8] = b"snap0";
 /// Present while an install is under way: the snapshot's metadata.
 const INSTALLING_KEY: &[u8] = b"state/installing";
+/// Which snapshot the staging area holds, complete: its index and term (8 + 8 bytes, big-endian). Written
+/// with the last chunk, removed with the staged pairs.
+const STAGED_KEY: &[u8] = b"state/staged";
 /// Present while an install is under way: the members' addresses the snapshot carries (see
 /// `log_store::SnapshotData`, whose encoding it uses with a view id of 0).
 const INSTALLING_MEMBERS_KEY: &[u8] = b"state/installing-members";
@@ -114,6 +124,7 @@ fn staging_key(key: &[u8]) -> Vec<u8> {
 /// # Errors
 /// Storage errors.
 pub fn clear_staging(backend: &dyn StorageBackend) -> kiwi_storage::Result<()> {
+    backend.delete(KeySpace::Raft, STAGED_KEY, WriteOptions::BUFFERED)?;
     delete_range(
         backend,
         KeySpace::Raft,
@@ -153,6 +164,30 @@ pub fn stage(backend: &dyn StorageBackend, kvs: Vec<KeyValue>) -> kiwi_storage::
         batch.put(KeySpace::Raft, staging_key(&kv.key), kv.value);
     }
     backend.batch_write(batch, WriteOptions::BUFFERED)
+}
+
+/// Records that the staging area holds every pair of the snapshot at (`index`, `term`) (after its last
+/// chunk is staged; buffered, made durable by the install's first step).
+///
+/// # Errors
+/// Storage errors.
+pub fn mark_staged(
+    backend: &dyn StorageBackend,
+    index: u64,
+    term: u64,
+) -> kiwi_storage::Result<()> {
+    let mut v = index.to_be_bytes().to_vec();
+    v.extend_from_slice(&term.to_be_bytes());
+    backend.write(KeySpace::Raft, STAGED_KEY, &v, WriteOptions::BUFFERED)
+}
+
+/// The (index, term) of the complete snapshot the staging area holds, if any.
+fn staged(backend: &dyn StorageBackend) -> kiwi_storage::Result<Option<(u64, u64)>> {
+    Ok(backend.read(KeySpace::Raft, STAGED_KEY)?.and_then(|v| {
+        let index = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+        let term = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+        Some((index, term))
+    }))
 }
 
 /// Calls `f` with every page (up to [`CHUNK_KEYS`] pairs) of `range` in `space`, in key order. Each page is
@@ -213,7 +248,9 @@ fn copy_staged_to_data(backend: &dyn StorageBackend) -> kiwi_storage::Result<u64
 /// the module doc). Returns the number of pairs installed.
 ///
 /// # Errors
-/// Storage errors: the caller must stop; the mark makes the next start finish the install.
+/// Storage errors: the caller must stop; the mark makes the next start finish the install. Staging that
+/// does not hold this snapshot complete: the caller must stop (nothing was changed; after a restart the
+/// leader sends the snapshot again).
 pub fn install(
     backend: &dyn StorageBackend,
     store: &mut LogStore,
@@ -221,6 +258,20 @@ pub fn install(
     members: &[(u64, String)],
     gate: &InstallGate,
 ) -> Result<u64> {
+    let holds = staged(backend)?;
+    if holds != Some((meta.index, meta.term)) {
+        return Err(format!(
+            "refusing to install the snapshot at index {} term {}: the staging area holds {}; \
+             installing it would put another snapshot's data under this index",
+            meta.index,
+            meta.term,
+            holds.map_or_else(
+                || "no complete snapshot".to_string(),
+                |(i, t)| format!("the snapshot at index {i} term {t}")
+            )
+        )
+        .into());
+    }
     let mut mark = WriteBatch::new();
     mark.put(KeySpace::Raft, INSTALLING_KEY, meta.write_to_bytes()?);
     let members_record = SnapshotData {
@@ -335,6 +386,17 @@ mod tests {
             ..SnapshotMetadata::default()
         };
         meta.mut_conf_state().voters = vec![1, 2];
+        for (holds, what) in [(None, "incomplete"), (Some((41, 3)), "another snapshot's")] {
+            if let Some((i, t)) = holds {
+                mark_staged(&*follower, i, t).unwrap();
+            }
+            let e = install(&*follower, &mut store, &meta, &[], &InstallGate::default())
+                .expect_err(what)
+                .to_string();
+            assert!(e.contains("index 42 term 3"), "{what}: {e}");
+            assert_eq!(all_data(&*follower).len(), 5000, "{what}: nothing changed");
+        }
+        mark_staged(&*follower, 42, 3).unwrap();
         let members = vec![
             (1, "127.0.0.1:1".to_string()),
             (2, "127.0.0.1:2".to_string()),
@@ -426,6 +488,7 @@ mod tests {
             }
             let mut meta = SnapshotMetadata { index: 7, term: 2, ..SnapshotMetadata::default() };
             meta.mut_conf_state().voters = vec![1];
+            mark_staged(&*backend, 7, 2).unwrap();
             install(&*backend, &mut store, &meta, &[], &InstallGate::default()).unwrap();
             let got: Vec<(Vec<u8>, Vec<u8>)> = all_data(&*backend).into_iter().collect();
             let want: Vec<(Vec<u8>, Vec<u8>)> = expected.into_iter().collect();
@@ -473,6 +536,7 @@ mod tests {
             }],
         )
         .unwrap();
+        mark_staged(&*follower, 7, 2).unwrap();
         let mut meta = SnapshotMetadata {
             index: 7,
             term: 2,

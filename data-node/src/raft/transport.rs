@@ -18,7 +18,9 @@ use std::time::Duration;
 use kiwi_proto::security::PeerTls;
 use kiwi_proto::v1::raft_transport_client::RaftTransportClient;
 use kiwi_proto::v1::raft_transport_server::RaftTransport;
-use kiwi_proto::v1::{RaftMessageBatch, SendMessagesResponse, SendSnapshotResponse, SnapshotChunk};
+use kiwi_proto::v1::{
+    LeaseSettings, RaftMessageBatch, SendMessagesResponse, SendSnapshotResponse, SnapshotChunk,
+};
 use kiwi_storage::{StorageBackend, StorageSnapshot};
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
@@ -31,6 +33,7 @@ use crate::config::{record_client_addr, record_raft_addr};
 use crate::fault::{FaultInjector, Verdict};
 use crate::raft::driver::{DriverHandle, MessageSink, PeerEvent};
 use crate::raft::guard::{self, Refusal};
+use crate::raft::lease;
 use crate::raft::log_store::{SnapshotRegistry, snapshot_id};
 use crate::raft::snapshot;
 
@@ -108,6 +111,7 @@ pub struct Peers {
     faults: Arc<FaultInjector>,
     /// TLS to the peers (the cluster CA, this node's certificate), when `[security] ca_file` is set.
     tls: Option<Arc<PeerTls>>,
+    lease: LeaseSettings,
 }
 
 impl Peers {
@@ -123,7 +127,7 @@ impl Peers {
         events: mpsc::UnboundedSender<PeerEvent>,
         link: PeerLink,
     ) -> Self {
-        let PeerLink { faults, tls } = link;
+        let PeerLink { faults, tls, lease } = link;
         let peers = Peers {
             self_id,
             cluster,
@@ -135,6 +139,7 @@ impl Peers {
             runtime: tokio::runtime::Handle::current(),
             faults,
             tls,
+            lease: settings_to_wire(lease),
         };
         for (id, record) in members.all() {
             peers.connect(id, record_raft_addr(&record).to_string());
@@ -158,6 +163,7 @@ impl Peers {
         self.runtime.spawn(peer_task(
             SenderContext {
                 self_id: self.self_id,
+                lease: self.lease,
                 cluster: Arc::clone(&self.cluster),
                 shutdown: self.shutdown.clone(),
                 unreachable: self.events.clone(),
@@ -257,17 +263,22 @@ impl MessageSink for Peers {
     }
 }
 
-/// The endpoint of a peer: plain, or TLS with the cluster CA and this node's certificate.
+/// The endpoint of a peer: plain, or TLS with the cluster CA and this node's certificate; keepalive pings
+/// close a half-open connection within seconds (see [`kiwi_proto::limits::client`]).
 fn peer_endpoint(
     addr: &str,
     tls: Option<&Arc<PeerTls>>,
 ) -> Result<tonic::transport::Endpoint, tonic::transport::Error> {
-    match tls {
-        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}")),
+    let endpoint = match tls {
+        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
         // Read at every connection: a reloaded certificate is used from the next one on.
         Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(tls.get()),
-    }
+            .tls_config(tls.get())?,
+    };
+    Ok(kiwi_proto::limits::client(
+        endpoint,
+        kiwi_proto::limits::PEER_KEEPALIVE,
+    ))
 }
 
 /// Streams one snapshot: the first chunk carries the Raft message, every chunk up to [`snapshot::CHUNK_KEYS`]
@@ -328,11 +339,33 @@ pub struct PeerLink {
     pub faults: Arc<FaultInjector>,
     /// The cluster CA and this node's certificate, when `[security] ca_file` is set.
     pub tls: Option<Arc<PeerTls>>,
+    /// This node's lease settings, reported on every batch.
+    pub lease: lease::Settings,
+}
+
+/// The wire form of lease settings.
+fn settings_to_wire(s: lease::Settings) -> LeaseSettings {
+    LeaseSettings {
+        tick_interval_us: u64::try_from(s.tick.as_micros()).unwrap_or(u64::MAX),
+        election_ticks: s.election_ticks as u64,
+        lease_reads: s.lease_reads,
+    }
+}
+
+/// Lease settings from the wire (a sender that reports none, or absurd ones, differs from any node's).
+fn settings_from_wire(s: Option<&LeaseSettings>) -> lease::Settings {
+    let s = s.copied().unwrap_or_default();
+    lease::Settings {
+        tick: Duration::from_micros(s.tick_interval_us),
+        election_ticks: usize::try_from(s.election_ticks).unwrap_or(usize::MAX),
+        lease_reads: s.lease_reads,
+    }
 }
 
 /// What every peer sender shares.
 struct SenderContext {
     self_id: u64,
+    lease: LeaseSettings,
     cluster: Arc<AtomicU64>,
     shutdown: CancellationToken,
     unreachable: mpsc::UnboundedSender<PeerEvent>,
@@ -343,6 +376,7 @@ struct SenderContext {
 async fn peer_task(ctx: SenderContext, peer: u64, addr: String, mut rx: mpsc::Receiver<Message>) {
     let SenderContext {
         self_id,
+        lease,
         cluster,
         shutdown,
         unreachable,
@@ -411,7 +445,7 @@ async fn peer_task(ctx: SenderContext, peer: u64, addr: String, mut rx: mpsc::Re
             if !delay.is_zero() {
                 tokio::select! {
                     _ = shutdown.cancelled() => { call.abort(); return; }
-                    () = tokio::time::sleep(delay) => {}
+                    () = faults.sleep(delay) => {}
                 }
             }
             let batch = RaftMessageBatch {
@@ -419,6 +453,7 @@ async fn peer_task(ctx: SenderContext, peer: u64, addr: String, mut rx: mpsc::Re
                 from_node: self_id,
                 to_node: peer,
                 messages,
+                lease: Some(lease),
             };
             if stream_tx.send(batch).await.is_err() || call.is_finished() {
                 tracing::debug!(peer, "stream to peer broke; reconnecting");
@@ -452,10 +487,13 @@ pub struct RaftService {
     shutdown: CancellationToken,
     driver: DriverHandle,
     backend: Arc<dyn StorageBackend>,
-    /// One snapshot is received and installed at a time: the staging area is shared.
-    staging: tokio::sync::Mutex<()>,
+    /// One snapshot is received and installed at a time: the staging area is shared. The guard travels
+    /// with the install request into the driver, so a stream reset while its snapshot waits in the
+    /// driver's inbox does not let the next snapshot clear or fill staging under it.
+    staging: Arc<tokio::sync::Mutex<()>>,
     faults: Arc<FaultInjector>,
-    /// Mutual TLS: serve only callers that presented a certificate from the cluster CA.
+    /// Mutual TLS: serve only callers that presented a member certificate from the cluster CA, each for
+    /// the member it names (see [`kiwi_proto::tls::member_id`]).
     mtls: bool,
 }
 
@@ -475,30 +513,55 @@ impl RaftService {
             shutdown,
             driver,
             backend,
-            staging: tokio::sync::Mutex::new(()),
+            staging: Arc::new(tokio::sync::Mutex::new(())),
             faults,
             mtls,
         }
     }
 
-    /// With mutual TLS, refuses a caller that presented no certificate (the TLS layer already checked
-    /// that a presented one comes from the cluster CA).
-    fn check_certificate<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        if self.mtls && request.peer_certs().is_none_or(|c| c.is_empty()) {
+    /// With mutual TLS, the member the caller's certificate names (its `kiwi://node/<id>` URI subject
+    /// alternative name; the TLS layer already checked that the certificate comes from the cluster CA).
+    /// Refuses a caller that presented no certificate, or one that names no member (a client
+    /// certificate from the same CA). Without mutual TLS, `None`: any sender is believed.
+    fn certified_member<T>(&self, request: &Request<T>) -> Result<Option<u64>, Status> {
+        if !self.mtls {
+            return Ok(None);
+        }
+        let refuse = |why: String| {
             self.driver.count_refused(Refusal::Certificate);
-            return Err(Status::permission_denied(format!(
+            tracing::warn!("refused a Raft stream: {why}");
+            Err(Status::permission_denied(why))
+        };
+        let certs = request.peer_certs();
+        let Some(leaf) = certs.as_deref().and_then(|c| c.first()) else {
+            return refuse(format!(
                 "node {} serves Raft traffic only to members presenting a certificate from the cluster \
                  CA (mutual TLS, security.ca_file)",
                 self.node_id
-            )));
+            ));
+        };
+        match kiwi_proto::tls::member_id(leaf) {
+            Ok(Some(id)) => Ok(Some(id)),
+            Ok(None) => refuse(format!(
+                "node {} serves Raft traffic only to members: the certificate presented names no member \
+                 (a member certificate carries the URI subject alternative name {}<id>; a client \
+                 certificate cannot speak Raft)",
+                self.node_id,
+                kiwi_proto::tls::MEMBER_URI_PREFIX
+            )),
+            Err(e) => refuse(format!(
+                "node {} cannot tell which member the certificate presented is: {e}",
+                self.node_id
+            )),
         }
-        Ok(())
     }
 
     /// Refuses a stream from a sender that is not a current member or belongs to another cluster (see
     /// [`guard`]). A node whose cluster id is still 0 has not joined yet and accepts any; a member that
     /// has not received its first snapshot yet does not know the cluster id and sends 0.
-    fn check_sender(&self, theirs: u64, from: u64) -> Result<(), Status> {
+    /// With mutual TLS, `certified` is the member the caller's certificate names: the stream must claim
+    /// that member and no other.
+    fn check_sender(&self, theirs: u64, from: u64, certified: Option<u64>) -> Result<(), Status> {
         let refuse = |refusal: Refusal, status: Status| {
             self.driver.count_refused(refusal);
             tracing::warn!(
@@ -509,6 +572,18 @@ impl RaftService {
             );
             Err(status)
         };
+        if let Some(cert) = certified
+            && cert != from
+        {
+            return refuse(
+                Refusal::Certificate,
+                Status::permission_denied(format!(
+                    "Raft messages claiming to come from node {from} were sent with node {cert}'s \
+                     certificate ({}{cert}): a member may speak only for itself",
+                    kiwi_proto::tls::MEMBER_URI_PREFIX
+                )),
+            );
+        }
         let mine = self.cluster.load(Ordering::Relaxed);
         if mine != 0 && theirs != 0 && theirs != mine {
             return refuse(
@@ -574,8 +649,10 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<RaftMessageBatch>>,
     ) -> Result<Response<SendMessagesResponse>, Status> {
-        self.check_certificate(&request)?;
+        let certified = self.certified_member(&request)?;
         let mut stream = request.into_inner();
+        // The sender's lease settings as last passed to the driver (on this stream).
+        let mut reported = None;
         loop {
             let batch = tokio::select! {
                 () = self.shutdown.cancelled() => break,
@@ -584,12 +661,19 @@ impl RaftTransport for RaftService {
                     None => break,
                 },
             };
-            self.check_sender(batch.cluster_id, batch.from_node)?;
+            self.check_sender(batch.cluster_id, batch.from_node, certified)?;
             if batch.to_node != self.node_id {
                 return Err(Status::failed_precondition(format!(
                     "Raft messages for node {} sent to node {}: check raft.peers",
                     batch.to_node, self.node_id
                 )));
+            }
+            if reported.as_ref() != Some(&batch.lease) {
+                reported = Some(batch.lease);
+                self.driver.peer_event(PeerEvent::LeaseSettings {
+                    peer: batch.from_node,
+                    settings: settings_from_wire(batch.lease.as_ref()),
+                });
             }
             for bytes in batch.messages {
                 if self.faults.message(batch.from_node) == Verdict::Drop {
@@ -623,7 +707,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<SnapshotChunk>>,
     ) -> Result<Response<SendSnapshotResponse>, Status> {
-        self.check_certificate(&request)?;
+        let certified = self.certified_member(&request)?;
         let mut stream = request.into_inner();
         let Some(first) = stream.message().await? else {
             return Err(Status::invalid_argument("empty snapshot stream"));
@@ -641,7 +725,7 @@ impl RaftTransport for RaftService {
                 "the first snapshot chunk must carry a MsgSnapshot",
             ));
         }
-        self.check_sender(first.cluster_id, first.from_node)?;
+        self.check_sender(first.cluster_id, first.from_node, certified)?;
         if self.faults.partitioned_from(first.from_node) {
             return Err(Status::unavailable(format!(
                 "node {} is cut off from node {} by an injected partition",
@@ -662,7 +746,7 @@ impl RaftTransport for RaftService {
                 refusal.label()
             )));
         }
-        let _guard = self.staging.lock().await;
+        let staging = Arc::clone(&self.staging).lock_owned().await;
         if self.cluster.load(Ordering::Relaxed) == 0 && first.cluster_id != 0 {
             // A joining node's first snapshot tells it which cluster it joined.
             let id = first.cluster_id;
@@ -686,10 +770,299 @@ impl RaftTransport for RaftService {
                 Status::invalid_argument("snapshot stream ended before its last chunk")
             })?;
         }
+        let (index, term) = {
+            let meta = msg.get_snapshot().get_metadata();
+            (meta.index, meta.term)
+        };
+        self.blocking(move |b| snapshot::mark_staged(b, index, term))
+            .await?;
         self.driver
-            .install_snapshot(msg)
+            .install_snapshot(msg, Box::new(staging))
             .await
             .map_err(|e| Status::unavailable(format!("snapshot not installed: {e}")))?;
         Ok(Response::new(SendSnapshotResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Condvar, Mutex};
+    use std::time::Instant;
+
+    use kiwi_proto::v1::raft_transport_server::RaftTransportServer;
+    use kiwi_storage::{
+        BackendKind, EngineStats, KeySpace, KvPair, Limits, MemoryBackend, Scan, ScanRange,
+        WriteBatch, WriteOptions,
+    };
+    use raft::eraftpb::SnapshotMetadata;
+
+    use super::*;
+    use crate::raft::driver::{self, DriverConfig};
+    use crate::raft::log_store::{LogStore, SnapshotData};
+    use crate::raft::state_machine;
+    use crate::telemetry::raft_metrics::{MetricsSettings, RaftExport};
+
+    /// A memory backend whose synced writes wait while it is closed: a disk that stalls the Raft
+    /// driver's fsyncs while the receiver's buffered staging writes go through.
+    struct GatedBackend {
+        inner: MemoryBackend,
+        closed: Mutex<bool>,
+        opened: Condvar,
+        waiting: AtomicUsize,
+    }
+
+    impl GatedBackend {
+        fn wait_if_closed(&self, opts: WriteOptions) {
+            if opts != WriteOptions::SYNC {
+                return;
+            }
+            let mut closed = self.closed.lock().unwrap();
+            if *closed {
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                while *closed {
+                    closed = self.opened.wait(closed).unwrap();
+                }
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+
+        fn set_closed(&self, closed: bool) {
+            *self.closed.lock().unwrap() = closed;
+            self.opened.notify_all();
+        }
+    }
+
+    impl StorageBackend for GatedBackend {
+        fn kind(&self) -> BackendKind {
+            self.inner.kind()
+        }
+        fn limits(&self) -> Limits {
+            self.inner.limits()
+        }
+        fn read(&self, space: KeySpace, key: &[u8]) -> kiwi_storage::Result<Option<Vec<u8>>> {
+            self.inner.read(space, key)
+        }
+        fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> kiwi_storage::Result<()> {
+            self.wait_if_closed(opts);
+            self.inner.batch_write(batch, opts)
+        }
+        fn scan(&self, space: KeySpace, scan: &Scan) -> kiwi_storage::Result<Vec<KvPair>> {
+            self.inner.scan(space, scan)
+        }
+        fn snapshot(&self) -> kiwi_storage::Result<Box<dyn StorageSnapshot>> {
+            self.inner.snapshot()
+        }
+        fn engine_stats(&self) -> EngineStats {
+            self.inner.engine_stats()
+        }
+        fn write(
+            &self,
+            space: KeySpace,
+            key: &[u8],
+            value: &[u8],
+            opts: WriteOptions,
+        ) -> kiwi_storage::Result<()> {
+            self.wait_if_closed(opts);
+            self.inner.write(space, key, value, opts)
+        }
+        fn delete(
+            &self,
+            space: KeySpace,
+            key: &[u8],
+            opts: WriteOptions,
+        ) -> kiwi_storage::Result<()> {
+            self.wait_if_closed(opts);
+            self.inner.delete(space, key, opts)
+        }
+    }
+
+    struct NoPeers;
+    impl MessageSink for NoPeers {
+        fn send(&self, _msgs: Vec<Message>) -> Vec<u64> {
+            Vec::new()
+        }
+        fn add_peer(&self, _id: u64, _addr: String) {}
+    }
+
+    const CLUSTER: u64 = 7;
+
+    /// Snapshot chunk(s) from leader 1 to node 2 of a snapshot at `index` (term 2).
+    fn chunk(index: u64, kvs: &[(&str, &str)], last: bool) -> SnapshotChunk {
+        let mut msg = Message::default();
+        msg.set_msg_type(MessageType::MsgSnapshot);
+        (msg.from, msg.to, msg.term) = (1, 2, 2);
+        let mut meta = SnapshotMetadata {
+            index,
+            term: 2,
+            ..SnapshotMetadata::default()
+        };
+        meta.mut_conf_state().voters = vec![1, 2, 3];
+        msg.mut_snapshot().set_metadata(meta);
+        msg.mut_snapshot().data = SnapshotData {
+            view_id: index,
+            members: Vec::new(),
+        }
+        .encode()
+        .into();
+        SnapshotChunk {
+            cluster_id: CLUSTER,
+            from_node: 1,
+            to_node: 2,
+            message: msg.write_to_bytes().unwrap(),
+            kvs: kvs
+                .iter()
+                .map(|(k, v)| kiwi_proto::v1::KeyValue {
+                    key: k.as_bytes().to_vec(),
+                    value: v.as_bytes().to_vec(),
+                })
+                .collect(),
+            last,
+        }
+    }
+
+    fn data(backend: &dyn StorageBackend) -> Vec<(String, String)> {
+        backend
+            .scan(KeySpace::Data, &Scan::forward(ScanRange::all(), 100))
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+            .collect()
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// S1 arrives whole and its install waits on a stalled disk; its stream is reset; S2 starts and
+    /// stays open. Before the staging lock travelled with the install, S2 cleared staging and staged
+    /// its first chunk, and the driver then installed S1's index over S2's partial data.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reset_snapshot_stream_keeps_staging_until_its_install_is_done() {
+        let gated = Arc::new(GatedBackend {
+            inner: MemoryBackend::new(Limits::CEILING),
+            closed: Mutex::new(false),
+            opened: Condvar::new(),
+            waiting: AtomicUsize::new(0),
+        });
+        let backend: Arc<dyn StorageBackend> = gated.clone();
+        let mut store = LogStore::open(Arc::clone(&backend), Arc::default()).unwrap();
+        store.bootstrap(vec![1, 2, 3]).unwrap();
+        let config = DriverConfig {
+            node_id: 2,
+            tick_interval: Duration::from_millis(10),
+            // Node 2 never campaigns during the test.
+            election_ticks: 100_000,
+            heartbeat_ticks: 2,
+            compaction_threshold: 1000,
+            compaction_slack: 0,
+            lease_reads: false,
+            metrics: MetricsSettings {
+                enabled: false,
+                collection_interval: Duration::from_millis(100),
+                retention_period: Duration::from_secs(10),
+            },
+            metrics_export: RaftExport::noop(),
+        };
+        let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
+        let (handle, thread) = driver::spawn(
+            &config,
+            store,
+            Arc::clone(&backend),
+            Arc::new(NoPeers),
+            Arc::default(),
+            stop.clone(),
+            fatal.clone(),
+        )
+        .unwrap();
+        let meter = crate::telemetry::metrics::Meters::noop().raft;
+        let (faults, _events) = FaultInjector::new(2, false, Duration::from_secs(1), &meter);
+        let service = RaftService::new(
+            2,
+            Arc::new(AtomicU64::new(CLUSTER)),
+            handle,
+            Arc::clone(&backend),
+            stop.clone(),
+            faults,
+            false,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(RaftTransportServer::new(service))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let client = || async move {
+            RaftTransportClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap()
+        };
+
+        // S1, whole; its install blocks on the disk.
+        gated.set_closed(true);
+        let s1 = {
+            let mut c = client().await;
+            tokio::spawn(async move {
+                c.send_snapshot(tokio_stream::iter([chunk(100, &[("a", "s1")], true)]))
+                    .await
+            })
+        };
+        until("S1's install reaches the disk", || {
+            gated.waiting.load(Ordering::SeqCst) > 0
+        })
+        .await;
+        // Its stream is reset (the sender gave up); its install still waits in the driver.
+        s1.abort();
+        assert!(s1.await.unwrap_err().is_cancelled());
+        // S2 starts and stays open after its first chunk.
+        let (s2_tx, s2_rx) = mpsc::channel(4);
+        s2_tx.send(chunk(200, &[("b", "s2")], false)).await.unwrap();
+        let s2 = {
+            let mut c = client().await;
+            tokio::spawn(async move { c.send_snapshot(ReceiverStream::new(s2_rx)).await })
+        };
+        // Give S2 the time to take staging if nothing stops it (it stages its first chunk at once
+        // when it can): a bounded wait for something that must not happen.
+        let staged_s2 = || backend.read(KeySpace::Raft, b"snap/b").unwrap().is_some();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !staged_s2() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(!staged_s2(), "S2 staged while S1's install was pending");
+        gated.set_closed(false);
+        until("S1 installed", || {
+            state_machine::applied_index(&*backend).unwrap() >= 100
+        })
+        .await;
+        assert!(!fatal.is_cancelled(), "the node did not stop");
+        let at_s1 = data(&*backend);
+        assert_eq!(
+            at_s1,
+            [("a".to_string(), "s1".to_string())],
+            "index 100 holds S1's data"
+        );
+        // S2 then goes through whole.
+        s2_tx.send(chunk(200, &[("c", "s2")], true)).await.unwrap();
+        drop(s2_tx);
+        s2.await.unwrap().expect("S2 installed");
+        assert_eq!(state_machine::applied_index(&*backend).unwrap(), 200);
+        assert_eq!(
+            data(&*backend),
+            [
+                ("b".to_string(), "s2".to_string()),
+                ("c".to_string(), "s2".to_string())
+            ]
+        );
+        stop.cancel();
+        server.abort();
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -160,6 +160,7 @@ impl NodeAdmin for AdminApi {
             rejected_entries: d.status.rejected_entries,
             removed: d.status.removed,
             security: Some(s.security_status()),
+            transferring_to: d.status.transferring_to,
         }))
     }
 
@@ -400,7 +401,7 @@ impl KvServer {
 }
 
 impl KvServer {
-    fn runtime_policy(&self) -> RuntimePolicy {
+    pub(crate) fn runtime_policy(&self) -> RuntimePolicy {
         self.config
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -457,9 +458,18 @@ impl KvServer {
     }
 
     /// The metrics snapshot a heartbeat to the control plane carries.
-    pub(crate) async fn heartbeat_metrics(&self) -> kiwi_proto::v1::NodeMetrics {
+    /// Waits for the driver's report at most `wait`: a stalled driver makes the snapshot stale, never
+    /// late (see `NodeMetrics.raft_stale`).
+    pub(crate) async fn heartbeat_metrics(
+        &self,
+        wait: std::time::Duration,
+    ) -> kiwi_proto::v1::NodeMetrics {
         let st = self.driver.status();
-        let report = self.driver.raft_metrics(false).await.ok().flatten();
+        let (report, raft_stale) =
+            match tokio::time::timeout(wait, self.driver.raft_metrics(false)).await {
+                Ok(r) => (r.ok().flatten(), false),
+                Err(_) => (None, true),
+            };
         let runtime = self.runtime_stats();
         let dir = self
             .config
@@ -490,6 +500,8 @@ impl KvServer {
             rejected_entries: st.rejected_entries,
             // Filled in by the control link, which owns the policy version.
             policy_version: 0,
+            policy_epoch: 0,
+            raft_stale,
         }
     }
 

@@ -248,7 +248,7 @@ fn metrics(id: u64, nodes: u64, beat: u64) -> NodeMetrics {
             .collect(),
         data_dir_bytes: 64 << 20,
         rejected_entries: 0,
-        policy_version: 0,
+        ..NodeMetrics::default()
     }
 }
 

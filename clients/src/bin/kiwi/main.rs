@@ -803,6 +803,7 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                        "commit_index": s.commit_index, "applied_index": s.applied_index,
                        "log_first_index": s.log_first_index, "backend": s.storage_backend,
                        "rejected_entries": s.rejected_entries, "removed": s.removed,
+                       "transferring_to": s.transferring_to,
                        "security": s.security.as_ref().map(|x| json!({"tls": x.tls,
                            "mutual_tls": x.mutual_tls, "tokens": x.tokens,
                            "raft_listen_addr": x.raft_listen_addr}))})
@@ -867,6 +868,12 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
             );
         }
         for (addr, s) in &members {
+            if s.transferring_to != 0 {
+                println!(
+                    "  >  node {} ({addr}) is handing leadership to node {}",
+                    s.node_id, s.transferring_to
+                );
+            }
             if s.removed {
                 println!(
                     "  !  node {} ({addr}) was removed from the cluster and serves nothing",

@@ -93,8 +93,8 @@ struct StartArgs {
     /// `kiwi control fault ...`, `kiwi chaos`. Pair with --restart-crashed for crash faults.
     #[arg(long)]
     fault_injection: bool,
-    /// Generate a CA, a certificate for the nodes and the control plane, and an admin token (under
-    /// `<data-dir>/secrets/`), and start everything with TLS, mutual TLS between members and tokens;
+    /// Generate a CA, a certificate for each node (naming it: `kiwi://node/<id>`) and one for the control
+    /// plane, and an admin token (under `<data-dir>/secrets/`), and start everything with TLS, mutual TLS between members and tokens;
     /// each node serves Raft on its own port (base-port + 300 + N - 1, or a free one), where the TLS
     /// handshake needs a member certificate. Prints the exports that the `kiwi` commands need.
     #[arg(long)]
@@ -146,11 +146,25 @@ struct ControlProc {
 /// What `--secure` generated.
 struct Secrets {
     ca: PathBuf,
+    /// The control plane's certificate and key (server and client use; names no member).
     cert: PathBuf,
     key: PathBuf,
+    /// Member `id`'s certificate and key: `<dir>/node-<id>.crt`, `.key` (see [`Secrets::member`]).
+    dir: PathBuf,
     tokens: PathBuf,
     token_file: PathBuf,
     token: String,
+}
+
+impl Secrets {
+    /// Member `id`'s certificate and key, which name it (`kiwi://node/<id>`): peers believe its Raft
+    /// messages only for that id.
+    fn member(&self, id: u64) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("node-{id}.crt")),
+            self.dir.join(format!("node-{id}.key")),
+        )
+    }
 }
 
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -166,29 +180,26 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A CA, one certificate (localhost, 127.0.0.1; server and client use) signed by it, and an admin token,
-/// in `<data_dir>/secrets/` (kept across runs of the same directory).
-fn secrets(data_dir: &Path) -> anyhow::Result<Secrets> {
+/// A CA, a certificate for the control plane, one for each of members `1..=nodes` (each naming its node
+/// with the URI `kiwi://node/<id>`; localhost, 127.0.0.1; server and client use), all signed by the CA,
+/// and an admin token, in `<data_dir>/secrets/`. Kept across runs of the same directory; a member
+/// certificate missing (more nodes than last time) is issued by the kept CA.
+fn secrets(data_dir: &Path, nodes: u64) -> anyhow::Result<Secrets> {
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
+        KeyUsagePurpose, SanType,
     };
     let dir = data_dir.join("secrets");
-    let s = Secrets {
+    let mut s = Secrets {
         ca: dir.join("ca.crt"),
-        cert: dir.join("node.crt"),
-        key: dir.join("node.key"),
+        cert: dir.join("control.crt"),
+        key: dir.join("control.key"),
+        dir: dir.clone(),
         tokens: dir.join("tokens.toml"),
         token_file: dir.join("admin.token"),
         token: String::new(),
     };
-    if let Ok(token) = std::fs::read_to_string(&s.token_file) {
-        return Ok(Secrets {
-            token: token.trim().to_string(),
-            ..s
-        });
-    }
-    std::fs::create_dir_all(&dir)?;
+    let ca_key_file = dir.join("ca.key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params
@@ -198,33 +209,72 @@ fn secrets(data_dir: &Path) -> anyhow::Result<Secrets> {
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let ca_key = KeyPair::generate()?;
+    let kept = match (
+        std::fs::read_to_string(&s.token_file),
+        std::fs::read_to_string(&ca_key_file),
+    ) {
+        (Ok(token), Ok(ca_key)) => Some((token.trim().to_string(), KeyPair::from_pem(&ca_key)?)),
+        _ => None,
+    };
+    let fresh = kept.is_none();
+    let ca_key = match kept {
+        Some((token, ca_key)) => {
+            s.token = token;
+            ca_key
+        }
+        None => {
+            std::fs::create_dir_all(&dir)?;
+            KeyPair::generate()?
+        }
+    };
+    // The same key and name give a CA certificate that verifies what the kept CA signed.
     let ca = ca_params.self_signed(&ca_key)?;
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "kiwi playground member");
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &ca, &ca_key)?;
-    std::fs::write(&s.ca, ca.pem())?;
-    std::fs::write(&s.cert, cert.pem())?;
-    write_private(&s.key, &key.serialize_pem())?;
-    let bytes: [u8; 24] = rand::random();
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    write_private(
-        &s.tokens,
-        &format!(
-            "[[token]]\nsha256 = \"{}\"\nprincipal = \"playground\"\nrole = \"admin\"\n",
-            kiwi_proto::auth::token_hash(&token)
-        ),
-    )?;
-    write_private(&s.token_file, &format!("{token}\n"))?;
-    Ok(Secrets { token, ..s })
+    let issue = |path: (PathBuf, PathBuf), cn: &str, uri: Option<String>| -> anyhow::Result<()> {
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+        if let Some(uri) = uri {
+            params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+        }
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        std::fs::write(&path.0, cert.pem())?;
+        write_private(&path.1, &key.serialize_pem())
+    };
+    if fresh {
+        std::fs::write(&s.ca, ca.pem())?;
+        write_private(&ca_key_file, &ca_key.serialize_pem())?;
+        issue(
+            (s.cert.clone(), s.key.clone()),
+            "kiwi playground control plane",
+            None,
+        )?;
+        let bytes: [u8; 24] = rand::random();
+        s.token = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_private(
+            &s.tokens,
+            &format!(
+                "[[token]]\nsha256 = \"{}\"\nprincipal = \"playground\"\nrole = \"admin\"\n",
+                kiwi_proto::auth::token_hash(&s.token)
+            ),
+        )?;
+        write_private(&s.token_file, &format!("{}\n", s.token))?;
+    }
+    for id in 1..=nodes {
+        let member = s.member(id);
+        if fresh || !member.0.exists() || !member.1.exists() {
+            issue(
+                member,
+                &format!("kiwi playground node {id}"),
+                Some(kiwi_proto::tls::member_uri(id)),
+            )?;
+        }
+    }
+    Ok(s)
 }
 
 /// Where `restart` drops its requests.
@@ -323,7 +373,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&requests)?;
     let bin = sibling_binary(args.node_bin, "kiwi-node");
     let secrets = if args.secure {
-        Some(secrets(&data_dir)?)
+        Some(secrets(&data_dir, args.nodes)?)
     } else {
         None
     };
@@ -462,9 +512,10 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             ));
         }
         if let Some(s) = &secrets {
+            let (cert, key) = s.member(*id);
             config.push_str(&format!(
                 "\n[security]\ntokens_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\nca_file = {:?}\n",
-                s.tokens, s.cert, s.key, s.ca
+                s.tokens, cert, key, s.ca
             ));
         }
         if let Some(c) = &control {
