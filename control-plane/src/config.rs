@@ -26,6 +26,38 @@ pub struct ControlConfig {
     pub security: SecurityConfig,
     /// Logging.
     pub log: LogConfig,
+    /// What the control plane keeps, and for how long.
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: bounds on what the control plane keeps, so that its store and memory do not grow
+/// without end.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Events kept in the event log (the oldest go first).
+    pub events: u64,
+    /// Finished fault schedules (done or cancelled) kept (the oldest go first).
+    pub finished_faults: u64,
+    /// A node down this long is forgotten (it registers again when it comes back), in seconds.
+    pub departed_node_sec: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            events: 100_000,
+            finished_faults: 1_000,
+            departed_node_sec: 86_400,
+        }
+    }
+}
+
+impl RetentionConfig {
+    /// How long a down node is kept.
+    pub fn departed_node(&self) -> Duration {
+        Duration::from_secs(self.departed_node_sec)
+    }
 }
 
 /// `[security]`, shared with the node.
@@ -95,6 +127,7 @@ impl Default for ControlConfig {
             metrics: MetricsConfig::default(),
             security: SecurityConfig::default(),
             log: LogConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -166,6 +199,28 @@ impl ControlConfig {
                 "metrics.retention_sec: must be 1 to {MAX_RETENTION_SEC}, got {}",
                 m.retention_sec
             )));
+        }
+        let r = &self.retention;
+        for (field, value, range) in [
+            ("retention.events", r.events, 100..=100_000_000),
+            (
+                "retention.finished_faults",
+                r.finished_faults,
+                1..=1_000_000,
+            ),
+            (
+                "retention.departed_node_sec",
+                r.departed_node_sec,
+                60..=31_536_000,
+            ),
+        ] {
+            if !range.contains(&value) {
+                return Err(ConfigError::Invalid(format!(
+                    "{field}: must be {} to {}, got {value}",
+                    range.start(),
+                    range.end()
+                )));
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(ConfigError::Invalid(format!(

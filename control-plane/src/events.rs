@@ -32,30 +32,39 @@ pub struct NewEvent {
 /// The persisted event log.
 pub struct EventLog {
     storage: Arc<dyn StorageBackend>,
-    /// The last sequence number used; held while appending, so the log order is the sequence order.
-    last: Mutex<u64>,
+    /// The last sequence number used, and the first still kept; held while appending, so the log order
+    /// is the sequence order.
+    last: Mutex<(u64, u64)>,
+    /// Events kept (`retention.events`): older ones are deleted by the append that passes the bound by
+    /// [`PRUNE_EVERY`] more.
+    keep: u64,
     /// The last sequence number, for followers of the log.
     notify: tokio::sync::watch::Sender<u64>,
 }
+
+/// How many events past `retention.events` accumulate before one range delete removes them.
+const PRUNE_EVERY: u64 = 1024;
 
 impl EventLog {
     /// Opens the log in `storage`, continuing after its last event.
     ///
     /// # Errors
     /// Storage errors; an event that does not decode.
-    pub fn open(storage: Arc<dyn StorageBackend>) -> kiwi_storage::Result<EventLog> {
-        let scan = Scan::backward(
-            ScanRange::half_open(&[EVENT_PREFIX], &[EVENT_PREFIX + 1]),
-            1,
-        );
-        let last = storage
-            .scan(KeySpace::Data, &scan)?
-            .first()
-            .and_then(|(k, _)| Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?)))
-            .unwrap_or(0);
+    pub fn open(storage: Arc<dyn StorageBackend>, keep: u64) -> kiwi_storage::Result<EventLog> {
+        let events = ScanRange::half_open(&[EVENT_PREFIX], &[EVENT_PREFIX + 1]);
+        let seq_of = |pairs: Vec<(Vec<u8>, Vec<u8>)>| {
+            pairs
+                .first()
+                .and_then(|(k, _)| Some(u64::from_be_bytes(k.get(1..9)?.try_into().ok()?)))
+        };
+        let last =
+            seq_of(storage.scan(KeySpace::Data, &Scan::backward(events.clone(), 1))?).unwrap_or(0);
+        let first =
+            seq_of(storage.scan(KeySpace::Data, &Scan::forward(events, 1))?).unwrap_or(last + 1);
         Ok(EventLog {
             storage,
-            last: Mutex::new(last),
+            last: Mutex::new((last, first)),
+            keep: keep.max(1),
             notify: tokio::sync::watch::channel(last).0,
         })
     }
@@ -69,7 +78,8 @@ impl EventLog {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        let (last, first) = &mut *guard;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -86,10 +96,20 @@ impl EventLog {
             batch.put(KeySpace::Data, event_key(event.seq), event.encode_to_vec());
             out.push(event);
         }
+        // The oldest events beyond `keep`, in one range delete every PRUNE_EVERY events.
+        let new_last = *last + out.len() as u64;
+        let keep_from = new_last.saturating_sub(self.keep) + 1;
+        let prune = keep_from >= *first + PRUNE_EVERY.min(self.keep);
+        if prune {
+            batch.delete_range(KeySpace::Data, event_key(*first), event_key(keep_from));
+        }
         self.storage
             .batch_write(batch, WriteOptions { sync: true })?;
-        *last += out.len() as u64;
-        self.notify.send_replace(*last);
+        *last = new_last;
+        if prune {
+            *first = keep_from;
+        }
+        self.notify.send_replace(new_last);
         for e in &out {
             tracing::info!(seq = e.seq, kind = %e.kind, node_id = e.node_id, detail = %e.detail, "event");
         }
@@ -176,6 +196,23 @@ impl EventLog {
         )
     }
 
+    /// Deletes the records of fault schedules (durably).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn delete_faults(&self, ids: &[u64]) -> kiwi_storage::Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::new();
+        for id in ids {
+            let mut key = FAULT_PREFIX.to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            batch.delete(KeySpace::Data, key);
+        }
+        self.storage.batch_write(batch, WriteOptions { sync: true })
+    }
+
     /// Every fault schedule recorded, by id.
     ///
     /// # Errors
@@ -222,15 +259,34 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_events_beyond_the_retention_are_deleted() {
+        let st: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        let log = EventLog::open(Arc::clone(&st), 100).unwrap();
+        for _ in 0..1000 {
+            log.append(vec![ev("node_up", 1)]).unwrap();
+        }
+        let kept = log.read(0, 10_000).unwrap();
+        assert!(
+            (100..=200).contains(&kept.len()),
+            "between the retention and one prune step more: {}",
+            kept.len()
+        );
+        assert_eq!(kept.last().unwrap().seq, 1000, "the newest are kept");
+        let log = EventLog::open(st, 100).unwrap();
+        assert_eq!(log.append(vec![ev("node_up", 1)]).unwrap()[0].seq, 1001);
+        assert!(log.read(0, 10_000).unwrap().len() <= 201);
+    }
+
+    #[test]
     fn events_are_ordered_and_numbering_continues_after_reopening() {
         let st: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
-        let log = EventLog::open(Arc::clone(&st)).unwrap();
+        let log = EventLog::open(Arc::clone(&st), 1000).unwrap();
         let a = log
             .append(vec![ev("node_up", 1), ev("node_up", 2)])
             .unwrap();
         assert_eq!(a.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
         log.set_cluster_id(77).unwrap();
-        let log = EventLog::open(st).unwrap();
+        let log = EventLog::open(st, 1000).unwrap();
         assert_eq!(log.cluster_id().unwrap(), 77);
         let b = log.append(vec![ev("node_down", 2)]).unwrap();
         assert_eq!(b[0].seq, 3);

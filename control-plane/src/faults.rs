@@ -7,7 +7,7 @@
 //! plane that dies meanwhile changes nothing. A target that (re)registers while a fault is active gets it
 //! again with the time left (not a crash: that happened once).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use kiwi_proto::v1::fault_spec::Kind;
 use kiwi_proto::v1::{
@@ -23,10 +23,18 @@ pub struct Target {
     pub max_duration_ms: u64,
 }
 
-/// Every schedule, by id.
+/// Every schedule kept, by id: the live ones (pending or active) and the last `keep_finished` finished
+/// ones (done or cancelled).
 #[derive(Default)]
 pub struct FaultTable {
     faults: BTreeMap<u64, FaultSchedule>,
+    /// The pending and active schedules: all [`tick`](Self::tick) looks at.
+    live: BTreeSet<u64>,
+    keep_finished: usize,
+}
+
+fn is_live(f: &FaultSchedule) -> bool {
+    f.state == "pending" || f.state == "active"
 }
 
 fn kind_name(spec: &FaultSpec) -> &'static str {
@@ -64,10 +72,41 @@ pub fn describe(f: &FaultSchedule) -> String {
 
 impl FaultTable {
     /// The table of the schedules persisted before.
-    pub fn load(faults: Vec<FaultSchedule>) -> FaultTable {
+    pub fn load(faults: Vec<FaultSchedule>, keep_finished: u64) -> FaultTable {
+        let faults: BTreeMap<u64, FaultSchedule> = faults.into_iter().map(|f| (f.id, f)).collect();
         FaultTable {
-            faults: faults.into_iter().map(|f| (f.id, f)).collect(),
+            live: faults
+                .values()
+                .filter(|f| is_live(f))
+                .map(|f| f.id)
+                .collect(),
+            faults,
+            keep_finished: usize::try_from(keep_finished).unwrap_or(usize::MAX).max(1),
         }
+    }
+
+    /// Drops a schedule (one whose record could not be persisted).
+    pub fn forget(&mut self, id: u64) {
+        self.faults.remove(&id);
+        self.live.remove(&id);
+    }
+
+    /// Drops the oldest finished schedules beyond `retention.finished_faults`; returns their ids (to
+    /// delete from the store).
+    pub fn prune(&mut self) -> Vec<u64> {
+        let finished = self.faults.len() - self.live.len();
+        let excess = finished.saturating_sub(self.keep_finished);
+        let old: Vec<u64> = self
+            .faults
+            .keys()
+            .filter(|id| !self.live.contains(id))
+            .take(excess)
+            .copied()
+            .collect();
+        for id in &old {
+            self.faults.remove(id);
+        }
+        old
     }
 
     /// Every schedule, oldest first.
@@ -177,6 +216,7 @@ impl FaultTable {
             state: "pending".into(),
         };
         self.faults.insert(id, f.clone());
+        self.live.insert(id);
         Ok(f)
     }
 
@@ -189,7 +229,12 @@ impl FaultTable {
     ) -> (Vec<FaultSchedule>, Vec<(u64, StartFault)>) {
         let mut changed = Vec::new();
         let mut commands = Vec::new();
-        for f in self.faults.values_mut() {
+        let mut ended = Vec::new();
+        let live: Vec<u64> = self.live.iter().copied().collect();
+        for id in live {
+            let Some(f) = self.faults.get_mut(&id) else {
+                continue;
+            };
             let end = f.start_at_unix_ms + f.duration_ms;
             match f.state.as_str() {
                 "pending" if now_unix_ms >= f.start_at_unix_ms => {
@@ -219,6 +264,12 @@ impl FaultTable {
                 }
                 _ => {}
             }
+            if !is_live(f) {
+                ended.push(f.id);
+            }
+        }
+        for id in ended {
+            self.live.remove(&id);
         }
         (changed, commands)
     }
@@ -285,6 +336,7 @@ impl FaultTable {
             Vec::new()
         };
         f.state = "cancelled".into();
+        self.live.remove(&id);
         Ok((f.clone(), tell))
     }
 
@@ -356,6 +408,29 @@ mod tests {
         let (changed, _) = t.tick(11_100, |_| true);
         assert_eq!(changed[0].state, "done");
         assert!(t.resend_for(2, 11_200).is_empty());
+    }
+
+    #[test]
+    fn only_live_schedules_are_ticked_and_the_oldest_finished_ones_are_pruned() {
+        let mut t = FaultTable::load(Vec::new(), 2);
+        for i in 0..5 {
+            let duration = if i == 4 { 10_000 } else { 100 };
+            t.schedule(loss(vec![1], 0, duration), i * 1000, &targets())
+                .unwrap();
+        }
+        // Schedule 5 stays live; 1-4 finish (3 by cancel).
+        t.cancel(3).unwrap();
+        t.tick(4_000, |_| true);
+        t.tick(4_200, |_| true);
+        assert_eq!(t.live.iter().copied().collect::<Vec<_>>(), [5]);
+        assert_eq!(t.prune(), [1, 2], "finished beyond 2, oldest first");
+        assert_eq!(t.list().iter().map(|f| f.id).collect::<Vec<_>>(), [3, 4, 5]);
+        assert!(t.prune().is_empty());
+        // Ids go on after the newest.
+        let f = t
+            .schedule(loss(vec![1], 0, 100), 5_000, &targets())
+            .unwrap();
+        assert_eq!(f.id, 6);
     }
 
     #[test]

@@ -113,6 +113,7 @@ impl ControlPlane {
             None => None,
         };
         let path = config.data_dir.clone();
+        let keep_events = config.retention.events;
         let events = tokio::task::spawn_blocking(move || {
             let storage = kiwi_storage::open(&OpenOptions {
                 kind: BackendKind::RocksDb,
@@ -124,7 +125,7 @@ impl ControlPlane {
                 path: path.clone(),
                 source,
             })?;
-            EventLog::open(storage).map_err(|source| Error::Storage { path, source })
+            EventLog::open(storage, keep_events).map_err(|source| Error::Storage { path, source })
         })
         .await??;
         let stored = |source| Error::Storage {
@@ -142,9 +143,13 @@ impl ControlPlane {
                 .max(1);
             events.set_policy(&policy).map_err(stored)?;
         }
-        let faults = faults::FaultTable::load(events.faults().map_err(stored)?);
+        let faults = faults::FaultTable::load(
+            events.faults().map_err(stored)?,
+            config.retention.finished_faults,
+        );
         let control = Control::new(
-            ClusterView::new(cluster_id, config.metrics.retention()),
+            ClusterView::new(cluster_id, config.metrics.retention())
+                .forgetting_after(config.retention.departed_node()),
             events,
             policy,
             faults,

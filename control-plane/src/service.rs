@@ -93,14 +93,26 @@ impl Control {
         })
     }
 
-    /// Persists changed fault schedules (off the async threads).
+    /// Persists changed fault schedules and deletes the records of the pruned ones (off the async
+    /// threads).
     async fn persist_faults(self: &Arc<Self>, changed: Vec<FaultSchedule>) -> Result<(), Status> {
-        if changed.is_empty() {
+        self.persist_and_prune(changed, Vec::new()).await
+    }
+
+    async fn persist_and_prune(
+        self: &Arc<Self>,
+        changed: Vec<FaultSchedule>,
+        pruned: Vec<u64>,
+    ) -> Result<(), Status> {
+        if changed.is_empty() && pruned.is_empty() {
             return Ok(());
         }
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            changed.iter().try_for_each(|f| this.events.put_fault(f))
+            changed
+                .iter()
+                .try_for_each(|f| this.events.put_fault(f))
+                .and_then(|()| this.events.delete_faults(&pruned))
         })
         .await
         .map_err(|e| Status::internal(e.to_string()))?
@@ -145,7 +157,7 @@ impl Control {
         let mut table = self.faults.lock().await;
         let f = table.schedule(req, unix_ms(), &targets)?;
         if let Err(e) = self.persist_faults(vec![f.clone()]).await {
-            *table = FaultTable::load(table.list().into_iter().filter(|x| x.id != f.id).collect());
+            table.forget(f.id);
             return Err(e);
         }
         drop(table);
@@ -168,7 +180,8 @@ impl Control {
     pub async fn cancel_fault(self: &Arc<Self>, id: u64) -> Result<FaultSchedule, Status> {
         let mut table = self.faults.lock().await;
         let (f, tell) = table.cancel(id)?;
-        self.persist_faults(vec![f.clone()]).await?;
+        let pruned = table.prune();
+        self.persist_and_prune(vec![f.clone()], pruned).await?;
         drop(table);
         for node in tell {
             self.send_cancel(node, id).await;
@@ -195,11 +208,29 @@ impl Control {
         if changed.is_empty() {
             return;
         }
-        if let Err(e) = self.persist_faults(changed.clone()).await {
-            tracing::error!(error = %e, "cannot persist fault schedules");
-        }
+        let pruned = table.prune();
+        let persisted = self.persist_and_prune(changed.clone(), pruned).await;
         drop(table);
         let mut events = Vec::new();
+        // A start whose schedule is not persisted is not sent: a control plane restarted on the old
+        // record would send it again (a crash twice).
+        let commands = match persisted {
+            Ok(()) => commands,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot persist fault schedules: their starts are not sent");
+                for (node_id, start) in &commands {
+                    events.push(NewEvent {
+                        kind: "fault_not_sent",
+                        node_id: *node_id,
+                        detail: format!(
+                            "fault {}: its schedule could not be persisted ({e}), so it was not sent",
+                            start.fault_id
+                        ),
+                    });
+                }
+                Vec::new()
+            }
+        };
         for (node_id, start) in commands {
             let id = start.fault_id;
             if !self.send_fault(node_id, FaultCmd::Start(start)) {

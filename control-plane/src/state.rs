@@ -73,6 +73,8 @@ pub struct ClusterView {
     leader_changes: u64,
     /// How long history samples are kept.
     retention: Duration,
+    /// A node down this long is forgotten (`retention.departed_node_sec`); never when `None`.
+    forget_after: Option<Duration>,
 }
 
 /// The figures of one heartbeat that the history keeps.
@@ -109,6 +111,14 @@ impl ClusterView {
             cluster_id,
             retention,
             ..ClusterView::default()
+        }
+    }
+
+    /// Forgets nodes that have been down for `after` (see [`sweep`](Self::sweep)).
+    pub fn forgetting_after(self, after: Duration) -> ClusterView {
+        ClusterView {
+            forget_after: Some(after),
+            ..self
         }
     }
 
@@ -343,6 +353,23 @@ impl ClusterView {
                 });
             }
         }
+        if let Some(after) = self.forget_after {
+            self.nodes.retain(|id, e| {
+                let keep = e.up || now.saturating_duration_since(e.last_seen) < after;
+                if !keep {
+                    events.push(NewEvent {
+                        kind: "node_forgotten",
+                        node_id: *id,
+                        detail: format!(
+                            "node {id} was down for {} s (retention.departed_node_sec): forgotten \
+                             with its history; it registers again if it comes back",
+                            after.as_secs()
+                        ),
+                    });
+                }
+                keep
+            });
+        }
         events
     }
 
@@ -425,6 +452,27 @@ mod tests {
 
     fn kinds(events: &[NewEvent]) -> Vec<&str> {
         events.iter().map(|e| e.kind).collect()
+    }
+
+    #[test]
+    fn a_node_down_past_the_retention_is_forgotten() {
+        let t0 = Instant::now();
+        let mut v =
+            ClusterView::new(0, Duration::from_secs(60)).forgetting_after(Duration::from_secs(10));
+        v.register(1, reg(1, "a:1"), t0, 0).unwrap();
+        v.register(2, reg(2, "b:1"), t0, 0).unwrap();
+        assert_eq!(
+            kinds(&v.sweep(t0 + Duration::from_secs(1))),
+            ["node_down", "node_down"]
+        );
+        v.heartbeat(2, 2, leader(2), t0 + Duration::from_millis(9_900), 0);
+        assert!(v.sweep(t0 + Duration::from_millis(9_999)).is_empty());
+        assert_eq!(
+            kinds(&v.sweep(t0 + Duration::from_secs(10))),
+            ["node_forgotten"]
+        );
+        let ids: Vec<u64> = v.status().nodes.iter().map(|n| n.node_id).collect();
+        assert_eq!(ids, [2], "node 2 came back and stays");
     }
 
     #[test]

@@ -369,3 +369,52 @@ async fn delay_loss_stall_and_crash_have_their_effect() {
         );
     }
 }
+
+/// A 60 s disk stall on a follower, cancelled while its Raft thread is stuck in it: the heartbeats go on
+/// (marked `raft_stale`), so the node stays up and reads the cancel, and the cancel wakes the stalled
+/// write. Before, the heartbeat waited for the stalled driver (the node looked down and the cancel was
+/// read only when the stall ended), and the stall slept its full delay whatever happened to its fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_disk_stall_ends_at_once_and_the_node_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlProc::start(free_addr(), &dir.path().join("control"));
+    let cluster = cluster(&control, true).await;
+    let leader = linked(&control, &cluster).await;
+    let follower = cluster.ids().into_iter().find(|&id| id != leader).unwrap();
+    let f = schedule(
+        &control,
+        Kind::DiskStall(DiskStall { delay_ms: 60_000 }),
+        vec![follower],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    wait_nodes(&control, f.id, "started").await;
+    // A write reaches the follower, whose Raft thread stalls persisting it; the others commit it.
+    let index = cluster.must_put(b"during-stall", b"v").await;
+    control
+        .wait_status("the stalled follower's heartbeats say so", |s| {
+            s.nodes.iter().any(|n| {
+                n.node_id == follower && n.up && n.metrics.as_ref().is_some_and(|m| m.raft_stale)
+            })
+        })
+        .await;
+    let cancelled = Instant::now();
+    control
+        .client()
+        .await
+        .cancel_fault(kiwi_proto::v1::CancelFaultRequest { id: f.id })
+        .await
+        .unwrap();
+    wait_nodes(&control, f.id, "cancelled").await;
+    cluster.wait_applied(follower, index).await;
+    assert!(
+        cancelled.elapsed() < Duration::from_secs(30),
+        "the stall ended with its fault, not after its 60 s"
+    );
+    let s = control.status().await;
+    assert!(
+        s.nodes.iter().any(|n| n.node_id == follower && n.up),
+        "the node never looked down: {s:#?}"
+    );
+}

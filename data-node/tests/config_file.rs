@@ -123,6 +123,15 @@ fn config_check_runs_every_check_the_start_runs() {
             "runtime.scaling.evaluation_interval_ms",
         ),
         ("[[raft.peers]]\nid = 1\naddr = \":\"\n", "raft.peers"),
+        // A data directory the start could not create or write.
+        ("data_dir = \"\"\n", "data_dir"),
+        ("data_dir = \"/proc/kiwi-data\"\n", "data_dir"),
+        ("data_dir = \"/etc/hostname/data\"\n", "data_dir"),
+        // Security files the start could not read.
+        (
+            "[security]\ncert_file = \"/nonexistent/n.crt\"\nkey_file = \"/nonexistent/n.key\"\n",
+            "security.cert_file",
+        ),
     ] {
         let (ok, stderr) = check_file(text);
         assert!(!ok, "{text} passed the check");

@@ -322,7 +322,9 @@ mod tests {
             }
             params
         };
-        let cases: [(&str, &[&str], Result<Option<u64>, ()>); 6] = [
+        // (name, URIs, the member id it names or Err when refused)
+        type Case<'a> = (&'a str, &'a [&'a str], Result<Option<u64>, ()>);
+        let cases: [Case; 6] = [
             ("client", &[], Ok(None)),
             ("other-uri", &["spiffe://x/y"], Ok(None)),
             ("member", &["kiwi://node/3"], Ok(Some(3))),

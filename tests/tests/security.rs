@@ -542,11 +542,10 @@ fn pki(name: &str, clients: &[&str]) -> Pki {
 /// A CA, a certificate for each of members `1..=members` (localhost, 127.0.0.1, and the URI
 /// `kiwi://node/<id>` that binds it to its node), and a client certificate (no URI) for each common
 /// name, all signed by the CA, as PEM: (ca, [(cert, key)] of members, [(cert, key)] of clients).
-fn member_pki(
-    name: &str,
-    members: u64,
-    clients: &[&str],
-) -> (String, Vec<(String, String)>, Vec<(String, String)>) {
+/// A certificate and its key, as PEM.
+type Pem = (String, String);
+
+fn member_pki(name: &str, members: u64, clients: &[&str]) -> (String, Vec<Pem>, Vec<Pem>) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -729,10 +728,12 @@ async fn forge_append(
             }],
         })),
     };
-    let mut entry = raft::eraftpb::Entry::default();
-    entry.term = term;
-    entry.index = index;
-    entry.data = command.encode_to_vec().into();
+    let entry = raft::eraftpb::Entry {
+        term,
+        index,
+        data: command.encode_to_vec().into(),
+        ..Default::default()
+    };
     let mut m = raft::eraftpb::Message::default();
     m.set_msg_type(raft::eraftpb::MessageType::MsgAppend);
     (m.from, m.to, m.term) = (from, to, term);

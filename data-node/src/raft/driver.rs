@@ -232,7 +232,7 @@ enum Inbox {
     },
     InstallSnapshot {
         msg: Message,
-        reply: oneshot::Sender<Result<(), ProposeError>>,
+        reply: InstallReply,
         /// The staging area's lock, released when the install is done.
         staging: Box<dyn Send>,
     },
@@ -246,6 +246,9 @@ enum Inbox {
         reply: oneshot::Sender<Option<MetricsReport>>,
     },
 }
+
+/// Where a snapshot install's outcome goes.
+type InstallReply = oneshot::Sender<Result<(), ProposeError>>;
 
 /// How the driver is set up.
 #[derive(Debug, Clone)]
@@ -504,7 +507,7 @@ struct Driver {
     compaction_threshold: u64,
     compaction_slack: u64,
     /// Snapshot installs to answer after the current Ready, with the staging lock each holds.
-    installs: Vec<(oneshot::Sender<Result<(), ProposeError>>, Box<dyn Send>)>,
+    installs: Vec<(InstallReply, Box<dyn Send>)>,
     /// This node is not in the current membership (as its own log says).
     removed: bool,
     /// Peers that refused this node's messages as a non-member since it last heard from a leader: a
