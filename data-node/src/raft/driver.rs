@@ -1580,6 +1580,18 @@ impl Driver {
     }
 }
 
+/// A sink that sends nothing: a driver alone, for tests of this module and the transport's.
+#[cfg(test)]
+pub(crate) struct NoPeers;
+
+#[cfg(test)]
+impl MessageSink for NoPeers {
+    fn send(&self, _msgs: Vec<Message>) -> Vec<u64> {
+        Vec::new()
+    }
+    fn add_peer(&self, _id: u64, _addr: String) {}
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -2358,14 +2370,6 @@ mod tests {
         fn snapshot(&self) -> kiwi_storage::Result<Box<dyn StorageSnapshot>> {
             self.inner.snapshot()
         }
-    }
-
-    struct NoPeers;
-    impl MessageSink for NoPeers {
-        fn send(&self, _msgs: Vec<Message>) -> Vec<u64> {
-            Vec::new()
-        }
-        fn add_peer(&self, _id: u64, _addr: String) {}
     }
 
     fn put(key: &str) -> Vec<u8> {

@@ -798,7 +798,7 @@ mod tests {
     use raft::eraftpb::SnapshotMetadata;
 
     use super::*;
-    use crate::raft::driver::{self, DriverConfig};
+    use crate::raft::driver::{self, DriverConfig, NoPeers};
     use crate::raft::log_store::{LogStore, SnapshotData};
     use crate::raft::state_machine;
     use crate::telemetry::raft_metrics::{MetricsSettings, RaftExport};
@@ -875,14 +875,6 @@ mod tests {
             self.wait_if_closed(opts);
             self.inner.delete(space, key, opts)
         }
-    }
-
-    struct NoPeers;
-    impl MessageSink for NoPeers {
-        fn send(&self, _msgs: Vec<Message>) -> Vec<u64> {
-            Vec::new()
-        }
-        fn add_peer(&self, _id: u64, _addr: String) {}
     }
 
     const CLUSTER: u64 = 7;
