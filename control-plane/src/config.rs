@@ -28,6 +28,32 @@ pub struct ControlConfig {
     pub log: LogConfig,
     /// What the control plane keeps, and for how long.
     pub retention: RetentionConfig,
+    /// What a connection may hold.
+    pub connections: ConnectionsConfig,
+}
+
+/// `[connections]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// A connection with no call in progress for this many seconds is closed (a node's link stream
+    /// counts as a call, HTTP/2 pings do not); clients reconnect on their next call. 0: never.
+    pub idle_timeout_sec: u64,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            idle_timeout_sec: 600,
+        }
+    }
+}
+
+impl ConnectionsConfig {
+    /// The idle time, `None` for never.
+    pub fn idle(&self) -> Option<Duration> {
+        (self.idle_timeout_sec > 0).then(|| Duration::from_secs(self.idle_timeout_sec))
+    }
 }
 
 /// `[retention]`: bounds on what the control plane keeps, so that its store and memory do not grow
@@ -128,6 +154,7 @@ impl Default for ControlConfig {
             security: SecurityConfig::default(),
             log: LogConfig::default(),
             retention: RetentionConfig::default(),
+            connections: ConnectionsConfig::default(),
         }
     }
 }

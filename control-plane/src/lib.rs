@@ -221,7 +221,13 @@ impl ControlPlane {
             },
             shutdown.clone().cancelled_owned(),
         );
+        let conns =
+            kiwi_proto::connections::Connections::new(kiwi_proto::connections::ConnectionLimits {
+                idle: config.connections.idle(),
+                ..Default::default()
+            });
         let router = kiwi_proto::limits::server()
+            .layer(conns.layer())
             .layer(tower::util::option_layer(
                 auth.map(|a| kiwi_proto::auth::AuthLayer::new(a, method_role)),
             ))
@@ -233,16 +239,14 @@ impl ControlPlane {
             .with_nodelay(Some(true))
             .with_keepalive(Some(kiwi_proto::limits::TCP_KEEPALIVE));
         let done = shutdown.clone().cancelled_owned();
-        let server =
-            match &server_tls {
-                Some(tls) => {
-                    tokio::spawn(router.serve_with_incoming_shutdown(tls.accept(incoming), done))
-                }
-                None => tokio::spawn(router.serve_with_incoming_shutdown(
-                    kiwi_proto::security::accept_plain(incoming),
-                    done,
-                )),
-            };
+        let server = match &server_tls {
+            Some(tls) => tokio::spawn(
+                router.serve_with_incoming_shutdown(tls.accept(&conns, incoming), done),
+            ),
+            None => tokio::spawn(
+                router.serve_with_incoming_shutdown(conns.accept_plain(incoming), done),
+            ),
+        };
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "kiwi-control serving");
         Ok(ControlPlane {
             addr,

@@ -79,6 +79,41 @@ pub struct NodeConfig {
     pub control: ControlLinkConfig,
     /// Authentication.
     pub security: SecurityConfig,
+    /// What a client connection may hold.
+    pub connections: ConnectionsConfig,
+}
+
+/// `[connections]`: what one client connection may hold on the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectionsConfig {
+    /// A connection with no call in progress for this many seconds is closed (on the client and Raft
+    /// ports; an open stream counts as a call, HTTP/2 pings do not); clients reconnect on their next
+    /// call. 0: never.
+    pub idle_timeout_sec: u64,
+    /// Bytes of large answers (Get values and Scan pages over 16 KiB) that one connection's client
+    /// may leave unread; more answers on it wait (a Scan gets a smaller page) until it reads, or fail
+    /// with RESOURCE_EXHAUSTED at their deadline.
+    pub answer_buffer_per_connection: ByteSize,
+    /// The same for all connections together: the node's memory for unread answers.
+    pub answer_buffer_total: ByteSize,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            idle_timeout_sec: 600,
+            answer_buffer_per_connection: ByteSize::mib(16),
+            answer_buffer_total: ByteSize::mib(256),
+        }
+    }
+}
+
+impl ConnectionsConfig {
+    /// The idle time, `None` for never.
+    pub fn idle(&self) -> Option<Duration> {
+        (self.idle_timeout_sec > 0).then(|| Duration::from_secs(self.idle_timeout_sec))
+    }
 }
 
 /// `[security]`, shared with the control plane.
@@ -97,6 +132,7 @@ impl Default for NodeConfig {
             telemetry: TelemetryConfig::default(),
             control: ControlLinkConfig::default(),
             security: SecurityConfig::default(),
+            connections: ConnectionsConfig::default(),
         }
     }
 }
@@ -894,6 +930,24 @@ impl NodeConfig {
             format!(
                 "must be at most {MAX_VALUE_SIZE_CEILING}, got {}",
                 st.max_value_size
+            ),
+        );
+
+        let c = &self.connections;
+        check(
+            c.answer_buffer_per_connection >= ByteSize::kib(64),
+            "connections.answer_buffer_per_connection",
+            format!(
+                "must be at least 64 KiB, got {}",
+                c.answer_buffer_per_connection
+            ),
+        );
+        check(
+            c.answer_buffer_total >= c.answer_buffer_per_connection,
+            "connections.answer_buffer_total",
+            format!(
+                "must be at least connections.answer_buffer_per_connection ({}), got {}",
+                c.answer_buffer_per_connection, c.answer_buffer_total
             ),
         );
 

@@ -480,7 +480,13 @@ impl Node {
             .build_v1()?;
 
         let shutdown = CancellationToken::new();
+        let limits = kiwi_proto::connections::ConnectionLimits {
+            idle: config.connections.idle(),
+            ..Default::default()
+        };
+        let client_conns = kiwi_proto::connections::Connections::new(limits);
         let server = kiwi_proto::limits::server()
+            .layer(client_conns.layer())
             .layer(tower::util::option_layer(auth.clone().map(|a| {
                 kiwi_proto::auth::AuthLayer::new(a, service::method_role)
             })))
@@ -510,15 +516,18 @@ impl Node {
         // Raft on its own port when one is configured, else next to the client services.
         let (server, raft_server) = match raft_listener {
             Some((raft_listener, _)) => {
-                let router = kiwi_proto::limits::server().add_service(raft_service);
+                let raft_conns = kiwi_proto::connections::Connections::new(limits);
+                let router = kiwi_proto::limits::server()
+                    .layer(raft_conns.layer())
+                    .add_service(raft_service);
                 let done = shutdown.clone().cancelled_owned();
                 let raft_server: ServeFuture = match &raft_tls {
-                    Some(t) => Box::pin(
-                        router
-                            .serve_with_incoming_shutdown(t.accept(incoming(raft_listener)), done),
-                    ),
+                    Some(t) => Box::pin(router.serve_with_incoming_shutdown(
+                        t.accept(&raft_conns, incoming(raft_listener)),
+                        done,
+                    )),
                     None => Box::pin(router.serve_with_incoming_shutdown(
-                        kiwi_proto::security::accept_plain(incoming(raft_listener)),
+                        raft_conns.accept_plain(incoming(raft_listener)),
                         done,
                     )),
                 };
@@ -527,15 +536,17 @@ impl Node {
             None => (server.add_service(raft_service), None),
         };
         let done = shutdown.clone().cancelled_owned();
-        let server: ServeFuture = match &server_tls {
-            Some(t) => {
-                Box::pin(server.serve_with_incoming_shutdown(t.accept(incoming(listener)), done))
-            }
-            None => Box::pin(server.serve_with_incoming_shutdown(
-                kiwi_proto::security::accept_plain(incoming(listener)),
-                done,
-            )),
-        };
+        let server: ServeFuture =
+            match &server_tls {
+                Some(t) => Box::pin(server.serve_with_incoming_shutdown(
+                    t.accept(&client_conns, incoming(listener)),
+                    done,
+                )),
+                None => Box::pin(server.serve_with_incoming_shutdown(
+                    client_conns.accept_plain(incoming(listener)),
+                    done,
+                )),
+            };
         let server = tokio::spawn(async move {
             match raft_server {
                 Some(raft_server) => tokio::try_join!(server, raft_server).map(|_| ()),

@@ -506,7 +506,7 @@ async fn a_silent_connection_is_closed() {
     let started = Instant::now();
     let mut buf = [0u8; 64];
     let read = tokio::time::timeout(
-        kiwi_proto::security::HANDSHAKE_TIMEOUT + Duration::from_secs(20),
+        kiwi_proto::connections::HANDSHAKE_TIMEOUT + Duration::from_secs(20),
         silent.read(&mut buf),
     )
     .await
@@ -516,7 +516,7 @@ async fn a_silent_connection_is_closed() {
         "closed without an answer: {read:?}"
     );
     assert!(
-        started.elapsed() >= kiwi_proto::security::HANDSHAKE_TIMEOUT - Duration::from_secs(1),
+        started.elapsed() >= kiwi_proto::connections::HANDSHAKE_TIMEOUT - Duration::from_secs(1),
         "not closed before the timeout"
     );
     kv(&channel)

@@ -8,7 +8,8 @@
 //!
 //! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane; `http`
 //! (feature `http`) the guarded Prometheus endpoint both of them serve; `auth` (feature `auth`) bearer tokens and
-//! roles for their gRPC servers; `security` (feature `auth`) the `[security]` table both configs share; [`tls`]
+//! roles for their gRPC servers; `connections` (feature `auth`) what a server's connections may hold (caps,
+//! idle close, the budget of unread answers); `security` (feature `auth`) the `[security]` table both configs share; [`tls`]
 //! their TLS settings from PEM files; [`net`] loopback ports for local clusters.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
@@ -20,6 +21,8 @@
 #[cfg(feature = "auth")]
 pub mod auth;
 pub mod codec;
+#[cfg(feature = "auth")]
+pub mod connections;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod net;

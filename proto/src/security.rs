@@ -1,26 +1,21 @@
 //! `[security]`, the same table in the node's and the control plane's config (feature `auth`): its keys,
 //! the rules between them, and what they build (the authenticator, the server's TLS, the TLS to peers).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::task::{Context, Poll};
-use std::time::Duration;
 
 use rustls::server::WebPkiClientVerifier;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::ClientTlsConfig;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{Authenticator, TokensError};
+use crate::connections::{Connections, Counted};
 use crate::tls::TlsError;
 
 /// `[security]`
@@ -133,188 +128,6 @@ impl SecurityConfig {
     }
 }
 
-/// Connections waiting for their TLS handshake (or, in plain text, their first bytes) at once on one
-/// listener; connections beyond are closed at once.
-pub const MAX_HANDSHAKES: usize = 1024;
-/// Of which one source address may hold: a client that opens silent connections from one address fills
-/// only its own share, and a restarted peer (from another address) still gets a slot.
-pub const MAX_HANDSHAKES_PER_SOURCE: usize = 64;
-/// Connections open at once on one listener (waiting or established); more are closed at once.
-pub const MAX_CONNECTIONS: usize = 8192;
-/// Of which one source address may hold.
-pub const MAX_CONNECTIONS_PER_SOURCE: usize = 2048;
-/// Longest a new connection may take to finish its TLS handshake (or, in plain text, to send its first
-/// bytes) before it is closed: a slow or silent client holds nothing longer.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest pause after a failed accept (EMFILE, ENFILE, ENOBUFS): the pauses double from 5 ms, so a
-/// listener out of file descriptors does not spin.
-const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
-
-/// How many connections a listener takes, in all and per source address (see the constants above).
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectionLimits {
-    pub handshakes: usize,
-    pub handshakes_per_source: usize,
-    pub connections: usize,
-    pub connections_per_source: usize,
-}
-
-impl Default for ConnectionLimits {
-    fn default() -> Self {
-        ConnectionLimits {
-            handshakes: MAX_HANDSHAKES,
-            handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
-            connections: MAX_CONNECTIONS,
-            connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
-        }
-    }
-}
-
-#[derive(Default)]
-struct Counts {
-    pending: usize,
-    open: usize,
-}
-
-/// The connections a listener holds: totals and per source address.
-struct Gate {
-    limits: ConnectionLimits,
-    counts: std::sync::Mutex<(Counts, HashMap<IpAddr, Counts>)>,
-}
-
-/// A connection's place in its listener's [`Gate`]: waiting for its first step until `handshaken`,
-/// open until dropped.
-struct Slot {
-    gate: Arc<Gate>,
-    source: IpAddr,
-    pending: bool,
-}
-
-impl Gate {
-    fn counts(&self) -> std::sync::MutexGuard<'_, (Counts, HashMap<IpAddr, Counts>)> {
-        self.counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// A slot for a new connection from `source`, or why there is none.
-    fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Slot, &'static str> {
-        let l = self.limits;
-        let mut guard = self.counts();
-        let (total, by_source) = &mut *guard;
-        let mine = by_source.entry(source).or_default();
-        let refusal = if total.open >= l.connections {
-            Some("too many connections")
-        } else if mine.open >= l.connections_per_source {
-            Some("too many connections from one address")
-        } else if total.pending >= l.handshakes {
-            Some("too many connections waiting for their first step")
-        } else if mine.pending >= l.handshakes_per_source {
-            Some("too many connections from one address waiting for their first step")
-        } else {
-            None
-        };
-        if let Some(why) = refusal {
-            if mine.open == 0 {
-                by_source.remove(&source);
-            }
-            return Err(why);
-        }
-        mine.open += 1;
-        mine.pending += 1;
-        total.open += 1;
-        total.pending += 1;
-        Ok(Slot {
-            gate: Arc::clone(self),
-            source,
-            pending: true,
-        })
-    }
-}
-
-impl Slot {
-    /// The connection finished its first step: it no longer counts as waiting.
-    fn handshaken(&mut self) {
-        if std::mem::take(&mut self.pending) {
-            let mut guard = self.gate.counts();
-            let (total, by_source) = &mut *guard;
-            total.pending -= 1;
-            if let Some(c) = by_source.get_mut(&self.source) {
-                c.pending -= 1;
-            }
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.handshaken();
-        let mut guard = self.gate.counts();
-        let (total, by_source) = &mut *guard;
-        total.open -= 1;
-        if let Some(c) = by_source.get_mut(&self.source) {
-            c.open -= 1;
-            if c.open == 0 {
-                by_source.remove(&self.source);
-            }
-        }
-    }
-}
-
-/// A served connection, counted in its listener's limits until it closes.
-pub struct Counted<IO> {
-    io: IO,
-    _slot: Slot,
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Counted<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-}
-
-impl<IO: Connected> Connected for Counted<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
-    }
-}
-
 /// A server's TLS, read from `[security]` and replaceable while serving ([`reload`](Self::reload), on
 /// SIGHUP): connections accepted afterwards get the new certificate and CA, open ones keep theirs, so
 /// a certificate rotates with no downtime. A reload that fails its checks keeps the old configuration.
@@ -381,121 +194,37 @@ impl ServerTls {
         Ok(())
     }
 
-    /// The TLS connections of `tcp` (see [`accept_each`]). Stops accepting when the returned stream is
-    /// dropped.
+    /// The TLS connections of `tcp`, within `connections`' limits (see
+    /// [`Connections::accept_each`]). On a members-only port a caller is a member when its certificate
+    /// names one (`kiwi://node/<id>`): only members take the member reserve. Stops accepting when the
+    /// returned stream is dropped.
     pub fn accept(
         self: &Arc<Self>,
+        connections: &Arc<Connections>,
         tcp: TcpIncoming,
     ) -> ReceiverStream<std::io::Result<Counted<TlsStream<TcpStream>>>> {
         let this = Arc::clone(self);
-        accept_each(
-            tcp,
-            ConnectionLimits::default(),
-            "TLS handshake",
-            move |stream| {
-                let acceptor = TlsAcceptor::from(Arc::clone(
-                    &this
-                        .current
-                        .read()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                ));
-                async move { acceptor.accept(stream).await }
-            },
-        )
+        connections.accept_each(tcp, "TLS handshake", move |stream| {
+            let acceptor = TlsAcceptor::from(Arc::clone(
+                &this
+                    .current
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            ));
+            let members_only = this.members_only;
+            async move {
+                let tls = acceptor.accept(stream).await?;
+                let member = members_only.then(|| {
+                    tls.get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .is_some_and(|leaf| matches!(crate::tls::member_id(leaf), Ok(Some(_))))
+                });
+                Ok((tls, member))
+            }
+        })
     }
-}
-
-/// The plain-text connections of `tcp`, each passed on once its first bytes arrive (see
-/// [`accept_each`]): a client that connects and stays silent is closed after [`HANDSHAKE_TIMEOUT`].
-pub fn accept_plain(tcp: TcpIncoming) -> ReceiverStream<std::io::Result<Counted<TcpStream>>> {
-    accept_plain_with(tcp, ConnectionLimits::default())
-}
-
-/// [`accept_plain`] with other limits.
-pub fn accept_plain_with(
-    tcp: TcpIncoming,
-    limits: ConnectionLimits,
-) -> ReceiverStream<std::io::Result<Counted<TcpStream>>> {
-    accept_each(tcp, limits, "first bytes", |stream| async move {
-        // `readable` may wake without data; a peek waits for a byte (or the end of the stream).
-        if stream.peek(&mut [0u8; 1]).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(stream)
-    })
-}
-
-/// Accepts `tcp`'s connections and prepares each on its own task (a slow one delays no other): within
-/// `limits` (more are closed at once: in all, and per source address, so that one address cannot take
-/// every slot) and each within [`HANDSHAKE_TIMEOUT`] (else closed), so a slow or silent client holds no
-/// accept slot and no server task. A failed accept (out of file descriptors) pauses the loop, doubling
-/// up to [`MAX_ACCEPT_BACKOFF`].
-fn accept_each<IO, F, Fut>(
-    mut tcp: TcpIncoming,
-    limits: ConnectionLimits,
-    what: &'static str,
-    prepare: F,
-) -> ReceiverStream<std::io::Result<Counted<IO>>>
-where
-    IO: Send + 'static,
-    F: Fn(TcpStream) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = std::io::Result<IO>> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let gate = Arc::new(Gate {
-        limits,
-        counts: std::sync::Mutex::default(),
-    });
-    tokio::spawn(async move {
-        let mut backoff = Duration::ZERO;
-        loop {
-            let next = tokio::select! {
-                next = tcp.next() => next,
-                () = tx.closed() => return,
-            };
-            let stream = match next {
-                Some(Ok(stream)) => {
-                    backoff = Duration::ZERO;
-                    stream
-                }
-                Some(Err(e)) => {
-                    if backoff.is_zero() {
-                        tracing::warn!(error = %e, "accept failed; pausing the listener (doubling up to 1 s while it fails)");
-                    }
-                    backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        () = tx.closed() => return,
-                    }
-                    continue;
-                }
-                None => return,
-            };
-            let Ok(peer) = stream.peer_addr() else {
-                continue;
-            };
-            let mut slot = match gate.admit(peer.ip()) {
-                Ok(slot) => slot,
-                Err(why) => {
-                    tracing::warn!(%peer, what, "{why}; connection closed");
-                    continue;
-                }
-            };
-            let prepared = prepare(stream);
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, prepared).await {
-                    Ok(Ok(io)) => {
-                        slot.handshaken();
-                        let _ = tx.send(Ok(Counted { io, _slot: slot })).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, what, error = %e, "connection refused"),
-                    Err(_) => tracing::debug!(%peer, what, "timed out; connection closed"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 /// What SIGHUP reads again.
@@ -640,45 +369,5 @@ mod tests {
             ..SecurityConfig::default()
         };
         assert_eq!(keys(&ca_only, loopback), ["security.ca_file"]);
-    }
-
-    #[tokio::test]
-    async fn silent_connections_from_one_address_leave_slots_for_the_others() {
-        use tokio::io::AsyncWriteExt as _;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = ConnectionLimits {
-            handshakes: 8,
-            handshakes_per_source: 4,
-            connections: 100,
-            connections_per_source: 50,
-        };
-        let mut accepted = accept_plain_with(TcpIncoming::from(listener), limits);
-        // Twenty silent connections from one address: without a share per address they took all 8
-        // slots, and the restarted peer below was closed at once.
-        let mut silent = Vec::new();
-        for _ in 0..20 {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-            silent.push(socket.connect(addr).await.unwrap());
-        }
-        let mut peer = TcpStream::connect(addr).await.unwrap();
-        peer.write_all(b"x").await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), accepted.next())
-            .await
-            .expect("the peer from another address got a slot")
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            got.io.peer_addr().unwrap(),
-            peer.local_addr().unwrap(),
-            "the peer that spoke, not a silent one"
-        );
-        let counts = got._slot.gate.counts();
-        assert_eq!(
-            counts.0.open,
-            1 + 4,
-            "the peer and the silent share of 4; the rest closed"
-        );
     }
 }

@@ -297,6 +297,15 @@ impl Cluster {
         self.nodes.get_mut(&id).expect("known node").storage_extra = lines.to_string();
     }
 
+    /// A running node's process id.
+    pub fn pid(&self, id: u64) -> u32 {
+        self.nodes[&id]
+            .child
+            .as_ref()
+            .expect("node is running")
+            .id()
+    }
+
     /// A node's data directory (as its config names it).
     pub fn data_dir(&self, id: u64) -> PathBuf {
         self.nodes[&id].dir.join("data")

@@ -47,6 +47,10 @@ pub enum KvError {
     /// Refused by admission control; did nothing.
     #[error("{0}")]
     Shed(Refused),
+    /// Answers the connection's client has not read hold its share of the answer budget (or the node's
+    /// whole budget is held) until the request's deadline; nothing was done.
+    #[error("{0}")]
+    NoRoom(kiwi_proto::connections::NoRoom),
     /// The deadline passed while the request waited in the queue; it never ran.
     #[error("deadline of {0:?} exceeded while queued; the request never ran")]
     Expired(Duration),
@@ -67,6 +71,7 @@ impl KvError {
                 | KvError::Stopped
                 | KvError::Installing
                 | KvError::Removed(_)
+                | KvError::NoRoom(_)
         );
         let retry_after = match &self {
             KvError::Shed(r) => r.retry_after(),
@@ -124,7 +129,9 @@ impl KvError {
             | KvError::Unknown(_)
             | KvError::Installing => Status::unavailable(msg),
             KvError::Removed(_) => Status::failed_precondition(msg),
-            KvError::Overloaded | KvError::Shed(_) => Status::resource_exhausted(msg),
+            KvError::Overloaded | KvError::Shed(_) | KvError::NoRoom(_) => {
+                Status::resource_exhausted(msg)
+            }
             KvError::Expired(_) => Status::deadline_exceeded(msg),
             KvError::Precondition(_) => Status::failed_precondition(msg),
             KvError::Timeout(_) => Status::deadline_exceeded(msg),

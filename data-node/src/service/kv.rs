@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use kiwi_proto::connections::CHUNK;
 use kiwi_proto::v1::kv_service_server::KvService;
 use kiwi_proto::v1::{
     BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest, CompareAndSwapResponse,
@@ -9,6 +10,7 @@ use kiwi_proto::v1::{
     ScanRequest, ScanResponse, WriteOp, compare_and_swap_request, raft_command, write_op,
 };
 use kiwi_storage::{KeySpace, Scan, ScanRange, StorageBackend};
+use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::*;
@@ -16,7 +18,7 @@ use super::*;
 /// Pairs read by the first page of a Scan, before the pair sizes are known.
 const FIRST_SCAN_PAGE: usize = 16;
 
-/// Reads up to `limit` pairs of `range` and at most [`MAX_SCAN_BYTES`] (at least one pair), page by page
+/// Reads up to `limit` pairs of `range` and at most `max_bytes` (at least one pair), page by page
 /// so that memory follows the answer's size, not `limit` times the largest value. Pages after the first
 /// read one point-in-time view, so the answer is one state of the data. Returns the pairs and whether
 /// more remain.
@@ -26,6 +28,7 @@ fn scan_bounded(
     limit: usize,
     reverse: bool,
     keys_only: bool,
+    max_bytes: usize,
 ) -> kiwi_storage::Result<(Vec<KeyValue>, bool)> {
     // One page is enough for small limits; otherwise every page reads the same view.
     let view = if limit + 1 > FIRST_SCAN_PAGE {
@@ -52,7 +55,7 @@ fn scan_bounded(
         for (key, value) in pairs {
             let value = if keys_only { Vec::new() } else { value };
             let size = key.len() + value.len();
-            if kvs.len() == limit || (!kvs.is_empty() && bytes + size > MAX_SCAN_BYTES) {
+            if kvs.len() == limit || (!kvs.is_empty() && bytes + size > max_bytes) {
                 return Ok((kvs, true));
             }
             bytes += size;
@@ -68,7 +71,7 @@ fn scan_bounded(
             return Ok((kvs, false));
         }
         let avg = (bytes / kvs.len().max(1)).max(1);
-        page = (MAX_SCAN_BYTES.saturating_sub(bytes) / avg).clamp(1, 1024);
+        page = (max_bytes.saturating_sub(bytes) / avg).clamp(1, 1024);
     }
 }
 
@@ -82,22 +85,36 @@ impl KvService for KvApi {
         let s = &self.0;
         let span = request_span("kv.Get", &request);
         let may_critical = super::may_use_critical(&request);
+        let connection = connection_of(&request);
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref(), may_critical)?;
             s.check_key(&req.key)?;
             let applied = s.read_point(req.consistency, &tagged).await?;
-            let key = req.key;
-            let value = s
-                .read_data(&tagged, move |st| st.read(KeySpace::Data, &key))
-                .await?;
-            Ok(GetResponse {
+            let read = |key: Vec<u8>| s.read_data(&tagged, move |st| st.read(KeySpace::Data, &key));
+            let mut value = read(req.key.clone()).await?;
+            let mut hold = None;
+            // A large value waits, unread, for room in the answer budget; read again once there is
+            // some (a later state of the key: still a read between the request and its answer).
+            let size = value.as_ref().map_or(0, Vec::len);
+            if size > CHUNK {
+                hold = s.answers.try_hold(connection, size);
+                if hold.is_none() {
+                    drop(value);
+                    let h = s.hold_answer(&tagged, connection, size, size).await?;
+                    value = read(req.key).await?;
+                    h.resize(value.as_ref().map_or(0, Vec::len));
+                    hold = Some(h);
+                }
+            }
+            let answer = GetResponse {
                 header: s.header(&tagged, applied),
                 found: value.is_some(),
                 value: value.unwrap_or_default(),
-            })
+            };
+            Ok((answer, hold))
         };
-        traced(span, run).await
+        traced_held(span, run).await
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
@@ -173,6 +190,7 @@ impl KvService for KvApi {
         let s = &self.0;
         let span = request_span("kv.Scan", &request);
         let may_critical = super::may_use_critical(&request);
+        let connection = connection_of(&request);
         let req = request.into_inner();
         let run = async {
             let tagged = s.tag(req.header.as_ref(), may_critical)?;
@@ -185,20 +203,28 @@ impl KvService for KvApi {
             let applied = s.read_point(req.consistency, &tagged).await?;
             let range = ScanRange::half_open(&req.start_key, &req.end_key);
             let (limit, keys_only, reverse) = (req.limit as usize, req.keys_only, req.reverse);
+            // The answer's bytes come from the answer budget: a smaller page (`more = true`) when
+            // little is free, a wait when less than a piece is.
+            let hold = s
+                .hold_answer(&tagged, connection, CHUNK, MAX_SCAN_BYTES)
+                .await?;
+            let max_bytes = hold.bytes();
             // The answer is built in the storage stage too (at the request's OS priority), not on a
             // network thread.
             let (kvs, more) = s
                 .read_data(&tagged, move |st| {
-                    scan_bounded(st, range, limit, reverse, keys_only)
+                    scan_bounded(st, range, limit, reverse, keys_only, max_bytes)
                 })
                 .await?;
-            Ok(ScanResponse {
+            let answer = ScanResponse {
                 header: s.header(&tagged, applied),
                 kvs,
                 more,
-            })
+            };
+            hold.resize(answer.encoded_len());
+            Ok((answer, Some(hold)))
         };
-        traced(span, run).await
+        traced_held(span, run).await
     }
 
     async fn compare_and_swap(

@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use kiwi_proto::connections::{AnswerBudget, AnswerHold};
 use kiwi_proto::v1::{
     Consistency, RaftCommand, RequestHeader, ResponseHeader, WriteBatchCommand, WriteOp,
     raft_command, write_op,
@@ -150,6 +151,8 @@ pub struct KvServer {
     next_request: AtomicU64,
     /// CRITICAL requests from principals without the admin role, served as HIGH.
     critical_downgrades: opentelemetry::metrics::Counter<u64>,
+    /// Bytes of large answers waiting for their clients to read them (`[connections]`).
+    answers: Arc<AnswerBudget>,
 }
 
 /// The role each gRPC method of the node needs when authentication is on (`None`: open). Reads and the
@@ -194,6 +197,13 @@ pub struct KvServerParts {
     pub meter: opentelemetry::metrics::Meter,
 }
 
+/// The connection a request came on (local and remote address), for the answer budget.
+type Connection = (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>);
+
+fn connection_of<T>(request: &tonic::Request<T>) -> Connection {
+    (request.local_addr(), request.remote_addr())
+}
+
 /// A request's tags after validation.
 struct Tagged {
     request_id: String,
@@ -236,6 +246,19 @@ pub fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span 
             span
         }
     }
+}
+
+/// [`traced`] for an answer that may hold a share of the answer budget: the hold goes into the
+/// response's extensions, where the connection layer keeps it until the client has read the answer.
+pub async fn traced_held<T>(
+    span: Span,
+    body: impl std::future::Future<Output = Result<(T, Option<AnswerHold>), KvError>>,
+) -> Result<tonic::Response<T>, tonic::Status> {
+    let (metadata, (answer, hold), mut extensions) = traced(span, body).await?.into_parts();
+    if let Some(hold) = hold {
+        extensions.insert(hold);
+    }
+    Ok(tonic::Response::from_parts(metadata, answer, extensions))
 }
 
 /// Runs a handler's body inside its request span and records how it ended. Public for the telemetry
@@ -300,6 +323,22 @@ impl KvServer {
             )
             .build();
         critical_downgrades.add(0, &[]);
+        let answers = AnswerBudget::new(
+            config.connections.answer_buffer_per_connection.as_u64() as usize,
+            config.connections.answer_buffer_total.as_u64() as usize,
+        );
+        {
+            let answers = Arc::clone(&answers);
+            meter
+                .u64_observable_gauge("kiwi_runtime_answer_buffer")
+                .with_unit("By")
+                .with_description(
+                    "Bytes of large answers (Get, Scan) waiting for their clients to read them \
+                     (at most [connections] answer_buffer_total, plus the last pair of a scan)",
+                )
+                .with_callback(move |o| o.observe(answers.held() as u64, &[]))
+                .build();
+        }
         Arc::new(KvServer {
             node_id,
             driver,
@@ -314,7 +353,26 @@ impl KvServer {
             config: std::sync::Mutex::new(config),
             next_request: AtomicU64::new(1),
             critical_downgrades,
+            answers,
         })
+    }
+
+    /// A share of the answer budget for a large answer on `connection`: up to `want` bytes, at least
+    /// `min`, waiting for room until the request's deadline.
+    async fn hold_answer(
+        &self,
+        tagged: &Tagged,
+        connection: Connection,
+        min: usize,
+        want: usize,
+    ) -> Result<AnswerHold, KvError> {
+        let left = tagged
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        self.answers
+            .hold(connection, min, want, left)
+            .await
+            .map_err(KvError::NoRoom)
     }
 
     fn tag(&self, header: Option<&RequestHeader>, may_critical: bool) -> Result<Tagged, KvError> {
