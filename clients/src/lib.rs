@@ -39,9 +39,10 @@ use std::time::Duration;
 use kiwi_proto::v1::kv_service_client::KvServiceClient;
 use kiwi_proto::v1::node_admin_client::NodeAdminClient;
 use kiwi_proto::v1::{
-    CompareAndSwapRequest, Consistency, DeleteRequest, GetRequest, GetRuntimePolicyRequest,
-    KeyValue, PutRequest, RequestHeader, RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse,
-    ScanRequest, StatusRequest, StatusResponse, compare_and_swap_request,
+    CompareAndSwapRequest, Consistency, DeleteRangeRequest, DeleteRequest, GetRequest,
+    GetRuntimePolicyRequest, KeyValue, PutRequest, RequestHeader, RuntimePolicy,
+    RuntimeStatsRequest, RuntimeStatsResponse, ScanRequest, StatusRequest, StatusResponse,
+    compare_and_swap_request,
 };
 pub use kiwi_proto::v1::{Consistency as ReadConsistency, Priority};
 use tokio::time::Instant;
@@ -254,6 +255,46 @@ pub struct ScanPage {
     pub kvs: Vec<(Vec<u8>, Vec<u8>)>,
     /// More pairs match beyond the limit.
     pub more: bool,
+}
+
+/// Which keys a range call covers: `[start, end)` (an empty bound is open) or every key starting with a
+/// prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRange {
+    Between { start: Vec<u8>, end: Vec<u8> },
+    Prefix(Vec<u8>),
+}
+
+impl KeyRange {
+    fn fields(&self) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        match self {
+            KeyRange::Between { start, end } => (start.clone(), end.clone(), Vec::new()),
+            KeyRange::Prefix(p) => (Vec::new(), Vec::new(), p.clone()),
+        }
+    }
+}
+
+/// How a [`Client::scan_range`] reads.
+#[derive(Debug, Clone, Default)]
+pub struct ScanOptions {
+    /// At most this many pairs (1-10000; 0 means 100).
+    pub limit: u32,
+    /// From the largest key down.
+    pub reverse: bool,
+    /// Keys only (values empty).
+    pub keys_only: bool,
+    /// Most key and value bytes in the page (0: the node's ceiling, 4 MiB).
+    pub max_bytes: u64,
+}
+
+/// What a [`Client::delete_range`] removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeDeleted {
+    pub deleted: u64,
+    /// With `prev_kv`: the removed pairs (up to 4 MiB of them).
+    pub prev_kvs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// More pairs were removed than `prev_kvs` holds.
+    pub prev_kvs_truncated: bool,
 }
 
 struct Node {
@@ -625,6 +666,116 @@ impl Client {
         .await
     }
 
+    /// One page of `range` with `scan` options.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn scan_range(
+        &self,
+        range: &KeyRange,
+        scan: &ScanOptions,
+        opts: &CallOptions,
+    ) -> Result<ScanPage, Error> {
+        let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
+        let (start_key, end_key, prefix) = range.fields();
+        self.call(opts, false, |mut c, header| {
+            let (start_key, end_key, prefix) = (start_key.clone(), end_key.clone(), prefix.clone());
+            async move {
+                let r = c
+                    .scan(ScanRequest {
+                        header: Some(header),
+                        start_key,
+                        end_key,
+                        prefix,
+                        limit: if scan.limit == 0 { 100 } else { scan.limit },
+                        reverse: scan.reverse,
+                        keys_only: scan.keys_only,
+                        max_bytes: scan.max_bytes,
+                        consistency,
+                        ..ScanRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                Ok(ScanPage {
+                    kvs: r
+                        .kvs
+                        .into_iter()
+                        .map(|KeyValue { key, value }| (key, value))
+                        .collect(),
+                    more: r.more,
+                })
+            }
+        })
+        .await
+    }
+
+    /// How many keys `range` holds.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn count(&self, range: &KeyRange, opts: &CallOptions) -> Result<u64, Error> {
+        let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
+        let (start_key, end_key, prefix) = range.fields();
+        self.call(opts, false, |mut c, header| {
+            let (start_key, end_key, prefix) = (start_key.clone(), end_key.clone(), prefix.clone());
+            async move {
+                Ok(c.scan(ScanRequest {
+                    header: Some(header),
+                    start_key,
+                    end_key,
+                    prefix,
+                    limit: 1,
+                    count_only: true,
+                    consistency,
+                    ..ScanRequest::default()
+                })
+                .await?
+                .into_inner()
+                .count)
+            }
+        })
+        .await
+    }
+
+    /// Removes every key of `range` in one write; returns how many there were (and, with `prev_kv`, the
+    /// removed pairs).
+    ///
+    /// # Errors
+    /// As for [`put`](Self::put).
+    pub async fn delete_range(
+        &self,
+        range: &KeyRange,
+        prev_kv: bool,
+        opts: &CallOptions,
+    ) -> Result<RangeDeleted, Error> {
+        let (start_key, end_key, prefix) = range.fields();
+        self.call(opts, true, |mut c, header| {
+            let (start_key, end_key, prefix) = (start_key.clone(), end_key.clone(), prefix.clone());
+            async move {
+                let r = c
+                    .delete_range(DeleteRangeRequest {
+                        header: Some(header),
+                        start_key,
+                        end_key,
+                        prefix,
+                        prev_kv,
+                    })
+                    .await?
+                    .into_inner();
+                Ok(RangeDeleted {
+                    deleted: r.deleted,
+                    prev_kvs: r
+                        .prev_kvs
+                        .into_iter()
+                        .map(|KeyValue { key, value }| (key, value))
+                        .collect(),
+                    prev_kvs_truncated: r.prev_kvs_truncated,
+                })
+            }
+        })
+        .await
+    }
+
     /// Sets `key` to `new` if its current value is `expected` (`None`: if it is absent).
     ///
     /// # Errors
@@ -733,6 +884,98 @@ impl Client {
             out.push((n.addr.clone(), r));
         }
         out
+    }
+
+    /// A `NodeAdmin` client on the leader, found from the endpoints' statuses (the leader must be one of
+    /// the endpoints, or named by one of them with its address among the leader's peers).
+    async fn leader_admin(&self) -> Result<(u64, AuthedAdminClient), Error> {
+        let statuses = self.status_all().await;
+        let nodes: Vec<_> = self.lock().clone();
+        let mut last = String::from("no endpoint answered");
+        for ((addr, status), node) in statuses.iter().zip(&nodes) {
+            match status {
+                Ok(s) if s.role == kiwi_proto::v1::RaftRole::Leader as i32 => {
+                    return Ok((s.node_id, node.admin(&self.interceptor())));
+                }
+                Ok(s) => last = format!("{addr} is node {} and knows no leader", s.node_id),
+                Err(e) => last = format!("{addr}: {}", e.message()),
+            }
+        }
+        Err(Error::Rpc(Status::unavailable(format!(
+            "no endpoint is the leader (give the leader's address among --endpoints, or retry once \
+             one is elected); last: {last}"
+        ))))
+    }
+
+    /// Adds node `node_id` (running with `raft.join = true` at `addr`, Raft at `raft_addr` when it has
+    /// its own port) as a learner, then promotes it once caught up; answers when it votes.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] with the leader's answer (e.g. another membership change in progress).
+    pub async fn add_member(
+        &self,
+        node_id: u64,
+        addr: &str,
+        raft_addr: &str,
+    ) -> Result<kiwi_proto::v1::MembershipResponse, Error> {
+        let (_, mut admin) = self.leader_admin().await?;
+        Ok(admin
+            .add_node(kiwi_proto::v1::AddNodeRequest {
+                node_id,
+                addr: addr.to_string(),
+                raft_addr: raft_addr.to_string(),
+            })
+            .await
+            .map_err(Error::Rpc)?
+            .into_inner())
+    }
+
+    /// Removes node `node_id` (voter or learner).
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] with the leader's answer.
+    pub async fn remove_member(
+        &self,
+        node_id: u64,
+    ) -> Result<kiwi_proto::v1::MembershipResponse, Error> {
+        let (_, mut admin) = self.leader_admin().await?;
+        Ok(admin
+            .remove_node(kiwi_proto::v1::RemoveNodeRequest { node_id })
+            .await
+            .map_err(Error::Rpc)?
+            .into_inner())
+    }
+
+    /// Hands leadership to voter `to` (`None`: the most caught-up other voter); answers once it leads.
+    /// Returns the new leader and its term.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] with the leader's answer; [`Error::InvalidArgument`] when there is no other voter.
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<(u64, u64), Error> {
+        let (leader, mut admin) = self.leader_admin().await?;
+        let to = match to {
+            Some(id) => id,
+            None => {
+                let status = admin
+                    .status(StatusRequest {})
+                    .await
+                    .map_err(Error::Rpc)?
+                    .into_inner();
+                status
+                    .peers
+                    .iter()
+                    .filter(|p| p.voter && p.node_id != leader)
+                    .max_by_key(|p| (p.recently_active, p.match_index))
+                    .map(|p| p.node_id)
+                    .ok_or_else(|| Error::InvalidArgument("the leader is the only voter".into()))?
+            }
+        };
+        let r = admin
+            .transfer_leader(kiwi_proto::v1::TransferLeaderRequest { node_id: to })
+            .await
+            .map_err(Error::Rpc)?
+            .into_inner();
+        Ok((r.leader_id, r.term))
     }
 
     /// Every known endpoint's `NodeAdmin.Status`, or the error it answered with, in endpoint order.

@@ -230,6 +230,40 @@ async fn cli_commands_exit_codes_and_json() {
     let o = kiwi(&cluster, &["del", "fresh"]);
     assert_eq!(o.status.code(), Some(1));
 
+    // Ranges: a prefix, reverse, a count, and deletes of a range and of a prefix, one write each.
+    for k in ["app/a", "app/b", "app/c", "apq", "log/1", "log/2"] {
+        assert!(kiwi(&cluster, &["put", k, "v"]).status.success());
+    }
+    let o = kiwi(&cluster, &["scan", "--prefix", "app/", "--keys-only"]);
+    assert_eq!(stdout(&o), "app/a\napp/b\napp/c\n");
+    let o = kiwi(
+        &cluster,
+        &[
+            "scan",
+            "--prefix",
+            "app/",
+            "--reverse",
+            "--keys-only",
+            "--limit",
+            "2",
+        ],
+    );
+    assert_eq!(stdout(&o), "app/c\napp/b\n");
+    let o = kiwi(&cluster, &["scan", "--prefix", "ap", "--count"]);
+    assert_eq!(stdout(&o), "4\n");
+    let o = kiwi(&cluster, &["--json", "del", "app/b", "--to", "app/z"]);
+    assert_eq!(o.status.code(), Some(0), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["deleted"], 2);
+    let o = kiwi(&cluster, &["del", "--prefix", "log/", "--prev-kv"]);
+    assert_eq!(stdout(&o), "log/1\tv\nlog/2\tv\ndeleted 2\n");
+    let o = kiwi(&cluster, &["scan", "--prefix", "ap", "--keys-only"]);
+    assert_eq!(stdout(&o), "app/a\napq\n");
+    let o = kiwi(&cluster, &["del", "--prefix", "nothing/"]);
+    assert_eq!(stdout(&o), "deleted 0\n");
+    let o = kiwi(&cluster, &["del"]);
+    assert_eq!(o.status.code(), Some(2), "KEY or --prefix is required");
+
     let o = kiwi(&cluster, &["--json", "status"]);
     assert_eq!(o.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
@@ -837,4 +871,84 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
         .status()
         .unwrap();
     assert!(pg.child.wait().unwrap().success());
+}
+
+/// `kiwi member list|add|remove` and `kiwi leader transfer` against a running cluster: the list names
+/// every member and the leader, a transfer moves leadership, removing the leader needs --yes, a joining
+/// node is added and votes, a removed one leaves the list, and a write afterwards is read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_member_and_leader_commands() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let leader = cluster.wait_leader().await;
+    let list = kiwi_json(&cluster, &["--json", "member", "list"]);
+    assert_eq!(list["leader"], leader);
+    let members = list["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{list}");
+    assert!(
+        members
+            .iter()
+            .all(|m| m["role"] == "voter" && m["up"] == true),
+        "{list}"
+    );
+
+    // Leadership moves to the most caught-up other voter.
+    let moved = kiwi_json(&cluster, &["--json", "leader", "transfer"]);
+    let new_leader = moved["leader"].as_u64().unwrap();
+    assert_ne!(new_leader, leader);
+    assert_eq!(cluster.wait_leader().await, new_leader);
+
+    // Removing the leader is refused without --yes, naming what to do.
+    let o = kiwi(&cluster, &["member", "remove", &new_leader.to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("kiwi leader transfer"),
+        "{o:?}"
+    );
+
+    // A joining node is added (and votes when the command returns).
+    let joining = cluster.spawn_joining_node();
+    let addr = cluster.addr(joining).to_string();
+    let added = kiwi_json(
+        &cluster,
+        &["--json", "member", "add", &joining.to_string(), &addr],
+    );
+    assert!(
+        added["voters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == joining),
+        "{added}"
+    );
+    // A follower is removed and leaves the list.
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != new_leader && *id != joining)
+        .unwrap();
+    let removed = kiwi_json(
+        &cluster,
+        &["--json", "member", "remove", &follower.to_string()],
+    );
+    assert!(
+        !removed["voters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == follower),
+        "{removed}"
+    );
+    let list = kiwi_json(&cluster, &["--json", "member", "list"]);
+    let ids: Vec<u64> = list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert!(ids.contains(&joining) && !ids.contains(&follower), "{list}");
+    assert_eq!(ids.len(), 3);
+    let o = kiwi(&cluster, &["put", "after", "membership"]);
+    assert!(o.status.success(), "{o:?}");
+    let o = kiwi(&cluster, &["get", "after"]);
+    assert_eq!(stdout(&o), "membership\n");
 }

@@ -56,6 +56,12 @@ impl KvService for Shedding {
     ) -> Result<Response<CompareAndSwapResponse>, Status> {
         Err(Status::unimplemented("stand-in"))
     }
+    async fn delete_range(
+        &self,
+        _: Request<kiwi_proto::v1::DeleteRangeRequest>,
+    ) -> Result<Response<kiwi_proto::v1::DeleteRangeResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
 }
 
 #[tokio::test]

@@ -396,6 +396,7 @@ fn any_request() -> impl proptest::strategy::Strategy<Value = AnyRequest> {
                         reverse,
                         consistency,
                         keys_only: false,
+                        ..ScanRequest::default()
                     })
                 }
             ),

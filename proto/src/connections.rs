@@ -277,23 +277,25 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Counted<IO> {
         if let Poll::Ready(r) = Pin::new(&mut this.io).poll_read(cx, buf) {
             return Poll::Ready(r);
         }
-        // Nothing to read: hyper waits here, so the idle timer is checked here too.
+        // Nothing to read: hyper waits here, so the idle timer is checked here too. The timer is moved
+        // only when it fires (a busy connection moves it once per idle time, not once per read).
         if let Some(idle) = &mut this.idle {
             loop {
+                if !idle.timer.is_elapsed() && idle.timer.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+                let now = Instant::now();
                 let deadline = if idle.calls.now.load(Ordering::Acquire) == 0 {
                     idle.calls.idle_since() + idle.after
                 } else {
-                    Instant::now() + idle.after
+                    now + idle.after
                 };
-                if deadline <= Instant::now() {
+                if deadline <= now {
                     tracing::debug!(peer = %this.slot.peer, "no call for {:?}; connection closed", idle.after);
                     // The end of the stream: hyper closes the connection.
                     return Poll::Ready(Ok(()));
                 }
                 idle.timer.as_mut().reset(deadline.into());
-                if idle.timer.as_mut().poll(cx).is_pending() {
-                    break;
-                }
             }
         }
         Poll::Pending

@@ -58,6 +58,8 @@ enum Shape {
     Bidi,
 }
 
+/// DeleteRange is left out: random bytes easily make a valid request for a wide range, which would delete
+/// the `known/` keys this test checks (correctly). Its malformed inputs are the Scan's (same fields).
 const NODE_METHODS: &[(&str, Shape)] = &[
     ("/kiwi.v1.KvService/Get", Shape::Unary),
     ("/kiwi.v1.KvService/Put", Shape::Unary),

@@ -6,9 +6,17 @@
 //! log they come from is already durable.
 
 use kiwi_proto::v1::{
-    CompareAndSwapRequest, RaftCommand, compare_and_swap_request, raft_command, write_op,
+    CompareAndSwapRequest, DeleteRangeCommand, KeyValue, RaftCommand, compare_and_swap_request,
+    raft_command, write_op,
 };
-use kiwi_storage::{KeySpace, Limits, StorageBackend, WriteBatch, WriteOptions};
+use kiwi_storage::{KeySpace, Limits, Scan, ScanRange, StorageBackend, WriteBatch, WriteOptions};
+
+/// Most key and value bytes a DeleteRange returns as its removed pairs (`prev_kv`); the rest are removed
+/// all the same and the answer says it was cut.
+pub const MAX_PREV_KV_BYTES: usize = 4 * 1024 * 1024;
+
+/// Keys a DeleteRange reads at once while it counts what it removes.
+const DELETE_RANGE_PAGE: usize = 1024;
 
 /// Key, in [`KeySpace::Raft`], of the last applied index (u64 BE).
 pub const APPLIED_KEY: &[u8] = b"state/applied";
@@ -188,6 +196,18 @@ pub fn validate(cmd: &RaftCommand) -> Result<(), String> {
                 _ => Err("neither new_value nor delete is set".into()),
             }
         }
+        Some(raft_command::Command::DeleteRange(d)) => {
+            if d.start_key.is_empty() && d.end_key.is_empty() {
+                return Err("the range is empty: set start_key or end_key".into());
+            }
+            if !d.start_key.is_empty() {
+                key(&d.start_key, "start_key")?;
+            }
+            if !d.end_key.is_empty() {
+                key(&d.end_key, "end_key")?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -202,6 +222,12 @@ pub struct ApplyOutcome {
     pub swapped: bool,
     /// For a compare-and-swap: the value before.
     pub previous: Option<Vec<u8>>,
+    /// For a range delete: how many keys it removed.
+    pub deleted: u64,
+    /// For a range delete with `prev_kv`: the removed pairs (at most [`MAX_PREV_KV_BYTES`]).
+    pub prev_kvs: Vec<KeyValue>,
+    /// For a range delete with `prev_kv`: more pairs were removed than `prev_kvs` holds.
+    pub prev_kvs_truncated: bool,
 }
 
 /// Reads the applied index (0 for a new store).
@@ -327,10 +353,74 @@ impl<'a> Applier<'a> {
                 }
                 out.previous = current;
             }
+            Some(raft_command::Command::DeleteRange(d)) => {
+                self.flush()?;
+                self.delete_range(d, &mut out)?;
+            }
             None => {}
         }
         self.last = Some(index);
         Ok(out)
+    }
+
+    /// Removes `[start_key, end_key)` with one range delete, counting (and with `prev_kv` keeping) the
+    /// pairs it held: reads page by page, so memory does not follow the range's size.
+    fn delete_range(
+        &mut self,
+        d: &DeleteRangeCommand,
+        out: &mut ApplyOutcome,
+    ) -> kiwi_storage::Result<()> {
+        let mut range = ScanRange::half_open(&d.start_key, &d.end_key);
+        let mut first = None;
+        let mut last = None;
+        let mut bytes = 0;
+        loop {
+            let pairs = self.backend.scan(
+                KeySpace::Data,
+                &Scan {
+                    range: range.clone(),
+                    limit: DELETE_RANGE_PAGE,
+                    reverse: false,
+                },
+            )?;
+            let got = pairs.len();
+            for (key, value) in pairs {
+                out.deleted += 1;
+                if d.prev_kv && !out.prev_kvs_truncated {
+                    if bytes + key.len() + value.len() > MAX_PREV_KV_BYTES {
+                        out.prev_kvs_truncated = true;
+                    } else {
+                        bytes += key.len() + value.len();
+                        out.prev_kvs.push(KeyValue {
+                            key: key.clone(),
+                            value,
+                        });
+                    }
+                }
+                if first.is_none() {
+                    first = Some(key.clone());
+                }
+                last = Some(key);
+            }
+            match (&last, got == DELETE_RANGE_PAGE) {
+                (Some(k), true) => range.start = std::ops::Bound::Excluded(k.clone()),
+                _ => break,
+            }
+        }
+        let (Some(first), Some(last)) = (first, last) else {
+            return Ok(());
+        };
+        // Both bounds are keys the store holds (or the request's own end), so they pass the batch's
+        // key checks; nothing is written between the reads above and this batch (applies run one at a
+        // time).
+        if d.end_key.is_empty() {
+            self.batch.delete_range(KeySpace::Data, first, last.clone());
+            self.batch.delete(KeySpace::Data, last);
+        } else {
+            self.batch
+                .delete_range(KeySpace::Data, first, d.end_key.clone());
+        }
+        Ok(())
     }
 }
 
@@ -410,6 +500,86 @@ mod tests {
             Some(&b"2"[..])
         );
         assert_eq!(applied_index(&s).unwrap(), 5);
+    }
+
+    fn delete_range(start: &[u8], end: &[u8], prev_kv: bool) -> RaftCommand {
+        RaftCommand {
+            request_id: String::new(),
+            command: Some(raft_command::Command::DeleteRange(DeleteRangeCommand {
+                start_key: start.to_vec(),
+                end_key: end.to_vec(),
+                prev_kv,
+            })),
+        }
+    }
+
+    fn keys(s: &dyn StorageBackend) -> Vec<Vec<u8>> {
+        s.scan(
+            KeySpace::Data,
+            &Scan::forward(ScanRange::half_open(b"", b""), 100_000),
+        )
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
+    }
+
+    #[test]
+    fn a_range_delete_counts_what_it_removes_in_one_write() {
+        let s = MemoryBackend::new(Limits::default());
+        let mut a = Applier::new(&s);
+        for (i, k) in [&b"a"[..], b"b", b"c", b"d", b"x"].iter().enumerate() {
+            a.apply(i as u64 + 1, &put(k, b"v")).unwrap();
+        }
+        // A pending write of the same run is seen by the range delete.
+        a.apply(6, &put(b"b2", b"w")).unwrap();
+        let out = a.apply(7, &delete_range(b"b", b"d", true)).unwrap();
+        assert_eq!(out.deleted, 3);
+        assert_eq!(
+            out.prev_kvs
+                .iter()
+                .map(|kv| (kv.key.as_slice(), kv.value.as_slice()))
+                .collect::<Vec<_>>(),
+            [(&b"b"[..], &b"v"[..]), (b"b2", b"w"), (b"c", b"v")]
+        );
+        assert!(!out.prev_kvs_truncated);
+        // No end: to the last key.
+        let out = a.apply(8, &delete_range(b"c", b"", false)).unwrap();
+        assert_eq!((out.deleted, out.prev_kvs.len()), (2, 0));
+        let out = a.apply(9, &delete_range(b"m", b"p", false)).unwrap();
+        assert_eq!(out.deleted, 0);
+        a.flush().unwrap();
+        assert_eq!(keys(&s), [b"a".to_vec()]);
+        assert_eq!(applied_index(&s).unwrap(), 9);
+        assert!(validate(&delete_range(b"", b"", false)).is_err());
+    }
+
+    #[test]
+    fn a_large_range_delete_pages_and_cuts_its_removed_pairs() {
+        let s = MemoryBackend::new(Limits::default());
+        let mut a = Applier::new(&s);
+        let n = 2 * DELETE_RANGE_PAGE + 500;
+        for i in 0..n {
+            a.apply(
+                i as u64 + 1,
+                &put(format!("k{i:05}").as_bytes(), &[7u8; 2048]),
+            )
+            .unwrap();
+        }
+        a.apply(n as u64 + 1, &put(b"z", b"kept")).unwrap();
+        let out = a
+            .apply(n as u64 + 2, &delete_range(b"\0", b"z", true))
+            .unwrap();
+        assert_eq!(out.deleted, n as u64, "every page counted");
+        assert!(out.prev_kvs_truncated, "more than 4 MiB removed");
+        let bytes: usize = out
+            .prev_kvs
+            .iter()
+            .map(|kv| kv.key.len() + kv.value.len())
+            .sum();
+        assert!(bytes <= MAX_PREV_KV_BYTES && bytes > MAX_PREV_KV_BYTES - 4096);
+        a.flush().unwrap();
+        assert_eq!(keys(&s), [b"z".to_vec()]);
     }
 
     #[test]

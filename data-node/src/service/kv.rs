@@ -6,8 +6,9 @@ use kiwi_proto::connections::CHUNK;
 use kiwi_proto::v1::kv_service_server::KvService;
 use kiwi_proto::v1::{
     BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest, CompareAndSwapResponse,
-    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue, PutRequest, PutResponse,
-    ScanRequest, ScanResponse, WriteOp, compare_and_swap_request, raft_command, write_op,
+    DeleteRangeCommand, DeleteRangeRequest, DeleteRangeResponse, DeleteRequest, DeleteResponse,
+    GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ScanRequest, ScanResponse, WriteOp,
+    compare_and_swap_request, raft_command, write_op,
 };
 use kiwi_storage::{KeySpace, Scan, ScanRange, StorageBackend};
 use prost::Message as _;
@@ -72,6 +73,59 @@ fn scan_bounded(
         }
         let avg = (bytes / kvs.len().max(1)).max(1);
         page = (max_bytes.saturating_sub(bytes) / avg).clamp(1, 1024);
+    }
+}
+
+/// The first key past every key starting with `prefix` (empty: no such key, the range is open).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    Vec::new()
+}
+
+/// A request's range: `prefix`, or `[start, end)`; never both.
+fn request_range(
+    start: Vec<u8>,
+    end: Vec<u8>,
+    prefix: &[u8],
+) -> Result<(Vec<u8>, Vec<u8>), KvError> {
+    if prefix.is_empty() {
+        return Ok((start, end));
+    }
+    if !start.is_empty() || !end.is_empty() {
+        return Err(KvError::InvalidArgument(
+            "set either prefix or start_key/end_key, not both".into(),
+        ));
+    }
+    Ok((prefix.to_vec(), prefix_end(prefix)))
+}
+
+/// Counts the keys of `range` (every one; pages read from one point-in-time view).
+fn count_range(st: &dyn StorageBackend, mut range: ScanRange) -> kiwi_storage::Result<u64> {
+    const PAGE: usize = 4096;
+    let view = st.snapshot()?;
+    let mut count = 0u64;
+    loop {
+        let pairs = view.scan(
+            KeySpace::Data,
+            &Scan {
+                range: range.clone(),
+                limit: PAGE,
+                reverse: false,
+            },
+        )?;
+        count += pairs.len() as u64;
+        match pairs.last() {
+            Some((key, _)) if pairs.len() == PAGE => {
+                range.start = std::ops::Bound::Excluded(key.clone());
+            }
+            _ => return Ok(count),
+        }
     }
 }
 
@@ -200,13 +254,29 @@ impl KvService for KvApi {
                     req.limit
                 )));
             }
+            let (start, end) = request_range(req.start_key, req.end_key, &req.prefix)?;
             let applied = s.read_point(req.consistency, &tagged).await?;
-            let range = ScanRange::half_open(&req.start_key, &req.end_key);
+            let range = ScanRange::half_open(&start, &end);
+            if req.count_only {
+                let count = s
+                    .read_data(&tagged, move |st| count_range(st, range))
+                    .await?;
+                let answer = ScanResponse {
+                    header: s.header(&tagged, applied),
+                    count,
+                    ..ScanResponse::default()
+                };
+                return Ok((answer, None));
+            }
             let (limit, keys_only, reverse) = (req.limit as usize, req.keys_only, req.reverse);
+            let want = match usize::try_from(req.max_bytes) {
+                Ok(0) | Err(_) => MAX_SCAN_BYTES,
+                Ok(n) => n.min(MAX_SCAN_BYTES),
+            };
             // The answer's bytes come from the answer budget: a smaller page (`more = true`) when
             // little is free, a wait when less than a piece is.
             let hold = s
-                .hold_answer(&tagged, connection, CHUNK, MAX_SCAN_BYTES)
+                .hold_answer(&tagged, connection, CHUNK.min(want), want)
                 .await?;
             let max_bytes = hold.bytes();
             // The answer is built in the storage stage too (at the request's OS priority), not on a
@@ -220,6 +290,7 @@ impl KvService for KvApi {
                 header: s.header(&tagged, applied),
                 kvs,
                 more,
+                count: 0,
             };
             hold.resize(answer.encoded_len());
             Ok((answer, Some(hold)))
@@ -274,5 +345,65 @@ impl KvService for KvApi {
             })
         };
         traced(span, run).await
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.DeleteRange", &request);
+        let may_critical = super::may_use_critical(&request);
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
+            let (start_key, end_key) = request_range(req.start_key, req.end_key, &req.prefix)?;
+            if start_key.is_empty() && end_key.is_empty() {
+                return Err(KvError::InvalidArgument(
+                    "set start_key, end_key or prefix (to delete every key, start_key = \"\\0\")"
+                        .into(),
+                ));
+            }
+            for (bound, what) in [(&start_key, "start_key"), (&end_key, "end_key")] {
+                if !bound.is_empty() {
+                    s.check_key(bound)
+                        .map_err(|e| KvError::InvalidArgument(format!("{what}: {e}")))?;
+                }
+            }
+            let out = s
+                .propose(
+                    &tagged,
+                    raft_command::Command::DeleteRange(DeleteRangeCommand {
+                        start_key,
+                        end_key,
+                        prev_kv: req.prev_kv,
+                    }),
+                )
+                .await?;
+            Ok(DeleteRangeResponse {
+                header: s.header(&tagged, out.index),
+                deleted: out.deleted,
+                prev_kvs: out.prev_kvs,
+                prev_kvs_truncated: out.prev_kvs_truncated,
+            })
+        };
+        traced(span, run).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_at_its_last_byte_plus_one() {
+        assert_eq!(prefix_end(b"app/"), b"app0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"", "no end: the range is open");
+        assert!(request_range(b"a".to_vec(), Vec::new(), b"p").is_err());
+        assert_eq!(
+            request_range(Vec::new(), Vec::new(), b"p").unwrap(),
+            (b"p".to_vec(), b"q".to_vec())
+        );
     }
 }

@@ -164,9 +164,10 @@ pub fn method_role(path: &str) -> Option<kiwi_proto::auth::Role> {
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match (service, method) {
         ("kiwi.v1.KvService", "Get" | "Scan") | ("kiwi.v1.NodeAdmin", "Status") => Some(Role::Read),
-        ("kiwi.v1.KvService", "Put" | "Delete" | "BatchWrite" | "CompareAndSwap") => {
-            Some(Role::Write)
-        }
+        (
+            "kiwi.v1.KvService",
+            "Put" | "Delete" | "BatchWrite" | "CompareAndSwap" | "DeleteRange",
+        ) => Some(Role::Write),
         ("kiwi.v1.KvService" | "kiwi.v1.NodeAdmin", _) => Some(Role::Admin),
         _ => None,
     }

@@ -15,7 +15,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kiwi_client::{CallOptions, Client, ClientOptions, Priority, ReadConsistency, TraceParent};
+use kiwi_client::{
+    CallOptions, Client, ClientOptions, KeyRange, Priority, ReadConsistency, ScanOptions,
+    TraceParent,
+};
 use kiwi_proto::v1::RaftRole;
 use serde_json::json;
 
@@ -139,18 +142,42 @@ enum Command {
     Put { key: String, value: String },
     /// Print the value of KEY (exit 1 if absent).
     Get { key: String },
-    /// Delete KEY (exit 1 if it did not exist).
-    Del { key: String },
-    /// List keys in [START, END) in order; an omitted bound is open.
+    /// Delete KEY (exit 1 if it did not exist), or in one write every key of [KEY, TO) (--to) or under a
+    /// prefix (--prefix), printing how many were deleted.
+    Del {
+        #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+        key: Option<String>,
+        /// Delete [KEY, TO) in one write (TO excluded).
+        #[arg(long, value_name = "TO")]
+        to: Option<String>,
+        /// Delete every key starting with P in one write.
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
+        /// With --to or --prefix: print the deleted pairs (up to 4 MiB of them).
+        #[arg(long)]
+        prev_kv: bool,
+    },
+    /// List keys in [START, END) in order (an omitted bound is open), or under a prefix.
     Scan {
+        #[arg(conflicts_with = "prefix")]
         start: Option<String>,
+        #[arg(conflicts_with = "prefix")]
         end: Option<String>,
+        /// Every key starting with P instead of [START, END).
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
         /// At most this many pairs (1-10000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
         /// Print keys only.
         #[arg(long)]
         keys_only: bool,
+        /// From the largest key down.
+        #[arg(long)]
+        reverse: bool,
+        /// Print only how many keys the range holds (all of them; --limit does not apply).
+        #[arg(long, conflicts_with_all = ["keys_only", "reverse"])]
+        count: bool,
     },
     /// Set KEY to NEW only if its value is OLD (--expect OLD) or it is absent (--absent); exit 1 if not.
     Cas(CasArgs),
@@ -188,6 +215,43 @@ enum Command {
     Playground(playground::PlaygroundArgs),
     /// Closed-loop load generator against Kiwi or etcd; prints throughput and latency percentiles.
     Bench(bench::BenchArgs),
+    /// Cluster membership: list, add and remove members (through the leader).
+    #[command(subcommand)]
+    Member(MemberCommand),
+    /// Leadership: hand it to another voter.
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum MemberCommand {
+    /// Every member as the leader sees it: id, address, voter or learner, applied index, lag behind the
+    /// leader's commit index, up or down.
+    List,
+    /// Add node ID, already running with `raft.join = true` and `raft.node_id = ID` at ADDR: it joins as a
+    /// learner, catches up, and is promoted to voter (the command returns when it votes). Prints the
+    /// config lines the new node needs.
+    Add {
+        id: u64,
+        addr: String,
+        /// Its Raft address when it serves Raft on its own port (`raft_listen_addr`).
+        #[arg(long)]
+        raft_addr: Option<String>,
+    },
+    /// Remove node ID. Removing the leader needs --yes: leadership is first handed to the most caught-up
+    /// voter.
+    Remove {
+        id: u64,
+        /// Also when ID leads (transfer first, then remove).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LeaderCommand {
+    /// Hand leadership to voter ID (default: the most caught-up other voter); returns once it leads.
+    Transfer { id: Option<u64> },
 }
 
 #[derive(Debug, Args)]
@@ -360,28 +424,85 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Ok(Outcome::Miss)
             }
         },
-        Command::Del { key } => {
-            let existed = connect()?.delete(key.as_bytes(), &call).await?;
+        Command::Del {
+            key,
+            to,
+            prefix,
+            prev_kv,
+        } => {
+            let range = match (key, to, prefix) {
+                (Some(key), None, None) if !prev_kv => {
+                    let existed = connect()?.delete(key.as_bytes(), &call).await?;
+                    if json {
+                        println!("{}", json!({"key": key, "existed": existed}));
+                    } else if existed {
+                        println!("deleted");
+                    } else {
+                        eprintln!("key not found: {key}");
+                    }
+                    return Ok(if existed { Outcome::Ok } else { Outcome::Miss });
+                }
+                (Some(key), to, None) => KeyRange::Between {
+                    start: key.into_bytes(),
+                    end: to.unwrap_or_default().into_bytes(),
+                },
+                (None, None, Some(p)) => KeyRange::Prefix(p.into_bytes()),
+                _ => anyhow::bail!("give KEY (with --to TO for a range) or --prefix P, not both"),
+            };
+            let out = connect()?.delete_range(&range, prev_kv, &call).await?;
             if json {
-                println!("{}", json!({"key": key, "existed": existed}));
-            } else if existed {
-                println!("deleted");
+                let prev: Vec<_> = out
+                    .prev_kvs
+                    .iter()
+                    .map(|(k, v)| json!({"key": text(k), "value": text(v)}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"deleted": out.deleted, "prev_kvs": prev, "prev_kvs_truncated": out.prev_kvs_truncated})
+                );
             } else {
-                eprintln!("key not found: {key}");
+                for (k, v) in &out.prev_kvs {
+                    println!("{}\t{}", text(k), text(v));
+                }
+                if out.prev_kvs_truncated {
+                    eprintln!("(more pairs were deleted than shown: 4 MiB are shown at most)");
+                }
+                println!("deleted {}", out.deleted);
             }
-            Ok(if existed { Outcome::Ok } else { Outcome::Miss })
+            Ok(Outcome::Ok)
         }
         Command::Scan {
             start,
             end,
+            prefix,
             limit,
             keys_only,
+            reverse,
+            count,
         } => {
-            let start = start.unwrap_or_default();
-            let end = end.unwrap_or_default();
-            let page = connect()?
-                .scan(start.as_bytes(), end.as_bytes(), limit, keys_only, &call)
-                .await?;
+            let range = match prefix {
+                Some(p) => KeyRange::Prefix(p.into_bytes()),
+                None => KeyRange::Between {
+                    start: start.unwrap_or_default().into_bytes(),
+                    end: end.unwrap_or_default().into_bytes(),
+                },
+            };
+            if count {
+                let n = connect()?.count(&range, &call).await?;
+                if json {
+                    println!("{}", json!({"count": n}));
+                } else {
+                    println!("{n}");
+                }
+                return Ok(Outcome::Ok);
+            }
+            let scan = ScanOptions {
+                limit,
+                reverse,
+                keys_only,
+                max_bytes: 0,
+            };
+            let page = connect()?.scan_range(&range, &scan, &call).await?;
             if json {
                 let kvs: Vec<_> = page
                     .kvs
@@ -432,6 +553,16 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             })
         }
         Command::Status => status(&connect()?, json).await,
+        Command::Member(cmd) => member(&connect()?, cmd, json).await,
+        Command::Leader(LeaderCommand::Transfer { id }) => {
+            let (leader, term) = connect()?.transfer_leader(id).await?;
+            if json {
+                println!("{}", json!({"leader": leader, "term": term}));
+            } else {
+                println!("node {leader} leads (term {term})");
+            }
+            Ok(Outcome::Ok)
+        }
         Command::Metrics => metrics(&connect()?, json).await,
         Command::Runtime {
             set_priority,
@@ -906,4 +1037,134 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         }
     }
     Ok(Outcome::Ok)
+}
+
+/// `kiwi member ...`.
+async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Result<Outcome> {
+    match cmd {
+        MemberCommand::List => {
+            let statuses = client.status_all().await;
+            let Some(leader) = statuses
+                .iter()
+                .filter_map(|(_, s)| s.as_ref().ok())
+                .find(|s| s.role == RaftRole::Leader as i32)
+            else {
+                anyhow::bail!(
+                    "no endpoint is the leader: give the leader's address among --endpoints, or retry once one is elected"
+                );
+            };
+            let applied = |id: u64| {
+                statuses
+                    .iter()
+                    .filter_map(|(_, s)| s.as_ref().ok())
+                    .find(|s| s.node_id == id)
+                    .map(|s| s.applied_index)
+            };
+            let mut rows = vec![json!({
+                "id": leader.node_id,
+                "addr": statuses
+                    .iter()
+                    .find(|(_, s)| s.as_ref().is_ok_and(|s| s.node_id == leader.node_id))
+                    .map(|(a, _)| a.clone())
+                    .unwrap_or_default(),
+                "role": "voter",
+                "leader": true,
+                "applied_index": leader.applied_index,
+                "lag": 0,
+                "up": true,
+            })];
+            for p in &leader.peers {
+                rows.push(json!({
+                    "id": p.node_id,
+                    "addr": p.addr,
+                    "role": if p.voter { "voter" } else { "learner" },
+                    "leader": false,
+                    "applied_index": applied(p.node_id),
+                    "lag": leader.commit_index.saturating_sub(p.match_index),
+                    "up": p.recently_active,
+                }));
+            }
+            rows.sort_by_key(|r| r["id"].as_u64());
+            if json {
+                println!("{}", json!({"leader": leader.node_id, "members": rows}));
+            } else {
+                println!(
+                    "{:>4}  {:<22} {:<8} {:>10} {:>6}  state",
+                    "id", "addr", "role", "applied", "lag"
+                );
+                for r in &rows {
+                    println!(
+                        "{:>4}  {:<22} {:<8} {:>10} {:>6}  {}{}",
+                        r["id"],
+                        r["addr"].as_str().unwrap_or(""),
+                        r["role"].as_str().unwrap_or(""),
+                        r["applied_index"]
+                            .as_u64()
+                            .map_or("?".to_string(), |a| a.to_string()),
+                        r["lag"],
+                        if r["up"] == true { "up" } else { "down" },
+                        if r["leader"] == true { ", leader" } else { "" },
+                    );
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        MemberCommand::Add {
+            id,
+            addr,
+            raft_addr,
+        } => {
+            let raft = raft_addr.clone().unwrap_or_default();
+            let m = client.add_member(id, &addr, &raft).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"voters": m.voters, "learners": m.learners, "index": m.index})
+                );
+            } else {
+                println!(
+                    "node {id} added; voters {:?}, learners {:?}",
+                    m.voters, m.learners
+                );
+                println!("its config needs (before it starts):");
+                println!("  [raft]\n  node_id = {id}\n  join = true");
+                println!("  listen_addr = \"{addr}\"");
+                if let Some(r) = &raft_addr {
+                    println!("  raft_listen_addr = \"{r}\"");
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        MemberCommand::Remove { id, yes } => {
+            let leader = client
+                .status_all()
+                .await
+                .into_iter()
+                .filter_map(|(_, s)| s.ok())
+                .find(|s| s.role == RaftRole::Leader as i32)
+                .map(|s| s.node_id);
+            if leader == Some(id) {
+                if !yes {
+                    anyhow::bail!(
+                        "node {id} leads: run `kiwi leader transfer` first, or add --yes to hand leadership to the most caught-up voter and then remove it"
+                    );
+                }
+                let (to, term) = client.transfer_leader(None).await?;
+                eprintln!("leadership handed to node {to} (term {term})");
+            }
+            let m = client.remove_member(id).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"voters": m.voters, "learners": m.learners, "index": m.index})
+                );
+            } else {
+                println!(
+                    "node {id} removed; voters {:?}, learners {:?}",
+                    m.voters, m.learners
+                );
+            }
+            Ok(Outcome::Ok)
+        }
+    }
 }
