@@ -1073,7 +1073,8 @@ async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Resu
                 "lag": 0,
                 "up": true,
             })];
-            for p in &leader.peers {
+            // The leader's progress lists the leader too: it is the first row already.
+            for p in leader.peers.iter().filter(|p| p.node_id != leader.node_id) {
                 rows.push(json!({
                     "id": p.node_id,
                     "addr": p.addr,
