@@ -912,11 +912,13 @@ impl Client {
     ///
     /// # Errors
     /// [`Error::Rpc`] with the leader's answer (e.g. another membership change in progress).
+    /// With `learner`, it stays a learner (promote it with [`promote_member`](Self::promote_member)).
     pub async fn add_member(
         &self,
         node_id: u64,
         addr: &str,
         raft_addr: &str,
+        learner: bool,
     ) -> Result<kiwi_proto::v1::MembershipResponse, Error> {
         let (_, mut admin) = self.leader_admin().await?;
         Ok(admin
@@ -924,6 +926,26 @@ impl Client {
                 node_id,
                 addr: addr.to_string(),
                 raft_addr: raft_addr.to_string(),
+                learner,
+            })
+            .await
+            .map_err(Error::Rpc)?
+            .into_inner())
+    }
+
+    /// Promotes learner `node_id` to voter once it has caught up; answers when it votes.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] with the leader's answer.
+    pub async fn promote_member(
+        &self,
+        node_id: u64,
+    ) -> Result<kiwi_proto::v1::MembershipResponse, Error> {
+        let (_, mut admin) = self.leader_admin().await?;
+        Ok(admin
+            .add_node(kiwi_proto::v1::AddNodeRequest {
+                node_id,
+                ..kiwi_proto::v1::AddNodeRequest::default()
             })
             .await
             .map_err(Error::Rpc)?

@@ -920,11 +920,54 @@ async fn cli_member_and_leader_commands() {
             .any(|v| v == joining),
         "{added}"
     );
+    // Another joins as a learner: listed as one, then promoted.
+    let learner = cluster.spawn_joining_node();
+    let addr = cluster.addr(learner).to_string();
+    let added = kiwi_json(
+        &cluster,
+        &[
+            "--json",
+            "member",
+            "add",
+            &learner.to_string(),
+            &addr,
+            "--learner",
+        ],
+    );
+    assert!(
+        added["learners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == learner),
+        "{added}"
+    );
+    let list = kiwi_json(&cluster, &["--json", "member", "list"]);
+    assert!(
+        list["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == learner && m["role"] == "learner"),
+        "{list}"
+    );
+    let promoted = kiwi_json(
+        &cluster,
+        &["--json", "member", "promote", &learner.to_string()],
+    );
+    assert!(
+        promoted["voters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v == learner),
+        "{promoted}"
+    );
     // A follower is removed and leaves the list.
     let follower = cluster
         .ids()
         .into_iter()
-        .find(|id| *id != new_leader && *id != joining)
+        .find(|id| *id != new_leader && *id != joining && *id != learner)
         .unwrap();
     let removed = kiwi_json(
         &cluster,
@@ -945,8 +988,11 @@ async fn cli_member_and_leader_commands() {
         .iter()
         .map(|m| m["id"].as_u64().unwrap())
         .collect();
-    assert!(ids.contains(&joining) && !ids.contains(&follower), "{list}");
-    assert_eq!(ids.len(), 3);
+    assert!(
+        ids.contains(&joining) && ids.contains(&learner) && !ids.contains(&follower),
+        "{list}"
+    );
+    assert_eq!(ids.len(), 4);
     let o = kiwi(&cluster, &["put", "after", "membership"]);
     assert!(o.status.success(), "{o:?}");
     let o = kiwi(&cluster, &["get", "after"]);

@@ -136,6 +136,7 @@ async fn add_node_refuses_malformed_addresses() {
                 node_id: 2,
                 addr: addr.into(),
                 raft_addr: String::new(),
+                ..AddNodeRequest::default()
             })
             .await
             .unwrap_err();
@@ -148,6 +149,7 @@ async fn add_node_refuses_malformed_addresses() {
                 node_id: 2,
                 addr: "127.0.0.1:7380".into(),
                 raft_addr: raft_addr.into(),
+                ..AddNodeRequest::default()
             })
             .await
             .unwrap_err();

@@ -494,6 +494,7 @@ async fn membership_add_a_node_remove_a_node_transfer_leadership() {
             node_id: new,
             addr: cluster.addr(new).to_string(),
             raft_addr: cluster.raft_addr(new).unwrap().to_string(),
+            ..AddNodeRequest::default()
         })
         .await
         .unwrap_or_else(|e| panic!("AddNode failed: {e}"))
@@ -519,6 +520,7 @@ async fn membership_add_a_node_remove_a_node_transfer_leadership() {
             node_id: new,
             addr: cluster.addr(new).to_string(),
             raft_addr: String::new(),
+            ..AddNodeRequest::default()
         })
         .await
         .unwrap_err();

@@ -243,6 +243,7 @@ async fn a_snapshot_carries_member_addresses() {
             node_id: new,
             addr: cluster.addr(new).to_string(),
             raft_addr: String::new(),
+            ..AddNodeRequest::default()
         })
         .await
         .unwrap_or_else(|e| panic!("AddNode failed: {e}"));

@@ -176,16 +176,21 @@ impl NodeAdmin for AdminApi {
                     "node_id must be at least 1".into(),
                 ));
             }
-            crate::config::check_member_addr(&req.addr)
-                .map_err(|e| KvError::InvalidArgument(format!("addr: {e}")))?;
-            if !req.raft_addr.is_empty() {
-                crate::config::check_member_addr(&req.raft_addr)
-                    .map_err(|e| KvError::InvalidArgument(format!("raft_addr: {e}")))?;
-            }
-            let record = crate::config::member_record(
-                &req.addr,
-                Some(req.raft_addr.as_str()).filter(|a| !a.is_empty()),
-            );
+            // A promotion of a learner may leave the addresses out: the recorded ones stay.
+            let record = if req.addr.is_empty() && req.raft_addr.is_empty() && !req.learner {
+                String::new()
+            } else {
+                crate::config::check_member_addr(&req.addr)
+                    .map_err(|e| KvError::InvalidArgument(format!("addr: {e}")))?;
+                if !req.raft_addr.is_empty() {
+                    crate::config::check_member_addr(&req.raft_addr)
+                        .map_err(|e| KvError::InvalidArgument(format!("raft_addr: {e}")))?;
+                }
+                crate::config::member_record(
+                    &req.addr,
+                    Some(req.raft_addr.as_str()).filter(|a| !a.is_empty()),
+                )
+            };
             let d = s
                 .driver
                 .detailed_status()
@@ -200,9 +205,27 @@ impl NodeAdmin for AdminApi {
                     req.node_id
                 )));
             }
-            if !d.learners.contains(&req.node_id) {
-                s.membership_change(ConfChangeType::AddLearnerNode, req.node_id, &record)
+            if d.learners.contains(&req.node_id) {
+                if req.learner {
+                    return Err(KvError::Precondition(format!(
+                        "node {} is already a learner (promote it with learner = false)",
+                        req.node_id
+                    )));
+                }
+            } else {
+                if record.is_empty() {
+                    return Err(KvError::InvalidArgument(format!(
+                        "addr: node {} is not a member yet: give its address",
+                        req.node_id
+                    )));
+                }
+                let out = s
+                    .membership_change(ConfChangeType::AddLearnerNode, req.node_id, &record)
                     .await?;
+                if req.learner {
+                    tracing::info!(node_id = req.node_id, addr = %req.addr, "added a learner");
+                    return s.membership(out.index).await;
+                }
                 tracing::info!(node_id = req.node_id, addr = %req.addr, "added a learner; waiting for it to catch up");
             }
             let target = s.driver.status().commit;

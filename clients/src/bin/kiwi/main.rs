@@ -237,7 +237,12 @@ enum MemberCommand {
         /// Its Raft address when it serves Raft on its own port (`raft_listen_addr`).
         #[arg(long)]
         raft_addr: Option<String>,
+        /// Add it as a learner only (it follows without voting); `kiwi member promote ID` later.
+        #[arg(long)]
+        learner: bool,
     },
+    /// Promote learner ID to voter once it has caught up (the command returns when it votes).
+    Promote { id: u64 },
     /// Remove node ID. Removing the leader needs --yes: leadership is first handed to the most caught-up
     /// voter.
     Remove {
@@ -1110,13 +1115,8 @@ async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Resu
             }
             Ok(Outcome::Ok)
         }
-        MemberCommand::Add {
-            id,
-            addr,
-            raft_addr,
-        } => {
-            let raft = raft_addr.clone().unwrap_or_default();
-            let m = client.add_member(id, &addr, &raft).await?;
+        MemberCommand::Promote { id } => {
+            let m = client.promote_member(id).await?;
             if json {
                 println!(
                     "{}",
@@ -1124,7 +1124,33 @@ async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Resu
                 );
             } else {
                 println!(
-                    "node {id} added; voters {:?}, learners {:?}",
+                    "node {id} promoted; voters {:?}, learners {:?}",
+                    m.voters, m.learners
+                );
+            }
+            Ok(Outcome::Ok)
+        }
+        MemberCommand::Add {
+            id,
+            addr,
+            raft_addr,
+            learner,
+        } => {
+            let raft = raft_addr.clone().unwrap_or_default();
+            let m = client.add_member(id, &addr, &raft, learner).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"voters": m.voters, "learners": m.learners, "index": m.index})
+                );
+            } else {
+                let what = if learner {
+                    "added as a learner"
+                } else {
+                    "added"
+                };
+                println!(
+                    "node {id} {what}; voters {:?}, learners {:?}",
                     m.voters, m.learners
                 );
                 println!("its config needs (before it starts):");
