@@ -259,6 +259,11 @@ async fn cli_commands_exit_codes_and_json() {
     assert_eq!(stdout(&o), "log/1\tv\nlog/2\tv\ndeleted 2\n");
     let o = kiwi(&cluster, &["scan", "--prefix", "ap", "--keys-only"]);
     assert_eq!(stdout(&o), "app/a\napq\n");
+    // KEY alone with --prev-kv deletes that key only, not the keys after it.
+    let o = kiwi(&cluster, &["del", "app/a", "--prev-kv"]);
+    assert_eq!(stdout(&o), "app/a\tv\ndeleted 1\n");
+    let o = kiwi(&cluster, &["scan", "--prefix", "ap", "--keys-only"]);
+    assert_eq!(stdout(&o), "apq\n");
     let o = kiwi(&cluster, &["del", "--prefix", "nothing/"]);
     assert_eq!(stdout(&o), "deleted 0\n");
     let o = kiwi(&cluster, &["del"]);

@@ -147,7 +147,7 @@ enum Command {
     Del {
         #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
         key: Option<String>,
-        /// Delete [KEY, TO) in one write (TO excluded).
+        /// Delete [KEY, TO) in one write (TO excluded; an empty TO: up to the last key).
         #[arg(long, value_name = "TO")]
         to: Option<String>,
         /// Delete every key starting with P in one write.
@@ -447,9 +447,18 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                     }
                     return Ok(if existed { Outcome::Ok } else { Outcome::Miss });
                 }
-                (Some(key), to, None) => KeyRange::Between {
+                // KEY alone with --prev-kv: that key only, [KEY, KEY + "\0").
+                (Some(key), None, None) => {
+                    let mut end = key.clone().into_bytes();
+                    end.push(0);
+                    KeyRange::Between {
+                        start: key.into_bytes(),
+                        end,
+                    }
+                }
+                (Some(key), Some(to), None) => KeyRange::Between {
                     start: key.into_bytes(),
-                    end: to.unwrap_or_default().into_bytes(),
+                    end: to.into_bytes(),
                 },
                 (None, None, Some(p)) => KeyRange::Prefix(p.into_bytes()),
                 _ => anyhow::bail!("give KEY (with --to TO for a range) or --prefix P, not both"),
