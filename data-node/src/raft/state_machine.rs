@@ -15,8 +15,11 @@ use kiwi_storage::{KeySpace, Limits, Scan, ScanRange, StorageBackend, WriteBatch
 /// all the same and the answer says it was cut.
 pub const MAX_PREV_KV_BYTES: usize = 4 * 1024 * 1024;
 
-/// Keys a DeleteRange reads at once while it counts what it removes.
+/// Most keys a DeleteRange reads at once while it counts what it removes; pages are smaller when values
+/// are large (about [`DELETE_RANGE_PAGE_BYTES`] a page), so one page of 4 MiB values is not read at once.
 const DELETE_RANGE_PAGE: usize = 1024;
+/// Key and value bytes a DeleteRange aims to read per page.
+const DELETE_RANGE_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Key, in [`KeySpace::Raft`], of the last applied index (u64 BE).
 pub const APPLIED_KEY: &[u8] = b"state/applied";
@@ -374,16 +377,18 @@ impl<'a> Applier<'a> {
         let mut first = None;
         let mut last = None;
         let mut bytes = 0;
+        let mut page = 16;
         loop {
             let pairs = self.backend.scan(
                 KeySpace::Data,
                 &Scan {
                     range: range.clone(),
-                    limit: DELETE_RANGE_PAGE,
+                    limit: page,
                     reverse: false,
                 },
             )?;
             let got = pairs.len();
+            let read: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
             for (key, value) in pairs {
                 out.deleted += 1;
                 if d.prev_kv && !out.prev_kvs_truncated {
@@ -402,10 +407,12 @@ impl<'a> Applier<'a> {
                 }
                 last = Some(key);
             }
-            match (&last, got == DELETE_RANGE_PAGE) {
+            match (&last, got == page) {
                 (Some(k), true) => range.start = std::ops::Bound::Excluded(k.clone()),
                 _ => break,
             }
+            let avg = (read / got.max(1)).max(1);
+            page = (DELETE_RANGE_PAGE_BYTES / avg).clamp(1, DELETE_RANGE_PAGE);
         }
         let (Some(first), Some(last)) = (first, last) else {
             return Ok(());
