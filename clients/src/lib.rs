@@ -257,6 +257,13 @@ pub struct ScanPage {
     pub more: bool,
 }
 
+/// Key-value pairs off the wire.
+fn pairs(kvs: Vec<KeyValue>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    kvs.into_iter()
+        .map(|KeyValue { key, value }| (key, value))
+        .collect()
+}
+
 /// Which keys a range call covers: `[start, end)` (an empty bound is open) or every key starting with a
 /// prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -655,11 +662,7 @@ impl Client {
                 .await?
                 .into_inner();
             Ok(ScanPage {
-                kvs: r
-                    .kvs
-                    .into_iter()
-                    .map(|KeyValue { key, value }| (key, value))
-                    .collect(),
+                kvs: pairs(r.kvs),
                 more: r.more,
             })
         })
@@ -697,11 +700,7 @@ impl Client {
                     .await?
                     .into_inner();
                 Ok(ScanPage {
-                    kvs: r
-                        .kvs
-                        .into_iter()
-                        .map(|KeyValue { key, value }| (key, value))
-                        .collect(),
+                    kvs: pairs(r.kvs),
                     more: r.more,
                 })
             }
@@ -764,11 +763,7 @@ impl Client {
                     .into_inner();
                 Ok(RangeDeleted {
                     deleted: r.deleted,
-                    prev_kvs: r
-                        .prev_kvs
-                        .into_iter()
-                        .map(|KeyValue { key, value }| (key, value))
-                        .collect(),
+                    prev_kvs: pairs(r.prev_kvs),
                     prev_kvs_truncated: r.prev_kvs_truncated,
                 })
             }

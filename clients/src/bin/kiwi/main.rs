@@ -1053,6 +1053,18 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
+/// The membership after a change: JSON, or `what` and the voters and learners.
+fn print_membership(m: &kiwi_proto::v1::MembershipResponse, what: &str, json: bool) {
+    if json {
+        println!(
+            "{}",
+            json!({"voters": m.voters, "learners": m.learners, "index": m.index})
+        );
+    } else {
+        println!("{what}; voters {:?}, learners {:?}", m.voters, m.learners);
+    }
+}
+
 /// `kiwi member ...`.
 async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Result<Outcome> {
     match cmd {
@@ -1126,17 +1138,7 @@ async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Resu
         }
         MemberCommand::Promote { id } => {
             let m = client.promote_member(id).await?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"voters": m.voters, "learners": m.learners, "index": m.index})
-                );
-            } else {
-                println!(
-                    "node {id} promoted; voters {:?}, learners {:?}",
-                    m.voters, m.learners
-                );
-            }
+            print_membership(&m, &format!("node {id} promoted"), json);
             Ok(Outcome::Ok)
         }
         MemberCommand::Add {
@@ -1147,21 +1149,13 @@ async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Resu
         } => {
             let raft = raft_addr.clone().unwrap_or_default();
             let m = client.add_member(id, &addr, &raft, learner).await?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"voters": m.voters, "learners": m.learners, "index": m.index})
-                );
+            let what = if learner {
+                "added as a learner"
             } else {
-                let what = if learner {
-                    "added as a learner"
-                } else {
-                    "added"
-                };
-                println!(
-                    "node {id} {what}; voters {:?}, learners {:?}",
-                    m.voters, m.learners
-                );
+                "added"
+            };
+            print_membership(&m, &format!("node {id} {what}"), json);
+            if !json {
                 println!("its config needs (before it starts):");
                 println!("  [raft]\n  node_id = {id}\n  join = true");
                 println!("  listen_addr = \"{addr}\"");
@@ -1189,17 +1183,7 @@ async fn member(client: &Client, cmd: MemberCommand, json: bool) -> anyhow::Resu
                 eprintln!("leadership handed to node {to} (term {term})");
             }
             let m = client.remove_member(id).await?;
-            if json {
-                println!(
-                    "{}",
-                    json!({"voters": m.voters, "learners": m.learners, "index": m.index})
-                );
-            } else {
-                println!(
-                    "node {id} removed; voters {:?}, learners {:?}",
-                    m.voters, m.learners
-                );
-            }
+            print_membership(&m, &format!("node {id} removed"), json);
             Ok(Outcome::Ok)
         }
     }
