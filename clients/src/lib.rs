@@ -39,10 +39,15 @@ use std::time::Duration;
 use kiwi_proto::v1::kv_service_client::KvServiceClient;
 use kiwi_proto::v1::node_admin_client::NodeAdminClient;
 use kiwi_proto::v1::{
-    CompareAndSwapRequest, Consistency, DeleteRangeRequest, DeleteRequest, GetRequest,
-    GetRuntimePolicyRequest, KeyValue, PutRequest, RequestHeader, RuntimePolicy,
+    CompactRequest, CompareAndSwapRequest, Consistency, DeleteRangeRequest, DeleteRequest,
+    GetRequest, GetRuntimePolicyRequest, KeyValue, PutRequest, RequestHeader, RuntimePolicy,
     RuntimeStatsRequest, RuntimeStatsResponse, ScanRequest, StatusRequest, StatusResponse,
-    compare_and_swap_request,
+    TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse, compare_and_swap_request,
+    watch_request,
+};
+pub use kiwi_proto::v1::{
+    Compare, KeyEvent, TxnOp, TxnOpResponse, TxnResponse, compare, key_event, txn_op,
+    txn_op_response,
 };
 pub use kiwi_proto::v1::{Consistency as ReadConsistency, Priority};
 use tokio::time::Instant;
@@ -260,7 +265,7 @@ pub struct ScanPage {
 /// Key-value pairs off the wire.
 fn pairs(kvs: Vec<KeyValue>) -> Vec<(Vec<u8>, Vec<u8>)> {
     kvs.into_iter()
-        .map(|KeyValue { key, value }| (key, value))
+        .map(|KeyValue { key, value, .. }| (key, value))
         .collect()
 }
 
@@ -332,6 +337,137 @@ impl Node {
 }
 
 /// A Kiwi client; cheap to share (`Arc` it or clone the handle).
+/// One watch with resumption (see [`Client::watch`]).
+pub struct Watcher<'a> {
+    client: &'a Client,
+    create: WatchCreateRequest,
+    stream: Option<(
+        tokio::sync::mpsc::Sender<WatchRequest>,
+        tonic::Streaming<WatchResponse>,
+    )>,
+    next_node: usize,
+}
+
+/// What a [`Watcher`] hands back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchUpdate {
+    /// The events of one or more writes, in revision order.
+    Events(Vec<KeyEvent>),
+    /// The history no longer holds the revision the watch must go on from; `oldest` is the oldest kept.
+    Compacted { oldest: u64 },
+}
+
+impl Watcher<'_> {
+    /// The next events (or the compacted verdict, after which the watcher ends), reconnecting as
+    /// needed. Waits as long as nothing changes.
+    ///
+    /// # Errors
+    /// [`Error`] when the watch is refused (not when a node goes away).
+    pub async fn next(&mut self) -> Result<WatchUpdate, Error> {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if self.stream.is_none() {
+                match self.open().await {
+                    Ok(s) => self.stream = Some(s),
+                    Err(e) if e.code() == Code::OutOfRange || e.code() == Code::InvalidArgument => {
+                        if e.code() == Code::OutOfRange {
+                            let oldest = e
+                                .message()
+                                .rsplit(' ')
+                                .next()
+                                .and_then(|n| n.parse().ok())
+                                .unwrap_or(0);
+                            return Ok(WatchUpdate::Compacted { oldest });
+                        }
+                        return Err(Error::InvalidArgument(e.message().to_string()));
+                    }
+                    Err(_) => {
+                        self.next_node += 1;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+            let (_, stream) = self.stream.as_mut().expect("opened above");
+            match stream.message().await {
+                Ok(Some(r)) => {
+                    if r.canceled {
+                        self.stream = None;
+                        if r.compact_revision != 0 {
+                            return Ok(WatchUpdate::Compacted {
+                                oldest: r.compact_revision,
+                            });
+                        }
+                        return Err(Error::Rpc(Status::aborted(format!(
+                            "the watch was canceled: {}",
+                            r.cancel_reason
+                        ))));
+                    }
+                    if let Some(last) = r.events.last().and_then(|e| e.kv.as_ref()) {
+                        self.create.start_revision = last.mod_revision + 1;
+                        return Ok(WatchUpdate::Events(r.events));
+                    }
+                }
+                Ok(None) | Err(_) => {
+                    self.stream = None;
+                    self.next_node += 1;
+                }
+            }
+        }
+    }
+
+    async fn open(
+        &mut self,
+    ) -> Result<
+        (
+            tokio::sync::mpsc::Sender<WatchRequest>,
+            tonic::Streaming<WatchResponse>,
+        ),
+        Status,
+    > {
+        let (_, node) = self.client.pick(self.next_node);
+        let trace = TraceInterceptor {
+            trace: None,
+            auth: self.client.auth.clone(),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        if self.create.start_revision == 0 {
+            // From now: pin "now" so that a reconnect resumes from it, not from a later now.
+            let status = node
+                .admin(&trace)
+                .status(StatusRequest {})
+                .await?
+                .into_inner();
+            self.create.start_revision = status.applied_index + 1;
+        }
+        tx.send(WatchRequest {
+            request_union: Some(watch_request::RequestUnion::CreateRequest(
+                self.create.clone(),
+            )),
+        })
+        .await
+        .map_err(|_| Status::internal("the request stream closed"))?;
+        let mut stream = node
+            .kv(&trace)
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        // The created answer first.
+        match stream.message().await? {
+            Some(r) if r.created && !r.canceled => Ok((tx, stream)),
+            Some(r) if r.compact_revision != 0 => Err(Status::out_of_range(format!(
+                "required revision has been compacted; the oldest kept revision is {}",
+                r.compact_revision
+            ))),
+            Some(r) => Err(Status::invalid_argument(r.cancel_reason)),
+            None => Err(Status::unavailable(
+                "the watch stream ended before it started",
+            )),
+        }
+    }
+}
+
 pub struct Client {
     nodes: Mutex<Vec<std::sync::Arc<Node>>>,
     /// Index in `nodes` of the node believed to lead.
@@ -587,6 +723,7 @@ impl Client {
         self.call(opts, false, |mut c, header| async move {
             let r = c
                 .get(GetRequest {
+                    revision: 0,
                     header: Some(header),
                     key: key.to_vec(),
                     consistency,
@@ -598,6 +735,104 @@ impl Client {
         .await
     }
 
+    /// Reads a key with its counters, now (`revision` 0) or as it was at a past revision: `None` if it
+    /// is absent. A revision older than the kept history fails with OUT_OF_RANGE ("compacted").
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn get_kv(
+        &self,
+        key: &[u8],
+        revision: u64,
+        opts: &CallOptions,
+    ) -> Result<Option<KeyValue>, Error> {
+        let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
+        self.call(opts, false, |mut c, header| async move {
+            let r = c
+                .get(GetRequest {
+                    header: Some(header),
+                    key: key.to_vec(),
+                    consistency,
+                    revision,
+                })
+                .await?
+                .into_inner();
+            Ok(r.found.then(|| KeyValue {
+                key: key.to_vec(),
+                value: r.value,
+                create_revision: r.create_revision,
+                mod_revision: r.mod_revision,
+                version: r.version,
+                lease: r.lease,
+            }))
+        })
+        .await
+    }
+
+    /// Runs a transaction (see `kiwi.v1.TxnRequest`): the success ops if every compare holds, else the
+    /// failure ops, atomically. Returns whether the compares held, each op's answer and the revision.
+    ///
+    /// # Errors
+    /// [`Error`]; [`Error::UnknownOutcome`] when it may or may not have been applied.
+    pub async fn txn(
+        &self,
+        compare: Vec<Compare>,
+        success: Vec<TxnOp>,
+        failure: Vec<TxnOp>,
+        opts: &CallOptions,
+    ) -> Result<TxnResponse, Error> {
+        self.call(opts, true, |mut c, header| {
+            let req = TxnRequest {
+                header: Some(header),
+                compare: compare.clone(),
+                success: success.clone(),
+                failure: failure.clone(),
+            };
+            async move { Ok(c.txn(req).await?.into_inner()) }
+        })
+        .await
+    }
+
+    /// Drops the kept history before `revision`.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn compact(&self, revision: u64, opts: &CallOptions) -> Result<(), Error> {
+        self.call(opts, true, |mut c, header| async move {
+            c.compact(CompactRequest {
+                header: Some(header),
+                revision,
+            })
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Watches `[key, range_end)` (etcd's convention: an empty `range_end` is the key alone, `"\0"` every
+    /// key from `key` on) from `start_revision` (0: from now). The [`Watcher`] reconnects by itself when
+    /// its node goes away, to any endpoint, resuming after the last revision it returned.
+    pub fn watch(
+        &self,
+        key: &[u8],
+        range_end: &[u8],
+        start_revision: u64,
+        prev_kv: bool,
+    ) -> Watcher<'_> {
+        Watcher {
+            client: self,
+            create: WatchCreateRequest {
+                key: key.to_vec(),
+                range_end: range_end.to_vec(),
+                start_revision,
+                prev_kv,
+                ..WatchCreateRequest::default()
+            },
+            stream: None,
+            next_node: self.leader.load(Ordering::Relaxed),
+        }
+    }
+
     /// Writes a key. Returns the log index it was applied at.
     ///
     /// # Errors
@@ -606,6 +841,7 @@ impl Client {
         self.call(opts, true, |mut c, header| async move {
             let r = c
                 .put(PutRequest {
+                    prev_kv: false,
                     header: Some(header),
                     key: key.to_vec(),
                     value: value.to_vec(),

@@ -1003,3 +1003,158 @@ async fn cli_member_and_leader_commands() {
     let o = kiwi(&cluster, &["get", "after"]);
     assert_eq!(stdout(&o), "membership\n");
 }
+
+/// Revisions, reads at a past revision, a watch that resumes across a leader crash, transactions and
+/// compaction, through the client library against a real three-node cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revisions_watch_txn_and_compaction() {
+    use kiwi_client::{Compare, TxnOp, WatchUpdate, compare, txn_op, txn_op_response};
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let leader = cluster.wait_leader().await;
+    // The leader first, so that the watch's stream is on the node this test kills.
+    let first = cluster.addr(leader).to_string();
+    let mut eps = vec![first.clone()];
+    eps.extend(endpoints(&cluster).into_iter().filter(|e| *e != first));
+    let client = Client::connect(&eps, ClientOptions::default()).unwrap();
+    let o = CallOptions::default();
+
+    let r1 = client.put(b"a", b"1", &o).await.unwrap();
+    let r2 = client.put(b"a", b"2", &o).await.unwrap();
+    assert!(r2 > r1);
+    let kv = client.get_kv(b"a", 0, &o).await.unwrap().unwrap();
+    assert_eq!(
+        (kv.create_revision, kv.mod_revision, kv.version),
+        (r1, r2, 2)
+    );
+    let then = client.get_kv(b"a", r1, &o).await.unwrap().unwrap();
+    assert_eq!((then.value.as_slice(), then.version), (&b"1"[..], 1));
+    assert_eq!(client.get_kv(b"a", r1 - 1, &o).await.unwrap(), None);
+
+    // A watch on w/ from before its first write; the leader dies half way through the writes.
+    let mut watcher = client.watch(b"w/", b"w0", r2, true);
+    let mut expected = Vec::new();
+    for i in 0..20 {
+        if i == 10 {
+            cluster.kill(leader);
+        }
+        if i % 5 == 4 {
+            // The key the previous write put.
+            let key = format!("w/{:02}", (i - 1) % 7);
+            assert!(client.delete(key.as_bytes(), &o).await.unwrap());
+            expected.push((format!("DELETE {key}"), 0));
+        } else {
+            let key = format!("w/{:02}", i % 7);
+            let rev = client
+                .put(key.as_bytes(), format!("{i}").as_bytes(), &o)
+                .await
+                .unwrap();
+            expected.push((format!("PUT {key}"), rev));
+        }
+    }
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let update = tokio::time::timeout(Duration::from_secs(30), watcher.next())
+            .await
+            .expect("the watch goes on after the leader crash")
+            .unwrap();
+        let WatchUpdate::Events(events) = update else {
+            panic!("not compacted: {update:?}")
+        };
+        for e in events {
+            let kv = e.kv.unwrap();
+            let kind = if e.r#type == kiwi_client::key_event::EventType::Delete as i32 {
+                "DELETE"
+            } else {
+                "PUT"
+            };
+            got.push((
+                format!("{kind} {}", String::from_utf8_lossy(&kv.key)),
+                kv.mod_revision,
+            ));
+        }
+    }
+    // In order, each once, none missing: the same kinds and keys, and every PUT at its revision.
+    assert_eq!(
+        got.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>(),
+        expected.iter().map(|(e, _)| e.clone()).collect::<Vec<_>>()
+    );
+    for ((_, want), (_, have)) in expected.iter().zip(&got) {
+        if *want != 0 {
+            assert_eq!(want, have);
+        }
+    }
+    assert!(
+        got.windows(2).all(|w| w[0].1 < w[1].1),
+        "revisions increase: {got:?}"
+    );
+
+    // A transaction on a's mod revision: the first succeeds, the same one again fails and reads.
+    let cas = || Compare {
+        result: compare::CompareResult::Equal as i32,
+        target: compare::CompareTarget::Mod as i32,
+        key: b"a".to_vec(),
+        target_union: Some(compare::TargetUnion::ModRevision(r2)),
+        range_end: Vec::new(),
+    };
+    let put = |k: &[u8], v: &[u8]| TxnOp {
+        op: Some(txn_op::Op::Put(txn_op::Put {
+            key: k.to_vec(),
+            value: v.to_vec(),
+            prev_kv: false,
+        })),
+    };
+    let read = TxnOp {
+        op: Some(txn_op::Op::Range(txn_op::Range {
+            key: b"a".to_vec(),
+            ..txn_op::Range::default()
+        })),
+    };
+    let ok = client
+        .txn(
+            vec![cas()],
+            vec![put(b"a", b"3"), put(b"b", b"3")],
+            vec![read.clone()],
+            &o,
+        )
+        .await
+        .unwrap();
+    assert!(ok.succeeded);
+    let rev = ok.header.unwrap().revision;
+    let a = client.get_kv(b"a", 0, &o).await.unwrap().unwrap();
+    let b = client.get_kv(b"b", 0, &o).await.unwrap().unwrap();
+    assert_eq!((a.mod_revision, b.mod_revision), (rev, rev), "one revision");
+    let again = client
+        .txn(vec![cas()], vec![put(b"a", b"4")], vec![read], &o)
+        .await
+        .unwrap();
+    assert!(!again.succeeded);
+    let Some(txn_op_response::Response::Range(r)) = &again.responses[0].response else {
+        panic!("the failure branch's read")
+    };
+    assert_eq!(r.kvs[0].value, b"3");
+    let dup = client
+        .txn(vec![], vec![put(b"k", b"1"), put(b"k", b"2")], vec![], &o)
+        .await;
+    assert!(
+        matches!(&dup, Err(Error::InvalidArgument(m)) if m.contains("duplicate key")),
+        "{dup:?}"
+    );
+
+    // Compaction: older revisions are refused with the compacted answer, never the current value.
+    client.compact(r2, &o).await.unwrap();
+    let old = client.get_kv(b"a", r1, &o).await;
+    assert!(
+        matches!(&old, Err(Error::Rpc(s)) if s.code() == tonic::Code::OutOfRange && s.message().contains("compacted")),
+        "{old:?}"
+    );
+    assert_eq!(
+        client.get_kv(b"a", r2, &o).await.unwrap().unwrap().value,
+        b"2"
+    );
+    let mut late = client.watch(b"a", b"", r1, false);
+    let update = tokio::time::timeout(Duration::from_secs(30), late.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(update, WatchUpdate::Compacted { oldest: r2 });
+}

@@ -53,6 +53,7 @@ fn kv(channel: &Channel) -> KvServiceClient<Channel> {
 
 fn put(key: &[u8], value: &[u8]) -> PutRequest {
     PutRequest {
+        prev_kv: false,
         header: None,
         key: key.to_vec(),
         value: value.to_vec(),
@@ -222,6 +223,7 @@ async fn a_value_at_a_raised_limit_round_trips() {
     kv(&ch).put(put(b"huge", &value)).await.unwrap();
     let r = kv(&ch)
         .get(GetRequest {
+            revision: 0,
             header: None,
             key: b"huge".to_vec(),
             consistency: 0,
@@ -375,6 +377,7 @@ fn any_request() -> impl proptest::strategy::Strategy<Value = AnyRequest> {
             )),
         (header.clone(), key.clone(), any::<i32>()).prop_map(|(header, key, consistency)| {
             AnyRequest::Get(GetRequest {
+                revision: 0,
                 header,
                 key,
                 consistency,
@@ -411,6 +414,7 @@ async fn values(kv: &mut KvServiceClient<Channel>, keys: &[Vec<u8>]) -> Vec<Opti
     for key in keys {
         let r = kv
             .get(GetRequest {
+                revision: 0,
                 header: None,
                 key: key.clone(),
                 consistency: 0,

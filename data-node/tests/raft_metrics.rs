@@ -35,6 +35,7 @@ async fn put_until_ok(ch: &Channel, key: &str) {
     loop {
         let r = KvServiceClient::new(ch.clone())
             .put(PutRequest {
+                prev_kv: false,
                 header: None,
                 key: key.as_bytes().to_vec(),
                 value: b"v".to_vec(),

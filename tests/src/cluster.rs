@@ -445,6 +445,7 @@ impl Cluster {
                     while !stop.load(Ordering::Relaxed) {
                         let key = format!("{prefix}{n:08}");
                         let req = PutRequest {
+                            prev_kv: false,
                             header: Some(header()),
                             key: key.clone().into_bytes(),
                             value: key.clone().into_bytes(),
@@ -540,6 +541,7 @@ impl Cluster {
         let mut target = self.current_leader().await.unwrap_or(1);
         loop {
             let req = PutRequest {
+                prev_kv: false,
                 header: Some(header()),
                 key: key.to_vec(),
                 value: value.to_vec(),
@@ -572,6 +574,7 @@ impl Cluster {
         let r = self
             .kv(id)
             .get(GetRequest {
+                revision: 0,
                 header: Some(header()),
                 key: key.to_vec(),
                 consistency: Consistency::Serializable as i32,

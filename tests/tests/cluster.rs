@@ -23,6 +23,7 @@ fn opts(backend: &str) -> ClusterOptions {
 /// A Get of `key` with `consistency`.
 fn get_request(key: &[u8], consistency: Consistency) -> GetRequest {
     GetRequest {
+        revision: 0,
         header: Some(header()),
         key: key.to_vec(),
         consistency: consistency as i32,
@@ -110,6 +111,7 @@ async fn elect_and_replicate(backend: &str) {
     let err = cluster
         .kv(follower)
         .put(kiwi_proto::v1::PutRequest {
+            prev_kv: false,
             header: Some(header()),
             key: b"k".to_vec(),
             value: b"v".to_vec(),
@@ -363,6 +365,7 @@ async fn isolated_old_leader(opts: ClusterOptions) {
         let r = cluster
             .kv(new)
             .put(kiwi_proto::v1::PutRequest {
+                prev_kv: false,
                 header: Some(header()),
                 key: b"k".to_vec(),
                 value: b"new".to_vec(),
@@ -585,6 +588,7 @@ async fn bad_requests_are_refused_and_write_nothing() {
     .await;
     let mut kv = cluster.kv(1);
     let put = |key: Vec<u8>, value: Vec<u8>| kiwi_proto::v1::PutRequest {
+        prev_kv: false,
         header: Some(header()),
         key,
         value,
@@ -618,6 +622,7 @@ async fn bad_requests_are_refused_and_write_nothing() {
     let mut h = header();
     h.priority = 42;
     kv.put(kiwi_proto::v1::PutRequest {
+        prev_kv: false,
         header: Some(h),
         key: b"ok".to_vec(),
         value: b"1".to_vec(),

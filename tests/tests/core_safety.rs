@@ -204,6 +204,7 @@ async fn removing_the_leader_keeps_the_cluster_writing() {
         let r = cluster
             .kv(old)
             .get(GetRequest {
+                revision: 0,
                 header: Some(header()),
                 key: b"before".to_vec(),
                 consistency: Consistency::Serializable as i32,
@@ -304,6 +305,7 @@ async fn reads_right_after_an_election_are_answered() {
         let r = cluster
             .kv(new)
             .get(GetRequest {
+                revision: 0,
                 header: Some(header()),
                 key: b"k".to_vec(),
                 consistency: Consistency::Linearizable as i32,
@@ -477,6 +479,7 @@ async fn a_follower_with_lower_limits_applies_what_the_leader_accepted() {
     let e = cluster
         .kv(strict)
         .put(PutRequest {
+            prev_kv: false,
             header: Some(header()),
             key: b"k".to_vec(),
             value: vec![0; 2048],

@@ -58,8 +58,9 @@ enum Shape {
     Bidi,
 }
 
-/// DeleteRange is left out: random bytes easily make a valid request for a wide range, which would delete
-/// the `known/` keys this test checks (correctly). Its malformed inputs are the Scan's (same fields).
+/// DeleteRange and Txn are left out: random bytes easily make a valid request for a wide range, which
+/// would delete the `known/` keys this test checks (correctly). Their malformed inputs are the Scan's and
+/// the BatchWrite's (same fields).
 const NODE_METHODS: &[(&str, Shape)] = &[
     ("/kiwi.v1.KvService/Get", Shape::Unary),
     ("/kiwi.v1.KvService/Put", Shape::Unary),
@@ -67,6 +68,8 @@ const NODE_METHODS: &[(&str, Shape)] = &[
     ("/kiwi.v1.KvService/BatchWrite", Shape::Unary),
     ("/kiwi.v1.KvService/Scan", Shape::Unary),
     ("/kiwi.v1.KvService/CompareAndSwap", Shape::Unary),
+    ("/kiwi.v1.KvService/Compact", Shape::Unary),
+    ("/kiwi.v1.KvService/Watch", Shape::Bidi),
     ("/kiwi.v1.NodeAdmin/Status", Shape::Unary),
     ("/kiwi.v1.NodeAdmin/AddNode", Shape::Unary),
     ("/kiwi.v1.NodeAdmin/RemoveNode", Shape::Unary),
@@ -93,12 +96,14 @@ fn seeds() -> Vec<Vec<u8>> {
     let header = Some(RequestHeader::default());
     vec![
         PutRequest {
+            prev_kv: false,
             header: header.clone(),
             key: b"fuzz/1".to_vec(),
             value: b"value".to_vec(),
         }
         .encode_to_vec(),
         GetRequest {
+            revision: 0,
             header: header.clone(),
             key: b"fuzz/1".to_vec(),
             consistency: 1,
@@ -253,6 +258,7 @@ async fn random_bytes_to_every_method_break_nothing() {
         let r = cluster
             .kv(leader)
             .get(GetRequest {
+                revision: 0,
                 header: Some(RequestHeader::default()),
                 key: key.as_bytes().to_vec(),
                 consistency: Consistency::Linearizable as i32,

@@ -73,6 +73,7 @@ async fn linearizable_get(cluster: &Cluster, key: &[u8]) -> Option<Vec<u8>> {
         let r = cluster
             .kv(leader)
             .get(GetRequest {
+                revision: 0,
                 header: Some(header()),
                 key: key.to_vec(),
                 consistency: Consistency::Linearizable as i32,

@@ -125,6 +125,7 @@ fn header(priority: Priority) -> Option<RequestHeader> {
 fn put(key: &str, principal: Option<&str>, priority: Priority) -> tonic::Request<PutRequest> {
     request(
         PutRequest {
+            prev_kv: false,
             header: header(priority),
             key: key.as_bytes().to_vec(),
             value: b"v".to_vec(),
@@ -136,6 +137,7 @@ fn put(key: &str, principal: Option<&str>, priority: Priority) -> tonic::Request
 fn get(key: &str, principal: Option<&str>) -> tonic::Request<GetRequest> {
     request(
         GetRequest {
+            revision: 0,
             header: header(Priority::Normal),
             key: key.as_bytes().to_vec(),
             consistency: 0,

@@ -361,6 +361,7 @@ async fn prometheus_scrapes_three_nodes_and_every_dashboard_metric_is_exported()
     let mut kv = cluster.kv(leader);
     for i in 0..50 {
         kv.get(GetRequest {
+            revision: 0,
             header: Some(header()),
             key: format!("pre{i:06}").into_bytes(),
             consistency: Consistency::Linearizable as i32,

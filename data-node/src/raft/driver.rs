@@ -298,6 +298,8 @@ pub struct DriverHandle {
     status: watch::Receiver<RaftStatus>,
     /// Ids this cluster removed (see `state_machine::record_removed`), sorted.
     removed_ids: watch::Receiver<Vec<u64>>,
+    /// The change feed (see [`state_machine::Published`]).
+    feed: state_machine::ChangeFeed,
     /// Every id in the current membership (voters and learners, incoming and outgoing), sorted; empty
     /// on a node that has not joined yet.
     members: watch::Receiver<Vec<u64>>,
@@ -305,6 +307,14 @@ pub struct DriverHandle {
 }
 
 impl DriverHandle {
+    /// Subscribes to the change feed: every run of applied entries from now on, in order (a receiver
+    /// that falls [`state_machine::FEED_RUNS`] runs behind is told it lagged).
+    pub fn subscribe_changes(
+        &self,
+    ) -> tokio::sync::broadcast::Receiver<Arc<state_machine::Published>> {
+        self.feed.subscribe()
+    }
+
     fn send(&self, msg: Inbox) -> Result<(), ProposeError> {
         self.tx.try_send(msg).map_err(|e| match e {
             TrySendError::Full(_) => ProposeError::Overloaded,
@@ -533,6 +543,9 @@ struct Driver {
     /// Whether every voter reported this node's settings (a lease is taken only then).
     settings_agree: bool,
     metrics: RaftMetricsCollector,
+    /// The change feed watchers subscribe to, and the last index published on it.
+    feed: state_machine::ChangeFeed,
+    published: u64,
 }
 
 /// Starts the driver thread.
@@ -584,6 +597,7 @@ pub fn spawn(
     removed_ids.sort_unstable();
     let (removed_tx, removed_rx) = watch::channel(removed_ids);
     let (members_tx, members_rx) = watch::channel(Vec::new());
+    let (feed, _) = tokio::sync::broadcast::channel(state_machine::FEED_RUNS);
     config
         .metrics_export
         .register_refusal_reasons(guard::Refusal::ALL.map(guard::Refusal::label));
@@ -617,6 +631,8 @@ pub fn spawn(
         peer_settings: HashMap::new(),
         settings_agree: false,
         metrics: RaftMetricsCollector::new(config.metrics, config.metrics_export.clone()),
+        feed: feed.clone(),
+        published: cfg.applied,
     };
     driver.refresh_membership();
     let tick = config.tick_interval;
@@ -652,6 +668,7 @@ pub fn spawn(
             removed_ids: removed_rx,
             members: members_rx,
             export: config.metrics_export.clone(),
+            feed,
         },
         thread,
     ))
@@ -1310,6 +1327,7 @@ impl Driver {
             }
             self.refresh_membership();
             self.applied = meta.index;
+            self.publish_changes(meta.index, None);
             self.applied_on_disk = self.applied_on_disk.max(meta.index);
             // A deposed leader's pending proposals may or may not be inside the snapshot.
             for (_, p) in self.proposals.split_off(&0) {
@@ -1479,6 +1497,21 @@ impl Driver {
         );
     }
 
+    /// Tells watchers that entries up to `to` are applied, with their changes when known.
+    fn publish_changes(&mut self, to: u64, changes: Option<Vec<state_machine::Change>>) {
+        if to <= self.published {
+            return;
+        }
+        let published = state_machine::Published {
+            from: self.published + 1,
+            to,
+            changes,
+        };
+        self.published = to;
+        // No watcher listening is not an error.
+        let _ = self.feed.send(Arc::new(published));
+    }
+
     /// Applies committed entries: data writes of the whole run go in as few batches as possible (see
     /// [`state_machine::Applier`]), and proposers are answered only once their write is in storage.
     fn apply(&mut self, entries: Vec<Entry>) -> DriverResult {
@@ -1579,6 +1612,10 @@ impl Driver {
             self.applied = index;
         }
         applier.flush()?;
+        let changes = applier.take_changes();
+        let changes = (state_machine::change_bytes(&changes) <= state_machine::FEED_MAX_BYTES)
+            .then_some(changes);
+        self.publish_changes(self.applied, changes);
         drop(applying);
         for (reply, result) in answers {
             let _ = reply.send(result);
@@ -2303,10 +2340,8 @@ mod tests {
         let ok = handle.propose(put("fine")).await.unwrap();
         assert_eq!(state_machine::applied_index(&*backend).unwrap(), ok.index);
         assert_eq!(handle.status().rejected_entries, 3);
-        assert_eq!(
-            backend.read(KeySpace::Data, b"fine").unwrap().as_deref(),
-            Some(&b"v"[..])
-        );
+        let stored = backend.read(KeySpace::Data, b"fine").unwrap().unwrap();
+        assert_eq!(crate::raft::mvcc::decode_stored(&stored).1, b"v");
         assert!(!fatal.is_cancelled(), "an invalid entry is never fatal");
         stop.cancel();
         thread.join().unwrap();

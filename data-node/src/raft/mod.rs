@@ -6,6 +6,7 @@
 //! - [`guard`]: checks every Raft message from the network before raft-rs may see it.
 //! - [`lease`]: the leader lease behind `raft.lease_reads` and the clock assumptions it rests on.
 //! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
+//! - [`mvcc`]: revisions, each key's counters and the kept history (reads and watches at a past revision).
 //! - [`state_machine`]: applies committed commands to user data with the applied index.
 //! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.
 //! - [`transport`]: the `RaftTransport` gRPC client and server; uses the driver's handle.
@@ -14,6 +15,7 @@ pub mod driver;
 pub mod guard;
 pub mod lease;
 pub mod log_store;
+pub mod mvcc;
 pub mod snapshot;
 pub mod state_machine;
 pub mod transport;

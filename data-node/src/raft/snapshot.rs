@@ -104,7 +104,11 @@ pub fn read_chunk(
     let mut bytes = 0;
     for (key, value) in view.scan(KeySpace::Data, &Scan::forward(range, CHUNK_KEYS))? {
         bytes += key.len() + value.len();
-        out.push(KeyValue { key, value });
+        out.push(KeyValue {
+            key,
+            value,
+            ..KeyValue::default()
+        });
         if bytes >= CHUNK_BYTES {
             break;
         }
@@ -145,7 +149,7 @@ pub fn check_chunk(
     for (i, kv) in kvs.iter().enumerate() {
         limits
             .check_key(KeySpace::Data, &kv.key)
-            .and_then(|()| limits.check_value(KeySpace::Data, &kv.value))
+            .and_then(|()| limits.check_stored_value(KeySpace::Data, &kv.value))
             .map_err(|e| format!("snapshot pair {i} of the chunk cannot be installed: {e}"))?;
     }
     Ok(())
@@ -286,6 +290,8 @@ pub fn install(
     backend.batch_write(mark, WriteOptions::SYNC)?;
     gate.begin();
     delete_range(backend, KeySpace::Data, ScanRange::all())?;
+    // The history before the snapshot is not sent: this node keeps none before it (see `mvcc`).
+    delete_range(backend, KeySpace::History, ScanRange::all())?;
     let pairs = copy_staged_to_data(backend)?;
     let mut batch = WriteBatch::new();
     store.snapshot_batch(meta, &mut batch)?;
@@ -293,6 +299,7 @@ pub fn install(
         state_machine::record_member(&mut batch, *id, addr);
     }
     batch.put(KeySpace::Raft, APPLIED_KEY, meta.index.to_be_bytes());
+    crate::raft::mvcc::reset_batch(&mut batch, meta.index);
     batch.delete(KeySpace::Raft, INSTALLING_KEY);
     batch.delete(KeySpace::Raft, INSTALLING_MEMBERS_KEY);
     backend.batch_write(batch, WriteOptions::SYNC)?;
@@ -469,7 +476,11 @@ mod tests {
             for chunk in chunks {
                 let kvs: Vec<KeyValue> = chunk
                     .into_iter()
-                    .map(|(key, value)| KeyValue { key, value })
+                    .map(|(key, value)| KeyValue {
+                        key,
+                        value,
+                        ..KeyValue::default()
+                    })
                     .collect();
                 if let Err(why) = check_chunk(&kvs, limits) {
                     proptest::prop_assert!(why.contains("snapshot pair"), "{why}");
@@ -533,6 +544,7 @@ mod tests {
             vec![KeyValue {
                 key: b"fresh".to_vec(),
                 value: b"1".to_vec(),
+                ..KeyValue::default()
             }],
         )
         .unwrap();

@@ -5,21 +5,20 @@
 //! the recorded applied index and reaches the same state. Apply batches are buffered (not fsynced): the
 //! log they come from is already durable.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
 use kiwi_proto::v1::{
-    CompareAndSwapRequest, DeleteRangeCommand, KeyValue, RaftCommand, compare_and_swap_request,
-    raft_command, write_op,
+    Compare, CompareAndSwapRequest, KeyEvent, KeyValue, RaftCommand, TxnOpResponse, TxnRequest,
+    compare, compare_and_swap_request, raft_command, txn_op, txn_op_response, write_op,
 };
 use kiwi_storage::{KeySpace, Limits, Scan, ScanRange, StorageBackend, WriteBatch, WriteOptions};
+
+use crate::raft::mvcc;
 
 /// Most key and value bytes a DeleteRange returns as its removed pairs (`prev_kv`); the rest are removed
 /// all the same and the answer says it was cut.
 pub const MAX_PREV_KV_BYTES: usize = 4 * 1024 * 1024;
-
-/// Most keys a DeleteRange reads at once while it counts what it removes; pages are smaller when values
-/// are large (about [`DELETE_RANGE_PAGE_BYTES`] a page), so one page of 4 MiB values is not read at once.
-const DELETE_RANGE_PAGE: usize = 1024;
-/// Key and value bytes a DeleteRange aims to read per page.
-const DELETE_RANGE_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Key, in [`KeySpace::Raft`], of the last applied index (u64 BE).
 pub const APPLIED_KEY: &[u8] = b"state/applied";
@@ -211,13 +210,90 @@ pub fn validate(cmd: &RaftCommand) -> Result<(), String> {
             }
             Ok(())
         }
+        Some(raft_command::Command::Txn(t)) => validate_txn(t, Limits::CEILING),
+        Some(raft_command::Command::Compact(c)) => {
+            if c.revision == 0 {
+                return Err("the compaction revision is 0".into());
+            }
+            Ok(())
+        }
     }
 }
 
+/// Checks a transaction against `limits` and the transaction limits: the count of compares and ops, keys
+/// and values, and that no key is written twice in one branch.
+///
+/// # Errors
+/// What is wrong, naming the compare or op.
+pub fn validate_txn(t: &TxnRequest, limits: Limits) -> Result<(), String> {
+    let key = |k: &[u8], what: &dyn Fn() -> String| -> Result<(), String> {
+        limits
+            .check_key(KeySpace::Data, k)
+            .map_err(|e| format!("{}: {e}", what()))
+    };
+    if t.compare.len() > MAX_TXN_OPS {
+        return Err(format!(
+            "the transaction has {} compares, over the limit of {MAX_TXN_OPS}",
+            t.compare.len()
+        ));
+    }
+    for (i, c) in t.compare.iter().enumerate() {
+        key(&c.key, &|| format!("compare {i}'s key"))?;
+        if let Some(compare::TargetUnion::Value(v)) = &c.target_union {
+            limits
+                .check_value(KeySpace::Data, v)
+                .map_err(|e| format!("compare {i}'s value: {e}"))?;
+        }
+    }
+    for (name, ops) in [("success", &t.success), ("failure", &t.failure)] {
+        if ops.len() > MAX_TXN_OPS {
+            return Err(format!(
+                "the {name} branch has {} ops, over the limit of {MAX_TXN_OPS}",
+                ops.len()
+            ));
+        }
+        let mut puts: Vec<&[u8]> = Vec::new();
+        let mut deletes: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            let what = || format!("{name} op {i}'s key");
+            match &op.op {
+                Some(txn_op::Op::Range(r)) => key(&r.key, &what)?,
+                Some(txn_op::Op::Put(p)) => {
+                    key(&p.key, &what)?;
+                    limits
+                        .check_value(KeySpace::Data, &p.value)
+                        .map_err(|e| format!("{name} op {i}'s value: {e}"))?;
+                    puts.push(&p.key);
+                }
+                Some(txn_op::Op::DeleteRange(d)) => {
+                    key(&d.key, &what)?;
+                    deletes.push(etcd_range(&d.key, &d.range_end));
+                }
+                None => return Err(format!("{name} op {i} is empty")),
+            }
+        }
+        let mut sorted = puts.clone();
+        sorted.sort_unstable();
+        let twice = sorted.windows(2).any(|w| w[0] == w[1])
+            || puts.iter().any(|k| {
+                deletes
+                    .iter()
+                    .any(|(s, e)| k >= &s.as_slice() && (e.is_empty() || k < &e.as_slice()))
+            });
+        if twice {
+            return Err(DUPLICATE_KEY.into());
+        }
+    }
+    Ok(())
+}
+
+/// etcd's answer to a transaction writing a key twice in one branch.
+pub const DUPLICATE_KEY: &str = "duplicate key given in txn request";
+
 /// What applying one command did, for the proposer's reply.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ApplyOutcome {
-    /// The log index the command was applied at.
+    /// The log index the command was applied at: its revision.
     pub index: u64,
     /// For a single delete: whether the key existed.
     pub existed: bool,
@@ -225,12 +301,55 @@ pub struct ApplyOutcome {
     pub swapped: bool,
     /// For a compare-and-swap: the value before.
     pub previous: Option<Vec<u8>>,
+    /// For a single put: the key before it.
+    pub prev_kv: Option<KeyValue>,
     /// For a range delete: how many keys it removed.
     pub deleted: u64,
     /// For a range delete with `prev_kv`: the removed pairs (at most [`MAX_PREV_KV_BYTES`]).
     pub prev_kvs: Vec<KeyValue>,
     /// For a range delete with `prev_kv`: more pairs were removed than `prev_kvs` holds.
     pub prev_kvs_truncated: bool,
+    /// For a transaction: whether its compares held, and each op's answer.
+    pub txn: Option<(bool, Vec<TxnOpResponse>)>,
+    /// Why the command changed nothing though it was valid (a range delete over its limits).
+    pub refused: Option<String>,
+}
+
+/// The changes one write made, in order, as watches see them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub revision: u64,
+    pub events: Vec<KeyEvent>,
+}
+
+/// What the driver publishes after each run of applied entries (once it is in storage): the run's
+/// entries `from..=to` and their changes. `changes` is `None` when the run's changes are too large to
+/// hand around ([`FEED_MAX_BYTES`]) or unknown (a snapshot install): watchers read them from the kept
+/// history instead.
+#[derive(Debug)]
+pub struct Published {
+    pub from: u64,
+    pub to: u64,
+    pub changes: Option<Vec<Change>>,
+}
+
+/// Runs the change feed keeps for watchers that have not read them yet (older ones are dropped and
+/// such a watcher reads the history instead).
+pub const FEED_RUNS: usize = 128;
+/// Largest run the feed carries (key and value bytes of its events); larger ones are marked only.
+pub const FEED_MAX_BYTES: usize = 256 * 1024;
+
+/// The change feed's sender.
+pub type ChangeFeed = tokio::sync::broadcast::Sender<std::sync::Arc<Published>>;
+
+/// Key and value bytes of some changes' events.
+pub fn change_bytes(changes: &[Change]) -> usize {
+    let kv = |kv: &Option<KeyValue>| kv.as_ref().map_or(0, |kv| kv.key.len() + kv.value.len());
+    changes
+        .iter()
+        .flat_map(|c| &c.events)
+        .map(|e| kv(&e.kv) + kv(&e.prev_kv))
+        .sum()
 }
 
 /// Reads the applied index (0 for a new store).
@@ -258,14 +377,31 @@ pub fn mark_applied(backend: &dyn StorageBackend, index: u64) -> kiwi_storage::R
     )
 }
 
-/// Applies a run of committed entries with as few storage writes as possible: blind writes accumulate in
-/// one batch; a command that must read the current state (a compare-and-swap, a single delete reporting
-/// whether the key existed) first flushes what is pending, so it reads exactly the state before it.
-/// [`flush`](Self::flush) writes the batch with the last applied index; until then nothing is visible.
+/// Most keys one range delete (alone or in a transaction) removes: one over is refused as a whole,
+/// before anything is removed, so that one write's history and answer stay bounded in memory.
+pub const MAX_DELETE_KEYS: u64 = 100_000;
+/// Most key and value bytes one range delete removes (refused as a whole above).
+pub const MAX_DELETE_BYTES: usize = 64 * 1024 * 1024;
+/// Most key and value bytes the range reads of one transaction return (each ends early with `more`).
+pub const MAX_TXN_READ_BYTES: usize = 4 * 1024 * 1024;
+/// Most pairs one range read of a transaction returns.
+pub const MAX_TXN_READ_KEYS: usize = 10_000;
+/// Most compares, and ops in each branch, of a transaction (etcd's default `--max-txn-ops`).
+pub const MAX_TXN_OPS: usize = 128;
+
+/// Applies a run of committed entries with as few storage writes as possible: the writes of the whole
+/// run accumulate in one batch, and the applier remembers the keys it wrote ([`Self::current`] sees
+/// them), so a command that reads state (a key's counters, a compare, a range) reads exactly the state
+/// before it. [`flush`](Self::flush) writes the batch with the last applied index; until then nothing is
+/// visible.
 pub struct Applier<'a> {
     backend: &'a dyn StorageBackend,
     batch: WriteBatch,
     last: Option<u64>,
+    /// Stored values of the keys the pending batch writes (`None`: deleted).
+    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The changes of the writes applied, for watches ([`Self::take_changes`]).
+    changes: Vec<Change>,
 }
 
 impl<'a> Applier<'a> {
@@ -274,12 +410,19 @@ impl<'a> Applier<'a> {
             backend,
             batch: WriteBatch::new(),
             last: None,
+            pending: BTreeMap::new(),
+            changes: Vec::new(),
         }
     }
 
     /// Records `index` as applied without changing data (empty and invalid entries).
     pub fn skip(&mut self, index: u64) {
         self.last = Some(index);
+    }
+
+    /// The changes of the writes applied so far (once flushed, they are in storage).
+    pub fn take_changes(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.changes)
     }
 
     /// Writes what is pending, then `extra` (a membership change's records) with `index` as applied, in
@@ -289,6 +432,7 @@ impl<'a> Applier<'a> {
     /// Storage errors.
     pub fn commit_with(&mut self, index: u64, mut extra: WriteBatch) -> kiwi_storage::Result<()> {
         let pending = std::mem::take(&mut self.batch);
+        self.pending.clear();
         self.last = None;
         let mut batch = pending;
         batch.ops.append(&mut extra.ops);
@@ -305,6 +449,7 @@ impl<'a> Applier<'a> {
             return Ok(());
         };
         let mut batch = std::mem::take(&mut self.batch);
+        self.pending.clear();
         batch.put(KeySpace::Raft, APPLIED_KEY, index.to_be_bytes());
         self.backend.batch_write(batch, WriteOptions::BUFFERED)
     }
@@ -318,116 +463,449 @@ impl<'a> Applier<'a> {
             index,
             ..ApplyOutcome::default()
         };
+        let mut w = Writes::new(index);
         match &cmd.command {
-            Some(raft_command::Command::Write(w)) => {
-                if let [op] = w.ops.as_slice()
-                    && let Some(write_op::Op::Delete(d)) = &op.op
-                {
-                    self.flush()?;
-                    out.existed = self.backend.read(KeySpace::Data, &d.key)?.is_some();
+            Some(raft_command::Command::Write(b)) => {
+                // A key written twice in one batch: the last operation wins, and only its change is
+                // recorded (the batch is one write; its intermediate states never existed).
+                let mut seen = std::collections::HashSet::new();
+                let mut ops: Vec<&write_op::Op> = Vec::with_capacity(b.ops.len());
+                for op in b.ops.iter().rev().filter_map(|o| o.op.as_ref()) {
+                    let key = match op {
+                        write_op::Op::Put(p) => &p.key,
+                        write_op::Op::Delete(d) => &d.key,
+                    };
+                    if seen.insert(key.as_slice()) {
+                        ops.push(op);
+                    }
                 }
-                for op in &w.ops {
-                    match &op.op {
-                        Some(write_op::Op::Put(p)) => {
-                            self.batch
-                                .put(KeySpace::Data, p.key.clone(), p.value.clone());
+                ops.reverse();
+                for op in ops {
+                    match op {
+                        write_op::Op::Put(p) => {
+                            out.prev_kv = self.put(&mut w, &p.key, &p.value, 0)?;
                         }
-                        Some(write_op::Op::Delete(d)) => {
-                            self.batch.delete(KeySpace::Data, d.key.clone());
+                        write_op::Op::Delete(d) => {
+                            out.existed = self.delete(&mut w, &d.key)?.is_some();
                         }
-                        None => {}
                     }
                 }
             }
             Some(raft_command::Command::CompareAndSwap(cas)) => {
-                self.flush()?;
-                let current = self.backend.read(KeySpace::Data, &cas.key)?;
-                out.swapped = cas_holds(cas, current.as_deref());
+                let current = self.current(&cas.key)?;
+                out.swapped = cas_holds(cas, current.as_ref().map(|kv| kv.value.as_slice()));
                 if out.swapped {
                     match &cas.new {
                         Some(compare_and_swap_request::New::NewValue(v)) => {
-                            self.batch.put(KeySpace::Data, cas.key.clone(), v.clone());
+                            self.put(&mut w, &cas.key, v, 0)?;
                         }
                         Some(compare_and_swap_request::New::Delete(true)) => {
-                            self.batch.delete(KeySpace::Data, cas.key.clone());
+                            self.delete(&mut w, &cas.key)?;
                         }
                         _ => {}
                     }
                 }
-                out.previous = current;
+                out.previous = current.map(|kv| kv.value);
             }
             Some(raft_command::Command::DeleteRange(d)) => {
-                self.flush()?;
-                self.delete_range(d, &mut out)?;
+                match self.delete_range(&mut w, &d.start_key, &d.end_key, d.prev_kv)? {
+                    Ok(r) => {
+                        out.deleted = r.deleted;
+                        out.prev_kvs = r.prev_kvs;
+                        out.prev_kvs_truncated = r.truncated;
+                    }
+                    Err(why) => out.refused = Some(why),
+                }
+            }
+            Some(raft_command::Command::Txn(t)) => match self.txn(&mut w, t)? {
+                Ok(r) => out.txn = Some(r),
+                Err(why) => {
+                    // Nothing of the branch is kept: undo its writes.
+                    self.discard(&w);
+                    w = Writes::new(index);
+                    out.refused = Some(why);
+                }
+            },
+            Some(raft_command::Command::Compact(c)) => {
+                let oldest = mvcc::compacted(self.backend)?;
+                if c.revision > oldest && c.revision <= index {
+                    mvcc::compact_batch(&mut self.batch, c.revision);
+                }
             }
             None => {}
+        }
+        if !w.events.is_empty() {
+            for (pos, event) in w.events.iter().enumerate() {
+                mvcc::record(&mut self.batch, index, pos as u32, event);
+            }
+            self.changes.push(Change {
+                revision: index,
+                events: w.events,
+            });
         }
         self.last = Some(index);
         Ok(out)
     }
 
-    /// Removes `[start_key, end_key)` with one range delete, counting (and with `prev_kv` keeping) the
-    /// pairs it held: reads page by page, so memory does not follow the range's size.
-    fn delete_range(
-        &mut self,
-        d: &DeleteRangeCommand,
-        out: &mut ApplyOutcome,
+    /// The key as the state before the command being applied holds it (pending writes included).
+    fn current(&self, key: &[u8]) -> kiwi_storage::Result<Option<KeyValue>> {
+        let stored = match self.pending.get(key) {
+            Some(v) => v.clone(),
+            None => self.backend.read(KeySpace::Data, key)?,
+        };
+        Ok(stored.map(|s| mvcc::to_kv(key.to_vec(), &s, false)))
+    }
+
+    /// Visits the keys of `[start, end)` (an empty `end`: no bound) in order, pending writes included,
+    /// until `f` returns false.
+    fn visit(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(KeyValue) -> bool,
     ) -> kiwi_storage::Result<()> {
-        let mut range = ScanRange::half_open(&d.start_key, &d.end_key);
-        let mut first = None;
-        let mut last = None;
-        let mut bytes = 0;
-        let mut page = 16;
+        const PAGE: usize = 256;
+        let upper = |k: &[u8]| end.is_empty() || k < end;
+        let mut overlay = self
+            .pending
+            .range::<[u8], _>((Bound::Included(start), Bound::Unbounded))
+            .take_while(|(k, _)| upper(k))
+            .peekable();
+        let mut range = ScanRange::half_open(start, end);
         loop {
-            let pairs = self.backend.scan(
-                KeySpace::Data,
-                &Scan {
-                    range: range.clone(),
-                    limit: page,
-                    reverse: false,
-                },
-            )?;
-            let got = pairs.len();
-            let read: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
-            for (key, value) in pairs {
-                out.deleted += 1;
-                if d.prev_kv && !out.prev_kvs_truncated {
-                    if bytes + key.len() + value.len() > MAX_PREV_KV_BYTES {
-                        out.prev_kvs_truncated = true;
-                    } else {
-                        bytes += key.len() + value.len();
-                        out.prev_kvs.push(KeyValue {
-                            key: key.clone(),
-                            value,
-                        });
+            let page = self
+                .backend
+                .scan(KeySpace::Data, &Scan::forward(range.clone(), PAGE))?;
+            let full = page.len() == PAGE;
+            for (key, stored) in page {
+                while let Some((k, v)) = overlay.next_if(|(k, _)| k.as_slice() <= key.as_slice()) {
+                    if *k != key
+                        && let Some(v) = v
+                        && !f(mvcc::to_kv(k.clone(), v, false))
+                    {
+                        return Ok(());
+                    }
+                    if *k == key {
+                        if let Some(v) = v
+                            && !f(mvcc::to_kv(k.clone(), v, false))
+                        {
+                            return Ok(());
+                        }
+                        break;
                     }
                 }
-                if first.is_none() {
-                    first = Some(key.clone());
+                if self.pending.contains_key(&key) {
+                    range.start = Bound::Excluded(key);
+                    continue;
                 }
-                last = Some(key);
+                if !f(mvcc::to_kv(key.clone(), &stored, false)) {
+                    return Ok(());
+                }
+                range.start = Bound::Excluded(key);
             }
-            match (&last, got == page) {
-                (Some(k), true) => range.start = std::ops::Bound::Excluded(k.clone()),
-                _ => break,
+            if !full {
+                break;
             }
-            let avg = (read / got.max(1)).max(1);
-            page = (DELETE_RANGE_PAGE_BYTES / avg).clamp(1, DELETE_RANGE_PAGE);
         }
-        let (Some(first), Some(last)) = (first, last) else {
-            return Ok(());
-        };
-        // Both bounds are keys the store holds (or the request's own end), so they pass the batch's
-        // key checks; nothing is written between the reads above and this batch (applies run one at a
-        // time).
-        if d.end_key.is_empty() {
-            self.batch.delete_range(KeySpace::Data, first, last.clone());
-            self.batch.delete(KeySpace::Data, last);
-        } else {
-            self.batch
-                .delete_range(KeySpace::Data, first, d.end_key.clone());
+        for (k, v) in overlay {
+            if let Some(v) = v
+                && !f(mvcc::to_kv(k.clone(), v, false))
+            {
+                return Ok(());
+            }
         }
         Ok(())
+    }
+
+    /// Puts `key` at the write's revision; returns the key before.
+    fn put(
+        &mut self,
+        w: &mut Writes,
+        key: &[u8],
+        value: &[u8],
+        lease: u64,
+    ) -> kiwi_storage::Result<Option<KeyValue>> {
+        let prev = self.current(key)?;
+        let counters = mvcc::Counters {
+            create_revision: prev.as_ref().map_or(w.revision, |p| p.create_revision),
+            mod_revision: w.revision,
+            version: prev.as_ref().map_or(1, |p| p.version + 1),
+            lease,
+        };
+        let stored = mvcc::encode_stored(counters, value);
+        self.batch.put(KeySpace::Data, key.to_vec(), stored.clone());
+        self.pending.insert(key.to_vec(), Some(stored));
+        w.touched.push(key.to_vec());
+        let kv = KeyValue {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            create_revision: counters.create_revision,
+            mod_revision: counters.mod_revision,
+            version: counters.version,
+            lease,
+        };
+        w.events.push(mvcc::put_event(kv, prev.clone()));
+        Ok(prev)
+    }
+
+    /// Deletes `key` at the write's revision (nothing, and no event, when it is missing); returns the
+    /// key before.
+    fn delete(&mut self, w: &mut Writes, key: &[u8]) -> kiwi_storage::Result<Option<KeyValue>> {
+        let Some(prev) = self.current(key)? else {
+            return Ok(None);
+        };
+        self.batch.delete(KeySpace::Data, key.to_vec());
+        self.pending.insert(key.to_vec(), None);
+        w.touched.push(key.to_vec());
+        w.events.push(mvcc::delete_event(prev.clone(), w.revision));
+        Ok(Some(prev))
+    }
+
+    /// Removes the keys of `[start, end)`; refused as a whole (`Err`) over [`MAX_DELETE_KEYS`] or
+    /// [`MAX_DELETE_BYTES`].
+    fn delete_range(
+        &mut self,
+        w: &mut Writes,
+        start: &[u8],
+        end: &[u8],
+        prev_kv: bool,
+    ) -> kiwi_storage::Result<Result<RangeDeleted, String>> {
+        let mut keys = Vec::new();
+        let mut bytes = 0usize;
+        let mut over = false;
+        self.visit(start, end, |kv| {
+            bytes += kv.key.len() + kv.value.len();
+            keys.push(kv.key);
+            over = keys.len() as u64 > MAX_DELETE_KEYS || bytes > MAX_DELETE_BYTES;
+            !over
+        })?;
+        if over {
+            return Ok(Err(format!(
+                "the range holds more than {MAX_DELETE_KEYS} keys or {} MiB: delete it in parts",
+                MAX_DELETE_BYTES >> 20
+            )));
+        }
+        let mut r = RangeDeleted::default();
+        let mut kept = 0;
+        for key in keys {
+            let Some(prev) = self.delete(w, &key)? else {
+                continue;
+            };
+            r.deleted += 1;
+            if prev_kv && !r.truncated {
+                let size = prev.key.len() + prev.value.len();
+                if kept + size > MAX_PREV_KV_BYTES {
+                    r.truncated = true;
+                } else {
+                    kept += size;
+                    r.prev_kvs.push(prev);
+                }
+            }
+        }
+        Ok(Ok(r))
+    }
+
+    /// Drops the writes of `w` from the pending batch (a transaction refused part way).
+    fn discard(&mut self, w: &Writes) {
+        let touched: std::collections::HashSet<&[u8]> =
+            w.touched.iter().map(Vec::as_slice).collect();
+        self.batch.ops.truncate(w.batch_len);
+        for key in touched {
+            self.pending.remove(key);
+        }
+        // Restore what earlier commands of the run wrote to those keys.
+        for op in &self.batch.ops {
+            match op {
+                kiwi_storage::WriteOp::Put {
+                    space: KeySpace::Data,
+                    key,
+                    value,
+                } if w.touched.contains(key) => {
+                    self.pending.insert(key.clone(), Some(value.clone()));
+                }
+                kiwi_storage::WriteOp::Delete {
+                    space: KeySpace::Data,
+                    key,
+                } if w.touched.contains(key) => {
+                    self.pending.insert(key.clone(), None);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Evaluates a transaction's compares and applies the ops of the branch they choose.
+    fn txn(
+        &mut self,
+        w: &mut Writes,
+        t: &TxnRequest,
+    ) -> kiwi_storage::Result<Result<(bool, Vec<TxnOpResponse>), String>> {
+        w.batch_len = self.batch.ops.len();
+        let mut succeeded = true;
+        for c in &t.compare {
+            if !self.compare_holds(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded { &t.success } else { &t.failure };
+        let mut answers = Vec::with_capacity(ops.len());
+        let mut read_bytes = 0usize;
+        for op in ops {
+            let answer = match &op.op {
+                Some(txn_op::Op::Range(r)) => {
+                    let (start, end) = etcd_range(&r.key, &r.range_end);
+                    let limit = if r.limit == 0 {
+                        MAX_TXN_READ_KEYS
+                    } else {
+                        (r.limit as usize).min(MAX_TXN_READ_KEYS)
+                    };
+                    let mut res = txn_op_response::Range::default();
+                    self.visit(&start, &end, |mut kv| {
+                        res.count += 1;
+                        if r.count_only {
+                            return true;
+                        }
+                        if r.keys_only {
+                            kv.value = Vec::new();
+                        }
+                        let size = kv.key.len() + kv.value.len();
+                        if res.kvs.len() >= limit || read_bytes + size > MAX_TXN_READ_BYTES {
+                            res.more = true;
+                        } else {
+                            read_bytes += size;
+                            res.kvs.push(kv);
+                        }
+                        true
+                    })?;
+                    txn_op_response::Response::Range(res)
+                }
+                Some(txn_op::Op::Put(p)) => {
+                    let prev = self.put(w, &p.key, &p.value, 0)?;
+                    txn_op_response::Response::Put(txn_op_response::Put {
+                        prev_kv: prev.filter(|_| p.prev_kv),
+                    })
+                }
+                Some(txn_op::Op::DeleteRange(d)) => {
+                    let (start, end) = etcd_range(&d.key, &d.range_end);
+                    match self.delete_range(w, &start, &end, d.prev_kv)? {
+                        Ok(r) => {
+                            txn_op_response::Response::DeleteRange(txn_op_response::DeleteRange {
+                                deleted: r.deleted,
+                                prev_kvs: r.prev_kvs,
+                            })
+                        }
+                        Err(why) => return Ok(Err(why)),
+                    }
+                }
+                None => continue,
+            };
+            answers.push(TxnOpResponse {
+                response: Some(answer),
+            });
+        }
+        Ok(Ok((succeeded, answers)))
+    }
+
+    /// Whether `c` holds for its key (or every key of its range; against a missing key's zero counters
+    /// when there is none, where a VALUE compare fails).
+    fn compare_holds(&self, c: &Compare) -> kiwi_storage::Result<bool> {
+        let mut kvs = Vec::new();
+        if c.range_end.is_empty() {
+            kvs.extend(self.current(&c.key)?);
+        } else {
+            let (start, end) = etcd_range(&c.key, &c.range_end);
+            let mut holds = true;
+            let mut any = false;
+            self.visit(&start, &end, |kv| {
+                any = true;
+                holds = compare_kv(c, Some(&kv));
+                holds
+            })?;
+            return Ok(if any { holds } else { compare_kv(c, None) });
+        }
+        Ok(compare_kv(c, kvs.first()))
+    }
+}
+
+/// The writes of the command being applied.
+struct Writes {
+    revision: u64,
+    events: Vec<KeyEvent>,
+    touched: Vec<Vec<u8>>,
+    /// Length of the pending batch before the command (to undo a refused transaction).
+    batch_len: usize,
+}
+
+impl Writes {
+    fn new(revision: u64) -> Self {
+        Writes {
+            revision,
+            events: Vec::new(),
+            touched: Vec::new(),
+            batch_len: 0,
+        }
+    }
+}
+
+#[derive(Default)]
+struct RangeDeleted {
+    deleted: u64,
+    prev_kvs: Vec<KeyValue>,
+    truncated: bool,
+}
+
+/// `[start, end)` of an etcd-style range: an empty `range_end` is the key alone, `"\0"` no bound.
+pub fn etcd_range(key: &[u8], range_end: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    match range_end {
+        [] => {
+            let mut end = key.to_vec();
+            end.push(0);
+            (key.to_vec(), end)
+        }
+        [0] => (key.to_vec(), Vec::new()),
+        end => (key.to_vec(), end.to_vec()),
+    }
+}
+
+/// Whether the key (`None`: missing) satisfies the compare.
+pub fn compare_kv(c: &Compare, kv: Option<&KeyValue>) -> bool {
+    use compare::{CompareResult, CompareTarget, TargetUnion};
+    let result = CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal);
+    let ord = match (
+        CompareTarget::try_from(c.target).unwrap_or(CompareTarget::Version),
+        &c.target_union,
+    ) {
+        (CompareTarget::Value, Some(TargetUnion::Value(v))) => match kv {
+            Some(kv) => kv.value.as_slice().cmp(v.as_slice()),
+            None => return false,
+        },
+        (CompareTarget::Value, _) => return false,
+        (target, given) => {
+            let given = match given {
+                Some(
+                    TargetUnion::Version(n)
+                    | TargetUnion::CreateRevision(n)
+                    | TargetUnion::ModRevision(n)
+                    | TargetUnion::Lease(n),
+                ) => *n,
+                _ => 0,
+            };
+            let have = kv.map_or(0, |kv| match target {
+                CompareTarget::Version => kv.version,
+                CompareTarget::Create => kv.create_revision,
+                CompareTarget::Mod => kv.mod_revision,
+                CompareTarget::Lease => kv.lease,
+                CompareTarget::Value => unreachable!("matched above"),
+            });
+            have.cmp(&given)
+        }
+    };
+    match result {
+        CompareResult::Equal => ord.is_eq(),
+        CompareResult::NotEqual => ord.is_ne(),
+        CompareResult::Greater => ord.is_gt(),
+        CompareResult::Less => ord.is_lt(),
     }
 }
 
@@ -502,22 +980,28 @@ mod tests {
         assert!(out.swapped);
         assert!(!apply(&s, 4, &cas(b"k", None, b"3")).unwrap().swapped);
         assert!(apply(&s, 5, &cas(b"new", None, b"x")).unwrap().swapped);
-        assert_eq!(
-            s.read(KeySpace::Data, b"k").unwrap().as_deref(),
-            Some(&b"2"[..])
-        );
+        assert_eq!(value(&s, b"k").as_deref(), Some(&b"2"[..]));
         assert_eq!(applied_index(&s).unwrap(), 5);
     }
 
     fn delete_range(start: &[u8], end: &[u8], prev_kv: bool) -> RaftCommand {
         RaftCommand {
             request_id: String::new(),
-            command: Some(raft_command::Command::DeleteRange(DeleteRangeCommand {
-                start_key: start.to_vec(),
-                end_key: end.to_vec(),
-                prev_kv,
-            })),
+            command: Some(raft_command::Command::DeleteRange(
+                kiwi_proto::v1::DeleteRangeCommand {
+                    start_key: start.to_vec(),
+                    end_key: end.to_vec(),
+                    prev_kv,
+                },
+            )),
         }
+    }
+
+    /// The value stored under `key`, without its counters.
+    fn value(s: &dyn StorageBackend, key: &[u8]) -> Option<Vec<u8>> {
+        s.read(KeySpace::Data, key)
+            .unwrap()
+            .map(|v| mvcc::decode_stored(&v).1.to_vec())
     }
 
     fn keys(s: &dyn StorageBackend) -> Vec<Vec<u8>> {
@@ -565,7 +1049,7 @@ mod tests {
     fn a_large_range_delete_pages_and_cuts_its_removed_pairs() {
         let s = MemoryBackend::new(Limits::default());
         let mut a = Applier::new(&s);
-        let n = 2 * DELETE_RANGE_PAGE + 500;
+        let n = 2 * 1024 + 500;
         for i in 0..n {
             a.apply(
                 i as u64 + 1,
@@ -605,14 +1089,310 @@ mod tests {
         a.apply(4, &put(b"other", b"x")).unwrap();
         a.skip(5);
         a.flush().unwrap();
-        assert_eq!(
-            s.read(KeySpace::Data, b"k").unwrap().as_deref(),
-            Some(&b"3"[..])
-        );
-        assert_eq!(
-            s.read(KeySpace::Data, b"other").unwrap().as_deref(),
-            Some(&b"x"[..])
-        );
+        assert_eq!(value(&s, b"k").as_deref(), Some(&b"3"[..]));
+        assert_eq!(value(&s, b"other").as_deref(), Some(&b"x"[..]));
         assert_eq!(applied_index(&s).unwrap(), 5);
+    }
+
+    fn get(s: &dyn StorageBackend, key: &[u8]) -> Option<KeyValue> {
+        s.read(KeySpace::Data, key)
+            .unwrap()
+            .map(|v| mvcc::to_kv(key.to_vec(), &v, false))
+    }
+
+    fn counters(kv: &KeyValue) -> (u64, u64, u64) {
+        (kv.create_revision, kv.mod_revision, kv.version)
+    }
+
+    #[test]
+    fn every_write_is_one_revision_and_keys_count_their_versions() {
+        let s = MemoryBackend::new(Limits::default());
+        let mut a = Applier::new(&s);
+        a.apply(3, &put(b"k", b"1")).unwrap();
+        a.apply(5, &put(b"k", b"2")).unwrap();
+        a.flush().unwrap();
+        assert_eq!(counters(&get(&s, b"k").unwrap()), (3, 5, 2));
+        // A batch writing a key twice is one change of it, at one revision.
+        let batch = RaftCommand {
+            request_id: String::new(),
+            command: Some(raft_command::Command::Write(WriteBatchCommand {
+                ops: vec![
+                    WriteOp {
+                        op: Some(write_op::Op::Put(write_op::Put {
+                            key: b"k".to_vec(),
+                            value: b"x".to_vec(),
+                        })),
+                    },
+                    WriteOp {
+                        op: Some(write_op::Op::Put(write_op::Put {
+                            key: b"k".to_vec(),
+                            value: b"3".to_vec(),
+                        })),
+                    },
+                    WriteOp {
+                        op: Some(write_op::Op::Put(write_op::Put {
+                            key: b"j".to_vec(),
+                            value: b"j".to_vec(),
+                        })),
+                    },
+                ],
+            })),
+        };
+        a.apply(6, &batch).unwrap();
+        let changes = a.take_changes();
+        assert_eq!(changes.len(), 3);
+        assert_eq!(changes[2].revision, 6);
+        assert_eq!(changes[2].events.len(), 2, "one event per key of the write");
+        let e = &changes[2].events[0];
+        assert_eq!(e.kv.as_ref().unwrap().value, b"3");
+        assert_eq!(
+            e.prev_kv.as_ref().unwrap().value,
+            b"2",
+            "the value before the write"
+        );
+        // Deleting resets the version; the next put creates the key again.
+        a.apply(7, &delete_range(b"k", b"k\0", false)).unwrap();
+        a.apply(9, &put(b"k", b"4")).unwrap();
+        // A failed CAS writes nothing and records no change.
+        assert!(!a.apply(10, &cas(b"k", Some(b"no"), b"5")).unwrap().swapped);
+        a.flush().unwrap();
+        assert_eq!(counters(&get(&s, b"k").unwrap()), (9, 9, 1));
+        assert_eq!(
+            a.take_changes()
+                .iter()
+                .map(|c| c.revision)
+                .collect::<Vec<_>>(),
+            [7, 9]
+        );
+        // The history answers for every revision since the first write.
+        let at = |r: u64| mvcc::read_at(&s as &dyn StorageBackend, b"k", r).unwrap();
+        assert_eq!(at(2), None);
+        assert_eq!(at(3).unwrap().value, b"1");
+        assert_eq!(at(4).unwrap().value, b"1");
+        assert_eq!(counters(&at(6).unwrap()), (3, 6, 3));
+        assert_eq!(at(8), None, "deleted at 7");
+        assert_eq!(at(10).unwrap().value, b"4");
+        let (kvs, more) = mvcc::scan_at(
+            &s as &dyn StorageBackend,
+            &ScanRange::half_open(b"a", b"z"),
+            6,
+            10,
+            false,
+        )
+        .unwrap();
+        assert!(!more);
+        assert_eq!(
+            kvs.iter()
+                .map(|kv| (kv.key.as_slice(), kv.value.as_slice()))
+                .collect::<Vec<_>>(),
+            [(&b"j"[..], &b"j"[..]), (b"k", b"3")]
+        );
+        let events = mvcc::events_from(&s as &dyn StorageBackend, 6, 1 << 20, 100).unwrap();
+        assert_eq!(
+            events.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
+            [6, 6, 7, 9]
+        );
+    }
+
+    #[test]
+    fn compaction_drops_history_before_the_revision_only() {
+        let s = MemoryBackend::new(Limits::default());
+        let mut a = Applier::new(&s);
+        for i in 1..=10u64 {
+            a.apply(i, &put(b"k", format!("{i}").as_bytes())).unwrap();
+        }
+        let compact = RaftCommand {
+            request_id: String::new(),
+            command: Some(raft_command::Command::Compact(
+                kiwi_proto::v1::CompactCommand { revision: 6 },
+            )),
+        };
+        a.apply(11, &compact).unwrap();
+        a.flush().unwrap();
+        let b = &s as &dyn StorageBackend;
+        assert_eq!(mvcc::compacted(b).unwrap(), 6);
+        assert_eq!(mvcc::read_at(b, b"k", 6).unwrap().unwrap().value, b"6");
+        let events = mvcc::events_from(b, 1, 1 << 20, 100).unwrap();
+        assert_eq!(events.first().map(|(r, _)| *r), Some(6));
+        // The index entries before 6 go in the background pass, and reads stay right.
+        let mut cursor = None;
+        loop {
+            cursor = mvcc::prune_index(&s, cursor, 2).unwrap();
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let left = s
+            .scan(KeySpace::History, &Scan::forward(ScanRange::all(), 100))
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| k[0] == b'k')
+            .count();
+        assert_eq!(left, 5, "the index entries of revisions 6 to 10");
+        assert_eq!(mvcc::read_at(b, b"k", 7).unwrap().unwrap().value, b"7");
+    }
+
+    fn txn(compare: Vec<Compare>, success: Vec<kiwi_proto::v1::TxnOp>) -> RaftCommand {
+        RaftCommand {
+            request_id: String::new(),
+            command: Some(raft_command::Command::Txn(TxnRequest {
+                header: None,
+                compare,
+                success,
+                failure: vec![range_op(b"a", b"\0")],
+            })),
+        }
+    }
+
+    fn range_op(key: &[u8], end: &[u8]) -> kiwi_proto::v1::TxnOp {
+        kiwi_proto::v1::TxnOp {
+            op: Some(txn_op::Op::Range(txn_op::Range {
+                key: key.to_vec(),
+                range_end: end.to_vec(),
+                ..txn_op::Range::default()
+            })),
+        }
+    }
+
+    fn put_op(key: &[u8], value: &[u8]) -> kiwi_proto::v1::TxnOp {
+        kiwi_proto::v1::TxnOp {
+            op: Some(txn_op::Op::Put(txn_op::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+                prev_kv: true,
+            })),
+        }
+    }
+
+    fn cmp(key: &[u8], result: compare::CompareResult, target: compare::TargetUnion) -> Compare {
+        let t = match target {
+            compare::TargetUnion::Version(_) => compare::CompareTarget::Version,
+            compare::TargetUnion::CreateRevision(_) => compare::CompareTarget::Create,
+            compare::TargetUnion::ModRevision(_) => compare::CompareTarget::Mod,
+            compare::TargetUnion::Value(_) => compare::CompareTarget::Value,
+            compare::TargetUnion::Lease(_) => compare::CompareTarget::Lease,
+        };
+        Compare {
+            result: result as i32,
+            target: t as i32,
+            key: key.to_vec(),
+            target_union: Some(target),
+            range_end: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_transaction_runs_the_branch_its_compares_choose_at_one_revision() {
+        use compare::{CompareResult as R, TargetUnion as T};
+        let s = MemoryBackend::new(Limits::default());
+        let mut a = Applier::new(&s);
+        a.apply(1, &put(b"a", b"1")).unwrap();
+        a.apply(2, &put(b"b", b"2")).unwrap();
+        assert_eq!(a.take_changes().len(), 2);
+        // Each operator and target; a missing key has version 0 and no value.
+        for (c, holds) in [
+            (cmp(b"a", R::Equal, T::Value(b"1".to_vec())), true),
+            (cmp(b"a", R::NotEqual, T::Value(b"1".to_vec())), false),
+            (cmp(b"a", R::Greater, T::Value(b"0".to_vec())), true),
+            (cmp(b"a", R::Less, T::Value(b"0".to_vec())), false),
+            (cmp(b"a", R::Equal, T::ModRevision(1)), true),
+            (cmp(b"b", R::Greater, T::CreateRevision(1)), true),
+            (cmp(b"a", R::Equal, T::Version(1)), true),
+            (cmp(b"a", R::Equal, T::Lease(0)), true),
+            (cmp(b"zz", R::Equal, T::Version(0)), true),
+            (cmp(b"zz", R::Equal, T::Value(Vec::new())), false),
+            (cmp(b"zz", R::NotEqual, T::Value(b"x".to_vec())), false),
+        ] {
+            let out = a.apply(3, &txn(vec![c.clone()], vec![])).unwrap();
+            assert_eq!(out.txn.unwrap().0, holds, "{c:?}");
+        }
+        // A range compare holds when it holds for every key of the range.
+        let mut all = cmp(b"a", R::Less, T::ModRevision(3));
+        all.range_end = b"c".to_vec();
+        assert!(
+            a.apply(4, &txn(vec![all.clone()], vec![]))
+                .unwrap()
+                .txn
+                .unwrap()
+                .0
+        );
+        all.target_union = Some(T::ModRevision(2));
+        assert!(!a.apply(5, &txn(vec![all], vec![])).unwrap().txn.unwrap().0);
+        // Success: both puts at revision 6, and the range after them sees them.
+        let out = a
+            .apply(
+                6,
+                &txn(
+                    vec![cmp(b"a", R::Equal, T::Value(b"1".to_vec()))],
+                    vec![
+                        put_op(b"a", b"10"),
+                        put_op(b"c", b"30"),
+                        range_op(b"a", b"\0"),
+                    ],
+                ),
+            )
+            .unwrap();
+        let (ok, answers) = out.txn.unwrap();
+        assert!(ok);
+        let Some(txn_op_response::Response::Put(p)) = &answers[0].response else {
+            panic!("a put answer")
+        };
+        assert_eq!(p.prev_kv.as_ref().unwrap().value, b"1");
+        let Some(txn_op_response::Response::Range(r)) = &answers[2].response else {
+            panic!("a range answer")
+        };
+        assert_eq!(r.count, 3);
+        assert_eq!(
+            r.kvs
+                .iter()
+                .map(|kv| (kv.value.as_slice(), kv.mod_revision))
+                .collect::<Vec<_>>(),
+            [(&b"10"[..], 6), (b"2", 2), (b"30", 6)]
+        );
+        let changes = a.take_changes();
+        assert_eq!(changes.len(), 1, "one write");
+        assert_eq!(changes[0].events.len(), 2);
+        // Failure branch runs when a compare fails; a read-only branch changes nothing.
+        let out = a
+            .apply(
+                7,
+                &txn(
+                    vec![cmp(b"a", R::Equal, T::Value(b"1".to_vec()))],
+                    vec![put_op(b"x", b"")],
+                ),
+            )
+            .unwrap();
+        assert!(!out.txn.unwrap().0);
+        assert!(a.take_changes().is_empty());
+        a.flush().unwrap();
+        assert_eq!(value(&s, b"x"), None);
+        // A key written twice in one branch is refused, as etcd refuses it.
+        let twice = txn(vec![], vec![put_op(b"k", b"1"), put_op(b"k", b"2")]);
+        assert_eq!(validate(&twice), Err(DUPLICATE_KEY.into()));
+        let inside = txn(
+            vec![],
+            vec![
+                put_op(b"k2", b"1"),
+                kiwi_proto::v1::TxnOp {
+                    op: Some(txn_op::Op::DeleteRange(txn_op::DeleteRange {
+                        key: b"k".to_vec(),
+                        range_end: b"l".to_vec(),
+                        prev_kv: false,
+                    })),
+                },
+            ],
+        );
+        assert_eq!(validate(&inside), Err(DUPLICATE_KEY.into()));
+        let many = txn(
+            vec![],
+            (0..129)
+                .map(|i| put_op(format!("k{i}").as_bytes(), b""))
+                .collect(),
+        );
+        assert!(
+            validate(&many)
+                .unwrap_err()
+                .contains("over the limit of 128")
+        );
     }
 }

@@ -907,6 +907,7 @@ mod tests {
                 .map(|(k, v)| kiwi_proto::v1::KeyValue {
                     key: k.as_bytes().to_vec(),
                     value: v.as_bytes().to_vec(),
+                    ..kiwi_proto::v1::KeyValue::default()
                 })
                 .collect(),
             last,

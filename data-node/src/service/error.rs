@@ -54,7 +54,24 @@ pub enum KvError {
     /// The deadline passed while the request waited in the queue; it never ran.
     #[error("deadline of {0:?} exceeded while queued; the request never ran")]
     Expired(Duration),
+    /// The revision asked for is older than the kept history (etcd's message; the oldest kept revision
+    /// is in [`COMPACT_REVISION_METADATA`]).
+    #[error(
+        "required revision has been compacted: revision {asked} is older than the oldest kept revision {oldest}"
+    )]
+    Compacted { asked: u64, oldest: u64 },
+    /// A per-node or per-stream limit is reached; nothing was done.
+    #[error("{0}")]
+    TooMany(String),
+    /// The revision asked for is newer than the store's.
+    #[error(
+        "required revision is a future revision: {asked} is newer than the store's revision {current}"
+    )]
+    FutureRevision { asked: u64, current: u64 },
 }
+
+/// Metadata key with the oldest kept revision on a "compacted" status.
+pub const COMPACT_REVISION_METADATA: &str = "kiwi-compact-revision";
 
 impl KvError {
     /// The one mapping to gRPC statuses; keeps leader hints (metadata and `NotLeader` details) and
@@ -72,6 +89,7 @@ impl KvError {
                 | KvError::Installing
                 | KvError::Removed(_)
                 | KvError::NoRoom(_)
+                | KvError::TooMany(_)
         );
         let retry_after = match &self {
             KvError::Shed(r) => r.retry_after(),
@@ -129,12 +147,20 @@ impl KvError {
             | KvError::Unknown(_)
             | KvError::Installing => Status::unavailable(msg),
             KvError::Removed(_) => Status::failed_precondition(msg),
-            KvError::Overloaded | KvError::Shed(_) | KvError::NoRoom(_) => {
+            KvError::Overloaded | KvError::Shed(_) | KvError::NoRoom(_) | KvError::TooMany(_) => {
                 Status::resource_exhausted(msg)
             }
             KvError::Expired(_) => Status::deadline_exceeded(msg),
             KvError::Precondition(_) => Status::failed_precondition(msg),
             KvError::Timeout(_) => Status::deadline_exceeded(msg),
+            KvError::Compacted { oldest, .. } => {
+                let mut status = Status::out_of_range(msg);
+                if let Ok(v) = oldest.to_string().parse() {
+                    status.metadata_mut().insert(COMPACT_REVISION_METADATA, v);
+                }
+                status
+            }
+            KvError::FutureRevision { .. } => Status::out_of_range(msg),
             KvError::Storage(e) => match e {
                 kiwi_storage::Error::EmptyKey { .. }
                 | kiwi_storage::Error::KeyTooLarge { .. }

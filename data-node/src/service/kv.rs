@@ -5,16 +5,18 @@ use std::sync::Arc;
 use kiwi_proto::connections::CHUNK;
 use kiwi_proto::v1::kv_service_server::KvService;
 use kiwi_proto::v1::{
-    BatchWriteRequest, BatchWriteResponse, CompareAndSwapRequest, CompareAndSwapResponse,
-    DeleteRangeCommand, DeleteRangeRequest, DeleteRangeResponse, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, KeyValue, PutRequest, PutResponse, ScanRequest, ScanResponse, WriteOp,
-    compare_and_swap_request, raft_command, write_op,
+    BatchWriteRequest, BatchWriteResponse, CompactCommand, CompactRequest, CompactResponse,
+    CompareAndSwapRequest, CompareAndSwapResponse, DeleteRangeCommand, DeleteRangeRequest,
+    DeleteRangeResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue,
+    PutRequest, PutResponse, ScanRequest, ScanResponse, TxnRequest, TxnResponse, WatchRequest,
+    WatchResponse, WriteOp, compare_and_swap_request, raft_command, write_op,
 };
 use kiwi_storage::{KeySpace, Scan, ScanRange, StorageBackend};
 use prost::Message as _;
 use tonic::{Request, Response, Status};
 
 use super::*;
+use crate::raft::{mvcc, state_machine};
 
 /// Pairs read by the first page of a Scan, before the pair sizes are known.
 const FIRST_SCAN_PAGE: usize = 16;
@@ -53,20 +55,20 @@ fn scan_bounded(
             None => st.scan(KeySpace::Data, &scan)?,
         };
         let got = pairs.len();
-        for (key, value) in pairs {
-            let value = if keys_only { Vec::new() } else { value };
-            let size = key.len() + value.len();
+        for (key, stored) in pairs {
+            let kv = mvcc::to_kv(key, &stored, keys_only);
+            let size = kv.key.len() + kv.value.len();
             if kvs.len() == limit || (!kvs.is_empty() && bytes + size > max_bytes) {
                 return Ok((kvs, true));
             }
             bytes += size;
-            let bound = std::ops::Bound::Excluded(key.clone());
+            let bound = std::ops::Bound::Excluded(kv.key.clone());
             if reverse {
                 range.end = bound;
             } else {
                 range.start = bound;
             }
-            kvs.push(KeyValue { key, value });
+            kvs.push(kv);
         }
         if got < want {
             return Ok((kvs, false));
@@ -129,6 +131,24 @@ fn count_range(st: &dyn StorageBackend, mut range: ScanRange) -> kiwi_storage::R
     }
 }
 
+/// Counts the keys of `range` as they were at revision `at` (pages read from `view`).
+fn count_at<R: mvcc::Reader + ?Sized>(
+    view: &R,
+    mut range: ScanRange,
+    at: u64,
+) -> kiwi_storage::Result<u64> {
+    const PAGE: usize = 1024;
+    let mut count = 0u64;
+    loop {
+        let (kvs, more) = mvcc::scan_at(view, &range, at, PAGE, false)?;
+        count += kvs.len() as u64;
+        match kvs.last() {
+            Some(kv) if more => range.start = std::ops::Bound::Excluded(kv.key.clone()),
+            _ => return Ok(count),
+        }
+    }
+}
+
 /// The `KvService` implementation.
 #[derive(Clone)]
 pub struct KvApi(pub Arc<KvServer>);
@@ -145,26 +165,48 @@ impl KvService for KvApi {
             let tagged = s.tag(req.header.as_ref(), may_critical)?;
             s.check_key(&req.key)?;
             let applied = s.read_point(req.consistency, &tagged).await?;
-            let read = |key: Vec<u8>| s.read_data(&tagged, move |st| st.read(KeySpace::Data, &key));
-            let mut value = read(req.key.clone()).await?;
+            let at = req.revision;
+            s.check_not_future(at, applied)?;
+            let read = |key: Vec<u8>| {
+                s.read_data(&tagged, move |st| {
+                    if at == 0 {
+                        return Ok(Ok(st
+                            .read(KeySpace::Data, &key)?
+                            .map(|stored| mvcc::to_kv(key, &stored, false))));
+                    }
+                    let view = st.snapshot()?;
+                    let oldest = mvcc::compacted(&*view)?;
+                    if at < oldest {
+                        return Ok(Err(KvError::Compacted { asked: at, oldest }));
+                    }
+                    Ok(Ok(mvcc::read_at(&*view, &key, at)?))
+                })
+            };
+            let mut kv = read(req.key.clone()).await??;
             let mut hold = None;
             // A large value waits, unread, for room in the answer budget; read again once there is
             // some (a later state of the key: still a read between the request and its answer).
-            let size = value.as_ref().map_or(0, Vec::len);
+            let size = kv.as_ref().map_or(0, |kv| kv.value.len());
             if size > CHUNK {
                 hold = s.answers.try_hold(connection, size);
                 if hold.is_none() {
-                    drop(value);
+                    drop(kv);
                     let h = s.hold_answer(&tagged, connection, size, size).await?;
-                    value = read(req.key).await?;
-                    h.resize(value.as_ref().map_or(0, Vec::len));
+                    kv = read(req.key).await??;
+                    h.resize(kv.as_ref().map_or(0, |kv| kv.value.len()));
                     hold = Some(h);
                 }
             }
+            let revision = applied.max(kv.as_ref().map_or(0, |kv| kv.mod_revision));
+            let kv = kv.unwrap_or_default();
             let answer = GetResponse {
-                header: s.header(&tagged, applied),
-                found: value.is_some(),
-                value: value.unwrap_or_default(),
+                header: s.header(&tagged, revision),
+                found: kv.mod_revision != 0,
+                value: kv.value,
+                create_revision: kv.create_revision,
+                mod_revision: kv.mod_revision,
+                version: kv.version,
+                lease: kv.lease,
             };
             Ok((answer, hold))
         };
@@ -184,6 +226,7 @@ impl KvService for KvApi {
                     value: req.value,
                 })),
             }];
+            let want_prev = req.prev_kv;
             s.check_ops(&ops).map_err(|e| match e {
                 KvError::InvalidArgument(m) => {
                     KvError::InvalidArgument(m.replace("operation 0: ", ""))
@@ -193,6 +236,7 @@ impl KvService for KvApi {
             let out = s.propose_write(&tagged, ops).await?;
             Ok(PutResponse {
                 header: s.header(&tagged, out.index),
+                prev_kv: out.prev_kv.filter(|_| want_prev),
             })
         };
         traced(span, run).await
@@ -257,6 +301,41 @@ impl KvService for KvApi {
             let (start, end) = request_range(req.start_key, req.end_key, &req.prefix)?;
             let applied = s.read_point(req.consistency, &tagged).await?;
             let range = ScanRange::half_open(&start, &end);
+            let at = req.revision;
+            s.check_not_future(at, applied)?;
+            if at != 0 {
+                // A read at a past revision: from the kept history, in pages of at most `limit`.
+                let (limit, reverse, keys_only, count_only) = (
+                    req.limit as usize,
+                    req.reverse,
+                    req.keys_only,
+                    req.count_only,
+                );
+                let (kvs, more, count) = s
+                    .read_data(&tagged, move |st| {
+                        let view = st.snapshot()?;
+                        let oldest = mvcc::compacted(&*view)?;
+                        if at < oldest {
+                            return Ok(Err(KvError::Compacted { asked: at, oldest }));
+                        }
+                        if count_only {
+                            return Ok(Ok((Vec::new(), false, count_at(&*view, range, at)?)));
+                        }
+                        let (mut kvs, more) = mvcc::scan_at(&*view, &range, at, limit, reverse)?;
+                        if keys_only {
+                            kvs.iter_mut().for_each(|kv| kv.value = Vec::new());
+                        }
+                        Ok(Ok((kvs, more, 0)))
+                    })
+                    .await??;
+                let answer = ScanResponse {
+                    header: s.header(&tagged, applied),
+                    kvs,
+                    more,
+                    count,
+                };
+                return Ok((answer, None));
+            }
             if req.count_only {
                 let count = s
                     .read_data(&tagged, move |st| count_range(st, range))
@@ -286,8 +365,9 @@ impl KvService for KvApi {
                     scan_bounded(st, range, limit, reverse, keys_only, max_bytes)
                 })
                 .await?;
+            let revision = kvs.iter().map(|kv| kv.mod_revision).fold(applied, u64::max);
             let answer = ScanResponse {
-                header: s.header(&tagged, applied),
+                header: s.header(&tagged, revision),
                 kvs,
                 more,
                 count: 0,
@@ -380,11 +460,93 @@ impl KvService for KvApi {
                     }),
                 )
                 .await?;
+            if let Some(why) = out.refused {
+                return Err(KvError::InvalidArgument(why));
+            }
             Ok(DeleteRangeResponse {
                 header: s.header(&tagged, out.index),
                 deleted: out.deleted,
                 prev_kvs: out.prev_kvs,
                 prev_kvs_truncated: out.prev_kvs_truncated,
+            })
+        };
+        traced(span, run).await
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.Txn", &request);
+        let may_critical = super::may_use_critical(&request);
+        let mut req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
+            state_machine::validate_txn(&req, s.limits).map_err(KvError::InvalidArgument)?;
+            let bytes = req.encoded_len();
+            let max = batch_bytes_limit(s.limits);
+            if bytes > max {
+                return Err(KvError::InvalidArgument(format!(
+                    "the transaction is {bytes} bytes, over the limit of {max}"
+                )));
+            }
+            req.header = None;
+            let out = s.propose(&tagged, raft_command::Command::Txn(req)).await?;
+            if let Some(why) = out.refused {
+                return Err(KvError::InvalidArgument(why));
+            }
+            let (succeeded, responses) = out.txn.unwrap_or_default();
+            Ok(TxnResponse {
+                header: s.header(&tagged, out.index),
+                succeeded,
+                responses,
+            })
+        };
+        traced(span, run).await
+    }
+
+    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<tonic::Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let s = Arc::clone(&self.0);
+        let tagged = s.tag(None, false).map_err(KvError::into_status)?;
+        let rx =
+            super::watch::serve(s, tagged, request.into_inner()).map_err(KvError::into_status)?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn compact(
+        &self,
+        request: Request<CompactRequest>,
+    ) -> Result<Response<CompactResponse>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.Compact", &request);
+        let may_critical = super::may_use_critical(&request);
+        let req = request.into_inner();
+        let run = async {
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
+            let at = req.revision;
+            if at == 0 {
+                return Err(KvError::InvalidArgument(
+                    "the revision to compact to is 0".into(),
+                ));
+            }
+            s.check_not_future(at, 0)?;
+            let oldest = s.read_data(&tagged, |st| mvcc::compacted(st)).await?;
+            if at < oldest {
+                return Err(KvError::Compacted { asked: at, oldest });
+            }
+            let out = s
+                .propose(
+                    &tagged,
+                    raft_command::Command::Compact(CompactCommand { revision: at }),
+                )
+                .await?;
+            Ok(CompactResponse {
+                header: s.header(&tagged, out.index),
             })
         };
         traced(span, run).await

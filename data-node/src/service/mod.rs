@@ -14,6 +14,7 @@
 mod admin;
 pub mod error;
 mod kv;
+mod watch;
 
 pub use admin::AdminApi;
 pub use error::KvError;
@@ -153,6 +154,8 @@ pub struct KvServer {
     critical_downgrades: opentelemetry::metrics::Counter<u64>,
     /// Bytes of large answers waiting for their clients to read them (`[connections]`).
     answers: Arc<AnswerBudget>,
+    /// Watch streams open (at most [`watch::MAX_WATCH_STREAMS`]).
+    watch_streams: std::sync::atomic::AtomicUsize,
 }
 
 /// The role each gRPC method of the node needs when authentication is on (`None`: open). Reads and the
@@ -163,10 +166,12 @@ pub fn method_role(path: &str) -> Option<kiwi_proto::auth::Role> {
     use kiwi_proto::auth::Role;
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match (service, method) {
-        ("kiwi.v1.KvService", "Get" | "Scan") | ("kiwi.v1.NodeAdmin", "Status") => Some(Role::Read),
+        ("kiwi.v1.KvService", "Get" | "Scan" | "Watch") | ("kiwi.v1.NodeAdmin", "Status") => {
+            Some(Role::Read)
+        }
         (
             "kiwi.v1.KvService",
-            "Put" | "Delete" | "BatchWrite" | "CompareAndSwap" | "DeleteRange",
+            "Put" | "Delete" | "BatchWrite" | "CompareAndSwap" | "DeleteRange" | "Txn",
         ) => Some(Role::Write),
         ("kiwi.v1.KvService" | "kiwi.v1.NodeAdmin", _) => Some(Role::Admin),
         _ => None,
@@ -355,6 +360,7 @@ impl KvServer {
             next_request: AtomicU64::new(1),
             critical_downgrades,
             answers,
+            watch_streams: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -456,7 +462,17 @@ impl KvServer {
             applied_index,
             request_id: tagged.request_id.clone(),
             term: self.driver.status().term,
+            revision: applied_index,
         })
+    }
+
+    /// Refuses a read at a revision newer than the store's (`applied`: the index the read waits for).
+    fn check_not_future(&self, at: u64, applied: u64) -> Result<(), KvError> {
+        let current = applied.max(self.driver.status().applied);
+        if at > current {
+            return Err(KvError::FutureRevision { asked: at, current });
+        }
+        Ok(())
     }
 
     fn not_leader(&self, leader: u64) -> KvError {

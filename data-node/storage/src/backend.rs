@@ -70,17 +70,21 @@ pub enum KeySpace {
     Data,
     /// Raft's log, hard state, conf state, applied index and the node's identity.
     Raft,
+    /// The state machine's kept history of changes (events by revision and their index by key), which
+    /// watches from a past revision and reads at a past revision are served from.
+    History,
 }
 
 impl KeySpace {
     /// Every key space.
-    pub const ALL: [KeySpace; 2] = [KeySpace::Data, KeySpace::Raft];
+    pub const ALL: [KeySpace; 3] = [KeySpace::Data, KeySpace::Raft, KeySpace::History];
 
     /// The one-byte prefix that engines without column families put before the key.
     pub fn prefix(self) -> u8 {
         match self {
             KeySpace::Data => b'd',
             KeySpace::Raft => b'r',
+            KeySpace::History => b'h',
         }
     }
 
@@ -89,6 +93,7 @@ impl KeySpace {
         match self {
             KeySpace::Data => "default",
             KeySpace::Raft => "raft",
+            KeySpace::History => "history",
         }
     }
 }
@@ -106,6 +111,11 @@ pub struct Limits {
 pub const DEFAULT_MAX_KEY_BYTES: usize = 8 * 1024;
 /// Default longest value: 4 MiB.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Bytes the state machine may store in front of each value in [`KeySpace::Data`] (the key's revisions,
+/// version and lease). The engines allow that much beyond `max_value_bytes` there; requests are checked
+/// against `max_value_bytes` alone ([`Limits::check_value`]).
+pub const VALUE_HEADER_BYTES: usize = 64;
 
 /// The largest key any node may be configured to accept (`storage.max_key_size` ceiling): 1 MiB.
 pub const MAX_KEY_BYTES_CEILING: usize = 1024 * 1024;
@@ -165,6 +175,21 @@ impl Limits {
         Ok(())
     }
 
+    /// Checks a value as stored: [`Self::check_value`] with room for the state machine's header
+    /// ([`VALUE_HEADER_BYTES`]) in [`KeySpace::Data`].
+    ///
+    /// # Errors
+    /// [`Error::ValueTooLarge`].
+    pub fn check_stored_value(&self, space: KeySpace, value: &[u8]) -> Result<()> {
+        if space == KeySpace::Data && value.len() > self.max_value_bytes + VALUE_HEADER_BYTES {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max: self.max_value_bytes + VALUE_HEADER_BYTES,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks every operation of a batch, so that a bad one refuses the whole batch before anything is
     /// written.
     ///
@@ -175,7 +200,7 @@ impl Limits {
             match op {
                 WriteOp::Put { space, key, value } => {
                     self.check_key(*space, key)?;
-                    self.check_value(*space, value)?;
+                    self.check_stored_value(*space, value)?;
                 }
                 WriteOp::Delete { space, key } => self.check_key(*space, key)?,
                 WriteOp::DeleteRange { space, start, end } => {

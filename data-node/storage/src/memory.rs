@@ -14,7 +14,7 @@ type Map = BTreeMap<Vec<u8>, Vec<u8>>;
 
 /// One map per key space, behind one lock so that a batch spanning key spaces stays atomic.
 #[derive(Debug, Clone, Default)]
-struct Maps([Map; 2]);
+struct Maps([Map; 3]);
 
 impl Maps {
     fn space(&self, space: KeySpace) -> &Map {
