@@ -1158,3 +1158,40 @@ async fn revisions_watch_txn_and_compaction() {
         .unwrap();
     assert_eq!(update, WatchUpdate::Compacted { oldest: r2 });
 }
+
+/// `kiwi watch --prefix` prints the changes from a past revision, in order, as `PUT`/`DELETE` lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_watch_prints_changes_from_a_revision() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let o = CallOptions::default();
+    let first = client.put(b"cfg/a", b"1", &o).await.unwrap();
+    client.put(b"other", b"x", &o).await.unwrap();
+    client.delete(b"cfg/a", &o).await.unwrap();
+    let third = client.put(b"cfg/b", b"2", &o).await.unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args(["watch", "--prefix", "cfg/", "--rev", &first.to_string()])
+        .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = tokio::task::spawn_blocking({
+        let out = child.stdout.take().unwrap();
+        move || {
+            BufReader::new(out)
+                .lines()
+                .take(3)
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+        }
+    });
+    let lines = tokio::time::timeout(Duration::from_secs(30), lines)
+        .await
+        .expect("three lines")
+        .unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(lines[0], format!("PUT cfg/a 1 rev={first}"));
+    assert!(lines[1].starts_with("DELETE cfg/a rev="), "{lines:?}");
+    assert_eq!(lines[2], format!("PUT cfg/b 2 rev={third}"));
+}

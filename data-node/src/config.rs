@@ -81,6 +81,26 @@ pub struct NodeConfig {
     pub security: SecurityConfig,
     /// What a client connection may hold.
     pub connections: ConnectionsConfig,
+    /// The kept history behind watches and reads at a past revision.
+    pub watch: WatchConfig,
+}
+
+/// `[watch]`: the kept history of changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchConfig {
+    /// Revisions of history kept behind the newest: the leader compacts older ones automatically (checked
+    /// every 10 s), so reads at a revision and watches from one work this far back. 0: never compact
+    /// automatically (only by `Compact` calls).
+    pub history_retention_revisions: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            history_retention_revisions: 100_000,
+        }
+    }
 }
 
 /// `[connections]`: what one client connection may hold on the node.
@@ -133,6 +153,7 @@ impl Default for NodeConfig {
             control: ControlLinkConfig::default(),
             security: SecurityConfig::default(),
             connections: ConnectionsConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }

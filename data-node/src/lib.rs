@@ -430,6 +430,7 @@ impl Node {
             config: config.clone(),
             meter: meters.runtime.clone(),
         });
+        service::spawn_history_upkeep(&kv, config.watch.history_retention_revisions);
         // The control plane's last policy, persisted by this node, before anything is served.
         let policy = {
             let kv = Arc::clone(&kv);

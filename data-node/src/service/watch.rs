@@ -476,3 +476,66 @@ impl Stream {
         Ok(())
     }
 }
+
+/// Starts the history's upkeep: on the leader, a compaction to `retention` revisions behind the applied
+/// index whenever that moves the oldest kept revision by at least a tenth of `retention` (checked every
+/// 10 s; `retention` 0: never); on every node, the removal of the `k` index entries a compaction left
+/// behind (`mvcc::prune_index`), in pages, off the write path. Ends with the server.
+pub fn spawn_history_upkeep(server: &Arc<KvServer>, retention: u64) {
+    const PRUNE_PAGE: usize = 1_000;
+    let weak = Arc::downgrade(server);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut pruned_for = 0u64;
+        loop {
+            tick.tick().await;
+            let Some(s) = weak.upgrade() else { return };
+            let storage = Arc::clone(&s.storage);
+            let Ok(Ok(oldest)) =
+                tokio::task::spawn_blocking(move || mvcc::compacted(&*storage)).await
+            else {
+                continue;
+            };
+            let status = s.driver.status();
+            let target = status.applied.saturating_sub(retention);
+            if retention > 0
+                && status.leader_id == s.node_id
+                && target > oldest
+                && target - oldest >= (retention / 10).max(1)
+            {
+                let header = kiwi_proto::v1::RequestHeader {
+                    priority: kiwi_proto::v1::Priority::Low as i32,
+                    ..Default::default()
+                };
+                if let Ok(tagged) = s.tag(Some(&header), false) {
+                    let command = kiwi_proto::v1::raft_command::Command::Compact(
+                        kiwi_proto::v1::CompactCommand { revision: target },
+                    );
+                    match s.propose(&tagged, command).await {
+                        Ok(_) => tracing::info!(revision = target, "history compacted"),
+                        Err(e) => tracing::debug!(error = %e, "history compaction not proposed"),
+                    }
+                }
+            }
+            if oldest > pruned_for {
+                let mut cursor = None;
+                loop {
+                    let storage = Arc::clone(&s.storage);
+                    let after = cursor.take();
+                    match tokio::task::spawn_blocking(move || {
+                        mvcc::prune_index(&*storage, after, PRUNE_PAGE)
+                    })
+                    .await
+                    {
+                        Ok(Ok(Some(next))) => cursor = Some(next),
+                        Ok(Ok(None)) => {
+                            pruned_for = oldest;
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+    });
+}

@@ -157,6 +157,22 @@ enum Command {
         #[arg(long)]
         prev_kv: bool,
     },
+    /// Print every change to KEY (or under --prefix) until Ctrl-C: `PUT key value rev=N` and
+    /// `DELETE key rev=N` lines, in revision order. Reconnects by itself through leader changes and node
+    /// loss, resuming after the last revision it printed; exits 1 if the history it needs was compacted.
+    Watch {
+        #[arg(required_unless_present = "prefix", conflicts_with = "prefix")]
+        key: Option<String>,
+        /// Every key starting with P.
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
+        /// Start at this revision (from the kept history); default: from now.
+        #[arg(long, value_name = "R", default_value_t = 0)]
+        rev: u64,
+        /// Print each change's previous value too (`prev=...`).
+        #[arg(long)]
+        prev_kv: bool,
+    },
     /// List keys in [START, END) in order (an omitted bound is open), or under a prefix.
     Scan {
         #[arg(conflicts_with = "prefix")]
@@ -429,6 +445,67 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 Ok(Outcome::Miss)
             }
         },
+        Command::Watch {
+            key,
+            prefix,
+            rev,
+            prev_kv,
+        } => {
+            let client = connect()?;
+            let (start, end) = match (&key, &prefix) {
+                (_, Some(p)) => {
+                    let mut end = p.as_bytes().to_vec();
+                    while end.last() == Some(&0xff) {
+                        end.pop();
+                    }
+                    match end.last_mut() {
+                        Some(b) => *b += 1,
+                        None => end = vec![0],
+                    }
+                    (p.as_bytes().to_vec(), end)
+                }
+                (Some(k), None) => (k.as_bytes().to_vec(), Vec::new()),
+                (None, None) => unreachable!("clap requires KEY or --prefix"),
+            };
+            let mut watcher = client.watch(&start, &end, rev, prev_kv);
+            loop {
+                match watcher.next().await? {
+                    kiwi_client::WatchUpdate::Events(events) => {
+                        for e in events {
+                            let kv = e.kv.unwrap_or_default();
+                            let put = e.r#type == kiwi_client::key_event::EventType::Put as i32;
+                            let prev = e.prev_kv.map(|p| text(&p.value));
+                            if json {
+                                println!(
+                                    "{}",
+                                    json!({"type": if put { "PUT" } else { "DELETE" },
+                                        "key": text(&kv.key), "value": text(&kv.value),
+                                        "revision": kv.mod_revision, "prev_value": prev})
+                                );
+                            } else if put {
+                                let prev = prev.map(|p| format!(" prev={p}")).unwrap_or_default();
+                                println!(
+                                    "PUT {} {} rev={}{prev}",
+                                    text(&kv.key),
+                                    text(&kv.value),
+                                    kv.mod_revision
+                                );
+                            } else {
+                                let prev = prev.map(|p| format!(" prev={p}")).unwrap_or_default();
+                                println!("DELETE {} rev={}{prev}", text(&kv.key), kv.mod_revision);
+                            }
+                        }
+                    }
+                    kiwi_client::WatchUpdate::Compacted { oldest } => {
+                        eprintln!(
+                            "the history needed was compacted: the oldest revision kept is {oldest}; \
+                             watch again with --rev {oldest} or later"
+                        );
+                        return Ok(Outcome::Miss);
+                    }
+                }
+            }
+        }
         Command::Del {
             key,
             to,
