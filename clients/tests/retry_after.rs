@@ -62,6 +62,25 @@ impl KvService for Shedding {
     ) -> Result<Response<kiwi_proto::v1::DeleteRangeResponse>, Status> {
         Err(Status::unimplemented("stand-in"))
     }
+    async fn txn(
+        &self,
+        _: Request<kiwi_proto::v1::TxnRequest>,
+    ) -> Result<Response<kiwi_proto::v1::TxnResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    type WatchStream = tokio_stream::Empty<Result<kiwi_proto::v1::WatchResponse, Status>>;
+    async fn watch(
+        &self,
+        _: Request<tonic::Streaming<kiwi_proto::v1::WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn compact(
+        &self,
+        _: Request<kiwi_proto::v1::CompactRequest>,
+    ) -> Result<Response<kiwi_proto::v1::CompactResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
 }
 
 #[tokio::test]

@@ -179,6 +179,7 @@ async fn a_partitioned_leader_is_replaced_and_heals_on_time_without_the_control_
     let mut kv = cluster.kv(new);
     for i in 0..10 {
         kv.put(kiwi_proto::v1::PutRequest {
+            prev_kv: false,
             header: Some(kiwi_tests::cluster::header()),
             key: format!("during{i}").into_bytes(),
             value: b"x".to_vec(),

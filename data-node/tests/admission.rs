@@ -119,6 +119,7 @@ async fn every_field_that_carries_bytes_has_a_limit() {
             }),
             key: b"k".to_vec(),
             value: b"v".to_vec(),
+            prev_kv: false,
         })
         .await
         .unwrap_err();
@@ -352,7 +353,12 @@ fn any_request() -> impl proptest::strategy::Strategy<Value = AnyRequest> {
     });
     prop_oneof![
         (header.clone(), key.clone(), value.clone()).prop_map(|(header, key, value)| {
-            AnyRequest::Put(PutRequest { header, key, value })
+            AnyRequest::Put(PutRequest {
+                header,
+                key,
+                value,
+                prev_kv: false,
+            })
         }),
         (header.clone(), key.clone())
             .prop_map(|(header, key)| AnyRequest::Delete(DeleteRequest { header, key })),

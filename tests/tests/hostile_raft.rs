@@ -57,6 +57,7 @@ async fn forge_snapshot(cluster: &Cluster, to: u64, cluster_id: u64, from: u64, 
         kvs: vec![KeyValue {
             key: b"victim".to_vec(),
             value: b"forged".to_vec(),
+            ..KeyValue::default()
         }],
         last: true,
     };

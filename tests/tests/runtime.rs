@@ -309,6 +309,7 @@ async fn a_write_to_an_idle_node_is_handed_to_raft_without_a_worker() {
     let mut kv = cluster.kv(1);
     let err = kv
         .put(PutRequest {
+            prev_kv: false,
             header: Some(RequestHeader {
                 timeout: Some(prost_types::Duration {
                     seconds: 0,

@@ -535,7 +535,7 @@ impl KvService for KvApi {
                 ));
             }
             s.check_not_future(at, 0)?;
-            let oldest = s.read_data(&tagged, |st| mvcc::compacted(st)).await?;
+            let oldest = s.read_data(&tagged, mvcc::compacted).await?;
             if at < oldest {
                 return Err(KvError::Compacted { asked: at, oldest });
             }

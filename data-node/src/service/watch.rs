@@ -346,16 +346,13 @@ impl Stream {
     /// Reads the history for every watch that owes revisions up to the applied index, page by page,
     /// until each is level with the feed.
     async fn catch_up(&mut self) -> Result<(), ()> {
-        loop {
-            let Some((id, from)) = self
-                .watches
-                .values()
-                .filter(|w| w.next <= self.applied)
-                .map(|w| (w.id, w.next))
-                .min_by_key(|&(_, next)| next)
-            else {
-                break;
-            };
+        while let Some((id, from)) = self
+            .watches
+            .values()
+            .filter(|w| w.next <= self.applied)
+            .map(|w| (w.id, w.next))
+            .min_by_key(|&(_, next)| next)
+        {
             // Each read has its own deadline: the stream lives longer than any request.
             let tagged = Tagged {
                 request_id: self.tagged.request_id.clone(),
