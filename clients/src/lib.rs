@@ -278,6 +278,26 @@ pub enum KeyRange {
 }
 
 impl KeyRange {
+    /// One key.
+    pub fn key(key: &[u8]) -> KeyRange {
+        let mut end = key.to_vec();
+        end.push(0);
+        KeyRange::Between {
+            start: key.to_vec(),
+            end,
+        }
+    }
+
+    /// The range in etcd's convention (`key`, `range_end`), as watches and transactions take it.
+    pub fn etcd_bounds(&self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            KeyRange::Between { start, end } => kiwi_proto::keys::etcd_bounds(start, end),
+            KeyRange::Prefix(p) => {
+                kiwi_proto::keys::etcd_bounds(p, &kiwi_proto::keys::prefix_end(p))
+            }
+        }
+    }
+
     fn fields(&self) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         match self {
             KeyRange::Between { start, end } => (start.clone(), end.clone(), Vec::new()),
@@ -809,21 +829,15 @@ impl Client {
         .await
     }
 
-    /// Watches `[key, range_end)` (etcd's convention: an empty `range_end` is the key alone, `"\0"` every
-    /// key from `key` on) from `start_revision` (0: from now). The [`Watcher`] reconnects by itself when
-    /// its node goes away, to any endpoint, resuming after the last revision it returned.
-    pub fn watch(
-        &self,
-        key: &[u8],
-        range_end: &[u8],
-        start_revision: u64,
-        prev_kv: bool,
-    ) -> Watcher<'_> {
+    /// Watches the keys of `range` from `start_revision` (0: from now). The [`Watcher`] reconnects by
+    /// itself when its node goes away, to any endpoint, resuming after the last revision it returned.
+    pub fn watch(&self, range: &KeyRange, start_revision: u64, prev_kv: bool) -> Watcher<'_> {
+        let (key, range_end) = range.etcd_bounds();
         Watcher {
             client: self,
             create: WatchCreateRequest {
-                key: key.to_vec(),
-                range_end: range_end.to_vec(),
+                key,
+                range_end,
                 start_revision,
                 prev_kv,
                 ..WatchCreateRequest::default()

@@ -1031,7 +1031,7 @@ async fn revisions_watch_txn_and_compaction() {
     assert_eq!(client.get_kv(b"a", r1 - 1, &o).await.unwrap(), None);
 
     // A watch on w/ from before its first write; the leader dies half way through the writes.
-    let mut watcher = client.watch(b"w/", b"w0", r2, true);
+    let mut watcher = client.watch(&kiwi_client::KeyRange::Prefix(b"w/".to_vec()), r2, true);
     let mut expected = Vec::new();
     for i in 0..20 {
         if i == 10 {
@@ -1151,7 +1151,7 @@ async fn revisions_watch_txn_and_compaction() {
         client.get_kv(b"a", r2, &o).await.unwrap().unwrap().value,
         b"2"
     );
-    let mut late = client.watch(b"a", b"", r1, false);
+    let mut late = client.watch(&kiwi_client::KeyRange::key(b"a"), r1, false);
     let update = tokio::time::timeout(Duration::from_secs(30), late.next())
         .await
         .unwrap()

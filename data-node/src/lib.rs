@@ -733,14 +733,14 @@ pub fn check_environment(config: &NodeConfig) -> Result<()> {
 /// # Errors
 /// Storage errors and [`Error::NodeIdMismatch`].
 ///
-/// The backend enforces only the ceilings every node shares ([`kiwi_storage::Limits::CEILING`]): the
-/// configured `storage.max_*_size` limits are admission rules, checked when a request is accepted, so that
+/// The backend enforces only the ceilings every node shares ([`raft::mvcc::STORED_CEILING`]: the values'
+/// header included): the configured `storage.max_*_size` limits are admission rules, checked when a request is accepted, so that
 /// a node with lower limits (during a rolling config change) still applies every committed entry.
 pub fn open_storage(config: &NodeConfig) -> Result<Arc<dyn StorageBackend>> {
     let storage = kiwi_storage::open(&OpenOptions {
         kind: config.storage.backend,
         path: config.storage_dir(),
-        limits: kiwi_storage::Limits::CEILING,
+        limits: raft::mvcc::STORED_CEILING,
         create_if_missing: true,
     })?;
     identity::check_node_id(storage.as_ref(), config.raft.node_id, &config.data_dir)?;

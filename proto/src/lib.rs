@@ -10,7 +10,8 @@
 //! (feature `http`) the guarded Prometheus endpoint both of them serve; `auth` (feature `auth`) bearer tokens and
 //! roles for their gRPC servers; `connections` (feature `auth`) what a server's connections may hold (caps,
 //! idle close, the budget of unread answers); `security` (feature `auth`) the `[security]` table both configs share; [`tls`]
-//! their TLS settings from PEM files; [`net`] loopback ports for local clusters.
+//! their TLS settings from PEM files; [`net`] loopback ports for local clusters; [`keys`] key ranges (a
+//! prefix's end, etcd's `range_end`) as the node and the clients compute them.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -25,6 +26,7 @@ pub mod codec;
 pub mod connections;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod keys;
 pub mod net;
 pub mod policy;
 #[cfg(feature = "auth")]

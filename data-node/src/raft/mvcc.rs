@@ -36,6 +36,13 @@ use prost::Message as _;
 /// Bytes of the header before each stored value.
 pub const HEADER: usize = 32;
 
+/// The limits the node's storage enforces: the ceilings every node shares
+/// ([`kiwi_storage::Limits::CEILING`]), with room in values for the header.
+pub const STORED_CEILING: kiwi_storage::Limits = kiwi_storage::Limits {
+    max_key_bytes: kiwi_storage::Limits::CEILING.max_key_bytes,
+    max_value_bytes: kiwi_storage::Limits::CEILING.max_value_bytes + HEADER,
+};
+
 /// Key, in [`KeySpace::Raft`], of the oldest revision the history keeps (u64 BE; absent: 1).
 pub const COMPACTED_KEY: &[u8] = b"state/compacted";
 
@@ -79,34 +86,23 @@ pub fn decode_stored(stored: &[u8]) -> (Counters, &[u8]) {
     )
 }
 
-/// The key-value of a stored pair (value left empty with `keys_only`).
-pub fn to_kv(key: Vec<u8>, stored: &[u8], keys_only: bool) -> KeyValue {
-    let (c, value) = decode_stored(stored);
+/// The key-value of a stored pair (value left empty with `keys_only`). Takes the stored bytes so that
+/// the value is not copied: the header is cut off in place.
+pub fn to_kv(key: Vec<u8>, mut stored: Vec<u8>, keys_only: bool) -> KeyValue {
+    let (c, _) = decode_stored(&stored);
+    if keys_only {
+        stored.clear();
+    } else {
+        stored.drain(..HEADER.min(stored.len()));
+    }
     KeyValue {
         key,
-        value: if keys_only {
-            Vec::new()
-        } else {
-            value.to_vec()
-        },
+        value: stored,
         create_revision: c.create_revision,
         mod_revision: c.mod_revision,
         version: c.version,
         lease: c.lease,
     }
-}
-
-/// Stored bytes of a key-value (the inverse of [`to_kv`]).
-pub fn stored_of(kv: &KeyValue) -> Vec<u8> {
-    encode_stored(
-        Counters {
-            create_revision: kv.create_revision,
-            mod_revision: kv.mod_revision,
-            version: kv.version,
-            lease: kv.lease,
-        },
-        &kv.value,
-    )
 }
 
 /// Key of the event at `revision`, position `pos`.
@@ -345,7 +341,7 @@ pub fn read_at<R: Reader + ?Sized>(
     }
     Ok(view
         .read(KeySpace::Data, key)?
-        .map(|stored| to_kv(key.to_vec(), &stored, false)))
+        .map(|stored| to_kv(key.to_vec(), stored, false)))
 }
 
 /// Up to `limit` pairs of `[start, end)` (an empty `end`: no bound) as they were at revision `at`, in

@@ -149,7 +149,7 @@ pub fn check_chunk(
     for (i, kv) in kvs.iter().enumerate() {
         limits
             .check_key(KeySpace::Data, &kv.key)
-            .and_then(|()| limits.check_stored_value(KeySpace::Data, &kv.value))
+            .and_then(|()| limits.check_value(KeySpace::Data, &kv.value))
             .map_err(|e| format!("snapshot pair {i} of the chunk cannot be installed: {e}"))?;
     }
     Ok(())

@@ -398,8 +398,9 @@ pub struct Applier<'a> {
     backend: &'a dyn StorageBackend,
     batch: WriteBatch,
     last: Option<u64>,
-    /// Stored values of the keys the pending batch writes (`None`: deleted).
-    pending: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The keys the pending batch writes: the position of their last put in the batch (`None`:
+    /// deleted), so that their values are read from the batch, not copied.
+    pending: BTreeMap<Vec<u8>, Option<usize>>,
     /// The changes of the writes applied, for watches ([`Self::take_changes`]).
     changes: Vec<Change>,
 }
@@ -547,13 +548,28 @@ impl<'a> Applier<'a> {
         Ok(out)
     }
 
+    /// The stored bytes of the pending put at `pos` in the batch.
+    fn pending_value(&self, pos: usize) -> &[u8] {
+        match &self.batch.ops[pos] {
+            kiwi_storage::WriteOp::Put { value, .. } => value,
+            _ => unreachable!("pending positions are puts"),
+        }
+    }
+
+    /// A pending key as a key-value (`None`: deleted).
+    fn pending_kv(&self, key: &[u8], pos: Option<usize>) -> Option<KeyValue> {
+        pos.map(|p| mvcc::to_kv(key.to_vec(), self.pending_value(p).to_vec(), false))
+    }
+
     /// The key as the state before the command being applied holds it (pending writes included).
     fn current(&self, key: &[u8]) -> kiwi_storage::Result<Option<KeyValue>> {
-        let stored = match self.pending.get(key) {
-            Some(v) => v.clone(),
-            None => self.backend.read(KeySpace::Data, key)?,
-        };
-        Ok(stored.map(|s| mvcc::to_kv(key.to_vec(), &s, false)))
+        if let Some(&pos) = self.pending.get(key) {
+            return Ok(self.pending_kv(key, pos));
+        }
+        Ok(self
+            .backend
+            .read(KeySpace::Data, key)?
+            .map(|s| mvcc::to_kv(key.to_vec(), s, false)))
     }
 
     /// Visits the keys of `[start, end)` (an empty `end`: no bound) in order, pending writes included,
@@ -578,27 +594,20 @@ impl<'a> Applier<'a> {
                 .scan(KeySpace::Data, &Scan::forward(range.clone(), PAGE))?;
             let full = page.len() == PAGE;
             for (key, stored) in page {
-                while let Some((k, v)) = overlay.next_if(|(k, _)| k.as_slice() <= key.as_slice()) {
-                    if *k != key
-                        && let Some(v) = v
-                        && !f(mvcc::to_kv(k.clone(), v, false))
+                // Pending keys up to this one come first; a pending key replaces the stored one.
+                while let Some((k, &pos)) = overlay.next_if(|(k, _)| k.as_slice() <= key.as_slice())
+                {
+                    if let Some(kv) = self.pending_kv(k, pos)
+                        && !f(kv)
                     {
                         return Ok(());
-                    }
-                    if *k == key {
-                        if let Some(v) = v
-                            && !f(mvcc::to_kv(k.clone(), v, false))
-                        {
-                            return Ok(());
-                        }
-                        break;
                     }
                 }
                 if self.pending.contains_key(&key) {
                     range.start = Bound::Excluded(key);
                     continue;
                 }
-                if !f(mvcc::to_kv(key.clone(), &stored, false)) {
+                if !f(mvcc::to_kv(key.clone(), stored, false)) {
                     return Ok(());
                 }
                 range.start = Bound::Excluded(key);
@@ -607,9 +616,9 @@ impl<'a> Applier<'a> {
                 break;
             }
         }
-        for (k, v) in overlay {
-            if let Some(v) = v
-                && !f(mvcc::to_kv(k.clone(), v, false))
+        for (k, &pos) in overlay {
+            if let Some(kv) = self.pending_kv(k, pos)
+                && !f(kv)
             {
                 return Ok(());
             }
@@ -632,9 +641,13 @@ impl<'a> Applier<'a> {
             version: prev.as_ref().map_or(1, |p| p.version + 1),
             lease,
         };
-        let stored = mvcc::encode_stored(counters, value);
-        self.batch.put(KeySpace::Data, key.to_vec(), stored.clone());
-        self.pending.insert(key.to_vec(), Some(stored));
+        self.pending
+            .insert(key.to_vec(), Some(self.batch.ops.len()));
+        self.batch.put(
+            KeySpace::Data,
+            key.to_vec(),
+            mvcc::encode_stored(counters, value),
+        );
         w.touched.push(key.to_vec());
         let kv = KeyValue {
             key: key.to_vec(),
@@ -714,14 +727,14 @@ impl<'a> Applier<'a> {
             self.pending.remove(key);
         }
         // Restore what earlier commands of the run wrote to those keys.
-        for op in &self.batch.ops {
+        for (pos, op) in self.batch.ops.iter().enumerate() {
             match op {
                 kiwi_storage::WriteOp::Put {
                     space: KeySpace::Data,
                     key,
-                    value,
+                    ..
                 } if w.touched.contains(key) => {
-                    self.pending.insert(key.clone(), Some(value.clone()));
+                    self.pending.insert(key.clone(), Some(pos));
                 }
                 kiwi_storage::WriteOp::Delete {
                     space: KeySpace::Data,
@@ -1097,7 +1110,7 @@ mod tests {
     fn get(s: &dyn StorageBackend, key: &[u8]) -> Option<KeyValue> {
         s.read(KeySpace::Data, key)
             .unwrap()
-            .map(|v| mvcc::to_kv(key.to_vec(), &v, false))
+            .map(|v| mvcc::to_kv(key.to_vec(), v, false))
     }
 
     fn counters(kv: &KeyValue) -> (u64, u64, u64) {

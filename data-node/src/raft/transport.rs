@@ -760,7 +760,7 @@ impl RaftTransport for RaftService {
         loop {
             let last = chunk.last;
             let kvs = std::mem::take(&mut chunk.kvs);
-            snapshot::check_chunk(&kvs, kiwi_storage::Limits::CEILING)
+            snapshot::check_chunk(&kvs, crate::raft::mvcc::STORED_CEILING)
                 .map_err(Status::invalid_argument)?;
             self.blocking(move |b| snapshot::stage(b, kvs)).await?;
             if last {

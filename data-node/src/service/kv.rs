@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::*;
 use crate::raft::{mvcc, state_machine};
+use kiwi_proto::keys::prefix_end;
 
 /// Pairs read by the first page of a Scan, before the pair sizes are known.
 const FIRST_SCAN_PAGE: usize = 16;
@@ -56,7 +57,7 @@ fn scan_bounded(
         };
         let got = pairs.len();
         for (key, stored) in pairs {
-            let kv = mvcc::to_kv(key, &stored, keys_only);
+            let kv = mvcc::to_kv(key, stored, keys_only);
             let size = kv.key.len() + kv.value.len();
             if kvs.len() == limit || (!kvs.is_empty() && bytes + size > max_bytes) {
                 return Ok((kvs, true));
@@ -76,18 +77,6 @@ fn scan_bounded(
         let avg = (bytes / kvs.len().max(1)).max(1);
         page = (max_bytes.saturating_sub(bytes) / avg).clamp(1, 1024);
     }
-}
-
-/// The first key past every key starting with `prefix` (empty: no such key, the range is open).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    Vec::new()
 }
 
 /// A request's range: `prefix`, or `[start, end)`; never both.
@@ -172,7 +161,7 @@ impl KvService for KvApi {
                     if at == 0 {
                         return Ok(Ok(st
                             .read(KeySpace::Data, &key)?
-                            .map(|stored| mvcc::to_kv(key, &stored, false))));
+                            .map(|stored| mvcc::to_kv(key, stored, false))));
                     }
                     let view = st.snapshot()?;
                     let oldest = mvcc::compacted(&*view)?;
@@ -198,10 +187,11 @@ impl KvService for KvApi {
                 }
             }
             let revision = applied.max(kv.as_ref().map_or(0, |kv| kv.mod_revision));
+            let found = kv.is_some();
             let kv = kv.unwrap_or_default();
             let answer = GetResponse {
                 header: s.header(&tagged, revision),
-                found: kv.mod_revision != 0,
+                found,
                 value: kv.value,
                 create_revision: kv.create_revision,
                 mod_revision: kv.mod_revision,
@@ -503,19 +493,22 @@ impl KvService for KvApi {
         traced(span, run).await
     }
 
-    type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<WatchResponse, Status>>;
+    type WatchStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchResponse, Status>> + Send>>;
 
     async fn watch(
         &self,
         request: Request<tonic::Streaming<WatchRequest>>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        use tokio_stream::StreamExt as _;
         let s = Arc::clone(&self.0);
         let tagged = s.tag(None, false).map_err(KvError::into_status)?;
-        let rx =
-            super::watch::serve(s, tagged, request.into_inner()).map_err(KvError::into_status)?;
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            rx,
-        )))
+        let connection = connection_of(&request);
+        let rx = super::watch::serve(s, tagged, connection, request.into_inner())
+            .map_err(KvError::into_status)?;
+        // An answer's share of the answer budget is given back as tonic takes it to send.
+        let answers = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(answer, _hold)| answer);
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn compact(
@@ -558,10 +551,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_prefix_ends_at_its_last_byte_plus_one() {
-        assert_eq!(prefix_end(b"app/"), b"app0");
-        assert_eq!(prefix_end(b"a\xff"), b"b");
-        assert_eq!(prefix_end(b"\xff\xff"), b"", "no end: the range is open");
+    fn a_request_range_is_a_prefix_or_bounds() {
         assert!(request_range(b"a".to_vec(), Vec::new(), b"p").is_err());
         assert_eq!(
             request_range(Vec::new(), Vec::new(), b"p").unwrap(),

@@ -12,8 +12,10 @@
 //!   which holds every change once it is in storage;
 //! - nothing is sent before it is applied, hence committed;
 //! - the events of one write go out in one answer;
-//! - memory per stream is bounded: a few answers queued for the client (when the queue is full the task
-//!   waits, the feed moves on without it and its watches catch up from storage later), one history page;
+//! - memory is bounded: every answer queued for the client holds its size of the connection's share of
+//!   the node's answer budget (`[connections] answer_buffer_*`, the budget large Get and Scan answers
+//!   take too) until the client takes it; when there is no room the task waits, the feed moves on
+//!   without it and its watches catch up from storage later. Beyond that: one history page;
 //! - a watch whose `next` falls below the kept history (asked for, or compacted while it caught up) is
 //!   canceled with `compact_revision` set to the oldest revision kept, never silently skipped ahead.
 //!
@@ -28,6 +30,7 @@ use kiwi_proto::v1::{
     KeyEvent, WatchCreateRequest, WatchRequest, WatchResponse, key_event::EventType,
     watch_create_request::FilterType, watch_request,
 };
+use prost::Message as _;
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
@@ -39,8 +42,17 @@ use crate::raft::state_machine::{Change, Published, etcd_range};
 pub const MAX_WATCHES_PER_STREAM: usize = 1_000;
 /// Most watch streams one node serves at once.
 pub const MAX_WATCH_STREAMS: usize = 10_000;
-/// Answers queued for a stream's client; past them the stream's watches catch up from the history.
+/// Answers queued for a stream's client (their bytes are bounded by the answer budget).
 const QUEUED_ANSWERS: usize = 16;
+/// How long an answer waits for room in the answer budget before it looks again (the stream ends
+/// meanwhile when its client goes).
+const ROOM_WAIT: Duration = Duration::from_secs(60);
+
+/// An answer with its share of the answer budget, given back once the client has taken it.
+pub(super) type Queued = (
+    Result<WatchResponse, Status>,
+    kiwi_proto::connections::AnswerHold,
+);
 /// Key and value bytes of events one history page reads (at least one whole write).
 const PAGE_BYTES: usize = 1024 * 1024;
 /// Events one history page reads (at least one whole write).
@@ -94,7 +106,9 @@ impl Watch {
 struct Stream {
     server: Arc<KvServer>,
     tagged: Tagged,
-    out: mpsc::Sender<Result<WatchResponse, Status>>,
+    out: mpsc::Sender<Queued>,
+    /// The connection the stream came on, whose share of the answer budget its answers take.
+    connection: Connection,
     watches: HashMap<i64, Watch>,
     next_id: i64,
     /// The last index the feed (or the applied index at the start) said is applied.
@@ -116,8 +130,9 @@ impl Drop for StreamSlot {
 pub(super) fn serve(
     server: Arc<KvServer>,
     tagged: Tagged,
+    connection: Connection,
     requests: tonic::Streaming<WatchRequest>,
-) -> Result<mpsc::Receiver<Result<WatchResponse, Status>>, KvError> {
+) -> Result<mpsc::Receiver<Queued>, KvError> {
     if server.watch_streams.fetch_add(1, Ordering::SeqCst) >= MAX_WATCH_STREAMS {
         server.watch_streams.fetch_sub(1, Ordering::SeqCst);
         return Err(KvError::TooMany(format!(
@@ -133,6 +148,7 @@ pub(super) fn serve(
         server,
         tagged,
         out,
+        connection,
         watches: HashMap::new(),
         next_id: 1,
         applied,
@@ -193,7 +209,18 @@ impl Stream {
     }
 
     async fn send(&self, answer: WatchResponse) -> Result<(), ()> {
-        self.out.send(Ok(answer)).await.map_err(|_| ())
+        let size = answer.encoded_len().max(1);
+        let hold = loop {
+            tokio::select! {
+                hold = self.server.answers.hold(self.connection, size, size, ROOM_WAIT) => {
+                    if let Ok(hold) = hold {
+                        break hold;
+                    }
+                }
+                () = self.out.closed() => return Err(()),
+            }
+        };
+        self.out.send((Ok(answer), hold)).await.map_err(|_| ())
     }
 
     fn header(&self, revision: u64) -> Option<kiwi_proto::v1::ResponseHeader> {

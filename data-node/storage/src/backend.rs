@@ -112,11 +112,6 @@ pub const DEFAULT_MAX_KEY_BYTES: usize = 8 * 1024;
 /// Default longest value: 4 MiB.
 pub const DEFAULT_MAX_VALUE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Bytes the state machine may store in front of each value in [`KeySpace::Data`] (the key's revisions,
-/// version and lease). The engines allow that much beyond `max_value_bytes` there; requests are checked
-/// against `max_value_bytes` alone ([`Limits::check_value`]).
-pub const VALUE_HEADER_BYTES: usize = 64;
-
 /// The largest key any node may be configured to accept (`storage.max_key_size` ceiling): 1 MiB.
 pub const MAX_KEY_BYTES_CEILING: usize = 1024 * 1024;
 /// The largest value any node may be configured to accept (`storage.max_value_size` ceiling): 64 MiB.
@@ -175,21 +170,6 @@ impl Limits {
         Ok(())
     }
 
-    /// Checks a value as stored: [`Self::check_value`] with room for the state machine's header
-    /// ([`VALUE_HEADER_BYTES`]) in [`KeySpace::Data`].
-    ///
-    /// # Errors
-    /// [`Error::ValueTooLarge`].
-    pub fn check_stored_value(&self, space: KeySpace, value: &[u8]) -> Result<()> {
-        if space == KeySpace::Data && value.len() > self.max_value_bytes + VALUE_HEADER_BYTES {
-            return Err(Error::ValueTooLarge {
-                len: value.len(),
-                max: self.max_value_bytes + VALUE_HEADER_BYTES,
-            });
-        }
-        Ok(())
-    }
-
     /// Checks every operation of a batch, so that a bad one refuses the whole batch before anything is
     /// written.
     ///
@@ -200,7 +180,7 @@ impl Limits {
             match op {
                 WriteOp::Put { space, key, value } => {
                     self.check_key(*space, key)?;
-                    self.check_stored_value(*space, value)?;
+                    self.check_value(*space, value)?;
                 }
                 WriteOp::Delete { space, key } => self.check_key(*space, key)?,
                 WriteOp::DeleteRange { space, start, end } => {

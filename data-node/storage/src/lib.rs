@@ -24,7 +24,7 @@ use std::sync::Arc;
 pub use backend::{
     BackendKind, DEFAULT_MAX_KEY_BYTES, DEFAULT_MAX_VALUE_BYTES, EngineStats, KeySpace, KvPair,
     Limits, MAX_KEY_BYTES_CEILING, MAX_VALUE_BYTES_CEILING, Scan, ScanRange, StorageBackend,
-    StorageSnapshot, VALUE_HEADER_BYTES, WriteBatch, WriteOp, WriteOptions,
+    StorageSnapshot, WriteBatch, WriteOp, WriteOptions,
 };
 pub use dir::MARKER_FILE;
 pub use error::{Error, Result};

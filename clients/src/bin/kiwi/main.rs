@@ -452,22 +452,12 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             prev_kv,
         } => {
             let client = connect()?;
-            let (start, end) = match (&key, &prefix) {
-                (_, Some(p)) => {
-                    let mut end = p.as_bytes().to_vec();
-                    while end.last() == Some(&0xff) {
-                        end.pop();
-                    }
-                    match end.last_mut() {
-                        Some(b) => *b += 1,
-                        None => end = vec![0],
-                    }
-                    (p.as_bytes().to_vec(), end)
-                }
-                (Some(k), None) => (k.as_bytes().to_vec(), Vec::new()),
+            let range = match (key, prefix) {
+                (_, Some(p)) => KeyRange::Prefix(p.into_bytes()),
+                (Some(k), None) => KeyRange::key(k.as_bytes()),
                 (None, None) => unreachable!("clap requires KEY or --prefix"),
             };
-            let mut watcher = client.watch(&start, &end, rev, prev_kv);
+            let mut watcher = client.watch(&range, rev, prev_kv);
             loop {
                 match watcher.next().await? {
                     kiwi_client::WatchUpdate::Events(events) => {
