@@ -317,6 +317,8 @@ pub struct ScanOptions {
     pub keys_only: bool,
     /// Most key and value bytes in the page (0: the node's ceiling, 4 MiB).
     pub max_bytes: u64,
+    /// Read the range as it was at this revision (0: now).
+    pub revision: u64,
 }
 
 /// What a [`Client::delete_range`] removed.
@@ -829,8 +831,9 @@ impl Client {
         .await
     }
 
-    /// Watches the keys of `range` from `start_revision` (0: from now). The [`Watcher`] reconnects by
-    /// itself when its node goes away, to any endpoint, resuming after the last revision it returned.
+    /// Watches the keys of `range` from `start_revision` (0: from now), at the client's priority. The
+    /// [`Watcher`] reconnects by itself when its node goes away, to any endpoint, resuming after the last
+    /// revision it returned.
     pub fn watch(&self, range: &KeyRange, start_revision: u64, prev_kv: bool) -> Watcher<'_> {
         let (key, range_end) = range.etcd_bounds();
         Watcher {
@@ -838,6 +841,11 @@ impl Client {
             create: WatchCreateRequest {
                 key,
                 range_end,
+                // The class of the node's reads of the history for this watch.
+                header: Some(RequestHeader {
+                    priority: self.options.priority as i32,
+                    ..RequestHeader::default()
+                }),
                 start_revision,
                 prev_kv,
                 ..WatchCreateRequest::default()

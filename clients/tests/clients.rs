@@ -1223,3 +1223,57 @@ async fn cli_watch_prints_changes_from_a_revision() {
     assert!(lines[1].starts_with("DELETE cfg/a rev="), "{lines:?}");
     assert_eq!(lines[2], format!("PUT cfg/b 2 rev={third}"));
 }
+
+/// `kiwi txn` reads etcdctl's plain form from stdin and prints SUCCESS/FAILURE with each answer;
+/// `kiwi get --rev` reads the past; `kiwi compact` drops it, after which the same read is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_txn_get_at_a_revision_and_compact() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let o = CallOptions::default();
+    let first = client.put(b"acct/a", b"100", &o).await.unwrap();
+    let txn = |input: String| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+            .arg("txn")
+            .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let transfer = format!(
+        "mod(\"acct/a\") = \"{first}\"\n\nput acct/a 90\nput acct/b \"1 10\"\n\nget acct/a\n"
+    );
+    let out = txn(transfer.clone());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out), "SUCCESS\n\nOK\n\nOK\n");
+    assert_eq!(
+        client.get(b"acct/b", &o).await.unwrap().as_deref(),
+        Some(&b"1 10"[..])
+    );
+    // The same again: acct/a moved on, so the failure branch reads it.
+    let out = txn(transfer);
+    assert_eq!(stdout(&out), "FAILURE\n\nacct/a\n90\n");
+    let out = txn("size(\"acct/a\") = \"1\"\n".into());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad compare"));
+
+    let old = kiwi(&cluster, &["get", "acct/a", "--rev", &first.to_string()]);
+    assert_eq!(stdout(&old), "100\n");
+    let now = client.get_kv(b"acct/a", 0, &o).await.unwrap().unwrap();
+    let compact = kiwi(&cluster, &["compact", &now.mod_revision.to_string()]);
+    assert!(compact.status.success(), "{compact:?}");
+    let refused = kiwi(&cluster, &["get", "acct/a", "--rev", &first.to_string()]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("compacted"),
+        "{refused:?}"
+    );
+}

@@ -233,6 +233,47 @@ async fn tokens_and_roles_guard_every_rpc_group() {
         e.message().contains("write") && e.message().contains("reader"),
         "{e:?}"
     );
+    // The newer calls by the same rules: a watch is a read, a transaction a write, compaction admin.
+    let watch = || kiwi_proto::v1::WatchRequest {
+        request_union: Some(kiwi_proto::v1::watch_request::RequestUnion::CreateRequest(
+            kiwi_proto::v1::WatchCreateRequest {
+                key: b"k".to_vec(),
+                ..Default::default()
+            },
+        )),
+    };
+    let mut stream = kv
+        .watch(request(tokio_stream::iter(vec![watch()]), Some("reader")))
+        .await
+        .expect("a reader may watch")
+        .into_inner();
+    assert!(stream.message().await.unwrap().unwrap().created);
+    let e = kv
+        .watch(request(tokio_stream::iter(vec![watch()]), Some("scraper")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let e = kv
+        .txn(request(
+            kiwi_proto::v1::TxnRequest::default(),
+            Some("reader"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    for principal in ["reader", "writer"] {
+        let e = kv
+            .compact(request(
+                kiwi_proto::v1::CompactRequest {
+                    header: None,
+                    revision: 1,
+                },
+                Some(principal),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{principal}: {e:?}");
+    }
     // write: writes too; no administration.
     kv.put(put("k", Some("writer"), Priority::Normal))
         .await

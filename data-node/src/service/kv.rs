@@ -504,7 +504,8 @@ impl KvService for KvApi {
         let s = Arc::clone(&self.0);
         let tagged = s.tag(None, false).map_err(KvError::into_status)?;
         let connection = connection_of(&request);
-        let rx = super::watch::serve(s, tagged, connection, request.into_inner())
+        let may_critical = super::may_use_critical(&request);
+        let rx = super::watch::serve(s, tagged, connection, may_critical, request.into_inner())
             .map_err(KvError::into_status)?;
         // An answer's share of the answer budget is given back as tonic takes it to send.
         let answers = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(answer, _hold)| answer);

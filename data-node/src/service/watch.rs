@@ -72,6 +72,8 @@ struct Watch {
     progress_notify: bool,
     /// The next revision this watch owes its client.
     next: u64,
+    /// The priority class of its reads of the history (from its create request's header).
+    class: Class,
 }
 
 impl Watch {
@@ -111,6 +113,8 @@ struct Stream {
     connection: Connection,
     watches: HashMap<i64, Watch>,
     next_id: i64,
+    /// Whether the caller may use PRIORITY_CRITICAL (see `may_use_critical`).
+    may_critical: bool,
     /// The last index the feed (or the applied index at the start) said is applied.
     applied: u64,
     /// A progress request is waiting for every watch to catch up.
@@ -131,6 +135,7 @@ pub(super) fn serve(
     server: Arc<KvServer>,
     tagged: Tagged,
     connection: Connection,
+    may_critical: bool,
     requests: tonic::Streaming<WatchRequest>,
 ) -> Result<mpsc::Receiver<Queued>, KvError> {
     if server.watch_streams.fetch_add(1, Ordering::SeqCst) >= MAX_WATCH_STREAMS {
@@ -151,6 +156,7 @@ pub(super) fn serve(
         connection,
         watches: HashMap::new(),
         next_id: 1,
+        may_critical,
         applied,
         progress_asked: false,
     };
@@ -268,6 +274,10 @@ impl Stream {
             );
             return self.send(answer).await;
         }
+        let class = match self.server.tag(c.header.as_ref(), self.may_critical) {
+            Ok(t) => t.class,
+            Err(e) => return self.send(refuse(-1, e.to_string())).await,
+        };
         if c.key.is_empty() {
             return self
                 .send(refuse(-1, "the watch's key is empty".into()))
@@ -305,6 +315,7 @@ impl Stream {
             no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
             progress_notify: c.progress_notify,
             next,
+            class,
         };
         self.send(WatchResponse {
             header: self.header(current),
@@ -373,19 +384,19 @@ impl Stream {
     /// Reads the history for every watch that owes revisions up to the applied index, page by page,
     /// until each is level with the feed.
     async fn catch_up(&mut self) -> Result<(), ()> {
-        while let Some((id, from)) = self
+        while let Some((id, from, class)) = self
             .watches
             .values()
             .filter(|w| w.next <= self.applied)
-            .map(|w| (w.id, w.next))
-            .min_by_key(|&(_, next)| next)
+            .map(|w| (w.id, w.next, w.class))
+            .min_by_key(|&(_, next, _)| next)
         {
             // Each read has its own deadline: the stream lives longer than any request.
             let tagged = Tagged {
                 request_id: self.tagged.request_id.clone(),
                 timeout: DEFAULT_TIMEOUT,
                 deadline: std::time::Instant::now() + DEFAULT_TIMEOUT,
-                class: self.tagged.class,
+                class,
                 trace: Span::none(),
             };
             let read = self

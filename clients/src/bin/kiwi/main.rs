@@ -9,6 +9,7 @@ mod chaos;
 mod control;
 mod control_bench;
 mod playground;
+mod txn;
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
@@ -140,8 +141,23 @@ impl From<ConsistencyArg> for ReadConsistency {
 enum Command {
     /// Write KEY = VALUE (VALUE "-" reads it from stdin).
     Put { key: String, value: String },
-    /// Print the value of KEY (exit 1 if absent).
-    Get { key: String },
+    /// Print the value of KEY (exit 1 if absent); --json adds its revisions and version.
+    Get {
+        key: String,
+        /// Read KEY as it was at revision R (from the kept history).
+        #[arg(long, value_name = "R", default_value_t = 0)]
+        rev: u64,
+    },
+    /// Run a transaction read from stdin, in etcdctl's form: compares, an empty line, the ops if every
+    /// compare holds, an empty line, the ops otherwise. Prints SUCCESS or FAILURE and each op's answer.
+    ///
+    /// Compares: TARGET("KEY") OP "VALUE", TARGET one of value, version, create, mod, lease; OP one of
+    /// =, !=, <, >. Ops: put KEY VALUE | get KEY [END|--prefix] | del KEY [END|--prefix]. Example:
+    ///
+    ///   printf 'mod("acct/a") = "42"\n\nput acct/a 90\nput acct/b 110\n\nget acct/a\n' | kiwi txn
+    Txn,
+    /// Drop the kept history before revision REV: reads and watches at older revisions are refused.
+    Compact { rev: u64 },
     /// Delete KEY (exit 1 if it did not exist), or in one write every key of [KEY, TO) (--to) or under a
     /// prefix (--prefix), printing how many were deleted.
     Del {
@@ -194,6 +210,9 @@ enum Command {
         /// Print only how many keys the range holds (all of them; --limit does not apply).
         #[arg(long, conflicts_with_all = ["keys_only", "reverse"])]
         count: bool,
+        /// Read the range as it was at revision R (from the kept history).
+        #[arg(long, value_name = "R", default_value_t = 0, conflicts_with = "count")]
+        rev: u64,
     },
     /// Set KEY to NEW only if its value is OLD (--expect OLD) or it is absent (--absent); exit 1 if not.
     Cas(CasArgs),
@@ -425,13 +444,18 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        Command::Get { key } => match connect()?.get(key.as_bytes(), &call).await? {
-            Some(v) => {
+        Command::Get { key, rev } => match connect()?.get_kv(key.as_bytes(), rev, &call).await? {
+            Some(kv) => {
                 if json {
-                    println!("{}", json!({"key": key, "found": true, "value": text(&v)}));
+                    println!(
+                        "{}",
+                        json!({"key": key, "found": true, "value": text(&kv.value),
+                            "create_revision": kv.create_revision, "mod_revision": kv.mod_revision,
+                            "version": kv.version})
+                    );
                 } else {
                     let mut out = std::io::stdout().lock();
-                    out.write_all(&v)?;
+                    out.write_all(&kv.value)?;
                     out.write_all(b"\n")?;
                 }
                 Ok(Outcome::Ok)
@@ -560,6 +584,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             keys_only,
             reverse,
             count,
+            rev,
         } => {
             let range = match prefix {
                 Some(p) => KeyRange::Prefix(p.into_bytes()),
@@ -582,6 +607,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
                 reverse,
                 keys_only,
                 max_bytes: 0,
+                revision: rev,
             };
             let page = connect()?.scan_range(&range, &scan, &call).await?;
             if json {
@@ -632,6 +658,23 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             } else {
                 Outcome::Miss
             })
+        }
+        Command::Txn => {
+            let mut input = String::new();
+            std::io::stdin().read_to_string(&mut input)?;
+            let (compare, success, failure) = txn::parse(&input).map_err(anyhow::Error::msg)?;
+            let answer = connect()?.txn(compare, success, failure, &call).await?;
+            txn::print(&answer, json);
+            Ok(Outcome::Ok)
+        }
+        Command::Compact { rev } => {
+            connect()?.compact(rev, &call).await?;
+            if json {
+                println!("{}", json!({"ok": true, "compacted_to": rev}));
+            } else {
+                println!("OK: revisions before {rev} are dropped");
+            }
+            Ok(Outcome::Ok)
         }
         Command::Status => status(&connect()?, json).await,
         Command::Member(cmd) => member(&connect()?, cmd, json).await,
