@@ -953,6 +953,7 @@ impl Client {
                         keys_only: scan.keys_only,
                         max_bytes: scan.max_bytes,
                         consistency,
+                        revision: scan.revision,
                         ..ScanRequest::default()
                     })
                     .await?

@@ -1267,6 +1267,11 @@ async fn cli_txn_get_at_a_revision_and_compact() {
 
     let old = kiwi(&cluster, &["get", "acct/a", "--rev", &first.to_string()]);
     assert_eq!(stdout(&old), "100\n");
+    let then = kiwi(
+        &cluster,
+        &["scan", "--prefix", "acct/", "--rev", &first.to_string()],
+    );
+    assert_eq!(stdout(&then), "acct/a\t100\n", "acct/b did not exist yet");
     let now = client.get_kv(b"acct/a", 0, &o).await.unwrap().unwrap();
     let compact = kiwi(&cluster, &["compact", &now.mod_revision.to_string()]);
     assert!(compact.status.success(), "{compact:?}");
