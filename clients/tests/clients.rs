@@ -1282,3 +1282,34 @@ async fn cli_txn_get_at_a_revision_and_compact() {
         "{refused:?}"
     );
 }
+
+/// `[watch] history_retention_revisions`: the leader compacts the history by itself, so a read at an
+/// old revision is refused as compacted once the history moved past it, while recent ones are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_the_history_to_its_retention() {
+    let cluster = Cluster::start(ClusterOptions {
+        extra_config: "\n[watch]\nhistory_retention_revisions = 20\n".into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let o = CallOptions::default();
+    let first = client.put(b"k", b"0", &o).await.unwrap();
+    let mut last = first;
+    for i in 1..60 {
+        last = client.put(b"k", format!("{i}").as_bytes(), &o).await.unwrap();
+    }
+    // Checked every 10 s on the leader.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match client.get_kv(b"k", first, &o).await {
+            Err(Error::Rpc(s)) if s.code() == tonic::Code::OutOfRange => break,
+            Ok(kv) => assert_eq!(kv.unwrap().value, b"0", "the old value until compacted"),
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "never compacted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recent = client.get_kv(b"k", last - 5, &o).await.unwrap().unwrap();
+    assert!(recent.mod_revision <= last - 5);
+}
