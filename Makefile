@@ -10,7 +10,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-vs-etcd-large bench-failover bench-stages bench-ab bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security chaos
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-vs-etcd-large bench-failover bench-stages bench-ab bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security bench-watch chaos
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -61,6 +61,11 @@ bench-failover: deps
 bench-vs-etcd-large: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	LARGE=1 scripts/bench-vs-etcd.sh
+
+## The cost of watches: puts at a fixed rate with 0 and 1,000 watchers; delivery latency and node CPU per put.
+bench-watch: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-watch.sh
 
 ## Priority isolation (HIGH next to a LOW flood: priority on, FIFO, no OS priority) and overhead; one table.
 bench-priority: deps

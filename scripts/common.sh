@@ -42,3 +42,13 @@ stop_playground() {
     wait "$PG" 2>/dev/null || true
     PG=""
 }
+
+# CPU time (clock ticks, user + system) used so far by the kiwi-node processes of the playground NAME.
+node_cpu_ticks() { # name
+    local total=0 p
+    for p in $(pgrep -f "kiwi-node --config $WORK_DIR/$1/"); do
+        set -- $(cut -d' ' -f14,15 "/proc/$p/stat")
+        total=$((total + $1 + $2))
+    done
+    echo "$total"
+}

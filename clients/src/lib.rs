@@ -40,13 +40,13 @@ use kiwi_proto::v1::kv_service_client::KvServiceClient;
 use kiwi_proto::v1::node_admin_client::NodeAdminClient;
 use kiwi_proto::v1::{
     CompactRequest, CompareAndSwapRequest, Consistency, DeleteRangeRequest, DeleteRequest,
-    GetRequest, GetRuntimePolicyRequest, KeyValue, PutRequest, RequestHeader, RuntimePolicy,
+    GetRequest, GetRuntimePolicyRequest, PutRequest, RequestHeader, RuntimePolicy,
     RuntimeStatsRequest, RuntimeStatsResponse, ScanRequest, StatusRequest, StatusResponse,
     TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse, compare_and_swap_request,
     watch_request,
 };
 pub use kiwi_proto::v1::{
-    Compare, KeyEvent, TxnOp, TxnOpResponse, TxnResponse, compare, key_event, txn_op,
+    Compare, KeyEvent, KeyValue, TxnOp, TxnOpResponse, TxnResponse, compare, key_event, txn_op,
     txn_op_response,
 };
 pub use kiwi_proto::v1::{Consistency as ReadConsistency, Priority};

@@ -1297,7 +1297,10 @@ async fn the_leader_compacts_the_history_to_its_retention() {
     let first = client.put(b"k", b"0", &o).await.unwrap();
     let mut last = first;
     for i in 1..60 {
-        last = client.put(b"k", format!("{i}").as_bytes(), &o).await.unwrap();
+        last = client
+            .put(b"k", format!("{i}").as_bytes(), &o)
+            .await
+            .unwrap();
     }
     // Checked every 10 s on the leader.
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -1312,4 +1315,123 @@ async fn the_leader_compacts_the_history_to_its_retention() {
     }
     let recent = client.get_kv(b"k", last - 5, &o).await.unwrap().unwrap();
     assert!(recent.mod_revision <= last - 5);
+}
+
+/// Bank transfers as transactions (compare both accounts' mod_revision, then write both) from four
+/// clients while readers sum every balance in one Scan, with the leader SIGKILLed half way: the total
+/// never changes, and transfers go on after the election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_transfers_as_transactions_keep_the_total_through_a_leader_crash() {
+    use kiwi_client::{Compare, KeyRange, ScanOptions, TxnOp, compare, txn_op};
+    const ACCOUNTS: u64 = 5;
+    const TOTAL: i64 = 500;
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let leader = cluster.wait_leader().await;
+    let client = std::sync::Arc::new(
+        Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap(),
+    );
+    let o = CallOptions::default();
+    let account = |i: u64| format!("bank/{i}").into_bytes();
+    for i in 0..ACCOUNTS {
+        client.put(&account(i), b"100", &o).await.unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let (client, stop, done) = (client.clone(), stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let o = CallOptions::default();
+            let mut n = t;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let (from, to) = (account(n % ACCOUNTS), account((n * 7 + 3) % ACCOUNTS));
+                if from == to {
+                    continue;
+                }
+                let (Ok(Some(a)), Ok(Some(b))) = (
+                    client.get_kv(&from, 0, &o).await,
+                    client.get_kv(&to, 0, &o).await,
+                ) else {
+                    continue;
+                };
+                let balance = |v: &[u8]| std::str::from_utf8(v).unwrap().parse::<i64>().unwrap();
+                let amount = (n % 13) as i64;
+                let unchanged = |kv: &kiwi_client::KeyValue| Compare {
+                    result: compare::CompareResult::Equal as i32,
+                    target: compare::CompareTarget::Mod as i32,
+                    key: kv.key.clone(),
+                    target_union: Some(compare::TargetUnion::ModRevision(kv.mod_revision)),
+                    range_end: Vec::new(),
+                };
+                let set = |key: &[u8], v: i64| TxnOp {
+                    op: Some(txn_op::Op::Put(txn_op::Put {
+                        key: key.to_vec(),
+                        value: v.to_string().into_bytes(),
+                        prev_kv: false,
+                    })),
+                };
+                let ops = vec![
+                    set(&from, balance(&a.value) - amount),
+                    set(&to, balance(&b.value) + amount),
+                ];
+                // An unknown outcome (the leader died under it) applied both writes or neither.
+                if let Ok(r) = client
+                    .txn(vec![unchanged(&a), unchanged(&b)], ops, vec![], &o)
+                    .await
+                    && r.succeeded
+                {
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let sum = || async {
+        let page = client
+            .scan_range(
+                &KeyRange::Prefix(b"bank/".to_vec()),
+                &ScanOptions {
+                    limit: 100,
+                    ..ScanOptions::default()
+                },
+                &CallOptions::default(),
+            )
+            .await?;
+        Ok::<i64, Error>(
+            page.kvs
+                .iter()
+                .map(|(_, v)| std::str::from_utf8(v).unwrap().parse::<i64>().unwrap())
+                .sum(),
+        )
+    };
+    let mut sums = 0;
+    let until = |d: u64| Instant::now() + Duration::from_secs(d);
+    let mut phase_end = until(2);
+    let mut killed = false;
+    let mut before_kill = 0;
+    loop {
+        if let Ok(total) = sum().await {
+            assert_eq!(total, TOTAL, "a reader saw money appear or vanish");
+            sums += 1;
+        }
+        if Instant::now() >= phase_end {
+            if killed {
+                break;
+            }
+            before_kill = done.load(std::sync::atomic::Ordering::Relaxed);
+            cluster.kill(leader);
+            killed = true;
+            phase_end = until(4);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = done.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(before_kill > 0, "transfers ran before the crash");
+    assert!(after > before_kill, "transfers went on after the election");
+    assert!(sums > 20, "the readers read ({sums} sums)");
+    assert_eq!(sum().await.unwrap(), TOTAL);
 }

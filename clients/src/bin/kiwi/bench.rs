@@ -110,6 +110,13 @@ pub struct BenchArgs {
     /// two configurations at the same load, which throughput at saturation cannot.
     #[arg(long, conflicts_with = "ramp")]
     rate: Option<f64>,
+    /// With --workload put against Kiwi: this many watches on the first endpoint (shared over
+    /// --connections streams) for the run, each on its own slice of the key space (together they cover
+    /// it once, so every put is delivered to one watcher). Each put's value carries its send time, and
+    /// the delivery latency of every event (put sent to event received) is reported with the count
+    /// delivered against the count expected (one per put).
+    #[arg(long, default_value_t = 0)]
+    watchers: usize,
 }
 
 /// Load phases: (workers, how long).
@@ -249,6 +256,148 @@ fn kind(e: &Error) -> String {
     }
 }
 
+/// Opens `n` watches on `endpoint` over `streams` streams, watch i on the i-th of `n` slices of the
+/// `keys` bench keys (the last slice open-ended); each task records the delivery latency of every event
+/// it receives (its value's send time, against `origin`) until `end` is notified and a moment more has
+/// passed.
+async fn start_watchers(
+    endpoint: &str,
+    n: usize,
+    streams: usize,
+    keys: u64,
+    origin: Instant,
+    end: &Arc<tokio::sync::Notify>,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<Histogram<u64>>>> {
+    use kiwi_proto::v1::kv_service_client::KvServiceClient;
+    use kiwi_proto::v1::{RequestHeader, WatchCreateRequest, WatchRequest, watch_request};
+    let streams = streams.clamp(1, n);
+    let channel =
+        Endpoint::from_shared(format!("http://{}", endpoint.trim_start_matches("http://")))
+            .with_context(|| format!("invalid endpoint {endpoint}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .with_context(|| format!("cannot connect to {endpoint} for the watchers"))?;
+    let mut tasks = Vec::new();
+    let slice = |i: usize| (i as u64 * keys / n as u64).min(keys);
+    let mut next = 0;
+    for s in 0..streams {
+        let count = n / streams + usize::from(s < n % streams);
+        let (tx, rx) = tokio::sync::mpsc::channel(count.max(1));
+        for _ in 0..count {
+            let (from, to) = (slice(next), slice(next + 1));
+            next += 1;
+            tx.send(WatchRequest {
+                request_union: Some(watch_request::RequestUnion::CreateRequest(
+                    WatchCreateRequest {
+                        key: if next == 1 {
+                            b"bench-".to_vec()
+                        } else {
+                            key(from)
+                        },
+                        range_end: if next == n {
+                            b"bench.".to_vec()
+                        } else {
+                            key(to)
+                        },
+                        header: Some(RequestHeader::default()),
+                        ..WatchCreateRequest::default()
+                    },
+                )),
+            })
+            .await
+            .expect("the receiver is alive");
+        }
+        let mut answers = KvServiceClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20)
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .context("the node refused a watch stream")?
+            .into_inner();
+        // Every watch is created before the load starts.
+        let mut created = 0;
+        while created < count {
+            match answers.message().await? {
+                Some(a) if a.created && !a.canceled => created += 1,
+                Some(a) if a.canceled => anyhow::bail!("a watch was refused: {}", a.cancel_reason),
+                Some(_) => {}
+                None => anyhow::bail!("the watch stream ended before its watches were created"),
+            }
+        }
+        let end = Arc::clone(end);
+        tasks.push(tokio::spawn(async move {
+            let _requests = tx;
+            let mut hist =
+                Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let ended = end.notified();
+            tokio::pin!(ended);
+            let mut deadline = None;
+            loop {
+                let next = match deadline {
+                    None => tokio::select! {
+                        m = answers.message() => m,
+                        () = &mut ended => {
+                            // Events of the last puts are still on their way.
+                            deadline = Some(tokio::time::Instant::now() + Duration::from_secs(3));
+                            continue;
+                        }
+                    },
+                    Some(d) => match tokio::time::timeout_at(d, answers.message()).await {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    },
+                };
+                let Ok(Some(answer)) = next else { break };
+                let now = u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX);
+                for e in &answer.events {
+                    let Some(sent) =
+                        e.kv.as_ref()
+                            .and_then(|kv| kv.value.first_chunk::<8>())
+                            .map(|b| u64::from_be_bytes(*b))
+                    else {
+                        continue;
+                    };
+                    hist.saturating_record(now.saturating_sub(sent).max(1));
+                }
+            }
+            hist
+        }));
+    }
+    Ok(tasks)
+}
+
+/// Ends the watchers and reports their delivery: printed, and as the JSON line's `watch` object.
+async fn finish_watchers(
+    tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
+    end: &tokio::sync::Notify,
+    expected: u64,
+) -> Option<serde_json::Value> {
+    if tasks.is_empty() {
+        return None;
+    }
+    end.notify_waiters();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    for t in tasks {
+        if let Ok(h) = t.await {
+            hist.add(&h).expect("same bounds");
+        }
+    }
+    let pct = |q: f64| hist.value_at_quantile(q);
+    eprintln!(
+        "watch delivery: {} events of {expected} expected; latency us (put sent to event received) p50 {} \
+         p99 {} p999 {} max {}",
+        hist.len(),
+        pct(0.5),
+        pct(0.99),
+        pct(0.999),
+        hist.max()
+    );
+    Some(json!({
+        "events": hist.len(), "expected": expected, "p50_us": pct(0.5), "p99_us": pct(0.99),
+        "p999_us": pct(0.999), "max_us": hist.max(),
+    }))
+}
+
 fn key(i: u64) -> Vec<u8> {
     format!("bench-{i:010}").into_bytes()
 }
@@ -308,7 +457,31 @@ pub async fn run(
         }
     };
 
+    anyhow::ensure!(
+        args.watchers == 0 || (args.workload == Workload::Put && args.target == Target::Kiwi),
+        "--watchers goes with --workload put against Kiwi"
+    );
+    anyhow::ensure!(
+        args.watchers == 0 || args.value_size >= 8,
+        "--watchers needs --value-size of at least 8 (the value carries its send time)"
+    );
     let value = vec![b'x'; args.value_size];
+    // The clock the values' send times and the watchers' receive times are both read from.
+    let origin = Instant::now();
+    let watch_end = Arc::new(tokio::sync::Notify::new());
+    let watchers = if args.watchers > 0 {
+        start_watchers(
+            &endpoints[0],
+            args.watchers,
+            args.connections,
+            args.keys,
+            origin,
+            &watch_end,
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
     if args.workload != Workload::Put && !args.no_preload {
         preload(&driver, &args, &value).await?;
     }
@@ -345,12 +518,13 @@ pub async fn run(
         let value = value.clone();
         let done = Arc::clone(&done);
         let slots = Arc::clone(&slots);
-        let (workload, keys, read_ratio, scan_limit, rate) = (
+        let (workload, keys, read_ratio, scan_limit, rate, stamp) = (
             args.workload,
             args.keys,
             args.read_ratio,
             args.scan_limit,
             args.rate,
+            args.watchers > 0,
         );
         tasks.push(tokio::spawn(async move {
             let mut hist =
@@ -395,7 +569,12 @@ pub async fn run(
                         }
                     })
                 } else {
-                    driver.put(w, k, value.clone()).await
+                    let mut value = value.clone();
+                    if stamp {
+                        let sent = u64::try_from(t.duration_since(origin).as_micros()).unwrap_or(0);
+                        value[..8].copy_from_slice(&sent.to_be_bytes());
+                    }
+                    driver.put(w, k, value).await
                 };
                 match r {
                     Ok(()) => {
@@ -480,6 +659,7 @@ pub async fn run(
     }
     let elapsed = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
+    let watch = finish_watchers(watchers, &watch_end, hist.len()).await;
 
     let ops = hist.len();
     let ops_per_sec = ops as f64 / elapsed;
@@ -522,6 +702,9 @@ pub async fn run(
         "p50_us": pct(0.5), "p90_us": pct(0.9), "p99_us": pct(0.99), "p999_us": pct(0.999), "max_us": hist.max(),
         "errors": errors,
     });
+    if let Some(w) = watch {
+        line["watch"] = w;
+    }
     if let Some(r) = &args.ramp {
         let events = match &kiwi {
             Some(c) => scale_events(c, start_unix_ms).await,
