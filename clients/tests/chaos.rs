@@ -95,6 +95,10 @@ async fn run_random_plans(raft_extra: &str, seeds: std::ops::RangeInclusive<u64>
             serde_json::from_str(stdout.lines().last().unwrap_or("{}")).unwrap();
         let ops = summary["operations"].as_u64().unwrap();
         assert!(ops > 50, "seed {seed}: the workload ran: {summary}");
+        assert!(
+            summary["watched_events"].as_u64().unwrap() > 20,
+            "seed {seed}: the watchers followed the writes: {summary}"
+        );
         totals.0 += ops;
         totals.1 += summary["unknown_outcomes"].as_u64().unwrap();
         assert!(out.join("timeline.svg").exists() && out.join("history.json").exists());

@@ -19,6 +19,12 @@
 //! # delay = "100ms", jitter = "10ms" (delay, stall); rate = 0.3 (loss); peers = ["1"] (delay, loss)
 //! ```
 //!
+//! Watchers (`--watchers`, default 2) follow the keys from the revision before the run, each dropping its
+//! watch every few seconds and resuming from its last revision + 1 on a random node (through crashes and
+//! partitions too). At the end each watcher's events must be exactly the committed writes to the keys: in
+//! revision order, none twice, every acknowledged write there, nothing that no client wrote, each key's
+//! last event the value a final linearizable read finds, and the same sequence for every watcher.
+//!
 //! `kiwi control chaos run PLAN` runs only the plan. `kiwi chaos --random --seed N` makes a random plan.
 //! Crashed nodes must be restarted by whatever runs them (`kiwi playground --restart-crashed`).
 
@@ -340,6 +346,10 @@ pub struct ChaosArgs {
     /// A prefix for the keys (each run should use its own).
     #[arg(long, default_value = "chaos")]
     prefix: String,
+    /// Watchers of the keys that disconnect and resume on random nodes; their events are checked
+    /// against the writes (0: none).
+    #[arg(long, default_value_t = 2)]
+    watchers: usize,
     /// Less output.
     #[arg(long)]
     quiet: bool,
@@ -486,6 +496,154 @@ async fn client_loop(
     }
 }
 
+/// Puts `key` = `value` until it is known to be applied (an unknown outcome is read back); returns
+/// the revision it was applied at.
+async fn put_retried(client: &Client, key: &str, value: &str) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match client
+            .put(key.as_bytes(), value.as_bytes(), &CallOptions::default())
+            .await
+        {
+            Ok(rev) => return Ok(rev),
+            Err(e) if Instant::now() >= deadline => bail!("cannot write {key}: {e}"),
+            Err(_) => {
+                if let Ok(Some(kv)) = client
+                    .get_kv(key.as_bytes(), 0, &CallOptions::default())
+                    .await
+                    && kv.value == value.as_bytes()
+                {
+                    return Ok(kv.mod_revision);
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// One watched change: (revision, key, value).
+type Seen = (u64, String, String);
+
+/// Follows `prefix` from revision `from` until the event of `end_key`, dropping the watch every 1-4 s and
+/// resuming from the last revision + 1 with a random node first. Returns the events before the end.
+async fn watch_loop(
+    endpoints: Vec<String>,
+    (token, tls): (Option<String>, Option<tonic::transport::ClientTlsConfig>),
+    prefix: String,
+    from: u64,
+    end_key: String,
+    seed: u64,
+) -> anyhow::Result<Vec<Seen>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut seen: Vec<Seen> = Vec::new();
+    let mut next = from;
+    loop {
+        let mut order = endpoints.clone();
+        let first = rng.random_range(0..order.len().max(1));
+        order.rotate_left(first);
+        let client = Client::connect(
+            &order,
+            ClientOptions {
+                timeout: Duration::from_secs(2),
+                token: token.clone(),
+                tls: tls.clone(),
+                ..ClientOptions::default()
+            },
+        )?;
+        let range = kiwi_client::KeyRange::Prefix(prefix.clone().into_bytes());
+        let mut watcher = client.watch(&range, next, false);
+        let session = tokio::time::sleep(Duration::from_millis(rng.random_range(1000..4000)));
+        tokio::pin!(session);
+        loop {
+            let update = tokio::select! {
+                u = watcher.next() => u?,
+                () = &mut session => break,
+            };
+            let kiwi_client::WatchUpdate::Events(events) = update else {
+                bail!("the history the watcher needed (from revision {next}) was compacted");
+            };
+            for e in events {
+                let kv = e.kv.unwrap_or_default();
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                if key == end_key {
+                    return Ok(seen);
+                }
+                next = kv.mod_revision + 1;
+                seen.push((
+                    kv.mod_revision,
+                    key,
+                    String::from_utf8_lossy(&kv.value).into_owned(),
+                ));
+            }
+        }
+    }
+}
+
+/// Checks one watcher's events against the recorded operations and the final values.
+fn check_watch(
+    events: &[Seen],
+    ops: &[Op],
+    finals: &BTreeMap<String, Option<String>>,
+    end: u64,
+) -> Result<(), String> {
+    if let Some(w) = events.windows(2).find(|w| w[0].0 >= w[1].0) {
+        return Err(format!(
+            "revisions out of order or repeated: {:?} then {:?}",
+            w[0], w[1]
+        ));
+    }
+    if let Some(e) = events.iter().find(|e| e.0 >= end) {
+        return Err(format!(
+            "an event at or after the end marker's revision {end}: {e:?}"
+        ));
+    }
+    let mut attempted = std::collections::HashSet::new();
+    let mut acknowledged = Vec::new();
+    for o in ops {
+        let (value, written) = match &o.action {
+            Action::Put { value } => (value, o.completed.is_some()),
+            Action::Cas { new, succeeded, .. } => (new, o.completed.is_some() && *succeeded),
+            Action::Get { .. } => continue,
+        };
+        attempted.insert((o.key.clone(), value.clone()));
+        if written {
+            acknowledged.push((o.key.clone(), value.clone()));
+        }
+    }
+    let mut delivered = std::collections::HashSet::new();
+    for (rev, key, value) in events {
+        if !attempted.contains(&(key.clone(), value.clone())) {
+            return Err(format!(
+                "an event no client wrote: {key} = {value} at revision {rev}"
+            ));
+        }
+        if !delivered.insert((key.clone(), value.clone())) {
+            return Err(format!("a write delivered twice: {key} = {value}"));
+        }
+    }
+    if let Some((k, v)) = acknowledged.iter().find(|w| !delivered.contains(*w)) {
+        return Err(format!(
+            "an acknowledged write was never delivered: {k} = {v}"
+        ));
+    }
+    for (key, value) in finals {
+        let last = events
+            .iter()
+            .rev()
+            .find(|e| &e.1 == key)
+            .map(|e| e.2.clone());
+        if let Some(v) = value
+            && last.as_ref() != Some(v)
+            && acknowledged.iter().any(|w| &w.0 == key)
+        {
+            return Err(format!(
+                "{key}'s last event is {last:?}, a final read finds {v}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn svg(timeline: &[Point], windows: &[Window], seconds: f64) -> String {
     let (w, h, pad) = (900.0, 300.0, 40.0);
     let max_ops = timeline.iter().map(|t| t.1 + t.2).max().unwrap_or(1).max(1) as f64;
@@ -604,6 +762,21 @@ pub async fn run(
         ops: Mutex::new(Vec::new()),
         seconds: Mutex::new(BTreeMap::new()),
     });
+    // Watchers start after a marker write: every write of the run comes after it.
+    let marker = |name: &str| format!("{}/~{name}", args.prefix);
+    let from = put_retried(&client, &marker("start"), "start").await? + 1;
+    let watchers: Vec<_> = (0..args.watchers)
+        .map(|i| {
+            tokio::spawn(watch_loop(
+                endpoints.to_vec(),
+                (conn.token.clone(), conn.tls.clone()),
+                format!("{}/", args.prefix),
+                from,
+                marker("end"),
+                args.seed.wrapping_mul(131).wrapping_add(i as u64),
+            ))
+        })
+        .collect();
     let started = Instant::now();
     let until = started + plan.duration;
     let mut tasks = Vec::new();
@@ -622,6 +795,7 @@ pub async fn run(
     for t in tasks {
         t.await?;
     }
+    let end = put_retried(&client, &marker("end"), "end").await?;
     let elapsed = started.elapsed().as_secs_f64();
     let ops = std::mem::take(
         &mut *rec
@@ -638,6 +812,31 @@ pub async fn run(
     }
     let mut verdict = ChaosVerdict::Linearizable;
     let mut report = Vec::new();
+    let mut finals = BTreeMap::new();
+    for k in &keys {
+        let v = client.get(k.as_bytes(), &CallOptions::default()).await?;
+        finals.insert(
+            k.clone(),
+            v.map(|b| String::from_utf8_lossy(&b).into_owned()),
+        );
+    }
+    let mut sequences = Vec::new();
+    for (i, w) in watchers.into_iter().enumerate() {
+        let events = tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("watcher {i} did not reach the end marker within 60 s")
+            })???;
+        if let Err(why) = check_watch(&events, &ops, &finals, end) {
+            verdict = ChaosVerdict::Violation;
+            eprintln!("chaos: watcher {i}: {why}");
+        }
+        sequences.push(events);
+    }
+    if sequences.windows(2).any(|w| w[0] != w[1]) {
+        verdict = ChaosVerdict::Violation;
+        eprintln!("chaos: the watchers saw different sequences of events");
+    }
     for (key, mut history) in by_key {
         history.sort_by_key(|o| o.invoked);
         let v = checker::check(&history, &initial[&key], 2_000_000);
@@ -707,6 +906,7 @@ pub async fn run(
         "verdict": name, "seed": args.seed, "operations": ops.len(), "unknown_outcomes": unknown,
         "seconds": elapsed, "faults": windows.iter().map(|w| json!({"start_s": w.0, "end_s": w.1, "fault": w.2})).collect::<Vec<_>>(),
         "longest_unavailability_s": longest_gap, "keys": report,
+        "watchers": sequences.len(), "watched_events": sequences.first().map_or(0, Vec::len),
         "timeline": timeline.iter().map(|t| json!({"t_s": t.0, "ok": t.1, "errors": t.2, "p99_ms": t.3})).collect::<Vec<_>>(),
     });
     std::fs::write(out.join("history.json"), serde_json::to_string(&ops)?)?;
@@ -747,7 +947,8 @@ pub async fn run(
         "{}",
         json!({"chaos": summary["verdict"], "seed": args.seed, "operations": ops.len(),
                           "unknown_outcomes": unknown, "faults": windows.len(),
-                          "longest_unavailability_s": longest_gap, "out": out.display().to_string()})
+                          "longest_unavailability_s": longest_gap, "out": out.display().to_string(),
+                          "watchers": summary["watchers"], "watched_events": summary["watched_events"]})
     );
     Ok(verdict)
 }
@@ -770,6 +971,43 @@ pub async fn run_plan_only(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watcher_must_see_exactly_the_committed_writes() {
+        let put = |key: &str, value: &str, done: bool| Op {
+            client: 0,
+            key: key.into(),
+            action: Action::Put {
+                value: value.into(),
+            },
+            invoked: 0,
+            completed: done.then_some(1),
+        };
+        // a=1 and a=2 acknowledged; a=3 unknown (it may or may not be seen).
+        let ops = [
+            put("a", "1", true),
+            put("a", "2", true),
+            put("a", "3", false),
+        ];
+        let finals = BTreeMap::from([("a".to_string(), Some("2".to_string()))]);
+        let seen = |v: &[(u64, &str)]| -> Vec<Seen> {
+            v.iter()
+                .map(|(r, val)| (*r, "a".to_string(), val.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            check_watch(&seen(&[(5, "1"), (7, "2")]), &ops, &finals, 10),
+            Ok(())
+        );
+        let err = |v: &[(u64, &str)]| check_watch(&seen(v), &ops, &finals, 10).unwrap_err();
+        assert!(err(&[(5, "1")]).contains("never delivered"));
+        assert!(err(&[(5, "1"), (6, "1"), (7, "2")]).contains("twice"));
+        assert!(err(&[(5, "1"), (7, "2"), (8, "1")]).contains("twice"));
+        assert!(err(&[(7, "2"), (5, "1")]).contains("out of order"));
+        assert!(err(&[(5, "1"), (6, "9"), (7, "2")]).contains("no client wrote"));
+        assert!(err(&[(5, "1"), (7, "2"), (12, "3")]).contains("end marker"));
+        assert!(err(&[(5, "2"), (7, "1")]).contains("final read"));
+    }
 
     #[test]
     fn the_example_plans_parse() {
