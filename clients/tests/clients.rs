@@ -1435,3 +1435,70 @@ async fn bank_transfers_as_transactions_keep_the_total_through_a_leader_crash() 
     assert!(sums > 20, "the readers read ({sums} sums)");
     assert_eq!(sum().await.unwrap(), TOTAL);
 }
+
+/// The events of one transaction arrive together, in one answer, at one revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_events_arrive_together() {
+    use kiwi_client::{KeyRange, TxnOp, WatchUpdate, txn_op};
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let o = CallOptions::default();
+    let before = client.put(b"t/0", b"x", &o).await.unwrap();
+    let put = |k: &str| TxnOp {
+        op: Some(txn_op::Op::Put(txn_op::Put {
+            key: k.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            prev_kv: false,
+        })),
+    };
+    let delete = TxnOp {
+        op: Some(txn_op::Op::DeleteRange(txn_op::DeleteRange {
+            key: b"t/0".to_vec(),
+            range_end: Vec::new(),
+            prev_kv: false,
+        })),
+    };
+    let answer = client
+        .txn(
+            vec![],
+            vec![put("t/1"), put("t/2"), delete, put("t/3")],
+            vec![],
+            &o,
+        )
+        .await
+        .unwrap();
+    let rev = answer.header.unwrap().revision;
+    let mut watcher = client.watch(&KeyRange::Prefix(b"t/".to_vec()), before + 1, false);
+    let update = tokio::time::timeout(Duration::from_secs(30), watcher.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let WatchUpdate::Events(events) = update else {
+        panic!("{update:?}")
+    };
+    let got: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let kv = e.kv.as_ref().unwrap();
+            (
+                String::from_utf8_lossy(&kv.key).into_owned(),
+                kv.mod_revision,
+                e.r#type,
+            )
+        })
+        .collect();
+    let (put_t, del_t) = (
+        kiwi_client::key_event::EventType::Put as i32,
+        kiwi_client::key_event::EventType::Delete as i32,
+    );
+    assert_eq!(
+        got,
+        [
+            ("t/1".to_string(), rev, put_t),
+            ("t/2".to_string(), rev, put_t),
+            ("t/0".to_string(), rev, del_t),
+            ("t/3".to_string(), rev, put_t),
+        ],
+        "the whole transaction in one answer, in its order"
+    );
+}

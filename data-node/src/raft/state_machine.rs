@@ -469,18 +469,23 @@ impl<'a> Applier<'a> {
             Some(raft_command::Command::Write(b)) => {
                 // A key written twice in one batch: the last operation wins, and only its change is
                 // recorded (the batch is one write; its intermediate states never existed).
-                let mut seen = std::collections::HashSet::new();
+                // (A single put or delete, the common case, needs no look.)
                 let mut ops: Vec<&write_op::Op> = Vec::with_capacity(b.ops.len());
-                for op in b.ops.iter().rev().filter_map(|o| o.op.as_ref()) {
-                    let key = match op {
-                        write_op::Op::Put(p) => &p.key,
-                        write_op::Op::Delete(d) => &d.key,
-                    };
-                    if seen.insert(key.as_slice()) {
-                        ops.push(op);
+                if let [op] = b.ops.as_slice() {
+                    ops.extend(op.op.as_ref());
+                } else {
+                    let mut seen = std::collections::HashSet::new();
+                    for op in b.ops.iter().rev().filter_map(|o| o.op.as_ref()) {
+                        let key = match op {
+                            write_op::Op::Put(p) => &p.key,
+                            write_op::Op::Delete(d) => &d.key,
+                        };
+                        if seen.insert(key.as_slice()) {
+                            ops.push(op);
+                        }
                     }
+                    ops.reverse();
                 }
-                ops.reverse();
                 for op in ops {
                     match op {
                         write_op::Op::Put(p) => {
