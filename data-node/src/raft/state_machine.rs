@@ -1413,4 +1413,128 @@ mod tests {
                 .contains("over the limit of 128")
         );
     }
+
+    /// One write of the property test: puts and deletes of keys 0..6 as a batch, or a range delete.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Batch(Vec<(u8, Option<u8>)>),
+        Range(u8, u8),
+        Compact,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => proptest::collection::vec((0u8..6, proptest::option::of(0u8..4)), 1..4).prop_map(Step::Batch),
+            1 => (0u8..6, 0u8..7).prop_map(|(a, b)| Step::Range(a, b)),
+            1 => Just(Step::Compact),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Against a model that keeps the whole keyspace after every revision: every key's counters,
+        /// every read at a kept revision (point and range), the changes recorded per write, and the
+        /// events read back from the history.
+        #[test]
+        fn revisions_and_history_match_a_model(steps in proptest::collection::vec(step(), 1..40)) {
+            use std::collections::BTreeMap as Map;
+            let s = MemoryBackend::new(Limits::default());
+            let mut a = Applier::new(&s);
+            let key = |k: u8| format!("k{k}").into_bytes();
+            // The model: the keyspace (value, create, mod, version) after each index.
+            let mut now: Map<Vec<u8>, (Vec<u8>, u64, u64, u64)> = Map::new();
+            let mut states = vec![(0u64, now.clone())];
+            let mut oldest = 1u64;
+            let mut all_changes = Vec::new();
+            for (i, st) in steps.iter().enumerate() {
+                let index = 2 * i as u64 + 1; // gaps, as Raft indexes have
+                match st {
+                    Step::Batch(ops) => {
+                        let cmd = RaftCommand {
+                            request_id: String::new(),
+                            command: Some(raft_command::Command::Write(WriteBatchCommand {
+                                ops: ops.iter().map(|(k, v)| WriteOp {
+                                    op: Some(match v {
+                                        Some(v) => write_op::Op::Put(write_op::Put { key: key(*k), value: vec![*v] }),
+                                        None => write_op::Op::Delete(write_op::Delete { key: key(*k) }),
+                                    }),
+                                }).collect(),
+                            })),
+                        };
+                        a.apply(index, &cmd).unwrap();
+                        // Last op per key wins.
+                        let mut last: Map<u8, Option<u8>> = Map::new();
+                        for (k, v) in ops {
+                            last.insert(*k, *v);
+                        }
+                        for (k, v) in last {
+                            match v {
+                                Some(v) => {
+                                    let prev = now.get(&key(k)).cloned();
+                                    let (create, version) = prev.map_or((index, 1), |p| (p.1, p.3 + 1));
+                                    now.insert(key(k), (vec![v], create, index, version));
+                                }
+                                None => {
+                                    now.remove(&key(k));
+                                }
+                            }
+                        }
+                    }
+                    Step::Range(x, y) => {
+                        let (lo, hi) = (key(*x.min(y)), key(*x.max(y)));
+                        a.apply(index, &delete_range(&lo, &hi, false)).unwrap();
+                        now.retain(|k, _| !(k >= &lo && k < &hi));
+                    }
+                    Step::Compact => {
+                        let to = states[states.len() / 2].0.max(1);
+                        let cmd = RaftCommand {
+                            request_id: String::new(),
+                            command: Some(raft_command::Command::Compact(kiwi_proto::v1::CompactCommand { revision: to })),
+                        };
+                        a.apply(index, &cmd).unwrap();
+                        oldest = oldest.max(to);
+                    }
+                }
+                all_changes.extend(a.take_changes());
+                states.push((index, now.clone()));
+                if i % 3 == 0 {
+                    a.flush().unwrap();
+                }
+            }
+            a.flush().unwrap();
+            let b = &s as &dyn StorageBackend;
+            proptest::prop_assert_eq!(mvcc::compacted(b).unwrap(), oldest);
+            // Revisions of the recorded changes only grow, and each change is one write.
+            proptest::prop_assert!(all_changes.windows(2).all(|w| w[0].revision < w[1].revision));
+            let history = mvcc::events_from(b, oldest, usize::MAX, usize::MAX).unwrap();
+            let recorded: Vec<_> = all_changes
+                .iter()
+                .filter(|c| c.revision >= oldest)
+                .flat_map(|c| c.events.iter().map(move |e| (c.revision, e.clone())))
+                .collect();
+            proptest::prop_assert_eq!(history, recorded, "the history holds exactly the changes");
+            for (at, state) in &states {
+                if *at < oldest.saturating_sub(1).max(1) {
+                    continue;
+                }
+                let model: Vec<_> = state
+                    .iter()
+                    .map(|(k, (v, c, m, ver))| (k.clone(), v.clone(), *c, *m, *ver))
+                    .collect();
+                let (kvs, more) = mvcc::scan_at(b, &ScanRange::all(), *at, 100, false).unwrap();
+                proptest::prop_assert!(!more);
+                let got: Vec<_> = kvs
+                    .into_iter()
+                    .map(|kv| (kv.key, kv.value, kv.create_revision, kv.mod_revision, kv.version))
+                    .collect();
+                proptest::prop_assert_eq!(&got, &model, "scan at {}", at);
+                for k in 0..6u8 {
+                    let one = mvcc::read_at(b, &key(k), *at).unwrap().map(|kv| kv.value);
+                    proptest::prop_assert_eq!(one, state.get(&key(k)).map(|v| v.0.clone()), "key {} at {}", k, at);
+                }
+            }
+        }
+    }
 }
