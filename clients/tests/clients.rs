@@ -1502,3 +1502,35 @@ async fn a_transactions_events_arrive_together() {
         "the whole transaction in one answer, in its order"
     );
 }
+
+/// `[watch] history_retention_sec`: the leader drops writes older than the retention by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_compacts_the_history_by_age() {
+    let cluster = Cluster::start(ClusterOptions {
+        extra_config: "\n[watch]\nhistory_retention_revisions = 0\nhistory_retention_sec = 2\n"
+            .into(),
+        ..ClusterOptions::default()
+    })
+    .await;
+    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let o = CallOptions::default();
+    // Taken before the write: the compaction that drops it comes at least 2 s after this.
+    let written = Instant::now();
+    let first = client.put(b"k", b"old", &o).await.unwrap();
+    client.put(b"k", b"new", &o).await.unwrap();
+    let deadline = written + Duration::from_secs(30);
+    loop {
+        match client.get_kv(b"k", first, &o).await {
+            Err(Error::Rpc(s)) if s.code() == tonic::Code::OutOfRange => break,
+            Ok(kv) => assert_eq!(kv.unwrap().value, b"old"),
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "never compacted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        written.elapsed() >= Duration::from_secs(2),
+        "not before the writes were 2 s old ({:?})",
+        written.elapsed()
+    );
+}

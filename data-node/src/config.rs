@@ -90,15 +90,18 @@ pub struct NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct WatchConfig {
     /// Revisions of history kept behind the newest: the leader compacts older ones automatically (checked
-    /// every 10 s), so reads at a revision and watches from one work this far back. 0: never compact
-    /// automatically (only by `Compact` calls).
+    /// every 10 s), so reads at a revision and watches from one work this far back. 0: no bound by count.
     pub history_retention_revisions: u64,
+    /// Seconds of history kept: the leader compacts writes older than this. 0: no bound by age. With
+    /// both bounds the tighter one applies; with neither only `Compact` calls drop history.
+    pub history_retention_sec: u64,
 }
 
 impl Default for WatchConfig {
     fn default() -> Self {
         WatchConfig {
             history_retention_revisions: 100_000,
+            history_retention_sec: 0,
         }
     }
 }

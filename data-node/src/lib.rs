@@ -430,7 +430,14 @@ impl Node {
             config: config.clone(),
             meter: meters.runtime.clone(),
         });
-        service::spawn_history_upkeep(&kv, config.watch.history_retention_revisions);
+        service::spawn_history_upkeep(
+            &kv,
+            service::Retention {
+                revisions: config.watch.history_retention_revisions,
+                time: (config.watch.history_retention_sec > 0)
+                    .then(|| std::time::Duration::from_secs(config.watch.history_retention_sec)),
+            },
+        );
         // The control plane's last policy, persisted by this node, before anything is served.
         let policy = {
             let kv = Arc::clone(&kv);

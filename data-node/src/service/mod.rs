@@ -19,7 +19,7 @@ mod watch;
 pub use admin::AdminApi;
 pub use error::KvError;
 pub use kv::KvApi;
-pub use watch::spawn_history_upkeep;
+pub use watch::{Retention, spawn_history_upkeep};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

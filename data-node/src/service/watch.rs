@@ -512,16 +512,32 @@ impl Stream {
     }
 }
 
-/// Starts the history's upkeep: on the leader, a compaction to `retention` revisions behind the applied
-/// index whenever that moves the oldest kept revision by at least a tenth of `retention` (checked every
-/// 10 s; `retention` 0: never); on every node, the removal of the `k` index entries a compaction left
-/// behind (`mvcc::prune_index`), in pages, off the write path. Ends with the server.
-pub fn spawn_history_upkeep(server: &Arc<KvServer>, retention: u64) {
+/// How much history the leader keeps: the tighter of two bounds (each off when 0 / `None`).
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Revisions behind the applied index.
+    pub revisions: u64,
+    /// Age of the writes.
+    pub time: Option<Duration>,
+}
+
+/// Starts the history's upkeep: on the leader, a compaction to the tighter of the retention bounds
+/// (`revisions` behind the applied index, when that moves the oldest kept revision by at least a tenth of
+/// them; the revision applied `time` ago, known from a sample of the applied index taken at every check),
+/// checked every 10 s (a quarter of `time` when that is shorter); on every node, the removal of the `k`
+/// index entries a compaction left behind (`mvcc::prune_index`), in pages, off the write path. Ends with
+/// the server.
+pub fn spawn_history_upkeep(server: &Arc<KvServer>, retention: Retention) {
     const PRUNE_PAGE: usize = 1_000;
+    let every = retention.time.map_or(Duration::from_secs(10), |t| {
+        (t / 4).clamp(Duration::from_millis(100), Duration::from_secs(10))
+    });
     let weak = Arc::downgrade(server);
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(every);
         let mut pruned_for = 0u64;
+        // (when, applied index then), oldest first: the front is the newest sample older than `time`.
+        let mut samples: std::collections::VecDeque<(std::time::Instant, u64)> = Default::default();
         loop {
             tick.tick().await;
             let Some(s) = weak.upgrade() else { return };
@@ -532,12 +548,28 @@ pub fn spawn_history_upkeep(server: &Arc<KvServer>, retention: u64) {
                 continue;
             };
             let status = s.driver.status();
-            let target = status.applied.saturating_sub(retention);
-            if retention > 0
-                && status.leader_id == s.node_id
-                && target > oldest
-                && target - oldest >= (retention / 10).max(1)
+            let now = std::time::Instant::now();
+            samples.push_back((now, status.applied));
+            let mut target = 0;
+            if let Some(t) = retention.time {
+                while samples.len() > 1 && samples[1].0 + t <= now {
+                    samples.pop_front();
+                }
+                if let Some(&(when, applied)) = samples.front()
+                    && when + t <= now
+                {
+                    // Every write up to `applied` is older than `time`.
+                    target = applied + 1;
+                }
+            }
+            let by_count = status.applied.saturating_sub(retention.revisions);
+            if retention.revisions > 0
+                && by_count > oldest
+                && by_count - oldest >= (retention.revisions / 10).max(1)
             {
+                target = target.max(by_count);
+            }
+            if status.leader_id == s.node_id && target > oldest {
                 let header = kiwi_proto::v1::RequestHeader {
                     priority: kiwi_proto::v1::Priority::Low as i32,
                     ..Default::default()
