@@ -1,6 +1,8 @@
 //! The chaos suite: `kiwi chaos` runs random fault plans (every fault type, the leader targeted often)
 //! through a real `kiwi-control` against three real `kiwi-node`s with fault injection enabled, while this
-//! test restarts the nodes the plans crash; every run's history must be linearizable. A few more plans run
+//! test restarts the nodes the plans crash; every run's history (single-key operations, transactions,
+//! range deletes, scans, bank transfers) must be linearizable, the bank's total never change, and the
+//! watchers see exactly the committed writes. A few more plans run
 //! with leader-lease reads (`raft.lease_reads`): crashes, pauses, delays and disk stalls of a leader that
 //! answers reads from its lease.
 
@@ -98,6 +100,11 @@ async fn run_random_plans(raft_extra: &str, seeds: std::ops::RangeInclusive<u64>
         assert!(
             summary["watched_events"].as_u64().unwrap() > 20,
             "seed {seed}: the watchers followed the writes: {summary}"
+        );
+        assert!(
+            summary["transactions_committed"].as_u64().unwrap() > 5
+                && summary["range_deletes"].as_u64().unwrap() > 0,
+            "seed {seed}: transactions and range deletes ran: {summary}"
         );
         totals.0 += ops;
         totals.1 += summary["unknown_outcomes"].as_u64().unwrap();

@@ -1,43 +1,67 @@
 //! The linearizability checker of `kiwi chaos`: a Wing-Gong search (with Lowe's memoization, as in
-//! Porcupine) over each key's history separately (a register per key; linearizability is compositional).
+//! Porcupine) over each object's history separately (linearizability is compositional). An object is one
+//! key (a register: put, get, compare-and-swap) or a group of keys that transactions, range deletes and
+//! scans use together (a transaction is one operation on several keys).
 //!
-//! Operations: put (sets the value), get (reads it), compare-and-swap (sets the value if it equals the
-//! expected one; a failed CAS read the previous value it reports). Each has an invocation and a completion
-//! time. A write whose outcome is unknown has no completion: it may take effect at any point after its
-//! invocation, or never. Reads that failed tell nothing and are left out by the caller; writes that
-//! certainly did nothing likewise.
+//! Each operation has an invocation and a completion time. A write whose outcome is unknown has no
+//! completion: it may take effect at any point after its invocation, or never. Reads that failed tell
+//! nothing and are left out by the caller; writes that certainly did nothing likewise.
 //!
 //! The search linearizes one operation at a time: a candidate is any operation not yet placed that was
-//! invoked before every unplaced completed operation completed. States (placed set, register value) that
-//! were explored are not explored again. The history is linearizable when every completed operation can be
-//! placed. The search gives up (verdict unknown) after a budget of states.
+//! invoked before every unplaced completed operation completed. States (placed set, the object's keys and
+//! values) that were explored are not explored again. The history is linearizable when every completed
+//! operation can be placed. The search gives up (verdict unknown) after a budget of states.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
-/// What an operation did, as observed by its client.
+/// What an operation did, as observed by its client. Values are unique per write, so a value names the
+/// write that made it (which is also why a compare on a `mod_revision` read with a value is a compare on
+/// that value).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     Put {
+        key: String,
         value: String,
     },
     /// `None`: the key was absent.
     Get {
+        key: String,
         value: Option<String>,
     },
     /// `succeeded`, and the value before the call as the node reported it (known only when completed).
     Cas {
+        key: String,
         expected: Option<String>,
         new: String,
         succeeded: bool,
         previous: Option<String>,
     },
+    /// If every `compare` key holds its value (`None`: is absent), `writes` happen at once (`None`:
+    /// delete) and `succeeded`; else nothing is written. `reads`: what the branch that ran read, after
+    /// its writes.
+    Txn {
+        compare: Vec<(String, Option<String>)>,
+        writes: Vec<(String, Option<String>)>,
+        succeeded: bool,
+        reads: Vec<(String, Option<String>)>,
+    },
+    /// Deletes `keys` (the object's keys inside the range) in one write; `deleted` of them existed.
+    DeleteRange {
+        keys: Vec<String>,
+        deleted: u64,
+    },
+    /// One read of every key of the object: the ones present, with their values.
+    Scan {
+        values: Vec<(String, String)>,
+    },
 }
 
-/// One operation on one key.
+/// One operation on one object.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Op {
     pub client: usize,
-    pub key: String,
+    /// The object: a key, or the prefix of a group of keys.
+    pub object: String,
     pub action: Action,
     /// Nanoseconds since the run started.
     pub invoked: u64,
@@ -45,12 +69,12 @@ pub struct Op {
     pub completed: Option<u64>,
 }
 
-/// The checker's answer for one key.
+/// The checker's answer for one object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Linearizable,
-    /// The operations (indexes into the key's history) placed in the longest linearizable prefix found,
-    /// and the completed operation that could never be placed after them.
+    /// The operations (indexes into the object's history) placed in the longest linearizable prefix
+    /// found, and the completed operation that could never be placed after them.
     Violation {
         placed: usize,
         stuck: usize,
@@ -59,42 +83,90 @@ pub enum Verdict {
     Unknown,
 }
 
-type Value = Option<String>;
+/// The object's keys that exist, with their values.
+pub type State = BTreeMap<String, String>;
 
-/// The register after `op`, if `op` can take effect on `state`.
-fn step(state: &Value, op: &Op) -> Option<Value> {
+fn set(state: &mut State, key: &str, value: Option<&String>) {
+    match value {
+        Some(v) => state.insert(key.to_owned(), v.clone()),
+        None => state.remove(key),
+    };
+}
+
+/// The object after `op`, if `op` can take effect on `state`.
+fn step(state: &State, op: &Op) -> Option<State> {
+    let known = op.completed.is_some();
     match &op.action {
-        Action::Put { value } => Some(Some(value.clone())),
-        Action::Get { value } => (value == state).then(|| state.clone()),
+        Action::Put { key, value } => {
+            let mut next = state.clone();
+            set(&mut next, key, Some(value));
+            Some(next)
+        }
+        Action::Get { key, value } => (state.get(key) == value.as_ref()).then(|| state.clone()),
         Action::Cas {
+            key,
             expected,
             new,
             succeeded,
             previous,
         } => {
-            if op.completed.is_none() {
-                // Unknown: if it took effect, it succeeded (a failed CAS changes nothing either way).
-                return (state == expected).then(|| Some(new.clone()));
-            }
-            if *succeeded {
-                (state == expected).then(|| Some(new.clone()))
+            let now = state.get(key);
+            // Unknown: if it took effect, it succeeded (a failed CAS changes nothing either way).
+            if !known || *succeeded {
+                (now == expected.as_ref()).then(|| {
+                    let mut next = state.clone();
+                    set(&mut next, key, Some(new));
+                    next
+                })
             } else {
-                (state != expected && previous == state).then(|| state.clone())
+                (now != expected.as_ref() && previous.as_ref() == now).then(|| state.clone())
             }
         }
+        Action::Txn {
+            compare,
+            writes,
+            succeeded,
+            reads,
+        } => {
+            let holds = compare.iter().all(|(k, v)| state.get(k) == v.as_ref());
+            if known && holds != *succeeded {
+                return None;
+            }
+            let mut next = state.clone();
+            if holds {
+                for (k, v) in writes {
+                    set(&mut next, k, v.as_ref());
+                }
+            }
+            (!known || reads.iter().all(|(k, v)| next.get(k) == v.as_ref())).then_some(next)
+        }
+        Action::DeleteRange { keys, deleted } => {
+            let present = keys.iter().filter(|k| state.contains_key(*k)).count() as u64;
+            if known && present != *deleted {
+                return None;
+            }
+            let mut next = state.clone();
+            for k in keys {
+                next.remove(k);
+            }
+            Some(next)
+        }
+        Action::Scan { values } => (state.len() == values.len()
+            && values.iter().all(|(k, v)| state.get(k) == Some(v)))
+        .then(|| state.clone()),
     }
 }
 
-/// Checks one key's operations, starting from `initial`. `budget` bounds the states explored.
-pub fn check(ops: &[Op], initial: &Value, budget: usize) -> Verdict {
+/// Checks one object's operations, starting from `initial`. `budget` bounds the states explored.
+pub fn check(ops: &[Op], initial: &State, budget: usize) -> Verdict {
     let n = ops.len();
     let words = n.div_ceil(64).max(1);
     let required = ops.iter().filter(|o| o.completed.is_some()).count();
-    let mut seen: HashSet<(Vec<u64>, Value)> = HashSet::new();
+    let mut seen: HashSet<(Vec<u64>, State)> = HashSet::new();
     // Depth-first search with an explicit stack: (placed set, state, placed required count, next candidate).
     struct Frame {
         placed: Vec<u64>,
-        state: Value,
+        state: State,
         required_placed: usize,
         next: usize,
     }
@@ -193,8 +265,11 @@ mod tests {
     fn put(client: usize, v: &str, a: u64, b: Option<u64>) -> Op {
         Op {
             client,
-            key: "k".into(),
-            action: Action::Put { value: v.into() },
+            object: "k".into(),
+            action: Action::Put {
+                key: "k".into(),
+                value: v.into(),
+            },
             invoked: a,
             completed: b,
         }
@@ -203,8 +278,9 @@ mod tests {
     fn get(client: usize, v: Option<&str>, a: u64, b: u64) -> Op {
         Op {
             client,
-            key: "k".into(),
+            object: "k".into(),
             action: Action::Get {
+                key: "k".into(),
                 value: v.map(str::to_owned),
             },
             invoked: a,
@@ -223,8 +299,9 @@ mod tests {
     ) -> Op {
         Op {
             client,
-            key: "k".into(),
+            object: "k".into(),
             action: Action::Cas {
+                key: "k".into(),
                 expected: exp.map(str::to_owned),
                 new: new.into(),
                 succeeded: ok,
@@ -236,7 +313,42 @@ mod tests {
     }
 
     fn verdict(ops: &[Op]) -> Verdict {
-        check(ops, &None, 1_000_000)
+        check(ops, &State::new(), 1_000_000)
+    }
+
+    fn pairs(p: &[(&str, Option<&str>)]) -> Vec<(String, Option<String>)> {
+        p.iter()
+            .map(|(k, v)| ((*k).to_owned(), v.map(str::to_owned)))
+            .collect()
+    }
+
+    /// An operation on the group "g" of keys x and y.
+    fn group(action: Action, a: u64, b: Option<u64>) -> Op {
+        Op {
+            client: 0,
+            object: "g".into(),
+            action,
+            invoked: a,
+            completed: b,
+        }
+    }
+
+    fn txn(cmp: &[(&str, Option<&str>)], writes: &[(&str, Option<&str>)], ok: bool) -> Action {
+        Action::Txn {
+            compare: pairs(cmp),
+            writes: pairs(writes),
+            succeeded: ok,
+            reads: Vec::new(),
+        }
+    }
+
+    fn scan(values: &[(&str, &str)]) -> Action {
+        Action::Scan {
+            values: values
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
     }
 
     #[test]
@@ -335,6 +447,158 @@ mod tests {
             cas(1, Some("a"), "b", false, None, 20, None),
             get(2, Some("b"), 100, 110),
         ];
+        assert_eq!(verdict(&h), Verdict::Linearizable);
+    }
+
+    #[test]
+    fn transactions_are_one_step_on_several_keys() {
+        let init = group(
+            txn(&[], &[("x", Some("x1")), ("y", Some("y1"))], true),
+            0,
+            Some(10),
+        );
+        // Both writes of a transaction are seen together.
+        let h = [
+            init.clone(),
+            group(
+                txn(
+                    &[("x", Some("x1"))],
+                    &[("x", Some("x2")), ("y", Some("y2"))],
+                    true,
+                ),
+                20,
+                Some(30),
+            ),
+            group(scan(&[("x", "x2"), ("y", "y2")]), 40, Some(50)),
+        ];
+        assert_eq!(verdict(&h), Verdict::Linearizable);
+        // A scan that sees half of a transaction.
+        let h = [
+            init.clone(),
+            group(
+                txn(
+                    &[("x", Some("x1"))],
+                    &[("x", Some("x2")), ("y", Some("y2"))],
+                    true,
+                ),
+                20,
+                Some(30),
+            ),
+            group(scan(&[("x", "x2"), ("y", "y1")]), 25, Some(35)),
+        ];
+        assert!(matches!(verdict(&h), Verdict::Violation { .. }));
+        // Two transfers that both compared the same values and both succeeded: a lost update.
+        let h = [
+            init.clone(),
+            group(
+                txn(
+                    &[("x", Some("x1")), ("y", Some("y1"))],
+                    &[("x", Some("a")), ("y", Some("b"))],
+                    true,
+                ),
+                20,
+                Some(30),
+            ),
+            group(
+                txn(
+                    &[("x", Some("x1")), ("y", Some("y1"))],
+                    &[("x", Some("c")), ("y", Some("d"))],
+                    true,
+                ),
+                21,
+                Some(31),
+            ),
+        ];
+        assert!(matches!(verdict(&h), Verdict::Violation { .. }));
+        // The second failed instead: legal, and what its failure branch read must be the first's values.
+        let mut failed = txn(&[("x", Some("x1"))], &[("x", Some("c"))], false);
+        if let Action::Txn { reads, .. } = &mut failed {
+            *reads = pairs(&[("x", Some("a"))]);
+        }
+        let h = [
+            init.clone(),
+            group(
+                txn(
+                    &[("x", Some("x1")), ("y", Some("y1"))],
+                    &[("x", Some("a")), ("y", Some("b"))],
+                    true,
+                ),
+                20,
+                Some(30),
+            ),
+            group(failed.clone(), 40, Some(50)),
+        ];
+        assert_eq!(verdict(&h), Verdict::Linearizable);
+        if let Action::Txn { reads, .. } = &mut failed {
+            *reads = pairs(&[("x", Some("x1"))]);
+        }
+        let h = [
+            init.clone(),
+            group(
+                txn(
+                    &[("x", Some("x1")), ("y", Some("y1"))],
+                    &[("x", Some("a")), ("y", Some("b"))],
+                    true,
+                ),
+                20,
+                Some(30),
+            ),
+            group(failed, 40, Some(50)),
+        ];
+        assert!(matches!(verdict(&h), Verdict::Violation { .. }));
+        // An unknown transaction is all or nothing.
+        let h = [
+            init.clone(),
+            group(
+                txn(&[], &[("x", Some("x3")), ("y", Some("y3"))], true),
+                20,
+                None,
+            ),
+            group(scan(&[("x", "x3"), ("y", "y1")]), 40, Some(50)),
+        ];
+        assert!(matches!(verdict(&h), Verdict::Violation { .. }));
+    }
+
+    #[test]
+    fn range_deletes_count_and_remove_what_exists() {
+        let init = group(
+            txn(&[], &[("x", Some("x1")), ("y", Some("y1"))], true),
+            0,
+            Some(10),
+        );
+        let del = |deleted, done: Option<u64>| {
+            group(
+                Action::DeleteRange {
+                    keys: vec!["x".into(), "y".into()],
+                    deleted,
+                },
+                20,
+                done,
+            )
+        };
+        let h = [
+            init.clone(),
+            del(2, Some(30)),
+            group(scan(&[]), 40, Some(50)),
+        ];
+        assert_eq!(verdict(&h), Verdict::Linearizable);
+        // A wrong count, or a key that survives its delete.
+        let h = [init.clone(), del(1, Some(30))];
+        assert!(matches!(verdict(&h), Verdict::Violation { .. }));
+        let h = [
+            init.clone(),
+            del(2, Some(30)),
+            group(scan(&[("y", "y1")]), 40, Some(50)),
+        ];
+        assert!(matches!(verdict(&h), Verdict::Violation { .. }));
+        // Unknown: everything or nothing.
+        let h = [
+            init.clone(),
+            del(0, None),
+            group(scan(&[("y", "y1")]), 40, Some(50)),
+        ];
+        assert!(matches!(verdict(&h), Verdict::Violation { .. }));
+        let h = [init, del(0, None), group(scan(&[]), 40, Some(50))];
         assert_eq!(verdict(&h), Verdict::Linearizable);
     }
 

@@ -1,6 +1,8 @@
 //! `kiwi chaos`: runs a fault plan through the control plane while concurrent clients issue puts,
-//! linearizable gets and compare-and-swaps on a few keys, then checks the recorded history for
-//! linearizability ([`checker`]) and prints and saves a timeline.
+//! linearizable gets and compare-and-swaps on a few keys, transactions, range deletes and scans on a group
+//! of keys, and bank transfers ([`workload`]), then checks the recorded history for linearizability
+//! ([`checker`]; a transaction is one operation on several keys), checks that every scan of the bank
+//! found the opening total, and prints and saves a timeline.
 //!
 //! Every operation is recorded with its invocation and completion times and its outcome: ok, failed
 //! (certainly did nothing: `INVALID_ARGUMENT`; failed reads tell nothing either) or unknown (a write that may
@@ -22,13 +24,15 @@
 //! Watchers (`--watchers`, default 2) follow the keys from the revision before the run, each dropping its
 //! watch every few seconds and resuming from its last revision + 1 on a random node (through crashes and
 //! partitions too). At the end each watcher's events must be exactly the committed writes to the keys: in
-//! revision order, none twice, every acknowledged write there, nothing that no client wrote, each key's
-//! last event the value a final linearizable read finds, and the same sequence for every watcher.
+//! revision order, none twice, every acknowledged write there, nothing that no client wrote (nor a delete
+//! nobody asked for), a transaction's writes at one revision and nothing else there, each key's last event
+//! what a final linearizable read finds, and the same sequence for every watcher.
 //!
 //! `kiwi control chaos run PLAN` runs only the plan. `kiwi chaos --random --seed N` makes a random plan.
 //! Crashed nodes must be restarted by whatever runs them (`kiwi playground --restart-crashed`).
 
 pub mod checker;
+mod workload;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -37,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use kiwi_client::{CallOptions, Client, ClientOptions, Error};
+use kiwi_client::{CallOptions, Client, ClientOptions};
 use kiwi_proto::v1::fault_spec::Kind;
 use kiwi_proto::v1::{
     ClusterStatusRequest, DiskStall, FaultSpec, MessageLoss, NetworkDelay, NetworkPartition,
@@ -362,139 +366,8 @@ pub enum ChaosVerdict {
     Unknown,
 }
 
-/// One second of the run: operations ok, errors, latencies of the ok ones (us).
-type Second = (u64, u64, Vec<u64>);
-
 /// One second of the timeline: (second, ok, errors, p99 ms).
 type Point = (u64, u64, u64, f64);
-
-struct Recorder {
-    ops: Mutex<Vec<Op>>,
-    seconds: Mutex<BTreeMap<u64, Second>>,
-}
-
-async fn client_loop(
-    client: Arc<Client>,
-    id: usize,
-    keys: Vec<String>,
-    started: Instant,
-    until: Instant,
-    rec: Arc<Recorder>,
-    seed: u64,
-) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(id as u64));
-    let opts = CallOptions {
-        timeout: Some(Duration::from_secs(2)),
-        ..CallOptions::default()
-    };
-    let mut last_seen: BTreeMap<String, Option<String>> = BTreeMap::new();
-    let mut seq = 0u64;
-    let ns = |t: Instant| u64::try_from(t.duration_since(started).as_nanos()).unwrap_or(u64::MAX);
-    while Instant::now() < until {
-        let key = keys[rng.random_range(0..keys.len())].clone();
-        seq += 1;
-        let value = format!("c{id}-{seq}");
-        let invoked = Instant::now();
-        let choice = rng.random_range(0..10);
-        let (action, ok, unknown): (Action, bool, bool) = if choice < 4 {
-            match client.get(key.as_bytes(), &opts).await {
-                Ok(v) => {
-                    let v = v.map(|b| String::from_utf8_lossy(&b).into_owned());
-                    last_seen.insert(key.clone(), v.clone());
-                    (Action::Get { value: v }, true, false)
-                }
-                Err(_) => (Action::Get { value: None }, false, false),
-            }
-        } else if choice < 7 {
-            let r = client.put(key.as_bytes(), value.as_bytes(), &opts).await;
-            let unknown = matches!(&r, Err(e) if !matches!(e, Error::InvalidArgument(_)));
-            (
-                Action::Put {
-                    value: value.clone(),
-                },
-                r.is_ok(),
-                unknown,
-            )
-        } else {
-            let expected = last_seen.get(&key).cloned().flatten();
-            let r = client
-                .compare_and_swap(
-                    key.as_bytes(),
-                    expected.as_deref().map(str::as_bytes),
-                    value.as_bytes(),
-                    &opts,
-                )
-                .await;
-            match r {
-                Ok(o) => {
-                    let previous = o.previous.map(|b| String::from_utf8_lossy(&b).into_owned());
-                    last_seen.insert(
-                        key.clone(),
-                        if o.succeeded {
-                            Some(value.clone())
-                        } else {
-                            previous.clone()
-                        },
-                    );
-                    (
-                        Action::Cas {
-                            expected,
-                            new: value.clone(),
-                            succeeded: o.succeeded,
-                            previous,
-                        },
-                        true,
-                        false,
-                    )
-                }
-                Err(e) => (
-                    Action::Cas {
-                        expected,
-                        new: value.clone(),
-                        succeeded: false,
-                        previous: None,
-                    },
-                    false,
-                    !matches!(e, Error::InvalidArgument(_)),
-                ),
-            }
-        };
-        let completed = Instant::now();
-        let second = invoked.duration_since(started).as_secs();
-        {
-            let mut secs = rec
-                .seconds
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let e = secs.entry(second).or_default();
-            if ok {
-                e.0 += 1;
-                e.2.push(
-                    u64::try_from(completed.duration_since(invoked).as_micros())
-                        .unwrap_or(u64::MAX),
-                );
-            } else {
-                e.1 += 1;
-            }
-        }
-        if ok || unknown {
-            rec.ops
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .push(Op {
-                    client: id,
-                    key,
-                    action,
-                    invoked: ns(invoked),
-                    completed: ok.then(|| ns(completed)),
-                });
-        }
-        if !ok {
-            // Give a failing cluster a moment rather than spinning.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 /// Puts `key` = `value` until it is known to be applied (an unknown outcome is read back); returns
 /// the revision it was applied at.
@@ -521,8 +394,8 @@ async fn put_retried(client: &Client, key: &str, value: &str) -> anyhow::Result<
     }
 }
 
-/// One watched change: (revision, key, value).
-type Seen = (u64, String, String);
+/// One watched change: (revision, key, value; `None` for a delete).
+type Seen = (u64, String, Option<String>);
 
 /// Follows `prefix` from revision `from` until the event of `end_key`, dropping the watch every 1-4 s and
 /// resuming from the last revision + 1 with a random node first. Returns the events before the end.
@@ -569,75 +442,147 @@ async fn watch_loop(
                     return Ok(seen);
                 }
                 next = kv.mod_revision + 1;
-                seen.push((
-                    kv.mod_revision,
-                    key,
-                    String::from_utf8_lossy(&kv.value).into_owned(),
-                ));
+                let value = (e.r#type == kiwi_client::key_event::EventType::Put as i32)
+                    .then(|| String::from_utf8_lossy(&kv.value).into_owned());
+                seen.push((kv.mod_revision, key, value));
             }
         }
     }
 }
 
-/// Checks one watcher's events against the recorded operations and the final values.
+/// Checks one watcher's events against the recorded operations and the final values (`finals`: every
+/// key the clients write, `None` if absent at the end).
 fn check_watch(
     events: &[Seen],
     ops: &[Op],
     finals: &BTreeMap<String, Option<String>>,
     end: u64,
 ) -> Result<(), String> {
-    if let Some(w) = events.windows(2).find(|w| w[0].0 >= w[1].0) {
+    use std::collections::{HashMap, HashSet};
+    if let Some(w) = events.windows(2).find(|w| w[0].0 > w[1].0) {
         return Err(format!(
-            "revisions out of order or repeated: {:?} then {:?}",
+            "revisions out of order: {:?} then {:?}",
             w[0], w[1]
         ));
+    }
+    let mut changed = HashSet::new();
+    if let Some(e) = events.iter().find(|e| !changed.insert((e.0, &e.1))) {
+        return Err(format!("a key changed twice at one revision: {e:?}"));
     }
     if let Some(e) = events.iter().find(|e| e.0 >= end) {
         return Err(format!(
             "an event at or after the end marker's revision {end}: {e:?}"
         ));
     }
-    let mut attempted = std::collections::HashSet::new();
-    let mut acknowledged = Vec::new();
-    for o in ops {
-        let (value, written) = match &o.action {
-            Action::Put { value } => (value, o.completed.is_some()),
-            Action::Cas { new, succeeded, .. } => (new, o.completed.is_some() && *succeeded),
-            Action::Get { .. } => continue,
-        };
-        attempted.insert((o.key.clone(), value.clone()));
-        if written {
-            acknowledged.push((o.key.clone(), value.clone()));
+    // Who wrote each (key, value), and whether that write is acknowledged; the keys any op may delete.
+    let mut writer: HashMap<(&str, &str), (usize, bool)> = HashMap::new();
+    let mut deletable: HashSet<&str> = HashSet::new();
+    let mut acknowledged_deletes = 0u64;
+    for (i, o) in ops.iter().enumerate() {
+        let done = o.completed.is_some();
+        match &o.action {
+            Action::Put { key, value } => {
+                writer.insert((key, value), (i, done));
+            }
+            Action::Cas {
+                key,
+                new,
+                succeeded,
+                ..
+            } => {
+                writer.insert((key, new), (i, done && *succeeded));
+            }
+            Action::Txn {
+                writes, succeeded, ..
+            } => {
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => {
+                            writer.insert((k, v), (i, done && *succeeded));
+                        }
+                        None => {
+                            deletable.insert(k);
+                        }
+                    }
+                }
+            }
+            Action::DeleteRange { keys, deleted } => {
+                deletable.extend(keys.iter().map(String::as_str));
+                if done {
+                    acknowledged_deletes += deleted;
+                }
+            }
+            Action::Get { .. } | Action::Scan { .. } => {}
         }
     }
-    let mut delivered = std::collections::HashSet::new();
+    // Each delivered write: its op and revision.
+    let mut delivered: HashMap<(&str, &str), u64> = HashMap::new();
+    let mut op_at: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut deletes = 0u64;
     for (rev, key, value) in events {
-        if !attempted.contains(&(key.clone(), value.clone())) {
+        let Some(value) = value else {
+            if !deletable.contains(key.as_str()) {
+                return Err(format!(
+                    "a delete of {key} at revision {rev} that no client asked for"
+                ));
+            }
+            deletes += 1;
+            continue;
+        };
+        let Some(&(op, _)) = writer.get(&(key.as_str(), value.as_str())) else {
             return Err(format!(
                 "an event no client wrote: {key} = {value} at revision {rev}"
             ));
-        }
-        if !delivered.insert((key.clone(), value.clone())) {
+        };
+        if delivered.insert((key, value), *rev).is_some() {
             return Err(format!("a write delivered twice: {key} = {value}"));
         }
+        if let Some(other) = op_at.insert(*rev, op)
+            && other != op
+        {
+            return Err(format!(
+                "two writes at revision {rev}: {:?} and {:?}",
+                ops[other].action, ops[op].action
+            ));
+        }
     }
-    if let Some((k, v)) = acknowledged.iter().find(|w| !delivered.contains(*w)) {
+    if let Some(((k, v), _)) = writer
+        .iter()
+        .find(|(w, (_, acked))| *acked && !delivered.contains_key(*w))
+    {
         return Err(format!(
             "an acknowledged write was never delivered: {k} = {v}"
         ));
     }
-    for (key, value) in finals {
-        let last = events
+    if deletes < acknowledged_deletes {
+        return Err(format!(
+            "{deletes} delete events, but acknowledged range deletes removed {acknowledged_deletes} keys"
+        ));
+    }
+    // A transaction's writes arrive together: all at one revision, or none.
+    for (i, o) in ops.iter().enumerate() {
+        let Action::Txn { writes, .. } = &o.action else {
+            continue;
+        };
+        let revs: Vec<Option<u64>> = writes
             .iter()
-            .rev()
-            .find(|e| &e.1 == key)
-            .map(|e| e.2.clone());
-        if let Some(v) = value
-            && last.as_ref() != Some(v)
-            && acknowledged.iter().any(|w| &w.0 == key)
+            .filter_map(|(k, v)| v.as_ref().map(|v| delivered.get(&(k.as_str(), v.as_str()))))
+            .map(|r| r.copied())
+            .collect();
+        if revs.windows(2).any(|w| w[0] != w[1]) {
+            return Err(format!(
+                "transaction {i}'s writes were delivered apart: {:?} at {revs:?}",
+                o.action
+            ));
+        }
+    }
+    for (key, value) in finals {
+        if let Some(last) = events.iter().rev().find(|e| &e.1 == key)
+            && &last.2 != value
         {
             return Err(format!(
-                "{key}'s last event is {last:?}, a final read finds {v}"
+                "{key}'s last event is {:?}, a final read finds {value:?}",
+                last.2
             ));
         }
     }
@@ -730,37 +675,28 @@ pub async fn run(
             ..ClientOptions::default()
         },
     )?);
-    let keys: Vec<String> = (0..args.keys.max(1))
-        .map(|i| format!("{}/{i}", args.prefix))
-        .collect();
-    // The initial values: what the keys hold before the run (read linearizably, retried).
-    let mut initial = BTreeMap::new();
-    for k in &keys {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let v = loop {
-            match client.get(k.as_bytes(), &CallOptions::default()).await {
-                Ok(v) => break v.map(|b| String::from_utf8_lossy(&b).into_owned()),
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => bail!("cannot read {k} before the run: {e}"),
-            }
-        };
-        initial.insert(k.clone(), v);
-    }
+    let layout = workload::Layout::new(&args.prefix, args.keys);
+    // The bank opens before the run; then what every key holds (read linearizably, retried).
+    let total = workload::open_bank(&client, &layout).await?;
+    let initial = workload::read_all(&client, &layout).await?;
     if !args.quiet {
         eprintln!(
-            "chaos: {} steps over {:?}, {} clients on {} keys; results in {}",
+            "chaos: {} steps over {:?}, {} clients on {} registers, a group of {} keys and a bank of {} \
+             accounts; results in {}",
             plan.steps.len(),
             plan.duration,
             args.clients,
-            keys.len(),
+            layout.registers.len(),
+            layout.group.len(),
+            layout.accounts.len(),
             out.display()
         );
     }
-    let rec = Arc::new(Recorder {
+    let rec = Arc::new(workload::Recorder {
         ops: Mutex::new(Vec::new()),
         seconds: Mutex::new(BTreeMap::new()),
+        bank_violations: Mutex::new(Vec::new()),
+        total,
     });
     // Watchers start after a marker write: every write of the run comes after it.
     let marker = |name: &str| format!("{}/~{name}", args.prefix);
@@ -781,12 +717,11 @@ pub async fn run(
     let until = started + plan.duration;
     let mut tasks = Vec::new();
     for id in 0..args.clients.max(1) {
-        tasks.push(tokio::spawn(client_loop(
+        tasks.push(tokio::spawn(workload::client_loop(
             Arc::clone(&client),
             id,
-            keys.clone(),
-            started,
-            until,
+            layout.clone(),
+            (started, until),
             Arc::clone(&rec),
             args.seed,
         )));
@@ -805,20 +740,40 @@ pub async fn run(
     );
     let unknown = ops.iter().filter(|o| o.completed.is_none()).count();
 
-    // The verdict, key by key.
-    let mut by_key: BTreeMap<String, Vec<Op>> = BTreeMap::new();
+    // The verdict, object by object.
+    let mut by_object: BTreeMap<String, Vec<Op>> = BTreeMap::new();
     for o in &ops {
-        by_key.entry(o.key.clone()).or_default().push(o.clone());
+        by_object
+            .entry(o.object.clone())
+            .or_default()
+            .push(o.clone());
     }
     let mut verdict = ChaosVerdict::Linearizable;
     let mut report = Vec::new();
-    let mut finals = BTreeMap::new();
-    for k in &keys {
-        let v = client.get(k.as_bytes(), &CallOptions::default()).await?;
-        finals.insert(
-            k.clone(),
-            v.map(|b| String::from_utf8_lossy(&b).into_owned()),
-        );
+    let at_end = workload::read_all(&client, &layout).await?;
+    let finals: BTreeMap<String, Option<String>> = layout
+        .all()
+        .map(|k| (k.clone(), at_end.get(k).cloned()))
+        .collect();
+    let mut bank_violations = std::mem::take(
+        &mut *rec
+            .bank_violations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let final_total: u64 = layout
+        .accounts
+        .iter()
+        .filter_map(|a| at_end.get(a).and_then(|v| workload::balance(v)))
+        .sum();
+    if final_total != total {
+        bank_violations.push(format!(
+            "the final balances sum to {final_total}, not {total}"
+        ));
+    }
+    for why in &bank_violations {
+        verdict = ChaosVerdict::Violation;
+        eprintln!("chaos: bank: the total changed: {why}");
     }
     let mut sequences = Vec::new();
     for (i, w) in watchers.into_iter().enumerate() {
@@ -837,21 +792,26 @@ pub async fn run(
         verdict = ChaosVerdict::Violation;
         eprintln!("chaos: the watchers saw different sequences of events");
     }
-    for (key, mut history) in by_key {
+    for (object, mut history) in by_object {
         history.sort_by_key(|o| o.invoked);
-        let v = checker::check(&history, &initial[&key], 2_000_000);
+        let start: checker::State = initial
+            .iter()
+            .filter(|(k, _)| layout.object_of(k) == object)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let v = checker::check(&history, &start, 2_000_000);
         match &v {
             Verdict::Linearizable => {}
             Verdict::Unknown => {
                 if matches!(verdict, ChaosVerdict::Linearizable) {
                     verdict = ChaosVerdict::Unknown;
                 }
-                eprintln!("chaos: key {key}: the search budget ran out (verdict unknown)");
+                eprintln!("chaos: {object}: the search budget ran out (verdict unknown)");
             }
             Verdict::Violation { placed, stuck } => {
                 verdict = ChaosVerdict::Violation;
                 eprintln!(
-                    "chaos: key {key}: NOT linearizable: {placed} completed operations could be ordered, \
+                    "chaos: {object}: NOT linearizable: {placed} completed operations could be ordered, \
                      then none fits; the operations around the first that cannot be placed:"
                 );
                 for o in checker::window(&history, *stuck) {
@@ -866,7 +826,9 @@ pub async fn run(
                 }
             }
         }
-        report.push(json!({"key": key, "operations": history.len(), "verdict": format!("{v:?}")}));
+        report.push(
+            json!({"object": object, "operations": history.len(), "verdict": format!("{v:?}")}),
+        );
     }
 
     // The timeline: ops/s, errors/s and p99 per second, with the fault windows.
@@ -897,6 +859,23 @@ pub async fn run(
         }
         gap
     };
+    let committed_txns = ops
+        .iter()
+        .filter(|o| {
+            o.completed.is_some()
+                && matches!(
+                    o.action,
+                    Action::Txn {
+                        succeeded: true,
+                        ..
+                    }
+                )
+        })
+        .count();
+    let range_deletes = ops
+        .iter()
+        .filter(|o| matches!(o.action, Action::DeleteRange { .. }))
+        .count();
     let name = match verdict {
         ChaosVerdict::Linearizable => "linearizable",
         ChaosVerdict::Violation => "NOT linearizable",
@@ -905,7 +884,9 @@ pub async fn run(
     let summary = json!({
         "verdict": name, "seed": args.seed, "operations": ops.len(), "unknown_outcomes": unknown,
         "seconds": elapsed, "faults": windows.iter().map(|w| json!({"start_s": w.0, "end_s": w.1, "fault": w.2})).collect::<Vec<_>>(),
-        "longest_unavailability_s": longest_gap, "keys": report,
+        "longest_unavailability_s": longest_gap, "objects": report,
+        "transactions_committed": committed_txns, "range_deletes": range_deletes,
+        "bank_total": total, "bank_violations": bank_violations,
         "watchers": sequences.len(), "watched_events": sequences.first().map_or(0, Vec::len),
         "timeline": timeline.iter().map(|t| json!({"t_s": t.0, "ok": t.1, "errors": t.2, "p99_ms": t.3})).collect::<Vec<_>>(),
     });
@@ -948,7 +929,8 @@ pub async fn run(
         json!({"chaos": summary["verdict"], "seed": args.seed, "operations": ops.len(),
                           "unknown_outcomes": unknown, "faults": windows.len(),
                           "longest_unavailability_s": longest_gap, "out": out.display().to_string(),
-                          "watchers": summary["watchers"], "watched_events": summary["watched_events"]})
+                          "watchers": summary["watchers"], "watched_events": summary["watched_events"],
+                          "transactions_committed": committed_txns, "range_deletes": range_deletes})
     );
     Ok(verdict)
 }
@@ -972,17 +954,34 @@ pub async fn run_plan_only(
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_watcher_must_see_exactly_the_committed_writes() {
-        let put = |key: &str, value: &str, done: bool| Op {
+    fn op(action: Action, done: bool) -> Op {
+        Op {
             client: 0,
-            key: key.into(),
-            action: Action::Put {
-                value: value.into(),
-            },
+            object: "a".into(),
+            action,
             invoked: 0,
             completed: done.then_some(1),
-        };
+        }
+    }
+
+    fn put(key: &str, value: &str, done: bool) -> Op {
+        op(
+            Action::Put {
+                key: key.into(),
+                value: value.into(),
+            },
+            done,
+        )
+    }
+
+    fn seen(v: &[(u64, &str, Option<&str>)]) -> Vec<Seen> {
+        v.iter()
+            .map(|(r, k, val)| (*r, (*k).to_string(), val.map(str::to_string)))
+            .collect()
+    }
+
+    #[test]
+    fn a_watcher_must_see_exactly_the_committed_writes() {
         // a=1 and a=2 acknowledged; a=3 unknown (it may or may not be seen).
         let ops = [
             put("a", "1", true),
@@ -990,16 +989,12 @@ mod tests {
             put("a", "3", false),
         ];
         let finals = BTreeMap::from([("a".to_string(), Some("2".to_string()))]);
-        let seen = |v: &[(u64, &str)]| -> Vec<Seen> {
-            v.iter()
-                .map(|(r, val)| (*r, "a".to_string(), val.to_string()))
-                .collect()
+        let check = |v: &[(u64, &str)]| {
+            let v: Vec<_> = v.iter().map(|(r, val)| (*r, "a", Some(*val))).collect();
+            check_watch(&seen(&v), &ops, &finals, 10)
         };
-        assert_eq!(
-            check_watch(&seen(&[(5, "1"), (7, "2")]), &ops, &finals, 10),
-            Ok(())
-        );
-        let err = |v: &[(u64, &str)]| check_watch(&seen(v), &ops, &finals, 10).unwrap_err();
+        assert_eq!(check(&[(5, "1"), (7, "2")]), Ok(()));
+        let err = |v: &[(u64, &str)]| check(v).unwrap_err();
         assert!(err(&[(5, "1")]).contains("never delivered"));
         assert!(err(&[(5, "1"), (6, "1"), (7, "2")]).contains("twice"));
         assert!(err(&[(5, "1"), (7, "2"), (8, "1")]).contains("twice"));
@@ -1007,6 +1002,82 @@ mod tests {
         assert!(err(&[(5, "1"), (6, "9"), (7, "2")]).contains("no client wrote"));
         assert!(err(&[(5, "1"), (7, "2"), (12, "3")]).contains("end marker"));
         assert!(err(&[(5, "2"), (7, "1")]).contains("final read"));
+    }
+
+    #[test]
+    fn a_watcher_sees_transactions_whole_and_deletes_asked_for() {
+        let txn = |writes: &[(&str, Option<&str>)], ok: bool, done: bool| {
+            op(
+                Action::Txn {
+                    compare: Vec::new(),
+                    writes: writes
+                        .iter()
+                        .map(|(k, v)| ((*k).to_string(), v.map(str::to_string)))
+                        .collect(),
+                    succeeded: ok,
+                    reads: Vec::new(),
+                },
+                done,
+            )
+        };
+        let ops = [
+            txn(&[("a", Some("1")), ("b", Some("2"))], true, true),
+            txn(&[("a", Some("3")), ("b", None)], true, false),
+            op(
+                Action::DeleteRange {
+                    keys: vec!["c".into()],
+                    deleted: 1,
+                },
+                true,
+            ),
+        ];
+        let finals = BTreeMap::from([
+            ("a".to_string(), Some("3".to_string())),
+            ("b".to_string(), None),
+            ("c".to_string(), None),
+        ]);
+        let check = |v: &[(u64, &str, Option<&str>)]| check_watch(&seen(v), &ops, &finals, 20);
+        let good = [
+            (5, "a", Some("1")),
+            (5, "b", Some("2")),
+            (6, "c", None),
+            (7, "a", Some("3")),
+            (7, "b", None),
+        ];
+        assert_eq!(check(&good), Ok(()));
+        let err = |v: &[(u64, &str, Option<&str>)]| check(v).unwrap_err();
+        // One transaction's writes at two revisions, or two writes at one revision.
+        assert!(err(&[(5, "a", Some("1")), (6, "b", Some("2")), (6, "c", None)]).contains("apart"));
+        assert!(
+            err(&[
+                (5, "b", Some("2")),
+                (5, "a", Some("3")),
+                (6, "a", Some("1"))
+            ])
+            .contains("two writes")
+        );
+        // A delete nobody asked for; the acknowledged range delete missing.
+        assert!(
+            err(&[(5, "a", Some("1")), (5, "b", Some("2")), (6, "d", None)])
+                .contains("no client asked")
+        );
+        assert!(
+            err(&[(5, "a", Some("1")), (5, "b", Some("2"))]).contains("acknowledged range deletes")
+        );
+        // The same key twice at one revision.
+        assert!(
+            err(&[
+                (5, "a", Some("1")),
+                (5, "b", Some("2")),
+                (6, "c", None),
+                (6, "c", None)
+            ])
+            .contains("twice at one revision")
+        );
+        // The last event of b is a put, but the final read finds it absent.
+        assert!(
+            err(&[(5, "a", Some("1")), (5, "b", Some("2")), (6, "c", None)]).contains("final read")
+        );
     }
 
     #[test]
