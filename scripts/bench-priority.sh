@@ -2,7 +2,9 @@
 # Priority isolation and overhead, in one run on local 3-node clusters (`kiwi playground`).
 #
 # Isolation: a light stream of HIGH keys-only scans (4 workers) alone, then next to a LOW flood of the same
-# scans (64 workers, about twice what the node serves), with
+# scans (64 workers, about twice what the node serves), and next to a LOW flood of watch replays (64
+# workers, each a watch on every key from a random past revision read for SCAN_LIMIT events: the node reads
+# its history at the watch's class), with
 #   - priority on (the default: weighted queue, LOW at a lower OS priority in the storage pool),
 #   - priority off (one FIFO, switched at runtime with `kiwi runtime --set-priority off`),
 #   - priority on but without the OS priority (a second cluster started without CAP_SYS_NICE, so its
@@ -50,9 +52,9 @@ bench() { # label priority workers workload [args]
         --workers "$workers" --connections 16 --duration "$DURATION" --scan-limit "$SCAN_LIMIT" --no-preload \
         --quiet --label "$label" --json-out "$RESULTS" "$@" >/dev/null
 }
-flood_with_high() { # suffix
-    echo "== LOW flood + HIGH stream ($1)" >&2
-    nice -n 19 "${CLIENT_CPU[@]}" "$KIWI" --priority low --consistency serializable bench --workload scan \
+flood_with_high() { # suffix [flood workload: scan (default) or replay]
+    echo "== LOW ${2:-scan} flood + HIGH stream ($1)" >&2
+    nice -n 19 "${CLIENT_CPU[@]}" "$KIWI" --priority low --consistency serializable bench --workload "${2:-scan}" \
         --workers 64 --connections 16 --duration "$DURATION" --scan-limit "$SCAN_LIMIT" --no-preload --quiet \
         --label "low-flood-$1" --json-out "$RESULTS" >/dev/null &
     local flood=$!
@@ -64,8 +66,10 @@ start_cluster kiwi
 echo "== HIGH alone" >&2
 bench high-idle high 4 scan
 flood_with_high on
+flood_with_high watch-on replay
 "$KIWI" runtime --set-priority off >/dev/null
 flood_with_high off
+flood_with_high watch-off replay
 for round in 1 2 3; do
     for mode in on off; do
         "$KIWI" runtime --set-priority "$mode" >/dev/null
@@ -94,14 +98,16 @@ def row(label):
     print(f"{label:<28} {j['ops_per_sec']:>9.0f} {j['p50_us']/1000:>8.2f} {j['p99_us']/1000:>8.2f}   {errs:>7} {j['errors']}")
 print(f"\n{'run':<28} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8}   {'errors':>7}")
 labels = ["high-idle", "high-under-flood-on", "low-flood-on", "high-under-flood-off", "low-flood-off",
-          "high-under-flood-queue-only", "low-flood-queue-only"]
+          "high-under-flood-queue-only", "low-flood-queue-only",
+          "high-under-flood-watch-on", "low-flood-watch-on", "high-under-flood-watch-off", "low-flood-watch-off"]
 labels += [f"{w}-light-{m}-{i}" for w in ["put", "get"] for i in (1, 2, 3) for m in ("on", "off")]
 for l in labels:
     if l in r:
         row(l)
 idle = r["high-idle"]
 print("\nHIGH under a LOW flood, against HIGH alone:")
-for mode, what in [("on", "priority on"), ("off", "priority off (FIFO)"), ("queue-only", "queue priority only, no OS priority")]:
+for mode, what in [("on", "priority on"), ("off", "priority off (FIFO)"), ("queue-only", "queue priority only, no OS priority"),
+                   ("watch-on", "LOW watch replays, priority on"), ("watch-off", "LOW watch replays, priority off")]:
     k = f"high-under-flood-{mode}"
     if k in r:
         j = r[k]

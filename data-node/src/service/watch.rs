@@ -11,7 +11,8 @@
 //!   either taken from the feed by a watch that had everything before it, or read from the history,
 //!   which holds every change once it is in storage;
 //! - nothing is sent before it is applied, hence committed;
-//! - the events of one write go out in one answer;
+//! - the events of one write go out in one answer (with as many other whole writes as fit in
+//!   [`ANSWER_BYTES`]);
 //! - memory is bounded: every answer queued for the client holds its size of the connection's share of
 //!   the node's answer budget (`[connections] answer_buffer_*`, the budget large Get and Scan answers
 //!   take too) until the client takes it; when there is no room the task waits, the feed moves on
@@ -53,6 +54,9 @@ pub(super) type Queued = (
     Result<WatchResponse, Status>,
     kiwi_proto::connections::AnswerHold,
 );
+/// Most bytes of events in one answer, unless one write alone is larger: writes are never split, and
+/// an answer carries as many whole writes as fit (etcd batches likewise).
+const ANSWER_BYTES: usize = 128 * 1024;
 /// Key and value bytes of events one history page reads (at least one whole write).
 const PAGE_BYTES: usize = 1024 * 1024;
 /// Events one history page reads (at least one whole write).
@@ -61,6 +65,7 @@ const PAGE_EVENTS: usize = 1_000;
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// One watch of a stream.
+#[derive(Clone)]
 struct Watch {
     id: i64,
     start: Vec<u8>,
@@ -351,34 +356,44 @@ impl Stream {
         Ok(())
     }
 
-    /// Sends `events` (whole writes, in order) as one answer per write.
+    /// Sends `events` (whole writes, in order) in answers of whole writes, each up to [`ANSWER_BYTES`]
+    /// (one write larger than that goes alone).
     async fn send_events(&self, id: i64, events: Vec<KeyEvent>) -> Result<(), ()> {
-        let mut batch: Vec<KeyEvent> = Vec::new();
         let rev = |e: &KeyEvent| e.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        let mut batch: Vec<KeyEvent> = Vec::new();
+        // Bytes of the batch up to its last whole write, and where that write starts.
+        let (mut whole, mut bytes, mut write_start) = (0usize, 0usize, 0usize);
         for e in events {
             if batch.last().is_some_and(|l| rev(l) != rev(&e)) {
-                let r = rev(batch.last().expect("non-empty"));
-                self.send(WatchResponse {
-                    header: self.header(r),
-                    watch_id: id,
-                    events: std::mem::take(&mut batch),
-                    ..WatchResponse::default()
-                })
-                .await?;
+                whole = bytes;
+                write_start = batch.len();
             }
+            bytes += e.encoded_len() + 4;
             batch.push(e);
+            if bytes > ANSWER_BYTES && whole > 0 {
+                // Send the whole writes before the current one; it starts the next answer.
+                let rest = batch.split_off(write_start);
+                self.send_batch(id, std::mem::replace(&mut batch, rest))
+                    .await?;
+                bytes -= whole;
+                (whole, write_start) = (0, 0);
+            }
         }
-        if let Some(last) = batch.last() {
-            let r = rev(last);
-            self.send(WatchResponse {
-                header: self.header(r),
-                watch_id: id,
-                events: batch,
-                ..WatchResponse::default()
-            })
-            .await?;
-        }
-        Ok(())
+        self.send_batch(id, batch).await
+    }
+
+    async fn send_batch(&self, id: i64, events: Vec<KeyEvent>) -> Result<(), ()> {
+        let Some(last) = events.last() else {
+            return Ok(());
+        };
+        let revision = last.kv.as_ref().map_or(0, |kv| kv.mod_revision);
+        self.send(WatchResponse {
+            header: self.header(revision),
+            watch_id: id,
+            events,
+            ..WatchResponse::default()
+        })
+        .await
     }
 
     /// Reads the history for every watch that owes revisions up to the applied index, page by page,
@@ -399,6 +414,15 @@ impl Stream {
                 class,
                 trace: Span::none(),
             };
+            // Every watch at `from` moves together. The page is read, and the events each of them
+            // sends selected, in the storage stage at the watch's class, off the network threads.
+            let movers: Vec<Watch> = self
+                .watches
+                .values()
+                .filter(|w| w.next == from)
+                .cloned()
+                .collect();
+            let applied = self.applied;
             let read = self
                 .server
                 .read_data(&tagged, move |st| {
@@ -407,16 +431,46 @@ impl Stream {
                     if from < oldest {
                         return Ok(Err(oldest));
                     }
-                    let applied = view
+                    let stored = view
                         .read(KeySpace::Raft, crate::raft::state_machine::APPLIED_KEY)?
                         .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
                         .map_or(0, u64::from_be_bytes);
                     let page = mvcc::events_from(&*view, from, PAGE_BYTES, PAGE_EVENTS)?;
-                    Ok(Ok((page, applied)))
+                    // Changes up to `upto` are in this page (whole writes); none after the applied
+                    // index.
+                    let applied = applied.min(stored);
+                    let upto = match page.last() {
+                        Some((r, _)) => (*r).min(applied),
+                        None => applied,
+                    };
+                    if upto < from {
+                        return Ok(Ok(None));
+                    }
+                    let mut changes: Vec<Change> = Vec::new();
+                    for (rev, event) in page {
+                        if rev > upto {
+                            break;
+                        }
+                        match changes.last_mut() {
+                            Some(c) if c.revision == rev => c.events.push(event),
+                            _ => changes.push(Change {
+                                revision: rev,
+                                events: vec![event],
+                            }),
+                        }
+                    }
+                    let selected: Vec<(i64, Vec<KeyEvent>)> =
+                        movers.iter().map(|w| (w.id, w.select(&changes))).collect();
+                    Ok(Ok(Some((upto, selected))))
                 })
                 .await;
-            let (page, stored) = match read {
-                Ok(Ok(page)) => page,
+            let (upto, selected) = match read {
+                Ok(Ok(Some(page))) => page,
+                Ok(Ok(None)) => {
+                    // Storage is not yet where the feed is (it never lags for long): look again.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
                 Ok(Err(oldest)) => {
                     self.watches.remove(&id);
                     return self
@@ -440,42 +494,12 @@ impl Stream {
                     continue;
                 }
             };
-            // Changes up to `upto` are in this page (whole writes); none after the applied index.
-            let applied = self.applied.min(stored);
-            let upto = match page.last() {
-                Some((r, _)) => (*r).min(applied),
-                None => applied,
-            };
-            if upto < from {
-                // Storage is not yet where the feed is (it never lags for long): look again.
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            }
-            let mut changes: Vec<Change> = Vec::new();
-            for (rev, event) in page {
-                if rev > upto {
-                    break;
-                }
-                match changes.last_mut() {
-                    Some(c) if c.revision == rev => c.events.push(event),
-                    _ => changes.push(Change {
-                        revision: rev,
-                        events: vec![event],
-                    }),
-                }
-            }
-            // Every watch at `from` moves together.
-            let movers: Vec<i64> = self
-                .watches
-                .values()
-                .filter(|w| w.next == from)
-                .map(|w| w.id)
-                .collect();
-            for wid in movers {
+            for (wid, events) in selected {
+                // Still there and still at `from` (a cancel cannot come in between: this task
+                // handles requests too, but not during this loop).
                 let Some(w) = self.watches.get_mut(&wid) else {
                     continue;
                 };
-                let events = w.select(&changes);
                 w.next = upto + 1;
                 self.send_events(wid, events).await?;
             }

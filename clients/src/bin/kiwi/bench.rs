@@ -56,6 +56,10 @@ pub enum Workload {
     Mixed,
     /// Keys-only scans of `--scan-limit` keys from a random start: storage-heavy reads.
     Scan,
+    /// Watch replays (Kiwi only): a watch over every key from a random revision of the kept history,
+    /// read until `--scan-limit` events have arrived, then dropped: the node reads its history at the
+    /// client's priority, as a reconnecting or late watcher makes it do.
+    Replay,
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +226,35 @@ impl Driver {
                 .map_err(|s| format!("{:?}", s.code()))
             }
         }
+    }
+
+    /// Replays `events` events of the history from revision `from` through a watch on every key.
+    async fn replay(&self, from: u64, events: u32) -> Result<(), String> {
+        let Driver::Kiwi(c, opts) = self else {
+            return Err("unsupported".into());
+        };
+        let all = kiwi_client::KeyRange::Between {
+            start: Vec::new(),
+            end: Vec::new(),
+        };
+        let mut watch = c.watch(&all, from, false);
+        let deadline = opts.timeout.unwrap_or(Duration::from_secs(10));
+        let read = async {
+            let mut got = 0;
+            while got < events as usize {
+                match watch.next().await {
+                    Ok(kiwi_client::WatchUpdate::Events(e)) => got += e.len(),
+                    Ok(kiwi_client::WatchUpdate::Compacted { .. }) => {
+                        return Err("compacted".to_string());
+                    }
+                    Err(e) => return Err(kind(&e)),
+                }
+            }
+            Ok(())
+        };
+        tokio::time::timeout(deadline, read)
+            .await
+            .unwrap_or_else(|_| Err("deadline_exceeded".into()))
     }
 
     async fn get(&self, worker: usize, key: Vec<u8>) -> Result<bool, String> {
@@ -482,9 +515,31 @@ pub async fn run(
     } else {
         Vec::new()
     };
+    anyhow::ensure!(
+        args.workload != Workload::Replay || args.target == Target::Kiwi,
+        "--workload replay is Kiwi's watch; etcd is not driven with it"
+    );
     if args.workload != Workload::Put && !args.no_preload {
         preload(&driver, &args, &value).await?;
     }
+    // Replays start from random revisions of the kept history that have --scan-limit events after them
+    // (about one event per revision; the default retention keeps 100,000).
+    let replay_from = if args.workload == Workload::Replay {
+        let Driver::Kiwi(c, _) = &driver else {
+            unreachable!("checked above")
+        };
+        let newest = c
+            .status_all()
+            .await
+            .into_iter()
+            .filter_map(|(_, s)| s.ok().map(|s| s.applied_index))
+            .max()
+            .context("no node answered its status")?;
+        let hi = newest.saturating_sub(2 * u64::from(args.scan_limit)).max(1);
+        (hi.saturating_sub(90_000).max(1), hi)
+    } else {
+        (0, 0)
+    };
 
     let ramp = args
         .ramp
@@ -543,7 +598,7 @@ pub async fn run(
                 let k = key(rng.random_range(0..keys));
                 let read = match workload {
                     Workload::Put => false,
-                    Workload::Get | Workload::Scan => true,
+                    Workload::Get | Workload::Scan | Workload::Replay => true,
                     Workload::Mixed => rng.random_bool(read_ratio),
                 };
                 let t = match rate {
@@ -560,6 +615,10 @@ pub async fn run(
                 };
                 let r = if workload == Workload::Scan {
                     driver.scan(w, k, scan_limit).await
+                } else if workload == Workload::Replay {
+                    driver
+                        .replay(rng.random_range(replay_from.0..=replay_from.1), scan_limit)
+                        .await
                 } else if read {
                     driver.get(w, k).await.and_then(|found| {
                         if found {
@@ -679,6 +738,7 @@ pub async fn run(
         ),
         Workload::Mixed => format!("mixed-{:.2}", args.read_ratio),
         Workload::Scan => format!("scan-{}", args.scan_limit),
+        Workload::Replay => format!("replay-{}", args.scan_limit),
     };
     let pct = |q: f64| hist.value_at_quantile(q);
     eprintln!(
