@@ -1129,6 +1129,7 @@ async fn revisions_watch_txn_and_compaction() {
             key: k.to_vec(),
             value: v.to_vec(),
             prev_kv: false,
+            lease: 0,
         })),
     };
     let read = TxnOp {
@@ -1369,6 +1370,7 @@ async fn bank_transfers_as_transactions_keep_the_total_through_a_leader_crash() 
                         key: key.to_vec(),
                         value: v.to_string().into_bytes(),
                         prev_kv: false,
+                        lease: 0,
                     })),
                 };
                 let ops = vec![
@@ -1449,6 +1451,7 @@ async fn a_transactions_events_arrive_together() {
             key: k.as_bytes().to_vec(),
             value: b"v".to_vec(),
             prev_kv: false,
+            lease: 0,
         })),
     };
     let delete = TxnOp {

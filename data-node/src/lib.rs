@@ -8,6 +8,7 @@
 //! lib.rs (wiring, gRPC server)
 //!   ├─ control/   the link to kiwi-control (uses service's metrics snapshot, hands fault commands to fault/)
 //!   └─ service/   KvService and NodeAdmin handlers
+//!        ├─ lease/    the leader's lease deadlines (pure clock logic)
 //!        ├─ runtime/  priority channel → storage worker pool + ThreadPoolScaler
 //!        └─ raft/     transport → driver → log_store, state_machine, snapshot
 //!              └─ kiwi-storage (StorageBackend)
@@ -20,6 +21,8 @@
 //! - [`raft`]: the replicated core: the Raft driver (sole owner of `RawNode`), the Raft log in the
 //!   backend, the state machine, snapshots, and the `RaftTransport` between nodes. The transport uses the
 //!   driver's handle and the types it owns (`MessageSink`, `PeerEvent`); the driver knows no transport.
+//! - [`lease`]: the leader's clock for clients' leases (deadlines, the TTL floor); expiry is a proposal
+//!   the service layer makes.
 //! - [`runtime`]: the priority channel between the gRPC handlers and the storage stage, and the storage
 //!   worker pool with its `ThreadPoolScaler`.
 //! - [`service`]: the `KvService` and `NodeAdmin` gRPC services; storage work goes through the priority
@@ -38,6 +41,7 @@ pub mod config;
 pub mod control;
 pub mod fault;
 pub mod identity;
+pub mod lease;
 pub mod raft;
 pub mod runtime;
 pub mod service;
@@ -430,6 +434,7 @@ impl Node {
             config: config.clone(),
             meter: meters.runtime.clone(),
         });
+        service::spawn_lease_upkeep(&kv);
         service::spawn_history_upkeep(
             &kv,
             service::Retention {

@@ -337,6 +337,7 @@ async fn write_round(cluster: &Cluster, round: u32, keys: usize) -> u64 {
                     kiwi_proto::v1::write_op::Put {
                         key: format!("key{i:05}").into_bytes(),
                         value: format!("round{round}").into_bytes(),
+                        lease: 0,
                     },
                 )),
             })

@@ -29,6 +29,7 @@ async fn preload(cluster: &Cluster) {
                 op: Some(write_op::Op::Put(write_op::Put {
                     key: format!("k{:06}", chunk * 2000 + i).into_bytes(),
                     value: vec![b'v'; 200],
+                    lease: 0,
                 })),
             })
             .collect();

@@ -767,6 +767,7 @@ async fn forge_append(
                 op: Some(write_op::Op::Put(write_op::Put {
                     key: b"victim".to_vec(),
                     value: b"forged".to_vec(),
+                    lease: 0,
                 })),
             }],
         })),

@@ -253,6 +253,7 @@ async fn preload(cluster: &Cluster, leader: u64) {
                 op: Some(write_op::Op::Put(write_op::Put {
                     key: format!("pre{:06}", chunk * 1000 + i).into_bytes(),
                     value: vec![b'v'; 200],
+                    lease: 0,
                 })),
             })
             .collect();

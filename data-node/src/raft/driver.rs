@@ -1312,14 +1312,15 @@ impl Driver {
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
             let meta = rd.snapshot().get_metadata().clone();
-            let members = SnapshotData::decode(&rd.snapshot().data)
-                .map(|d| d.members)
+            let (members, leases) = SnapshotData::decode(&rd.snapshot().data)
+                .map(|d| (d.members, d.leases))
                 .unwrap_or_default();
             snapshot::install(
                 &*self.backend,
                 self.raw.mut_store(),
                 &meta,
                 &members,
+                &leases,
                 &self.gate,
             )?;
             for (id, addr) in members {
@@ -2422,6 +2423,7 @@ mod tests {
                     op: Some(write_op::Op::Put(write_op::Put {
                         key: key.as_bytes().to_vec(),
                         value: b"v".to_vec(),
+                        lease: 0,
                     })),
                 }],
             })),

@@ -92,25 +92,32 @@ impl SnapshotRegistry {
 pub struct SnapshotData {
     pub view_id: u64,
     pub members: Vec<(u64, String)>,
+    /// Every lease of the state machine at the snapshot: (id, granted TTL). The keys attached to each are
+    /// in the data (each value's header names its lease).
+    pub leases: Vec<(u64, i64)>,
 }
 
 impl SnapshotData {
-    /// Encodes for `Snapshot::data`.
+    /// Encodes for `Snapshot::data`: the view id, the member count (4 bytes) and each member (id, address
+    /// length in 4 bytes, address), then the leases (id, TTL; 16 bytes each) to the end.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = self.view_id.to_be_bytes().to_vec();
+        out.extend_from_slice(&(self.members.len() as u32).to_be_bytes());
         for (id, addr) in &self.members {
             out.extend_from_slice(&id.to_be_bytes());
             out.extend_from_slice(&(addr.len() as u32).to_be_bytes());
             out.extend_from_slice(addr.as_bytes());
         }
+        out.extend(crate::raft::lease_state::encode_list(&self.leases));
         out
     }
 
     /// Decodes `Snapshot::data`; `None` when it is not in this format.
     pub fn decode(data: &[u8]) -> Option<SnapshotData> {
-        let (id, mut rest) = data.split_first_chunk::<8>()?;
+        let (id, rest) = data.split_first_chunk::<8>()?;
+        let (count, mut rest) = rest.split_first_chunk::<4>()?;
         let mut members = Vec::new();
-        while !rest.is_empty() {
+        for _ in 0..u32::from_be_bytes(*count) {
             let (id, r) = rest.split_first_chunk::<8>()?;
             let (len, r) = r.split_first_chunk::<4>()?;
             let len = u32::from_be_bytes(*len) as usize;
@@ -124,6 +131,7 @@ impl SnapshotData {
         Some(SnapshotData {
             view_id: u64::from_be_bytes(*id),
             members,
+            leases: crate::raft::lease_state::decode_list(rest)?,
         })
     }
 }
@@ -569,9 +577,20 @@ impl Storage for LogStore {
         }
         let term = self.term(applied)?;
         let members = crate::raft::state_machine::recorded_members_in(&*view).map_err(store_err)?;
+        let leases = crate::raft::lease_state::all(&*view)
+            .map_err(store_err)?
+            .into_iter()
+            .map(|(id, r)| (id, r.ttl))
+            .collect();
         let view_id = self.snapshots.pin(view);
         let mut snap = Snapshot {
-            data: SnapshotData { view_id, members }.encode().into(),
+            data: SnapshotData {
+                view_id,
+                members,
+                leases,
+            }
+            .encode()
+            .into(),
             ..Snapshot::default()
         };
         let meta = snap.mut_metadata();
@@ -779,14 +798,17 @@ mod tests {
         let d = SnapshotData {
             view_id: 42,
             members: vec![(1, "127.0.0.1:7380".into()), (4, "host-4:1".into())],
+            leases: vec![(9, 60), (1 << 62, 5)],
         };
         assert_eq!(SnapshotData::decode(&d.encode()).as_ref(), Some(&d));
-        let bare = 7u64.to_be_bytes();
+        let mut bare = 7u64.to_be_bytes().to_vec();
+        bare.extend_from_slice(&0u32.to_be_bytes());
         assert_eq!(
             SnapshotData::decode(&bare),
             Some(SnapshotData {
                 view_id: 7,
-                members: vec![]
+                members: vec![],
+                leases: vec![],
             })
         );
         assert_eq!(SnapshotData::decode(&[1, 2, 3]), None);

@@ -5,6 +5,7 @@
 //!   transport implements and reports, so it depends on no transport.
 //! - [`guard`]: checks every Raft message from the network before raft-rs may see it.
 //! - [`lease`]: the leader lease behind `raft.lease_reads` and the clock assumptions it rests on.
+//! - [`lease_state`]: clients' leases as replicated state (records, the keys attached, the count).
 //! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
 //! - [`mvcc`]: revisions, each key's counters and the kept history (reads and watches at a past revision).
 //! - [`state_machine`]: applies committed commands to user data with the applied index.
@@ -14,6 +15,7 @@
 pub mod driver;
 pub mod guard;
 pub mod lease;
+pub mod lease_state;
 pub mod log_store;
 pub mod mvcc;
 pub mod snapshot;

@@ -40,6 +40,7 @@ use raft::eraftpb::SnapshotMetadata;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::raft::lease_state;
 use crate::raft::log_store::{LogStore, SnapshotData};
 use crate::raft::state_machine::{self, APPLIED_KEY};
 
@@ -234,22 +235,39 @@ fn delete_range(
     })
 }
 
-fn copy_staged_to_data(backend: &dyn StorageBackend) -> kiwi_storage::Result<u64> {
+/// Copies the staged pairs into the data, attaching each key to the lease its header names (one of
+/// `leases`): returns the pairs copied and the keys per lease.
+fn copy_staged_to_data(
+    backend: &dyn StorageBackend,
+    leases: &[(u64, i64)],
+) -> kiwi_storage::Result<(u64, std::collections::BTreeMap<u64, u64>)> {
     let mut copied = 0;
+    let mut attached: std::collections::BTreeMap<u64, u64> =
+        leases.iter().map(|(id, _)| (*id, 0)).collect();
     let staged = ScanRange::half_open(STAGING_PREFIX, STAGING_END);
     for_each_page(backend, KeySpace::Raft, staged, |pairs| {
         let mut batch = WriteBatch::new();
         for (k, v) in pairs {
-            batch.put(KeySpace::Data, k[STAGING_PREFIX.len()..].to_vec(), v);
+            let key = k[STAGING_PREFIX.len()..].to_vec();
+            let lease = crate::raft::mvcc::decode_stored(&v).0.lease;
+            if let Some(n) = attached.get_mut(&lease) {
+                *n += 1;
+                batch.put(
+                    KeySpace::Raft,
+                    lease_state::index_key(lease, &key),
+                    Vec::new(),
+                );
+            }
+            batch.put(KeySpace::Data, key, v);
             copied += 1;
         }
         backend.batch_write(batch, WriteOptions::BUFFERED)
     })?;
-    Ok(copied)
+    Ok((copied, attached))
 }
 
-/// Installs the staged snapshot described by `meta`, with the member addresses it carries (steps 1-4 of
-/// the module doc). Returns the number of pairs installed.
+/// Installs the staged snapshot described by `meta`, with the member addresses and the leases it carries
+/// (steps 1-4 of the module doc). Returns the number of pairs installed.
 ///
 /// # Errors
 /// Storage errors: the caller must stop; the mark makes the next start finish the install. Staging that
@@ -260,6 +278,7 @@ pub fn install(
     store: &mut LogStore,
     meta: &SnapshotMetadata,
     members: &[(u64, String)],
+    leases: &[(u64, i64)],
     gate: &InstallGate,
 ) -> Result<u64> {
     let holds = staged(backend)?;
@@ -281,6 +300,7 @@ pub fn install(
     let members_record = SnapshotData {
         view_id: 0,
         members: members.to_vec(),
+        leases: leases.to_vec(),
     };
     mark.put(
         KeySpace::Raft,
@@ -292,8 +312,11 @@ pub fn install(
     delete_range(backend, KeySpace::Data, ScanRange::all())?;
     // The history before the snapshot is not sent: this node keeps none before it (see `mvcc`).
     delete_range(backend, KeySpace::History, ScanRange::all())?;
-    let pairs = copy_staged_to_data(backend)?;
+    // The leases are the snapshot's; the keys attached to each are found as the data is copied.
+    delete_range(backend, KeySpace::Raft, lease_state::all_range())?;
+    let (pairs, attached) = copy_staged_to_data(backend, leases)?;
     let mut batch = WriteBatch::new();
+    lease_state::install_records(&mut batch, leases, &attached);
     store.snapshot_batch(meta, &mut batch)?;
     for (id, addr) in members {
         state_machine::record_member(&mut batch, *id, addr);
@@ -326,16 +349,23 @@ pub fn resume_install(backend: &dyn StorageBackend, store: &mut LogStore) -> Res
         return Ok(None);
     };
     let meta = SnapshotMetadata::parse_from_bytes(&bytes)?;
-    let members = backend
+    let (members, leases) = backend
         .read(KeySpace::Raft, INSTALLING_MEMBERS_KEY)?
         .and_then(|b| SnapshotData::decode(&b))
-        .map(|d| d.members)
+        .map(|d| (d.members, d.leases))
         .unwrap_or_default();
     tracing::warn!(
         index = meta.index,
         "finishing a snapshot install interrupted by a crash"
     );
-    install(backend, store, &meta, &members, &InstallGate::default())?;
+    install(
+        backend,
+        store,
+        &meta,
+        &members,
+        &leases,
+        &InstallGate::default(),
+    )?;
     Ok(Some(meta.index))
 }
 
@@ -397,9 +427,16 @@ mod tests {
             if let Some((i, t)) = holds {
                 mark_staged(&*follower, i, t).unwrap();
             }
-            let e = install(&*follower, &mut store, &meta, &[], &InstallGate::default())
-                .expect_err(what)
-                .to_string();
+            let e = install(
+                &*follower,
+                &mut store,
+                &meta,
+                &[],
+                &[],
+                &InstallGate::default(),
+            )
+            .expect_err(what)
+            .to_string();
             assert!(e.contains("index 42 term 3"), "{what}: {e}");
             assert_eq!(all_data(&*follower).len(), 5000, "{what}: nothing changed");
         }
@@ -414,6 +451,7 @@ mod tests {
                 &mut store,
                 &meta,
                 &members,
+                &[],
                 &InstallGate::default()
             )
             .unwrap(),
@@ -500,7 +538,7 @@ mod tests {
             let mut meta = SnapshotMetadata { index: 7, term: 2, ..SnapshotMetadata::default() };
             meta.mut_conf_state().voters = vec![1];
             mark_staged(&*backend, 7, 2).unwrap();
-            install(&*backend, &mut store, &meta, &[], &InstallGate::default()).unwrap();
+            install(&*backend, &mut store, &meta, &[], &[], &InstallGate::default()).unwrap();
             let got: Vec<(Vec<u8>, Vec<u8>)> = all_data(&*backend).into_iter().collect();
             let want: Vec<(Vec<u8>, Vec<u8>)> = expected.into_iter().collect();
             proptest::prop_assert_eq!(got, want);

@@ -894,6 +894,7 @@ mod tests {
         msg.mut_snapshot().data = SnapshotData {
             view_id: index,
             members: Vec::new(),
+            leases: Vec::new(),
         }
         .encode()
         .into();

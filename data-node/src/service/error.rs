@@ -63,6 +63,9 @@ pub enum KvError {
     /// A per-node or per-stream limit is reached; nothing was done.
     #[error("{0}")]
     TooMany(String),
+    /// A valid command the state machine refused (a lease that does not exist, a limit).
+    #[error("{0}")]
+    Refused(crate::raft::state_machine::Refusal),
     /// The revision asked for is newer than the store's.
     #[error(
         "required revision is a future revision: {asked} is newer than the store's revision {current}"
@@ -161,6 +164,15 @@ impl KvError {
                 status
             }
             KvError::FutureRevision { .. } => Status::out_of_range(msg),
+            KvError::Refused(r) => {
+                use crate::raft::state_machine::Refusal;
+                match r {
+                    Refusal::Invalid(_) => Status::invalid_argument(msg),
+                    Refusal::LeaseNotFound(_) => Status::not_found(msg),
+                    Refusal::LeaseExists(_) => Status::failed_precondition(msg),
+                    Refusal::TooMany(_) => Status::resource_exhausted(msg),
+                }
+            }
             KvError::Storage(e) => match e {
                 kiwi_storage::Error::EmptyKey { .. }
                 | kiwi_storage::Error::KeyTooLarge { .. }

@@ -8,6 +8,8 @@ use kiwi_proto::v1::{
     BatchWriteRequest, BatchWriteResponse, CompactCommand, CompactRequest, CompactResponse,
     CompareAndSwapRequest, CompareAndSwapResponse, DeleteRangeCommand, DeleteRangeRequest,
     DeleteRangeResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyValue,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseLeasesRequest, LeaseLeasesResponse,
+    LeaseRevokeRequest, LeaseRevokeResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
     PutRequest, PutResponse, ScanRequest, ScanResponse, TxnRequest, TxnResponse, WatchRequest,
     WatchResponse, WriteOp, compare_and_swap_request, raft_command, write_op,
 };
@@ -214,6 +216,7 @@ impl KvService for KvApi {
                 op: Some(write_op::Op::Put(write_op::Put {
                     key: req.key,
                     value: req.value,
+                    lease: req.lease,
                 })),
             }];
             let want_prev = req.prev_kv;
@@ -224,6 +227,9 @@ impl KvService for KvApi {
                 e => e,
             })?;
             let out = s.propose_write(&tagged, ops).await?;
+            if let Some(r) = out.refused {
+                return Err(KvError::Refused(r));
+            }
             Ok(PutResponse {
                 header: s.header(&tagged, out.index),
                 prev_kv: out.prev_kv.filter(|_| want_prev),
@@ -450,8 +456,8 @@ impl KvService for KvApi {
                     }),
                 )
                 .await?;
-            if let Some(why) = out.refused {
-                return Err(KvError::InvalidArgument(why));
+            if let Some(r) = out.refused {
+                return Err(KvError::Refused(r));
             }
             Ok(DeleteRangeResponse {
                 header: s.header(&tagged, out.index),
@@ -480,8 +486,8 @@ impl KvService for KvApi {
             }
             req.header = None;
             let out = s.propose(&tagged, raft_command::Command::Txn(req)).await?;
-            if let Some(why) = out.refused {
-                return Err(KvError::InvalidArgument(why));
+            if let Some(r) = out.refused {
+                return Err(KvError::Refused(r));
             }
             let (succeeded, responses) = out.txn.unwrap_or_default();
             Ok(TxnResponse {
@@ -510,6 +516,64 @@ impl KvService for KvApi {
         // An answer's share of the answer budget is given back as tonic takes it to send.
         let answers = tokio_stream::wrappers::ReceiverStream::new(rx).map(|(answer, _hold)| answer);
         Ok(Response::new(Box::pin(answers)))
+    }
+
+    async fn lease_grant(
+        &self,
+        request: Request<LeaseGrantRequest>,
+    ) -> Result<Response<LeaseGrantResponse>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.LeaseGrant", &request);
+        let may_critical = super::may_use_critical(&request);
+        traced(span, s.lease_grant(request.into_inner(), may_critical)).await
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.LeaseRevoke", &request);
+        let may_critical = super::may_use_critical(&request);
+        traced(span, s.lease_revoke(request.into_inner(), may_critical)).await
+    }
+
+    type LeaseKeepAliveStream = tokio_stream::wrappers::ReceiverStream<
+        Result<kiwi_proto::v1::LeaseKeepAliveResponse, Status>,
+    >;
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<tonic::Streaming<kiwi_proto::v1::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let rx = super::lease::serve_keep_alive(Arc::clone(&self.0), request.into_inner());
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.LeaseTimeToLive", &request);
+        let may_critical = super::may_use_critical(&request);
+        traced(
+            span,
+            s.lease_time_to_live(request.into_inner(), may_critical),
+        )
+        .await
+    }
+
+    async fn lease_leases(
+        &self,
+        request: Request<LeaseLeasesRequest>,
+    ) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.LeaseLeases", &request);
+        let may_critical = super::may_use_critical(&request);
+        traced(span, s.lease_leases(request.into_inner(), may_critical)).await
     }
 
     async fn compact(

@@ -14,11 +14,13 @@
 mod admin;
 pub mod error;
 mod kv;
+mod lease;
 mod watch;
 
 pub use admin::AdminApi;
 pub use error::KvError;
 pub use kv::KvApi;
+pub use lease::spawn_lease_upkeep;
 pub use watch::{Retention, spawn_history_upkeep};
 
 use std::sync::Arc;
@@ -157,6 +159,10 @@ pub struct KvServer {
     answers: Arc<AnswerBudget>,
     /// Watch streams open (at most [`watch::MAX_WATCH_STREAMS`]).
     watch_streams: std::sync::atomic::AtomicUsize,
+    /// The leader's lease deadlines.
+    leases: crate::lease::LeaseTable,
+    /// The smallest TTL a lease is granted (seconds; from the election timeout).
+    min_lease_ttl: i64,
 }
 
 /// The role each gRPC method of the node needs when authentication is on (`None`: open). Reads and the
@@ -167,12 +173,12 @@ pub fn method_role(path: &str) -> Option<kiwi_proto::auth::Role> {
     use kiwi_proto::auth::Role;
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match (service, method) {
-        ("kiwi.v1.KvService", "Get" | "Scan" | "Watch") | ("kiwi.v1.NodeAdmin", "Status") => {
-            Some(Role::Read)
-        }
+        ("kiwi.v1.KvService", "Get" | "Scan" | "Watch" | "LeaseTimeToLive" | "LeaseLeases")
+        | ("kiwi.v1.NodeAdmin", "Status") => Some(Role::Read),
         (
             "kiwi.v1.KvService",
-            "Put" | "Delete" | "BatchWrite" | "CompareAndSwap" | "DeleteRange" | "Txn",
+            "Put" | "Delete" | "BatchWrite" | "CompareAndSwap" | "DeleteRange" | "Txn"
+            | "LeaseGrant" | "LeaseRevoke" | "LeaseKeepAlive",
         ) => Some(Role::Write),
         ("kiwi.v1.KvService" | "kiwi.v1.NodeAdmin", _) => Some(Role::Admin),
         _ => None,
@@ -346,6 +352,12 @@ impl KvServer {
                 .with_callback(move |o| o.observe(answers.held() as u64, &[]))
                 .build();
         }
+        let min_lease_ttl = crate::lease::min_ttl(
+            config
+                .raft
+                .tick_interval
+                .saturating_mul(u32::try_from(config.raft.election_ticks).unwrap_or(u32::MAX)),
+        );
         Arc::new(KvServer {
             node_id,
             driver,
@@ -362,6 +374,8 @@ impl KvServer {
             critical_downgrades,
             answers,
             watch_streams: std::sync::atomic::AtomicUsize::new(0),
+            leases: crate::lease::LeaseTable::default(),
+            min_lease_ttl,
         })
     }
 

@@ -147,6 +147,7 @@ fn parse_op(line: &str) -> Result<TxnOp, String> {
                 key: key.clone().into_bytes(),
                 value: value.clone().into_bytes(),
                 prev_kv: false,
+                lease: 0,
             }),
             _ => return Err(format!("bad op {line:?}: put KEY VALUE")),
         },

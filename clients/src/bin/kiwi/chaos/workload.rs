@@ -185,6 +185,7 @@ fn put_op(key: &str, value: &str) -> TxnOp {
             key: key.as_bytes().to_vec(),
             value: value.as_bytes().to_vec(),
             prev_kv: false,
+            lease: 0,
         })),
     }
 }
