@@ -867,6 +867,7 @@ impl Client {
                     header: Some(header),
                     key: key.to_vec(),
                     value: value.to_vec(),
+                    lease: 0,
                 })
                 .await?
                 .into_inner();

@@ -81,6 +81,38 @@ impl KvService for Shedding {
     ) -> Result<Response<kiwi_proto::v1::CompactResponse>, Status> {
         Err(Status::unimplemented("stand-in"))
     }
+    async fn lease_grant(
+        &self,
+        _: Request<kiwi_proto::v1::LeaseGrantRequest>,
+    ) -> Result<Response<kiwi_proto::v1::LeaseGrantResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn lease_revoke(
+        &self,
+        _: Request<kiwi_proto::v1::LeaseRevokeRequest>,
+    ) -> Result<Response<kiwi_proto::v1::LeaseRevokeResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn lease_time_to_live(
+        &self,
+        _: Request<kiwi_proto::v1::LeaseTimeToLiveRequest>,
+    ) -> Result<Response<kiwi_proto::v1::LeaseTimeToLiveResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    async fn lease_leases(
+        &self,
+        _: Request<kiwi_proto::v1::LeaseLeasesRequest>,
+    ) -> Result<Response<kiwi_proto::v1::LeaseLeasesResponse>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
+    type LeaseKeepAliveStream =
+        tokio_stream::Empty<Result<kiwi_proto::v1::LeaseKeepAliveResponse, Status>>;
+    async fn lease_keep_alive(
+        &self,
+        _: Request<tonic::Streaming<kiwi_proto::v1::LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        Err(Status::unimplemented("stand-in"))
+    }
 }
 
 #[tokio::test]

@@ -183,6 +183,7 @@ async fn a_partitioned_leader_is_replaced_and_heals_on_time_without_the_control_
             header: Some(kiwi_tests::cluster::header()),
             key: format!("during{i}").into_bytes(),
             value: b"x".to_vec(),
+            lease: 0,
         })
         .await
         .expect("the majority side commits");

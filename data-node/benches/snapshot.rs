@@ -97,6 +97,7 @@ fn main() {
         &mut store,
         &meta,
         &[],
+        &[],
         &snapshot::InstallGate::default(),
     )
     .expect("install");

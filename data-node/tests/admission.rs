@@ -57,6 +57,7 @@ fn put(key: &[u8], value: &[u8]) -> PutRequest {
         header: None,
         key: key.to_vec(),
         value: value.to_vec(),
+        lease: 0,
     }
 }
 
@@ -120,6 +121,7 @@ async fn every_field_that_carries_bytes_has_a_limit() {
             key: b"k".to_vec(),
             value: b"v".to_vec(),
             prev_kv: false,
+            lease: 0,
         })
         .await
         .unwrap_err();
@@ -347,7 +349,11 @@ fn any_request() -> impl proptest::strategy::Strategy<Value = AnyRequest> {
     );
     let op = (key.clone(), proptest::option::of(value.clone())).prop_map(|(key, value)| WriteOp {
         op: Some(match value {
-            Some(value) => write_op::Op::Put(write_op::Put { key, value }),
+            Some(value) => write_op::Op::Put(write_op::Put {
+                key,
+                value,
+                lease: 0,
+            }),
             None => write_op::Op::Delete(write_op::Delete { key }),
         }),
     });
@@ -358,6 +364,7 @@ fn any_request() -> impl proptest::strategy::Strategy<Value = AnyRequest> {
                 key,
                 value,
                 prev_kv: false,
+                lease: 0,
             })
         }),
         (header.clone(), key.clone())

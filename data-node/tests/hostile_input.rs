@@ -168,6 +168,7 @@ async fn undecodable_requests_are_invalid_argument_not_internal() {
         key: b"key".to_vec(),
         value: vec![b'v'; 1000],
         prev_kv: false,
+        lease: 0,
     };
     let policy = RuntimePolicy {
         scaling: Some(ScalingPolicy {

@@ -39,6 +39,7 @@ async fn put_until_ok(ch: &Channel, key: &str) {
                 header: None,
                 key: key.as_bytes().to_vec(),
                 value: b"v".to_vec(),
+                lease: 0,
             })
             .await;
         match r {

@@ -449,6 +449,7 @@ impl Cluster {
                             header: Some(header()),
                             key: key.clone().into_bytes(),
                             value: key.clone().into_bytes(),
+                            lease: 0,
                         };
                         let sent = Instant::now();
                         match clients.get(target).put(req).await {
@@ -545,6 +546,7 @@ impl Cluster {
                 header: Some(header()),
                 key: key.to_vec(),
                 value: value.to_vec(),
+                lease: 0,
             };
             match self.kv(target).put(req).await {
                 Ok(r) => return r.into_inner().header.map_or(0, |h| h.applied_index),

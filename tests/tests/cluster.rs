@@ -115,6 +115,7 @@ async fn elect_and_replicate(backend: &str) {
             header: Some(header()),
             key: b"k".to_vec(),
             value: b"v".to_vec(),
+            lease: 0,
         })
         .await
         .unwrap_err();
@@ -369,6 +370,7 @@ async fn isolated_old_leader(opts: ClusterOptions) {
                 header: Some(header()),
                 key: b"k".to_vec(),
                 value: b"new".to_vec(),
+                lease: 0,
             })
             .await;
         if r.is_ok() {
@@ -592,6 +594,7 @@ async fn bad_requests_are_refused_and_write_nothing() {
         header: Some(header()),
         key,
         value,
+        lease: 0,
     };
     let e = kv.put(put(Vec::new(), b"v".to_vec())).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -626,6 +629,7 @@ async fn bad_requests_are_refused_and_write_nothing() {
         header: Some(h),
         key: b"ok".to_vec(),
         value: b"1".to_vec(),
+        lease: 0,
     })
     .await
     .unwrap();

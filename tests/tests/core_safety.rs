@@ -484,6 +484,7 @@ async fn a_follower_with_lower_limits_applies_what_the_leader_accepted() {
             header: Some(header()),
             key: b"k".to_vec(),
             value: vec![0; 2048],
+            lease: 0,
         })
         .await
         .unwrap_err();

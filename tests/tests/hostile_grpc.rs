@@ -100,6 +100,7 @@ fn seeds() -> Vec<Vec<u8>> {
             header: header.clone(),
             key: b"fuzz/1".to_vec(),
             value: b"value".to_vec(),
+            lease: 0,
         }
         .encode_to_vec(),
         GetRequest {

@@ -320,6 +320,7 @@ async fn a_write_to_an_idle_node_is_handed_to_raft_without_a_worker() {
             }),
             key: b"too-late".to_vec(),
             value: b"v".to_vec(),
+            lease: 0,
         })
         .await
         .expect_err("a 1 ns deadline cannot be met");

@@ -129,6 +129,7 @@ fn put(key: &str, principal: Option<&str>, priority: Priority) -> tonic::Request
             header: header(priority),
             key: key.as_bytes().to_vec(),
             value: b"v".to_vec(),
+            lease: 0,
         },
         principal,
     )
