@@ -31,6 +31,11 @@
 //! client.put(b"alarm", b"on", &urgent).await?;
 //! # Ok(()) }
 //! ```
+//!
+//! Leases (`lease_grant`, `lease_keep_alive`, `put_leased`, ...) and, on them, sessions, locks and
+//! elections: [`concurrency`].
+
+pub mod concurrency;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -40,14 +45,15 @@ use kiwi_proto::v1::kv_service_client::KvServiceClient;
 use kiwi_proto::v1::node_admin_client::NodeAdminClient;
 use kiwi_proto::v1::{
     CompactRequest, CompareAndSwapRequest, Consistency, DeleteRangeRequest, DeleteRequest,
-    GetRequest, GetRuntimePolicyRequest, PutRequest, RequestHeader, RuntimePolicy,
-    RuntimeStatsRequest, RuntimeStatsResponse, ScanRequest, StatusRequest, StatusResponse,
-    TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse, compare_and_swap_request,
-    watch_request,
+    GetRequest, GetRuntimePolicyRequest, LeaseGrantRequest, LeaseKeepAliveRequest,
+    LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RequestHeader,
+    RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse, ScanRequest, StatusRequest,
+    StatusResponse, TxnRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+    compare_and_swap_request, watch_request,
 };
 pub use kiwi_proto::v1::{
-    Compare, KeyEvent, KeyValue, TxnOp, TxnOpResponse, TxnResponse, compare, key_event, txn_op,
-    txn_op_response,
+    Compare, KeyEvent, KeyValue, LeaseTimeToLiveResponse, TxnOp, TxnOpResponse, TxnResponse,
+    compare, key_event, txn_op, txn_op_response,
 };
 pub use kiwi_proto::v1::{Consistency as ReadConsistency, Priority};
 use tokio::time::Instant;
@@ -860,6 +866,21 @@ impl Client {
     /// # Errors
     /// [`Error`]; [`Error::UnknownOutcome`] when it may or may not have been applied.
     pub async fn put(&self, key: &[u8], value: &[u8], opts: &CallOptions) -> Result<u64, Error> {
+        self.put_leased(key, value, 0, opts).await
+    }
+
+    /// Writes a key attached to `lease` (0: none; a put without a lease detaches the key). Returns the
+    /// revision it was applied at. An unknown lease fails with NOT_FOUND ("lease N not found").
+    ///
+    /// # Errors
+    /// [`Error`]; [`Error::UnknownOutcome`] when it may or may not have been applied.
+    pub async fn put_leased(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        lease: u64,
+        opts: &CallOptions,
+    ) -> Result<u64, Error> {
         self.call(opts, true, |mut c, header| async move {
             let r = c
                 .put(PutRequest {
@@ -867,11 +888,108 @@ impl Client {
                     header: Some(header),
                     key: key.to_vec(),
                     value: value.to_vec(),
-                    lease: 0,
+                    lease,
                 })
                 .await?
                 .into_inner();
             Ok(r.header.map_or(0, |h| h.applied_index))
+        })
+        .await
+    }
+
+    /// Grants a lease of `ttl` seconds (the cluster raises it to its floor) with id `id` (0: the node
+    /// picks one). Returns the id and the TTL granted.
+    ///
+    /// # Errors
+    /// [`Error`]; FAILED_PRECONDITION when `id` is in use.
+    pub async fn lease_grant(
+        &self,
+        ttl: i64,
+        id: u64,
+        opts: &CallOptions,
+    ) -> Result<(u64, i64), Error> {
+        self.call(opts, true, |mut c, header| async move {
+            let r = c
+                .lease_grant(LeaseGrantRequest {
+                    header: Some(header),
+                    ttl,
+                    id,
+                })
+                .await?
+                .into_inner();
+            Ok((r.id, r.ttl))
+        })
+        .await
+    }
+
+    /// Revokes a lease, deleting its keys; returns how many it deleted.
+    ///
+    /// # Errors
+    /// [`Error`]; NOT_FOUND when the lease does not exist.
+    pub async fn lease_revoke(&self, id: u64, opts: &CallOptions) -> Result<u64, Error> {
+        self.call(opts, true, |mut c, header| async move {
+            Ok(c.lease_revoke(LeaseRevokeRequest {
+                header: Some(header),
+                id,
+            })
+            .await?
+            .into_inner()
+            .deleted)
+        })
+        .await
+    }
+
+    /// Refreshes a lease to its full TTL (on the leader, which the call finds); returns that TTL, or 0
+    /// when the lease no longer exists. Safe to retry.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn lease_keep_alive(&self, id: u64, opts: &CallOptions) -> Result<i64, Error> {
+        self.call(opts, false, |mut c, _header| async move {
+            let request = tokio_stream::once(LeaseKeepAliveRequest { id });
+            let mut answers = c.lease_keep_alive(request).await?.into_inner();
+            match answers.message().await? {
+                Some(r) => Ok(r.ttl),
+                None => Err(Status::unavailable("the keepalive stream ended unanswered")),
+            }
+        })
+        .await
+    }
+
+    /// A lease's remaining and granted TTL (and its keys with `keys`).
+    ///
+    /// # Errors
+    /// [`Error`]; NOT_FOUND when the lease does not exist.
+    pub async fn lease_time_to_live(
+        &self,
+        id: u64,
+        keys: bool,
+        opts: &CallOptions,
+    ) -> Result<LeaseTimeToLiveResponse, Error> {
+        self.call(opts, false, |mut c, header| async move {
+            Ok(c.lease_time_to_live(LeaseTimeToLiveRequest {
+                header: Some(header),
+                id,
+                keys,
+            })
+            .await?
+            .into_inner())
+        })
+        .await
+    }
+
+    /// Every lease's id.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn lease_leases(&self, opts: &CallOptions) -> Result<Vec<u64>, Error> {
+        self.call(opts, false, |mut c, header| async move {
+            Ok(c.lease_leases(LeaseLeasesRequest {
+                header: Some(header),
+            })
+            .await?
+            .into_inner()
+            .ids)
         })
         .await
     }
@@ -963,6 +1081,45 @@ impl Client {
                     kvs: pairs(r.kvs),
                     more: r.more,
                 })
+            }
+        })
+        .await
+    }
+
+    /// One page of `range` with every pair's counters (`create_revision`, `mod_revision`, `version`,
+    /// `lease`); returns the pairs, whether more remain, and the revision the page was read at.
+    ///
+    /// # Errors
+    /// [`Error`].
+    pub async fn scan_kvs(
+        &self,
+        range: &KeyRange,
+        scan: &ScanOptions,
+        opts: &CallOptions,
+    ) -> Result<(Vec<KeyValue>, bool, u64), Error> {
+        let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
+        let (start_key, end_key, prefix) = range.fields();
+        self.call(opts, false, |mut c, header| {
+            let (start_key, end_key, prefix) = (start_key.clone(), end_key.clone(), prefix.clone());
+            async move {
+                let r = c
+                    .scan(ScanRequest {
+                        header: Some(header),
+                        start_key,
+                        end_key,
+                        prefix,
+                        limit: if scan.limit == 0 { 100 } else { scan.limit },
+                        reverse: scan.reverse,
+                        keys_only: scan.keys_only,
+                        max_bytes: scan.max_bytes,
+                        consistency,
+                        revision: scan.revision,
+                        ..ScanRequest::default()
+                    })
+                    .await?
+                    .into_inner();
+                let revision = r.header.map_or(0, |h| h.revision);
+                Ok((r.kvs, r.more, revision))
             }
         })
         .await

@@ -8,6 +8,7 @@ mod bench;
 mod chaos;
 mod control;
 mod control_bench;
+mod lease;
 mod playground;
 mod txn;
 
@@ -140,7 +141,14 @@ impl From<ConsistencyArg> for ReadConsistency {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Write KEY = VALUE (VALUE "-" reads it from stdin).
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+        /// Attach KEY to this lease (the hex id `kiwi lease grant` printed): it is deleted when the lease
+        /// is revoked or expires. A put without --lease detaches the key from any lease.
+        #[arg(long, value_name = "ID", value_parser = lease::parse_id)]
+        lease: Option<u64>,
+    },
     /// Print the value of KEY (exit 1 if absent); --json adds its revisions and version.
     Get {
         key: String,
@@ -256,6 +264,36 @@ enum Command {
     /// Leadership: hand it to another voter.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Leases: keys that are deleted when their lease is revoked or expires (only the leader's clock
+    /// decides; a new leader gives every lease a fresh TTL).
+    #[command(subcommand)]
+    Lease(lease::LeaseCommand),
+    /// Run COMMAND holding the lock NAME (etcd's algorithm on a lease kept alive meanwhile; waiters get
+    /// it in order of arrival), release it when COMMAND exits, and exit with COMMAND's status. Example:
+    ///
+    ///   kiwi lock deploy -- sh -c 'echo only one at a time; sleep 5'
+    Lock {
+        name: String,
+        /// TTL of the session's lease: how long the lock outlives a crashed holder.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// The command and its arguments (after --).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Campaign in the election NAME, print `elected: NAME = VALUE` once leading, and lead until Ctrl-C
+    /// (then resign); with --listen, print each leader's value instead, without campaigning.
+    Elect {
+        name: String,
+        #[arg(required_unless_present = "listen")]
+        value: Option<String>,
+        /// Follow the election: print the value of each new leader.
+        #[arg(long)]
+        listen: bool,
+        /// TTL of the candidate's lease: how long leadership outlives a crashed leader.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -313,6 +351,8 @@ struct CasArgs {
 enum Outcome {
     Ok,
     Miss,
+    /// Exit with this status (a command `kiwi lock` ran).
+    Exit(u8),
 }
 
 fn value_arg(v: &str) -> anyhow::Result<Vec<u8>> {
@@ -355,6 +395,7 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Miss) => ExitCode::from(1),
+        Ok(Outcome::Exit(code)) => ExitCode::from(code),
         Err(e) => {
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {
@@ -434,9 +475,11 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let json = cli.json;
     let connect = || Client::connect(&cli.endpoints, options.clone());
     match cli.command {
-        Command::Put { key, value } => {
+        Command::Put { key, value, lease } => {
             let value = value_arg(&value)?;
-            let index = connect()?.put(key.as_bytes(), &value, &call).await?;
+            let index = connect()?
+                .put_leased(key.as_bytes(), &value, lease.unwrap_or(0), &call)
+                .await?;
             if json {
                 println!("{}", json!({"ok": true, "index": index}));
             } else {
@@ -688,6 +731,14 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Metrics => metrics(&connect()?, json).await,
+        Command::Lease(command) => lease::run(command, &connect()?, &call, json).await,
+        Command::Lock { name, ttl, command } => lease::lock(connect()?, &name, ttl, &command).await,
+        Command::Elect {
+            name,
+            value,
+            listen,
+            ttl,
+        } => lease::elect(connect()?, &name, value.as_deref(), listen, ttl).await,
         Command::Runtime {
             set_priority,
             set_scaling,
