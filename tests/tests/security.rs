@@ -262,6 +262,51 @@ async fn tokens_and_roles_guard_every_rpc_group() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // Leases: granting, revoking and keeping alive are writes; looking at them reads.
+    let e = kv
+        .lease_grant(request(
+            kiwi_proto::v1::LeaseGrantRequest {
+                header: None,
+                ttl: 10,
+                id: 0,
+            },
+            Some("reader"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let granted = kv
+        .lease_grant(request(
+            kiwi_proto::v1::LeaseGrantRequest {
+                header: None,
+                ttl: 10,
+                id: 0,
+            },
+            Some("writer"),
+        ))
+        .await
+        .expect("a writer may grant a lease")
+        .into_inner();
+    let leases = kv
+        .lease_leases(request(
+            kiwi_proto::v1::LeaseLeasesRequest { header: None },
+            Some("reader"),
+        ))
+        .await
+        .expect("a reader may list leases")
+        .into_inner();
+    assert!(leases.ids.contains(&granted.id));
+    let e = kv
+        .lease_revoke(request(
+            kiwi_proto::v1::LeaseRevokeRequest {
+                header: None,
+                id: granted.id,
+            },
+            Some("reader"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     for principal in ["reader", "writer"] {
         let e = kv
             .compact(request(
