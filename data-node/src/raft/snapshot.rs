@@ -546,6 +546,69 @@ mod tests {
     }
 
     #[test]
+    fn an_install_carries_the_leases_and_finds_their_keys_in_the_data() {
+        use crate::raft::mvcc::{Counters, encode_stored};
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        // The follower had a lease of its own, which the snapshot does not hold.
+        let mut old = WriteBatch::new();
+        lease_state::install_records(&mut old, &[(99, 5)], &Default::default());
+        old.put(KeySpace::Raft, lease_state::index_key(99, b"gone"), Vec::new());
+        backend.batch_write(old, WriteOptions::SYNC).unwrap();
+        let mut store = LogStore::open(backend.clone(), Arc::default()).unwrap();
+        store.bootstrap(vec![1]).unwrap();
+        clear_staging(&*backend).unwrap();
+        let leased = |lease| {
+            encode_stored(
+                Counters {
+                    lease,
+                    ..Counters::default()
+                },
+                b"v",
+            )
+        };
+        let kv = |k: &[u8], lease| KeyValue {
+            key: k.to_vec(),
+            value: leased(lease),
+            ..KeyValue::default()
+        };
+        stage(
+            &*backend,
+            vec![kv(b"a", 7), kv(b"b", 0), kv(b"c", 7), kv(b"d", 8)],
+        )
+        .unwrap();
+        let mut meta = SnapshotMetadata {
+            index: 9,
+            term: 2,
+            ..SnapshotMetadata::default()
+        };
+        meta.mut_conf_state().voters = vec![1];
+        mark_staged(&*backend, 9, 2).unwrap();
+        install(
+            &*backend,
+            &mut store,
+            &meta,
+            &[],
+            &[(7, 10), (8, 20)],
+            &InstallGate::default(),
+        )
+        .unwrap();
+        let leases = lease_state::all(&*backend).unwrap();
+        assert_eq!(
+            leases,
+            vec![
+                (7, lease_state::Record { ttl: 10, keys: 2 }),
+                (8, lease_state::Record { ttl: 20, keys: 1 })
+            ]
+        );
+        assert_eq!(lease_state::count(&*backend).unwrap(), 2);
+        assert_eq!(
+            lease_state::keys(&*backend, 7, 10).unwrap(),
+            vec![b"a".to_vec(), b"c".to_vec()]
+        );
+        assert!(lease_state::keys(&*backend, 99, 10).unwrap().is_empty());
+    }
+
+    #[test]
     fn a_read_overlapping_an_install_is_refused() {
         let gate = InstallGate::default();
         assert_eq!(gate.read(|| 1), Some(1), "no install: answered");
