@@ -9,6 +9,8 @@
 #   - priority off (one FIFO, switched at runtime with `kiwi runtime --set-priority off`),
 #   - priority on but without the OS priority (a second cluster started without CAP_SYS_NICE, so its
 #     storage threads cannot go back from nice 10 to 0 and run every class alike).
+# Leases: 4 leases with a 2 s TTL kept alive 4 times a second by a LOW client during each flood: keepalive
+# latency and leases lost (keepalives skip the storage queue, whatever the client's priority).
 # Overhead: puts and serializable gets at a light load (4 workers), priority on vs off, three alternating
 # rounds each; the medians are compared.
 #
@@ -58,8 +60,13 @@ flood_with_high() { # suffix [flood workload: scan (default) or replay]
         --workers 64 --connections 16 --duration "$DURATION" --scan-limit "$SCAN_LIMIT" --no-preload --quiet \
         --label "low-flood-$1" --json-out "$RESULTS" >/dev/null &
     local flood=$!
+    # Leases kept alive 4 times a second by a LOW client of their own, next to the flood.
+    "${CLIENT_CPU[@]}" "$KIWI" --priority low bench --workload get --workers 1 --rate 10 --duration "$DURATION" \
+        --no-preload --quiet --leases 4 --label "keepalives-under-flood-$1" --json-out "$RESULTS" >/dev/null &
+    local keepers=$!
     bench "high-under-flood-$1" high 4 scan
     wait $flood
+    wait $keepers
 }
 
 start_cluster kiwi
@@ -113,6 +120,11 @@ for mode, what in [("on", "priority on"), ("off", "priority off (FIFO)"), ("queu
         j = r[k]
         print(f"  {what:<38} p50 {j['p50_us']/idle['p50_us']:5.2f}x  p99 {j['p99_us']/idle['p99_us']:5.2f}x  "
               f"throughput {j['ops_per_sec']/idle['ops_per_sec']:.2f}x")
+print("\nLeases kept alive (4 leases, TTL 2 s, 4 keepalives/s each, a LOW client) during each flood:")
+for k in sorted(x for x in r if x.startswith("keepalives-under-flood-")):
+    l = r[k]["leases"]
+    print(f"  {k[len('keepalives-under-flood-'):]:<12} {l['keepalives']:>5} keepalives, p50 {l['p50_us']/1000:6.2f} ms, "
+          f"p99 {l['p99_us']/1000:6.2f} ms, max {l['max_us']/1000:6.2f} ms, leases lost {l['lost']}")
 for w in ["put", "get"]:
     med = lambda m, f: statistics.median(r[f"{w}-light-{m}-{i}"][f] for i in (1, 2, 3))
     print(f"overhead {w} (median of 3): throughput on/off {med('on', 'ops_per_sec')/med('off', 'ops_per_sec'):.3f}, "

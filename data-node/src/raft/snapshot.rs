@@ -552,7 +552,11 @@ mod tests {
         // The follower had a lease of its own, which the snapshot does not hold.
         let mut old = WriteBatch::new();
         lease_state::install_records(&mut old, &[(99, 5)], &Default::default());
-        old.put(KeySpace::Raft, lease_state::index_key(99, b"gone"), Vec::new());
+        old.put(
+            KeySpace::Raft,
+            lease_state::index_key(99, b"gone"),
+            Vec::new(),
+        );
         backend.batch_write(old, WriteOptions::SYNC).unwrap();
         let mut store = LogStore::open(backend.clone(), Arc::default()).unwrap();
         store.bootstrap(vec![1]).unwrap();

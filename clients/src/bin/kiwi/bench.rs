@@ -121,6 +121,14 @@ pub struct BenchArgs {
     /// delivered against the count expected (one per put).
     #[arg(long, default_value_t = 0)]
     watchers: usize,
+    /// Against Kiwi: this many leases (each with a key attached) kept alive 4 times a second during the
+    /// run, on their own connection, at the client's priority; reports the keepalives' latency and the
+    /// leases lost (a keepalive that found its lease gone, or its key missing at the end).
+    #[arg(long, default_value_t = 0)]
+    leases: usize,
+    /// TTL of the --leases (raised to the cluster's floor).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
 }
 
 /// Load phases: (workers, how long).
@@ -399,6 +407,106 @@ async fn start_watchers(
     Ok(tasks)
 }
 
+/// Lease keepers: the client, each lease's id and key, and each keeper's task (latencies in us, and
+/// whether its lease was found gone).
+struct LeaseKeepers {
+    client: Arc<Client>,
+    leases: Vec<(u64, Vec<u8>)>,
+    tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, bool)>>,
+}
+
+/// Grants `n` leases of `ttl`, attaches a key to each and keeps each alive every 250 ms until `end`.
+async fn start_lease_keepers(
+    endpoints: &[String],
+    (conn, priority): (&crate::Conn, Priority),
+    n: usize,
+    ttl: Duration,
+    end: &Arc<tokio::sync::Notify>,
+) -> anyhow::Result<LeaseKeepers> {
+    let client = Arc::new(Client::connect(
+        endpoints,
+        ClientOptions {
+            priority,
+            token: conn.token.clone(),
+            tls: conn.tls.clone(),
+            ..ClientOptions::default()
+        },
+    )?);
+    let o = CallOptions::default();
+    let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+    let mut leases = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (id, _) = client.lease_grant(secs, 0, &o).await?;
+        let key = format!("bench-lease/{i}").into_bytes();
+        client.put_leased(&key, b"alive", id, &o).await?;
+        leases.push((id, key));
+        let (client, end) = (Arc::clone(&client), Arc::clone(end));
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let ended = end.notified();
+            tokio::pin!(ended);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = &mut ended => return (hist, false),
+                }
+                let t = Instant::now();
+                if let Ok(left) = client.lease_keep_alive(id, &CallOptions::default()).await {
+                    if left == 0 {
+                        return (hist, true);
+                    }
+                    hist.saturating_record(
+                        u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX),
+                    );
+                }
+            }
+        }));
+    }
+    Ok(LeaseKeepers {
+        client,
+        leases,
+        tasks,
+    })
+}
+
+/// Stops the keepers, checks every lease and key is still there, revokes them; reports (printed, and
+/// as the JSON line's `leases` object).
+async fn finish_lease_keepers(
+    k: LeaseKeepers,
+    end: &tokio::sync::Notify,
+) -> anyhow::Result<serde_json::Value> {
+    end.notify_waiters();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut lost = 0;
+    for t in k.tasks {
+        let (h, gone) = t.await?;
+        hist.add(&h).expect("same bounds");
+        lost += usize::from(gone);
+    }
+    let o = CallOptions::default();
+    for (id, key) in &k.leases {
+        if k.client.get(key, &o).await?.is_none() {
+            lost += 1;
+        }
+        let _ = k.client.lease_revoke(*id, &o).await;
+    }
+    let pct = |q: f64| hist.value_at_quantile(q);
+    eprintln!(
+        "leases: {} kept alive with {} keepalives, latency us p50 {} p99 {} max {}; lost {lost}",
+        k.leases.len(),
+        hist.len(),
+        pct(0.5),
+        pct(0.99),
+        hist.max()
+    );
+    Ok(
+        json!({"count": k.leases.len(), "keepalives": hist.len(), "p50_us": pct(0.5),
+              "p99_us": pct(0.99), "max_us": hist.max(), "lost": lost}),
+    )
+}
+
 /// Ends the watchers and reports their delivery: printed, and as the JSON line's `watch` object.
 async fn finish_watchers(
     tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>,
@@ -522,6 +630,25 @@ pub async fn run(
     if args.workload != Workload::Put && !args.no_preload {
         preload(&driver, &args, &value).await?;
     }
+    anyhow::ensure!(
+        args.leases == 0 || args.target == Target::Kiwi,
+        "--leases is Kiwi's"
+    );
+    let lease_end = Arc::new(tokio::sync::Notify::new());
+    let leases = if args.leases > 0 {
+        Some(
+            start_lease_keepers(
+                endpoints,
+                (conn, priority),
+                args.leases,
+                args.lease_ttl,
+                &lease_end,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     // Replays start from random revisions of the kept history that have --scan-limit events after them
     // (about one event per revision; the default retention keeps 100,000).
     let replay_from = if args.workload == Workload::Replay {
@@ -719,6 +846,10 @@ pub async fn run(
     let elapsed = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     let watch = finish_watchers(watchers, &watch_end, hist.len()).await;
+    let leases = match leases {
+        Some(l) => Some(finish_lease_keepers(l, &lease_end).await?),
+        None => None,
+    };
 
     let ops = hist.len();
     let ops_per_sec = ops as f64 / elapsed;
@@ -764,6 +895,9 @@ pub async fn run(
     });
     if let Some(w) = watch {
         line["watch"] = w;
+    }
+    if let Some(l) = leases {
+        line["leases"] = l;
     }
     if let Some(r) = &args.ramp {
         let events = match &kiwi {
