@@ -27,6 +27,7 @@ pub struct Session {
     ttl: i64,
     lost: watch::Receiver<Option<String>>,
     keeper: tokio::task::JoinHandle<()>,
+    revoke_on_drop: bool,
 }
 
 impl Session {
@@ -76,6 +77,7 @@ impl Session {
             ttl,
             lost,
             keeper,
+            revoke_on_drop: true,
         })
     }
 
@@ -103,12 +105,20 @@ impl Session {
         }
     }
 
+    /// Stops the keepalives without revoking the lease, as a crashed holder would: its keys (its locks,
+    /// its candidacy) stay until the lease expires. For failure tests.
+    pub fn abandon(mut self) {
+        self.keeper.abort();
+        self.revoke_on_drop = false;
+    }
+
     /// Ends the session: stops the keepalives and revokes the lease (its keys go with it).
     ///
     /// # Errors
     /// The revocation failed (the lease then expires after its TTL).
-    pub async fn close(self) -> Result<(), Error> {
+    pub async fn close(mut self) -> Result<(), Error> {
         self.keeper.abort();
+        self.revoke_on_drop = false;
         match self
             .client
             .lease_revoke(self.lease, &CallOptions::default())
@@ -123,10 +133,10 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if self.keeper.is_finished() {
+        self.keeper.abort();
+        if !self.revoke_on_drop {
             return;
         }
-        self.keeper.abort();
         // Best effort: revoke now rather than let the lease run out.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (client, lease) = (Arc::clone(&self.client), self.lease);

@@ -1,8 +1,8 @@
 //! The chaos suite: `kiwi chaos` runs random fault plans (every fault type, the leader targeted often)
 //! through a real `kiwi-control` against three real `kiwi-node`s with fault injection enabled, while this
 //! test restarts the nodes the plans crash; every run's history (single-key operations, transactions,
-//! range deletes, scans, bank transfers) must be linearizable, the bank's total never change, and the
-//! watchers see exactly the committed writes. A few more plans run
+//! range deletes, scans, bank transfers) must be linearizable, the bank's total never change, the
+//! watchers see exactly the committed writes, and the lockers' critical sections never overlap. A few more plans run
 //! with leader-lease reads (`raft.lease_reads`): crashes, pauses, delays and disk stalls of a leader that
 //! answers reads from its lease.
 
@@ -105,6 +105,10 @@ async fn run_random_plans(raft_extra: &str, seeds: std::ops::RangeInclusive<u64>
             summary["transactions_committed"].as_u64().unwrap() > 5
                 && summary["range_deletes"].as_u64().unwrap() > 0,
             "seed {seed}: transactions and range deletes ran: {summary}"
+        );
+        assert!(
+            summary["lock_sections"].as_u64().unwrap() > 3,
+            "seed {seed}: the lockers got the lock: {summary}"
         );
         totals.0 += ops;
         totals.1 += summary["unknown_outcomes"].as_u64().unwrap();

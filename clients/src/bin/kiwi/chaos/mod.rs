@@ -28,10 +28,15 @@
 //! nobody asked for), a transaction's writes at one revision and nothing else there, each key's last event
 //! what a final linearizable read finds, and the same sequence for every watcher.
 //!
+//! Lockers (`--lockers`, default 2) take a lease-backed lock, increment a counter under it (the write
+//! fenced by the lock) and let go, now and then abandoning a held lock as a crashed holder would
+//! ([`lockers`]): no two critical sections may overlap, and the counter must count them.
+//!
 //! `kiwi control chaos run PLAN` runs only the plan. `kiwi chaos --random --seed N` makes a random plan.
 //! Crashed nodes must be restarted by whatever runs them (`kiwi playground --restart-crashed`).
 
 pub mod checker;
+mod lockers;
 mod workload;
 
 use std::collections::BTreeMap;
@@ -354,6 +359,11 @@ pub struct ChaosArgs {
     /// against the writes (0: none).
     #[arg(long, default_value_t = 2)]
     watchers: usize,
+    /// Lockers that loop "lock, read the counter, write it + 1 (fenced by the lock), unlock" with a
+    /// lease-backed mutex (2 s TTL), now and then abandoning a held lock as a crashed holder would; no two
+    /// critical sections may overlap (0: none).
+    #[arg(long, default_value_t = 2)]
+    lockers: usize,
     /// Less output.
     #[arg(long)]
     quiet: bool,
@@ -726,6 +736,24 @@ pub async fn run(
             args.seed,
         )));
     }
+    let counter_key = lockers::counter_key(&args.prefix);
+    let counter_before = lockers::counter(
+        client
+            .get(counter_key.as_bytes(), &CallOptions::default())
+            .await?
+            .as_deref(),
+    );
+    let lock_record = Arc::new(lockers::Record::default());
+    for id in 0..args.lockers {
+        tasks.push(tokio::spawn(lockers::locker_loop(
+            Arc::clone(&client),
+            id,
+            args.prefix.clone(),
+            until,
+            Arc::clone(&lock_record),
+            args.seed,
+        )));
+    }
     let windows = run_plan(&target, &plan, started, args.seed, args.quiet).await?;
     for t in tasks {
         t.await?;
@@ -774,6 +802,26 @@ pub async fn run(
     for why in &bank_violations {
         verdict = ChaosVerdict::Violation;
         eprintln!("chaos: bank: the total changed: {why}");
+    }
+    let sections = std::mem::take(
+        &mut *lock_record
+            .sections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let counter_after = lockers::counter(
+        client
+            .get(counter_key.as_bytes(), &CallOptions::default())
+            .await?
+            .as_deref(),
+    );
+    let abandoned = *lock_record
+        .abandoned
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Err(why) = lockers::check(&sections, counter_before, counter_after) {
+        verdict = ChaosVerdict::Violation;
+        eprintln!("chaos: lock: mutual exclusion broken: {why}");
     }
     let mut sequences = Vec::new();
     for (i, w) in watchers.into_iter().enumerate() {
@@ -887,6 +935,7 @@ pub async fn run(
         "longest_unavailability_s": longest_gap, "objects": report,
         "transactions_committed": committed_txns, "range_deletes": range_deletes,
         "bank_total": total, "bank_violations": bank_violations,
+        "lock_sections": sections.len(), "locks_abandoned": abandoned, "counter": counter_after,
         "watchers": sequences.len(), "watched_events": sequences.first().map_or(0, Vec::len),
         "timeline": timeline.iter().map(|t| json!({"t_s": t.0, "ok": t.1, "errors": t.2, "p99_ms": t.3})).collect::<Vec<_>>(),
     });
@@ -930,7 +979,8 @@ pub async fn run(
                           "unknown_outcomes": unknown, "faults": windows.len(),
                           "longest_unavailability_s": longest_gap, "out": out.display().to_string(),
                           "watchers": summary["watchers"], "watched_events": summary["watched_events"],
-                          "transactions_committed": committed_txns, "range_deletes": range_deletes})
+                          "transactions_committed": committed_txns, "range_deletes": range_deletes,
+                          "lock_sections": sections.len(), "locks_abandoned": abandoned})
     );
     Ok(verdict)
 }
