@@ -385,3 +385,35 @@ async fn cli_leases_and_two_kiwi_locks_never_overlap() {
         "the lock passed on before the lease could expire"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_elect_leads_until_killed_and_listen_follows_the_leaders() {
+    use std::io::BufRead as _;
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let eps = endpoints(&cluster).join(",");
+    let spawn = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_kiwi"))
+            .args(args)
+            .env("KIWI_ENDPOINTS", &eps)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn(&["elect", "sched", "node-a", "--ttl", "2s"]);
+    let mut a_out = std::io::BufReader::new(a.stdout.take().unwrap()).lines();
+    assert_eq!(a_out.next().unwrap().unwrap(), "elected: sched = node-a");
+    let mut b = spawn(&["elect", "sched", "node-b", "--ttl", "2s"]);
+    let mut listen = spawn(&["elect", "sched", "--listen"]);
+    let mut heard = std::io::BufReader::new(listen.stdout.take().unwrap()).lines();
+    assert_eq!(heard.next().unwrap().unwrap(), "node-a");
+    // The leader dies without resigning: the next candidate leads once its lease expires.
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let mut b_out = std::io::BufReader::new(b.stdout.take().unwrap()).lines();
+    assert_eq!(b_out.next().unwrap().unwrap(), "elected: sched = node-b");
+    assert_eq!(heard.next().unwrap().unwrap(), "node-b");
+    for mut p in [b, listen] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}
