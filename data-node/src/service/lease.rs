@@ -223,7 +223,7 @@ impl KvServer {
     ) -> Result<LeaseLeasesResponse, KvError> {
         let tagged = self.tag(req.header.as_ref(), may_critical)?;
         let applied = self.linearize(&tagged).await?;
-        let leases = self.read_data(&tagged, |st| lease_state::all(st)).await?;
+        let leases = self.read_data(&tagged, lease_state::all).await?;
         Ok(LeaseLeasesResponse {
             header: self.header(&tagged, applied),
             ids: leases.into_iter().map(|(id, _)| id).collect(),

@@ -77,11 +77,14 @@ impl Layout {
     }
 }
 
+/// One second of the run: operations ok, errors, latencies of the ok ones (us).
+pub type Second = (u64, u64, Vec<u64>);
+
 /// What the clients recorded.
 pub struct Recorder {
     pub ops: Mutex<Vec<Op>>,
-    /// Per second of the run: operations ok, errors, latencies of the ok ones (us).
-    pub seconds: Mutex<BTreeMap<u64, (u64, u64, Vec<u64>)>>,
+    /// Per second of the run.
+    pub seconds: Mutex<BTreeMap<u64, Second>>,
     /// Bank scans whose total was not the opening total.
     pub bank_violations: Mutex<Vec<String>>,
     /// The bank's total.
