@@ -1,4 +1,4 @@
-//! Compiles `kiwi/v1/*.proto` with protox (pure Rust: no protoc needed) and generates tonic/prost code.
+//! Compiles `kiwi/v1/*.proto` and `etcd/*.proto` with protox (pure Rust: no protoc needed) and generates tonic/prost code.
 //! The encoded descriptor set is written next to the generated code for `tonic-reflection`.
 //!
 //! Servers and clients are generated with different codecs (see `src/codec.rs`): generated servers use
@@ -14,6 +14,8 @@ const PROTOS: &[&str] = &[
     "kiwi/v1/raft.proto",
     "kiwi/v1/admin.proto",
     "kiwi/v1/control.proto",
+    "etcd/kv.proto",
+    "etcd/rpc.proto",
 ];
 
 /// Codec of the generated servers, as a path from the generated code (which lives in this crate).

@@ -1537,3 +1537,228 @@ async fn the_leader_compacts_the_history_by_age() {
         written.elapsed()
     );
 }
+
+/// etcd's own command-line tool against the playground's etcd ports: every command checked by its
+/// output. Needs Debian's `etcd-client` (`make deps`).
+#[test]
+fn etcdctl_works_against_the_etcd_api() {
+    let _serial = kiwi_tests::cluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut pg = Playground::start(&dir.path().join("pg"), &["--no-control"]);
+    let endpoints = pg
+        .lines
+        .iter()
+        .find_map(|l| l.split("ETCDCTL_ENDPOINTS=").nth(1))
+        .expect("the playground printed ETCDCTL_ENDPOINTS")
+        .trim()
+        .to_string();
+    assert!(
+        pg.lines.iter().any(|l| l.contains("export ETCDCTL_API=3 ")),
+        "{:?}",
+        pg.lines
+    );
+    let etcdctl = |args: &[&str], input: Option<&str>| {
+        let mut c = Command::new("etcdctl");
+        c.args(args)
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &endpoints)
+            .env("ETCDCTL_DIAL_TIMEOUT", "5s")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c
+            .spawn()
+            .expect("etcdctl (Debian's etcd-client; make deps installs it)");
+        if let Some(i) = input {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(i.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let ok = |args: &[&str]| {
+        let o = etcdctl(args, None);
+        assert!(o.status.success(), "etcdctl {args:?}: {o:?}");
+        stdout(&o)
+    };
+
+    // KV: put, get (prefix, keys only, limit, sort, revision), del (prev kv, prefix).
+    assert_eq!(ok(&["put", "foo", "bar"]), "OK\n");
+    assert_eq!(ok(&["get", "foo"]), "foo\nbar\n");
+    let first: serde_json::Value =
+        serde_json::from_str(&ok(&["get", "foo", "-w", "json"])).unwrap();
+    let rev1 = first["kvs"][0]["mod_revision"].as_i64().unwrap();
+    assert_eq!(ok(&["put", "foo", "baz"]), "OK\n");
+    assert_eq!(
+        ok(&["get", "foo", "--rev", &rev1.to_string()]),
+        "foo\nbar\n"
+    );
+    for k in ["p/a", "p/b", "p/c"] {
+        ok(&["put", k, &format!("v-{k}")]);
+    }
+    assert_eq!(
+        ok(&["get", "p/", "--prefix", "--keys-only"]),
+        "p/a\n\np/b\n\np/c\n\n"
+    );
+    assert_eq!(
+        ok(&["get", "p/", "--prefix", "--limit", "1"]),
+        "p/a\nv-p/a\n"
+    );
+    assert_eq!(
+        ok(&[
+            "get",
+            "p/",
+            "--prefix",
+            "--sort-by",
+            "CREATE",
+            "--order",
+            "DESCEND",
+            "--keys-only"
+        ]),
+        "p/c\n\np/b\n\np/a\n\n"
+    );
+    let limited: serde_json::Value = serde_json::from_str(&ok(&[
+        "get", "p/", "--prefix", "--limit", "1", "-w", "json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        (limited["count"].as_i64(), limited["more"].as_bool()),
+        (Some(3), Some(true))
+    );
+    assert_eq!(ok(&["del", "p/a", "--prev-kv"]), "1\np/a\nv-p/a\n");
+    assert_eq!(ok(&["del", "p/", "--prefix"]), "2\n");
+
+    // A transaction from stdin: compares, then success ops, then failure ops.
+    let txn = etcdctl(
+        &["txn"],
+        Some("value(\"foo\") = \"baz\"\n\nput foo qux\nget foo\n\nput foo nope\n\n"),
+    );
+    assert!(txn.status.success(), "{txn:?}");
+    assert_eq!(stdout(&txn), "SUCCESS\n\nOK\n\nfoo\nqux\n");
+
+    // Watch in the background while writes go on.
+    let mut watch = Command::new("etcdctl")
+        .args(["watch", "w/", "--prefix", "--prev-kv"])
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", &endpoints)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = BufReader::new(watch.stdout.take().unwrap()).lines();
+    std::thread::sleep(Duration::from_millis(500));
+    ok(&["put", "w/1", "one"]);
+    ok(&["put", "w/1", "two"]);
+    ok(&["del", "w/1"]);
+    // Each event: its type, the previous pair (key, value) when there was one, then the pair.
+    let got: Vec<String> = (0..13).map(|_| seen.next().unwrap().unwrap()).collect();
+    assert_eq!(
+        got,
+        [
+            "PUT", "w/1", "one", "PUT", "w/1", "one", "w/1", "two", "DELETE", "w/1", "two", "w/1",
+            ""
+        ],
+        "{got:?}"
+    );
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+
+    // Leases.
+    let granted = ok(&["lease", "grant", "60"]);
+    let id = granted.split_whitespace().nth(1).unwrap().to_string();
+    assert!(granted.ends_with("granted with TTL(60s)\n"), "{granted}");
+    assert_eq!(ok(&["put", "svc/a", "up", "--lease", &id]), "OK\n");
+    let ttl = ok(&["lease", "timetolive", &id, "--keys"]);
+    assert!(
+        ttl.contains("granted with TTL(60s)") && ttl.contains("attached keys([svc/a])"),
+        "{ttl}"
+    );
+    assert!(ok(&["lease", "list"]).contains(&id));
+    assert!(ok(&["lease", "keep-alive", "--once", &id]).contains("keepalived with TTL(60)"));
+    assert!(ok(&["lease", "revoke", &id]).contains("revoked"));
+    assert_eq!(ok(&["get", "svc/a"]), "");
+    assert!(ok(&["lease", "timetolive", &id]).contains("already expired"));
+
+    // etcdctl's own lock (etcd's concurrency package on Kiwi's leases, transactions and watches): two
+    // holders never overlap.
+    let log = dir.path().join("lock.log");
+    let script = format!("echo start >> {0}; sleep 1; echo end >> {0}", log.display());
+    let spawn_lock = || {
+        Command::new("etcdctl")
+            .args(["lock", "mylock", "--", "sh", "-c", &script])
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &endpoints)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn_lock(), spawn_lock());
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "start\nend\nstart\nend\n"
+    );
+
+    // etcdctl elect: the second candidate leads once the first one's process is stopped (SIGINT: it
+    // closes its session; etcdctl 3.4's session TTL is 60 s, so a SIGKILL would hand over in a minute).
+    let spawn_elect = |value: &str| {
+        Command::new("etcdctl")
+            .args(["elect", "myelection", value])
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &endpoints)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut e1 = spawn_elect("one");
+    let mut e1_out = BufReader::new(e1.stdout.take().unwrap()).lines();
+    assert!(e1_out.next().unwrap().unwrap().starts_with("myelection/"));
+    assert_eq!(e1_out.next().unwrap().unwrap(), "one");
+    let mut e2 = spawn_elect("two");
+    Command::new("kill")
+        .args(["-INT", &e1.id().to_string()])
+        .status()
+        .unwrap();
+    e1.wait().unwrap();
+    let mut e2_out = BufReader::new(e2.stdout.take().unwrap()).lines();
+    assert!(e2_out.next().unwrap().unwrap().starts_with("myelection/"));
+    assert_eq!(e2_out.next().unwrap().unwrap(), "two");
+    e2.kill().unwrap();
+    e2.wait().unwrap();
+
+    // Members and status.
+    let members = ok(&["member", "list"]);
+    assert_eq!(members.lines().count(), 3, "{members}");
+    assert!(members.contains("node-1"), "{members}");
+    let status = ok(&["endpoint", "status", "-w", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status[0]["Status"]["version"], "3.4.0", "{status}");
+    assert!(status[0]["Status"]["leader"].as_u64().unwrap() > 0);
+    // etcdctl 3.4 prints health to stderr.
+    let health = etcdctl(&["endpoint", "health"], None);
+    assert!(health.status.success(), "{health:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&health.stderr)
+            .matches("is healthy")
+            .count(),
+        3,
+        "{health:?}"
+    );
+
+    // Compaction, and a read below it gets etcd's "compacted" error.
+    let head: serde_json::Value = serde_json::from_str(&ok(&["get", "foo", "-w", "json"])).unwrap();
+    let now = head["header"]["revision"].as_i64().unwrap();
+    assert!(ok(&["compaction", &now.to_string()]).contains(&format!("compacted revision {now}")));
+    let old = etcdctl(&["get", "foo", "--rev", &rev1.to_string()], None);
+    assert!(!old.status.success());
+    assert!(
+        String::from_utf8_lossy(&old.stderr).contains("required revision has been compacted"),
+        "{old:?}"
+    );
+
+    Command::new("kill")
+        .args(["-INT", &pg.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(pg.child.wait().unwrap().success());
+}

@@ -56,7 +56,10 @@ async fn a_lease_takes_its_keys_after_its_ttl_not_before_and_revocation_is_one_w
     // A TTL of 0 is refused, naming the field; the floor is 1.5 election timeouts (10 ticks of
     // 50 ms) rounded up to 1 s.
     let e = c.lease_grant(0, 0, &o).await.unwrap_err();
-    assert!(matches!(&e, Error::InvalidArgument(m) if m.contains("ttl")), "{e}");
+    assert!(
+        matches!(&e, Error::InvalidArgument(m) if m.contains("ttl")),
+        "{e}"
+    );
     let (short, ttl) = c.lease_grant(1, 0, &o).await.unwrap();
     assert_eq!(ttl, 1);
     c.lease_revoke(short, &o).await.unwrap();

@@ -83,6 +83,18 @@ pub struct NodeConfig {
     pub connections: ConnectionsConfig,
     /// The kept history behind watches and reads at a past revision.
     pub watch: WatchConfig,
+    /// The etcd v3 API.
+    pub etcd: EtcdConfig,
+}
+
+/// `[etcd]`: the etcd v3 API for etcd's clients and tools.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdConfig {
+    /// Where to serve etcd's v3 gRPC API (KV, Watch, Lease, Cluster.MemberList, Maintenance.Status),
+    /// with the client port's TLS; unset: not served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_addr: Option<SocketAddr>,
 }
 
 /// `[watch]`: the kept history of changes.
@@ -157,6 +169,7 @@ impl Default for NodeConfig {
             security: SecurityConfig::default(),
             connections: ConnectionsConfig::default(),
             watch: WatchConfig::default(),
+            etcd: EtcdConfig::default(),
         }
     }
 }
@@ -846,6 +859,31 @@ impl NodeConfig {
         for (field, message) in self.security.problems(self.listen_addr) {
             check(false, field, message);
         }
+        if let Some(etcd) = self.etcd.listen_addr {
+            for (field, message) in self.security.problems(etcd) {
+                check(false, field, message);
+            }
+            check(
+                self.security.tokens_file.is_none(),
+                "etcd.listen_addr",
+                "cannot be served with security.tokens_file yet: etcd's clients authenticate with \
+                 etcd's Auth service, which Kiwi does not serve; use client certificates (TLS) or keep \
+                 the etcd API off"
+                    .to_string(),
+            );
+            let taken = [
+                Some(self.listen_addr),
+                self.raft_listen_addr,
+                self.telemetry.metrics_addr,
+            ];
+            check(
+                !taken.contains(&Some(etcd)),
+                "etcd.listen_addr",
+                format!(
+                    "{etcd} is already listen_addr, raft_listen_addr or telemetry.metrics_addr"
+                ),
+            );
+        }
         let raft_addr = self.raft_listen_addr.unwrap_or(self.listen_addr);
         check(
             raft_addr.ip().is_loopback() || self.security.ca_file.is_some(),
@@ -1240,6 +1278,20 @@ mod tests {
             },
         ];
         assert_eq!(invalid_fields(&c), ["raft.peers", "raft.peers"]);
+    }
+
+    #[test]
+    fn the_etcd_port_is_its_own_and_refuses_tokens_it_cannot_check() {
+        let mut c = NodeConfig::from_toml("[etcd]\nlisten_addr = \"127.0.0.1:2379\"\n").unwrap();
+        assert!(invalid_fields(&c).is_empty());
+        assert_eq!(c.etcd.listen_addr, Some("127.0.0.1:2379".parse().unwrap()));
+        c.etcd.listen_addr = Some(c.listen_addr);
+        assert_eq!(invalid_fields(&c), ["etcd.listen_addr"]);
+        c.etcd.listen_addr = Some("127.0.0.1:2379".parse().unwrap());
+        c.security.tokens_file = Some("/nonexistent/tokens.toml".into());
+        assert!(invalid_fields(&c).contains(&"etcd.listen_addr"));
+        let e = NodeConfig::from_toml("[etcd]\nlisten = \"127.0.0.1:2379\"\n").unwrap_err();
+        assert!(e.contains("listen"), "{e}");
     }
 
     #[test]

@@ -280,6 +280,24 @@ impl Node {
             source,
         })?;
 
+        // etcd's v3 API, when configured.
+        let etcd_listener = match config.etcd.listen_addr {
+            Some(etcd_addr) => {
+                let listener =
+                    TcpListener::bind(etcd_addr)
+                        .await
+                        .map_err(|source| Error::Bind {
+                            addr: etcd_addr,
+                            source,
+                        })?;
+                let bound = listener.local_addr().map_err(|source| Error::Bind {
+                    addr: etcd_addr,
+                    source,
+                })?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
         // Raft's own port, when configured: members only (see `serve_members_tls`).
         let raft_listener = match config.raft_listen_addr {
             Some(raft_addr) => {
@@ -560,10 +578,60 @@ impl Node {
                     done,
                 )),
             };
+        let etcd_server: Option<ServeFuture> = etcd_listener.map(|(listener, bound)| {
+            let scheme = if server_tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let etcd = service::etcd::Etcd::new(
+                &kv,
+                format!("{scheme}://{bound}"),
+                server_tls
+                    .is_some()
+                    .then(|| peer_tls.as_ref().map(|t| t.get()))
+                    .flatten(),
+            );
+            let conns = kiwi_proto::connections::Connections::new(limits);
+            use kiwi_proto::etcd::etcdserverpb::{
+                cluster_server::ClusterServer, kv_server::KvServer as EtcdKvServer,
+                lease_server::LeaseServer, maintenance_server::MaintenanceServer,
+                watch_server::WatchServer,
+            };
+            let router = kiwi_proto::limits::server()
+                .layer(conns.layer())
+                .add_service(
+                    EtcdKvServer::new(service::etcd::EtcdKv(etcd.clone()))
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                )
+                .add_service(WatchServer::new(service::etcd::EtcdWatch(etcd.clone())))
+                .add_service(LeaseServer::new(service::etcd::EtcdLease(etcd.clone())))
+                .add_service(ClusterServer::new(service::etcd::EtcdCluster(etcd.clone())))
+                .add_service(MaintenanceServer::new(service::etcd::EtcdMaintenance(etcd)));
+            tracing::info!(etcd_addr = %bound, "etcd v3 API served");
+            let done = shutdown.clone().cancelled_owned();
+            let serve: ServeFuture = match &server_tls {
+                Some(t) => Box::pin(
+                    router.serve_with_incoming_shutdown(t.accept(&conns, incoming(listener)), done),
+                ),
+                None => Box::pin(
+                    router
+                        .serve_with_incoming_shutdown(conns.accept_plain(incoming(listener)), done),
+                ),
+            };
+            serve
+        });
         let server = tokio::spawn(async move {
+            let etcd = async move {
+                match etcd_server {
+                    Some(s) => s.await,
+                    None => Ok(()),
+                }
+            };
             match raft_server {
-                Some(raft_server) => tokio::try_join!(server, raft_server).map(|_| ()),
-                None => server.await,
+                Some(raft_server) => tokio::try_join!(server, raft_server, etcd).map(|_| ()),
+                None => tokio::try_join!(server, etcd).map(|_| ()),
             }
         });
         kiwi_proto::security::reload_on_sighup(

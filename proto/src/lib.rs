@@ -6,6 +6,9 @@
 //! - `admin.proto`: `NodeAdmin`, per-node administration.
 //! - `control.proto`: `NodeLink` (each node's stream to the control plane) and `ControlService` (operators).
 //!
+//! `etcd/*.proto` are the part of etcd's v3 API the nodes serve (packages `etcdserverpb` and `mvccpb`, in
+//! [`etcd`]), with etcd's names and field numbers: what etcd's clients speak.
+//!
 //! [`policy`] holds the rules of a runtime policy, shared by the node and the control plane; `http`
 //! (feature `http`) the guarded Prometheus endpoint both of them serve; `auth` (feature `auth`) bearer tokens and
 //! roles for their gRPC servers; `connections` (feature `auth`) what a server's connections may hold (caps,
@@ -21,6 +24,17 @@
 
 #[cfg(feature = "auth")]
 pub mod auth;
+
+/// etcd's v3 API as Kiwi serves it (`etcd/rpc.proto`, `etcd/kv.proto`).
+pub mod etcd {
+    #![allow(clippy::all, clippy::pedantic, non_snake_case)]
+    pub mod mvccpb {
+        include!(concat!(env!("OUT_DIR"), "/mvccpb.rs"));
+    }
+    pub mod etcdserverpb {
+        include!(concat!(env!("OUT_DIR"), "/etcdserverpb.rs"));
+    }
+}
 pub mod codec;
 #[cfg(feature = "auth")]
 pub mod connections;

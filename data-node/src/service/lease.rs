@@ -151,7 +151,7 @@ impl KvServer {
     }
 
     /// Answers one keepalive: the lease's full TTL again, or 0 when it does not exist.
-    async fn keep_alive(&self, id: u64) -> Result<LeaseKeepAliveResponse, KvError> {
+    pub(super) async fn keep_alive(&self, id: u64) -> Result<LeaseKeepAliveResponse, KvError> {
         let term = self.confirm_leader().await?;
         let record = lease_state::read(&*self.storage, id).map_err(KvError::Storage)?;
         let ttl = match record {

@@ -13,6 +13,7 @@
 
 mod admin;
 pub mod error;
+pub mod etcd;
 mod kv;
 mod lease;
 mod watch;

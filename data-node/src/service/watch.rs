@@ -33,6 +33,7 @@ use kiwi_proto::v1::{
 };
 use prost::Message as _;
 use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt as _;
 use tonic::Status;
 
 use super::*;
@@ -126,6 +127,17 @@ struct Stream {
     progress_asked: bool,
 }
 
+/// The requests of a watch stream: a gRPC stream of Kiwi's own, or the etcd front end's translation.
+pub(super) trait RequestStream:
+    tokio_stream::Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static
+{
+}
+
+impl<T> RequestStream for T where
+    T: tokio_stream::Stream<Item = Result<WatchRequest, Status>> + Send + Unpin + 'static
+{
+}
+
 /// Releases a stream's place in the node's count.
 struct StreamSlot(Arc<KvServer>);
 
@@ -141,7 +153,7 @@ pub(super) fn serve(
     tagged: Tagged,
     connection: Connection,
     may_critical: bool,
-    requests: tonic::Streaming<WatchRequest>,
+    requests: impl RequestStream,
 ) -> Result<mpsc::Receiver<Queued>, KvError> {
     if server.watch_streams.fetch_add(1, Ordering::SeqCst) >= MAX_WATCH_STREAMS {
         server.watch_streams.fetch_sub(1, Ordering::SeqCst);
@@ -175,7 +187,7 @@ pub(super) fn serve(
 impl Stream {
     async fn run(
         mut self,
-        mut requests: tonic::Streaming<WatchRequest>,
+        mut requests: impl RequestStream,
         mut feed: broadcast::Receiver<Arc<Published>>,
     ) {
         let mut progress = tokio::time::interval(PROGRESS_INTERVAL);
@@ -187,7 +199,7 @@ impl Stream {
                 return;
             }
             tokio::select! {
-                request = requests.message() => match request {
+                request = requests.next() => match request.transpose() {
                     Ok(Some(r)) => {
                         if self.handle(r).await.is_err() {
                             return;

@@ -38,10 +38,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::ConsistencyArg;
 
-mod etcd {
-    #![allow(clippy::all, clippy::pedantic)]
-    tonic::include_proto!("etcdserverpb");
-}
+use kiwi_proto::etcd::etcdserverpb as etcd;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Target {

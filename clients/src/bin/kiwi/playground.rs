@@ -129,6 +129,9 @@ struct Proc {
     addr: String,
     /// Its Prometheus endpoint (`telemetry.metrics_addr`), unless `--no-metrics`.
     metrics_addr: Option<String>,
+    /// Its etcd v3 API (`[etcd] listen_addr`), except with `--secure` (tokens and etcd's clients do not
+    /// mix yet).
+    etcd_addr: Option<String>,
     log: PathBuf,
     config: PathBuf,
     /// `None` once it died (and was not restarted).
@@ -447,6 +450,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
     let mut addrs = Vec::new();
     let mut metrics = Vec::new();
     let mut raft_addrs = Vec::new();
+    let mut etcd_addrs = Vec::new();
     for id in 1..=args.nodes {
         let (port, metrics_port) = match args.base_port {
             Some(b) => {
@@ -462,6 +466,15 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         };
         addrs.push((id, format!("127.0.0.1:{port}")));
         metrics.push(format!("127.0.0.1:{metrics_port}"));
+        if !args.secure {
+            let etcd_port = match args.base_port {
+                Some(_) => port
+                    .checked_add(400)
+                    .context("--base-port too high for the etcd ports (base-port + 400 + N - 1)")?,
+                None => free_port()?,
+            };
+            etcd_addrs.push(format!("127.0.0.1:{etcd_port}"));
+        }
         // Secure: Raft on its own port, where the handshake needs a member certificate.
         if args.secure {
             let raft_port = match args.base_port {
@@ -484,6 +497,10 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         let raft_addr = |id: u64| raft_addrs.get(usize::try_from(id - 1).ok()?);
         if let Some(r) = raft_addr(*id) {
             config.push_str(&format!("raft_listen_addr = \"{r}\"\n"));
+        }
+        let etcd_addr = etcd_addrs.get(usize::try_from(id - 1)?).cloned();
+        if let Some(e) = &etcd_addr {
+            config.push_str(&format!("\n[etcd]\nlisten_addr = \"{e}\"\n"));
         }
         config.push_str(&format!("\n[raft]\nnode_id = {id}\n"));
         if args.lease_reads {
@@ -535,6 +552,7 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
             id: *id,
             addr: addr.clone(),
             metrics_addr: (!args.no_metrics).then(|| metrics_addr.clone()),
+            etcd_addr,
             log,
             config: config_path,
             child: Some(child),
@@ -648,6 +666,16 @@ async fn serve(
         println!("  export KIWI_CONTROL={}", c.addr);
     }
     println!("  export KIWI_PLAYGROUND_DIR={}", data_dir.display());
+    let etcd: Vec<&str> = procs
+        .iter()
+        .filter_map(|p| p.etcd_addr.as_deref())
+        .collect();
+    if !etcd.is_empty() {
+        println!(
+            "  export ETCDCTL_API=3 ETCDCTL_ENDPOINTS={}",
+            etcd.join(",")
+        );
+    }
     if let Some(s) = secrets {
         println!("  export KIWI_CA_CERT={}", s.ca.display());
         println!("  export KIWI_TOKEN_FILE={}", s.token_file.display());
