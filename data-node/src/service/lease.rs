@@ -262,12 +262,14 @@ pub(super) fn serve_keep_alive(
 /// Starts the leader's sweep: every [`SWEEP_INTERVAL`], on the leader, every lease whose deadline
 /// passed is revoked by a proposal.
 pub fn spawn_lease_upkeep(server: &Arc<KvServer>) {
-    let server = Arc::clone(server);
+    // Weak: the sweep ends with the node (and holds neither it nor its storage open).
+    let weak = Arc::downgrade(server);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let Some(server) = weak.upgrade() else { return };
             let st = server.driver.status();
             let term = (st.role == Role::Leader && !st.removed).then_some(st.term);
             let leases = if term.is_some() {
