@@ -1745,6 +1745,37 @@ fn etcdctl_works_against_the_etcd_api() {
         "{health:?}"
     );
 
+    // No alarms; every member hashes its keys at one revision alike; leadership moves on request.
+    assert_eq!(ok(&["alarm", "list"]), "");
+    let head: serde_json::Value = serde_json::from_str(&ok(&["get", "foo", "-w", "json"])).unwrap();
+    let rev = head["header"]["revision"].as_i64().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let hashes = loop {
+        let o = etcdctl(&["endpoint", "hashkv", "--rev", &rev, "-w", "json"], None);
+        if o.status.success() {
+            let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+            break v;
+        }
+        // A follower that has not applied `rev` yet answers "future revision": ask again.
+        assert!(Instant::now() < deadline, "{o:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let hashes: Vec<u64> = hashes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["HashKV"]["hash"].as_u64().unwrap())
+        .collect();
+    assert_eq!(hashes.len(), 3);
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "{hashes:?}");
+    let leader = status[0]["Status"]["leader"].as_u64().unwrap();
+    let to = (1..=3).find(|id| *id != leader).unwrap();
+    let moved = ok(&["move-leader", &format!("{to:x}")]);
+    assert!(moved.contains("Leadership transferred"), "{moved}");
+    let after: serde_json::Value =
+        serde_json::from_str(&ok(&["endpoint", "status", "-w", "json"])).unwrap();
+    assert_eq!(after[0]["Status"]["leader"].as_u64(), Some(to), "{after}");
+
     // Compaction, and a read below it gets etcd's "compacted" error.
     let head: serde_json::Value = serde_json::from_str(&ok(&["get", "foo", "-w", "json"])).unwrap();
     let now = head["header"]["revision"].as_i64().unwrap();

@@ -1,18 +1,22 @@
-//! etcd's `Cluster.MemberList` and `Maintenance.Status` from the node's Raft status and member records.
+//! etcd's `Cluster.MemberList` and `Maintenance` (Alarm, Status, HashKV, MoveLeader) from the node's Raft
+//! status, member records and data.
 
 use kiwi_proto::etcd::etcdserverpb::{
-    Member, MemberListRequest, MemberListResponse, StatusRequest, StatusResponse,
-    cluster_server::Cluster, maintenance_server::Maintenance,
+    AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, Member, MemberListRequest,
+    MemberListResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
+    alarm_request::AlarmAction, cluster_server::Cluster, maintenance_server::Maintenance,
 };
+use kiwi_proto::v1 as kiwi;
 use tonic::{Request, Response, Status};
 
-use super::{ETCD_VERSION, Etcd, to_etcd};
+use super::{ETCD_VERSION, Etcd, int, to_etcd, uint};
+use crate::raft::driver::Role;
 
 /// The `Cluster` service (MemberList).
 #[derive(Clone)]
 pub struct EtcdCluster(pub Etcd);
 
-/// The `Maintenance` service (Status).
+/// The `Maintenance` service (Alarm, Status, HashKV, MoveLeader).
 #[derive(Clone)]
 pub struct EtcdMaintenance(pub Etcd);
 
@@ -58,8 +62,104 @@ impl Cluster for EtcdCluster {
     }
 }
 
+impl Etcd {
+    /// CRC-32 of this member's keys at `revision` (0: its applied index), in key order; and the
+    /// revision hashed.
+    async fn hash_kv(&self, revision: u64) -> Result<(u32, u64), Status> {
+        let at = if revision == 0 {
+            self.server.driver.status().applied
+        } else {
+            revision
+        };
+        let mut hasher = crc32fast::Hasher::new();
+        let mut start = vec![0u8];
+        loop {
+            let page = kiwi_proto::v1::kv_service_server::KvService::scan(
+                &self.kv,
+                Request::new(kiwi::ScanRequest {
+                    start_key: start.clone(),
+                    limit: crate::service::MAX_SCAN_LIMIT,
+                    consistency: kiwi::Consistency::Serializable as i32,
+                    revision: at,
+                    ..kiwi::ScanRequest::default()
+                }),
+            )
+            .await?
+            .into_inner();
+            for kv in &page.kvs {
+                for n in [kv.key.len() as u64, kv.value.len() as u64] {
+                    hasher.update(&n.to_be_bytes());
+                }
+                hasher.update(&kv.key);
+                hasher.update(&kv.value);
+                for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
+                    hasher.update(&n.to_be_bytes());
+                }
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok((hasher.finalize(), at)),
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for EtcdMaintenance {
+    async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let etcd = &self.0;
+        if r.into_inner().action != AlarmAction::Get as i32 {
+            return Err(Status::invalid_argument(
+                "etcdserver: Kiwi raises no alarms: there is none to activate or deactivate",
+            ));
+        }
+        Ok(Response::new(AlarmResponse {
+            header: etcd.header(etcd.server.driver.status().applied),
+            alarms: Vec::new(),
+        }))
+    }
+
+    async fn hash_kv(&self, r: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let etcd = &self.0;
+        let (hash, at) = etcd
+            .hash_kv(uint(r.into_inner().revision))
+            .await
+            .map_err(to_etcd)?;
+        let compacted = crate::raft::mvcc::compacted(&*etcd.server.storage)
+            .map_err(|e| Status::internal(format!("etcdserver: {e}")))?;
+        Ok(Response::new(HashKvResponse {
+            header: etcd.header(at),
+            hash,
+            compact_revision: int(compacted),
+            hash_revision: int(at),
+        }))
+    }
+
+    async fn move_leader(
+        &self,
+        r: Request<MoveLeaderRequest>,
+    ) -> Result<Response<MoveLeaderResponse>, Status> {
+        let etcd = &self.0;
+        let st = etcd.server.driver.status();
+        if st.role != Role::Leader {
+            return Err(Status::failed_precondition("etcdserver: not leader"));
+        }
+        kiwi_proto::v1::node_admin_server::NodeAdmin::transfer_leader(
+            &crate::service::AdminApi(std::sync::Arc::clone(&etcd.server)),
+            Request::new(kiwi::TransferLeaderRequest {
+                node_id: r.into_inner().target_id,
+            }),
+        )
+        .await
+        .map_err(to_etcd)?;
+        Ok(Response::new(MoveLeaderResponse {
+            header: etcd.header(etcd.server.driver.status().applied),
+        }))
+    }
+
     async fn status(&self, _r: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let etcd = &self.0;
         let s = &etcd.server;

@@ -7,7 +7,7 @@
 //!   Txn, Compact).
 //! - [`watch`]: `Watch` (a Kiwi watch stream per etcd stream).
 //! - [`lease`]: the `Lease` service.
-//! - [`maintenance`]: `Cluster.MemberList` and `Maintenance.Status`.
+//! - [`maintenance`]: `Cluster.MemberList` and `Maintenance` (Alarm, Status, HashKV, MoveLeader).
 //!
 //! etcd clients send any call to any member. Kiwi answers writes (and leader-only calls) on the leader
 //! only, so a member that is not the leader forwards them to the leader's client port ([`Forwarder`]),
