@@ -104,8 +104,44 @@ impl Etcd {
         via_leader!(self, scan, req)
     }
 
+    /// etcd's Range of one key: Kiwi's Get.
+    async fn range_one(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
+        let g = via_leader!(
+            self,
+            get,
+            kiwi::GetRequest {
+                header: None,
+                key: r.key.clone(),
+                consistency: consistency(r.serializable),
+                revision: uint(r.revision),
+            }
+        )?;
+        let revision = g.header.as_ref().map_or(0, |h| h.revision);
+        let kvs = if g.found && !r.count_only {
+            vec![mvccpb::KeyValue {
+                key: r.key,
+                create_revision: int(g.create_revision),
+                mod_revision: int(g.mod_revision),
+                version: int(g.version),
+                value: if r.keys_only { Vec::new() } else { g.value },
+                lease: int(g.lease),
+            }]
+        } else {
+            Vec::new()
+        };
+        Ok(RangeResponse {
+            header: self.header(revision),
+            kvs,
+            more: false,
+            count: i64::from(g.found),
+        })
+    }
+
     /// etcd's Range: Kiwi's Scan (pages read at one revision), then etcd's sort and filters.
     pub(super) async fn range(&self, r: RangeRequest) -> Result<RangeResponse, Status> {
+        if r.range_end.is_empty() && !r.key.is_empty() && !Shape::of(&r).needed() {
+            return self.range_one(r).await;
+        }
         let (start, end) = etcd_range(&r.key, &r.range_end);
         let shape = Shape::of(&r);
         let whole = shape.needed();
