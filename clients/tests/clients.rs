@@ -1787,6 +1787,39 @@ fn etcdctl_works_against_the_etcd_api() {
         "{old:?}"
     );
 
+    // The leader's process is SIGKILLed: with every member among its endpoints, etcdctl keeps working
+    // (a command during the election may fail; each write is tried again until it is acknowledged).
+    let st: serde_json::Value =
+        serde_json::from_str(&ok(&["endpoint", "status", "-w", "json"])).unwrap();
+    let leader = st[0]["Status"]["leader"].as_u64().unwrap();
+    let pid = Command::new("pgrep")
+        .arg("-f")
+        .arg(format!(
+            "{}/node-{leader}/",
+            dir.path().join("pg").display()
+        ))
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().to_string();
+    assert!(!pid.is_empty(), "the leader's process");
+    Command::new("kill").args(["-9", &pid]).status().unwrap();
+    for i in 0..5 {
+        let value = format!("after-kill-{i}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let o = etcdctl(&["put", "k/failover", &value], None);
+            if o.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "put {i} never succeeded: {o:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            ok(&["get", "k/failover", "--print-value-only"]),
+            format!("{value}\n")
+        );
+    }
+
     Command::new("kill")
         .args(["-INT", &pg.child.id().to_string()])
         .status()
