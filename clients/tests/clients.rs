@@ -1819,6 +1819,19 @@ fn etcdctl_works_against_the_etcd_api() {
             format!("{value}\n")
         );
     }
+    // The dead member is removed through the etcd API (a follower passes it to the leader).
+    let removed = ok(&["member", "remove", &format!("{leader:x}")]);
+    assert!(removed.contains("removed from cluster"), "{removed}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let members = ok(&["member", "list"]);
+        if members.lines().count() == 2 {
+            assert!(!members.contains(&format!("node-{leader},")), "{members}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{members}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     Command::new("kill")
         .args(["-INT", &pg.child.id().to_string()])

@@ -3,8 +3,9 @@
 
 use kiwi_proto::etcd::etcdserverpb::{
     AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, Member, MemberListRequest,
-    MemberListResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
-    alarm_request::AlarmAction, cluster_server::Cluster, maintenance_server::Maintenance,
+    MemberListResponse, MemberRemoveRequest, MemberRemoveResponse, MoveLeaderRequest,
+    MoveLeaderResponse, StatusRequest, StatusResponse, alarm_request::AlarmAction,
+    cluster_server::Cluster, maintenance_server::Maintenance,
 };
 use kiwi_proto::v1 as kiwi;
 use tonic::{Request, Response, Status};
@@ -12,7 +13,7 @@ use tonic::{Request, Response, Status};
 use super::{ETCD_VERSION, Etcd, int, to_etcd, uint};
 use crate::raft::driver::Role;
 
-/// The `Cluster` service (MemberList).
+/// The `Cluster` service (MemberList, MemberRemove).
 #[derive(Clone)]
 pub struct EtcdCluster(pub Etcd);
 
@@ -22,6 +23,43 @@ pub struct EtcdMaintenance(pub Etcd);
 
 #[tonic::async_trait]
 impl Cluster for EtcdCluster {
+    async fn member_remove(
+        &self,
+        r: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        let etcd = &self.0;
+        let req = kiwi::RemoveNodeRequest {
+            node_id: r.into_inner().id,
+        };
+        let admin = crate::service::AdminApi(std::sync::Arc::clone(&etcd.server));
+        let done = match kiwi_proto::v1::node_admin_server::NodeAdmin::remove_node(
+            &admin,
+            Request::new(req),
+        )
+        .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) => match super::leader_addr(&s) {
+                Some(addr) => etcd
+                    .forward
+                    .admin(&addr)?
+                    .remove_node(Request::new(req))
+                    .await
+                    .map(|_| ()),
+                None => Err(s),
+            },
+        };
+        done.map_err(to_etcd)?;
+        let list = self
+            .member_list(Request::new(MemberListRequest::default()))
+            .await?;
+        let list = list.into_inner();
+        Ok(Response::new(MemberRemoveResponse {
+            header: list.header,
+            members: list.members,
+        }))
+    }
+
     async fn member_list(
         &self,
         _r: Request<MemberListRequest>,

@@ -7,7 +7,8 @@
 //!   Txn, Compact).
 //! - [`watch`]: `Watch` (a Kiwi watch stream per etcd stream).
 //! - [`lease`]: the `Lease` service.
-//! - [`maintenance`]: `Cluster.MemberList` and `Maintenance` (Alarm, Status, HashKV, MoveLeader).
+//! - [`maintenance`]: `Cluster` (MemberList, MemberRemove) and `Maintenance` (Alarm, Status, HashKV,
+//!   MoveLeader).
 //!
 //! etcd clients send any call to any member. Kiwi answers writes (and leader-only calls) on the leader
 //! only, so a member that is not the leader forwards them to the leader's client port ([`Forwarder`]),
@@ -83,14 +84,29 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
+    /// A `NodeAdmin` client on `addr` (a member's client address from a "not the leader" answer).
+    fn admin(
+        &self,
+        addr: &str,
+    ) -> Result<kiwi_proto::v1::node_admin_client::NodeAdminClient<Channel>, Status> {
+        let channel = self.channel(addr)?;
+        Ok(kiwi_proto::v1::node_admin_client::NodeAdminClient::new(
+            channel,
+        ))
+    }
+
     /// A Kiwi client on `addr` (a member's client address from a "not the leader" answer).
     fn client(&self, addr: &str) -> Result<KvServiceClient<Channel>, Status> {
+        Ok(KvServiceClient::new(self.channel(addr)?))
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
         let mut channels = self
             .channels
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(c) = channels.get(addr) {
-            return Ok(KvServiceClient::new(c.clone()));
+            return Ok(c.clone());
         }
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
@@ -104,7 +120,7 @@ impl Forwarder {
         }
         let channel = endpoint.connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
-        Ok(KvServiceClient::new(channel))
+        Ok(channel)
     }
 }
 
