@@ -55,6 +55,8 @@ pub struct ClusterOptions {
     pub telemetry_extra: String,
     /// Every node serves Raft on its own port (`raft_listen_addr`, and `raft_addr` in `raft.peers`).
     pub raft_ports: bool,
+    /// Serve etcd's v3 API on a port of each node's own (`[etcd] listen_addr`).
+    pub etcd_ports: bool,
 }
 
 impl Default for ClusterOptions {
@@ -70,6 +72,7 @@ impl Default for ClusterOptions {
             telemetry_extra: String::new(),
             log_json: false,
             raft_ports: false,
+            etcd_ports: false,
         }
     }
 }
@@ -80,6 +83,8 @@ struct NodeProc {
     metrics_addr: SocketAddr,
     /// `raft_listen_addr`, with [`ClusterOptions::raft_ports`].
     raft_addr: Option<SocketAddr>,
+    /// `[etcd] listen_addr`, with [`ClusterOptions::etcd_ports`].
+    etcd_addr: Option<SocketAddr>,
     dir: PathBuf,
     child: Option<Child>,
     /// Started with `raft.join = true` (not a founding member).
@@ -149,6 +154,7 @@ impl Cluster {
                     addr: free_addr(),
                     metrics_addr: free_addr(),
                     raft_addr: opts.raft_ports.then(free_addr),
+                    etcd_addr: opts.etcd_ports.then(free_addr),
                     dir,
                     child: None,
                     join: false,
@@ -192,6 +198,11 @@ impl Cluster {
     /// A node's own Raft port (`raft_listen_addr`), with [`ClusterOptions::raft_ports`].
     pub fn raft_addr(&self, id: u64) -> Option<SocketAddr> {
         self.nodes[&id].raft_addr
+    }
+
+    /// A node's etcd v3 API (`[etcd] listen_addr`), with [`ClusterOptions::etcd_ports`].
+    pub fn etcd_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.nodes[&id].etcd_addr
     }
 
     /// A node's metrics endpoint (`telemetry.metrics_addr`).
@@ -244,6 +255,9 @@ impl Cluster {
             node.metrics_addr, self.opts.telemetry_extra
         ));
         s.push_str(&self.opts.extra_config);
+        if let Some(etcd) = node.etcd_addr {
+            s.push_str(&format!("\n[etcd]\nlisten_addr = \"{etcd}\"\n"));
+        }
         s
     }
 
@@ -282,6 +296,7 @@ impl Cluster {
                 addr: free_addr(),
                 metrics_addr: free_addr(),
                 raft_addr: self.opts.raft_ports.then(free_addr),
+                etcd_addr: self.opts.etcd_ports.then(free_addr),
                 dir,
                 child: None,
                 join: true,

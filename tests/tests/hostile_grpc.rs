@@ -86,6 +86,25 @@ const NODE_METHODS: &[(&str, Shape)] = &[
     ("/grpc.health.v1.Health/Check", Shape::Unary),
 ];
 
+/// The etcd API (`[etcd] listen_addr`); DeleteRange and Txn left out as above, MemberRemove as
+/// RemoveNode is.
+const ETCD_METHODS: &[(&str, Shape)] = &[
+    ("/etcdserverpb.KV/Range", Shape::Unary),
+    ("/etcdserverpb.KV/Put", Shape::Unary),
+    ("/etcdserverpb.KV/Compact", Shape::Unary),
+    ("/etcdserverpb.Watch/Watch", Shape::Bidi),
+    ("/etcdserverpb.Lease/LeaseGrant", Shape::Unary),
+    ("/etcdserverpb.Lease/LeaseRevoke", Shape::Unary),
+    ("/etcdserverpb.Lease/LeaseKeepAlive", Shape::Bidi),
+    ("/etcdserverpb.Lease/LeaseTimeToLive", Shape::Unary),
+    ("/etcdserverpb.Lease/LeaseLeases", Shape::Unary),
+    ("/etcdserverpb.Cluster/MemberList", Shape::Unary),
+    ("/etcdserverpb.Maintenance/Alarm", Shape::Unary),
+    ("/etcdserverpb.Maintenance/Status", Shape::Unary),
+    ("/etcdserverpb.Maintenance/HashKV", Shape::Unary),
+    ("/etcdserverpb.Maintenance/MoveLeader", Shape::Unary),
+];
+
 const CONTROL_METHODS: &[(&str, Shape)] = &[
     ("/kiwi.v1.ControlService/ClusterStatus", Shape::Unary),
     ("/kiwi.v1.ControlService/Events", Shape::Unary),
@@ -121,6 +140,13 @@ fn seeds() -> Vec<Vec<u8>> {
             end_key: b"fuzz0".to_vec(),
             limit: 10,
             ..ScanRequest::default()
+        }
+        .encode_to_vec(),
+        kiwi_proto::etcd::etcdserverpb::RangeRequest {
+            key: b"fuzz/1".to_vec(),
+            range_end: b"fuzz0".to_vec(),
+            limit: 5,
+            ..Default::default()
         }
         .encode_to_vec(),
         kiwi_proto::v1::RaftMessageBatch {
@@ -206,6 +232,7 @@ async fn random_bytes_to_every_method_break_nothing() {
         extra_config: format!(
             "\n[control]\naddr = \"{control_addr}\"\nheartbeat_interval_ms = {HEARTBEAT_MS}\n"
         ),
+        etcd_ports: true,
         ..ClusterOptions::default()
     })
     .await;
@@ -229,14 +256,27 @@ async fn random_bytes_to_every_method_break_nothing() {
                 .connect_lazy()
         })
         .collect();
+    let etcd: Vec<Channel> = cluster
+        .ids()
+        .iter()
+        .map(|&id| {
+            Channel::from_shared(format!("http://{}", cluster.etcd_addr(id).unwrap()))
+                .unwrap()
+                .connect_lazy()
+        })
+        .collect();
     let control_channel = Channel::from_shared(format!("http://{control_addr}"))
         .unwrap()
         .connect_lazy();
     while started.elapsed() < Duration::from_secs(12) {
         let body = mutate(&mut rng, &seeds);
-        let (channel, (path, shape)) = if rng.random_bool(0.75) {
+        let pick = rng.random_range(0..100);
+        let (channel, (path, shape)) = if pick < 55 {
             let n = &nodes[rng.random_range(0..nodes.len())];
             (n, NODE_METHODS[rng.random_range(0..NODE_METHODS.len())])
+        } else if pick < 80 {
+            let n = &etcd[rng.random_range(0..etcd.len())];
+            (n, ETCD_METHODS[rng.random_range(0..ETCD_METHODS.len())])
         } else {
             (
                 &control_channel,
@@ -257,6 +297,14 @@ async fn random_bytes_to_every_method_break_nothing() {
     // Every process is alive; the cluster serves, keeps the data and commits.
     for id in cluster.ids() {
         assert!(cluster.status(id).await.is_ok(), "node {id} answers");
+    }
+    for (i, ch) in etcd.iter().enumerate() {
+        let mut m =
+            kiwi_proto::etcd::etcdserverpb::maintenance_client::MaintenanceClient::new(ch.clone());
+        let s = m
+            .status(kiwi_proto::etcd::etcdserverpb::StatusRequest {})
+            .await;
+        assert!(s.is_ok(), "the etcd API of node {} answers: {s:?}", i + 1);
     }
     assert!(control.is_running(), "kiwi-control is still running");
     let leader = cluster.wait_leader().await;
