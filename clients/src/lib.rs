@@ -1056,34 +1056,11 @@ impl Client {
         scan: &ScanOptions,
         opts: &CallOptions,
     ) -> Result<ScanPage, Error> {
-        let consistency = opts.consistency.unwrap_or(Consistency::Linearizable) as i32;
-        let (start_key, end_key, prefix) = range.fields();
-        self.call(opts, false, |mut c, header| {
-            let (start_key, end_key, prefix) = (start_key.clone(), end_key.clone(), prefix.clone());
-            async move {
-                let r = c
-                    .scan(ScanRequest {
-                        header: Some(header),
-                        start_key,
-                        end_key,
-                        prefix,
-                        limit: if scan.limit == 0 { 100 } else { scan.limit },
-                        reverse: scan.reverse,
-                        keys_only: scan.keys_only,
-                        max_bytes: scan.max_bytes,
-                        consistency,
-                        revision: scan.revision,
-                        ..ScanRequest::default()
-                    })
-                    .await?
-                    .into_inner();
-                Ok(ScanPage {
-                    kvs: pairs(r.kvs),
-                    more: r.more,
-                })
-            }
+        let (kvs, more, _) = self.scan_kvs(range, scan, opts).await?;
+        Ok(ScanPage {
+            kvs: pairs(kvs),
+            more,
         })
-        .await
     }
 
     /// One page of `range` with every pair's counters (`create_revision`, `mod_revision`, `version`,

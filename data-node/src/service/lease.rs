@@ -48,18 +48,7 @@ impl KvServer {
         if before.role != Role::Leader {
             return Err(self.not_leader(before.leader_id));
         }
-        let confirm = async {
-            let index = self
-                .driver
-                .read_index()
-                .await
-                .map_err(|e| self.map_propose(e))?;
-            self.driver
-                .wait_applied(index)
-                .await
-                .map_err(|e| self.map_propose(e))
-        };
-        tokio::time::timeout(CONFIRM_TIMEOUT, confirm)
+        tokio::time::timeout(CONFIRM_TIMEOUT, self.read_index_applied())
             .await
             .map_err(|_| KvError::Timeout(CONFIRM_TIMEOUT))??;
         let after = self.driver.status();
@@ -67,10 +56,6 @@ impl KvServer {
             return Err(self.not_leader(after.leader_id));
         }
         Ok(before.term)
-    }
-
-    fn refused(r: Refusal) -> KvError {
-        KvError::Refused(r)
     }
 
     pub(super) async fn lease_grant(
@@ -117,7 +102,7 @@ impl KvServer {
                     });
                 }
                 Some(Refusal::LeaseExists(_)) if req.id == 0 => {}
-                Some(r) => return Err(Self::refused(r)),
+                Some(r) => return Err(KvError::Refused(r)),
             }
         }
         Err(KvError::Unknown(
@@ -142,7 +127,7 @@ impl KvServer {
             )
             .await?;
         if let Some(r) = out.refused {
-            return Err(Self::refused(r));
+            return Err(KvError::Refused(r));
         }
         Ok(LeaseRevokeResponse {
             header: self.header(&tagged, out.index),
@@ -184,7 +169,7 @@ impl KvServer {
         let term = self.confirm_leader().await?;
         let Some(record) = lease_state::read(&*self.storage, req.id).map_err(KvError::Storage)?
         else {
-            return Err(Self::refused(Refusal::LeaseNotFound(req.id)));
+            return Err(KvError::Refused(Refusal::LeaseNotFound(req.id)));
         };
         let left = self
             .leases

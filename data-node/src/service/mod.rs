@@ -569,19 +569,23 @@ impl KvServer {
         }
     }
 
+    /// A ReadIndex round, then the wait until this node has applied up to its index; returns the
+    /// applied index.
+    async fn read_index_applied(&self) -> Result<u64, KvError> {
+        let index = self
+            .driver
+            .read_index()
+            .await
+            .map_err(|e| self.map_propose(e))?;
+        self.driver
+            .wait_applied(index)
+            .await
+            .map_err(|e| self.map_propose(e))
+    }
+
     /// Waits until local state reflects every write acknowledged before now (leader only).
     async fn linearize(&self, tagged: &Tagged) -> Result<u64, KvError> {
-        let fut = async {
-            let index = self
-                .driver
-                .read_index()
-                .await
-                .map_err(|e| self.map_propose(e))?;
-            self.driver
-                .wait_applied(index)
-                .await
-                .map_err(|e| self.map_propose(e))
-        };
+        let fut = self.read_index_applied();
         let span = if tagged.trace.is_disabled() {
             Span::none()
         } else {
