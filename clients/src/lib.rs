@@ -1389,6 +1389,50 @@ impl Client {
         Ok((r.leader_id, r.term))
     }
 
+    /// Opens a backup stream (`NodeAdmin.Backup`) on the first endpoint that answers; with `consistent`
+    /// the copy holds every write acknowledged before the call, and is taken on the leader (a follower
+    /// answers with the leader's address, which must be among the endpoints). Returns the endpoint that
+    /// streams and the stream of the backup file's pieces.
+    ///
+    /// # Errors
+    /// [`Error::Rpc`] with the last endpoint's answer.
+    pub async fn backup(
+        &self,
+        consistent: bool,
+    ) -> Result<(String, tonic::Streaming<kiwi_proto::v1::BackupPiece>), Error> {
+        let nodes: Vec<_> = self.lock().clone();
+        let mut last = Status::unavailable("no endpoint");
+        let mut order: Vec<usize> = (0..nodes.len()).collect();
+        let mut tried = 0;
+        while tried < order.len() && tried <= nodes.len() {
+            let n = &nodes[order[tried]];
+            tried += 1;
+            let mut admin = n.admin(&self.interceptor());
+            let call = admin.backup(kiwi_proto::v1::BackupRequest { consistent });
+            match tokio::time::timeout(self.options.timeout, call).await {
+                Ok(Ok(stream)) => return Ok((n.addr.clone(), stream.into_inner())),
+                Ok(Err(s)) => match classify(&s) {
+                    Verdict::Redirect(addr) => match self.index_of(&addr) {
+                        Some(i) => {
+                            order.insert(tried, i);
+                            last = s;
+                        }
+                        None => {
+                            return Err(Error::Rpc(Status::failed_precondition(format!(
+                                "{}; add the leader's address {addr} to the endpoints",
+                                s.message()
+                            ))));
+                        }
+                    },
+                    Verdict::Safe => last = s,
+                    Verdict::Fail | Verdict::Unknown => return Err(Error::Rpc(s)),
+                },
+                Err(_) => last = Status::deadline_exceeded(format!("{} did not answer", n.addr)),
+            }
+        }
+        Err(Error::Rpc(last))
+    }
+
     /// Every known endpoint's `NodeAdmin.Status`, or the error it answered with, in endpoint order.
     pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Status>)> {
         let nodes: Vec<_> = self.lock().clone();

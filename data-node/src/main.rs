@@ -28,6 +28,13 @@ struct Cli {
     #[arg(long)]
     print_config: bool,
 
+    /// Restore a backup (`kiwi snapshot save`) into this node's empty data directory, as a member of a
+    /// new cluster of the members `raft.peers` lists, then exit; start the node as usual afterwards.
+    /// Restore every member from the same file with the same `raft.peers`. The file is checked whole
+    /// first: a damaged or truncated one is refused and nothing is written.
+    #[arg(long, value_name = "BACKUP")]
+    restore: Option<PathBuf>,
+
     /// Overrides `data_dir`.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -122,6 +129,9 @@ fn real_main(cli: &Cli) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    if let Some(file) = &cli.restore {
+        return restore(&config, file);
+    }
     if cli.print_config {
         print!(
             "{}",
@@ -149,5 +159,34 @@ fn real_main(cli: &Cli) -> anyhow::Result<()> {
         let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
     });
     result?;
+    Ok(())
+}
+
+fn restore(config: &NodeConfig, file: &std::path::Path) -> anyhow::Result<()> {
+    let mut last = std::time::Instant::now();
+    let restored = kiwi_node::raft::backup::restore(config, file, |step, keys| {
+        if last.elapsed() >= std::time::Duration::from_secs(1) {
+            eprintln!("{step} {keys} keys ...");
+            last = std::time::Instant::now();
+        }
+    })
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let s = &restored.summary;
+    println!(
+        "restored {} keys ({} bytes of keys and values) at revision {} into {} as node {} of a new \
+         cluster {:016x} (members: {}); backup sha256 {}",
+        s.keys,
+        s.bytes,
+        s.header.index,
+        config.data_dir.display(),
+        config.raft.node_id,
+        restored.cluster_id,
+        kiwi_node::configured_members(config)
+            .iter()
+            .map(|(id, addr)| format!("{id}={addr}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        s.sha256
+    );
     Ok(())
 }

@@ -14,7 +14,8 @@
 //! roles for their gRPC servers; `connections` (feature `auth`) what a server's connections may hold (caps,
 //! idle close, the budget of unread answers); `security` (feature `auth`) the `[security]` table both configs share; [`tls`]
 //! their TLS settings from PEM files; [`net`] loopback ports for local clusters; [`keys`] key ranges (a
-//! prefix's end, etcd's `range_end`) as the node and the clients compute them.
+//! prefix's end, etcd's `range_end`) as the node and the clients compute them; `backup` (feature `backup`) the
+//! backup file's format.
 //!
 //! [`FILE_DESCRIPTOR_SET`] is the encoded descriptor set of all of them, for `tonic-reflection`.
 //!
@@ -24,6 +25,8 @@
 
 #[cfg(feature = "auth")]
 pub mod auth;
+#[cfg(feature = "backup")]
+pub mod backup;
 
 /// etcd's v3 API as Kiwi serves it (`etcd/rpc.proto`, `etcd/kv.proto`).
 pub mod etcd {

@@ -140,6 +140,15 @@ pub fn node_binary() -> PathBuf {
 impl Cluster {
     /// Starts `opts.nodes` nodes that form one cluster, and waits until they elect a leader.
     pub async fn start(opts: ClusterOptions) -> Cluster {
+        let mut cluster = Cluster::prepare(opts);
+        cluster.start_prepared().await;
+        cluster
+    }
+
+    /// A cluster of `opts.nodes` nodes with their directories and config files written (see
+    /// [`Cluster::config_path`]) but no node started: for a test that prepares the data directories
+    /// first (a restore), then calls [`Cluster::start_prepared`].
+    pub fn prepare(opts: ClusterOptions) -> Cluster {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -162,18 +171,35 @@ impl Cluster {
                 },
             );
         }
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             opts,
             root,
             nodes,
             _serial: serial,
         };
-        let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
-        for id in ids {
-            cluster.spawn(id);
+        for id in cluster.ids() {
+            cluster.write_config(id);
         }
-        cluster.wait_leader().await;
         cluster
+    }
+
+    /// Starts every node of a [`Cluster::prepare`]d cluster and waits until they elect a leader.
+    pub async fn start_prepared(&mut self) {
+        for id in self.ids() {
+            self.spawn(id);
+        }
+        self.wait_leader().await;
+    }
+
+    /// A node's config file (written by [`Cluster::prepare`], rewritten at each start).
+    pub fn config_path(&self, id: u64) -> PathBuf {
+        self.nodes[&id].dir.join("kiwi-node.toml")
+    }
+
+    fn write_config(&self, id: u64) -> PathBuf {
+        let path = self.config_path(id);
+        std::fs::write(&path, self.config_text(id)).expect("write node config");
+        path
     }
 
     /// Ids of every node the harness knows (running or not).
@@ -262,11 +288,12 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: u64) {
-        let config = self.config_text(id);
+        assert!(
+            self.nodes[&id].child.is_none(),
+            "node {id} is already running"
+        );
+        let config_path = self.write_config(id);
         let node = self.nodes.get_mut(&id).expect("known node");
-        assert!(node.child.is_none(), "node {id} is already running");
-        let config_path = node.dir.join("kiwi-node.toml");
-        std::fs::write(&config_path, config).expect("write node config");
         let log = OpenOptions::new()
             .create(true)
             .append(true)

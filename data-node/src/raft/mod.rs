@@ -1,5 +1,7 @@
 //! The replicated core: one Raft group over the node's storage backend.
 //!
+//! - [`backup`]: backup files of the state machine: writing one from a view, restoring one into a new
+//!   member's data directory (through the snapshot install).
 //! - [`driver`]: the Raft driver thread, sole owner of `raft::RawNode`; everything else talks to it through
 //!   its [`driver::DriverHandle`]. It owns the [`driver::MessageSink`] and [`driver::PeerEvent`] types the
 //!   transport implements and reports, so it depends on no transport.
@@ -12,6 +14,7 @@
 //! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.
 //! - [`transport`]: the `RaftTransport` gRPC client and server; uses the driver's handle.
 
+pub mod backup;
 pub mod driver;
 pub mod guard;
 pub mod lease;

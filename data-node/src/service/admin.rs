@@ -1,4 +1,5 @@
-//! The `NodeAdmin` handlers: status, membership changes, leadership transfer, runtime policy and stats.
+//! The `NodeAdmin` handlers: status, membership changes, leadership transfer, runtime policy and stats,
+//! backups.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -6,9 +7,10 @@ use std::time::Duration;
 
 use kiwi_proto::v1::node_admin_server::NodeAdmin;
 use kiwi_proto::v1::{
-    AddNodeRequest, GetRuntimePolicyRequest, MembershipResponse, PoolStats, PriorityClassStats,
-    RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse, ScaleEvent,
-    StatusRequest, StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
+    AddNodeRequest, BackupPiece, BackupRequest, GetRuntimePolicyRequest, MembershipResponse,
+    PoolStats, PriorityClassStats, RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest,
+    RuntimeStatsResponse, ScaleEvent, StatusRequest, StatusResponse, TransferLeaderRequest,
+    TransferLeaderResponse,
 };
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
@@ -341,6 +343,66 @@ impl NodeAdmin for AdminApi {
             })
         };
         run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<BackupPiece, Status>>;
+
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let rx = self
+            .0
+            .backup(request.into_inner().consistent, |data| BackupPiece { data })
+            .await
+            .map_err(KvError::into_status)?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+}
+
+/// Pieces of a backup in flight to its client: the reader waits while they are unread, so a backup
+/// holds about this many chunks in memory whatever its size.
+const BACKUP_PIECES_IN_FLIGHT: usize = 2;
+
+impl KvServer {
+    /// Streams a backup of this node's state (see `NodeAdmin.Backup`), each piece wrapped by `piece`;
+    /// after a ReadIndex round when `consistent`.
+    pub(crate) async fn backup<T: Send + 'static>(
+        &self,
+        consistent: bool,
+        piece: impl Fn(Vec<u8>) -> T + Send + 'static,
+    ) -> Result<tokio::sync::mpsc::Receiver<Result<T, Status>>, KvError> {
+        if consistent {
+            self.read_index_applied().await?;
+        }
+        let view = self
+            .gate
+            .read(|| self.storage.snapshot())
+            .ok_or(KvError::Installing)?
+            .map_err(KvError::Storage)?;
+        let mut header = crate::raft::backup::header(&*view).map_err(KvError::Storage)?;
+        header.cluster_id = self.cluster.load(Ordering::Relaxed);
+        header.node_id = self.node_id;
+        header.term = self.driver.status().term;
+        let (tx, rx) = tokio::sync::mpsc::channel(BACKUP_PIECES_IN_FLIGHT);
+        tokio::task::spawn_blocking(move || {
+            let index = header.index;
+            let written = crate::raft::backup::write(&*view, &header, |bytes| {
+                tx.blocking_send(Ok(piece(bytes))).is_ok()
+            });
+            match written {
+                Ok(keys) => tracing::info!(index, keys, "streamed a backup"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a backup failed");
+                    let _ = tx.blocking_send(Err(Status::internal(format!(
+                        "the backup failed reading storage: {e}"
+                    ))));
+                }
+            }
+        });
+        Ok(rx)
     }
 }
 

@@ -10,6 +10,7 @@ mod control;
 mod control_bench;
 mod lease;
 mod playground;
+mod snapshot;
 mod txn;
 
 use std::io::{Read, Write};
@@ -264,6 +265,9 @@ enum Command {
     /// Leadership: hand it to another voter.
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Backups: save the keyspace to a file, check a file, restore one into a new cluster's members.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Leases: keys that are deleted when their lease is revoked or expires (only the leader's clock
     /// decides; a new leader gives every lease a fresh TTL).
     #[command(subcommand)]
@@ -731,6 +735,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Metrics => metrics(&connect()?, json).await,
+        Command::Snapshot(command) => snapshot::run(command, connect, json).await,
         Command::Lease(command) => lease::run(command, &connect()?, &call, json).await,
         Command::Lock { name, ttl, command } => lease::lock(connect()?, &name, ttl, &command).await,
         Command::Elect {

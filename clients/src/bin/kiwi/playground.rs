@@ -102,7 +102,7 @@ struct StartArgs {
 }
 
 /// `arg`, else the binary `name` next to this one, else `name` on PATH.
-fn sibling_binary(arg: Option<PathBuf>, name: &str) -> PathBuf {
+pub(crate) fn sibling_binary(arg: Option<PathBuf>, name: &str) -> PathBuf {
     if let Some(p) = arg {
         return p;
     }
