@@ -1433,6 +1433,30 @@ impl Client {
         Err(Error::Rpc(last))
     }
 
+    /// Defragments the node at endpoint `addr` (`NodeAdmin.Defragment`): answers when its storage
+    /// engine has compacted its whole range. No deadline (it takes as long as the data needs).
+    ///
+    /// # Errors
+    /// [`Error::Endpoint`] for an address that is not an endpoint; [`Error::Rpc`] with the node's answer.
+    pub async fn defragment(
+        &self,
+        addr: &str,
+    ) -> Result<kiwi_proto::v1::DefragmentResponse, Error> {
+        let node = self
+            .index_of(addr)
+            .map(|i| self.lock()[i].clone())
+            .ok_or_else(|| Error::Endpoint {
+                endpoint: addr.to_string(),
+                reason: "not one of the client's endpoints".into(),
+            })?;
+        Ok(node
+            .admin(&self.interceptor())
+            .defragment(kiwi_proto::v1::DefragmentRequest {})
+            .await
+            .map_err(Error::Rpc)?
+            .into_inner())
+    }
+
     /// Every known endpoint's `NodeAdmin.Status`, or the error it answered with, in endpoint order.
     pub async fn status_all(&self) -> Vec<(String, Result<StatusResponse, Status>)> {
         let nodes: Vec<_> = self.lock().clone();

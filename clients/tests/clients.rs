@@ -1776,6 +1776,34 @@ fn etcdctl_works_against_the_etcd_api() {
         serde_json::from_str(&ok(&["endpoint", "status", "-w", "json"])).unwrap();
     assert_eq!(after[0]["Status"]["leader"].as_u64(), Some(to), "{after}");
 
+    // `snapshot save` stores Kiwi's backup (etcdctl wants one endpoint), which `kiwi snapshot status`
+    // checks; `defrag` compacts every member's storage engine.
+    let first = endpoints.split(',').next().unwrap().to_string();
+    let file = dir.path().join("etcd.snapshot");
+    let saved = Command::new("etcdctl")
+        .args(["snapshot", "save", file.to_str().unwrap()])
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", &first)
+        .output()
+        .unwrap();
+    assert!(saved.status.success(), "{saved:?}");
+    assert!(stdout(&saved).contains("Snapshot saved at"), "{saved:?}");
+    let st = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args(["snapshot", "status", file.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "{st:?}");
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    let keys = ok(&["get", "", "--from-key", "--keys-only", "-w", "json"]);
+    let keys: serde_json::Value = serde_json::from_str(&keys).unwrap();
+    assert_eq!(st["keys"], keys["count"], "{st} vs {keys}");
+    let defrag = ok(&["defrag"]);
+    assert_eq!(
+        defrag.matches("Finished defragmenting etcd member").count(),
+        3,
+        "{defrag}"
+    );
+
     // Compaction, and a read below it gets etcd's "compacted" error.
     let head: serde_json::Value = serde_json::from_str(&ok(&["get", "foo", "-w", "json"])).unwrap();
     let now = head["header"]["revision"].as_i64().unwrap();

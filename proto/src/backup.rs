@@ -2,13 +2,16 @@
 //! status` checks and `kiwi-node --restore` (behind `kiwi snapshot restore`) installs.
 //!
 //! ```text
-//! file   = magic "KIWIBAK\0" | format version (u32 BE) | frame* | SHA-256 of every byte before it
+//! file   = magic "KIWIBAK\0" | format version (u32 BE) | frame* | zeros to a multiple of 512 bytes
+//!          | SHA-256 of every byte before it
 //! frame  = tag (1 byte) | length (u32 BE) | a protobuf message of that length
 //!          tag 1: BackupHeader (first, once), 2: BackupChunk (keys in order), 3: BackupEnd (last, once)
 //! ```
 //!
-//! The checksum trailer is the one etcd appends to its snapshots, so `etcdctl snapshot save` stores
-//! what `Maintenance.Snapshot` streams unchanged. A reader checks everything it can as it goes (magic,
+//! The checksum trailer is the one etcd appends to its snapshots, after a body that is a whole number of
+//! 512-byte sectors as etcd's is (etcdctl 3.4 takes a file whose size is not 32 more than a multiple of
+//! 512 for one without a checksum), so `etcdctl snapshot save` stores what `Maintenance.Snapshot`
+//! streams unchanged. A reader checks everything it can as it goes (magic,
 //! version, frame sizes, key order, the end frame's counts, no byte after the checksum) and the checksum
 //! last: a consumer that must not act on a damaged file reads it twice, once with [`verify`] and once to
 //! use it, and still stops if the second read fails.
@@ -26,6 +29,8 @@ pub const MAGIC: &[u8; 8] = b"KIWIBAK\0";
 pub const FORMAT_VERSION: u32 = 1;
 /// Bytes of the SHA-256 trailer.
 pub const CHECKSUM_LEN: usize = 32;
+/// The body before the trailer is padded with zeros to a multiple of this.
+pub const SECTOR: u64 = 512;
 /// The largest frame a reader accepts: a chunk holds about a MiB of pairs plus one pair over (a value
 /// is at most a few MiB), so anything this large is damage, not data.
 pub const MAX_FRAME: usize = 64 << 20;
@@ -64,6 +69,8 @@ pub struct Writer {
     hasher: Sha256,
     keys: u64,
     bytes: u64,
+    /// Bytes of the file so far.
+    len: u64,
 }
 
 impl Writer {
@@ -76,6 +83,7 @@ impl Writer {
             hasher: Sha256::new(),
             keys: 0,
             bytes: 0,
+            len: out.len() as u64,
         };
         w.hasher.update(&out);
         (w, out)
@@ -91,10 +99,11 @@ impl Writer {
         let mut out = Vec::new();
         frame(&mut out, TAG_CHUNK, &BackupChunk { kvs });
         self.hasher.update(&out);
+        self.len += out.len() as u64;
         out
     }
 
-    /// The end frame and the checksum trailer.
+    /// The end frame, the padding and the checksum trailer.
     pub fn finish(mut self) -> Vec<u8> {
         let mut out = Vec::new();
         frame(
@@ -105,10 +114,17 @@ impl Writer {
                 bytes: self.bytes,
             },
         );
+        let len = self.len + out.len() as u64;
+        out.resize(out.len() + padding(len), 0);
         self.hasher.update(&out);
         out.extend_from_slice(&self.hasher.finalize());
         out
     }
+}
+
+/// Zeros after `len` bytes to reach a multiple of [`SECTOR`].
+fn padding(len: u64) -> usize {
+    ((SECTOR - len % SECTOR) % SECTOR) as usize
 }
 
 fn frame(out: &mut Vec<u8>, tag: u8, msg: &impl prost::Message) {
@@ -128,6 +144,8 @@ pub struct Reader<R> {
     last_key: Option<Vec<u8>>,
     /// The checksum trailer, once checked.
     checksum: Option<String>,
+    /// Bytes read so far.
+    len: u64,
 }
 
 impl<R: Read> Reader<R> {
@@ -144,6 +162,7 @@ impl<R: Read> Reader<R> {
             bytes: 0,
             last_key: None,
             checksum: None,
+            len: 0,
         };
         let mut magic = [0u8; 8];
         r.read_exact(&mut magic, "inside its magic")?;
@@ -211,6 +230,11 @@ impl<R: Read> Reader<R> {
                         end.keys, end.bytes, self.keys, self.bytes
                     )));
                 }
+                let mut pad = vec![0u8; padding(self.len)];
+                self.read_exact(&mut pad, "inside its padding")?;
+                if pad.iter().any(|b| *b != 0) {
+                    return Err(BackupError::Damaged("its padding is not zeros".into()));
+                }
                 let actual = hex(&std::mem::take(&mut self.hasher).finalize());
                 let mut trailer = [0u8; CHECKSUM_LEN];
                 self.inner
@@ -262,6 +286,7 @@ impl<R: Read> Reader<R> {
     fn read_exact(&mut self, buf: &mut [u8], where_: &'static str) -> Result<()> {
         self.inner.read_exact(buf).map_err(|e| eof(e, where_))?;
         self.hasher.update(&*buf);
+        self.len += buf.len() as u64;
         Ok(())
     }
 }
@@ -347,6 +372,8 @@ mod tests {
         assert_eq!(keys, (0..150).map(kv).collect::<Vec<_>>());
         let s = verify(file.as_slice(), |_| {}).unwrap();
         assert_eq!((s.keys, s.header.cluster_id), (150, 7));
+        // etcdctl's test for a checksum trailer.
+        assert_eq!(file.len() as u64 % SECTOR, CHECKSUM_LEN as u64);
         assert_eq!(s.sha256.len(), 64);
     }
 

@@ -40,6 +40,7 @@ macro_rules! suite {
             case!(other_backends_directory_is_refused);
             case!(bad_directories_are_refused);
             case!(corrupt_directory_is_reported);
+            case!(compact_all_reclaims_deleted_data);
 
             #[test]
             fn size_limits_follow_the_configuration() {

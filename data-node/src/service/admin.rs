@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use kiwi_proto::v1::node_admin_server::NodeAdmin;
 use kiwi_proto::v1::{
-    AddNodeRequest, BackupPiece, BackupRequest, GetRuntimePolicyRequest, MembershipResponse,
-    PoolStats, PriorityClassStats, RemoveNodeRequest, RuntimePolicy, RuntimeStatsRequest,
-    RuntimeStatsResponse, ScaleEvent, StatusRequest, StatusResponse, TransferLeaderRequest,
-    TransferLeaderResponse,
+    AddNodeRequest, BackupPiece, BackupRequest, DefragmentRequest, DefragmentResponse,
+    GetRuntimePolicyRequest, MembershipResponse, PoolStats, PriorityClassStats, RemoveNodeRequest,
+    RuntimePolicy, RuntimeStatsRequest, RuntimeStatsResponse, ScaleEvent, StatusRequest,
+    StatusResponse, TransferLeaderRequest, TransferLeaderResponse,
 };
 use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2};
 use tonic::{Request, Response, Status};
@@ -163,6 +163,7 @@ impl NodeAdmin for AdminApi {
             removed: d.status.removed,
             security: Some(s.security_status()),
             transferring_to: d.status.transferring_to,
+            data_dir_bytes: s.data_dir_bytes().await,
         }))
     }
 
@@ -345,6 +346,13 @@ impl NodeAdmin for AdminApi {
         run.await.map(Response::new).map_err(KvError::into_status)
     }
 
+    async fn defragment(
+        &self,
+        _request: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        self.0.defragment().await.map(Response::new)
+    }
+
     type BackupStream = tokio_stream::wrappers::ReceiverStream<Result<BackupPiece, Status>>;
 
     async fn backup(
@@ -367,6 +375,61 @@ impl NodeAdmin for AdminApi {
 const BACKUP_PIECES_IN_FLIGHT: usize = 2;
 
 impl KvServer {
+    /// The storage directory.
+    fn storage_dir(&self) -> std::path::PathBuf {
+        self.config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .storage_dir()
+    }
+
+    /// Bytes of the files in the storage directory (read on a blocking thread).
+    pub(crate) async fn data_dir_bytes(&self) -> u64 {
+        let dir = self.storage_dir();
+        tokio::task::spawn_blocking(move || crate::telemetry::storage_metrics::dir_size(&dir))
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Compacts the storage engine's whole range (see `NodeAdmin.Defragment`).
+    pub(crate) async fn defragment(&self) -> Result<DefragmentResponse, Status> {
+        if self.defragmenting.swap(true, Ordering::SeqCst) {
+            return Err(Status::failed_precondition(
+                "a defragmentation is already running on this node",
+            ));
+        }
+        let storage = Arc::clone(&self.storage);
+        let dir = self.storage_dir();
+        let ran = tokio::task::spawn_blocking(move || {
+            let size = crate::telemetry::storage_metrics::dir_size;
+            let before = size(&dir);
+            let started = std::time::Instant::now();
+            let r = storage.compact_all();
+            (before, r, started.elapsed(), size(&dir))
+        })
+        .await;
+        self.defragmenting.store(false, Ordering::SeqCst);
+        let (before, r, took, after) =
+            ran.map_err(|e| Status::internal(format!("the defragmentation stopped: {e}")))?;
+        if let Err(e) = r {
+            return Err(match self.backend {
+                BackendKind::LevelDb => Status::failed_precondition(e.to_string()),
+                _ => Status::internal(format!("defragmentation failed: {e}")),
+            });
+        }
+        tracing::info!(
+            bytes_before = before,
+            bytes_after = after,
+            took_ms = took.as_millis() as u64,
+            "defragmented the storage engine"
+        );
+        Ok(DefragmentResponse {
+            bytes_before: before,
+            bytes_after: after,
+            took_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
     /// Streams a backup of this node's state (see `NodeAdmin.Backup`), each piece wrapped by `piece`;
     /// after a ReadIndex round when `consistent`.
     pub(crate) async fn backup<T: Send + 'static>(
@@ -556,15 +619,7 @@ impl KvServer {
                 Err(_) => (None, true),
             };
         let runtime = self.runtime_stats();
-        let dir = self
-            .config
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .storage_dir();
-        let data_dir_bytes =
-            tokio::task::spawn_blocking(move || crate::telemetry::storage_metrics::dir_size(&dir))
-                .await
-                .unwrap_or(0);
+        let data_dir_bytes = self.data_dir_bytes().await;
         kiwi_proto::v1::NodeMetrics {
             role: wire_role(st.role) as i32,
             term: st.term,

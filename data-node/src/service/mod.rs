@@ -160,6 +160,8 @@ pub struct KvServer {
     answers: Arc<AnswerBudget>,
     /// Watch streams open (at most [`watch::MAX_WATCH_STREAMS`]).
     watch_streams: std::sync::atomic::AtomicUsize,
+    /// A defragmentation is under way (one at a time).
+    defragmenting: std::sync::atomic::AtomicBool,
     /// The leader's lease deadlines.
     leases: crate::lease::LeaseTable,
     /// The smallest TTL a lease is granted (seconds; from the election timeout).
@@ -375,6 +377,7 @@ impl KvServer {
             critical_downgrades,
             answers,
             watch_streams: std::sync::atomic::AtomicUsize::new(0),
+            defragmenting: std::sync::atomic::AtomicBool::new(false),
             leases: crate::lease::LeaseTable::default(),
             min_lease_ttl,
         })

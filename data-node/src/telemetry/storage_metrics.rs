@@ -185,6 +185,10 @@ impl StorageBackend for InstrumentedBackend {
         self.inner.engine_stats()
     }
 
+    fn compact_all(&self) -> kiwi_storage::Result<()> {
+        self.inner.compact_all()
+    }
+
     fn write(
         &self,
         space: KeySpace,

@@ -472,6 +472,16 @@ pub trait StorageBackend: Send + Sync + 'static {
     /// Engine errors.
     fn snapshot(&self) -> Result<Box<dyn StorageSnapshot>>;
 
+    /// Compacts every key space over its whole range, dropping deleted and overwritten data for good
+    /// (what `kiwi defrag` runs). Slow and I/O-heavy; reads and writes go on meanwhile. The default
+    /// (an engine with nothing to reclaim) does nothing.
+    ///
+    /// # Errors
+    /// Engine errors.
+    fn compact_all(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Engine figures for metrics. Cheap (no I/O); the default knows nothing.
     fn engine_stats(&self) -> EngineStats {
         EngineStats::default()

@@ -255,6 +255,19 @@ impl StorageBackend for LevelDBBackend {
         })
     }
 
+    /// Refused: compactions here keep every deleted and overwritten version (the engine holds its first
+    /// snapshot for good, see the module doc), so a full compaction would rewrite everything and give
+    /// nothing back.
+    fn compact_all(&self) -> Result<()> {
+        Err(Error::Engine {
+            backend: BackendKind::LevelDb,
+            detail: "the LevelDB backend keeps deleted and overwritten versions (an upstream \
+                     rusty-leveldb bug forces it to hold a snapshot), so compacting it reclaims \
+                     nothing; RocksDB reclaims that space"
+                .into(),
+        })
+    }
+
     fn snapshot(&self) -> Result<Box<dyn StorageSnapshot>> {
         let id = self.inner.call(|reply| Command::Snapshot { reply })?;
         Ok(Box::new(LevelSnapshot {

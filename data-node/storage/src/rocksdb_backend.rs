@@ -149,6 +149,17 @@ impl StorageBackend for RocksDBBackend {
         self.limits
     }
 
+    fn compact_all(&self) -> Result<()> {
+        let mut opts = rocksdb::CompactOptions::default();
+        // Rewrite the bottom level too, so that range tombstones and the data they cover are gone.
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for space in KeySpace::ALL {
+            self.db
+                .compact_range_cf_opt(self.cf(space), None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        Ok(())
+    }
+
     fn read(&self, space: KeySpace, key: &[u8]) -> Result<Option<Vec<u8>>> {
         self.limits.check_key(space, key)?;
         self.db

@@ -1,10 +1,11 @@
-//! etcd's `Cluster.MemberList` and `Maintenance` (Alarm, Status, HashKV, MoveLeader) from the node's Raft
-//! status, member records and data.
+//! etcd's `Cluster.MemberList` and `Maintenance` (Alarm, Status, Hash, HashKV, MoveLeader, Defragment,
+//! Snapshot) from the node's Raft status, member records and data.
 
 use kiwi_proto::etcd::etcdserverpb::{
-    AlarmRequest, AlarmResponse, HashKvRequest, HashKvResponse, Member, MemberListRequest,
-    MemberListResponse, MemberRemoveRequest, MemberRemoveResponse, MoveLeaderRequest,
-    MoveLeaderResponse, StatusRequest, StatusResponse, alarm_request::AlarmAction,
+    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
+    HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse,
+    MemberRemoveRequest, MemberRemoveResponse, MoveLeaderRequest, MoveLeaderResponse,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, alarm_request::AlarmAction,
     cluster_server::Cluster, maintenance_server::Maintenance,
 };
 use kiwi_proto::v1 as kiwi;
@@ -17,7 +18,7 @@ use crate::raft::driver::Role;
 #[derive(Clone)]
 pub struct EtcdCluster(pub Etcd);
 
-/// The `Maintenance` service (Alarm, Status, HashKV, MoveLeader).
+/// The `Maintenance` service (Alarm, Status, Hash, HashKV, MoveLeader, Defragment, Snapshot).
 #[derive(Clone)]
 pub struct EtcdMaintenance(pub Etcd);
 
@@ -147,6 +148,75 @@ impl Etcd {
 
 #[tonic::async_trait]
 impl Maintenance for EtcdMaintenance {
+    async fn defragment(
+        &self,
+        _r: Request<DefragmentRequest>,
+    ) -> Result<Response<DefragmentResponse>, Status> {
+        let etcd = &self.0;
+        etcd.server.defragment().await.map_err(to_etcd)?;
+        Ok(Response::new(DefragmentResponse {
+            header: etcd.header(etcd.server.driver.status().applied),
+        }))
+    }
+
+    async fn hash(&self, _r: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let etcd = &self.0;
+        let (hash, at) = etcd.hash_kv(0).await.map_err(to_etcd)?;
+        Ok(Response::new(HashResponse {
+            header: etcd.header(at),
+            hash,
+        }))
+    }
+
+    type SnapshotStream = tokio_stream::wrappers::ReceiverStream<Result<SnapshotResponse, Status>>;
+
+    async fn snapshot(
+        &self,
+        _r: Request<SnapshotRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let etcd = self.0.clone();
+        let mut pieces = etcd
+            .server
+            .backup(false, |blob| blob)
+            .await
+            .map_err(|e| to_etcd(e.into_status()))?;
+        let header = etcd.header(etcd.server.driver.status().applied);
+        // One piece of look-ahead, so that the last one can say that nothing remains.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut held: Option<Vec<u8>> = None;
+            while let Some(piece) = pieces.recv().await {
+                let blob = match piece {
+                    Ok(b) => b,
+                    Err(s) => {
+                        let _ = tx.send(Err(to_etcd(s))).await;
+                        return;
+                    }
+                };
+                if let Some(prev) = held.replace(blob) {
+                    let answer = SnapshotResponse {
+                        header,
+                        remaining_bytes: 1,
+                        blob: prev,
+                    };
+                    if tx.send(Ok(answer)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            if let Some(last) = held {
+                let answer = SnapshotResponse {
+                    header,
+                    remaining_bytes: 0,
+                    blob: last,
+                };
+                let _ = tx.send(Ok(answer)).await;
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+        Ok(Response::new(stream))
+    }
+
     async fn alarm(&self, r: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
         let etcd = &self.0;
         if r.into_inner().action != AlarmAction::Get as i32 {
@@ -206,16 +276,7 @@ impl Maintenance for EtcdMaintenance {
             .detailed_status()
             .await
             .map_err(|e| to_etcd(s.map_propose(e).into_status()))?;
-        let dir = s
-            .config
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .storage_dir();
-        let size =
-            tokio::task::spawn_blocking(move || crate::telemetry::storage_metrics::dir_size(&dir))
-                .await
-                .unwrap_or(0);
-        let size = i64::try_from(size).unwrap_or(i64::MAX);
+        let size = int(s.data_dir_bytes().await);
         Ok(Response::new(StatusResponse {
             header: etcd.header(d.status.applied),
             version: ETCD_VERSION.to_string(),
