@@ -46,8 +46,15 @@ struct Playground {
 impl Playground {
     /// Starts one with its data in `data` and `flags`, and waits (at most 60 s) until it is up.
     fn start(data: &std::path::Path, flags: &[&str]) -> Self {
+        let nodes: &[&str] = if flags.contains(&"--nodes") {
+            &[]
+        } else {
+            &["--nodes", "3"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
-            .args(["playground", "--nodes", "3", "--data-dir"])
+            .arg("playground")
+            .args(nodes)
+            .arg("--data-dir")
             .arg(data)
             .args(flags)
             .arg("--node-bin")
@@ -1866,4 +1873,87 @@ fn etcdctl_works_against_the_etcd_api() {
         .status()
         .unwrap();
     assert!(pg.child.wait().unwrap().success());
+}
+
+/// The playground's `ETCDCTL_ENDPOINTS`.
+fn etcd_endpoints(pg: &Playground) -> String {
+    pg.exports()
+        .into_iter()
+        .find_map(|(k, v)| (k == "ETCDCTL_API").then_some(v))
+        .and_then(|v| v.split("ETCDCTL_ENDPOINTS=").nth(1).map(str::to_owned))
+        .expect("the playground printed ETCDCTL_ENDPOINTS")
+}
+
+fn etcdctl_at(endpoints: &str, args: &[&str]) -> Output {
+    Command::new("etcdctl")
+        .args(args)
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", endpoints)
+        .env("ETCDCTL_DIAL_TIMEOUT", "5s")
+        .output()
+        .expect("etcdctl (Debian's etcd-client; make deps installs it)")
+}
+
+/// `etcdctl make-mirror` copies a prefix from one Kiwi cluster to another, following puts and
+/// deletes as they happen; `etcdctl check perf` runs its 60-second load and gives its verdict.
+#[test]
+fn etcdctl_make_mirror_and_check_perf() {
+    let _serial = kiwi_tests::cluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let mut source = Playground::start(&dir.path().join("a"), &["--no-control"]);
+    let mut dest = Playground::start(&dir.path().join("b"), &["--no-control", "--nodes", "1"]);
+    let (from, to) = (etcd_endpoints(&source), etcd_endpoints(&dest));
+    let ok = |endpoints: &str, args: &[&str]| {
+        let o = etcdctl_at(endpoints, args);
+        assert!(o.status.success(), "etcdctl {args:?}: {o:?}");
+        stdout(&o)
+    };
+    for i in 0..3 {
+        ok(&from, &["put", &format!("m/{i}"), &format!("v{i}")]);
+    }
+    ok(&from, &["put", "other", "not mirrored"]);
+    let to_first = to.split(',').next().unwrap().to_string();
+    let mut mirror = Command::new("etcdctl")
+        .args(["make-mirror", "--prefix", "m/", &to_first])
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", &from)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // What is there is copied, then what follows.
+    let want = "m/0\nv0\nm/2\nv2\nm/3\nv3\n";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut wrote = false;
+    loop {
+        let got = ok(&to, &["get", "m/", "--prefix"]);
+        if got == "m/0\nv0\nm/1\nv1\nm/2\nv2\n" && !wrote {
+            ok(&from, &["put", "m/3", "v3"]);
+            ok(&from, &["del", "m/1"]);
+            wrote = true;
+        }
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the mirror holds {got:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ok(&to, &["get", "other"]), "");
+    mirror.kill().unwrap();
+    mirror.wait().unwrap();
+
+    let perf = etcdctl_at(&from, &["check", "perf", "--load", "s"]);
+    let out = stdout(&perf);
+    assert!(out.contains("Throughput is"), "{perf:?}");
+    assert!(out.contains("Slowest request took"), "{perf:?}");
+    let verdict = out.lines().last().unwrap_or_default();
+    assert!(verdict == "PASS" || verdict == "FAIL", "{perf:?}");
+
+    for pg in [&mut source, &mut dest] {
+        Command::new("kill")
+            .args(["-INT", &pg.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(pg.child.wait().unwrap().success());
+    }
 }
