@@ -1957,3 +1957,109 @@ fn etcdctl_make_mirror_and_check_perf() {
         assert!(pg.child.wait().unwrap().success());
     }
 }
+
+/// etcd's membership calls through etcdctl: `member add --learner` (Kiwi picks the next id), the node
+/// started with that id joins, `member promote` makes it a voter; `member add` of a voter is refused
+/// with the way to do it; `member list` gives every member's etcd URL, so `--cluster` commands reach
+/// them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_adds_promotes_and_lists_members() {
+    let mut cluster = kiwi_tests::cluster::Cluster::start(kiwi_tests::cluster::ClusterOptions {
+        etcd_ports: true,
+        ..kiwi_tests::cluster::ClusterOptions::default()
+    })
+    .await;
+    let endpoints = cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.etcd_addr(id).unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let run = |args: &[&str]| etcdctl_at(&endpoints, args);
+    let ok = |args: &[&str]| {
+        let o = run(args);
+        assert!(o.status.success(), "etcdctl {args:?}: {o:?}");
+        stdout(&o)
+    };
+
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["member", "list", "-w", "json"])).unwrap();
+    let members = list["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{list}");
+    for m in members {
+        let url = m["clientURLs"][0].as_str().unwrap_or_default();
+        assert!(endpoints.contains(url) && !url.is_empty(), "{m}");
+    }
+    let hashes = ok(&["endpoint", "hashkv", "--cluster", "-w", "json"]);
+    let hashes: serde_json::Value = serde_json::from_str(&hashes).unwrap();
+    assert_eq!(hashes.as_array().unwrap().len(), 3, "{hashes}");
+
+    ok(&["put", "before-join", "1"]);
+    let voter = run(&[
+        "member",
+        "add",
+        "node-9",
+        "--peer-urls",
+        "http://127.0.0.1:1",
+    ]);
+    assert!(!voter.status.success());
+    assert!(
+        String::from_utf8_lossy(&voter.stderr).contains("--learner"),
+        "{voter:?}"
+    );
+
+    let id = cluster.spawn_joining_node();
+    let addr = cluster.addr(id);
+    let added = ok(&[
+        "member",
+        "add",
+        "node-4",
+        "--peer-urls",
+        &format!("http://{addr}"),
+        "--learner",
+    ]);
+    assert!(
+        added.contains(&format!("Member {id:16x} added"))
+            || added.contains(&format!("Member {id:x} added")),
+        "{added}"
+    );
+    let promoted = ok(&["member", "promote", &format!("{id:x}")]);
+    assert!(promoted.contains("promoted"), "{promoted}");
+    let status = cluster.status(cluster.wait_leader().await).await.unwrap();
+    assert!(status.voters.contains(&id), "{status:?}");
+    // The new member has the data and serves etcd's API, listed by the others.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&["member", "list", "-w", "json"])).unwrap();
+    let new = list["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["ID"].as_u64() == Some(id))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(new["ID"].as_u64(), Some(id), "{list}");
+    assert!(!new["isLearner"].as_bool().unwrap_or(false), "{list}");
+    let url = new["clientURLs"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(url, cluster.etcd_addr(id).unwrap().to_string(), "{list}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = etcdctl_at(
+            &url,
+            &[
+                "get",
+                "before-join",
+                "--print-value-only",
+                "--consistency",
+                "s",
+            ],
+        );
+        if stdout(&o) == "1\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{o:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -164,6 +164,7 @@ impl NodeAdmin for AdminApi {
             security: Some(s.security_status()),
             transferring_to: d.status.transferring_to,
             data_dir_bytes: s.data_dir_bytes().await,
+            etcd_url: s.etcd_url.get().cloned().unwrap_or_default(),
         }))
     }
 

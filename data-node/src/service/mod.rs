@@ -162,6 +162,8 @@ pub struct KvServer {
     watch_streams: std::sync::atomic::AtomicUsize,
     /// A defragmentation is under way (one at a time).
     defragmenting: std::sync::atomic::AtomicBool,
+    /// The URL of this node's etcd API, once it serves one.
+    etcd_url: std::sync::OnceLock<String>,
     /// The leader's lease deadlines.
     leases: crate::lease::LeaseTable,
     /// The smallest TTL a lease is granted (seconds; from the election timeout).
@@ -378,6 +380,7 @@ impl KvServer {
             answers,
             watch_streams: std::sync::atomic::AtomicUsize::new(0),
             defragmenting: std::sync::atomic::AtomicBool::new(false),
+            etcd_url: std::sync::OnceLock::new(),
             leases: crate::lease::LeaseTable::default(),
             min_lease_ttl,
         })

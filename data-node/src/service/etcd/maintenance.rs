@@ -3,7 +3,8 @@
 
 use kiwi_proto::etcd::etcdserverpb::{
     AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest,
-    HashKvResponse, HashRequest, HashResponse, Member, MemberListRequest, MemberListResponse,
+    HashKvResponse, HashRequest, HashResponse, Member, MemberAddRequest, MemberAddResponse,
+    MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse,
     MemberRemoveRequest, MemberRemoveResponse, MoveLeaderRequest, MoveLeaderResponse,
     SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse, alarm_request::AlarmAction,
     cluster_server::Cluster, maintenance_server::Maintenance,
@@ -11,10 +12,10 @@ use kiwi_proto::etcd::etcdserverpb::{
 use kiwi_proto::v1 as kiwi;
 use tonic::{Request, Response, Status};
 
-use super::{ETCD_VERSION, Etcd, int, to_etcd, uint};
+use super::{ETCD_VERSION, Etcd, admin_via_leader, int, to_etcd, uint};
 use crate::raft::driver::Role;
 
-/// The `Cluster` service (MemberList, MemberRemove).
+/// The `Cluster` service (MemberList, MemberAdd, MemberPromote, MemberRemove).
 #[derive(Clone)]
 pub struct EtcdCluster(pub Etcd);
 
@@ -24,37 +25,111 @@ pub struct EtcdMaintenance(pub Etcd);
 
 #[tonic::async_trait]
 impl Cluster for EtcdCluster {
+    async fn member_add(
+        &self,
+        r: Request<MemberAddRequest>,
+    ) -> Result<Response<MemberAddResponse>, Status> {
+        let etcd = &self.0;
+        let r = r.into_inner();
+        if !r.is_learner {
+            return Err(Status::failed_precondition(
+                "etcdserver: Kiwi adds a member as a learner, then promotes it once it has caught \
+                 up: add it with --learner, start it (raft.join = true, raft.node_id = the new \
+                 member's id), then run `etcdctl member promote ID`",
+            ));
+        }
+        let Some(url) = r.peer_ur_ls.first() else {
+            return Err(Status::invalid_argument(
+                "etcdserver: give the new member's URL (--peer-urls http://host:port)",
+            ));
+        };
+        let addr = url
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_string();
+        let d = etcd
+            .server
+            .driver
+            .detailed_status()
+            .await
+            .map_err(|e| to_etcd(etcd.server.map_propose(e).into_status()))?;
+        let id = d
+            .voters
+            .iter()
+            .chain(&d.learners)
+            .copied()
+            .chain(etcd.server.addrs.all().into_iter().map(|(id, _)| id))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        admin_via_leader!(
+            etcd,
+            add_node,
+            kiwi::AddNodeRequest {
+                node_id: id,
+                addr: addr.clone(),
+                raft_addr: String::new(),
+                learner: true,
+            }
+        )
+        .map_err(to_etcd)?;
+        let list = self.list().await?;
+        let member = list
+            .members
+            .iter()
+            .find(|m| m.id == id)
+            .cloned()
+            .unwrap_or_else(|| Member {
+                id,
+                name: format!("node-{id}"),
+                peer_ur_ls: vec![format!("http://{addr}")],
+                client_ur_ls: Vec::new(),
+                is_learner: true,
+            });
+        Ok(Response::new(MemberAddResponse {
+            header: list.header,
+            member: Some(member),
+            members: list.members,
+        }))
+    }
+
+    async fn member_promote(
+        &self,
+        r: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        let etcd = &self.0;
+        admin_via_leader!(
+            etcd,
+            add_node,
+            kiwi::AddNodeRequest {
+                node_id: r.into_inner().id,
+                learner: false,
+                ..kiwi::AddNodeRequest::default()
+            }
+        )
+        .map_err(to_etcd)?;
+        let list = self.list().await?;
+        Ok(Response::new(MemberPromoteResponse {
+            header: list.header,
+            members: list.members,
+        }))
+    }
+
     async fn member_remove(
         &self,
         r: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         let etcd = &self.0;
-        let req = kiwi::RemoveNodeRequest {
-            node_id: r.into_inner().id,
-        };
-        let admin = crate::service::AdminApi(std::sync::Arc::clone(&etcd.server));
-        let done = match kiwi_proto::v1::node_admin_server::NodeAdmin::remove_node(
-            &admin,
-            Request::new(req),
+        admin_via_leader!(
+            etcd,
+            remove_node,
+            kiwi::RemoveNodeRequest {
+                node_id: r.into_inner().id,
+            }
         )
-        .await
-        {
-            Ok(_) => Ok(()),
-            Err(s) => match super::leader_addr(&s) {
-                Some(addr) => etcd
-                    .forward
-                    .admin(&addr)?
-                    .remove_node(Request::new(req))
-                    .await
-                    .map(|_| ()),
-                None => Err(s),
-            },
-        };
-        done.map_err(to_etcd)?;
-        let list = self
-            .member_list(Request::new(MemberListRequest::default()))
-            .await?;
-        let list = list.into_inner();
+        .map_err(to_etcd)?;
+        let list = self.list().await?;
         Ok(Response::new(MemberRemoveResponse {
             header: list.header,
             members: list.members,
@@ -65,6 +140,17 @@ impl Cluster for EtcdCluster {
         &self,
         _r: Request<MemberListRequest>,
     ) -> Result<Response<MemberListResponse>, Status> {
+        self.list().await.map(Response::new)
+    }
+}
+
+/// How long a member's status is awaited for its etcd URL.
+const URL_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl EtcdCluster {
+    /// Every member with its peer URL (its Raft address) and client URL (its etcd API, as it tells
+    /// in `NodeAdmin.Status`: asked each time, the last answer kept for a member that does not answer).
+    async fn list(&self) -> Result<MemberListResponse, Status> {
         let etcd = &self.0;
         let s = &etcd.server;
         let d = s
@@ -72,32 +158,72 @@ impl Cluster for EtcdCluster {
             .detailed_status()
             .await
             .map_err(|e| to_etcd(s.map_propose(e).into_status()))?;
-        let member = |id: u64, learner: bool| Member {
-            id,
-            name: format!("node-{id}"),
-            peer_ur_ls: s
-                .addrs
-                .raft_addr(id)
-                .map(|a| vec![format!("http://{a}")])
-                .unwrap_or_default(),
-            // Only this member's etcd address is known here; the others' are in their own answers.
-            client_ur_ls: if id == s.node_id {
-                vec![etcd.url.clone()]
-            } else {
-                Vec::new()
-            },
-            is_learner: learner,
-        };
-        let members = d
+        let ids: Vec<(u64, bool)> = d
             .voters
             .iter()
-            .map(|&id| member(id, false))
-            .chain(d.learners.iter().map(|&id| member(id, true)))
+            .map(|&id| (id, false))
+            .chain(d.learners.iter().map(|&id| (id, true)))
             .collect();
-        Ok(Response::new(MemberListResponse {
+        let mut asks = tokio::task::JoinSet::new();
+        for ask in ids
+            .iter()
+            .filter(|(id, _)| *id != s.node_id)
+            .filter_map(|&(id, _)| Some((id, s.addrs.get(id)?)))
+            .map(|(id, addr)| {
+                let admin = etcd.forward.admin(&addr);
+                async move {
+                    let mut admin = admin.ok()?;
+                    let status =
+                        tokio::time::timeout(URL_ASK_TIMEOUT, admin.status(kiwi::StatusRequest {}))
+                            .await
+                            .ok()?
+                            .ok()?
+                            .into_inner();
+                    Some((id, status.etcd_url))
+                }
+            })
+        {
+            asks.spawn(ask);
+        }
+        let answers = asks.join_all().await;
+        let urls = {
+            let mut urls = etcd
+                .urls
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (id, url) in answers.into_iter().flatten() {
+                urls.insert(id, url);
+            }
+            urls.insert(s.node_id, etcd.url.clone());
+            urls.clone()
+        };
+        let members = ids
+            .into_iter()
+            .map(|(id, learner)| Member {
+                id,
+                name: format!("node-{id}"),
+                peer_ur_ls: s
+                    .addrs
+                    .raft_addr(id)
+                    .map(|a| vec![format!("http://{a}")])
+                    .unwrap_or_default(),
+                // `host:port`, without the scheme: etcdctl's `--cluster` commands dial a member's
+                // client URLs as given and send them as the HTTP/2 `:authority`, which must be a bare
+                // `host:port` here (the HTTP/2 library refuses `http://...` there; etcd's accepts
+                // it). TLS is the client's choice either way (its CA flags), as with etcd.
+                client_ur_ls: urls
+                    .get(&id)
+                    .map(|u| u.split_once("://").map_or(u.as_str(), |(_, a)| a))
+                    .filter(|u| !u.is_empty())
+                    .map(|u| vec![u.to_string()])
+                    .unwrap_or_default(),
+                is_learner: learner,
+            })
+            .collect();
+        Ok(MemberListResponse {
             header: etcd.header(d.status.applied),
             members,
-        }))
+        })
     }
 }
 

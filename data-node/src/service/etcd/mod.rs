@@ -45,16 +45,21 @@ pub struct Etcd {
     forward: Arc<Forwarder>,
     /// This member's etcd URL (`http://` or `https://` and `[etcd] listen_addr`).
     url: String,
+    /// Other members' etcd URLs, as they last told them (`NodeAdmin.Status`), by member id.
+    urls: Arc<Mutex<HashMap<u64, String>>>,
 }
 
 impl Etcd {
     /// `url`: this member's etcd URL; `tls`: how to reach another member's client port when it serves
     /// TLS.
     pub fn new(server: &Arc<KvServer>, url: String, tls: Option<ClientTlsConfig>) -> Etcd {
+        // `NodeAdmin.Status` tells other members where this one serves etcd's API.
+        let _ = server.etcd_url.set(url.clone());
         Etcd {
             kv: KvApi(Arc::clone(server)),
             server: Arc::clone(server),
             url,
+            urls: Arc::default(),
             forward: Arc::new(Forwarder {
                 tls,
                 channels: Mutex::new(HashMap::new()),
@@ -157,6 +162,32 @@ macro_rules! via_leader {
     }};
 }
 pub(crate) use via_leader;
+
+/// Runs a `NodeAdmin` call on this node; when this node is not the leader, the same call on the leader.
+macro_rules! admin_via_leader {
+    ($etcd:expr, $method:ident, $req:expr) => {{
+        let req = $req;
+        let admin = $crate::service::AdminApi(std::sync::Arc::clone(&$etcd.server));
+        match kiwi_proto::v1::node_admin_server::NodeAdmin::$method(
+            &admin,
+            tonic::Request::new(req.clone()),
+        )
+        .await
+        {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => match $crate::service::etcd::leader_addr(&s) {
+                Some(addr) => $etcd
+                    .forward
+                    .admin(&addr)?
+                    .$method(tonic::Request::new(req))
+                    .await
+                    .map(tonic::Response::into_inner),
+                None => Err(s),
+            },
+        }
+    }};
+}
+pub(crate) use admin_via_leader;
 
 /// A Kiwi status as etcd's clients expect it: etcd's message (`etcdserver: ...`) and code where they
 /// match on them (clientv3 turns these strings into its typed errors), else Kiwi's message.
