@@ -2063,3 +2063,156 @@ async fn etcdctl_adds_promotes_and_lists_members() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Every `NAME=value` of every `export` line the playground printed (several per line).
+fn all_exports(pg: &Playground) -> Vec<(String, String)> {
+    pg.lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix("export "))
+        .flat_map(|l| l.split_whitespace())
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// etcdctl against `kiwi playground --secure`: TLS with the cluster CA, a principal and its token as
+/// etcd's user and password (the playground prints the exports), roles as on the client port (a read
+/// token cannot write), followers passing writes and keepalives to the leader with the caller's token,
+/// clear refusals without a token, with a wrong one, and for etcd's user management.
+#[test]
+fn etcdctl_with_tls_and_tokens() {
+    let _serial = kiwi_tests::cluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pg");
+    let mut pg = Playground::start(&data, &["--secure", "--no-metrics", "--no-control"]);
+    let env = all_exports(&pg);
+    let var = |k: &str| {
+        env.iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("the playground exports {k}: {:?}", pg.lines))
+    };
+    let (endpoints, ca, user) = (
+        var("ETCDCTL_ENDPOINTS"),
+        var("ETCDCTL_CACERT"),
+        var("ETCDCTL_USER"),
+    );
+    let etcdctl = |endpoints: &str, user: Option<&str>, args: &[&str]| {
+        let mut c = Command::new("etcdctl");
+        c.args(args)
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", endpoints)
+            .env("ETCDCTL_CACERT", &ca)
+            .env("ETCDCTL_DIAL_TIMEOUT", "5s");
+        if let Some(u) = user {
+            c.env("ETCDCTL_USER", u);
+        }
+        c.output().unwrap()
+    };
+    let ok = |endpoints: &str, user: Option<&str>, args: &[&str]| {
+        let o = etcdctl(endpoints, user, args);
+        assert!(o.status.success(), "etcdctl {args:?}: {o:?}");
+        stdout(&o)
+    };
+    let stderr = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    // Through each member in turn: followers pass writes to the leader as the caller.
+    for (i, ep) in endpoints.split(',').enumerate() {
+        assert_eq!(
+            ok(ep, Some(&user), &["put", &format!("s/{i}"), "v"]),
+            "OK\n"
+        );
+        let lease = ok(ep, Some(&user), &["lease", "grant", "60"]);
+        let id = lease.split_whitespace().nth(1).unwrap().to_string();
+        let kept = ok(ep, Some(&user), &["lease", "keep-alive", "--once", &id]);
+        assert!(kept.contains("keepalived with TTL"), "{kept}");
+    }
+    assert_eq!(
+        ok(
+            &endpoints,
+            Some(&user),
+            &["get", "s/", "--prefix", "--keys-only"]
+        ),
+        "s/0\n\ns/1\n\ns/2\n\n"
+    );
+    // `--cluster` lists the members before logging in: every member is reached.
+    let status = ok(
+        &endpoints,
+        Some(&user),
+        &["endpoint", "status", "--cluster", "-w", "json"],
+    );
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status.as_array().unwrap().len(), 3, "{status}");
+
+    let none = etcdctl(&endpoints, None, &["get", "s/0"]);
+    assert!(!none.status.success());
+    assert!(stderr(&none).contains("--user NAME:TOKEN"), "{none:?}");
+    let wrong = etcdctl(
+        &endpoints,
+        Some("playground:not-the-token"),
+        &["get", "s/0"],
+    );
+    assert!(!wrong.status.success());
+    assert!(
+        stderr(&wrong).contains("authentication failed"),
+        "{wrong:?}"
+    );
+    let users = etcdctl(&endpoints, Some(&user), &["user", "list"]);
+    assert!(!users.status.success());
+    assert!(stderr(&users).contains("kiwi token new"), "{users:?}");
+
+    // A read-only principal, added to the tokens file and loaded by SIGHUP.
+    let made = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args(["token", "new", "--principal", "reader", "--role", "read"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let made = stdout(&made);
+    let token = made
+        .lines()
+        .find_map(|l| l.strip_prefix("token ")?.split(": ").nth(1))
+        .unwrap_or_else(|| panic!("{made}"))
+        .trim()
+        .to_string();
+    let entry: String = made
+        .lines()
+        .skip_while(|l| !l.starts_with("[[token]]"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let tokens = data.join("secrets").join("tokens.toml");
+    let mut all = std::fs::read_to_string(&tokens).unwrap();
+    all.push('\n');
+    all.push_str(&entry);
+    std::fs::write(&tokens, all).unwrap();
+    Command::new("pkill")
+        .args(["-HUP", "-f", &format!("{}/node-", data.display())])
+        .status()
+        .unwrap();
+    let reader = format!("reader:{token}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let o = etcdctl(
+            &endpoints,
+            Some(&reader),
+            &["get", "s/0", "--print-value-only"],
+        );
+        if o.status.success() {
+            assert_eq!(stdout(&o), "v\n");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the reader never got in: {o:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let denied = etcdctl(&endpoints, Some(&reader), &["put", "s/0", "w"]);
+    assert!(!denied.status.success());
+    assert!(
+        stderr(&denied).contains("needs the write role"),
+        "{denied:?}"
+    );
+
+    Command::new("kill")
+        .args(["-INT", &pg.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(pg.child.wait().unwrap().success());
+}

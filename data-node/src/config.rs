@@ -91,8 +91,9 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EtcdConfig {
-    /// Where to serve etcd's v3 gRPC API (KV, Watch, Lease, Cluster.MemberList, Maintenance.Status),
-    /// with the client port's TLS; unset: not served.
+    /// Where to serve etcd's v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance, Auth.Authenticate),
+    /// with the client port's TLS and tokens (a principal and its token as etcd's user and password);
+    /// unset: not served.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen_addr: Option<SocketAddr>,
 }
@@ -863,14 +864,6 @@ impl NodeConfig {
             for (field, message) in self.security.problems(etcd) {
                 check(false, field, message);
             }
-            check(
-                self.security.tokens_file.is_none(),
-                "etcd.listen_addr",
-                "cannot be served with security.tokens_file yet: etcd's clients authenticate with \
-                 etcd's Auth service, which Kiwi does not serve; use client certificates (TLS) or keep \
-                 the etcd API off"
-                    .to_string(),
-            );
             let taken = [
                 Some(self.listen_addr),
                 self.raft_listen_addr,
@@ -1281,15 +1274,18 @@ mod tests {
     }
 
     #[test]
-    fn the_etcd_port_is_its_own_and_refuses_tokens_it_cannot_check() {
+    fn the_etcd_port_is_its_own_and_follows_the_client_port_rules() {
         let mut c = NodeConfig::from_toml("[etcd]\nlisten_addr = \"127.0.0.1:2379\"\n").unwrap();
         assert!(invalid_fields(&c).is_empty());
         assert_eq!(c.etcd.listen_addr, Some("127.0.0.1:2379".parse().unwrap()));
         c.etcd.listen_addr = Some(c.listen_addr);
         assert_eq!(invalid_fields(&c), ["etcd.listen_addr"]);
+        // Off loopback it needs TLS and tokens, as the client port does.
+        c.etcd.listen_addr = Some("10.1.2.3:2379".parse().unwrap());
+        assert!(!invalid_fields(&c).is_empty());
         c.etcd.listen_addr = Some("127.0.0.1:2379".parse().unwrap());
         c.security.tokens_file = Some("/nonexistent/tokens.toml".into());
-        assert!(invalid_fields(&c).contains(&"etcd.listen_addr"));
+        assert!(!invalid_fields(&c).contains(&"etcd.listen_addr"));
         let e = NodeConfig::from_toml("[etcd]\nlisten = \"127.0.0.1:2379\"\n").unwrap_err();
         assert!(e.contains("listen"), "{e}");
     }

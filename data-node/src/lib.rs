@@ -591,15 +591,22 @@ impl Node {
                     .is_some()
                     .then(|| peer_tls.as_ref().map(|t| t.get()))
                     .flatten(),
+                auth.clone(),
             );
             let conns = kiwi_proto::connections::Connections::new(limits);
             use kiwi_proto::etcd::etcdserverpb::{
-                cluster_server::ClusterServer, kv_server::KvServer as EtcdKvServer,
-                lease_server::LeaseServer, maintenance_server::MaintenanceServer,
-                watch_server::WatchServer,
+                auth_server::AuthServer, cluster_server::ClusterServer,
+                kv_server::KvServer as EtcdKvServer, lease_server::LeaseServer,
+                maintenance_server::MaintenanceServer, watch_server::WatchServer,
             };
             let router = kiwi_proto::limits::server()
                 .layer(conns.layer())
+                .layer(tower::util::option_layer(auth.clone().map(|a| {
+                    kiwi_proto::auth::AuthLayer::new(a, service::etcd::method_role)
+                        .accepting_token_header()
+                })))
+                .layer(service::etcd::CallerTokenLayer)
+                .add_service(AuthServer::new(service::etcd::EtcdAuth(etcd.clone())))
                 .add_service(
                     EtcdKvServer::new(service::etcd::EtcdKv(etcd.clone()))
                         .max_decoding_message_size(max_message)

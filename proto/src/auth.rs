@@ -346,11 +346,23 @@ pub type MethodRoles = fn(&str) -> Option<Role>;
 pub struct AuthLayer {
     auth: Arc<Authenticator>,
     roles: MethodRoles,
+    token_header: bool,
 }
 
 impl AuthLayer {
     pub fn new(auth: Arc<Authenticator>, roles: MethodRoles) -> AuthLayer {
-        AuthLayer { auth, roles }
+        AuthLayer {
+            auth,
+            roles,
+            token_header: false,
+        }
+    }
+
+    /// Also takes the token from a `token` header when there is no `authorization` (how etcd's clients
+    /// send the token `Auth.Authenticate` gave them).
+    pub fn accepting_token_header(mut self) -> AuthLayer {
+        self.token_header = true;
+        self
     }
 }
 
@@ -362,6 +374,7 @@ impl<S> tower::Layer<S> for AuthLayer {
             inner,
             auth: Arc::clone(&self.auth),
             roles: self.roles,
+            token_header: self.token_header,
         }
     }
 }
@@ -372,6 +385,7 @@ pub struct AuthService<S> {
     inner: S,
     auth: Arc<Authenticator>,
     roles: MethodRoles,
+    token_header: bool,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;
@@ -395,10 +409,19 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let path = req.uri().path();
         if let Some(needed) = (self.roles)(path) {
-            let header = req
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .map(http::HeaderValue::as_bytes);
+            let etcd_token =
+                if self.token_header && !req.headers().contains_key(http::header::AUTHORIZATION) {
+                    req.headers()
+                        .get("token")
+                        .map(|t| [b"Bearer ".as_slice(), t.as_bytes()].concat())
+                } else {
+                    None
+                };
+            let header = etcd_token.as_deref().or_else(|| {
+                req.headers()
+                    .get(http::header::AUTHORIZATION)
+                    .map(http::HeaderValue::as_bytes)
+            });
             let method = path.rsplit('/').next().unwrap_or(path).to_owned();
             let cn = if header.is_none() {
                 client_common_name(&req)
@@ -412,7 +435,17 @@ where
                 Ok(p) => {
                     req.extensions_mut().insert(p);
                 }
-                Err(status) => return Box::pin(async move { Ok(status.into_http()) }),
+                Err(status) => {
+                    let status = if self.token_header && header.is_none() {
+                        Status::unauthenticated(
+                            "this server requires a token: authenticate with a principal as the \
+                             user and its token as the password (etcdctl --user NAME:TOKEN)",
+                        )
+                    } else {
+                        status
+                    };
+                    return Box::pin(async move { Ok(status.into_http()) });
+                }
             }
         }
         Box::pin(self.inner.call(req))

@@ -164,7 +164,6 @@ impl NodeAdmin for AdminApi {
             security: Some(s.security_status()),
             transferring_to: d.status.transferring_to,
             data_dir_bytes: s.data_dir_bytes().await,
-            etcd_url: s.etcd_url.get().cloned().unwrap_or_default(),
         }))
     }
 
@@ -345,6 +344,15 @@ impl NodeAdmin for AdminApi {
             })
         };
         run.await.map(Response::new).map_err(KvError::into_status)
+    }
+
+    async fn member_info(
+        &self,
+        _request: Request<kiwi_proto::v1::MemberInfoRequest>,
+    ) -> Result<Response<kiwi_proto::v1::MemberInfoResponse>, Status> {
+        Ok(Response::new(kiwi_proto::v1::MemberInfoResponse {
+            etcd_url: self.0.etcd_url.get().cloned().unwrap_or_default(),
+        }))
     }
 
     async fn defragment(

@@ -172,12 +172,14 @@ pub struct KvServer {
 
 /// The role each gRPC method of the node needs when authentication is on (`None`: open). Reads and the
 /// node status (leader discovery) need `read`; writes `write`; every other KvService or NodeAdmin call
-/// `admin`. Health checks and reflection are open; `RaftTransport` is for members, whose guard is the
+/// `admin`. Health checks, reflection and `MemberInfo` (a member's etcd URL, public as etcd's
+/// MemberList) are open; `RaftTransport` is for members, whose guard is the
 /// membership check (and mutual TLS, once built), not tokens.
 pub fn method_role(path: &str) -> Option<kiwi_proto::auth::Role> {
     use kiwi_proto::auth::Role;
     let (service, method) = path.trim_start_matches('/').split_once('/')?;
     match (service, method) {
+        ("kiwi.v1.NodeAdmin", "MemberInfo") => None,
         ("kiwi.v1.KvService", "Get" | "Scan" | "Watch" | "LeaseTimeToLive" | "LeaseLeases")
         | ("kiwi.v1.NodeAdmin", "Status") => Some(Role::Read),
         (

@@ -129,8 +129,7 @@ struct Proc {
     addr: String,
     /// Its Prometheus endpoint (`telemetry.metrics_addr`), unless `--no-metrics`.
     metrics_addr: Option<String>,
-    /// Its etcd v3 API (`[etcd] listen_addr`), except with `--secure` (tokens and etcd's clients do not
-    /// mix yet).
+    /// Its etcd v3 API (`[etcd] listen_addr`).
     etcd_addr: Option<String>,
     log: PathBuf,
     config: PathBuf,
@@ -466,15 +465,13 @@ async fn start(args: StartArgs) -> anyhow::Result<()> {
         };
         addrs.push((id, format!("127.0.0.1:{port}")));
         metrics.push(format!("127.0.0.1:{metrics_port}"));
-        if !args.secure {
-            let etcd_port = match args.base_port {
-                Some(_) => port
-                    .checked_add(400)
-                    .context("--base-port too high for the etcd ports (base-port + 400 + N - 1)")?,
-                None => free_port()?,
-            };
-            etcd_addrs.push(format!("127.0.0.1:{etcd_port}"));
-        }
+        let etcd_port = match args.base_port {
+            Some(_) => port
+                .checked_add(400)
+                .context("--base-port too high for the etcd ports (base-port + 400 + N - 1)")?,
+            None => free_port()?,
+        };
+        etcd_addrs.push(format!("127.0.0.1:{etcd_port}"));
         // Secure: Raft on its own port, where the handshake needs a member certificate.
         if args.secure {
             let raft_port = match args.base_port {
@@ -680,6 +677,13 @@ async fn serve(
         println!("  export KIWI_CA_CERT={}", s.ca.display());
         println!("  export KIWI_TOKEN_FILE={}", s.token_file.display());
         println!("  export KIWI_CONTROL_TOKEN={}", s.token);
+        if !etcd.is_empty() {
+            println!(
+                "  export ETCDCTL_CACERT={} ETCDCTL_USER=playground:{}",
+                s.ca.display(),
+                s.token
+            );
+        }
     }
     println!("  kiwi put hello world");
     println!("  kiwi get hello");

@@ -103,7 +103,9 @@ impl Lease for EtcdLease {
         let mut requests = r.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let etcd = self.0.clone();
-        tokio::spawn(async move {
+        // Keepalives passed to the leader go as this stream's caller.
+        let caller = super::auth::caller_token();
+        tokio::spawn(super::auth::as_caller(caller, async move {
             loop {
                 let request = tokio::select! {
                     r = requests.message() => r,
@@ -116,7 +118,7 @@ impl Lease for EtcdLease {
                     return;
                 }
             }
-        });
+        }));
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))

@@ -149,7 +149,8 @@ const URL_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl EtcdCluster {
     /// Every member with its peer URL (its Raft address) and client URL (its etcd API, as it tells
-    /// in `NodeAdmin.Status`: asked each time, the last answer kept for a member that does not answer).
+    /// in `NodeAdmin.MemberInfo`: asked each time, the last answer kept for a member that does not
+    /// answer).
     async fn list(&self) -> Result<MemberListResponse, Status> {
         let etcd = &self.0;
         let s = &etcd.server;
@@ -173,13 +174,15 @@ impl EtcdCluster {
                 let admin = etcd.forward.admin(&addr);
                 async move {
                     let mut admin = admin.ok()?;
-                    let status =
-                        tokio::time::timeout(URL_ASK_TIMEOUT, admin.status(kiwi::StatusRequest {}))
-                            .await
-                            .ok()?
-                            .ok()?
-                            .into_inner();
-                    Some((id, status.etcd_url))
+                    let info = tokio::time::timeout(
+                        URL_ASK_TIMEOUT,
+                        admin.member_info(kiwi::MemberInfoRequest {}),
+                    )
+                    .await
+                    .ok()?
+                    .ok()?
+                    .into_inner();
+                    Some((id, info.etcd_url))
                 }
             })
         {

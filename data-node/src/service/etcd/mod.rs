@@ -7,13 +7,16 @@
 //!   Txn, Compact).
 //! - [`watch`]: `Watch` (a Kiwi watch stream per etcd stream).
 //! - [`lease`]: the `Lease` service.
-//! - [`maintenance`]: `Cluster` (MemberList, MemberRemove) and `Maintenance` (Alarm, Status, HashKV,
-//!   MoveLeader).
+//! - [`maintenance`]: `Cluster` (MemberList, MemberAdd, MemberPromote, MemberRemove) and `Maintenance`
+//!   (Alarm, Status, Hash, HashKV, MoveLeader, Defragment, Snapshot).
+//! - [`auth`]: `Auth.Authenticate` with Kiwi's tokens, the role each etcd call needs, the caller's token
+//!   passed on with forwarded calls.
 //!
 //! etcd clients send any call to any member. Kiwi answers writes (and leader-only calls) on the leader
 //! only, so a member that is not the leader forwards them to the leader's client port ([`Forwarder`]),
 //! as etcd's members forward proposals.
 
+mod auth;
 mod kv;
 mod lease;
 mod maintenance;
@@ -29,6 +32,7 @@ use tonic::{Code, Status};
 
 use super::{KvApi, KvServer};
 
+pub use auth::{CallerTokenLayer, EtcdAuth, method_role};
 pub use kv::EtcdKv;
 pub use lease::EtcdLease;
 pub use maintenance::{EtcdCluster, EtcdMaintenance};
@@ -47,19 +51,27 @@ pub struct Etcd {
     url: String,
     /// Other members' etcd URLs, as they last told them (`NodeAdmin.Status`), by member id.
     urls: Arc<Mutex<HashMap<u64, String>>>,
+    /// The tokens, when they are on (`[security] tokens_file`).
+    auth: auth::Tokens,
 }
 
 impl Etcd {
     /// `url`: this member's etcd URL; `tls`: how to reach another member's client port when it serves
     /// TLS.
-    pub fn new(server: &Arc<KvServer>, url: String, tls: Option<ClientTlsConfig>) -> Etcd {
-        // `NodeAdmin.Status` tells other members where this one serves etcd's API.
+    pub fn new(
+        server: &Arc<KvServer>,
+        url: String,
+        tls: Option<ClientTlsConfig>,
+        auth: auth::Tokens,
+    ) -> Etcd {
+        // `NodeAdmin.MemberInfo` tells other members where this one serves etcd's API.
         let _ = server.etcd_url.set(url.clone());
         Etcd {
             kv: KvApi(Arc::clone(server)),
             server: Arc::clone(server),
             url,
             urls: Arc::default(),
+            auth,
             forward: Arc::new(Forwarder {
                 tls,
                 channels: Mutex::new(HashMap::new()),
@@ -82,6 +94,9 @@ impl Etcd {
     }
 }
 
+/// A channel to another member carrying the caller's token.
+type Forwarded = tonic::service::interceptor::InterceptedService<Channel, auth::CallerToken>;
+
 /// Channels to other members' client ports, for calls only the leader answers.
 pub struct Forwarder {
     tls: Option<ClientTlsConfig>,
@@ -89,20 +104,27 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A `NodeAdmin` client on `addr` (a member's client address from a "not the leader" answer).
+    /// A `NodeAdmin` client on `addr` (a member's client address from a "not the leader" answer),
+    /// calling with the current call's token.
     fn admin(
         &self,
         addr: &str,
-    ) -> Result<kiwi_proto::v1::node_admin_client::NodeAdminClient<Channel>, Status> {
-        let channel = self.channel(addr)?;
-        Ok(kiwi_proto::v1::node_admin_client::NodeAdminClient::new(
-            channel,
-        ))
+    ) -> Result<kiwi_proto::v1::node_admin_client::NodeAdminClient<Forwarded>, Status> {
+        Ok(
+            kiwi_proto::v1::node_admin_client::NodeAdminClient::with_interceptor(
+                self.channel(addr)?,
+                auth::CallerToken::current(),
+            ),
+        )
     }
 
-    /// A Kiwi client on `addr` (a member's client address from a "not the leader" answer).
-    fn client(&self, addr: &str) -> Result<KvServiceClient<Channel>, Status> {
-        Ok(KvServiceClient::new(self.channel(addr)?))
+    /// A Kiwi client on `addr` (a member's client address from a "not the leader" answer), calling
+    /// with the current call's token.
+    fn client(&self, addr: &str) -> Result<KvServiceClient<Forwarded>, Status> {
+        Ok(KvServiceClient::with_interceptor(
+            self.channel(addr)?,
+            auth::CallerToken::current(),
+        ))
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, Status> {
