@@ -123,8 +123,10 @@ chaos: deps
 
 ## Install the system packages the build and tests need, if missing.
 ## (procps: pgrep/kill, used by the process tests; prometheus: the server the metrics test runs; etcd-client:
-## etcdctl, the etcd tool the etcd API tests drive.)
+## etcdctl, the etcd tool the etcd API tests drive; systemd: systemd-analyze, which checks the units in
+## docs/deploy/systemd.)
 deps:
 	@dpkg -s libclang-dev >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && command -v pgrep >/dev/null 2>&1 \
-		&& command -v prometheus >/dev/null 2>&1 && command -v etcdctl >/dev/null 2>&1 || \
-		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++ procps prometheus etcd-client; }
+		&& command -v prometheus >/dev/null 2>&1 && command -v etcdctl >/dev/null 2>&1 \
+		&& command -v systemd-analyze >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++ procps prometheus etcd-client systemd; }

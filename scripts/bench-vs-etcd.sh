@@ -5,7 +5,9 @@
 # cluster (`kiwi playground --no-control`, RocksDB), both on loopback with fsync on (both systems' defaults),
 # and runs the same workloads back to back: put, then linearizable get, at 1, 16 and 64 workers. etcd is
 # driven twice: at its leader only (the headline, as etcd's own benchmark does with --target-leader; Kiwi's
-# client also sends to the leader) and at all three members (followers forward to the leader). For every
+# client also sends to the leader) and at all three members (followers forward to the leader). Kiwi is
+# driven twice too: through its own API, and through its etcd v3 API on its leader with the same etcd driver
+# that drives etcd ("kiwi-etcd": one client library for both systems, the fairest comparison). For every
 # row it prints ops/s, p50 and p99, and the CPU the three server processes of each system used per 1,000
 # operations (utime + stime from /proc), then stops everything it started, by PID.
 #
@@ -127,20 +129,28 @@ print(total / tick)
 PY
 }
 
-run() { # target(kiwi|etcd|etcd-all) workload workers [extra args]
-    local target=$1 workload=$2 workers=$3 eps label pids
+# Kiwi's etcd API (its etcd v3 port) on Kiwi's current leader.
+kiwi_etcd_leader() {
+    local id
+    id=$("$KIWI" --endpoints "$KIWI_EPS" status --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["leader"])')
+    echo "127.0.0.1:$((17391 + 400 + id - 1))"
+}
+
+run() { # target(kiwi|kiwi-etcd|etcd|etcd-all) workload workers [extra args]
+    local target=$1 workload=$2 workers=$3 eps label pids driver=etcd
     shift 3
     label=$workload-w$workers
     if [ "$workload" = get-lease ]; then workload=get; fi
     case $target in
-        kiwi) eps=$KIWI_EPS pids=("${KIWI_PIDS[@]}") ;;
+        kiwi) eps=$KIWI_EPS pids=("${KIWI_PIDS[@]}") driver=kiwi ;;
+        kiwi-etcd) eps=$(kiwi_etcd_leader) pids=("${KIWI_PIDS[@]}") ;;
         etcd) eps=$(etcd_leader) pids=("${ETCD_PIDS[@]}") ;;
         etcd-all) eps=$ETCD pids=("${ETCD_PIDS[@]}") ;;
     esac
     echo "== $target $workload, $workers workers, $DURATION ($eps)" >&2
     local before after
     before=$(cpu_seconds "${pids[@]}")
-    "$KIWI" --endpoints "$eps" bench --target "${target%-all}" --workload "$workload" --workers "$workers" \
+    "$KIWI" --endpoints "$eps" bench --target "$driver" --workload "$workload" --workers "$workers" \
         --keys "$KEYS" --value-size "$VALUE_SIZE" --duration "$DURATION" --label "$label@$target" \
         --json-out "$RESULTS" --quiet "$@" >/dev/null
     after=$(cpu_seconds "${pids[@]}")
@@ -174,12 +184,14 @@ if [ -n "$LARGE" ]; then
 else
     for w in $WORKERS; do
         run kiwi put "$w"
+        run kiwi-etcd put "$w"
         run etcd put "$w"
         run etcd-all put "$w"
     done
     preload
     for w in $WORKERS; do
         run kiwi get "$w" --consistency linearizable --no-preload
+        run kiwi-etcd get "$w" --consistency linearizable --no-preload
         run etcd get "$w" --consistency linearizable --no-preload
         run etcd-all get "$w" --consistency linearizable --no-preload
     done
@@ -208,7 +220,8 @@ for line in open(sys.argv[1]):
     rows.setdefault(workload, {})[target] = r
 print()
 print(f"{sys.argv[3]} per row, {sys.argv[4]} keys, {sys.argv[5]} B values, 3 nodes each, fsync on. "
-      "etcd = etcd's leader only, etcd-all = all three members.")
+      "etcd = etcd's leader only, etcd-all = all three members; kiwi-etcd = Kiwi's etcd API on its "
+      "leader, driven by the same etcd driver as etcd (the fairest comparison).")
 print("CPU = CPU seconds of the three server processes per 1,000 operations.")
 print()
 print(f"{'workload':<12} {'system':<9} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU/1k':>7} {'errors':>6}   "
@@ -216,12 +229,12 @@ print(f"{'workload':<12} {'system':<9} {'ops/s':>8} {'p50 ms':>7} {'p99 ms':>7} 
 for label, t in rows.items():
     # Lease-read rows compare with etcd's linearizable gets of the same run.
     e = t.get("etcd") or rows.get(label.replace("get-lease", "get"), {}).get("etcd")
-    for name in ("kiwi", "etcd", "etcd-all"):
+    for name in ("kiwi", "kiwi-etcd", "etcd", "etcd-all"):
         r = t.get(name)
         if not r:
             continue
         ratio = cpu_ratio = ""
-        if name == "kiwi" and e:
+        if name in ("kiwi", "kiwi-etcd") and e:
             ratio = f"{r['ops_per_sec'] / e['ops_per_sec']:.2f}" if e["ops_per_sec"] else "inf"
             cpu_ratio = f"{r['cpu_per_kop'] / e['cpu_per_kop']:.2f}" if e["cpu_per_kop"] else ""
         print(f"{label:<12} {name:<9} {r['ops_per_sec']:>8.0f} {r['p50_us']/1000:>7.2f} {r['p99_us']/1000:>7.2f} "

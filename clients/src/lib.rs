@@ -100,6 +100,10 @@ pub enum Error {
     /// Any other error a node answered with.
     #[error("{}: {}", .0.code(), .0.message())]
     Rpc(Status),
+    /// Every endpoint refused the connection (with [`ClientOptions::fail_fast_unreachable`]); nothing
+    /// was sent.
+    #[error("cannot connect to any endpoint ({endpoints}): {last}")]
+    Unreachable { endpoints: String, last: String },
 }
 
 /// Settings for a [`Client`].
@@ -119,6 +123,10 @@ pub struct ClientOptions {
     /// TLS to the nodes (the CA that signed their certificates; a client certificate if wanted), for
     /// nodes with `[security] cert_file`. `None`: plain text.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Give up with [`Error::Unreachable`] as soon as every endpoint in turn refused the connection,
+    /// instead of retrying until the deadline (a command-line tool pointed at the wrong place; a
+    /// long-lived client rides out a cluster restart by leaving it off, the default).
+    pub fail_fast_unreachable: bool,
 }
 
 impl Default for ClientOptions {
@@ -130,6 +138,7 @@ impl Default for ClientOptions {
             connect_timeout: Duration::from_secs(1),
             token: None,
             tls: None,
+            fail_fast_unreachable: false,
         }
     }
 }
@@ -656,6 +665,7 @@ impl Client {
         let mut target = self.leader.load(Ordering::Relaxed);
         let mut backoff = Duration::from_millis(20);
         let mut last = String::from("no attempt");
+        let mut refused_in_a_row = 0;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -693,6 +703,17 @@ impl Client {
                 )),
             };
             last = format!("{} from {}: {}", status.code(), node.addr, status.message());
+            if connect_failed(&status) {
+                refused_in_a_row += 1;
+                if self.options.fail_fast_unreachable && refused_in_a_row >= self.node_count() {
+                    return Err(Error::Unreachable {
+                        endpoints: self.endpoints().join(","),
+                        last: format!("{}: connection refused", node.addr),
+                    });
+                }
+            } else {
+                refused_in_a_row = 0;
+            }
             // The node's `retry-after-ms` hint (admission control), honoured when longer than the backoff.
             let hinted = status
                 .metadata()

@@ -2216,3 +2216,20 @@ fn etcdctl_with_tls_and_tokens() {
         .unwrap();
     assert!(pg.child.wait().unwrap().success());
 }
+
+/// With nothing listening at its endpoints, a command fails at once (not after its deadline) and says
+/// what to do.
+#[test]
+fn cli_without_a_cluster_says_what_to_do() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let o = Command::new(env!("CARGO_BIN_EXE_kiwi"))
+        .args(["--endpoints", &addr, "--timeout", "120s", "get", "foo"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot connect to any endpoint"), "{err}");
+    assert!(err.contains(&addr) && err.contains("make run"), "{err}");
+}

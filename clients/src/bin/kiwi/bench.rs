@@ -290,6 +290,7 @@ fn kind(e: &Error) -> String {
         Error::UnknownOutcome { .. } => "unknown_outcome".into(),
         Error::DeadlineExceeded { .. } => "deadline_exceeded".into(),
         Error::Endpoint { .. } => "endpoint".into(),
+        Error::Unreachable { .. } => "unreachable".into(),
         Error::Rpc(s) => format!("{:?}", s.code()),
     }
 }

@@ -32,12 +32,13 @@ use serde_json::json;
 #[command(name = "kiwi", version, propagate_version = true)]
 struct Cli {
     /// Comma-separated node addresses (host:port); any member works, the leader is found automatically.
+    /// The default reaches `make run` (7381-7383) and `make node` (7380).
     #[arg(
         long,
         global = true,
         env = "KIWI_ENDPOINTS",
         value_delimiter = ',',
-        default_value = "127.0.0.1:7380"
+        default_value = "127.0.0.1:7381,127.0.0.1:7382,127.0.0.1:7383,127.0.0.1:7380"
     )]
     endpoints: Vec<String>,
     /// Request priority.
@@ -413,6 +414,12 @@ fn main() -> ExitCode {
             for cause in e.chain().skip(1) {
                 msg.push_str(&format!(": {cause}"));
             }
+            if msg.contains("cannot connect to any endpoint") {
+                msg.push_str(
+                    " (is a cluster running there? Give its addresses with --endpoints or \
+                     KIWI_ENDPOINTS, or start a local one with `make run` or `kiwi playground`)",
+                );
+            }
             if msg.contains("h2 protocol error") || msg.contains("InvalidContentType") {
                 msg.push_str(
                     " (plain text and TLS do not match: a node with [security] cert_file needs \
@@ -473,6 +480,7 @@ async fn run(cli: Cli) -> anyhow::Result<Outcome> {
         priority: cli.priority.into(),
         token: token.clone(),
         tls,
+        fail_fast_unreachable: true,
         ..ClientOptions::default()
     };
     let trace = cli.trace.then(TraceParent::new_sampled);
@@ -1263,7 +1271,10 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                     p.node_id,
                     p.addr,
                     p.match_index,
-                    if p.recently_active {
+                    // The leader keeps no contact record with itself.
+                    if p.node_id == leader {
+                        "leader"
+                    } else if p.recently_active {
                         "active"
                     } else {
                         "INACTIVE"
