@@ -1534,7 +1534,9 @@ fn classify(status: &Status) -> Verdict {
         | Code::Unauthenticated
         | Code::Unimplemented
         | Code::OutOfRange
-        | Code::Internal => Verdict::Fail,
+        | Code::Internal
+        // Not marked retry-safe: a refusal that stays (a state machine limit, a full disk).
+        | Code::ResourceExhausted => Verdict::Fail,
         Code::FailedPrecondition => Verdict::Fail,
         _ => Verdict::Unknown,
     }

@@ -305,3 +305,87 @@ async fn defrag_gives_back_the_space_of_deleted_and_compacted_data() {
     }
     assert_eq!(c.get(b"small", &o).await.unwrap(), Some(b"59".to_vec()));
 }
+
+/// Below `[storage] min_free_bytes` of free disk, writes that add data are refused with
+/// RESOURCE_EXHAUSTED naming the key (at once: the client does not retry them), while reads, deletes,
+/// range deletes and compaction go on; with the threshold lowered, writes are accepted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nearly_full_disk_refuses_puts_but_not_deletes() {
+    let mut cluster = Cluster::start(ClusterOptions {
+        etcd_ports: true,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let c = client(&cluster);
+    let o = CallOptions::default();
+    for i in 0..10 {
+        c.put(format!("k/{i}").as_bytes(), b"v", &o).await.unwrap();
+    }
+    // Every node now needs more free space than any disk has.
+    for id in cluster.ids() {
+        cluster.set_storage_extra(id, "min_free_bytes = \"4096 PiB\"\n");
+        cluster.stop(id);
+    }
+    for id in cluster.ids() {
+        cluster.restart(id);
+    }
+    cluster.wait_leader().await;
+    let e = c.put(b"k/new", b"v", &o).await.unwrap_err();
+    match &e {
+        kiwi_client::Error::Rpc(s) => {
+            assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{e}");
+            assert!(
+                s.message().contains("k/new") && s.message().contains("min_free_bytes"),
+                "{e}"
+            );
+        }
+        other => panic!("expected RESOURCE_EXHAUSTED, got {other}"),
+    }
+    let e = c
+        .compare_and_swap(b"k/1", Some(b"v"), b"w", &o)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("min_free_bytes"), "{e}");
+    // etcd's clients get etcd's NOSPACE answer.
+    let etcd = cluster
+        .etcd_addr(cluster.wait_leader().await)
+        .unwrap()
+        .to_string();
+    let put = Command::new("etcdctl")
+        .args(["put", "k/etcd", "v"])
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", &etcd)
+        .output()
+        .unwrap();
+    assert!(!put.status.success());
+    assert!(
+        text(&put.stderr).contains("database space exceeded"),
+        "{put:?}"
+    );
+    // What makes space still works.
+    assert_eq!(c.get(b"k/1", &o).await.unwrap(), Some(b"v".to_vec()));
+    assert!(c.delete(b"k/0", &o).await.unwrap());
+    let gone = c
+        .delete_range(&KeyRange::Prefix(b"k/".to_vec()), false, &o)
+        .await
+        .unwrap();
+    assert_eq!(gone.deleted, 9);
+    assert_eq!(
+        c.count(&KeyRange::Prefix(b"k/".to_vec()), &o)
+            .await
+            .unwrap(),
+        0
+    );
+    let head = c.put(b"x", b"y", &o).await.map_err(|e| e.to_string());
+    assert!(head.is_err());
+
+    for id in cluster.ids() {
+        cluster.set_storage_extra(id, "min_free_bytes = 0\n");
+        cluster.stop(id);
+    }
+    for id in cluster.ids() {
+        cluster.restart(id);
+    }
+    cluster.wait_leader().await;
+    c.put(b"k/new", b"v", &o).await.unwrap();
+}

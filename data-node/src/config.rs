@@ -425,6 +425,9 @@ pub struct StorageConfig {
     pub max_key_size: ByteSize,
     /// Longest value accepted, e.g. `"4 MiB"` or a number of bytes.
     pub max_value_size: ByteSize,
+    /// Writes that add data are refused (RESOURCE_EXHAUSTED) while the filesystem of `data_dir` has less
+    /// than this free; deletes, compaction and defragmentation go on. 0: never.
+    pub min_free_bytes: ByteSize,
 }
 
 /// `[control]`: the link to `kiwi-control`.
@@ -581,6 +584,7 @@ impl Default for StorageConfig {
             backend: BackendKind::RocksDb,
             max_key_size: ByteSize::b(kiwi_storage::DEFAULT_MAX_KEY_BYTES as u64),
             max_value_size: ByteSize::b(kiwi_storage::DEFAULT_MAX_VALUE_BYTES as u64),
+            min_free_bytes: ByteSize::mib(256),
         }
     }
 }

@@ -440,6 +440,11 @@ impl Node {
             .with_description("Threads of the network stage (gRPC I/O), fixed at start")
             .with_callback(move |o| o.observe(network_threads, &[]))
             .build();
+        let disk = service::disk::DiskGuard::new(
+            config.storage_dir(),
+            config.storage.min_free_bytes.as_u64(),
+        );
+        disk.spawn(stop.clone());
         let kv = KvServer::new(KvServerParts {
             node_id,
             driver: driver.clone(),
@@ -451,6 +456,7 @@ impl Node {
             pool: Arc::clone(&pool),
             config: config.clone(),
             meter: meters.runtime.clone(),
+            disk: Arc::clone(&disk),
         });
         service::spawn_lease_upkeep(&kv);
         service::spawn_history_upkeep(

@@ -66,6 +66,10 @@ pub enum KvError {
     /// A valid command the state machine refused (a lease that does not exist, a limit).
     #[error("{0}")]
     Refused(crate::raft::state_machine::Refusal),
+    /// The disk is nearly full (`[storage] min_free_bytes`); nothing was written. Not worth retrying
+    /// until space is freed.
+    #[error("{0}")]
+    NoSpace(String),
     /// The revision asked for is newer than the store's.
     #[error(
         "required revision is a future revision: {asked} is newer than the store's revision {current}"
@@ -154,6 +158,7 @@ impl KvError {
                 Status::resource_exhausted(msg)
             }
             KvError::Expired(_) => Status::deadline_exceeded(msg),
+            KvError::NoSpace(_) => Status::resource_exhausted(msg),
             KvError::Precondition(_) => Status::failed_precondition(msg),
             KvError::Timeout(_) => Status::deadline_exceeded(msg),
             KvError::Compacted { oldest, .. } => {

@@ -12,6 +12,7 @@
 //! Errors are mapped to `tonic::Status` in exactly one place, [`KvError::into_status`].
 
 mod admin;
+pub mod disk;
 pub mod error;
 pub mod etcd;
 mod kv;
@@ -164,6 +165,8 @@ pub struct KvServer {
     defragmenting: std::sync::atomic::AtomicBool,
     /// The URL of this node's etcd API, once it serves one.
     etcd_url: std::sync::OnceLock<String>,
+    /// Refuses writes that add data while the disk is nearly full.
+    disk: Arc<disk::DiskGuard>,
     /// The leader's lease deadlines.
     leases: crate::lease::LeaseTable,
     /// The smallest TTL a lease is granted (seconds; from the election timeout).
@@ -192,6 +195,28 @@ pub fn method_role(path: &str) -> Option<kiwi_proto::auth::Role> {
     }
 }
 
+/// The first key a command would put (writes that add data: what the low-disk guard refuses).
+fn first_put_key(command: &raft_command::Command) -> Option<&[u8]> {
+    use kiwi_proto::v1::{txn_op, write_op};
+    match command {
+        raft_command::Command::Write(w) => w.ops.iter().find_map(|op| match &op.op {
+            Some(write_op::Op::Put(p)) => Some(p.key.as_slice()),
+            _ => None,
+        }),
+        raft_command::Command::CompareAndSwap(c) => Some(c.key.as_slice()),
+        raft_command::Command::Txn(t) => {
+            t.success
+                .iter()
+                .chain(&t.failure)
+                .find_map(|op| match &op.op {
+                    Some(txn_op::Op::Put(p)) => Some(p.key.as_slice()),
+                    _ => None,
+                })
+        }
+        _ => None,
+    }
+}
+
 /// Whether a request may use `PRIORITY_CRITICAL`: with authentication on (an authenticated principal in
 /// the request's extensions), only an admin may; with it off, anyone.
 pub(crate) fn may_use_critical<T>(request: &tonic::Request<T>) -> bool {
@@ -215,6 +240,8 @@ pub struct KvServerParts {
     pub config: NodeConfig,
     /// Where `kiwi_runtime_priority_downgrades_total` is recorded.
     pub meter: opentelemetry::metrics::Meter,
+    /// The low-disk guard (`[storage] min_free_bytes`).
+    pub disk: Arc<disk::DiskGuard>,
 }
 
 /// The connection a request came on (local and remote address), for the answer budget.
@@ -335,6 +362,7 @@ impl KvServer {
             pool,
             config,
             meter,
+            disk,
         } = parts;
         let critical_downgrades = meter
             .u64_counter("kiwi_runtime_priority_downgrades")
@@ -383,6 +411,7 @@ impl KvServer {
             watch_streams: std::sync::atomic::AtomicUsize::new(0),
             defragmenting: std::sync::atomic::AtomicBool::new(false),
             etcd_url: std::sync::OnceLock::new(),
+            disk,
             leases: crate::lease::LeaseTable::default(),
             min_lease_ttl,
         })
@@ -549,6 +578,9 @@ impl KvServer {
         tagged: &Tagged,
         command: raft_command::Command,
     ) -> Result<ApplyOutcome, KvError> {
+        if let Some(key) = first_put_key(&command) {
+            self.disk.admit(key).map_err(KvError::NoSpace)?;
+        }
         let cmd = RaftCommand {
             request_id: tagged.request_id.clone(),
             command: Some(command),

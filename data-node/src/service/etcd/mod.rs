@@ -241,6 +241,11 @@ fn to_etcd(s: Status) -> Status {
             (Code::Unavailable, "etcdserver: no leader")
         }
         Code::DeadlineExceeded => (Code::DeadlineExceeded, "etcdserver: request timed out"),
+        // etcd's NOSPACE answer, which its clients know (`rpctypes.ErrGRPCNoSpace`).
+        Code::ResourceExhausted if m.contains("min_free_bytes") => (
+            Code::ResourceExhausted,
+            "etcdserver: mvcc: database space exceeded",
+        ),
         code => return Status::new(code, format!("etcdserver: {m}")),
     };
     Status::new(code, text)
