@@ -1895,7 +1895,8 @@ fn etcdctl_at(endpoints: &str, args: &[&str]) -> Output {
 }
 
 /// `etcdctl make-mirror` copies a prefix from one Kiwi cluster to another, following puts and
-/// deletes as they happen; `etcdctl check perf` runs its 60-second load and gives its verdict.
+/// deletes as they happen; `etcdctl check perf` runs its 60-second load and gives its verdict; meanwhile
+/// an `etcdctl elect` leader is SIGKILLed and the waiting candidate takes over once its lease expires.
 #[test]
 fn etcdctl_make_mirror_and_check_perf() {
     let _serial = kiwi_tests::cluster::serial();
@@ -1942,12 +1943,66 @@ fn etcdctl_make_mirror_and_check_perf() {
     mirror.kill().unwrap();
     mirror.wait().unwrap();
 
+    // `etcdctl elect` hands over when the leader's process is SIGKILLed: its session's lease (etcdctl's
+    // fixed 60 s) expires and the waiting candidate is elected. The minute passes during `check perf`.
+    let spawn_elect = |value: &str| {
+        let mut child = Command::new("etcdctl")
+            .args(["elect", "handover", value])
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", &from)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        (child, rx)
+    };
+    let (mut first, first_out) = spawn_elect("first");
+    let wait_for = |rx: &std::sync::mpsc::Receiver<String>, want: &str, within: Duration| {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == want => return,
+                Ok(_) => {}
+                Err(e) => panic!("etcdctl elect never printed {want:?}: {e}"),
+            }
+        }
+    };
+    wait_for(&first_out, "first", Duration::from_secs(10));
+    let (mut second, second_out) = spawn_elect("second");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        second_out
+            .try_recv()
+            .map_or(true, |l| l.starts_with("handover/")),
+        "the second candidate was elected while the first led"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = Instant::now();
+
     let perf = etcdctl_at(&from, &["check", "perf", "--load", "s"]);
     let out = stdout(&perf);
     assert!(out.contains("Throughput is"), "{perf:?}");
     assert!(out.contains("Slowest request took"), "{perf:?}");
     let verdict = out.lines().last().unwrap_or_default();
     assert!(verdict == "PASS" || verdict == "FAIL", "{perf:?}");
+    wait_for(
+        &second_out,
+        "second",
+        Duration::from_secs(90).saturating_sub(killed.elapsed()),
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
 
     for pg in [&mut source, &mut dest] {
         Command::new("kill")
