@@ -10,7 +10,7 @@ TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 # Flags for `kiwi playground` in `make run`; fixed ports so the README commands work as written.
 ARGS ?= --base-port 7381
 
-.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-vs-etcd-large bench-failover bench-stages bench-ab bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security bench-watch bench-etcd-api chaos
+.PHONY: run node test deps bench-storage bench-snapshot bench-vs-etcd bench-vs-etcd-large bench-failover bench-stages bench-ab bench-priority bench-scaling bench-channel bench-telemetry bench-control bench-security bench-watch bench-etcd-api bench-backup chaos
 
 ## Build (release) and start a local 3-node cluster with `kiwi playground` (Ctrl-C stops it).
 ## Other flags: make run ARGS="--nodes 5 --backend leveldb" (free ports unless --base-port is given)
@@ -66,6 +66,11 @@ bench-vs-etcd-large: deps
 bench-watch: deps
 	$(CARGO) build --release -j$(JOBS) --workspace --bins
 	scripts/bench-watch.sh
+
+## A 1 GiB backup (kiwi snapshot save) in bounded memory: file size, time, CLI and node RSS.
+bench-backup: deps
+	$(CARGO) build --release -j$(JOBS) --workspace --bins
+	scripts/bench-backup.sh
 
 ## The etcd v3 front end's cost: put and linearizable get through Kiwi's API vs the etcd API (leader, all).
 bench-etcd-api: deps
