@@ -33,9 +33,12 @@
 //! ```
 //!
 //! Leases (`lease_grant`, `lease_keep_alive`, `put_leased`, ...) and, on them, sessions, locks and
-//! elections: [`concurrency`].
+//! elections: [`concurrency`]. A client of the control plane: [`control`]. A linearizability checker for
+//! recorded histories of Kiwi operations (what `kiwi chaos` runs): [`linearizability`].
 
 pub mod concurrency;
+pub mod control;
+pub mod linearizability;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};

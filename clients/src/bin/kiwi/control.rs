@@ -1,16 +1,15 @@
 //! `kiwi control ...`: the control plane's live cluster view and event log.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use kiwi_proto::v1::control_service_client::ControlServiceClient;
 use kiwi_proto::v1::{ClusterStatusRequest, Event, EventsRequest, HistoryRequest};
 use serde_json::json;
 
 use crate::{Outcome, role_name};
 
-/// Default control plane address (kiwi-control's default `listen_addr`).
-pub const DEFAULT_CONTROL: &str = "127.0.0.1:7390";
+pub use kiwi_client::control::DEFAULT_CONTROL;
+use kiwi_client::control::{ControlClient, ControlTarget, connect as client, now_unix_ms};
 
 #[derive(Debug, Args)]
 pub struct ControlArgs {
@@ -187,52 +186,6 @@ struct PolicySetArgs {
     /// HIGH,NORMAL,LOW weights (each 1-1000), e.g. 3,2,1.
     #[arg(long, value_delimiter = ',', num_args = 3)]
     set_weights: Option<Vec<u32>>,
-}
-
-/// A `ControlService` client that sends the control plane's token.
-pub(crate) type ControlClient = ControlServiceClient<
-    tonic::service::interceptor::InterceptedService<
-        tonic::transport::Channel,
-        kiwi_client::TraceInterceptor,
-    >,
->;
-
-/// Where the control plane is and how to reach it.
-#[derive(Clone)]
-pub(crate) struct ControlTarget {
-    pub addr: String,
-    pub token: Option<String>,
-    /// TLS (the CLI's --ca-cert): `https://`.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
-}
-
-pub(crate) async fn client(target: &ControlTarget) -> anyhow::Result<ControlClient> {
-    let addr = target
-        .addr
-        .trim_start_matches("http://")
-        .trim_start_matches("https://");
-    let token = target.token.as_deref();
-    let endpoint = match &target.tls {
-        None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?,
-        Some(tls) => tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(tls.clone())?,
-    };
-    let endpoint = endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
-        anyhow::anyhow!("cannot reach the control plane at {addr} (--control or KIWI_CONTROL): {e}")
-    })?;
-    Ok(ControlServiceClient::with_interceptor(
-        channel,
-        kiwi_client::TraceInterceptor::with_token(token)?,
-    ))
-}
-
-pub(crate) fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn ago(unix_ms: u64) -> String {

@@ -85,7 +85,7 @@ fn record(h: &mut Histogram<u64>, d: Duration) {
 }
 
 pub async fn run(
-    c: &mut crate::control::ControlClient,
+    c: &mut kiwi_client::control::ControlClient,
     addr: &str,
     token: Option<&str>,
     command: BenchCommand,
@@ -112,7 +112,7 @@ pub async fn run(
     }
 }
 
-async fn push(c: &mut crate::control::ControlClient, repetitions: u32) -> anyhow::Result<()> {
+async fn push(c: &mut kiwi_client::control::ControlClient, repetitions: u32) -> anyhow::Result<()> {
     let status = c
         .cluster_status(ClusterStatusRequest {})
         .await?
@@ -291,7 +291,7 @@ async fn simulated_node(fleet: Fleet, id: u64) -> anyhow::Result<()> {
             client_addr: format!("127.0.0.{}:{}", 1 + id / 60_000, 10_000 + id % 60_000),
             backend: "memory".into(),
             version: "simulated".into(),
-            started_at_unix_ms: crate::control::now_unix_ms(),
+            started_at_unix_ms: kiwi_client::control::now_unix_ms(),
             heartbeat_interval_ms: u64::try_from(interval.as_millis()).unwrap_or(1000),
             fault_injection_enabled: false,
             fault_max_duration_ms: 0,
@@ -381,7 +381,7 @@ struct FleetArgs {
 }
 
 async fn fleet(
-    c: &mut crate::control::ControlClient,
+    c: &mut kiwi_client::control::ControlClient,
     addr: &str,
     args: FleetArgs,
 ) -> anyhow::Result<()> {

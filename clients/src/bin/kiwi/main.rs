@@ -3,6 +3,12 @@
 //! Data commands (`put`, `get`, `del`, `scan`, `cas`) and `status` go through `kiwi-client`, so they find
 //! the leader and follow redirects by themselves. `playground` starts a local cluster; `bench` measures one
 //! (or an etcd cluster, with the same load).
+//!
+//! Modules, one per command family, each depending only on the library and on `main`'s shared helpers
+//! (no module imports another, except `control` running `chaos` plans and the control-plane bench):
+//! [`bench`], [`chaos`] (workload, lockers; the checker is `kiwi_client::linearizability`), [`control`]
+//! and [`control_bench`] (the control plane's client is `kiwi_client::control`), [`lease`] (leases, locks,
+//! elections), [`playground`], [`snapshot`] (backups), [`txn`].
 
 mod bench;
 mod chaos;
@@ -413,6 +419,9 @@ fn main() -> ExitCode {
             let mut msg = e.to_string();
             for cause in e.chain().skip(1) {
                 msg.push_str(&format!(": {cause}"));
+            }
+            if msg.contains("cannot reach the control plane") {
+                msg.push_str(" (give its address with --control or KIWI_CONTROL)");
             }
             if msg.contains("cannot connect to any endpoint") {
                 msg.push_str(

@@ -1,7 +1,7 @@
 //! `kiwi chaos`: runs a fault plan through the control plane while concurrent clients issue puts,
 //! linearizable gets and compare-and-swaps on a few keys, transactions, range deletes and scans on a group
 //! of keys, and bank transfers ([`workload`]), then checks the recorded history for linearizability
-//! ([`checker`]; a transaction is one operation on several keys), checks that every scan of the bank
+//! (`kiwi_client::linearizability`; a transaction is one operation on several keys), checks that every scan of the bank
 //! found the opening total, and prints and saves a timeline.
 //!
 //! Every operation is recorded with its invocation and completion times and its outcome: ok, failed
@@ -35,7 +35,6 @@
 //! `kiwi control chaos run PLAN` runs only the plan. `kiwi chaos --random --seed N` makes a random plan.
 //! Crashed nodes must be restarted by whatever runs them (`kiwi playground --restart-crashed`).
 
-pub mod checker;
 mod lockers;
 mod workload;
 
@@ -56,7 +55,7 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::json;
 
-use checker::{Action, Op, Verdict};
+use kiwi_client::linearizability::{self as checker, Action, Op, Verdict};
 
 /// A fault plan.
 #[derive(Debug, Clone, Deserialize)]
@@ -202,7 +201,7 @@ fn millis(d: Duration) -> u64 {
 
 /// Resolves "leader", "follower" and ids against the control plane's view now.
 async fn resolve(
-    control: &mut crate::control::ControlClient,
+    control: &mut kiwi_client::control::ControlClient,
     names: &[String],
     rng: &mut rand::rngs::StdRng,
 ) -> anyhow::Result<Vec<u64>> {
@@ -238,13 +237,13 @@ type Window = (f64, f64, String);
 
 /// Runs the plan's steps at their offsets from `started`. Returns the windows.
 async fn run_plan(
-    target: &crate::control::ControlTarget,
+    target: &kiwi_client::control::ControlTarget,
     plan: &Plan,
     started: Instant,
     seed: u64,
     quiet: bool,
 ) -> anyhow::Result<Vec<Window>> {
-    let mut control = crate::control::client(target).await?;
+    let mut control = kiwi_client::control::connect(target).await?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut windows = Vec::new();
     for step in &plan.steps {
@@ -337,7 +336,7 @@ pub struct ChaosArgs {
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     duration: Duration,
     /// The control plane that schedules the faults.
-    #[arg(long, env = "KIWI_CONTROL", default_value = crate::control::DEFAULT_CONTROL)]
+    #[arg(long, env = "KIWI_CONTROL", default_value = kiwi_client::control::DEFAULT_CONTROL)]
     control: String,
     /// Token of an admin principal, for a control plane with `[security] tokens_file`.
     #[arg(long, env = "KIWI_CONTROL_TOKEN", hide_env_values = true)]
@@ -651,12 +650,12 @@ pub async fn run(
     conn: &crate::Conn,
 ) -> anyhow::Result<ChaosVerdict> {
     let control_addr = args.control.clone();
-    let target = crate::control::ControlTarget {
+    let target = kiwi_client::control::ControlTarget {
         addr: control_addr.clone(),
         token: args.control_token.clone(),
         tls: conn.tls.clone(),
     };
-    let mut control = crate::control::client(&target).await?;
+    let mut control = kiwi_client::control::connect(&target).await?;
     let status = control
         .cluster_status(ClusterStatusRequest {})
         .await?
@@ -990,7 +989,7 @@ pub async fn run(
 /// # Errors
 /// The plan cannot be read or the control plane reached.
 pub async fn run_plan_only(
-    target: &crate::control::ControlTarget,
+    target: &kiwi_client::control::ControlTarget,
     path: &Path,
 ) -> anyhow::Result<()> {
     let plan = Plan::from_file(path)?;

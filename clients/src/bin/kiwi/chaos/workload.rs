@@ -21,7 +21,7 @@ use kiwi_client::{
 };
 use rand::{Rng, SeedableRng};
 
-use super::checker::{Action, Op};
+use kiwi_client::linearizability::{Action, Op};
 
 /// Keys in the group and accounts in the bank.
 const GROUP_KEYS: usize = 4;

@@ -1,4 +1,5 @@
-//! The linearizability checker of `kiwi chaos`: a Wing-Gong search (with Lowe's memoization, as in
+//! A linearizability checker (the one `kiwi chaos` runs; usable on any recorded history of Kiwi
+//! operations): a Wing-Gong search (with Lowe's memoization, as in
 //! Porcupine) over each object's history separately (linearizability is compositional). An object is one
 //! key (a register: put, get, compare-and-swap) or a group of keys that transactions, range deletes and
 //! scans use together (a transaction is one operation on several keys).
