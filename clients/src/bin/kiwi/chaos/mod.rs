@@ -598,46 +598,120 @@ fn check_watch(
     Ok(())
 }
 
+/// The timeline picture: ops/s and errors/s on the left scale, p99 latency on the right one, the fault
+/// windows shaded, their labels in as many rows as they need not to overlap.
 fn svg(timeline: &[Point], windows: &[Window], seconds: f64) -> String {
-    let (w, h, pad) = (900.0, 300.0, 40.0);
-    let max_ops = timeline.iter().map(|t| t.1 + t.2).max().unwrap_or(1).max(1) as f64;
-    let x = |s: f64| pad + s / seconds.max(1.0) * (w - 2.0 * pad);
-    let y = |v: f64| h - pad - v / max_ops * (h - 2.0 * pad);
+    // Label rows: a label goes in the first row whose last label ends before it starts.
+    let char_px = 6.5;
+    let (w, pad_x) = (960.0, 56.0);
+    let x = |s: f64| pad_x + s / seconds.max(1.0) * (w - 2.0 * pad_x);
+    let mut row_ends: Vec<f64> = Vec::new();
+    let rows: Vec<usize> = windows
+        .iter()
+        .map(|(a, _, what)| {
+            let start = x(*a);
+            let end = start + what.len() as f64 * char_px + 6.0;
+            match row_ends.iter().position(|e| *e <= start) {
+                Some(r) => {
+                    row_ends[r] = end;
+                    r
+                }
+                None => {
+                    row_ends.push(end);
+                    row_ends.len() - 1
+                }
+            }
+        })
+        .collect();
+    let label_h = 13.0;
+    let top = 24.0 + row_ends.len() as f64 * label_h;
+    let plot_h = 240.0;
+    let h = top + plot_h + 40.0;
+    let max_ops = nice(timeline.iter().map(|t| t.1 + t.2).max().unwrap_or(1).max(1) as f64);
+    let max_ms = nice(timeline.iter().map(|t| t.3).fold(0.0, f64::max).max(1.0));
+    let y = |v: f64, max: f64| top + plot_h - v / max * plot_h;
     let mut out = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{pad_x}\" y=\"14\">ops/s (green) and errors/s (red), left scale; p99 latency (blue, dashed), right scale; fault windows shaded</text>\n"
     );
-    for (a, b, what) in windows {
+    for ((a, b, what), row) in windows.iter().zip(&rows) {
+        let label_y = 24.0 + (*row as f64 + 1.0) * label_h - 3.0;
         out += &format!(
-            "<rect x=\"{:.1}\" y=\"{pad}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#f4a261\" fill-opacity=\"0.25\"><title>{what}</title></rect>\n<text x=\"{:.1}\" y=\"{:.1}\" fill=\"#9c4a1a\">{what}</text>\n",
+            "<rect x=\"{:.1}\" y=\"{top}\" width=\"{:.1}\" height=\"{plot_h}\" fill=\"#f4a261\" fill-opacity=\"0.25\"><title>{what}</title></rect>\n\
+             <line x1=\"{0:.1}\" y1=\"{label_y:.1}\" x2=\"{0:.1}\" y2=\"{top}\" stroke=\"#9c4a1a\" stroke-opacity=\"0.4\"/>\n\
+             <text x=\"{:.1}\" y=\"{label_y:.1}\" fill=\"#9c4a1a\">{what}</text>\n",
             x(*a),
             (x(*b) - x(*a)).max(1.0),
-            h - 2.0 * pad,
             x(*a) + 2.0,
-            pad - 4.0
         );
     }
-    let line = |pick: &dyn Fn(&Point) -> f64, color: &str| {
+    // Scales: three ticks on each side, and the seconds along the bottom.
+    for i in 0..=2 {
+        let f = f64::from(i) / 2.0;
+        let yy = y(f * max_ops, max_ops);
+        out += &format!(
+            "<line x1=\"{pad_x}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{:.0}</text>\n\
+             <text x=\"{:.1}\" y=\"{:.1}\" fill=\"#1d3557\">{:.0} ms</text>\n",
+            w - pad_x,
+            pad_x - 4.0,
+            yy + 4.0,
+            f * max_ops,
+            w - pad_x + 4.0,
+            yy + 4.0,
+            f * max_ms
+        );
+    }
+    let step = ((seconds / 10.0).ceil() as u64).max(1);
+    for s in (0..=seconds as u64).step_by(step as usize) {
+        out += &format!(
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{s} s</text>\n",
+            x(s as f64),
+            top + plot_h + 16.0
+        );
+    }
+    let line = |pick: &dyn Fn(&Point) -> f64, max: f64, style: &str| {
         let pts: Vec<String> = timeline
             .iter()
-            .map(|t| format!("{:.1},{:.1}", x(t.0 as f64 + 0.5), y(pick(t))))
+            .map(|t| format!("{:.1},{:.1}", x(t.0 as f64 + 0.5), y(pick(t), max)))
             .collect();
         format!(
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            "<polyline fill=\"none\" {style} points=\"{}\"/>\n",
             pts.join(" ")
         )
     };
-    out += &line(&|t| t.1 as f64, "#2a9d8f");
-    out += &line(&|t| t.2 as f64, "#e63946");
+    out += &line(
+        &|t| t.1 as f64,
+        max_ops,
+        "stroke=\"#2a9d8f\" stroke-width=\"2\"",
+    );
+    out += &line(
+        &|t| t.2 as f64,
+        max_ops,
+        "stroke=\"#e63946\" stroke-width=\"2\"",
+    );
+    out += &line(
+        &|t| t.3,
+        max_ms,
+        "stroke=\"#1d3557\" stroke-width=\"1.5\" stroke-dasharray=\"4 3\"",
+    );
     out += &format!(
-        "<line x1=\"{pad}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"black\"/>\n<text x=\"{pad}\" y=\"{2}\">0 s</text><text x=\"{3:.0}\" y=\"{2}\">{seconds:.0} s</text>\n\
-         <text x=\"{pad}\" y=\"14\">ops/s (green, max {max_ops:.0}), errors/s (red); fault windows shaded</text>\n</svg>\n",
-        h - pad,
-        w - pad,
-        h - pad + 14.0,
-        w - pad - 20.0
+        "<line x1=\"{pad_x}\" y1=\"{0:.1}\" x2=\"{1:.1}\" y2=\"{0:.1}\" stroke=\"black\"/>\n</svg>\n",
+        top + plot_h,
+        w - pad_x
     );
     out
+}
+
+/// `v` rounded up to 1, 2 or 5 times a power of ten (a scale's top).
+fn nice(v: f64) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * p)
+        .find(|c| *c >= v)
+        .unwrap_or(v)
 }
 
 /// Runs `kiwi chaos`.
@@ -885,9 +959,11 @@ pub async fn run(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
-    let timeline: Vec<Point> = seconds
-        .into_iter()
-        .map(|(s, (ok, err, mut lat))| {
+    // Every second of the run, those in which nothing completed included (they are the unavailability).
+    let mut seconds = seconds;
+    let timeline: Vec<Point> = (0..elapsed.ceil() as u64)
+        .map(|s| {
+            let (ok, err, mut lat) = seconds.remove(&s).unwrap_or_default();
             lat.sort_unstable();
             let p99 = lat
                 .get((lat.len() * 99 / 100).min(lat.len().saturating_sub(1)))
@@ -1002,6 +1078,39 @@ pub async fn run_plan_only(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_timeline_picture_keeps_labels_apart_and_has_scales() {
+        let timeline: Vec<Point> = (0..20u64)
+            .map(|s| (s, if s == 7 { 0 } else { 900 }, u64::from(s == 7), 3.0))
+            .collect();
+        let windows = vec![
+            (5.0, 9.0, "partition node 1".to_string()),
+            (6.0, 8.0, "delay 50ms node 2".to_string()),
+            (15.0, 16.0, "crash node 3".to_string()),
+        ];
+        let pic = svg(&timeline, &windows, 20.0);
+        let label_y = |what: &str| {
+            let at = pic.find(&format!(">{what}</text>")).unwrap();
+            let tag = &pic[pic[..at].rfind("<text").unwrap()..at];
+            tag.split("y=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        // The two overlapping windows' labels are on different rows; the far one reuses the first.
+        assert_ne!(label_y("partition node 1"), label_y("delay 50ms node 2"));
+        assert_eq!(label_y("partition node 1"), label_y("crash node 3"));
+        assert!(
+            pic.contains(">1000</text>") && pic.contains("5 ms</text>"),
+            "{pic}"
+        );
+        assert!(pic.contains("stroke-dasharray"), "a latency curve");
+        assert_eq!((nice(900.0), nice(3.0), nice(1.0)), (1000.0, 5.0, 1.0));
+    }
 
     fn op(action: Action, done: bool) -> Op {
         Op {
