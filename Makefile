@@ -129,9 +129,10 @@ chaos: deps
 ## Install the system packages the build and tests need, if missing.
 ## (procps: pgrep/kill, used by the process tests; prometheus: the server the metrics test runs; etcd-client:
 ## etcdctl, the etcd tool the etcd API tests drive; systemd: systemd-analyze, which checks the units in
-## docs/deploy/systemd.)
+## docs/deploy/systemd; chromium and chromium-driver: the headless browser the console test drives.)
 deps:
 	@dpkg -s libclang-dev >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1 && command -v pgrep >/dev/null 2>&1 \
 		&& command -v prometheus >/dev/null 2>&1 && command -v etcdctl >/dev/null 2>&1 \
-		&& command -v systemd-analyze >/dev/null 2>&1 || \
-		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++ procps prometheus etcd-client systemd; }
+		&& command -v systemd-analyze >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1 \
+		&& command -v chromedriver >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y --no-install-recommends libclang-dev g++ procps prometheus etcd-client systemd chromium chromium-driver; }

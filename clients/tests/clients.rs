@@ -2288,3 +2288,124 @@ fn cli_without_a_cluster_says_what_to_do() {
     assert!(err.contains("cannot connect to any endpoint"), "{err}");
     assert!(err.contains(&addr) && err.contains("make run"), "{err}");
 }
+
+/// The web console in a real browser (headless Chromium) against a live playground: three nodes and a
+/// leader; a SIGKILLed node turns down; a policy set from the page reaches the nodes; a fault scheduled
+/// and cancelled from the page ends.
+#[test]
+fn the_console_shows_the_cluster_and_changes_it_in_a_browser() {
+    let _serial = kiwi_tests::cluster::serial();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pg");
+    let mut pg = Playground::start(&data, &["--fault-injection"]);
+    let console = pg
+        .lines
+        .iter()
+        .find_map(|l| l.split("metrics (every node): ").nth(1))
+        .and_then(|u| u.split_whitespace().next())
+        .expect("the playground printed the control plane's HTTP address")
+        .replace("/metrics", "/ui");
+    let kiwi = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_kiwi"));
+        for (k, v) in pg.exports() {
+            c.env(k, v);
+        }
+        let o = c.args(args).output().unwrap();
+        assert!(o.status.success(), "kiwi {args:?}: {o:?}");
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap_or_default()
+    };
+    let browser = kiwi_tests::browser::Browser::start();
+    browser.goto(&console);
+    let wait = Duration::from_secs(20);
+    browser.wait_for(
+        "three nodes and a leader",
+        "return document.querySelectorAll('#nodes tr').length === 3 \
+         && document.querySelectorAll('#nodes tr[data-role=leader]').length === 1",
+        wait,
+    );
+
+    // A node's process is SIGKILLed: its row turns down.
+    let leader: u64 = browser
+        .eval("return +document.querySelector('#nodes tr[data-role=leader]').id.split('-')[1]")
+        .as_u64()
+        .unwrap();
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    let pid = Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("{}/node-{victim}/", data.display()))
+        .output()
+        .unwrap();
+    let pid = String::from_utf8_lossy(&pid.stdout).trim().to_string();
+    Command::new("kill").args(["-9", &pid]).status().unwrap();
+    browser.wait_for(
+        "the killed node down",
+        &format!("return document.getElementById('node-{victim}').dataset.state === 'down'"),
+        wait,
+    );
+    browser.wait_for(
+        "the event log telling it",
+        "return document.getElementById('events').innerText.includes('node_down')",
+        wait,
+    );
+
+    // Priority scheduling off, from the page: the running nodes get it.
+    browser.wait_for(
+        "the policy form filled",
+        "return document.getElementById('policy-form').w0.value !== ''",
+        wait,
+    );
+    browser.eval(
+        "const f = document.getElementById('policy-form'); f.priority.checked = false; \
+         document.getElementById('policy-apply').click(); return true",
+    );
+    browser.wait_for(
+        "the policy set",
+        "return document.getElementById('policy-result').innerText.includes('set')",
+        wait,
+    );
+    let deadline = Instant::now() + wait;
+    loop {
+        let rt = kiwi(&["runtime", "--json"]);
+        let up: Vec<&serde_json::Value> = rt["nodes"]
+            .as_array()
+            .map(|n| {
+                n.iter()
+                    .filter(|n| n["priority_enabled"].is_boolean())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if up.len() == 2 && up.iter().all(|n| n["priority_enabled"] == false) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policy never reached the nodes: {rt}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A fault scheduled from the page, then cancelled from the page, ends.
+    browser.eval(&format!(
+        "const f = document.getElementById('fault-form'); f.kind.value = 'delay'; f.node.value = {leader}; \
+         f.duration.value = 50; f.amount.value = 20; f.requestSubmit(); return true"
+    ));
+    let id = browser.wait_for(
+        "the fault active",
+        "const r = document.querySelector('#faults tr[data-state=active]'); return r ? +r.id.split('-')[1] : 0",
+        wait,
+    );
+    browser.eval(&format!(
+        "document.getElementById('cancel-{id}').click(); return true"
+    ));
+    browser.wait_for(
+        "the fault cancelled",
+        &format!("return document.getElementById('fault-{id}').dataset.state === 'cancelled'"),
+        wait,
+    );
+    drop(browser);
+    Command::new("kill")
+        .args(["-INT", &pg.child.id().to_string()])
+        .status()
+        .unwrap();
+    pg.child.wait().unwrap();
+}

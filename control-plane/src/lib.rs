@@ -10,6 +10,7 @@
 //! ```text
 //! lib.rs (wiring, gRPC server, the sweeper that marks silent nodes down, the /metrics listener)
 //!   ├─ metrics   /metrics: every node's figures with a `node` label (kiwi_proto::http serves it)
+//!   ├─ console   /ui beside /metrics: the web console (its page and JSON on ControlService's calls)
 //!   └─ service   NodeLink and ControlService
 //!        ├─ state    the live cluster view and each node's history (pure bookkeeping, injected clock)
 //!        ├─ faults   fault schedules and each node's state of them (pure bookkeeping)
@@ -18,6 +19,7 @@
 //! ```
 
 pub mod config;
+pub mod console;
 pub mod events;
 pub mod faults;
 pub mod metrics;
@@ -198,9 +200,13 @@ impl ControlPlane {
                         rate_limit_per_sec: config.metrics.rate_limit_per_sec,
                         rate_limit_key: "metrics.rate_limit_per_sec",
                     },
+                    Some(console::router(
+                        service::ControlApi(Arc::clone(&control)),
+                        auth.clone(),
+                    )),
                     shutdown.clone(),
                 );
-                tracing::info!(metrics_addr = %bound, "cluster metrics served on /metrics");
+                tracing::info!(metrics_addr = %bound, "cluster metrics served on /metrics, the console on /ui");
                 Some(bound)
             }
             None => None,

@@ -539,7 +539,12 @@ async fn with_tokens_only_admins_and_nodes_holding_an_admin_token_get_in() {
     )
     .unwrap();
     let config = dir.path().join("control.toml");
-    std::fs::write(&config, format!("[security]\ntokens_file = {tokens:?}\n")).unwrap();
+    let http_addr = free_addr();
+    std::fs::write(
+        &config,
+        format!("[security]\ntokens_file = {tokens:?}\n\n[metrics]\naddr = \"{http_addr}\"\n"),
+    )
+    .unwrap();
     let node_token = dir.path().join("node.token");
     std::fs::write(&node_token, "ops-token\n").unwrap();
     let addr = free_addr();
@@ -593,4 +598,32 @@ async fn with_tokens_only_admins_and_nodes_holding_an_admin_token_get_in() {
         3,
         "nothing registered without a token: {s:?}"
     );
+
+    // The console: its page loads without a token (it asks for one); its data needs one; a read token
+    // sees, only an admin one changes.
+    let page = http::get(http_addr, "/ui", None).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("Kiwi console"), "{}", page.body);
+    let open = http::get(http_addr, "/ui/api/status", None).await;
+    assert_eq!(open.status, 401, "{open:?}");
+    let seen = http::get(http_addr, "/ui/api/status", Some("view-token")).await;
+    assert_eq!(seen.status, 200, "{seen:?}");
+    assert!(seen.body.contains("\"nodes\""), "{}", seen.body);
+    let form =
+        r#"{"priority":false,"scaling":true,"min_threads":2,"max_threads":8,"weights":[4,2,1]}"#;
+    let denied = http::post(http_addr, "/ui/api/policy", Some("view-token"), form).await;
+    assert_eq!(denied.status, 403, "{denied:?}");
+    assert!(denied.body.contains("admin"), "{}", denied.body);
+    let set = http::post(http_addr, "/ui/api/policy", Some("ops-token"), form).await;
+    assert_eq!(set.status, 200, "{set:?}");
+    assert!(set.body.contains("\"version\":1"), "{}", set.body);
+    let bad = http::post(
+        http_addr,
+        "/ui/api/faults",
+        Some("ops-token"),
+        r#"{"kind":"meteor","node":1,"duration_ms":1000}"#,
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert!(bad.body.contains("unknown fault kind"), "{}", bad.body);
 }

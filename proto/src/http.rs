@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
+pub use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -125,11 +125,13 @@ pub async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, Ht
         .map_err(|source| HttpError::Bind { key, addr, source })
 }
 
-/// Serves metrics on `listener` until `shutdown` is cancelled.
+/// Serves metrics on `listener` until `shutdown` is cancelled, and the routes of `more` beside them (the
+/// control plane's console).
 pub fn spawn(
     listener: TcpListener,
     render: Arc<dyn Render>,
     guard: Guard,
+    more: Option<Router>,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
     let per_sec = NonZeroU32::new(guard.rate_limit_per_sec).unwrap_or(NonZeroU32::MIN);
@@ -153,11 +155,14 @@ pub fn spawn(
             }
         });
     }
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", axum::routing::get(metrics))
         .route("/metrics/{family}", axum::routing::get(metrics))
         .fallback(fallback)
         .with_state(state);
+    if let Some(more) = more {
+        app = app.merge(more);
+    }
     tokio::spawn(async move {
         axum::serve(
             listener,

@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 GET over a fresh TCP connection, for the metrics endpoints and Prometheus' API:
-//! enough to see status codes and headers exactly as a scraper does.
+//! A minimal HTTP/1.1 GET (and JSON POST) over a fresh TCP connection, for the metrics endpoints, the
+//! control plane's console and Prometheus' API: enough to see status codes and headers exactly as a
+//! scraper or a browser does.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,11 +31,37 @@ impl Answer {
 /// # Panics
 /// On connection errors, a malformed answer, or no answer within 10 s.
 pub async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Answer {
+    request(addr, "GET", path, token, None).await
+}
+
+/// `POST path` on `addr` with a JSON `body`, with `Authorization: Bearer <token>` when given.
+///
+/// # Panics
+/// As [`get`].
+pub async fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> Answer {
+    request(addr, "POST", path, token, Some(body)).await
+}
+
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Answer {
     let fut = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+        let content = body.map_or(String::new(), |b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+        });
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}{content}Connection: close\r\n\r\n{}",
+            body.unwrap_or_default()
+        );
         stream.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).await?;

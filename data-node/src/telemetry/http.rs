@@ -47,6 +47,7 @@ pub fn spawn(
             rate_limit_per_sec,
             rate_limit_key: "telemetry.metrics_rate_limit_per_sec",
         },
+        None,
         shutdown,
     )
 }
