@@ -2409,3 +2409,32 @@ fn the_console_shows_the_cluster_and_changes_it_in_a_browser() {
         .unwrap();
     pg.child.wait().unwrap();
 }
+
+/// `kiwi scan ... | head`: the CLI ends quietly when its reader goes away, as Unix tools do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_output_into_a_closed_pipe_ends_quietly() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let c = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let value = vec![b'v'; 1024];
+    for i in 0..300 {
+        c.put(
+            format!("pipe/{i:04}").as_bytes(),
+            &value,
+            &CallOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{} scan --prefix pipe/ --limit 300 | head -c 10",
+            env!("CARGO_BIN_EXE_kiwi")
+        ))
+        .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "pipe/0000\t");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -400,6 +400,12 @@ fn role_name(role: i32) -> &'static str {
 }
 
 fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`kiwi scan ... | head`) ends the process quietly, as
+    // other Unix tools do, instead of panicking on the broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
