@@ -121,17 +121,6 @@ impl Console {
     }
 }
 
-fn role_name(role: i32) -> &'static str {
-    match RaftRole::try_from(role).unwrap_or(RaftRole::Unspecified) {
-        RaftRole::Leader => "leader",
-        RaftRole::Follower => "follower",
-        RaftRole::Candidate => "candidate",
-        RaftRole::PreCandidate => "pre-candidate",
-        RaftRole::Learner => "learner",
-        RaftRole::Unspecified => "unknown",
-    }
-}
-
 async fn status(State(c): State<Console>, headers: HeaderMap) -> Response {
     if let Some(r) = c.refusal(&headers, Role::Read, "status") {
         return r;
@@ -169,7 +158,7 @@ async fn status(State(c): State<Console>, headers: HeaderMap) -> Response {
                 .collect();
             json!({
                 "id": n.node_id, "addr": n.client_addr, "up": n.up, "backend": n.backend,
-                "role": if n.up { role_name(m.role) } else { "down" },
+                "role": if n.up { RaftRole::label(m.role) } else { "down" },
                 "term": m.term, "commit": m.commit_index, "applied": m.applied_index,
                 "lag": leader_commit.saturating_sub(m.applied_index),
                 "threads": pool.current_threads, "queue": pool.queue_len,

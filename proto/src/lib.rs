@@ -97,6 +97,21 @@ pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("kiwi.v1");
 
+    impl RaftRole {
+        /// A role's name as people read it (`leader`, `follower`, ...), from its wire value (unknown
+        /// values: `unknown`).
+        pub fn label(value: i32) -> &'static str {
+            match RaftRole::try_from(value).unwrap_or(RaftRole::Unspecified) {
+                RaftRole::Leader => "leader",
+                RaftRole::Follower => "follower",
+                RaftRole::Candidate => "candidate",
+                RaftRole::PreCandidate => "pre-candidate",
+                RaftRole::Learner => "learner",
+                RaftRole::Unspecified => "unknown",
+            }
+        }
+    }
+
     impl Priority {
         /// The priority a request header asks for: unset and unknown values mean [`Priority::Normal`].
         pub fn from_wire(value: i32) -> Priority {

@@ -6,7 +6,8 @@ use clap::{Args, Subcommand};
 use kiwi_proto::v1::{ClusterStatusRequest, Event, EventsRequest, HistoryRequest};
 use serde_json::json;
 
-use crate::{Outcome, role_name};
+use crate::Outcome;
+use kiwi_proto::v1::RaftRole;
 
 pub use kiwi_client::control::DEFAULT_CONTROL;
 use kiwi_client::control::{ControlClient, ControlTarget, connect as client, now_unix_ms};
@@ -279,7 +280,7 @@ pub async fn run(args: ControlArgs, json: bool, conn: &crate::Conn) -> anyhow::R
                     if json {
                         println!(
                             "{}",
-                            json!({"node": n.node_id, "at_unix_ms": h.at_unix_ms, "role": role_name(h.role),
+                            json!({"node": n.node_id, "at_unix_ms": h.at_unix_ms, "role": RaftRole::label(h.role),
                                    "term": h.term, "commit_index": h.commit_index, "applied_index": h.applied_index,
                                    "commit_rate": h.commit_rate, "apply_rate": h.apply_rate,
                                    "pool_threads": h.pool_threads, "utilisation_percent": h.utilisation_percent,
@@ -291,7 +292,7 @@ pub async fn run(args: ControlArgs, json: bool, conn: &crate::Conn) -> anyhow::R
                         println!(
                             "{:>10}  {:<9} {:>5} {:>9} {:>9.1} {:>7} {:>6.1} {:>6} {:>7} {:>8}",
                             ago(h.at_unix_ms),
-                            role_name(h.role),
+                            RaftRole::label(h.role),
                             h.term,
                             h.commit_index,
                             h.commit_rate,
@@ -472,7 +473,7 @@ async fn print_status(c: &mut ControlClient, control: &str, json: bool) -> anyho
                     .map(|n| {
                         let m = n.metrics.clone().unwrap_or_default();
                         json!({"id": n.node_id, "addr": n.client_addr, "up": n.up,
-                               "last_seen_unix_ms": n.last_seen_unix_ms, "role": role_name(m.role),
+                               "last_seen_unix_ms": n.last_seen_unix_ms, "role": RaftRole::label(m.role),
                                "term": m.term, "commit_index": m.commit_index, "applied_index": m.applied_index,
                                "backend": n.backend, "version": n.version,
                                "followers": m.followers.iter().map(|f| json!({"id": f.node_id, "lag": f.lag,
@@ -532,7 +533,7 @@ async fn print_status(c: &mut ControlClient, control: &str, json: bool) -> anyho
             n.node_id,
             n.client_addr,
             if n.up { "up" } else { "DOWN" },
-            role_name(m.role),
+            RaftRole::label(m.role),
             m.term,
             m.commit_index,
             m.applied_index,

@@ -388,17 +388,6 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-fn role_name(role: i32) -> &'static str {
-    match RaftRole::try_from(role).unwrap_or(RaftRole::Unspecified) {
-        RaftRole::Leader => "leader",
-        RaftRole::Follower => "follower",
-        RaftRole::Candidate => "candidate",
-        RaftRole::PreCandidate => "pre-candidate",
-        RaftRole::Learner => "learner",
-        RaftRole::Unspecified => "unknown",
-    }
-}
-
 fn main() -> ExitCode {
     // Output piped into a reader that stops early (`kiwi scan ... | head`) ends the process quietly, as
     // other Unix tools do, instead of panicking on the broken pipe.
@@ -902,7 +891,7 @@ async fn metrics(client: &Client, json: bool) -> anyhow::Result<Outcome> {
             .map(|(addr, r)| match r {
                 Err(e) => json!({"addr": addr, "error": e.message()}),
                 Ok(m) => json!({
-                    "addr": addr, "id": m.node_id, "role": role_name(m.role), "term": m.term,
+                    "addr": addr, "id": m.node_id, "role": RaftRole::label(m.role), "term": m.term,
                     "leader": m.leader_id, "commit_index": m.commit_index, "applied_index": m.applied_index,
                     "log_first_index": m.log_first_index, "log_last_index": m.log_last_index,
                     "elections": m.elections, "leader_changes": m.leader_changes,
@@ -938,7 +927,7 @@ async fn metrics(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         println!(
             "node {} ({addr}) {} term {}, leader {}; commit {} applied {} log {}..={}",
             m.node_id,
-            role_name(m.role),
+            RaftRole::label(m.role),
             m.term,
             m.leader_id,
             m.commit_index,
@@ -1189,7 +1178,7 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
         let m: Vec<_> = members
             .iter()
             .map(|(addr, s)| {
-                json!({"id": s.node_id, "addr": addr, "role": role_name(s.role), "term": s.term,
+                json!({"id": s.node_id, "addr": addr, "role": RaftRole::label(s.role), "term": s.term,
                        "commit_index": s.commit_index, "applied_index": s.applied_index,
                        "log_first_index": s.log_first_index, "backend": s.storage_backend,
                        "rejected_entries": s.rejected_entries, "removed": s.removed,
@@ -1229,7 +1218,7 @@ async fn status(client: &Client, json: bool) -> anyhow::Result<Outcome> {
                 "{:>4}  {:<22} {:<10} {:>6} {:>10} {:>10} {:>10} {:>10}  {}",
                 s.node_id,
                 addr,
-                role_name(s.role),
+                RaftRole::label(s.role),
                 s.term,
                 s.commit_index,
                 s.applied_index,
