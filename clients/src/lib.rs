@@ -34,11 +34,13 @@
 //!
 //! Leases (`lease_grant`, `lease_keep_alive`, `put_leased`, ...) and, on them, sessions, locks and
 //! elections: [`concurrency`]. A client of the control plane: [`control`]. A linearizability checker for
-//! recorded histories of Kiwi operations (what `kiwi chaos` runs): [`linearizability`].
+//! recorded histories of Kiwi operations (what `kiwi chaos` runs): [`linearizability`]. A local cluster
+//! of real node processes (what `kiwi playground` runs): [`playground`].
 
 pub mod concurrency;
 pub mod control;
 pub mod linearizability;
+pub mod playground;
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};

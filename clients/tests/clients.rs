@@ -2199,6 +2199,105 @@ fn etcdctl_with_tls_and_tokens() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status.as_array().unwrap().len(), 3, "{status}");
 
+    // The rest of the etcdctl suite over TLS with the token: a watch while writes go on, a
+    // transaction from stdin, a range delete with the previous pairs, compaction, a lock, the member
+    // list, a snapshot and defragmentation.
+    let mut watch = Command::new("etcdctl")
+        .args(["watch", "--prefix", "w/"])
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", &endpoints)
+        .env("ETCDCTL_CACERT", &ca)
+        .env("ETCDCTL_USER", &user)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, watched) = std::sync::mpsc::channel();
+    let out = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Vec::new();
+    let mut n = 0;
+    while !seen.iter().any(|l: &String| l == "w/last") {
+        ok(&endpoints, Some(&user), &["put", &format!("w/{n}"), "x"]);
+        ok(&endpoints, Some(&user), &["put", "w/last", "x"]);
+        n += 1;
+        while let Ok(l) = watched.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+        }
+        assert!(Instant::now() < deadline, "the watch saw {seen:?}");
+    }
+    watch.kill().unwrap();
+    watch.wait().unwrap();
+    let mut txn = Command::new("etcdctl")
+        .args(["txn"])
+        .env("ETCDCTL_API", "3")
+        .env("ETCDCTL_ENDPOINTS", &endpoints)
+        .env("ETCDCTL_CACERT", &ca)
+        .env("ETCDCTL_USER", &user)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        txn.stdin
+            .take()
+            .unwrap()
+            .write_all(b"value(\"s/0\") = \"v\"\n\nput s/0 \"txn\"\n\nput s/0 \"no\"\n\n")
+            .unwrap();
+    }
+    let txn = txn.wait_with_output().unwrap();
+    assert!(stdout(&txn).starts_with("SUCCESS"), "{txn:?}");
+    let deleted = ok(
+        &endpoints,
+        Some(&user),
+        &["del", "--prefix", "--prev-kv", "s/"],
+    );
+    assert!(deleted.starts_with("3\ns/0\ntxn\n"), "{deleted}");
+    let head: serde_json::Value = serde_json::from_str(&ok(
+        &endpoints,
+        Some(&user),
+        &["get", "w/last", "-w", "json"],
+    ))
+    .unwrap();
+    let rev = head["header"]["revision"].as_i64().unwrap().to_string();
+    assert!(ok(&endpoints, Some(&user), &["compaction", &rev]).contains("compacted revision"));
+    let locked = ok(
+        &endpoints,
+        Some(&user),
+        &["lock", "tls-lock", "echo", "held"],
+    );
+    assert!(locked.contains("held"), "{locked}");
+    assert_eq!(
+        ok(&endpoints, Some(&user), &["member", "list"])
+            .lines()
+            .count(),
+        3
+    );
+    let first = endpoints.split(',').next().unwrap();
+    let snap = dir.path().join("tls.snapshot");
+    let saved = ok(
+        first,
+        Some(&user),
+        &["snapshot", "save", snap.to_str().unwrap()],
+    );
+    assert!(saved.contains("Snapshot saved at"), "{saved}");
+    let defrag = ok(&endpoints, Some(&user), &["defrag"]);
+    assert_eq!(
+        defrag.matches("Finished defragmenting").count(),
+        3,
+        "{defrag}"
+    );
+    ok(&endpoints, Some(&user), &["put", "s/0", "v"]);
+
     let none = etcdctl(&endpoints, None, &["get", "s/0"]);
     assert!(!none.status.success());
     assert!(stderr(&none).contains("--user NAME:TOKEN"), "{none:?}");

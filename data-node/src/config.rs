@@ -313,6 +313,47 @@ pub struct PeerConfig {
     pub raft_addr: Option<String>,
 }
 
+impl PeerConfig {
+    /// Parses the command-line form of `raft.peers`: `ID=ADDR[@RAFT_ADDR]` separated by commas, e.g.
+    /// `1=10.0.0.1:7380,2=10.0.0.2:7380@10.0.0.2:7390`. Addresses are checked by [`NodeConfig::validate`].
+    ///
+    /// # Errors
+    /// Which member is malformed and how.
+    pub fn parse_list(s: &str) -> Result<Vec<PeerConfig>, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| {
+                let (id, addrs) = m
+                    .split_once('=')
+                    .ok_or_else(|| format!("{m:?} is not ID=ADDR[@RAFT_ADDR]"))?;
+                let id = id
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|id| *id > 0)
+                    .ok_or_else(|| format!("{m:?}: {id:?} is not a node id (1 or more)"))?;
+                let (addr, raft_addr) = match addrs.split_once('@') {
+                    Some((a, r)) => (a, Some(r.to_string())),
+                    None => (addrs, None),
+                };
+                Ok(PeerConfig {
+                    id,
+                    addr: addr.to_string(),
+                    raft_addr,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .and_then(|peers| {
+                if peers.is_empty() {
+                    Err("no members given".to_string())
+                } else {
+                    Ok(peers)
+                }
+            })
+    }
+}
+
 /// `[raft]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -540,10 +581,6 @@ pub fn record_raft_addr(record: &str) -> &str {
     record.split_once(' ').map_or(record, |(_, raft)| raft)
 }
 
-/// Checks a member address: `host:port` with a non-empty host and a port from 1 to 65535.
-///
-/// # Errors
-/// What is wrong with it.
 /// Whether `host:port` names this machine's loopback (an IP literal on loopback, or `localhost`).
 fn is_loopback_host(addr: &str) -> bool {
     match addr.parse::<SocketAddr>() {
@@ -554,6 +591,10 @@ fn is_loopback_host(addr: &str) -> bool {
     }
 }
 
+/// Checks a member address: `host:port` with a non-empty host and a port from 1 to 65535.
+///
+/// # Errors
+/// What is wrong with it.
 pub fn check_member_addr(addr: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("{addr:?} is not \"host:port\": {why}"));
     if addr.parse::<SocketAddr>().is_ok() {
@@ -1051,6 +1092,35 @@ mod seconds {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peers_parse_from_the_command_line_form() {
+        let peers = PeerConfig::parse_list("1=10.0.0.1:7380, 2=h2:7380@h2:7390,").unwrap();
+        assert_eq!(
+            peers,
+            [
+                PeerConfig {
+                    id: 1,
+                    addr: "10.0.0.1:7380".into(),
+                    raft_addr: None
+                },
+                PeerConfig {
+                    id: 2,
+                    addr: "h2:7380".into(),
+                    raft_addr: Some("h2:7390".into())
+                }
+            ]
+        );
+        for (bad, why) in [
+            ("", "no members"),
+            ("10.0.0.1:7380", "is not ID=ADDR"),
+            ("0=h:1", "is not a node id"),
+            ("x=h:1", "is not a node id"),
+        ] {
+            let e = PeerConfig::parse_list(bad).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
 
     proptest::proptest! {
         /// Any text, and any one-byte change of the example file, is accepted or refused with a

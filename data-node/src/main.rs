@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use kiwi_node::config::{LogFormat, NodeConfig};
+use kiwi_node::config::{LogFormat, NodeConfig, PeerConfig};
 use kiwi_storage::BackendKind;
 
 /// Kiwi data node: one replica of a Kiwi cluster, serving the KV API over gRPC.
@@ -47,6 +47,12 @@ struct Cli {
     #[arg(long, value_name = "ID")]
     node_id: Option<u64>,
 
+    /// Overrides `raft.peers`: every member as ID=ADDR[@RAFT_ADDR], separated by commas, e.g.
+    /// 1=10.0.0.1:7380,2=10.0.0.2:7380,3=10.0.0.3:7380 (ADDR is the member's gRPC address, RAFT_ADDR
+    /// its raft_listen_addr when it has one).
+    #[arg(long, value_name = "MEMBERS")]
+    peers: Option<String>,
+
     /// Overrides `storage.backend`: rocksdb, leveldb or memory.
     #[arg(long, value_name = "BACKEND")]
     backend: Option<BackendKind>,
@@ -84,6 +90,10 @@ impl Cli {
         }
         if let Some(id) = self.node_id {
             config.raft.node_id = id;
+        }
+        if let Some(p) = &self.peers {
+            config.raft.peers =
+                PeerConfig::parse_list(p).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
         }
         if let Some(b) = self.backend {
             config.storage.backend = b;

@@ -30,23 +30,36 @@ pub enum SnapshotCommand {
     /// Check FILE (format, every frame, the SHA-256 trailer) and print what it holds: keys, bytes,
     /// revision, leases, the cluster it came from. Exit status 1 when it is damaged or truncated.
     Status { file: PathBuf },
-    /// Restore FILE into a new member's empty data directory: runs `kiwi-node --config CONFIG --restore
-    /// FILE`. Run it for every member of the new cluster with its own config (same `raft.peers` in all),
-    /// then start the nodes; they form a new cluster (a new cluster id) holding the backup's keys at its
-    /// revision. A damaged or truncated file is refused and nothing is written. Example:
+    /// Restore FILE into a new member's empty data directory: runs `kiwi-node --restore FILE` with the
+    /// member's settings, from its config file (`--config`) or from flags (`--data-dir`, `--node-id`,
+    /// `--peers`, as `etcdctl snapshot restore` takes them). Run it for every member of the new cluster
+    /// with the same members, then start the nodes; they form a new cluster (a new cluster id) holding
+    /// the backup's keys at its revision. A damaged or truncated file is refused and nothing is
+    /// written. Examples:
     ///
     ///   kiwi snapshot restore backup.kiwi --config node-1.toml
+    ///
+    ///   kiwi snapshot restore backup.kiwi --data-dir /var/lib/kiwi --node-id 1 \
+    ///       --peers 1=10.0.0.1:7380,2=10.0.0.2:7380,3=10.0.0.3:7380
     Restore {
         file: PathBuf,
-        /// The node's config file (data_dir, storage.backend, raft.node_id, raft.peers).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
-        /// Overrides the config's `data_dir`.
+        /// The node's config file (data_dir, storage.backend, raft.node_id, raft.peers); the flags
+        /// below override it. Without it, --data-dir, --node-id and --peers are needed.
+        #[arg(long, value_name = "FILE", required_unless_present_all = ["data_dir", "node_id", "peers"])]
+        config: Option<PathBuf>,
+        /// The new member's data directory (empty or absent); overrides the config's `data_dir`.
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
-        /// Overrides the config's `raft.node_id`.
+        /// The new member's Raft id; overrides the config's `raft.node_id`.
         #[arg(long, value_name = "ID")]
         node_id: Option<u64>,
+        /// Every member of the new cluster as ID=ADDR[@RAFT_ADDR], separated by commas (ADDR: the
+        /// member's gRPC address); overrides the config's `raft.peers`.
+        #[arg(long, value_name = "MEMBERS")]
+        peers: Option<String>,
+        /// The storage backend to restore into (rocksdb or leveldb); overrides `storage.backend`.
+        #[arg(long, value_name = "BACKEND")]
+        backend: Option<String>,
         /// The kiwi-node binary (default: next to this kiwi binary, else on PATH).
         #[arg(long, value_name = "PATH")]
         node_bin: Option<PathBuf>,
@@ -72,16 +85,27 @@ pub async fn run(
             config,
             data_dir,
             node_id,
+            peers,
+            backend,
             node_bin,
         } => {
-            let bin = crate::playground::sibling_binary(node_bin, "kiwi-node");
+            let bin = kiwi_client::playground::sibling_binary(node_bin, "kiwi-node");
             let mut cmd = std::process::Command::new(&bin);
-            cmd.arg("--config").arg(&config).arg("--restore").arg(&file);
+            cmd.arg("--restore").arg(&file);
+            if let Some(c) = config {
+                cmd.arg("--config").arg(c);
+            }
             if let Some(d) = data_dir {
                 cmd.arg("--data-dir").arg(d);
             }
             if let Some(id) = node_id {
                 cmd.arg("--node-id").arg(id.to_string());
+            }
+            if let Some(p) = peers {
+                cmd.arg("--peers").arg(p);
+            }
+            if let Some(b) = backend {
+                cmd.arg("--backend").arg(b);
             }
             let status = cmd
                 .status()
