@@ -7,8 +7,8 @@
 //! # The Ready contract
 //!
 //! Each turn of the loop collects every proposal and peer message that arrived while the previous Ready
-//! was handled (group commit), starts one ReadIndex round for all the linearizable reads among them, ticks
-//! when due, then handles one Ready in this order:
+//! was handled (group commit), starts one ReadIndex round for all the linearizable reads waiting unless
+//! one is in flight, ticks when due, then handles one Ready in this order:
 //!
 //! 1. Send `messages()` at once (a leader may replicate before its own append is durable).
 //! 2. Apply `committed_entries()` (these were persisted by earlier Readies), writing the applied index in
@@ -37,7 +37,8 @@
 //! refuses is handled the same way.
 //!
 //! # Reads
-//! Linearizable reads that arrive in one turn share one ReadIndex round. A new leader holds them until it
+//! One ReadIndex round is in flight at a time, as in etcd's linearizable read loop: the reads that arrive
+//! while it runs share the next round, started in the turn that answers it. A new leader holds them until it
 //! has committed an entry of its own term (raft-rs drops read requests before that); a round that gets no
 //! answer within an election timeout is started again, and its callers that gave up are forgotten.
 //!
@@ -509,7 +510,7 @@ struct Driver {
     reads: HashMap<u64, ReadRound>,
     /// How long a ReadIndex round may go unanswered before it is started again.
     read_retry: Duration,
-    /// Reads that arrived in this turn; they share the next round.
+    /// Reads that arrived since the last round started; they share the next round.
     read_batch: Vec<oneshot::Sender<Result<u64, ProposeError>>>,
     next_read: u64,
     status: watch::Sender<RaftStatus>,
@@ -711,11 +712,12 @@ impl Driver {
             }
             self.on_ready()?;
             if !self.read_batch.is_empty()
+                && self.reads.is_empty()
                 && self.raw.raft.state == StateRole::Leader
                 && self.raw.raft.commit_to_current_term()
             {
-                // Reads held for this leader's first commit, which this Ready made: start them now
-                // rather than a tick later.
+                // Reads held for this leader's first commit, which this Ready made, or for the round
+                // this Ready answered: start them now rather than at the next message or tick.
                 self.start_reads();
                 self.on_ready()?;
             }
@@ -817,6 +819,11 @@ impl Driver {
         if !self.raw.raft.commit_to_current_term() {
             // Held until the leader's first entry of its term commits (it was proposed on election).
             self.read_batch.retain(|r| !r.is_closed());
+            return;
+        }
+        if !self.reads.is_empty() {
+            // One round in flight at a time (etcd's linearizable read loop): reads arriving meanwhile
+            // join the next round, started as soon as this one is answered (see `run`).
             return;
         }
         let id = self.next_read;
@@ -927,7 +934,7 @@ impl Driver {
                     let _ = reply.send(Ok(index));
                     return;
                 }
-                // Batched: one ReadIndex round serves every read that arrived in this turn.
+                // Batched: one ReadIndex round serves every read that arrived while the last ran.
                 self.read_batch.push(reply);
             }
             Inbox::ConfChange { cc, reply } => {
@@ -1783,6 +1790,8 @@ mod tests {
         held: std::sync::Mutex<Vec<Message>>,
         /// Messages to this node are dropped (0: none).
         cut_to: AtomicU64,
+        /// Heartbeat responses (which answer ReadIndex rounds) are dropped.
+        drop_heartbeat_responses: AtomicBool,
     }
 
     impl Net {
@@ -1816,6 +1825,11 @@ mod tests {
                     continue;
                 }
                 if m.to == self.0.cut_to.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if self.0.drop_heartbeat_responses.load(Ordering::SeqCst)
+                    && m.get_msg_type() == MessageType::MsgHeartbeatResponse
+                {
                     continue;
                 }
                 if m.to == self.0.hold_from_timeout_now_to.load(Ordering::SeqCst) {
@@ -2166,6 +2180,52 @@ mod tests {
             }
             stop_all(nodes);
         }
+    }
+
+    /// One ReadIndex round in flight at a time: reads that arrive while a round waits for its quorum share
+    /// the next round, started as soon as that one is answered, instead of a round each.
+    #[tokio::test]
+    async fn reads_arriving_during_a_round_share_the_next_round() {
+        let net = Arc::new(Net::default());
+        // A long election timeout: the leader keeps leading while heartbeat responses are dropped.
+        let config = DriverConfig {
+            election_ticks: 200,
+            heartbeat_ticks: 2,
+            ..test_config(1000, 0)
+        };
+        let nodes = start_three(&net, &config);
+        let leader = leader_of(&nodes).await;
+        leader.propose(put("k")).await.unwrap();
+        leader.read_index().await.unwrap();
+        let before = read_rounds(&leader).await;
+        net.drop_heartbeat_responses.store(true, Ordering::SeqCst);
+        let mut reads = Vec::new();
+        for _ in 0..10 {
+            let h = leader.clone();
+            reads.push(tokio::spawn(async move { h.read_index().await }));
+            // The read is sent before the status request, which is answered after the turn that took
+            // the read: each read reaches the leader in a turn of its own.
+            tokio::task::yield_now().await;
+            leader.detailed_status().await.unwrap();
+        }
+        assert!(
+            reads.iter().all(|r| !r.is_finished()),
+            "no round can be answered without heartbeat responses"
+        );
+        net.drop_heartbeat_responses.store(false, Ordering::SeqCst);
+        for r in reads {
+            tokio::time::timeout(Duration::from_secs(10), r)
+                .await
+                .expect("every read is answered")
+                .unwrap()
+                .unwrap();
+        }
+        assert_eq!(
+            read_rounds(&leader).await - before,
+            2,
+            "the first read's round, then one for the nine that came while it ran"
+        );
+        stop_all(nodes);
     }
 
     #[tokio::test]
