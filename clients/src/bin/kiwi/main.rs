@@ -390,11 +390,21 @@ fn text(b: &[u8]) -> String {
 
 fn main() -> ExitCode {
     // Output piped into a reader that stops early (`kiwi scan ... | head`) ends the process quietly, as
-    // other Unix tools do, instead of panicking on the broken pipe.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    // other Unix tools do, instead of a panic message. SIGPIPE itself stays ignored (Rust's default):
+    // with its default action, a write to a connection a crashed node reset would kill the process.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        report(info);
+    }));
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
