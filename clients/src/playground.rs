@@ -311,13 +311,16 @@ pub fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Asks `child` to stop gracefully (SIGTERM), then waits up to 10 s before SIGKILL. Returns whether it
-/// stopped by itself.
-async fn terminate(child: &mut Child) -> bool {
+/// Asks `child` to stop gracefully (SIGTERM).
+fn sigterm(child: &Child) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         // SAFETY: kill(2) on a child this process spawned and has not reaped.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
+}
+
+/// Waits up to 10 s for `child` to exit, then kills it. Returns whether it exited by itself.
+async fn wait_or_kill(child: &mut Child) -> bool {
     if tokio::time::timeout(Duration::from_secs(10), child.wait())
         .await
         .is_ok()
@@ -698,7 +701,8 @@ impl Playground {
             bail!("this playground has nodes 1 to {count}, not {id}");
         };
         let was = if let Some(mut child) = p.child.take() {
-            terminate(&mut child).await;
+            sigterm(&child);
+            wait_or_kill(&mut child).await;
             "stopped and started again"
         } else {
             "was not running; started again"
@@ -714,15 +718,13 @@ impl Playground {
     pub async fn stop(mut self) -> Vec<String> {
         let _ = std::fs::remove_dir_all(requests_dir(&self.data_dir));
         let mut said = Vec::new();
+        // All at once, so that they stop in parallel.
         for child in self.nodes.iter().filter_map(|p| p.child.as_ref()) {
-            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-                // SAFETY: kill(2) on a child this process spawned and has not reaped.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
-            }
+            sigterm(child);
         }
         for p in &mut self.nodes {
             if let Some(child) = p.child.as_mut()
-                && !terminate(child).await
+                && !wait_or_kill(child).await
             {
                 said.push(format!(
                     "node {} did not stop within 10 s of SIGTERM; killed",
@@ -730,10 +732,11 @@ impl Playground {
                 ));
             }
         }
-        if let Some(c) = self.control.as_mut()
-            && !terminate(&mut c.child).await
-        {
-            said.push("the control plane did not stop within 10 s of SIGTERM; killed".into());
+        if let Some(c) = self.control.as_mut() {
+            sigterm(&c.child);
+            if !wait_or_kill(&mut c.child).await {
+                said.push("the control plane did not stop within 10 s of SIGTERM; killed".into());
+            }
         }
         said
     }

@@ -10,16 +10,8 @@ use kiwi_client::{CallOptions, Client, ClientOptions, KeyRange, ScanOptions};
 use kiwi_proto::v1::KeyValue;
 use kiwi_tests::cluster::{Cluster, ClusterOptions};
 
-fn endpoints(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.addr(id).to_string())
-        .collect()
-}
-
 fn client(cluster: &Cluster) -> Client {
-    Client::connect(&endpoints(cluster), ClientOptions::default()).unwrap()
+    Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap()
 }
 
 fn kiwi(endpoints: &[String], args: &[&str]) -> Output {
@@ -77,7 +69,7 @@ async fn a_backup_saved_under_load_restores_into_a_new_cluster_exactly() {
     let o = CallOptions::default();
 
     let source = Cluster::start(ClusterOptions::default()).await;
-    let eps = endpoints(&source);
+    let eps = source.endpoints();
     let c = client(&source);
     // Keys with history (overwritten, deleted), binary keys, a lease with keys attached.
     for i in 0..500u32 {
@@ -276,7 +268,7 @@ async fn defrag_gives_back_the_space_of_deleted_and_compacted_data() {
         ..ClusterOptions::default()
     })
     .await;
-    let eps = endpoints(&cluster);
+    let eps = cluster.endpoints();
     let c = client(&cluster);
     let o = CallOptions::default();
     let value = vec![b'v'; 64 * 1024];
@@ -471,7 +463,7 @@ async fn a_one_gib_backup_streams_in_bounded_memory() {
     let started = Instant::now();
     let mut save = Command::new(env!("CARGO_BIN_EXE_kiwi"))
         .args(["snapshot", "save", file.to_str().unwrap()])
-        .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+        .env("KIWI_ENDPOINTS", cluster.endpoints().join(","))
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -7,18 +7,10 @@ use std::time::{Duration, Instant};
 use kiwi_client::{CallOptions, Client, ClientOptions, Error};
 use kiwi_tests::cluster::{Cluster, ClusterOptions, node_binary};
 
-fn endpoints(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.addr(id).to_string())
-        .collect()
-}
-
 fn kiwi(cluster: &Cluster, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiwi"))
         .args(args)
-        .env("KIWI_ENDPOINTS", endpoints(cluster).join(","))
+        .env("KIWI_ENDPOINTS", cluster.endpoints().join(","))
         .output()
         .expect("run kiwi")
 }
@@ -107,7 +99,7 @@ async fn client_follows_the_leader_and_reports_unknown_outcomes() {
     // Start from a follower: the first call is redirected in one hop.
     let follower = cluster.ids().into_iter().find(|id| *id != leader).unwrap();
     let mut eps = vec![cluster.addr(follower).to_string()];
-    eps.extend(endpoints(&cluster));
+    eps.extend(cluster.endpoints());
     let client = Client::connect(
         &eps,
         ClientOptions {
@@ -133,7 +125,8 @@ async fn client_follows_the_leader_and_reports_unknown_outcomes() {
     // redirect once a new leader is elected, all within the call's deadline.
     let mut eps = vec![cluster.addr(leader).to_string()];
     eps.extend(
-        endpoints(&cluster)
+        cluster
+            .endpoints()
             .into_iter()
             .filter(|e| *e != cluster.addr(leader).to_string()),
     );
@@ -215,7 +208,7 @@ async fn cli_commands_exit_codes_and_json() {
     // Values from stdin.
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
         .args(["put", "piped", "-"])
-        .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+        .env("KIWI_ENDPOINTS", cluster.endpoints().join(","))
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -662,7 +655,7 @@ async fn client_reads_back_a_value_at_the_default_limit() {
         ..ClusterOptions::default()
     })
     .await;
-    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let client = Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap();
     let opts = CallOptions::default();
     let value: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     client.put(b"big", &value, &opts).await.unwrap();
@@ -1021,7 +1014,7 @@ async fn revisions_watch_txn_and_compaction() {
     // The leader first, so that the watch's stream is on the node this test kills.
     let first = cluster.addr(leader).to_string();
     let mut eps = vec![first.clone()];
-    eps.extend(endpoints(&cluster).into_iter().filter(|e| *e != first));
+    eps.extend(cluster.endpoints().into_iter().filter(|e| *e != first));
     let client = Client::connect(&eps, ClientOptions::default()).unwrap();
     let o = CallOptions::default();
 
@@ -1199,7 +1192,7 @@ async fn revisions_watch_txn_and_compaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_watch_prints_changes_from_a_revision() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let client = Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap();
     let o = CallOptions::default();
     let first = client.put(b"cfg/a", b"1", &o).await.unwrap();
     client.put(b"other", b"x", &o).await.unwrap();
@@ -1207,7 +1200,7 @@ async fn cli_watch_prints_changes_from_a_revision() {
     let third = client.put(b"cfg/b", b"2", &o).await.unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
         .args(["watch", "--prefix", "cfg/", "--rev", &first.to_string()])
-        .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+        .env("KIWI_ENDPOINTS", cluster.endpoints().join(","))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -1237,13 +1230,13 @@ async fn cli_watch_prints_changes_from_a_revision() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_txn_get_at_a_revision_and_compact() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let client = Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap();
     let o = CallOptions::default();
     let first = client.put(b"acct/a", b"100", &o).await.unwrap();
     let txn = |input: String| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiwi"))
             .arg("txn")
-            .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+            .env("KIWI_ENDPOINTS", cluster.endpoints().join(","))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1300,7 +1293,7 @@ async fn the_leader_compacts_the_history_to_its_retention() {
         ..ClusterOptions::default()
     })
     .await;
-    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let client = Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap();
     let o = CallOptions::default();
     let first = client.put(b"k", b"0", &o).await.unwrap();
     let mut last = first;
@@ -1336,7 +1329,7 @@ async fn bank_transfers_as_transactions_keep_the_total_through_a_leader_crash() 
     let mut cluster = Cluster::start(ClusterOptions::default()).await;
     let leader = cluster.wait_leader().await;
     let client = std::sync::Arc::new(
-        Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap(),
+        Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap(),
     );
     let o = CallOptions::default();
     let account = |i: u64| format!("bank/{i}").into_bytes();
@@ -1450,7 +1443,7 @@ async fn bank_transfers_as_transactions_keep_the_total_through_a_leader_crash() 
 async fn a_transactions_events_arrive_together() {
     use kiwi_client::{KeyRange, TxnOp, WatchUpdate, txn_op};
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let client = Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap();
     let o = CallOptions::default();
     let before = client.put(b"t/0", b"x", &o).await.unwrap();
     let put = |k: &str| TxnOp {
@@ -1522,7 +1515,7 @@ async fn the_leader_compacts_the_history_by_age() {
         ..ClusterOptions::default()
     })
     .await;
-    let client = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let client = Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap();
     let o = CallOptions::default();
     // Taken before the write: the compaction that drops it comes at least 2 s after this.
     let written = Instant::now();
@@ -2513,7 +2506,7 @@ fn the_console_shows_the_cluster_and_changes_it_in_a_browser() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_output_into_a_closed_pipe_ends_quietly() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    let c = Client::connect(&endpoints(&cluster), ClientOptions::default()).unwrap();
+    let c = Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap();
     let value = vec![b'v'; 1024];
     for i in 0..300 {
         c.put(
@@ -2530,7 +2523,7 @@ async fn cli_output_into_a_closed_pipe_ends_quietly() {
             "{} scan --prefix pipe/ --limit 300 | head -c 10",
             env!("CARGO_BIN_EXE_kiwi")
         ))
-        .env("KIWI_ENDPOINTS", endpoints(&cluster).join(","))
+        .env("KIWI_ENDPOINTS", cluster.endpoints().join(","))
         .output()
         .unwrap();
     assert_eq!(stdout(&o), "pipe/0000\t");

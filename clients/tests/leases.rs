@@ -11,16 +11,8 @@ use kiwi_client::concurrency::{Election, Mutex, Session};
 use kiwi_client::{CallOptions, Client, ClientOptions, Error, KeyRange, WatchUpdate, key_event};
 use kiwi_tests::cluster::{Cluster, ClusterOptions};
 
-fn endpoints(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .ids()
-        .into_iter()
-        .map(|id| cluster.addr(id).to_string())
-        .collect()
-}
-
 fn client(cluster: &Cluster) -> Client {
-    Client::connect(&endpoints(cluster), ClientOptions::default()).unwrap()
+    Client::connect(&cluster.endpoints(), ClientOptions::default()).unwrap()
 }
 
 fn not_found(e: &Error) -> bool {
@@ -307,7 +299,7 @@ async fn locks_and_elections_serve_in_order_and_pass_on_when_a_holder_goes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_leases_and_two_kiwi_locks_never_overlap() {
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    let eps = endpoints(&cluster).join(",");
+    let eps = cluster.endpoints().join(",");
     let kiwi = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kiwi"))
             .args(args)
@@ -388,7 +380,7 @@ async fn cli_leases_and_two_kiwi_locks_never_overlap() {
 async fn cli_elect_leads_until_killed_and_listen_follows_the_leaders() {
     use std::io::BufRead as _;
     let cluster = Cluster::start(ClusterOptions::default()).await;
-    let eps = endpoints(&cluster).join(",");
+    let eps = cluster.endpoints().join(",");
     let spawn = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_kiwi"))
             .args(args)

@@ -216,6 +216,11 @@ impl Cluster {
             .collect()
     }
 
+    /// Every node's gRPC address as `host:port`, in id order: a client's endpoint list.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.to_string()).collect()
+    }
+
     /// A node's gRPC address.
     pub fn addr(&self, id: u64) -> SocketAddr {
         self.nodes[&id].addr
