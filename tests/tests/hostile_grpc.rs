@@ -344,3 +344,65 @@ async fn random_bytes_to_every_method_break_nothing() {
         "the real nodes are still up in the control plane's view: {s:?}"
     );
 }
+
+/// etcd's nested transaction (a `RequestOp` holding a `TxnRequest`) is refused by name, and nothing of
+/// the outer transaction is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nested_etcd_transaction_is_refused_by_name() {
+    use kiwi_proto::etcd::etcdserverpb::{
+        PutRequest as EtcdPut, RangeRequest, RequestOp, TxnRequest, kv_client::KvClient,
+        request_op::Request,
+    };
+    let cluster = Cluster::start(ClusterOptions {
+        nodes: 1,
+        etcd_ports: true,
+        ..ClusterOptions::default()
+    })
+    .await;
+    let leader = cluster.wait_leader().await;
+    let channel = Channel::from_shared(format!("http://{}", cluster.etcd_addr(leader).unwrap()))
+        .unwrap()
+        .connect_lazy();
+    let mut kv = KvClient::new(channel);
+    let put = |key: &str| RequestOp {
+        request: Some(Request::RequestPut(EtcdPut {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            ..EtcdPut::default()
+        })),
+    };
+    let nested = TxnRequest {
+        success: vec![put("nested/inner")],
+        ..TxnRequest::default()
+    };
+    let refused = kv
+        .txn(TxnRequest {
+            success: vec![
+                put("nested/outer"),
+                RequestOp {
+                    request: Some(Request::RequestTxn(nested)),
+                },
+            ],
+            ..TxnRequest::default()
+        })
+        .await
+        .expect_err("a nested transaction is refused");
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    assert!(
+        refused.message().contains("nested transactions"),
+        "the refusal names nested transactions: {refused:?}"
+    );
+    let left = kv
+        .range(RangeRequest {
+            key: b"nested/".to_vec(),
+            range_end: b"nested0".to_vec(),
+            ..RangeRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        left.count, 0,
+        "nothing of the outer transaction was applied"
+    );
+}

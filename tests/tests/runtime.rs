@@ -337,3 +337,69 @@ async fn a_write_to_an_idle_node_is_handed_to_raft_without_a_worker() {
         .into_inner();
     assert!(!read.found, "the expired write was applied: {read:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_read_on_an_idle_node_is_served_without_a_worker_unless_low() {
+    let cluster = Cluster::start(one_node("")).await;
+    cluster.must_put(b"idle-read", b"v").await;
+    let mut kv = cluster.kv(1);
+    let reads = 30;
+    for priority in [Priority::Normal, Priority::Low] {
+        for consistency in [Consistency::Linearizable, Consistency::Serializable] {
+            for _ in 0..reads / 2 {
+                let got = kv
+                    .get(GetRequest {
+                        header: Some(RequestHeader {
+                            priority: priority as i32,
+                            ..header()
+                        }),
+                        key: b"idle-read".to_vec(),
+                        consistency: consistency as i32,
+                        ..GetRequest::default()
+                    })
+                    .await
+                    .expect("get")
+                    .into_inner();
+                assert!(got.found && got.value == b"v", "{got:?}");
+            }
+        }
+    }
+    let text = kiwi_tests::http::get(cluster.metrics_addr(1), "/metrics/runtime", None)
+        .await
+        .body;
+    let count = |metric, class| histogram_count(&text, metric, class);
+    // Nothing was queued when each NORMAL read arrived: it passed the channel with no wait (counted) and
+    // was read on the network thread. LOW reads always take the queue and a worker.
+    assert!(
+        count("kiwi_runtime_queue_wait_seconds", "normal") >= reads,
+        "queue waits counted\n{text}"
+    );
+    assert_eq!(
+        count("kiwi_runtime_processing_seconds", "normal"),
+        0,
+        "NORMAL point reads processed by a worker\n{text}"
+    );
+    assert!(
+        count("kiwi_runtime_processing_seconds", "low") >= reads,
+        "LOW point reads processed by a worker\n{text}"
+    );
+
+    // A range read is not a point read: it takes a worker whatever is queued.
+    kv.scan(ScanRequest {
+        header: Some(header()),
+        start_key: b"idle".to_vec(),
+        end_key: b"idlf".to_vec(),
+        limit: 10,
+        ..ScanRequest::default()
+    })
+    .await
+    .expect("scan");
+    let text = kiwi_tests::http::get(cluster.metrics_addr(1), "/metrics/runtime", None)
+        .await
+        .body;
+    assert_eq!(
+        histogram_count(&text, "kiwi_runtime_processing_seconds", "normal"),
+        1,
+        "the scan ran on a worker\n{text}"
+    );
+}

@@ -159,7 +159,7 @@ impl KvService for KvApi {
             let at = req.revision;
             s.check_not_future(at, applied)?;
             let read = |key: Vec<u8>| {
-                s.read_data(&tagged, move |st| {
+                s.read_point_data(&tagged, move |st| {
                     if at == 0 {
                         return Ok(Ok(st
                             .read(KeySpace::Data, &key)?

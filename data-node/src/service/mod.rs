@@ -697,14 +697,33 @@ impl KvServer {
         tagged: &Tagged,
         f: impl FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<T> + Send + 'static,
     ) -> Result<T, KvError> {
+        self.staged(tagged, self.gated(f)).await
+    }
+
+    /// [`Self::read_data`] for a point read (one key): with nothing queued it is served at once on this
+    /// thread, as a write's hand-off to Raft is ([`Self::staged_brief`]); it never passes a queued
+    /// request, and LOW reads always queue. A point read is one engine lookup, mostly from memory: the
+    /// worker's two thread wake-ups cost more than the read.
+    async fn read_point_data<T: Send + 'static>(
+        &self,
+        tagged: &Tagged,
+        f: impl FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<T> + Send + 'static,
+    ) -> Result<T, KvError> {
+        self.staged_brief(tagged, self.gated(f)).await
+    }
+
+    /// `f` on the storage, refused if a snapshot install overlaps it.
+    fn gated<T, F>(&self, f: F) -> impl FnOnce() -> Result<T, KvError> + Send + 'static + use<T, F>
+    where
+        F: FnOnce(&dyn StorageBackend) -> kiwi_storage::Result<T> + Send + 'static,
+    {
         let storage = Arc::clone(&self.storage);
         let gate = Arc::clone(&self.gate);
-        self.staged(tagged, move || {
+        move || {
             gate.read(|| f(&*storage))
                 .ok_or(KvError::Installing)?
                 .map_err(KvError::Storage)
-        })
-        .await
+        }
     }
 
     fn check_ops(&self, ops: &[WriteOp]) -> Result<(), KvError> {

@@ -391,6 +391,12 @@ impl Etcd {
                                 prev_kv: d.prev_kv,
                             })
                         }
+                        Some(request_op::Request::RequestTxn(_)) => {
+                            return Err(Status::unimplemented(
+                                "nested transactions are not supported by Kiwi: put the nested \
+                                 transaction's operations in the outer one, or send it on its own",
+                            ));
+                        }
                         None => return Err(Status::invalid_argument("etcdserver: an op is empty")),
                     };
                     Ok(kiwi::TxnOp { op: Some(op) })
