@@ -285,6 +285,11 @@ pub fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span 
         };
     }
     match telemetry::tracing::head_sample(request.metadata()) {
+        // Nothing would read an untraced request's span unless the logs show DEBUG lines of requests
+        // ("request finished"): at INFO a span would only cost its formatting on every request (a few
+        // per cent of the CPU of a point read). The one line such a request may still write, an
+        // unexpected failure, carries its request_id by itself (see `traced`).
+        Sampling::Untraced if !tracing::enabled!(tracing::Level::DEBUG) => Span::none(),
         Sampling::Untraced => span!("kiwi_node::request"),
         Sampling::Root => span!("kiwi_node::trace"),
         Sampling::Continue(parent) => {
@@ -293,6 +298,11 @@ pub fn request_span<T>(name: &'static str, request: &tonic::Request<T>) -> Span 
             span
         }
     }
+}
+
+tokio::task_local! {
+    /// The request id of a request handled without a span (see [`request_span`]), set by `tag`.
+    static REQUEST_ID: std::cell::RefCell<String>;
 }
 
 /// [`traced`] for an answer that may hold a share of the answer budget: the hold goes into the
@@ -317,6 +327,29 @@ pub async fn traced<T>(
     span: Span,
     body: impl std::future::Future<Output = Result<T, KvError>>,
 ) -> Result<tonic::Response<T>, tonic::Status> {
+    if span.is_disabled() {
+        return REQUEST_ID
+            .scope(std::cell::RefCell::new(String::new()), async {
+                let r = body
+                    .await
+                    .map(tonic::Response::new)
+                    .map_err(KvError::into_status);
+                if let Err(s) = &r
+                    && unexpected(s.code())
+                {
+                    REQUEST_ID.with(|id| {
+                        tracing::warn!(
+                            request_id = id.borrow().as_str(),
+                            code = ?s.code(),
+                            message = s.message(),
+                            "request failed"
+                        );
+                    });
+                }
+                r
+            })
+            .await;
+    }
     let r = body
         .instrument(span.clone())
         .await
@@ -328,12 +361,7 @@ pub async fn traced<T>(
             .map_or_else(tonic::Status::code, |_| tonic::Code::Ok);
         span.in_scope(|| match &r {
             // Failures the node did not expect are logged; the line carries the span's request_id.
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss
-                ) =>
-            {
+            Err(s) if unexpected(s.code()) => {
                 tracing::warn!(code = ?s.code(), message = s.message(), "request failed");
             }
             _ => tracing::debug!(code = ?code, "request finished"),
@@ -347,6 +375,24 @@ pub async fn traced<T>(
         }
     }
     r
+}
+
+/// Fills the request span's fields; without a span, keeps the request's id for `traced`'s failure line.
+fn note_request(span: &Span, request_id: &str, class: Class) {
+    if span.is_disabled() {
+        let _ = REQUEST_ID.try_with(|id| request_id.clone_into(&mut id.borrow_mut()));
+    } else {
+        span.record("request_id", request_id);
+        span.record("priority", class.name());
+    }
+}
+
+/// Failures the node did not expect (they are logged).
+fn unexpected(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::DataLoss
+    )
 }
 
 impl KvServer {
@@ -473,10 +519,9 @@ impl KvServer {
             class = Class::High;
             self.critical_downgrades.add(1, &[]);
         }
-        // Called inside the request span: its fields are filled here.
+        // Called inside the request span (if any).
         let span = Span::current();
-        span.record("request_id", request_id.as_str());
-        span.record("priority", class.name());
+        note_request(&span, &request_id, class);
         let trace = if telemetry::tracing::is_traced(&span) {
             span
         } else {
@@ -762,5 +807,79 @@ impl KvServer {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Captures what a test subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn logs_at(level: &str) -> (impl tracing::Subscriber, Captured) {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(level)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        (subscriber, out)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn at_info_an_untraced_request_has_no_span_and_its_failure_line_carries_its_id() {
+        let (subscriber, out) = logs_at("info");
+        let _default = tracing::subscriber::set_default(subscriber);
+        let span = request_span("kv.Get", &tonic::Request::new(()));
+        assert!(span.is_disabled(), "no span is built at INFO");
+        let failed = traced(span, async {
+            note_request(&Span::current(), "req-42", Class::Normal);
+            Err::<(), _>(KvError::Storage(kiwi_storage::Error::DirectoryNotFound {
+                path: "/nowhere".into(),
+            }))
+        })
+        .await
+        .expect_err("the body failed");
+        assert_eq!(failed.code(), tonic::Code::Internal);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("request failed") && text.contains("request_id=\"req-42\""),
+            "the failure line names the request: {text}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn with_debug_logs_an_untraced_request_has_a_span_its_lines_carry() {
+        let (subscriber, out) = logs_at("info,kiwi_node=debug");
+        let _default = tracing::subscriber::set_default(subscriber);
+        let span = request_span("kv.Get", &tonic::Request::new(()));
+        assert!(!span.is_disabled(), "DEBUG lines of requests need the span");
+        traced(span, async {
+            note_request(&Span::current(), "req-43", Class::High);
+            Ok(())
+        })
+        .await
+        .expect("the body succeeded");
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("request finished") && text.contains("request_id=\"req-43\""),
+            "the line carries the span's request_id: {text}"
+        );
     }
 }
