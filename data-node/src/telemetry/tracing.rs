@@ -1,7 +1,9 @@
 //! Logs and traces: one `tracing` subscriber with two layers, each with its own filter.
 //!
 //! - Logs (`[log] level`, `format`; `RUST_LOG` overrides the level): text or JSON lines on stderr. Every
-//!   line written inside a request carries the request span's fields, the `request_id` among them.
+//!   line written for a request carries its `request_id`: the request span's fields when logs show
+//!   requests' DEBUG lines, else the failure line names it itself (an untraced request then gets no span
+//!   at all: building one costs a few per cent of a point read's CPU, for lines that are not written).
 //! - Traces (`[telemetry] otlp_endpoint`, off when unset): spans exported over OTLP/gRPC by a batch
 //!   processor on its own thread (bounded queue: a slow or dead collector drops spans, it never stalls
 //!   requests). An export that fails (collector down or unreachable) drops its batch, as the SDK would,
@@ -10,8 +12,9 @@
 //!   instead of an ERROR line per batch. Sampling is decided when a request arrives ([`head_sample`]): a
 //!   request carrying a W3C `traceparent` follows its caller's decision, others are sampled at
 //!   `trace_sample_ratio`. Untraced requests get a span that only the logs see (target
-//!   [`UNTRACED_TARGET`]), so no OpenTelemetry span is built for them; they still pass the OpenTelemetry
-//!   layer's per-layer filter, about 150 ns per request (`benches/telemetry.rs`).
+//!   [`UNTRACED_TARGET`], and only when requests' DEBUG lines are logged), so no OpenTelemetry span is
+//!   built for them; they still pass the OpenTelemetry layer's per-layer filter, about 150 ns per
+//!   request (`benches/telemetry.rs`).
 //!
 //! Span layout of one KV request (names are stable; attributes in brackets):
 //! `kv.<Method>` [rpc.method, priority, request_id, outcome, rpc.grpc.status_code] at INFO, with DEBUG
