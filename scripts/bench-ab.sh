@@ -13,7 +13,8 @@
 #
 # Environment: A and B (the two kiwi-node binaries, required), ROUNDS (default 4), DURATION (per run,
 # default 4s), WORKLOADS (default "put get"), WORKERS (default "1 16 64"), WORK_DIR (default a fresh
-# directory under /var/tmp). The load generator is this build's release `kiwi`.
+# directory under /var/tmp), PLAYGROUND_FLAGS (passed to `kiwi playground`, e.g. --lease-reads). The load
+# generator is this build's release `kiwi`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/common.sh

@@ -23,11 +23,12 @@ init_work_dir() { # prefix
 
 # Starts a 3-node playground on BASE_PORT.. (data and log under WORK_DIR/NAME), optionally under a prefix
 # command (taskset, setpriv ...), waits until it is up, and exports KIWI_ENDPOINTS. PG is its PID.
+# PLAYGROUND_FLAGS (e.g. --lease-reads) are passed on to `kiwi playground`.
 PG=""
 start_playground() { # name base-port [prefix command...]
     local name=$1 port=$2
     shift 2
-    "$@" "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" --no-control \
+    "$@" "$KIWI" playground --nodes 3 --data-dir "$WORK_DIR/$name" --base-port "$port" --node-bin "$NODE" --no-control ${PLAYGROUND_FLAGS:-} \
         >"$WORK_DIR/$name.log" 2>&1 &
     PG=$!
     for _ in $(seq 1 120); do grep -q "is up" "$WORK_DIR/$name.log" && break; sleep 0.5; done

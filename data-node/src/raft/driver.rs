@@ -44,7 +44,8 @@
 //!
 //! With `raft.lease_reads`, a confirmed round also gives the leader a lease
 //! ([`lease`](crate::raft::lease)): while it holds, a read is answered with the commit index at once,
-//! without a round. A round is started only to renew a lease that reads use, once less than half of it
+//! without a round, and without the driver: it publishes the lease and the commit index
+//! ([`lease::Published`]) and [`DriverHandle::read_index`] answers from them on the caller's thread. A round is started only to renew a lease that reads use, once less than half of it
 //! is left. A transfer in progress or a membership change ends the lease; a node just started ignores
 //! vote requests for an election timeout.
 //!
@@ -72,7 +73,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::raft::guard;
-use crate::raft::lease::{Fence, Lease, Settings};
+use crate::raft::lease::{self, Fence, Lease, Settings};
 use crate::raft::log_store::{LogStore, SnapshotData};
 use crate::raft::snapshot::{self, InstallGate};
 use crate::raft::state_machine::{self, ApplyOutcome};
@@ -305,6 +306,8 @@ pub struct DriverHandle {
     /// on a node that has not joined yet.
     members: watch::Receiver<Vec<u64>>,
     export: RaftExport,
+    /// The leader lease as the driver publishes it, with `raft.lease_reads`.
+    lease: Option<Arc<lease::Published>>,
 }
 
 impl DriverHandle {
@@ -357,6 +360,10 @@ impl DriverHandle {
     /// # Errors
     /// [`ProposeError`].
     pub async fn read_index(&self) -> Result<u64, ProposeError> {
+        // With a lease published, on this thread: no message to the driver and back.
+        if let Some(index) = self.lease.as_ref().and_then(|l| l.serve(Instant::now())) {
+            return Ok(index);
+        }
         let (reply, rx) = oneshot::channel();
         self.send(Inbox::ReadIndex { reply })?;
         rx.await.map_err(|_| ProposeError::Stopped)?
@@ -636,6 +643,7 @@ pub fn spawn(
         published: cfg.applied,
     };
     driver.refresh_membership();
+    let lease = driver.lease.as_ref().map(Lease::published);
     let tick = config.tick_interval;
     let thread = std::thread::Builder::new()
         .name("kiwi-raft".into())
@@ -670,6 +678,7 @@ pub fn spawn(
             members: members_rx,
             export: config.metrics_export.clone(),
             feed,
+            lease,
         },
         thread,
     ))
@@ -726,8 +735,23 @@ impl Driver {
             for (reply, _staging) in self.installs.drain(..) {
                 let _ = reply.send(Ok(()));
             }
+            self.publish_lease();
         }
         Ok(())
+    }
+
+    /// Publishes the lease for reads answered without the driver (see [`lease::Published`]).
+    fn publish_lease(&self) {
+        let Some(lease) = &self.lease else {
+            return;
+        };
+        let raft = &self.raw.raft;
+        let holds = raft.state == StateRole::Leader
+            && raft.lead_transferee.is_none()
+            && self.settings_agree
+            && !self.is_removed()
+            && raft.commit_to_current_term();
+        lease.publish(holds, raft.term);
     }
 
     /// Hands leadership to `to` (raft-rs ignores it when `to` cannot take it). The target may be elected
@@ -1314,6 +1338,8 @@ impl Driver {
     }
 
     fn handle_ready(&mut self) -> DriverResult {
+        // Before this Ready's messages leave (a `MsgTimeoutNow` among them ends the lease).
+        self.publish_lease();
         let mut rd = self.raw.ready();
         // 1.
         self.send(rd.take_messages());
@@ -1525,6 +1551,10 @@ impl Driver {
     fn apply(&mut self, entries: Vec<Entry>) -> DriverResult {
         if entries.is_empty() {
             return Ok(());
+        }
+        if let Some(lease) = &self.lease {
+            // Before any proposer is answered: a read from the lease then sees every acknowledged write.
+            lease.committed(self.raw.raft.raft_log.committed);
         }
         let backend = Arc::clone(&self.backend);
         let mut applier = state_machine::Applier::new(&*backend);
@@ -1792,6 +1822,8 @@ mod tests {
         cut_to: AtomicU64,
         /// Heartbeat responses (which answer ReadIndex rounds) are dropped.
         drop_heartbeat_responses: AtomicBool,
+        /// A driver that sends messages blocks in the sink while this is set (its thread stalls).
+        stall_senders: AtomicBool,
     }
 
     impl Net {
@@ -1813,6 +1845,9 @@ mod tests {
 
     impl MessageSink for NetSink {
         fn send(&self, msgs: Vec<Message>) -> Vec<u64> {
+            while self.0.stall_senders.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let handles = self.0.handles.lock().unwrap();
             for m in msgs {
                 if self.0.drop_append_responses.load(Ordering::SeqCst)
@@ -1972,6 +2007,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_lease_reads_a_read_under_the_lease_needs_no_turn_of_the_driver() {
+        let net = Arc::new(Net::default());
+        // 40 ticks of 50 ms: a 1.71 s lease, and nobody campaigns for 2 s without heartbeats.
+        let config = DriverConfig {
+            tick_interval: Duration::from_millis(50),
+            election_ticks: 40,
+            lease_reads: true,
+            ..test_config(1000, 0)
+        };
+        let nodes = start_three(&net, &config);
+        let leader = leader_of(&nodes).await;
+        leader.propose(put("k")).await.unwrap();
+        let index = leader.read_index().await.unwrap();
+        // Every driver stalls at its next send (the leader's is at most a heartbeat away): the driver
+        // answers nothing, a read under the lease still is.
+        net.stall_senders.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while tokio::time::timeout(Duration::from_millis(20), leader.detailed_status())
+            .await
+            .is_ok()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the leader's driver never stalled"
+            );
+        }
+        for _ in 0..10 {
+            let read = tokio::time::timeout(Duration::from_millis(100), leader.read_index())
+                .await
+                .expect("answered while the driver stalls")
+                .unwrap();
+            assert!(read >= index, "at the commit index: {read} < {index}");
+        }
+        net.stall_senders.store(false, Ordering::SeqCst);
+        stop_all(nodes);
+    }
+
+    #[tokio::test]
     async fn with_lease_reads_a_membership_change_ends_the_lease() {
         let net = Arc::new(Net::default());
         // 25 ms ticks and 40 election ticks: an 855 ms lease, renewed after half of it, far longer than
@@ -2044,6 +2117,13 @@ mod tests {
                 "the transfer never stayed in progress for 5 reads"
             );
             leader.transfer_leader(target).unwrap();
+            // Reads are answered from the published lease without the driver: wait until it has taken
+            // the transfer (and withdrawn the lease), or the reads may come before it.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while leader.status().transferring_to != target {
+                assert!(Instant::now() < deadline, "the transfer never started");
+                tokio::task::yield_now().await;
+            }
             let before = rounds().await;
             for _ in 0..5 {
                 leader.read_index().await.unwrap();

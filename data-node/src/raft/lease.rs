@@ -36,6 +36,8 @@
 //!   lease reads on, a node ignores vote requests for its first `election_ticks` ticks (see
 //!   [`Lease::votes_allowed`]), which costs a restarted cluster at most one extra election timeout.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// How much slower than the leader's clock a follower's may run: the lease is this fraction shorter than
@@ -51,6 +53,65 @@ pub struct Settings {
     pub tick: Duration,
     pub election_ticks: usize,
     pub lease_reads: bool,
+}
+
+/// The lease as the driver publishes it, for reads answered on the thread that holds them, without a
+/// message to the driver and back ([`Published::serve`]).
+///
+/// The driver publishes the commit index before it answers any proposer from the entries up to it, so a
+/// client that was told its write succeeded and then reads is answered at an index that includes the
+/// write. It publishes an extended lease only at the start of a Ready (before any message of that Ready
+/// leaves: a `MsgTimeoutNow` cannot leave while the lease still shows valid) and at the end of a turn;
+/// it withdraws the lease at the instant it revokes or fences it.
+#[derive(Debug)]
+pub struct Published {
+    epoch: Instant,
+    /// Reads may be answered until this many nanoseconds after `epoch`; 0: no lease.
+    until: AtomicU64,
+    /// The leader's commit index, for reads answered from the lease.
+    commit: AtomicU64,
+    /// A read was answered from the lease since the last renewal round started.
+    used: AtomicBool,
+}
+
+impl Published {
+    fn new(epoch: Instant) -> Self {
+        Published {
+            epoch,
+            until: AtomicU64::new(0),
+            commit: AtomicU64::new(0),
+            used: AtomicBool::new(false),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        // +1: 0 means no lease.
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX - 1)
+            + 1
+    }
+
+    /// The commit index a linearizable read arriving at `now` may be answered at, while the published
+    /// lease holds; marks the lease used.
+    pub fn serve(&self, now: Instant) -> Option<u64> {
+        let until = self.until.load(Ordering::SeqCst);
+        if until == 0 || self.nanos(now) >= until {
+            return None;
+        }
+        if !self.used.load(Ordering::Relaxed) {
+            self.used.store(true, Ordering::Relaxed);
+        }
+        Some(self.commit.load(Ordering::SeqCst))
+    }
+
+    /// Called by the driver before it answers proposers of entries up to `commit`.
+    fn commit(&self, commit: u64) {
+        self.commit.fetch_max(commit, Ordering::SeqCst);
+    }
+
+    fn set_until(&self, until: Option<Instant>) {
+        self.until
+            .store(until.map_or(0, |u| self.nanos(u)), Ordering::SeqCst);
+    }
 }
 
 /// A leader's lease, kept by the Raft driver.
@@ -71,6 +132,8 @@ pub struct Lease {
     /// A transfer to this peer ended in this term with this node still leading: no lease until the
     /// peer answers the heartbeat of a ReadIndex round numbered at least this (see the module doc).
     fence: Option<Fence>,
+    /// What reads see without the driver.
+    published: Arc<Published>,
 }
 
 /// See [`Lease::fence`].
@@ -94,7 +157,26 @@ impl Lease {
             used: false,
             votes_from: now + tick * u32::try_from(election_ticks).unwrap_or(u32::MAX),
             fence: None,
+            published: Arc::new(Published::new(now)),
         }
+    }
+
+    /// Publishes the commit index (see [`Published`]); call it before answering proposers up to it.
+    pub fn committed(&self, commit: u64) {
+        self.published.commit(commit);
+    }
+
+    /// What reads see of this lease without the driver.
+    pub fn published(&self) -> Arc<Published> {
+        Arc::clone(&self.published)
+    }
+
+    /// Publishes the lease for reads in `term` (see [`Published`]): its end when `holds` (the caller
+    /// checked that this node leads in `term`, has committed an entry of its term and is not handing
+    /// leadership over), else none.
+    pub fn publish(&self, holds: bool, term: u64) {
+        let until = self.until.filter(|_| holds && self.term == term);
+        self.published.set_until(until);
     }
 
     /// How long a confirmed round's lease lasts.
@@ -136,6 +218,7 @@ impl Lease {
     /// the membership changed). No round is started to renew it: the next read's round takes a new one.
     pub fn revoke(&mut self, now: Instant) {
         self.until = None;
+        self.published.set_until(None);
         self.used = false;
         self.floor = self.floor.max(now);
     }
@@ -166,7 +249,7 @@ impl Lease {
     /// Whether to start a round only to renew the lease: reads were answered from it and less than half
     /// of it is left (the caller starts one only when no round is in flight).
     pub fn wants_renewal(&self, now: Instant) -> bool {
-        self.used
+        (self.used || self.published.used.load(Ordering::Relaxed))
             && self
                 .until
                 .is_none_or(|u| u.saturating_duration_since(now) < self.duration / 2)
@@ -175,6 +258,7 @@ impl Lease {
     /// A round started: the reads answered so far are covered by it.
     pub fn round_started(&mut self) {
         self.used = false;
+        self.published.used.store(false, Ordering::Relaxed);
     }
 
     /// Whether this node may answer vote requests at `now`.
@@ -186,6 +270,44 @@ impl Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_published_lease_follows_the_drivers_and_is_withdrawn_at_once() {
+        let t0 = Instant::now();
+        let mut l = Lease::new(TICK, 10, t0);
+        let p = l.published();
+        l.committed(7);
+        l.publish(true, 3);
+        assert_eq!(p.serve(t0), None, "no lease before a round");
+        l.confirmed(t0 + TICK, 3);
+        assert_eq!(p.serve(t0 + TICK), None, "not published yet");
+        l.publish(true, 3);
+        assert_eq!(p.serve(t0 + TICK), Some(7));
+        l.committed(9);
+        assert_eq!(p.serve(t0 + TICK), Some(9), "the newest commit index");
+        assert_eq!(
+            p.serve(t0 + TICK + Duration::from_millis(360)),
+            None,
+            "expired"
+        );
+        l.publish(true, 4);
+        assert_eq!(p.serve(t0 + TICK), None, "a lease of another term");
+        l.publish(true, 3);
+        l.publish(false, 3);
+        assert_eq!(p.serve(t0 + TICK), None, "the driver says it does not hold");
+        l.publish(true, 3);
+        assert!(
+            l.wants_renewal(t0 + TICK + Duration::from_millis(200)),
+            "used"
+        );
+        l.round_started();
+        assert!(
+            !l.wants_renewal(t0 + TICK + Duration::from_millis(200)),
+            "unused since the round"
+        );
+        l.revoke(t0 + TICK);
+        assert_eq!(p.serve(t0 + TICK), None, "revoked: withdrawn at once");
+    }
 
     const TICK: Duration = Duration::from_millis(50);
 
