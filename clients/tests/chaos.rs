@@ -92,7 +92,10 @@ async fn run_random_plans(raft_extra: &str, seeds: std::ops::RangeInclusive<u64>
         if !(status.success() && stdout.contains("verdict: linearizable")) {
             // The run's history, timeline and the nodes' logs are the evidence: kept, not deleted.
             let kept = dir.keep();
-            panic!("seed {seed}: {status} (kept: {})\n{stdout}\n{stderr}", kept.display());
+            panic!(
+                "seed {seed}: {status} (kept: {})\n{stdout}\n{stderr}",
+                kept.display()
+            );
         }
         let summary: serde_json::Value =
             serde_json::from_str(stdout.lines().last().unwrap_or("{}")).unwrap();
