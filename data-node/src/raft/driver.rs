@@ -1962,6 +1962,16 @@ mod tests {
         .expect("a leader")
     }
 
+    /// A test config with lease reads on, `tick` and 40 election ticks (a lease of 38 ticks less 10 %).
+    fn lease_config(tick: Duration) -> DriverConfig {
+        DriverConfig {
+            tick_interval: tick,
+            election_ticks: 40,
+            lease_reads: true,
+            ..test_config(1000, 0)
+        }
+    }
+
     /// ReadIndex rounds `h` has completed.
     async fn read_rounds(h: &DriverHandle) -> u64 {
         h.raft_metrics(false)
@@ -2010,12 +2020,7 @@ mod tests {
     async fn with_lease_reads_a_read_under_the_lease_needs_no_turn_of_the_driver() {
         let net = Arc::new(Net::default());
         // 40 ticks of 50 ms: a 1.71 s lease, and nobody campaigns for 2 s without heartbeats.
-        let config = DriverConfig {
-            tick_interval: Duration::from_millis(50),
-            election_ticks: 40,
-            lease_reads: true,
-            ..test_config(1000, 0)
-        };
+        let config = lease_config(Duration::from_millis(50));
         let nodes = start_three(&net, &config);
         let leader = leader_of(&nodes).await;
         leader.propose(put("k")).await.unwrap();
@@ -2049,12 +2054,7 @@ mod tests {
         let net = Arc::new(Net::default());
         // 25 ms ticks and 40 election ticks: an 855 ms lease, renewed after half of it, far longer than
         // the reads below take.
-        let config = DriverConfig {
-            tick_interval: Duration::from_millis(25),
-            election_ticks: 40,
-            lease_reads: true,
-            ..test_config(1000, 0)
-        };
+        let config = lease_config(Duration::from_millis(25));
         let nodes = start_three(&net, &config);
         let leader = leader_of(&nodes).await;
         leader.propose(put("k")).await.unwrap();
@@ -2151,12 +2151,7 @@ mod tests {
         // 40 ticks of 50 ms: a 1.71 s lease. The leader gives a transfer up within one election
         // timeout, before the held target's own timer (at least one election timeout since it last
         // heard from the leader) runs out.
-        let config = DriverConfig {
-            tick_interval: Duration::from_millis(50),
-            election_ticks: 40,
-            lease_reads: true,
-            ..test_config(1000, 0)
-        };
+        let config = lease_config(Duration::from_millis(50));
         let nodes = start_three(&net, &config);
         let leader = leader_of(&nodes).await;
         let old = leader.status().leader_id;
