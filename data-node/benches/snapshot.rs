@@ -73,7 +73,7 @@ fn main() {
     let rss_before = status_kib("VmRSS:");
     let start = Instant::now();
     let view = source.snapshot().expect("pin a view");
-    let mut store = LogStore::open(Arc::clone(&follower), Arc::default()).expect("log store");
+    let mut store = LogStore::in_backend(Arc::clone(&follower), Arc::default()).expect("log store");
     store.bootstrap(vec![1, 2]).expect("bootstrap");
     snapshot::clear_staging(&*follower).expect("clear staging");
     let mut after: Option<Vec<u8>> = None;

@@ -253,12 +253,15 @@ impl Node {
                 let mut storage = open_storage(&config)?;
                 if faults.enabled() {
                     // Inside the metrics, so an injected disk stall shows in the fsync times.
-                    storage = fault::StallingBackend::wrap(storage, faults);
+                    storage = fault::StallingBackend::wrap(storage, Arc::clone(&faults));
                 }
                 let storage = InstrumentedBackend::wrap(storage, &meter);
-                register_engine_gauges(&meter, Arc::clone(&storage), config.storage_dir());
+                let log_dir = (config.storage.backend != kiwi_storage::BackendKind::Memory)
+                    .then(|| log_store::engine_log::dir(&config.data_dir));
+                register_engine_gauges(&meter, Arc::clone(&storage), config.storage_dir(), log_dir);
                 let cluster_id = identity::cluster_id(&*storage)?;
-                let mut log_store = LogStore::open(Arc::clone(&storage), snapshots)?;
+                let stall = faults.enabled().then(|| Arc::clone(&faults));
+                let mut log_store = open_log_store(&config, &storage, stall, snapshots)?;
                 check_cluster_id(&config, &configured, cluster_id, log_store.conf_state())?;
                 snapshot::resume_install(&*storage, &mut log_store).map_err(|e| {
                     Error::Raft(::raft::Error::Store(::raft::StorageError::Other(e)))
@@ -838,6 +841,39 @@ pub fn open_storage(config: &NodeConfig) -> Result<Arc<dyn StorageBackend>> {
     })?;
     identity::check_node_id(storage.as_ref(), config.raft.node_id, &config.data_dir)?;
     Ok(storage)
+}
+
+/// Opens the node's Raft log: in `<data_dir>/raft-log/` (see [`log_store::engine_log`]), moving there a
+/// log an earlier version kept in the data backend; in the backend itself for the in-memory backend.
+/// With `stall`, the log's writes wait out injected disk stalls as the backend's do.
+///
+/// # Errors
+/// Storage errors and a damaged log.
+pub fn open_log_store(
+    config: &NodeConfig,
+    storage: &Arc<dyn StorageBackend>,
+    stall: Option<Arc<fault::FaultInjector>>,
+    snapshots: Arc<SnapshotRegistry>,
+) -> Result<LogStore> {
+    use crate::raft::log_store::{backend_log::BackendLog, engine_log};
+    if config.storage.backend == kiwi_storage::BackendKind::Memory {
+        return Ok(LogStore::in_backend(Arc::clone(storage), snapshots)?);
+    }
+    let dir = engine_log::dir(&config.data_dir);
+    let mut log = engine_log::EngineLog::open(&dir, stall)?;
+    if LogStore::earlier_layout(&**storage)? {
+        let moved = engine_log::upgrade(&BackendLog::new(Arc::clone(storage)), &mut log)?;
+        tracing::info!(
+            entries = moved,
+            dir = %dir.display(),
+            "moved the Raft log out of the data engine into files of its own"
+        );
+    }
+    Ok(LogStore::open(
+        Arc::clone(storage),
+        Box::new(log),
+        snapshots,
+    )?)
 }
 
 /// A gRPC server's future, boxed: plain or TLS connections give different types.

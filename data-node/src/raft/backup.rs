@@ -23,7 +23,7 @@ use kiwi_proto::v1::{BackupHeader, BackupLease, BackupMember, KeyValue};
 use kiwi_storage::{KeySpace, StorageSnapshot};
 use raft::eraftpb::{ConfState, SnapshotMetadata};
 
-use crate::raft::log_store::{LogStore, SnapshotRegistry};
+use crate::raft::log_store::SnapshotRegistry;
 use crate::raft::{lease_state, mvcc, snapshot, state_machine};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -133,19 +133,23 @@ pub fn restore(
         )
         .into());
     }
-    let dir = config.storage_dir();
-    if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
-        return Err(format!(
-            "{} already holds a node's data: restore into an empty data directory (wipe it, or \
-             choose another data_dir)",
-            dir.display()
-        )
-        .into());
+    let log_dir = crate::raft::log_store::engine_log::dir(&config.data_dir);
+    for dir in [config.storage_dir(), log_dir] {
+        if std::fs::read_dir(&dir).is_ok_and(|mut d| d.next().is_some()) {
+            return Err(format!(
+                "{} already holds a node's data: restore into an empty data directory (wipe it, or \
+                 choose another data_dir)",
+                dir.display()
+            )
+            .into());
+        }
     }
 
     let storage = crate::open_storage(config)?;
-    let mut store = LogStore::open(
-        std::sync::Arc::clone(&storage),
+    let mut store = crate::open_log_store(
+        config,
+        &storage,
+        None,
         std::sync::Arc::new(SnapshotRegistry::default()),
     )?;
     let mut reader = backup::Reader::open(open()?)?;
@@ -156,7 +160,7 @@ pub fn restore(
         format!(
             "{}: {e}; wipe {} and restore again",
             file.display(),
-            dir.display()
+            config.data_dir.display()
         )
     })? {
         staged += chunk.kvs.len() as u64;

@@ -1732,7 +1732,7 @@ mod tests {
         CancellationToken,
         CancellationToken,
     ) {
-        let mut store = LogStore::open(Arc::clone(backend), Arc::default()).unwrap();
+        let mut store = LogStore::in_backend(Arc::clone(backend), Arc::default()).unwrap();
         if !store.is_initialized() {
             store.bootstrap(vec![1]).unwrap();
             if !learners.is_empty() {
@@ -1744,7 +1744,7 @@ mod tests {
                 let mut batch = WriteBatch::new();
                 LogStore::conf_state_batch(&cs, &mut batch).unwrap();
                 backend.batch_write(batch, WriteOptions::SYNC).unwrap();
-                store = LogStore::open(Arc::clone(backend), Arc::default()).unwrap();
+                store = LogStore::in_backend(Arc::clone(backend), Arc::default()).unwrap();
             }
         }
         let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
@@ -1789,7 +1789,7 @@ mod tests {
             stop.cancel();
             thread.join().unwrap();
 
-            let store = LogStore::open(Arc::clone(&backend), Arc::default()).unwrap();
+            let store = LogStore::in_backend(Arc::clone(&backend), Arc::default()).unwrap();
             let hs = raft::Storage::initial_state(&store).unwrap().hard_state;
             assert!(
                 hs.commit >= store.truncated_index(),
@@ -1902,7 +1902,7 @@ mod tests {
         let mut settings = Vec::new();
         for (id, config) in (1..=3).zip(configs) {
             let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::CEILING));
-            let mut store = LogStore::open(Arc::clone(&backend), Arc::default()).unwrap();
+            let mut store = LogStore::in_backend(Arc::clone(&backend), Arc::default()).unwrap();
             store.bootstrap(vec![1, 2, 3]).unwrap();
             let (stop, fatal) = (CancellationToken::new(), CancellationToken::new());
             let config = DriverConfig {
@@ -2570,7 +2570,7 @@ mod tests {
     async fn a_storage_error_stops_the_driver_without_acknowledging() {
         let backend = FailingBackend::new();
         let dyn_backend: Arc<dyn StorageBackend> = backend.clone();
-        let mut store = LogStore::open(Arc::clone(&dyn_backend), Arc::default()).unwrap();
+        let mut store = LogStore::in_backend(Arc::clone(&dyn_backend), Arc::default()).unwrap();
         store.bootstrap(vec![1]).unwrap();
         let config = DriverConfig {
             node_id: 1,

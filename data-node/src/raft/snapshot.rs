@@ -326,7 +326,7 @@ pub fn install(
     batch.delete(KeySpace::Raft, INSTALLING_KEY);
     batch.delete(KeySpace::Raft, INSTALLING_MEMBERS_KEY);
     backend.batch_write(batch, WriteOptions::SYNC)?;
-    store.snapshot_installed(meta);
+    store.snapshot_installed(meta)?;
     gate.end();
     clear_staging(backend)?;
     tracing::info!(
@@ -399,7 +399,7 @@ mod tests {
 
         let follower: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
         fill(&*follower, 5000, "old");
-        let mut store = LogStore::open(follower.clone(), Arc::default()).unwrap();
+        let mut store = LogStore::in_backend(follower.clone(), Arc::default()).unwrap();
         store.bootstrap(vec![1, 2]).unwrap();
 
         clear_staging(&*follower).unwrap();
@@ -506,7 +506,7 @@ mod tests {
             let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(limits));
             fill(&*backend, 10, "old");
             let old = all_data(&*backend);
-            let mut store = LogStore::open(backend.clone(), Arc::default()).unwrap();
+            let mut store = LogStore::in_backend(backend.clone(), Arc::default()).unwrap();
             store.bootstrap(vec![1]).unwrap();
             clear_staging(&*backend).unwrap();
             let mut expected = std::collections::BTreeMap::new();
@@ -558,7 +558,7 @@ mod tests {
             Vec::new(),
         );
         backend.batch_write(old, WriteOptions::SYNC).unwrap();
-        let mut store = LogStore::open(backend.clone(), Arc::default()).unwrap();
+        let mut store = LogStore::in_backend(backend.clone(), Arc::default()).unwrap();
         store.bootstrap(vec![1]).unwrap();
         clear_staging(&*backend).unwrap();
         let leased = |lease| {
@@ -642,7 +642,7 @@ mod tests {
     fn an_interrupted_install_is_finished_on_restart() {
         let follower: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
         fill(&*follower, 10, "old");
-        let mut store = LogStore::open(follower.clone(), Arc::default()).unwrap();
+        let mut store = LogStore::in_backend(follower.clone(), Arc::default()).unwrap();
         store.bootstrap(vec![1]).unwrap();
         stage(
             &*follower,
@@ -669,7 +669,7 @@ mod tests {
                 WriteOptions::SYNC,
             )
             .unwrap();
-        let mut store = LogStore::open(follower.clone(), Arc::default()).unwrap();
+        let mut store = LogStore::in_backend(follower.clone(), Arc::default()).unwrap();
         assert_eq!(resume_install(&*follower, &mut store).unwrap(), Some(7));
         assert_eq!(
             all_data(&*follower),

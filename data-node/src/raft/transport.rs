@@ -944,7 +944,7 @@ mod tests {
             waiting: AtomicUsize::new(0),
         });
         let backend: Arc<dyn StorageBackend> = gated.clone();
-        let mut store = LogStore::open(Arc::clone(&backend), Arc::default()).unwrap();
+        let mut store = LogStore::in_backend(Arc::clone(&backend), Arc::default()).unwrap();
         store.bootstrap(vec![1, 2, 3]).unwrap();
         let config = DriverConfig {
             node_id: 2,

@@ -1,5 +1,6 @@
 //! Storage metrics: [`InstrumentedBackend`] times every call into the storage engine and counts its
-//! bytes (Raft log appends, applies, client reads and scans alike), and [`register_engine_gauges`] reports
+//! bytes (applies, client reads and scans alike; the Raft log only with the in-memory backend, whose log
+//! is kept in it), and [`register_engine_gauges`] reports
 //! what the engine tells about itself plus the data directory's size on disk.
 //!
 //! Exported (family `storage`):
@@ -8,7 +9,9 @@
 //! - `kiwi_storage_operation_bytes_total{op,backend}`: keys plus values read or written;
 //! - `kiwi_storage_operation_errors_total{op,backend}`;
 //! - `kiwi_storage_engine_*{backend}` gauges (only those the engine knows) and
-//!   `kiwi_storage_data_dir_bytes{backend}`.
+//!   `kiwi_storage_data_dir_bytes{backend}`;
+//! - `kiwi_storage_raft_log_dir_bytes`: the Raft log's own files (`raft-log/`; not with the in-memory
+//!   backend, whose log is in the backend).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -251,8 +254,14 @@ pub fn dir_size(dir: &Path) -> u64 {
         .sum()
 }
 
-/// Registers the engine's own figures and the data directory's size, read at each scrape.
-pub fn register_engine_gauges(meter: &Meter, storage: Arc<dyn StorageBackend>, data_dir: PathBuf) {
+/// Registers the engine's own figures, the data directory's size and that of the Raft log's directory
+/// (`log_dir`, when the log has one), read at each scrape.
+pub fn register_engine_gauges(
+    meter: &Meter,
+    storage: Arc<dyn StorageBackend>,
+    data_dir: PathBuf,
+    log_dir: Option<PathBuf>,
+) {
     let backend = [KeyValue::new("backend", storage.kind().as_str())];
     type Pick = fn(&EngineStats) -> Option<u64>;
     let engine: [(&str, &str, &str, Pick); 6] = [
@@ -317,6 +326,14 @@ pub fn register_engine_gauges(meter: &Meter, storage: Arc<dyn StorageBackend>, d
         .with_description("Size on disk of the storage engine's files")
         .with_callback(move |o| o.observe(dir_size(&data_dir), &backend))
         .build();
+    if let Some(dir) = log_dir {
+        meter
+            .u64_observable_gauge("kiwi_storage_raft_log_dir")
+            .with_unit("By")
+            .with_description("Size on disk of the Raft log's files")
+            .with_callback(move |o| o.observe(dir_size(&dir), &[]))
+            .build();
+    }
 }
 
 #[cfg(test)]
@@ -333,7 +350,14 @@ mod tests {
         std::fs::write(dir.path().join("f"), [0u8; 100]).unwrap();
         let inner: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
         let st = InstrumentedBackend::wrap(Arc::clone(&inner), &meters.storage);
-        register_engine_gauges(&meters.storage, st.clone(), dir.path().to_path_buf());
+        let log_dir = tempfile::tempdir().unwrap();
+        std::fs::write(log_dir.path().join("0001.raftlog"), [0u8; 70]).unwrap();
+        register_engine_gauges(
+            &meters.storage,
+            st.clone(),
+            dir.path().to_path_buf(),
+            Some(log_dir.path().to_path_buf()),
+        );
         st.write(KeySpace::Data, b"k", b"vv", WriteOptions::default())
             .unwrap();
         assert_eq!(
@@ -357,6 +381,7 @@ mod tests {
             "kiwi_storage_operation_errors_total{backend=\"memory\",op=\"read\"} 1",
             "kiwi_storage_engine_estimated_keys{backend=\"memory\"} 1",
             "kiwi_storage_data_dir_bytes{backend=\"memory\"} 100",
+            "kiwi_storage_raft_log_dir_bytes 70",
         ] {
             assert!(out.contains(want), "missing {want} in\n{out}");
         }

@@ -1,51 +1,88 @@
-//! The Raft log and Raft's persistent state, kept in the node's [`StorageBackend`] under
-//! [`KeySpace::Raft`], beside the state machine's data.
+//! Raft's persistent state for raft-rs (its `Storage`): the log, the hard state, the membership and the
+//! truncation point.
 //!
-//! Keys (all in `KeySpace::Raft`):
-//! - `log/<index: u64 BE>`: one `eraftpb::Entry`, encoded by raft-rs.
-//! - `state/hard`: the `HardState` (term, vote, commit).
+//! - [`engine_log`]: the log of a node on disk, in files of its own (`<data_dir>/raft-log/`, TiKV's
+//!   `raft-engine`; why, and measured, in its doc).
+//! - [`backend_log`]: the log as keys of the data backend: the in-memory backend's, and the layout of
+//!   data directories from before `raft-log/` (moved there at the first start, see
+//!   [`engine_log::upgrade`]).
+//!
+//! Both hold the entries and the hard state (term, vote, commit) behind [`EntryLog`]. What describes the
+//! applied state lives in the data backend, written in the batch of the data it describes (all in
+//! `KeySpace::Raft`):
 //! - `state/conf`: the `ConfState` (voters, learners).
 //! - `state/truncated`: index and term (u64 BE each) of the last entry removed by compaction or covered by
-//!   an installed snapshot. The log holds `truncated + 1 ..= last`.
+//!   an installed snapshot, then a layout byte ([`LAYOUT`]). The log holds `truncated + 1 ..= last`.
 //!
 //! [`LogStore::persist`] writes a Ready's entries and hard state in **one** durable batch.
-//! [`LogStore::compact`] drops applied entries; a follower that then needs them gets a snapshot instead:
+//! [`LogStore::compact`] first makes the truncation point durable in the data backend (the fsync also
+//! makes every earlier buffered apply durable, so the entries are never needed again by this node), then
+//! drops the entries from the log. An installed snapshot is written to the data backend first, then the
+//! log is reset. A crash between the two steps of either leaves a log that reaches below the truncation
+//! point; [`LogStore::open`] finishes the step: a log that holds the truncation point's entry with its
+//! term is compacted to it, one that does not (an interrupted install) is reset, as raft-rs discards a log
+//! that does not match a snapshot it installs. A follower that needs compacted entries gets a snapshot:
 //! [`Storage::snapshot`] pins a point-in-time view of the backend in the [`SnapshotRegistry`], which the
 //! transport streams to the follower in chunks (see `snapshot.rs`).
 //!
 //! A new group is bootstrapped with its log truncated at index 1, term 1 (an empty state every founding
 //! member shares), so a node added later always starts from a snapshot that carries the membership.
 
+pub mod backend_log;
+pub mod engine_log;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use kiwi_storage::{
-    KeySpace, Scan, ScanRange, StorageBackend, StorageSnapshot, WriteBatch, WriteOptions,
-};
+use kiwi_storage::{KeySpace, StorageBackend, StorageSnapshot, WriteBatch, WriteOptions};
 use protobuf::Message as _;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState, Storage, StorageError};
 
-const LOG_PREFIX: &[u8] = b"log/";
-const HARD_STATE_KEY: &[u8] = b"state/hard";
 const CONF_STATE_KEY: &[u8] = b"state/conf";
 const TRUNCATED_KEY: &[u8] = b"state/truncated";
+/// The last byte of the truncation record: the log is not in the data backend's `log/` keys but behind
+/// [`EntryLog`]. A record of 16 bytes is the earlier layout (the log in the data backend); an earlier
+/// version refuses a record of 17 as damaged, so it never starts on a directory it would misread.
+pub const LAYOUT: u8 = 2;
 /// Index and term a new group's log starts truncated at.
 pub const BOOTSTRAP_INDEX: u64 = 1;
-/// Log entries read per storage scan when raft-rs asks for a range.
-const ENTRIES_PAGE: u64 = 64;
 /// Snapshots pinned at once; the oldest is released first.
 const MAX_PINNED_SNAPSHOTS: usize = 4;
 
-fn log_key(index: u64) -> Vec<u8> {
-    let mut k = Vec::with_capacity(LOG_PREFIX.len() + 8);
-    k.extend_from_slice(LOG_PREFIX);
-    k.extend_from_slice(&index.to_be_bytes());
-    k
-}
-
 fn store_err(e: impl std::error::Error + Send + Sync + 'static) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+fn damaged(what: String) -> raft::Error {
+    store_err(std::io::Error::new(std::io::ErrorKind::InvalidData, what))
+}
+
+/// Where the entries and the hard state are kept. Indexes are the caller's to check: the
+/// [`LogStore`] knows the truncation point and asks only for what lies above it.
+pub trait EntryLog: Send {
+    /// The stored hard state (the default when none was written).
+    fn hard_state(&self) -> raft::Result<HardState>;
+    /// The first and last index held, `None` when empty.
+    fn bounds(&self) -> raft::Result<Option<(u64, u64)>>;
+    /// The term of the entry at `index`, `None` when it is not held.
+    fn term(&self, index: u64) -> raft::Result<Option<u64>>;
+    /// Entries `low..high`: at least one, then only while their encoded size fits `max_size`.
+    fn entries(&self, low: u64, high: u64, max_size: u64) -> raft::Result<Vec<Entry>>;
+    /// Writes `entries`, dropping every held entry after the last of them (`stored_last` is the last
+    /// held before), with `hard_state` in the same batch; fsynced when `sync`.
+    fn append(
+        &mut self,
+        entries: &[Entry],
+        stored_last: u64,
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> raft::Result<()>;
+    /// Drops the entries up to and including `index` (not fsynced: a crash that loses it leaves entries
+    /// below the truncation point, which the next open drops again).
+    fn compact(&mut self, index: u64) -> raft::Result<()>;
+    /// Drops every entry and stores `hard_state`, fsynced.
+    fn reset(&mut self, hard_state: &HardState) -> raft::Result<()>;
 }
 
 /// Point-in-time views of the state machine that Raft has promised to followers, by snapshot id (the
@@ -144,6 +181,7 @@ pub fn snapshot_id(snap: &Snapshot) -> Option<u64> {
 /// The persistent half of raft-rs's state, owned by the Raft driver (inside its `RawNode`).
 pub struct LogStore {
     backend: Arc<dyn StorageBackend>,
+    log: Box<dyn EntryLog>,
     hard_state: HardState,
     conf_state: ConfState,
     truncated_index: u64,
@@ -153,85 +191,117 @@ pub struct LogStore {
     snapshots: Arc<SnapshotRegistry>,
 }
 
-/// Adds the hard state to `batch`.
-fn put_hard_state(batch: &mut WriteBatch, hs: &HardState) -> raft::Result<()> {
-    batch.put(
-        KeySpace::Raft,
-        HARD_STATE_KEY,
-        hs.write_to_bytes().map_err(store_err)?,
-    );
-    Ok(())
-}
-
-fn encode_pair(a: u64, b: u64) -> Vec<u8> {
-    let mut v = a.to_be_bytes().to_vec();
-    v.extend_from_slice(&b.to_be_bytes());
+fn encode_truncated(index: u64, term: u64) -> Vec<u8> {
+    let mut v = index.to_be_bytes().to_vec();
+    v.extend_from_slice(&term.to_be_bytes());
+    v.push(LAYOUT);
     v
 }
 
+/// The truncation point recorded in `backend` and whether it is of the earlier layout (16 bytes).
+fn read_truncated(backend: &dyn StorageBackend) -> raft::Result<Option<(u64, u64, bool)>> {
+    match backend
+        .read(KeySpace::Raft, TRUNCATED_KEY)
+        .map_err(store_err)?
+    {
+        Some(b) if b.len() == 16 || (b.len() == 17 && b[16] == LAYOUT) => Ok(Some((
+            u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
+            b.len() == 16,
+        ))),
+        Some(b) => Err(damaged(format!(
+            "damaged Raft truncation record ({} bytes{}; this version reads 16 or 17 ending in {LAYOUT}): \
+             written by a newer version of kiwi-node?",
+            b.len(),
+            b.get(16).map_or(String::new(), |l| format!(", layout {l}"))
+        ))),
+        None => Ok(None),
+    }
+}
+
 impl LogStore {
-    /// Loads the hard state, conf state and last log position from `backend`.
+    /// A store whose log is kept in `backend` itself ([`backend_log::BackendLog`]), as the in-memory
+    /// backend's is.
     ///
     /// # Errors
-    /// Storage errors and undecodable records.
-    pub fn open(
+    /// As [`open`](Self::open).
+    pub fn in_backend(
         backend: Arc<dyn StorageBackend>,
         snapshots: Arc<SnapshotRegistry>,
     ) -> raft::Result<Self> {
-        let decode_err = |what: &str, e: protobuf::ProtobufError| {
-            store_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("damaged Raft {what}: {e}"),
-            ))
-        };
-        let hard_state = match backend
-            .read(KeySpace::Raft, HARD_STATE_KEY)
-            .map_err(store_err)?
-        {
-            Some(b) => HardState::parse_from_bytes(&b).map_err(|e| decode_err("hard state", e))?,
-            None => HardState::default(),
-        };
+        let log = Box::new(backend_log::BackendLog::new(Arc::clone(&backend)));
+        Self::open(backend, log, snapshots)
+    }
+
+    /// Loads the membership and truncation point from `backend` and the hard state and last entry from
+    /// `log`, and finishes a compaction or snapshot install a crash interrupted (see the module doc).
+    ///
+    /// # Errors
+    /// Storage errors, undecodable records, and a log that starts above the truncation point (entries
+    /// missing: damaged).
+    pub fn open(
+        backend: Arc<dyn StorageBackend>,
+        mut log: Box<dyn EntryLog>,
+        snapshots: Arc<SnapshotRegistry>,
+    ) -> raft::Result<Self> {
         let conf_state = match backend
             .read(KeySpace::Raft, CONF_STATE_KEY)
             .map_err(store_err)?
         {
-            Some(b) => ConfState::parse_from_bytes(&b).map_err(|e| decode_err("conf state", e))?,
+            Some(b) => ConfState::parse_from_bytes(&b)
+                .map_err(|e| damaged(format!("damaged Raft conf state: {e}")))?,
             None => ConfState::default(),
         };
-        let last = backend
-            .scan(
-                KeySpace::Raft,
-                &Scan::backward(ScanRange::half_open(LOG_PREFIX, b"log0"), 1),
-            )
-            .map_err(store_err)?;
-        let (truncated_index, truncated_term) = match backend
-            .read(KeySpace::Raft, TRUNCATED_KEY)
-            .map_err(store_err)?
-        {
-            Some(b) if b.len() == 16 => (
-                u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
-                u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
-            ),
-            Some(b) => {
-                return Err(store_err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!(
-                        "damaged Raft truncation record ({} bytes, expected 16)",
-                        b.len()
-                    ),
+        let (truncated_index, truncated_term) =
+            read_truncated(&*backend)?.map_or((0, 0), |(i, t, _)| (i, t));
+        let mut hard_state = log.hard_state()?;
+        let (last_index, last_term) = match log.bounds()? {
+            None => (truncated_index, truncated_term),
+            Some((_, last)) if last < truncated_index => {
+                tracing::warn!(
+                    truncated_index,
+                    last,
+                    "the Raft log ends below the installed snapshot: dropping it (an install was \
+                     interrupted)"
+                );
+                log.reset(&hard_state)?;
+                (truncated_index, truncated_term)
+            }
+            Some((first, _)) if first > truncated_index + 1 => {
+                return Err(damaged(format!(
+                    "the Raft log starts at index {first} but this node's state ends at \
+                     {truncated_index}: entries are missing"
                 )));
             }
-            None => (0, 0),
-        };
-        let (last_index, last_term) = match last.first() {
-            Some((_, v)) => {
-                let e = Entry::parse_from_bytes(v).map_err(|e| decode_err("log entry", e))?;
-                (e.index, e.term)
+            Some((first, last)) => {
+                if first <= truncated_index && log.term(truncated_index)? != Some(truncated_term) {
+                    tracing::warn!(
+                        truncated_index,
+                        "the Raft log does not match the installed snapshot: dropping it (an \
+                         install was interrupted)"
+                    );
+                    log.reset(&hard_state)?;
+                    (truncated_index, truncated_term)
+                } else {
+                    if first <= truncated_index {
+                        log.compact(truncated_index)?;
+                    }
+                    let term = log.term(last)?.ok_or_else(|| {
+                        damaged(format!("the Raft log lost its last entry {last}"))
+                    })?;
+                    (last, term)
+                }
             }
-            None => (truncated_index, truncated_term),
         };
+        // Compaction and installs move the truncation point without writing the hard state; the commit
+        // index is at least that point (raft-rs refuses to start from one below the log's first index).
+        // The same holds for the term: an install raises it to the snapshot's (a term below a log entry's
+        // would let this node lead with entries of a later term under its own).
+        hard_state.commit = hard_state.commit.max(truncated_index);
+        hard_state.term = hard_state.term.max(truncated_term);
         Ok(LogStore {
             backend,
+            log,
             hard_state,
             conf_state,
             truncated_index,
@@ -240,6 +310,31 @@ impl LogStore {
             last_term,
             snapshots,
         })
+    }
+
+    /// Whether `backend` records a truncation point written when the log was kept in the backend itself
+    /// (the layout [`engine_log::upgrade`] moves).
+    ///
+    /// # Errors
+    /// Storage errors and an undecodable record.
+    pub fn earlier_layout(backend: &dyn StorageBackend) -> raft::Result<bool> {
+        Ok(read_truncated(backend)?.is_some_and(|(_, _, old)| old)
+            || backend_log::BackendLog::holds_any(backend)?)
+    }
+
+    /// Rewrites the truncation record in this version's layout (after [`engine_log::upgrade`]).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn record_layout(backend: &dyn StorageBackend) -> raft::Result<()> {
+        if let Some((index, term, true)) = read_truncated(backend)? {
+            let mut batch = WriteBatch::new();
+            batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_truncated(index, term));
+            backend
+                .batch_write(batch, WriteOptions::SYNC)
+                .map_err(store_err)?;
+        }
+        Ok(())
     }
 
     /// Whether the group's membership has been set (by [`bootstrap`](Self::bootstrap) or from the log).
@@ -269,11 +364,10 @@ impl LogStore {
             CONF_STATE_KEY,
             cs.write_to_bytes().map_err(store_err)?,
         );
-        put_hard_state(&mut batch, &hs)?;
         batch.put(
             KeySpace::Raft,
             TRUNCATED_KEY,
-            encode_pair(BOOTSTRAP_INDEX, BOOTSTRAP_INDEX),
+            encode_truncated(BOOTSTRAP_INDEX, BOOTSTRAP_INDEX),
         );
         batch.put(
             KeySpace::Raft,
@@ -283,6 +377,7 @@ impl LogStore {
         self.backend
             .batch_write(batch, WriteOptions::SYNC)
             .map_err(store_err)?;
+        self.log.reset(&hs)?;
         self.conf_state = cs;
         self.hard_state = hs;
         self.truncated_index = BOOTSTRAP_INDEX;
@@ -297,17 +392,12 @@ impl LogStore {
         self.truncated_index
     }
 
-    /// Removes entries up to and including `index` (which must be applied) in one fsynced batch. The
-    /// fsync also makes every earlier buffered apply durable, so the compacted entries are never needed
-    /// again by this node. The entries go as one range delete: on RocksDB a single tombstone, so a
-    /// compaction costs the Raft thread the same whatever the threshold (10,000 single deletes stalled it
-    /// 10 to 25 ms).
+    /// Removes entries up to and including `index` (which must be applied): the truncation point first,
+    /// fsynced in the data backend (which makes every earlier buffered apply durable, so the compacted
+    /// entries are never needed again by this node), then the entries.
     ///
     /// # Errors
     /// Storage errors.
-    /// The stored hard state's commit index never falls behind the compaction point (raft-rs refuses to
-    /// start from a commit index below the log's first index): the batch also writes the hard state with
-    /// the commit index raised to at least `index`.
     pub fn compact(&mut self, index: u64) -> raft::Result<()> {
         if index <= self.truncated_index {
             return Ok(());
@@ -315,36 +405,27 @@ impl LogStore {
         let index = index.min(self.last_index);
         let term = self.term(index)?;
         let mut batch = WriteBatch::new();
-        batch.delete_range(
-            KeySpace::Raft,
-            log_key(self.truncated_index + 1),
-            log_key(index + 1),
-        );
-        batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_pair(index, term));
-        let mut hs = self.hard_state.clone();
-        hs.commit = hs.commit.max(index);
-        put_hard_state(&mut batch, &hs)?;
+        batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_truncated(index, term));
         self.backend
             .batch_write(batch, WriteOptions::SYNC)
             .map_err(store_err)?;
+        self.log.compact(index)?;
         self.truncated_index = index;
         self.truncated_term = term;
-        self.hard_state = hs;
+        self.hard_state.commit = self.hard_state.commit.max(index);
         Ok(())
     }
 
     /// Records a commit index Raft advanced without a new hard state (a light Ready: with a single
-    /// voter every commit advances there). It is written with the next persisted hard state or
-    /// compaction; a stored commit index that lags is safe, one behind the log start is not (see
-    /// [`compact`](Self::compact)).
+    /// voter every commit advances there). It is written with the next persisted hard state; a stored
+    /// commit index that lags is safe (see [`open`](Self::open) for one behind the log start).
     pub fn set_commit(&mut self, commit: u64) {
         self.hard_state.commit = self.hard_state.commit.max(commit);
     }
 
-    /// Adds to `batch` what installing a snapshot at `meta` changes in the Raft key space: the whole log
-    /// is dropped, truncation moves to the snapshot, the membership becomes the snapshot's and the hard
-    /// state's commit reaches its index. Call [`snapshot_installed`](Self::snapshot_installed) once the
-    /// batch is durable.
+    /// Adds to `batch` what installing a snapshot at `meta` changes in the data backend: truncation
+    /// moves to the snapshot and the membership becomes the snapshot's. Call
+    /// [`snapshot_installed`](Self::snapshot_installed) once the batch is durable.
     ///
     /// # Errors
     /// Encoding errors.
@@ -353,22 +434,16 @@ impl LogStore {
         meta: &SnapshotMetadata,
         batch: &mut WriteBatch,
     ) -> raft::Result<()> {
-        batch.delete_range(
-            KeySpace::Raft,
-            log_key(self.truncated_index + 1),
-            log_key(self.last_index + 1),
-        );
         batch.put(
             KeySpace::Raft,
             TRUNCATED_KEY,
-            encode_pair(meta.index, meta.term),
+            encode_truncated(meta.index, meta.term),
         );
         batch.put(
             KeySpace::Raft,
             CONF_STATE_KEY,
             meta.get_conf_state().write_to_bytes().map_err(store_err)?,
         );
-        put_hard_state(batch, &self.hard_state_after(meta))?;
         Ok(())
     }
 
@@ -379,14 +454,21 @@ impl LogStore {
         hs
     }
 
-    /// Updates the in-memory state after [`snapshot_batch`](Self::snapshot_batch) is durable.
-    pub fn snapshot_installed(&mut self, meta: &SnapshotMetadata) {
-        self.hard_state = self.hard_state_after(meta);
+    /// After [`snapshot_batch`](Self::snapshot_batch) is durable: drops the whole log (its hard state's
+    /// commit at the snapshot) and updates the in-memory state.
+    ///
+    /// # Errors
+    /// Storage errors; the caller must stop (the next open finishes the reset).
+    pub fn snapshot_installed(&mut self, meta: &SnapshotMetadata) -> raft::Result<()> {
+        let hs = self.hard_state_after(meta);
+        self.log.reset(&hs)?;
+        self.hard_state = hs;
         self.conf_state = meta.get_conf_state().clone();
         self.truncated_index = meta.index;
         self.truncated_term = meta.term;
         self.last_index = meta.index;
         self.last_term = meta.term;
+        Ok(())
     }
 
     /// Writes new log entries (replacing any conflicting suffix) and the hard state in one batch, fsynced
@@ -403,35 +485,13 @@ impl LogStore {
             return Ok(false);
         }
         let sync = must_sync(entries, hard_state, &self.hard_state);
-        let mut batch = WriteBatch::new();
-        for e in entries {
-            batch.put(
-                KeySpace::Raft,
-                log_key(e.index),
-                e.write_to_bytes().map_err(store_err)?,
-            );
-        }
-        if let Some(last) = entries.last() {
-            for stale in last.index + 1..=self.last_index {
-                batch.delete(KeySpace::Raft, log_key(stale));
-            }
-        }
         let hs = hard_state.map(|hs| {
             let mut hs = hs.clone();
             hs.commit = hs.commit.max(self.hard_state.commit);
             hs
         });
-        if let Some(hs) = &hs {
-            put_hard_state(&mut batch, hs)?;
-        }
-        let options = if sync {
-            WriteOptions::SYNC
-        } else {
-            WriteOptions::BUFFERED
-        };
-        self.backend
-            .batch_write(batch, options)
-            .map_err(store_err)?;
+        self.log
+            .append(entries, self.last_index, hs.as_ref(), sync)?;
         if let Some(last) = entries.last() {
             self.last_index = last.index;
             self.last_term = last.term;
@@ -491,42 +551,8 @@ impl Storage for LogStore {
         if low == high {
             return Ok(Vec::new());
         }
-        // Read page by page and stop once `max_size` is reached (raft-rs asks for whole ranges, then keeps
-        // only what fits a message): a follower far behind must not make the driver read its whole lag.
-        let max_size = max_size.into().unwrap_or(u64::MAX);
-        let mut entries = Vec::new();
-        let mut size = 0u64;
-        let mut next = low;
-        while next < high {
-            let page = (high - next).min(ENTRIES_PAGE);
-            let pairs = self
-                .backend
-                .scan(
-                    KeySpace::Raft,
-                    &Scan::forward(
-                        ScanRange::half_open(&log_key(next), &log_key(high)),
-                        page as usize,
-                    ),
-                )
-                .map_err(store_err)?;
-            if pairs.len() as u64 != page {
-                return Err(raft::Error::Store(StorageError::Unavailable));
-            }
-            for (_, v) in &pairs {
-                let e = Entry::parse_from_bytes(v).map_err(store_err)?;
-                if e.index != next {
-                    return Err(raft::Error::Store(StorageError::Unavailable));
-                }
-                size += u64::from(protobuf::Message::compute_size(&e));
-                // raft-rs's rule: always at least one entry, then only while the total fits.
-                if !entries.is_empty() && size > max_size {
-                    return Ok(entries);
-                }
-                entries.push(e);
-                next += 1;
-            }
-        }
-        Ok(entries)
+        self.log
+            .entries(low, high, max_size.into().unwrap_or(u64::MAX))
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
@@ -542,14 +568,9 @@ impl Storage for LogStore {
         if idx > self.last_index {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        match self
-            .backend
-            .read(KeySpace::Raft, &log_key(idx))
-            .map_err(store_err)?
-        {
-            Some(v) => Ok(Entry::parse_from_bytes(&v).map_err(store_err)?.term),
-            None => Err(raft::Error::Store(StorageError::Unavailable)),
-        }
+        self.log
+            .term(idx)?
+            .ok_or(raft::Error::Store(StorageError::Unavailable))
     }
 
     fn first_index(&self) -> raft::Result<u64> {
@@ -612,7 +633,7 @@ pub fn must_sync(entries: &[Entry], new: Option<&HardState>, stored: &HardState)
 
 #[cfg(test)]
 mod tests {
-    use kiwi_storage::{Limits, MemoryBackend, StorageSnapshot};
+    use kiwi_storage::{Limits, MemoryBackend, Scan, StorageSnapshot};
 
     use super::*;
 
@@ -665,7 +686,7 @@ mod tests {
     #[test]
     fn persists_reloads_and_truncates_conflicts() {
         let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
-        let mut s = LogStore::open(backend.clone(), Arc::default()).unwrap();
+        let mut s = LogStore::in_backend(backend.clone(), Arc::default()).unwrap();
         assert!(!s.is_initialized());
         s.bootstrap(vec![1, 2, 3]).unwrap();
         assert_eq!(s.first_index().unwrap(), 2);
@@ -680,7 +701,7 @@ mod tests {
         // A new leader overwrites index 3 onwards.
         s.persist(&[entry(3, 3)], None).unwrap();
 
-        let s = LogStore::open(backend, Arc::default()).unwrap();
+        let s = LogStore::in_backend(backend, Arc::default()).unwrap();
         assert!(s.is_initialized());
         assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
         assert_eq!(s.initial_state().unwrap().hard_state.term, 2);
@@ -745,7 +766,7 @@ mod tests {
             scanned: Default::default(),
         });
         let backend: Arc<dyn StorageBackend> = counting.clone();
-        let mut s = LogStore::open(backend, Arc::default()).unwrap();
+        let mut s = LogStore::in_backend(backend, Arc::default()).unwrap();
         s.bootstrap(vec![1]).unwrap();
         let big: Vec<Entry> = (2..=5001)
             .map(|i| Entry {
@@ -764,7 +785,8 @@ mod tests {
             .unwrap();
         assert!((8..=10).contains(&got.len()), "{} entries", got.len());
         assert!(
-            counting.scanned.load(std::sync::atomic::Ordering::SeqCst) <= 2 * ENTRIES_PAGE as usize,
+            counting.scanned.load(std::sync::atomic::Ordering::SeqCst)
+                <= 2 * backend_log::ENTRIES_PAGE as usize,
             "read only what fits, not the whole range of 5000"
         );
         let all = s
@@ -777,14 +799,14 @@ mod tests {
     #[test]
     fn compaction_raises_the_stored_commit_index() {
         let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
-        let mut s = LogStore::open(backend.clone(), Arc::default()).unwrap();
+        let mut s = LogStore::in_backend(backend.clone(), Arc::default()).unwrap();
         s.bootstrap(vec![1]).unwrap();
         let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
         // A single voter's commits advance in light Readies: the persisted hard state keeps commit 1.
         s.persist(&entries, None).unwrap();
         s.set_commit(10);
         s.compact(8).unwrap();
-        let s2 = LogStore::open(backend, Arc::default()).unwrap();
+        let s2 = LogStore::in_backend(backend, Arc::default()).unwrap();
         let hs = s2.initial_state().unwrap().hard_state;
         assert!(
             hs.commit >= 8,
@@ -821,27 +843,20 @@ mod tests {
     fn compaction_and_snapshots_move_the_first_index() {
         let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
         let registry = Arc::new(SnapshotRegistry::default());
-        let mut s = LogStore::open(backend.clone(), registry.clone()).unwrap();
+        let mut s = LogStore::in_backend(backend.clone(), registry.clone()).unwrap();
         s.bootstrap(vec![1]).unwrap();
         let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
         s.persist(&entries, None).unwrap();
         crate::raft::state_machine::mark_applied(&*backend, 8).unwrap();
         s.compact(8).unwrap();
-        let stored: Vec<u64> = backend
-            .scan(
-                KeySpace::Raft,
-                &Scan::forward(ScanRange::half_open(LOG_PREFIX, b"log0"), 100),
-            )
-            .unwrap()
-            .iter()
-            .map(|(k, _)| u64::from_be_bytes(k[LOG_PREFIX.len()..].try_into().unwrap()))
-            .collect();
         assert_eq!(
-            stored,
-            [9, 10],
+            backend_log::BackendLog::new(backend.clone())
+                .bounds()
+                .unwrap(),
+            Some((9, 10)),
             "compaction removes the entries up to 8 and keeps the rest"
         );
-        let s2 = LogStore::open(backend.clone(), Arc::default()).unwrap();
+        let s2 = LogStore::in_backend(backend.clone(), Arc::default()).unwrap();
         for st in [&s, &s2] {
             assert_eq!(st.first_index().unwrap(), 9);
             assert_eq!(st.last_index().unwrap(), 10);
@@ -872,8 +887,8 @@ mod tests {
         let mut batch = WriteBatch::new();
         s.snapshot_batch(&meta, &mut batch).unwrap();
         backend.batch_write(batch, WriteOptions::SYNC).unwrap();
-        s.snapshot_installed(&meta);
-        let s2 = LogStore::open(backend, Arc::default()).unwrap();
+        s.snapshot_installed(&meta).unwrap();
+        let s2 = LogStore::in_backend(backend, Arc::default()).unwrap();
         for st in [&s, &s2] {
             assert_eq!(st.first_index().unwrap(), 21);
             assert_eq!(st.last_index().unwrap(), 20);
@@ -881,5 +896,129 @@ mod tests {
             assert_eq!(st.conf_state().voters, vec![1, 2]);
             assert_eq!(st.initial_state().unwrap().hard_state.commit, 20);
         }
+    }
+
+    /// Runs `check` on a store whose log is made by `log` (called again for each reopen, after the
+    /// previous store is dropped).
+    fn on_both_logs(check: impl Fn(&Arc<dyn StorageBackend>, &dyn Fn() -> Box<dyn EntryLog>)) {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        let in_backend = Arc::clone(&backend);
+        check(&backend, &move || {
+            Box::new(backend_log::BackendLog::new(Arc::clone(&in_backend)))
+        });
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        check(&backend, &move || {
+            Box::new(engine_log::EngineLog::open(&path, None).unwrap())
+        });
+    }
+
+    fn store_with_log(backend: &Arc<dyn StorageBackend>, log: Box<dyn EntryLog>) -> LogStore {
+        LogStore::open(Arc::clone(backend), log, Arc::default()).unwrap()
+    }
+
+    #[test]
+    fn an_install_interrupted_before_the_log_was_reset_is_finished_at_open() {
+        on_both_logs(|backend, log| {
+            // A snapshot past the log's end, and one inside it whose term does not match.
+            for (index, term) in [(20, 4), (8, 3)] {
+                let mut s = store_with_log(backend, log());
+                s.bootstrap(vec![1]).unwrap();
+                let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
+                s.persist(
+                    &entries,
+                    Some(&HardState {
+                        term: 2,
+                        commit: 5,
+                        ..HardState::default()
+                    }),
+                )
+                .unwrap();
+                let meta = SnapshotMetadata {
+                    index,
+                    term,
+                    ..SnapshotMetadata::default()
+                };
+                let mut batch = WriteBatch::new();
+                s.snapshot_batch(&meta, &mut batch).unwrap();
+                backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+                drop(s); // the crash, before `snapshot_installed`
+
+                let s = store_with_log(backend, log());
+                assert_eq!(s.first_index().unwrap(), index + 1);
+                assert_eq!(s.last_index().unwrap(), index, "the old log is gone");
+                assert_eq!(s.term(index).unwrap(), term);
+                assert_eq!(s.initial_state().unwrap().hard_state.commit, index);
+                assert_eq!(s.initial_state().unwrap().hard_state.term, term.max(2));
+                drop(s);
+                let log = log();
+                assert_eq!(log.bounds().unwrap(), None);
+            }
+        });
+    }
+
+    #[test]
+    fn a_compaction_interrupted_before_the_log_dropped_its_entries_is_finished_at_open() {
+        on_both_logs(|backend, log| {
+            let mut s = store_with_log(backend, log());
+            s.bootstrap(vec![1]).unwrap();
+            let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
+            s.persist(&entries, None).unwrap();
+            // The truncation point is durable, the entries' removal was not.
+            let mut batch = WriteBatch::new();
+            batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_truncated(8, 2));
+            backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+            drop(s);
+
+            let s = store_with_log(backend, log());
+            assert_eq!(s.first_index().unwrap(), 9);
+            assert_eq!(s.last_index().unwrap(), 10);
+            assert_eq!(
+                s.entries(9, 11, None, GetEntriesContext::empty(false))
+                    .unwrap(),
+                entries[7..].to_vec()
+            );
+            assert_eq!(s.initial_state().unwrap().hard_state.commit, 8);
+            drop(s);
+            assert_eq!(log().bounds().unwrap(), Some((9, 10)));
+        });
+    }
+
+    #[test]
+    fn a_log_that_starts_above_the_truncation_point_is_refused() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        let mut log = backend_log::BackendLog::new(Arc::clone(&backend));
+        let mut s = LogStore::in_backend(Arc::clone(&backend), Arc::default()).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        log.append(&[entry(5, 1)], 1, None, true).unwrap();
+        let err = LogStore::in_backend(backend, Arc::default()).err().unwrap();
+        assert!(err.to_string().contains("entries are missing"), "{err}");
+    }
+
+    #[test]
+    fn the_truncation_record_tells_the_layout() {
+        let backend: Arc<dyn StorageBackend> = Arc::new(MemoryBackend::new(Limits::default()));
+        assert!(!LogStore::earlier_layout(&*backend).unwrap());
+        let mut batch = WriteBatch::new();
+        batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_pair_for_test(7, 3));
+        backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+        assert!(LogStore::earlier_layout(&*backend).unwrap());
+        LogStore::record_layout(&*backend).unwrap();
+        assert!(!LogStore::earlier_layout(&*backend).unwrap());
+        assert_eq!(read_truncated(&*backend).unwrap(), Some((7, 3, false)));
+        let mut batch = WriteBatch::new();
+        let mut newer = encode_truncated(7, 3);
+        newer[16] = LAYOUT + 1;
+        batch.put(KeySpace::Raft, TRUNCATED_KEY, newer);
+        backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+        let err = LogStore::in_backend(backend, Arc::default()).err().unwrap();
+        assert!(err.to_string().contains("newer version"), "{err}");
+    }
+
+    fn encode_pair_for_test(index: u64, term: u64) -> Vec<u8> {
+        let mut v = index.to_be_bytes().to_vec();
+        v.extend_from_slice(&term.to_be_bytes());
+        v
     }
 }
