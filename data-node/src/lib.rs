@@ -1009,3 +1009,70 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     node.shutdown().await
 }
+
+#[cfg(test)]
+mod tests {
+    use ::raft::Storage as _;
+    use ::raft::eraftpb::{Entry, HardState};
+    use kiwi_storage::{BackendKind, KeySpace, WriteBatch, WriteOptions};
+
+    use super::*;
+    use crate::raft::log_store::backend_log::BackendLog;
+
+    #[test]
+    fn a_data_dir_with_the_log_in_the_data_engine_is_moved_to_raft_log() {
+        for backend in [BackendKind::RocksDb, BackendKind::LevelDb] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut config = NodeConfig {
+                data_dir: dir.path().to_path_buf(),
+                ..NodeConfig::default()
+            };
+            config.storage.backend = backend;
+            config.raft.node_id = 1;
+            let entries: Vec<Entry> = (2..=300)
+                .map(|i| Entry {
+                    index: i,
+                    term: 2,
+                    data: vec![i as u8; 100].into(),
+                    ..Entry::default()
+                })
+                .collect();
+            let hs = HardState {
+                term: 2,
+                vote: 1,
+                commit: 250,
+                ..HardState::default()
+            };
+            {
+                // The layout an earlier version wrote: the log in the data engine, a 16-byte truncation
+                // record.
+                let storage = open_storage(&config).unwrap();
+                let mut store = LogStore::in_backend(Arc::clone(&storage), Arc::default()).unwrap();
+                store.bootstrap(vec![1]).unwrap();
+                store.persist(&entries, Some(&hs)).unwrap();
+                let mut old = WriteBatch::new();
+                let mut record = 1u64.to_be_bytes().to_vec();
+                record.extend_from_slice(&1u64.to_be_bytes());
+                old.put(KeySpace::Raft, b"state/truncated".to_vec(), record);
+                storage.batch_write(old, WriteOptions::SYNC).unwrap();
+            }
+            for _start in 0..2 {
+                let storage = open_storage(&config).unwrap();
+                let store = open_log_store(&config, &storage, None, Arc::default()).unwrap();
+                assert_eq!(store.first_index().unwrap(), 2, "{backend:?}");
+                assert_eq!(store.last_index().unwrap(), 300);
+                assert_eq!(store.initial_state().unwrap().hard_state, hs);
+                assert_eq!(
+                    store
+                        .entries(2, 301, None, ::raft::GetEntriesContext::empty(false))
+                        .unwrap(),
+                    entries
+                );
+                assert_eq!(store.conf_state().voters, vec![1]);
+                assert!(!BackendLog::holds_any(&*storage).unwrap());
+                assert!(!LogStore::earlier_layout(&*storage).unwrap());
+                assert!(log_store::engine_log::dir(dir.path()).is_dir());
+            }
+        }
+    }
+}

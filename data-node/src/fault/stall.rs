@@ -52,6 +52,11 @@ impl StorageBackend for StallingBackend {
         self.inner.batch_write(batch, opts)
     }
 
+    fn sync(&self) -> kiwi_storage::Result<()> {
+        self.stall();
+        self.inner.sync()
+    }
+
     fn scan(&self, space: KeySpace, scan: &Scan) -> kiwi_storage::Result<Vec<KvPair>> {
         self.inner.scan(space, scan)
     }

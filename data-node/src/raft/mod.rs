@@ -8,7 +8,8 @@
 //! - [`guard`]: checks every Raft message from the network before raft-rs may see it.
 //! - [`lease`]: the leader lease behind `raft.lease_reads` and the clock assumptions it rests on.
 //! - [`lease_state`]: clients' leases as replicated state (records, the keys attached, the count).
-//! - [`log_store`]: the Raft log and hard/conf state in the backend (raft-rs's `Storage`).
+//! - [`log_store`]: raft-rs's `Storage`: the Raft log in files of its own (`raft-log/`, or in the backend
+//!   for the in-memory one) and the membership and truncation point in the backend.
 //! - [`mvcc`]: revisions, each key's counters and the kept history (reads and watches at a past revision).
 //! - [`state_machine`]: applies committed commands to user data with the applied index.
 //! - [`snapshot`]: reads, stages and installs Raft snapshots of the state machine.

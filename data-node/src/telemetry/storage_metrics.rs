@@ -5,7 +5,7 @@
 //!
 //! Exported (family `storage`):
 //! - `kiwi_storage_operation_duration_seconds{op,backend}` histogram; `op` is `read`, `write` (a batch),
-//!   `scan` or `snapshot` (taking a point-in-time view);
+//!   `scan`, `snapshot` (taking a point-in-time view) or `sync` (making earlier writes durable);
 //! - `kiwi_storage_operation_bytes_total{op,backend}`: keys plus values read or written;
 //! - `kiwi_storage_operation_errors_total{op,backend}`;
 //! - `kiwi_storage_engine_*{backend}` gauges (only those the engine knows) and
@@ -32,10 +32,11 @@ enum Op {
     Write,
     Scan,
     Snapshot,
+    Sync,
 }
 
 impl Op {
-    const ALL: [Op; 4] = [Op::Read, Op::Write, Op::Scan, Op::Snapshot];
+    const ALL: [Op; 5] = [Op::Read, Op::Write, Op::Scan, Op::Snapshot, Op::Sync];
 
     fn name(self) -> &'static str {
         match self {
@@ -43,6 +44,7 @@ impl Op {
             Op::Write => "write",
             Op::Scan => "scan",
             Op::Snapshot => "snapshot",
+            Op::Sync => "sync",
         }
     }
 }
@@ -52,7 +54,7 @@ struct Instruments {
     bytes: Counter<u64>,
     errors: Counter<u64>,
     /// Attributes per [`Op`], built once.
-    attrs: [[KeyValue; 2]; 4],
+    attrs: [[KeyValue; 2]; 5],
 }
 
 impl Instruments {
@@ -190,6 +192,13 @@ impl StorageBackend for InstrumentedBackend {
 
     fn compact_all(&self) -> kiwi_storage::Result<()> {
         self.inner.compact_all()
+    }
+
+    fn sync(&self) -> kiwi_storage::Result<()> {
+        let started = Instant::now();
+        let r = self.inner.sync();
+        self.instruments.record(Op::Sync, started, &r, |()| 0);
+        r
     }
 
     fn write(

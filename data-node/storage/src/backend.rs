@@ -482,6 +482,16 @@ pub trait StorageBackend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Makes every write that has returned durable, as a later write with sync on would (an fsync of
+    /// the write-ahead log), where the engine allows it without holding up the writes made meanwhile.
+    /// The default writes an empty batch with sync on.
+    ///
+    /// # Errors
+    /// Engine errors.
+    fn sync(&self) -> Result<()> {
+        self.batch_write(WriteBatch::new(), WriteOptions::SYNC)
+    }
+
     /// Engine figures for metrics. Cheap (no I/O); the default knows nothing.
     fn engine_stats(&self) -> EngineStats {
         EngineStats::default()

@@ -6,6 +6,7 @@
 //! Keys (all in `KeySpace::Raft`):
 //! - `log/<index: u64 BE>`: one `eraftpb::Entry`, encoded by raft-rs.
 //! - `state/hard`: the `HardState` (term, vote, commit).
+//! - `state/log_truncated`: the log's own truncation point (index and term, u64 BE each).
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ use super::{EntryLog, damaged, store_err};
 const LOG_PREFIX: &[u8] = b"log/";
 const LOG_END: &[u8] = b"log0";
 pub(super) const HARD_STATE_KEY: &[u8] = b"state/hard";
+const TRUNCATED_KEY: &[u8] = b"state/log_truncated";
 /// Log entries read per storage scan when raft-rs asks for a range.
 pub(super) const ENTRIES_PAGE: u64 = 64;
 
@@ -91,6 +93,7 @@ impl BackendLog {
         let mut batch = WriteBatch::new();
         batch.delete_range(KeySpace::Raft, LOG_PREFIX.to_vec(), LOG_END.to_vec());
         batch.delete(KeySpace::Raft, HARD_STATE_KEY);
+        batch.delete(KeySpace::Raft, TRUNCATED_KEY);
         self.backend
             .batch_write(batch, WriteOptions::SYNC)
             .map_err(store_err)
@@ -200,17 +203,31 @@ impl EntryLog for BackendLog {
 
     /// One range delete: on RocksDB a single tombstone, so a compaction costs the Raft thread the same
     /// whatever the threshold (10,000 single deletes stalled it 10 to 25 ms).
-    fn compact(&mut self, index: u64) -> raft::Result<()> {
+    fn compact(&mut self, index: u64, term: u64) -> raft::Result<()> {
         let mut batch = WriteBatch::new();
         batch.delete_range(KeySpace::Raft, LOG_PREFIX.to_vec(), log_key(index + 1));
+        batch.put(
+            KeySpace::Raft,
+            TRUNCATED_KEY,
+            super::encode_point(index, term),
+        );
         self.backend
             .batch_write(batch, WriteOptions::BUFFERED)
             .map_err(store_err)
     }
 
+    fn truncated(&self) -> raft::Result<Option<(u64, u64)>> {
+        self.backend
+            .read(KeySpace::Raft, TRUNCATED_KEY)
+            .map_err(store_err)?
+            .map(|b| super::decode_point(&b))
+            .transpose()
+    }
+
     fn reset(&mut self, hard_state: &HardState) -> raft::Result<()> {
         let mut batch = WriteBatch::new();
         batch.delete_range(KeySpace::Raft, LOG_PREFIX.to_vec(), LOG_END.to_vec());
+        batch.delete(KeySpace::Raft, TRUNCATED_KEY);
         batch.put(
             KeySpace::Raft,
             HARD_STATE_KEY,

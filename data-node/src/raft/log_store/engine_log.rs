@@ -58,6 +58,7 @@ pub const PURGE_THRESHOLD: ReadableSize = ReadableSize::mb(32);
 /// The one Raft group in the engine.
 const GROUP: u64 = 1;
 const HARD_STATE_KEY: &[u8] = b"hard_state";
+const TRUNCATED_KEY: &[u8] = b"truncated";
 /// Entries read at a time when the term index is rebuilt at open.
 const OPEN_PAGE: u64 = 1024;
 
@@ -268,9 +269,16 @@ impl EntryLog for EngineLog {
         Ok(())
     }
 
-    fn compact(&mut self, index: u64) -> raft::Result<()> {
+    fn compact(&mut self, index: u64, term: u64) -> raft::Result<()> {
         let mut batch = LogBatch::default();
         batch.add_command(GROUP, Command::Compact { index: index + 1 });
+        batch
+            .put(
+                GROUP,
+                TRUNCATED_KEY.to_vec(),
+                super::encode_point(index, term),
+            )
+            .map_err(engine_err)?;
         self.write(&mut batch, false)?;
         while self.terms.get(1).is_some_and(|r| r.0 <= index + 1) {
             self.terms.pop_front();
@@ -283,6 +291,14 @@ impl EntryLog for EngineLog {
         Ok(())
     }
 
+    fn truncated(&self) -> raft::Result<Option<(u64, u64)>> {
+        self.engine
+            .get(GROUP, TRUNCATED_KEY)
+            .map(|b| super::decode_point(&b))
+            .transpose()
+    }
+
+    /// `Clean` drops the group's entries and keys (the truncation point among them).
     fn reset(&mut self, hard_state: &HardState) -> raft::Result<()> {
         let mut batch = LogBatch::default();
         batch.add_command(GROUP, Command::Clean);
@@ -384,7 +400,8 @@ mod tests {
             let mut log = EngineLog::open(dir.path(), None).unwrap();
             let entries: Vec<_> = (2..=100).map(|i| entry(i, 1 + i / 10)).collect();
             log.append(&entries, 1, None, true).unwrap();
-            log.compact(50).unwrap();
+            log.compact(50, 6).unwrap();
+            assert_eq!(log.truncated().unwrap(), Some((50, 6)));
             assert_eq!(log.bounds().unwrap(), Some((51, 100)));
             assert_eq!(log.term(50).unwrap(), None);
             assert_eq!(log.term(51).unwrap(), Some(6));
@@ -399,8 +416,14 @@ mod tests {
             let mut log = EngineLog::open(dir.path(), None).unwrap();
             assert_eq!(log.bounds().unwrap(), Some((51, 100)));
             assert_eq!(log.term(99).unwrap(), Some(10));
+            assert_eq!(
+                log.truncated().unwrap(),
+                Some((50, 6)),
+                "kept across a reopen"
+            );
             log.reset(&hs(12, 500)).unwrap();
             assert_eq!(log.bounds().unwrap(), None);
+            assert_eq!(log.truncated().unwrap(), None);
             // After a snapshot at 500 the log starts anywhere.
             log.append(&[entry(501, 12)], 500, None, true).unwrap();
         }
@@ -479,7 +502,7 @@ mod tests {
                 let entries: Vec<_> = (last + 1..=last + per_batch).map(big).collect();
                 log.append(&entries, last, None, false).unwrap();
                 last += per_batch;
-                log.compact(last - 8).unwrap();
+                log.compact(last - 8, 3).unwrap();
                 log.engine.purge_expired_files().unwrap();
             }
             log.append(&[entry(last + 1, 4)], last, Some(&hs(4, last)), true)

@@ -7,21 +7,24 @@
 //!   data directories from before `raft-log/` (moved there at the first start, see
 //!   [`engine_log::upgrade`]).
 //!
-//! Both hold the entries and the hard state (term, vote, commit) behind [`EntryLog`]. What describes the
-//! applied state lives in the data backend, written in the batch of the data it describes (all in
-//! `KeySpace::Raft`):
+//! Both hold the entries, the hard state (term, vote, commit) and the point their compaction reached
+//! behind [`EntryLog`]. What describes the applied state lives in the data backend, written in the batch
+//! of the data it describes (all in `KeySpace::Raft`):
 //! - `state/conf`: the `ConfState` (voters, learners).
-//! - `state/truncated`: index and term (u64 BE each) of the last entry removed by compaction or covered by
-//!   an installed snapshot, then a layout byte ([`LAYOUT`]). The log holds `truncated + 1 ..= last`.
+//! - `state/truncated`: index and term (u64 BE each) of the bootstrap or of the last installed snapshot,
+//!   then a layout byte ([`LAYOUT`]).
+//!
+//! The truncation point is the later of that record and the log's own; the log holds
+//! `truncated + 1 ..= last`.
 //!
 //! [`LogStore::persist`] writes a Ready's entries and hard state in **one** durable batch.
-//! [`LogStore::compact`] first makes the truncation point durable in the data backend (the fsync also
-//! makes every earlier buffered apply durable, so the entries are never needed again by this node), then
-//! drops the entries from the log. An installed snapshot is written to the data backend first, then the
-//! log is reset. A crash between the two steps of either leaves a log that reaches below the truncation
-//! point; [`LogStore::open`] finishes the step: a log that holds the truncation point's entry with its
-//! term is compacted to it, one that does not (an interrupted install) is reset, as raft-rs discards a log
-//! that does not match a snapshot it installs. A follower that needs compacted entries gets a snapshot:
+//! [`LogStore::compact`] drops entries only up to what the data backend is known to hold durably: applies
+//! are written without fsync, and a thread of this store ([`LogStore::make_durable`]) fsyncs the backend
+//! when the driver is about to compact, off the Raft thread. An installed snapshot is written to the data
+//! backend first (fsynced), then the log is reset; a crash between the two leaves a log that reaches below
+//! the truncation point, which [`LogStore::open`] finishes: a log that holds the truncation point's entry
+//! with its term is compacted to it, one that does not is reset, as raft-rs discards a log that does not
+//! match a snapshot it installs. A follower that needs compacted entries gets a snapshot:
 //! [`Storage::snapshot`] pins a point-in-time view of the backend in the [`SnapshotRegistry`], which the
 //! transport streams to the follower in chunks (see `snapshot.rs`).
 //!
@@ -78,10 +81,13 @@ pub trait EntryLog: Send {
         hard_state: Option<&HardState>,
         sync: bool,
     ) -> raft::Result<()>;
-    /// Drops the entries up to and including `index` (not fsynced: a crash that loses it leaves entries
-    /// below the truncation point, which the next open drops again).
-    fn compact(&mut self, index: u64) -> raft::Result<()>;
-    /// Drops every entry and stores `hard_state`, fsynced.
+    /// Drops the entries up to and including `index`, whose term is `term`, and records that point as
+    /// the log's own truncation point in the same batch (not fsynced: a crash that loses both keeps the
+    /// entries). The caller has made the applied state up to `index` durable first.
+    fn compact(&mut self, index: u64, term: u64) -> raft::Result<()>;
+    /// The truncation point the last [`compact`](Self::compact) recorded, `None` since a reset.
+    fn truncated(&self) -> raft::Result<Option<(u64, u64)>>;
+    /// Drops every entry and the truncation point and stores `hard_state`, fsynced.
     fn reset(&mut self, hard_state: &HardState) -> raft::Result<()>;
 }
 
@@ -189,6 +195,94 @@ pub struct LogStore {
     last_index: u64,
     last_term: u64,
     snapshots: Arc<SnapshotRegistry>,
+    durable: DataSync,
+}
+
+/// Makes the data backend's applied state durable off the Raft thread, so that the log may drop the
+/// entries it covers: a thread that calls [`StorageBackend::sync`] (on RocksDB its `SyncWAL`, which
+/// does not hold up the applies made meanwhile) and publishes the applied index it covers. Between two compactions the backend's log collects every buffered apply (megabytes at high
+/// write rates); fsyncing that on the Raft thread stalled every client's put for tens of milliseconds.
+struct DataSync {
+    durable: Arc<std::sync::atomic::AtomicU64>,
+    requested: u64,
+    wake: Option<std::sync::mpsc::SyncSender<u64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DataSync {
+    fn start(backend: Arc<dyn StorageBackend>, durable_from: u64) -> raft::Result<Self> {
+        let durable = Arc::new(std::sync::atomic::AtomicU64::new(durable_from));
+        let (wake, requests) = std::sync::mpsc::sync_channel::<u64>(1);
+        let published = Arc::clone(&durable);
+        let thread = std::thread::Builder::new()
+            .name("raft-data-sync".into())
+            .spawn(move || {
+                while let Ok(applied) = requests.recv() {
+                    match backend.sync() {
+                        Ok(()) => {
+                            published.fetch_max(applied, std::sync::atomic::Ordering::Release);
+                        }
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "cannot make the applied state durable: the Raft log is not compacted"
+                        ),
+                    }
+                }
+            })
+            .map_err(store_err)?;
+        Ok(DataSync {
+            durable,
+            requested: durable_from,
+            wake: Some(wake),
+            thread: Some(thread),
+        })
+    }
+
+    fn durable(&self) -> u64 {
+        self.durable.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Asks for everything written so far, up to applied index `applied`, to be made durable; at most
+    /// one request waits.
+    fn request(&mut self, applied: u64) {
+        if applied <= self.requested.max(self.durable()) {
+            return;
+        }
+        if let Some(wake) = &self.wake
+            && wake.try_send(applied).is_ok()
+        {
+            self.requested = applied;
+        }
+    }
+}
+
+impl Drop for DataSync {
+    fn drop(&mut self) {
+        drop(self.wake.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A log position, index and term (u64 BE each).
+fn encode_point(index: u64, term: u64) -> Vec<u8> {
+    let mut v = index.to_be_bytes().to_vec();
+    v.extend_from_slice(&term.to_be_bytes());
+    v
+}
+
+fn decode_point(b: &[u8]) -> raft::Result<(u64, u64)> {
+    match <[u8; 16]>::try_from(b) {
+        Ok(b) => Ok((
+            u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+            u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+        )),
+        Err(_) => Err(damaged(format!(
+            "damaged Raft log truncation record ({} bytes, expected 16)",
+            b.len()
+        ))),
+    }
 }
 
 fn encode_truncated(index: u64, term: u64) -> Vec<u8> {
@@ -252,8 +346,13 @@ impl LogStore {
                 .map_err(|e| damaged(format!("damaged Raft conf state: {e}")))?,
             None => ConfState::default(),
         };
-        let (truncated_index, truncated_term) =
-            read_truncated(&*backend)?.map_or((0, 0), |(i, t, _)| (i, t));
+        // The later of the backend's (bootstrap, snapshot installs) and the log's own (compactions).
+        let (truncated_index, truncated_term) = read_truncated(&*backend)?
+            .map(|(i, t, _)| (i, t))
+            .into_iter()
+            .chain(log.truncated()?)
+            .max()
+            .unwrap_or((0, 0));
         let mut hard_state = log.hard_state()?;
         let (last_index, last_term) = match log.bounds()? {
             None => (truncated_index, truncated_term),
@@ -284,7 +383,7 @@ impl LogStore {
                     (truncated_index, truncated_term)
                 } else {
                     if first <= truncated_index {
-                        log.compact(truncated_index)?;
+                        log.compact(truncated_index, truncated_term)?;
                     }
                     let term = log.term(last)?.ok_or_else(|| {
                         damaged(format!("the Raft log lost its last entry {last}"))
@@ -299,6 +398,7 @@ impl LogStore {
         // would let this node lead with entries of a later term under its own).
         hard_state.commit = hard_state.commit.max(truncated_index);
         hard_state.term = hard_state.term.max(truncated_term);
+        let backend_for_sync = Arc::clone(&backend);
         Ok(LogStore {
             backend,
             log,
@@ -309,6 +409,9 @@ impl LogStore {
             last_index,
             last_term,
             snapshots,
+            // What was read at open may be only in the page cache (the process was killed): durable is
+            // what the truncation point proves.
+            durable: DataSync::start(backend_for_sync, truncated_index)?,
         })
     }
 
@@ -384,6 +487,9 @@ impl LogStore {
         self.truncated_term = BOOTSTRAP_INDEX;
         self.last_index = BOOTSTRAP_INDEX;
         self.last_term = BOOTSTRAP_INDEX;
+        self.durable
+            .durable
+            .fetch_max(BOOTSTRAP_INDEX, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -392,27 +498,49 @@ impl LogStore {
         self.truncated_index
     }
 
-    /// Removes entries up to and including `index` (which must be applied): the truncation point first,
-    /// fsynced in the data backend (which makes every earlier buffered apply durable, so the compacted
-    /// entries are never needed again by this node), then the entries.
+    /// The applied index up to which the data backend is known durable (see
+    /// [`make_durable`](Self::make_durable)); [`compact`](Self::compact) goes no further.
+    pub fn durable_applied(&self) -> u64 {
+        self.durable.durable()
+    }
+
+    /// Asks, without waiting, for every write made so far to the data backend (the applies up to
+    /// `applied` among them) to be made durable; [`durable_applied`](Self::durable_applied) reaches
+    /// `applied` once it is.
+    pub fn make_durable(&mut self, applied: u64) {
+        self.durable.request(applied);
+    }
+
+    /// Removes entries up to and including `index` (which must be applied), no further than
+    /// [`durable_applied`](Self::durable_applied): the applied state they produced must survive a power
+    /// cut before this node lets go of them. The log records the new truncation point with the removal.
+    /// Returns the index compacted to.
     ///
     /// # Errors
     /// Storage errors.
-    pub fn compact(&mut self, index: u64) -> raft::Result<()> {
+    pub fn compact(&mut self, index: u64) -> raft::Result<u64> {
+        let index = index.min(self.last_index).min(self.durable_applied());
         if index <= self.truncated_index {
-            return Ok(());
+            return Ok(self.truncated_index);
         }
-        let index = index.min(self.last_index);
         let term = self.term(index)?;
-        let mut batch = WriteBatch::new();
-        batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_truncated(index, term));
-        self.backend
-            .batch_write(batch, WriteOptions::SYNC)
-            .map_err(store_err)?;
-        self.log.compact(index)?;
+        self.log.compact(index, term)?;
         self.truncated_index = index;
         self.truncated_term = term;
         self.hard_state.commit = self.hard_state.commit.max(index);
+        Ok(index)
+    }
+
+    /// Makes the data backend durable up to `applied` on this thread (tests and tools that compact
+    /// right after writing).
+    ///
+    /// # Errors
+    /// Storage errors.
+    pub fn make_durable_now(&mut self, applied: u64) -> raft::Result<()> {
+        self.backend.sync().map_err(store_err)?;
+        self.durable
+            .durable
+            .fetch_max(applied, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -462,6 +590,9 @@ impl LogStore {
     pub fn snapshot_installed(&mut self, meta: &SnapshotMetadata) -> raft::Result<()> {
         let hs = self.hard_state_after(meta);
         self.log.reset(&hs)?;
+        self.durable
+            .durable
+            .fetch_max(meta.index, std::sync::atomic::Ordering::Release);
         self.hard_state = hs;
         self.conf_state = meta.get_conf_state().clone();
         self.truncated_index = meta.index;
@@ -805,7 +936,8 @@ mod tests {
         // A single voter's commits advance in light Readies: the persisted hard state keeps commit 1.
         s.persist(&entries, None).unwrap();
         s.set_commit(10);
-        s.compact(8).unwrap();
+        s.make_durable_now(10).unwrap();
+        assert_eq!(s.compact(8).unwrap(), 8);
         let s2 = LogStore::in_backend(backend, Arc::default()).unwrap();
         let hs = s2.initial_state().unwrap().hard_state;
         assert!(
@@ -848,7 +980,9 @@ mod tests {
         let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
         s.persist(&entries, None).unwrap();
         crate::raft::state_machine::mark_applied(&*backend, 8).unwrap();
-        s.compact(8).unwrap();
+        assert_eq!(s.compact(8).unwrap(), 1, "nothing is known durable yet");
+        s.make_durable_now(8).unwrap();
+        assert_eq!(s.compact(8).unwrap(), 8);
         assert_eq!(
             backend_log::BackendLog::new(backend.clone())
                 .bounds()
@@ -959,13 +1093,13 @@ mod tests {
     }
 
     #[test]
-    fn a_compaction_interrupted_before_the_log_dropped_its_entries_is_finished_at_open() {
+    fn a_log_that_reaches_below_the_truncation_point_is_cut_at_open() {
         on_both_logs(|backend, log| {
             let mut s = store_with_log(backend, log());
             s.bootstrap(vec![1]).unwrap();
             let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
             s.persist(&entries, None).unwrap();
-            // The truncation point is durable, the entries' removal was not.
+            // A truncation point in the backend the log has not caught up with.
             let mut batch = WriteBatch::new();
             batch.put(KeySpace::Raft, TRUNCATED_KEY, encode_truncated(8, 2));
             backend.batch_write(batch, WriteOptions::SYNC).unwrap();
@@ -1020,5 +1154,141 @@ mod tests {
         let mut v = index.to_be_bytes().to_vec();
         v.extend_from_slice(&term.to_be_bytes());
         v
+    }
+
+    /// The data backend's writes and the log's compactions, in the order they happen.
+    type Events = Arc<Mutex<Vec<String>>>;
+
+    struct OrderedBackend {
+        inner: MemoryBackend,
+        events: Events,
+    }
+
+    impl StorageBackend for OrderedBackend {
+        fn kind(&self) -> kiwi_storage::BackendKind {
+            self.inner.kind()
+        }
+        fn limits(&self) -> Limits {
+            self.inner.limits()
+        }
+        fn read(&self, space: KeySpace, key: &[u8]) -> kiwi_storage::Result<Option<Vec<u8>>> {
+            self.inner.read(space, key)
+        }
+        fn batch_write(&self, batch: WriteBatch, opts: WriteOptions) -> kiwi_storage::Result<()> {
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("backend write, sync {}", opts.sync));
+            self.inner.batch_write(batch, opts)
+        }
+        fn scan(
+            &self,
+            space: KeySpace,
+            scan: &Scan,
+        ) -> kiwi_storage::Result<Vec<kiwi_storage::KvPair>> {
+            self.inner.scan(space, scan)
+        }
+        fn snapshot(&self) -> kiwi_storage::Result<Box<dyn StorageSnapshot>> {
+            self.inner.snapshot()
+        }
+    }
+
+    struct OrderedLog {
+        inner: engine_log::EngineLog,
+        events: Events,
+    }
+
+    impl EntryLog for OrderedLog {
+        fn hard_state(&self) -> raft::Result<HardState> {
+            self.inner.hard_state()
+        }
+        fn bounds(&self) -> raft::Result<Option<(u64, u64)>> {
+            self.inner.bounds()
+        }
+        fn term(&self, index: u64) -> raft::Result<Option<u64>> {
+            self.inner.term(index)
+        }
+        fn entries(&self, low: u64, high: u64, max_size: u64) -> raft::Result<Vec<Entry>> {
+            self.inner.entries(low, high, max_size)
+        }
+        fn append(
+            &mut self,
+            entries: &[Entry],
+            stored_last: u64,
+            hard_state: Option<&HardState>,
+            sync: bool,
+        ) -> raft::Result<()> {
+            self.inner.append(entries, stored_last, hard_state, sync)
+        }
+        fn compact(&mut self, index: u64, term: u64) -> raft::Result<()> {
+            self.events
+                .lock()
+                .unwrap()
+                .push(format!("log compact to {index}"));
+            self.inner.compact(index, term)
+        }
+        fn truncated(&self) -> raft::Result<Option<(u64, u64)>> {
+            self.inner.truncated()
+        }
+        fn reset(&mut self, hard_state: &HardState) -> raft::Result<()> {
+            self.events.lock().unwrap().push("log reset".into());
+            self.inner.reset(hard_state)
+        }
+    }
+
+    #[test]
+    fn the_applied_state_is_durable_before_the_log_lets_go_of_entries() {
+        let events = Events::default();
+        let backend: Arc<dyn StorageBackend> = Arc::new(OrderedBackend {
+            inner: MemoryBackend::new(Limits::default()),
+            events: Arc::clone(&events),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let log = OrderedLog {
+            inner: engine_log::EngineLog::open(dir.path(), None).unwrap(),
+            events: Arc::clone(&events),
+        };
+        let mut s = LogStore::open(Arc::clone(&backend), Box::new(log), Arc::default()).unwrap();
+        s.bootstrap(vec![1]).unwrap();
+        let entries: Vec<_> = (2..=10).map(|i| entry(i, 2)).collect();
+        s.persist(&entries, None).unwrap();
+        // An apply, buffered as the state machine writes them.
+        let mut apply = WriteBatch::new();
+        apply.put(KeySpace::Data, b"k".to_vec(), b"v".to_vec());
+        backend.batch_write(apply, WriteOptions::BUFFERED).unwrap();
+        events.lock().unwrap().clear();
+        assert_eq!(
+            s.compact(8).unwrap(),
+            1,
+            "not before the applies are durable"
+        );
+        assert!(events.lock().unwrap().is_empty());
+        s.make_durable(10);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while s.durable_applied() < 10 {
+            assert!(std::time::Instant::now() < deadline, "never made durable");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(s.compact(8).unwrap(), 8);
+        let mut meta = SnapshotMetadata {
+            index: 20,
+            term: 3,
+            ..SnapshotMetadata::default()
+        };
+        meta.mut_conf_state().voters = vec![1];
+        let mut batch = WriteBatch::new();
+        s.snapshot_batch(&meta, &mut batch).unwrap();
+        backend.batch_write(batch, WriteOptions::SYNC).unwrap();
+        s.snapshot_installed(&meta).unwrap();
+        assert_eq!(
+            *events.lock().unwrap(),
+            [
+                "backend write, sync true",
+                "log compact to 8",
+                "backend write, sync true",
+                "log reset"
+            ],
+            "the sync thread's fsync, then the compaction; the install's batch, then the reset"
+        );
     }
 }
