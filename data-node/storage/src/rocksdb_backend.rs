@@ -55,6 +55,11 @@ impl RocksDBBackend {
         opts.create_missing_column_families(true);
         opts.set_paranoid_checks(true);
         opts.increase_parallelism(2);
+        // Applies are written without fsync and made durable in one `sync` before the Raft log is
+        // compacted; asking the OS to write the WAL back every 512 KiB keeps that fsync, and the disk
+        // queue the Raft log's fsyncs share, from a burst of megabytes (make bench-ab, put rows: +7 to
+        // +11 % puts/s, 64-worker p99 14.7 -> 11.1 ms).
+        opts.set_wal_bytes_per_sync(512 * 1024);
         let cfs = KeySpace::ALL.map(KeySpace::column_family);
         let db = DB::open_cf(&opts, engine_dir, cfs).map_err(map_err(engine_dir))?;
         Ok(RocksDBBackend {
