@@ -344,16 +344,8 @@ pub fn upgrade(from: &BackendLog, to: &mut EngineLog) -> raft::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::entry;
     use super::*;
-
-    fn entry(index: u64, term: u64) -> Entry {
-        Entry {
-            index,
-            term,
-            data: format!("{index}@{term}").into_bytes().into(),
-            ..Entry::default()
-        }
-    }
 
     fn hs(term: u64, commit: u64) -> HardState {
         HardState {

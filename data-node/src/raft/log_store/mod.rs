@@ -531,11 +531,12 @@ impl LogStore {
         Ok(index)
     }
 
-    /// Makes the data backend durable up to `applied` on this thread (tests and tools that compact
-    /// right after writing).
+    /// Makes the data backend durable up to `applied` on this thread (tests that compact right after
+    /// writing).
     ///
     /// # Errors
     /// Storage errors.
+    #[cfg(test)]
     pub fn make_durable_now(&mut self, applied: u64) -> raft::Result<()> {
         self.backend.sync().map_err(store_err)?;
         self.durable
@@ -768,7 +769,7 @@ mod tests {
 
     use super::*;
 
-    fn entry(index: u64, term: u64) -> Entry {
+    pub(super) fn entry(index: u64, term: u64) -> Entry {
         Entry {
             index,
             term,
