@@ -6,6 +6,10 @@
 //! tonic's own `tonic_prost::ProstCodec` (an undecodable *response* is the server's fault, so it stays
 //! `INTERNAL`). `tonic_prost_build::Builder` takes one codec path for both, so the build runs two of its
 //! service generators (one client-only, one server-only) side by side on one `prost_build::Config`.
+//!
+//! The server generator also sees the methods of [`ENCODED_ANSWERS`] answer `Encoded<T>` (see
+//! `src/encoded.rs`) instead of `T`: their handlers encode the bulk of the answer in the storage stage.
+//! Their clients still decode `T`.
 
 use std::path::PathBuf;
 
@@ -21,28 +25,52 @@ const PROTOS: &[&str] = &[
 /// Codec of the generated servers, as a path from the generated code (which lives in this crate).
 const SERVER_CODEC: &str = "crate::codec::ServerCodec";
 
-/// Runs each service through every generator in turn (client code, then server code: the order tonic
-/// uses when one generator builds both).
-struct Generators(Vec<Box<dyn prost_build::ServiceGenerator>>);
+/// Methods (package, service, method, the Rust module of the package's messages) whose generated server
+/// answers `crate::encoded::Encoded<T>`.
+const ENCODED_ANSWERS: &[(&str, &str, &str, &str)] =
+    &[("kiwi.v1", "KvService", "Scan", "crate::v1")];
+
+/// Runs each service through the client generator, then the server generator (the order tonic uses when
+/// one generator builds both).
+struct Generators {
+    clients: Box<dyn prost_build::ServiceGenerator>,
+    servers: Box<dyn prost_build::ServiceGenerator>,
+}
 
 impl prost_build::ServiceGenerator for Generators {
     fn generate(&mut self, service: prost_build::Service, buf: &mut String) {
-        for g in &mut self.0 {
-            g.generate(service.clone(), buf);
-        }
+        self.clients.generate(service.clone(), buf);
+        self.servers.generate(with_encoded_answers(service), buf);
     }
 
     fn finalize(&mut self, buf: &mut String) {
-        for g in &mut self.0 {
-            g.finalize(buf);
-        }
+        self.clients.finalize(buf);
+        self.servers.finalize(buf);
     }
 
     fn finalize_package(&mut self, package: &str, buf: &mut String) {
-        for g in &mut self.0 {
-            g.finalize_package(package, buf);
+        self.clients.finalize_package(package, buf);
+        self.servers.finalize_package(package, buf);
+    }
+}
+
+/// `service` with the answers of its [`ENCODED_ANSWERS`] methods as `Encoded<T>` (tonic takes an
+/// output type starting with `crate::` as it is).
+fn with_encoded_answers(mut service: prost_build::Service) -> prost_build::Service {
+    for m in &mut service.methods {
+        let encoded = ENCODED_ANSWERS.iter().find(|(package, name, method, _)| {
+            (*package, *name, *method)
+                == (
+                    service.package.as_str(),
+                    service.proto_name.as_str(),
+                    m.proto_name.as_str(),
+                )
+        });
+        if let Some((.., module)) = encoded {
+            m.output_type = format!("crate::encoded::Encoded<{module}::{}>", m.output_type);
         }
     }
+    service
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -68,7 +96,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config
         .out_dir(&out)
-        .service_generator(Box::new(Generators(vec![clients, servers])));
+        .service_generator(Box::new(Generators { clients, servers }));
     config.compile_fds(fds)?;
     Ok(())
 }

@@ -47,7 +47,10 @@ impl KvService for Shedding {
     ) -> Result<Response<BatchWriteResponse>, Status> {
         Err(Status::unimplemented("stand-in"))
     }
-    async fn scan(&self, _: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+    async fn scan(
+        &self,
+        _: Request<ScanRequest>,
+    ) -> Result<Response<kiwi_proto::encoded::Encoded<ScanResponse>>, Status> {
         Err(Status::unimplemented("stand-in"))
     }
     async fn compare_and_swap(

@@ -41,6 +41,7 @@ pub mod etcd {
 pub mod codec;
 #[cfg(feature = "auth")]
 pub mod connections;
+pub mod encoded;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod keys;

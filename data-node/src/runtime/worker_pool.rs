@@ -30,8 +30,9 @@
 //! The network stage (gRPC I/O, HTTP/2 and protobuf, threads named `kiwi-network`) is tokio's runtime with
 //! `runtime.network_threads` threads, fixed at start, and deliberately not scaled. Tokio cannot resize a
 //! running runtime; instead the stage was designed so it does no request work of its own: handlers parse,
-//! enqueue and await, while every storage call, every write's encoding and hand-off to Raft runs in this
-//! pool, which is what scales. What is left in the network stage is CPU-bound, so more threads than cores
+//! enqueue and await, while every storage call, every write's encoding and hand-off to Raft, and the
+//! encoding of a scan's answer ([`Encoded`](kiwi_proto::encoded::Encoded)) run in this pool, which is
+//! what scales. What is left in the network stage is CPU-bound, so more threads than cores
 //! would not add capacity there, only contention (with LOW scans flooding a node pinned to one core, the
 //! CPU time-sharing between runnable threads was what delayed HIGH requests, see `LOW_NICE` above).
 

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use kiwi_proto::connections::CHUNK;
+use kiwi_proto::encoded::Encoded;
 use kiwi_proto::v1::kv_service_server::KvService;
 use kiwi_proto::v1::{
     BatchWriteRequest, BatchWriteResponse, CompactCommand, CompactRequest, CompactResponse,
@@ -144,6 +145,127 @@ fn count_at<R: mvcc::Reader + ?Sized>(
 #[derive(Clone)]
 pub struct KvApi(pub Arc<KvServer>);
 
+impl KvApi {
+    /// A Scan's answer as the etcd layer uses it: the message itself.
+    pub(crate) async fn scan_message(
+        &self,
+        request: Request<ScanRequest>,
+    ) -> Result<ScanResponse, Status> {
+        let answer = self.scan_answer(request, false).await?.into_inner();
+        answer
+            .into_message()
+            .map_err(|e| Status::internal(format!("scan answer: {e}")))
+    }
+
+    /// Scan. With `encode`, the pairs are encoded in the storage stage, at the request's class and OS
+    /// priority, and freed there (see [`Encoded`]): the network thread only copies bytes.
+    async fn scan_answer(
+        &self,
+        request: Request<ScanRequest>,
+        encode: bool,
+    ) -> Result<Response<Encoded<ScanResponse>>, Status> {
+        let s = &self.0;
+        let span = request_span("kv.Scan", &request);
+        let may_critical = super::may_use_critical(&request);
+        let connection = connection_of(&request);
+        let req = request.into_inner();
+        // The pairs and `more` of an answer, encoded or not; the header is added on the way out.
+        let bulk = move |kvs: Vec<KeyValue>, more: bool| {
+            let bulk = ScanResponse {
+                kvs,
+                more,
+                ..ScanResponse::default()
+            };
+            if encode {
+                Encoded::with_fields(ScanResponse::default(), bulk.encode_to_vec())
+            } else {
+                Encoded::new(bulk)
+            }
+        };
+        let run = async {
+            let tagged = s.tag(req.header.as_ref(), may_critical)?;
+            if req.limit == 0 || req.limit > MAX_SCAN_LIMIT {
+                return Err(KvError::InvalidArgument(format!(
+                    "scan limit must be 1 to {MAX_SCAN_LIMIT}, got {}",
+                    req.limit
+                )));
+            }
+            let (start, end) = request_range(req.start_key, req.end_key, &req.prefix)?;
+            let applied = s.read_point(req.consistency, &tagged).await?;
+            let range = ScanRange::half_open(&start, &end);
+            let at = req.revision;
+            s.check_not_future(at, applied)?;
+            if at != 0 {
+                // A read at a past revision: from the kept history, in pages of at most `limit`.
+                let (limit, reverse, keys_only, count_only) = (
+                    req.limit as usize,
+                    req.reverse,
+                    req.keys_only,
+                    req.count_only,
+                );
+                let mut answer = s
+                    .read_data(&tagged, move |st| {
+                        let view = st.snapshot()?;
+                        let oldest = mvcc::compacted(&*view)?;
+                        if at < oldest {
+                            return Ok(Err(KvError::Compacted { asked: at, oldest }));
+                        }
+                        if count_only {
+                            return Ok(Ok(Encoded::new(ScanResponse {
+                                count: count_at(&*view, range, at)?,
+                                ..ScanResponse::default()
+                            })));
+                        }
+                        let (mut kvs, more) = mvcc::scan_at(&*view, &range, at, limit, reverse)?;
+                        if keys_only {
+                            kvs.iter_mut().for_each(|kv| kv.value = Vec::new());
+                        }
+                        Ok(Ok(bulk(kvs, more)))
+                    })
+                    .await??;
+                answer.message_mut().header = s.header(&tagged, applied);
+                return Ok((answer, None));
+            }
+            if req.count_only {
+                let count = s
+                    .read_data(&tagged, move |st| count_range(st, range))
+                    .await?;
+                let answer = ScanResponse {
+                    header: s.header(&tagged, applied),
+                    count,
+                    ..ScanResponse::default()
+                };
+                return Ok((Encoded::new(answer), None));
+            }
+            let (limit, keys_only, reverse) = (req.limit as usize, req.keys_only, req.reverse);
+            let want = match usize::try_from(req.max_bytes) {
+                Ok(0) | Err(_) => MAX_SCAN_BYTES,
+                Ok(n) => n.min(MAX_SCAN_BYTES),
+            };
+            // The answer's bytes come from the answer budget: a smaller page (`more = true`) when
+            // little is free, a wait when less than a piece is.
+            let hold = s
+                .hold_answer(&tagged, connection, CHUNK.min(want), want)
+                .await?;
+            let max_bytes = hold.bytes();
+            // The answer is built (and encoded) in the storage stage too, at the request's OS
+            // priority, not on a network thread.
+            let (mut answer, newest) = s
+                .read_data(&tagged, move |st| {
+                    let (kvs, more) =
+                        scan_bounded(st, range, limit, reverse, keys_only, max_bytes)?;
+                    let newest = kvs.iter().map(|kv| kv.mod_revision).max().unwrap_or(0);
+                    Ok((bulk(kvs, more), newest))
+                })
+                .await?;
+            answer.message_mut().header = s.header(&tagged, newest.max(applied));
+            hold.resize(answer.encoded_len());
+            Ok((answer, Some(hold)))
+        };
+        traced_held(span, run).await
+    }
+}
+
 #[tonic::async_trait]
 impl KvService for KvApi {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
@@ -280,98 +402,11 @@ impl KvService for KvApi {
         traced(span, run).await
     }
 
-    async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        let s = &self.0;
-        let span = request_span("kv.Scan", &request);
-        let may_critical = super::may_use_critical(&request);
-        let connection = connection_of(&request);
-        let req = request.into_inner();
-        let run = async {
-            let tagged = s.tag(req.header.as_ref(), may_critical)?;
-            if req.limit == 0 || req.limit > MAX_SCAN_LIMIT {
-                return Err(KvError::InvalidArgument(format!(
-                    "scan limit must be 1 to {MAX_SCAN_LIMIT}, got {}",
-                    req.limit
-                )));
-            }
-            let (start, end) = request_range(req.start_key, req.end_key, &req.prefix)?;
-            let applied = s.read_point(req.consistency, &tagged).await?;
-            let range = ScanRange::half_open(&start, &end);
-            let at = req.revision;
-            s.check_not_future(at, applied)?;
-            if at != 0 {
-                // A read at a past revision: from the kept history, in pages of at most `limit`.
-                let (limit, reverse, keys_only, count_only) = (
-                    req.limit as usize,
-                    req.reverse,
-                    req.keys_only,
-                    req.count_only,
-                );
-                let (kvs, more, count) = s
-                    .read_data(&tagged, move |st| {
-                        let view = st.snapshot()?;
-                        let oldest = mvcc::compacted(&*view)?;
-                        if at < oldest {
-                            return Ok(Err(KvError::Compacted { asked: at, oldest }));
-                        }
-                        if count_only {
-                            return Ok(Ok((Vec::new(), false, count_at(&*view, range, at)?)));
-                        }
-                        let (mut kvs, more) = mvcc::scan_at(&*view, &range, at, limit, reverse)?;
-                        if keys_only {
-                            kvs.iter_mut().for_each(|kv| kv.value = Vec::new());
-                        }
-                        Ok(Ok((kvs, more, 0)))
-                    })
-                    .await??;
-                let answer = ScanResponse {
-                    header: s.header(&tagged, applied),
-                    kvs,
-                    more,
-                    count,
-                };
-                return Ok((answer, None));
-            }
-            if req.count_only {
-                let count = s
-                    .read_data(&tagged, move |st| count_range(st, range))
-                    .await?;
-                let answer = ScanResponse {
-                    header: s.header(&tagged, applied),
-                    count,
-                    ..ScanResponse::default()
-                };
-                return Ok((answer, None));
-            }
-            let (limit, keys_only, reverse) = (req.limit as usize, req.keys_only, req.reverse);
-            let want = match usize::try_from(req.max_bytes) {
-                Ok(0) | Err(_) => MAX_SCAN_BYTES,
-                Ok(n) => n.min(MAX_SCAN_BYTES),
-            };
-            // The answer's bytes come from the answer budget: a smaller page (`more = true`) when
-            // little is free, a wait when less than a piece is.
-            let hold = s
-                .hold_answer(&tagged, connection, CHUNK.min(want), want)
-                .await?;
-            let max_bytes = hold.bytes();
-            // The answer is built in the storage stage too (at the request's OS priority), not on a
-            // network thread.
-            let (kvs, more) = s
-                .read_data(&tagged, move |st| {
-                    scan_bounded(st, range, limit, reverse, keys_only, max_bytes)
-                })
-                .await?;
-            let revision = kvs.iter().map(|kv| kv.mod_revision).fold(applied, u64::max);
-            let answer = ScanResponse {
-                header: s.header(&tagged, revision),
-                kvs,
-                more,
-                count: 0,
-            };
-            hold.resize(answer.encoded_len());
-            Ok((answer, Some(hold)))
-        };
-        traced_held(span, run).await
+    async fn scan(
+        &self,
+        request: Request<ScanRequest>,
+    ) -> Result<Response<Encoded<ScanResponse>>, Status> {
+        self.scan_answer(request, true).await
     }
 
     async fn compare_and_swap(

@@ -616,10 +616,14 @@ async fn reads_arriving_during_a_round_share_the_next_round() {
             .unwrap()
             .unwrap();
     }
-    assert_eq!(
-        read_rounds(&leader).await - before,
-        2,
-        "the first read's round, then one for the nine that came while it ran"
+    // Two rounds: the first read's, then one for the nine that came while it ran. On a loaded machine
+    // the first may go unanswered for `read_retry` (one election timeout, 1 s here) before the responses
+    // flow again; it is then retried together with the nine, and that single round answers all ten.
+    // Without the rule every read would start a round of its own (ten).
+    let rounds = read_rounds(&leader).await - before;
+    assert!(
+        (1..=2).contains(&rounds),
+        "the first read's round, then one for the nine that came while it ran: {rounds} rounds"
     );
     stop_all(nodes);
 }

@@ -242,18 +242,16 @@ impl Etcd {
         let mut hasher = crc32fast::Hasher::new();
         let mut start = vec![0u8];
         loop {
-            let page = kiwi_proto::v1::kv_service_server::KvService::scan(
-                &self.kv,
-                Request::new(kiwi::ScanRequest {
+            let page = self
+                .kv
+                .scan_message(Request::new(kiwi::ScanRequest {
                     start_key: start.clone(),
                     limit: crate::service::MAX_SCAN_LIMIT,
                     consistency: kiwi::Consistency::Serializable as i32,
                     revision: at,
                     ..kiwi::ScanRequest::default()
-                }),
-            )
-            .await?
-            .into_inner();
+                }))
+                .await?;
             for kv in &page.kvs {
                 for n in [kv.key.len() as u64, kv.value.len() as u64] {
                     hasher.update(&n.to_be_bytes());
