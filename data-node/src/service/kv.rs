@@ -150,11 +150,12 @@ impl KvApi {
     pub(crate) async fn scan_message(
         &self,
         request: Request<ScanRequest>,
-    ) -> Result<ScanResponse, Status> {
-        let answer = self.scan_answer(request, false).await?.into_inner();
-        answer
+    ) -> Result<Response<ScanResponse>, Status> {
+        let (metadata, answer, extensions) = self.scan_answer(request, false).await?.into_parts();
+        let answer = answer
             .into_message()
-            .map_err(|e| Status::internal(format!("scan answer: {e}")))
+            .map_err(|e| Status::internal(format!("scan answer: {e}")))?;
+        Ok(Response::from_parts(metadata, answer, extensions))
     }
 
     /// Scan. With `encode`, the pairs are encoded in the storage stage, at the request's class and OS

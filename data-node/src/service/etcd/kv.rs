@@ -101,18 +101,7 @@ impl Etcd {
     /// A Kiwi Scan here (a follower answers a linearizable one after a ReadIndex round), or on the
     /// leader when this node cannot answer it.
     async fn scan(&self, req: kiwi::ScanRequest) -> Result<kiwi::ScanResponse, Status> {
-        match self.kv.scan_message(tonic::Request::new(req.clone())).await {
-            Ok(answer) => Ok(answer),
-            Err(s) => match super::leader_addr(&s) {
-                Some(addr) => self
-                    .forward
-                    .client(&addr)?
-                    .scan(tonic::Request::new(req))
-                    .await
-                    .map(tonic::Response::into_inner),
-                None => Err(s),
-            },
-        }
+        via_leader!(self, scan, req, crate::service::KvApi::scan_message)
     }
 
     /// etcd's Range of one key: Kiwi's Get.

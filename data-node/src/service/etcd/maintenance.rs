@@ -251,7 +251,8 @@ impl Etcd {
                     revision: at,
                     ..kiwi::ScanRequest::default()
                 }))
-                .await?;
+                .await?
+                .into_inner();
             for kv in &page.kvs {
                 for n in [kv.key.len() as u64, kv.value.len() as u64] {
                     hasher.update(&n.to_be_bytes());

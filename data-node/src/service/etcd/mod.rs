@@ -160,16 +160,21 @@ fn leader_addr(s: &Status) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Runs a Kiwi call on this node; when this node is not the leader, the same call on the leader.
+/// Runs a Kiwi call on this node; when this node is not the leader, the same call on the leader. The
+/// local call is the `KvService` method, or `$local` (same request, a `Response` of the message the
+/// leader's client decodes).
 macro_rules! via_leader {
-    ($etcd:expr, $method:ident, $req:expr) => {{
-        let req = $req;
-        match kiwi_proto::v1::kv_service_server::KvService::$method(
-            &$etcd.kv,
-            tonic::Request::new(req.clone()),
+    ($etcd:expr, $method:ident, $req:expr) => {
+        $crate::service::etcd::via_leader!(
+            $etcd,
+            $method,
+            $req,
+            kiwi_proto::v1::kv_service_server::KvService::$method
         )
-        .await
-        {
+    };
+    ($etcd:expr, $method:ident, $req:expr, $local:path) => {{
+        let req = $req;
+        match $local(&$etcd.kv, tonic::Request::new(req.clone())).await {
             Ok(r) => Ok(r.into_inner()),
             Err(s) => match $crate::service::etcd::leader_addr(&s) {
                 Some(addr) => {
