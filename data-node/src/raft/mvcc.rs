@@ -158,15 +158,26 @@ fn split_index_key(k: &[u8]) -> Option<(Vec<u8>, u64)> {
     Some((key, u64::from_be_bytes(*rev)))
 }
 
-/// Adds one change to `batch`'s history: the event and its index entry.
-pub fn record(batch: &mut WriteBatch, revision: u64, pos: u32, event: &KeyEvent) {
+/// Adds one change to the history: its index entry to `index` and the event to `events`.
+///
+/// The two go to separate batches that the caller writes together, the events after the index entries:
+/// events come in revision order, so one after the other they are inserted next to the last one
+/// (RocksDB's memtable remembers where it inserted last), while an index entry goes anywhere. Interleaved,
+/// every event insert searched the whole memtable.
+pub fn record(
+    index: &mut WriteBatch,
+    events: &mut WriteBatch,
+    revision: u64,
+    pos: u32,
+    event: &KeyEvent,
+) {
     let key = event.kv.as_ref().map(|kv| kv.key.as_slice()).unwrap_or(&[]);
-    batch.put(
+    index.put(
         KeySpace::History,
         index_key(key, revision),
         pos.to_be_bytes().to_vec(),
     );
-    batch.put(
+    events.put(
         KeySpace::History,
         event_key(revision, pos),
         event.encode_to_vec(),

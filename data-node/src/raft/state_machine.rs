@@ -442,6 +442,9 @@ pub struct Applier<'a> {
     changes: Vec<Change>,
     /// Lease state the pending batch writes (see [`LeaseOverlay`]).
     leases: LeaseOverlay,
+    /// The history's events and compactions of the run, in revision order, written after `batch` in
+    /// the same atomic write (see [`mvcc::record`]).
+    events: WriteBatch,
 }
 
 /// Lease records, attachments and the lease count as the pending batch changes them, so that commands
@@ -464,6 +467,7 @@ impl<'a> Applier<'a> {
             pending: BTreeMap::new(),
             changes: Vec::new(),
             leases: LeaseOverlay::default(),
+            events: WriteBatch::new(),
         }
     }
 
@@ -488,6 +492,7 @@ impl<'a> Applier<'a> {
         self.leases = LeaseOverlay::default();
         self.last = None;
         let mut batch = pending;
+        batch.ops.append(&mut self.events.ops);
         batch.ops.append(&mut extra.ops);
         batch.put(KeySpace::Raft, APPLIED_KEY, index.to_be_bytes());
         self.backend.batch_write(batch, WriteOptions::SYNC)
@@ -504,6 +509,7 @@ impl<'a> Applier<'a> {
         let mut batch = std::mem::take(&mut self.batch);
         self.pending.clear();
         self.leases = LeaseOverlay::default();
+        batch.ops.append(&mut self.events.ops);
         batch.put(KeySpace::Raft, APPLIED_KEY, index.to_be_bytes());
         self.backend.batch_write(batch, WriteOptions::BUFFERED)
     }
@@ -597,7 +603,8 @@ impl<'a> Applier<'a> {
             Some(raft_command::Command::Compact(c)) => {
                 let oldest = mvcc::compacted(self.backend)?;
                 if c.revision > oldest && c.revision <= index {
-                    mvcc::compact_batch(&mut self.batch, c.revision);
+                    // With the events: it removes those before it, of earlier commands of the run too.
+                    mvcc::compact_batch(&mut self.events, c.revision);
                 }
             }
             Some(raft_command::Command::LeaseGrant(g)) => {
@@ -637,7 +644,7 @@ impl<'a> Applier<'a> {
         }
         if !w.events.is_empty() {
             for (pos, event) in w.events.iter().enumerate() {
-                mvcc::record(&mut self.batch, index, pos as u32, event);
+                mvcc::record(&mut self.batch, &mut self.events, index, pos as u32, event);
             }
             self.changes.push(Change {
                 revision: index,
