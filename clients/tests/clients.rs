@@ -781,10 +781,16 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
                 if let Some((cert, key)) = identity {
                     tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
                 }
+                // A deadline on the connection and the call: a handshake the node refuses after the
+                // client took it as done (TLS 1.3 checks the client's certificate last) once left this
+                // client waiting, with its connection closed, until CI's timeout. Past the deadline the
+                // call ends as Cancelled.
                 let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
                     .unwrap()
                     .tls_config(tls)
                     .unwrap()
+                    .connect_timeout(Duration::from_secs(10))
+                    .timeout(Duration::from_secs(10))
                     .connect()
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;

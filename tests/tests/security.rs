@@ -682,10 +682,15 @@ async fn tls_channel(
     if let Some((cert, key)) = identity {
         tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
     }
+    // A deadline on the connection and every call: a handshake the node refuses after the client took
+    // it as done (TLS 1.3 checks the client's certificate last) can leave a call waiting on a closed
+    // connection (seen once in CI's secure playground test); past the deadline it ends as Cancelled.
     Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(10))
         .connect()
         .await
 }
