@@ -770,28 +770,13 @@ fn secure_playground_serves_tls_mutual_tls_and_tokens() {
         .map(|a| a.trim_matches('"').to_string())
         .unwrap_or_else(|| panic!("--secure gives Raft its own port: {node_config}"));
     assert_ne!(raft_port, first);
-    let ca = std::fs::read(get("KIWI_CA_CERT")).unwrap();
+    let ca = std::fs::read_to_string(get("KIWI_CA_CERT")).unwrap();
     let send = |addr: String, identity: Option<(String, String)>, from: u64| {
         let ca = ca.clone();
         tokio::runtime::Runtime::new()
             .unwrap()
             .block_on(async move {
-                let mut tls = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-                if let Some((cert, key)) = identity {
-                    tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
-                }
-                // A deadline on the connection and the call: a handshake the node refuses after the
-                // client took it as done (TLS 1.3 checks the client's certificate last) once left this
-                // client waiting, with its connection closed, until CI's timeout. Past the deadline the
-                // call ends as Cancelled.
-                let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
-                    .unwrap()
-                    .tls_config(tls)
-                    .unwrap()
-                    .connect_timeout(Duration::from_secs(10))
-                    .timeout(Duration::from_secs(10))
-                    .connect()
+                let channel = kiwi_tests::cluster::tls_channel(addr, &ca, identity.as_ref())
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 let mut raft =

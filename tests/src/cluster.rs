@@ -816,3 +816,30 @@ pub fn next_node(running: &[u64], current: u64) -> u64 {
         .or_else(|| running.first().copied())
         .unwrap_or(current)
 }
+
+/// A TLS channel to `addr` trusting `ca` (PEM), presenting `identity` (certificate and key, PEM) if given.
+///
+/// The connection and every call have a 10 s deadline: a handshake the node refuses after the client took
+/// it as done (TLS 1.3 checks the client's certificate last) once left a call waiting on a closed
+/// connection until CI's timeout; past the deadline it ends as Cancelled.
+///
+/// # Errors
+/// The connection's.
+pub async fn tls_channel(
+    addr: impl std::fmt::Display,
+    ca: &str,
+    identity: Option<&(String, String)>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let mut tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    tonic::transport::Channel::from_shared(format!("https://{addr}"))
+        .expect("an address makes a URI")
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+}

@@ -18,7 +18,7 @@ use kiwi_proto::v1::{
     GetRequest, GetRuntimePolicyRequest, Priority, PutRequest, RequestHeader, StatusRequest,
     TransferLeaderRequest,
 };
-use kiwi_tests::cluster::node_binary;
+use kiwi_tests::cluster::{node_binary, tls_channel};
 use kiwi_tests::http;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -672,28 +672,6 @@ fn member_pki(name: &str, members: u64, clients: &[&str]) -> (String, Vec<Pem>, 
 }
 
 /// A TLS channel trusting `ca` and presenting `identity`.
-async fn tls_channel(
-    addr: SocketAddr,
-    ca: &str,
-    identity: Option<&(String, String)>,
-) -> Result<Channel, tonic::transport::Error> {
-    let mut tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
-    }
-    // A deadline on the connection and every call: a handshake the node refuses after the client took
-    // it as done (TLS 1.3 checks the client's certificate last) can leave a call waiting on a closed
-    // connection (seen once in CI's secure playground test); past the deadline it ends as Cancelled.
-    Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listed_client_certificate_stands_for_a_token() {
